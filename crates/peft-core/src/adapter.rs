@@ -1,0 +1,81 @@
+//! The per-layer math every method implements once, shared by both attach paths.
+
+use burn::module::Module;
+use burn::tensor::{Int, Tensor};
+
+use crate::target::LayerKind;
+
+/// One adapter on one layer: its parameters and how they change the layer.
+///
+/// Weights are in burn orientation: a linear weight is `[d_in, d_out]`, an embedding table
+/// `[num_embeddings, d_model]`. An implementation is an ordinary burn [`Module`], so optimizers,
+/// records and device moves see its parameters.
+///
+/// The two attach paths use the same adapter value: the weight-space path asks for
+/// [`weight_delta`](Adapter::weight_delta) and adds it to the base weight on every forward, the
+/// activation-space path asks for [`forward_linear`](Adapter::forward_linear) /
+/// [`forward_embedding`](Adapter::forward_embedding), which must give the same result (up to
+/// dropout, which only the activation path can apply).
+pub trait Adapter: Module + Sync + 'static {
+    /// What [`merge`](Adapter::merge) needs to remember to [`unmerge`](Adapter::unmerge) exactly.
+    type MergeState: Clone + Send + Sync + std::fmt::Debug + 'static;
+
+    /// The additive change of the effective weight, given the current base weight.
+    ///
+    /// # Shapes
+    /// * `base`: `[rows, cols]`
+    /// * returns `[rows, cols]`
+    fn weight_delta(&self, base: Tensor<2>) -> Tensor<2>;
+
+    /// Add this adapter's contribution to a linear layer's output.
+    ///
+    /// # Arguments
+    /// * `x` - the layer input, `[..., d_in]`.
+    /// * `weight` - the base weight, `[d_in, d_out]`.
+    /// * `bias` - the base bias, `[d_out]`, if any.
+    /// * `result` - the output so far (base output plus earlier adapters), `[..., d_out]`.
+    fn forward_linear<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        weight: &Tensor<2>,
+        bias: Option<&Tensor<1>>,
+        result: Tensor<D>,
+    ) -> Tensor<D>;
+
+    /// Add this adapter's contribution to an embedding lookup.
+    ///
+    /// # Arguments
+    /// * `ids` - token ids, `[batch, seq]`.
+    /// * `weight` - the base table, `[num_embeddings, d_model]`.
+    /// * `result` - the lookup so far, `[batch, seq, d_model]`.
+    fn forward_embedding(
+        &self,
+        ids: Tensor<2, Int>,
+        weight: &Tensor<2>,
+        result: Tensor<3>,
+    ) -> Tensor<3>;
+
+    /// Fold the adapter into a base weight.
+    ///
+    /// The default adds [`weight_delta`](Adapter::weight_delta) and remembers nothing.
+    fn merge(&self, base: Tensor<2>) -> (Tensor<2>, Option<Self::MergeState>) {
+        let delta = self.weight_delta(base.clone());
+        (base + delta, None)
+    }
+
+    /// Undo [`merge`](Adapter::merge).
+    ///
+    /// The default subtracts [`weight_delta`](Adapter::weight_delta) of the merged weight, which
+    /// is exact for adapters whose delta does not depend on the base.
+    fn unmerge(&self, merged: Tensor<2>, state: Option<&Self::MergeState>) -> Tensor<2> {
+        let _ = state;
+        let delta = self.weight_delta(merged.clone());
+        merged - delta
+    }
+
+    /// Whether this adapter can sit on a layer of this kind.
+    fn supports(&self, kind: LayerKind) -> bool {
+        let _ = kind;
+        true
+    }
+}

@@ -1,0 +1,33 @@
+//! # peft-core
+//!
+//! The method-independent core of burn-peft: which layers get adapters (Hugging Face PEFT's
+//! matching rules over burn module paths), the two ways of attaching an adapter to a burn model,
+//! per-layer adapter management (several named adapters, activation, merge/unmerge), the
+//! Hugging Face PEFT file format, and the training step that runs method controllers.
+//!
+//! Methods (LoRA in `peft-lora`, …) implement [`Adapter`] once; the same adapter value works
+//! in both attach paths:
+//! * **activation space**: put [`PeftLinear`] / [`PeftEmbedding`] in your model where you want
+//!   speed; the adapter works on activations and no dense weight gradient is formed;
+//! * **weight space**: any plain `burn::nn::Linear` / `Embedding` of any model gets a
+//!   [`WeightSlot`] through burn's reparameterization hook, with no change to the model.
+#![warn(missing_docs)]
+
+pub mod adapter;
+pub mod error;
+pub mod hf;
+mod hook;
+pub mod hosts;
+pub mod layer;
+pub mod reparam;
+pub mod slot;
+pub mod step;
+pub mod target;
+
+pub use adapter::Adapter;
+pub use error::{PeftError, Result};
+pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};
+pub use layer::{PeftEmbedding, PeftLinear};
+pub use reparam::WeightSlot;
+pub use slot::AdapterSlot;
+pub use target::{Candidate, LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetSpec};
