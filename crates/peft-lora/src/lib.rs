@@ -1,1 +1,39 @@
-//! peft-lora
+//! # peft-lora
+//!
+//! LoRA, rsLoRA and DoRA for burn models, file-compatible with Hugging Face PEFT.
+//!
+//! ```
+//! use burn::nn::LinearConfig;
+//! use burn::tensor::{Device, Tensor};
+//! use peft_core::ModuleSelector;
+//! use peft_lora::{LoraConfig, LoraModel};
+//!
+//! #[derive(burn::module::Module, Debug)]
+//! struct Mlp {
+//!     up: burn::nn::Linear,
+//!     down: burn::nn::Linear,
+//! }
+//!
+//! let device = Device::flex();
+//! let model = Mlp {
+//!     up: LinearConfig::new(8, 16).init(&device),
+//!     down: LinearConfig::new(16, 8).init(&device),
+//! };
+//! let config = LoraConfig::new(4, 8.0, ModuleSelector::names(["up", "down"]));
+//! let peft = LoraModel::new(model, config)?;
+//! let (trainable, total) = peft.trainable_parameters();
+//! assert_eq!(trainable, 4 * (8 + 16) * 2);
+//! assert!(total > trainable);
+//! # Ok::<(), peft_core::PeftError>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod adapter;
+pub mod config;
+pub mod io;
+pub mod model;
+
+pub use adapter::LoraAdapter;
+pub use config::{BiasMode, InitLoraWeights, LoraConfig};
+pub use io::{LoadOptions, SaveOptions};
+pub use model::{AdapterEntry, LoraModel};

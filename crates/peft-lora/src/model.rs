@@ -1,0 +1,332 @@
+//! `LoraModel`: a burn model with named LoRA adapters, managed like PEFT's `LoraModel`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use burn::module::Module;
+use peft_core::error::{PeftError, Result};
+use peft_core::hosts::{self, HostView};
+
+use crate::adapter::{LoraAdapter, create};
+use crate::config::{BiasMode, LoraConfig};
+
+/// One adapter known to a [`LoraModel`].
+#[derive(Clone, Debug)]
+pub struct AdapterEntry {
+    /// Its configuration.
+    pub config: LoraConfig,
+    /// The layers it adapts.
+    pub layers: Vec<String>,
+}
+
+/// A burn model carrying LoRA adapters.
+///
+/// Layers declared as [`PeftLinear`](peft_core::PeftLinear) / [`PeftEmbedding`](peft_core::PeftEmbedding)
+/// get activation-space adapters; plain `Linear` / `Embedding` layers get weight-space ones. All
+/// operations are all-or-nothing: on an error the model is unchanged.
+#[derive(Clone, Debug)]
+pub struct LoraModel<M> {
+    pub(crate) model: M,
+    pub(crate) adapters: BTreeMap<String, AdapterEntry>,
+    active: Vec<String>,
+    enabled: bool,
+}
+
+impl<M: Module> LoraModel<M> {
+    /// Wrap `model` and attach the adapter `"default"`, active and trainable
+    /// (PEFT's `get_peft_model`).
+    ///
+    /// # Errors
+    /// Invalid config, or targets that match nothing.
+    pub fn new(model: M, config: LoraConfig) -> Result<Self> {
+        let mut this = Self {
+            model,
+            adapters: BTreeMap::new(),
+            active: Vec::new(),
+            enabled: true,
+        };
+        this.add_adapter("default", config)?;
+        this.set_adapter(&["default"])?;
+        Ok(this)
+    }
+
+    /// Wrap `model` without any adapter.
+    pub fn empty(model: M) -> Self {
+        Self {
+            model,
+            adapters: BTreeMap::new(),
+            active: Vec::new(),
+            enabled: true,
+        }
+    }
+
+    /// Add an adapter. It is inactive and frozen until [`set_adapter`](Self::set_adapter).
+    ///
+    /// # Errors
+    /// A taken name, an invalid config, targets that match nothing, or a second adapter with
+    /// `bias != "none"`.
+    pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<()> {
+        config.validate()?;
+        if self.adapters.contains_key(name) {
+            return Err(PeftError::DuplicateAdapter { name: name.into() });
+        }
+        if config.bias != BiasMode::None
+            && self
+                .adapters
+                .values()
+                .any(|e| e.config.bias != BiasMode::None)
+        {
+            return Err(PeftError::InvalidConfig {
+                field: "bias".into(),
+                reason: "only one adapter per model may train base biases".into(),
+            });
+        }
+        let spec = config.target_spec()?;
+        let cfg = config.clone();
+        let mut model = self.model.clone();
+        let layers = hosts::attach(&mut model, name, &spec, move |info| create(&cfg, info))?;
+        self.model = model;
+        self.adapters
+            .insert(name.to_string(), AdapterEntry { config, layers });
+        self.refresh_trainable();
+        Ok(())
+    }
+
+    /// The adapters, by name.
+    pub fn adapters(&self) -> &BTreeMap<String, AdapterEntry> {
+        &self.adapters
+    }
+
+    /// The active adapters, in activation order.
+    pub fn active_adapters(&self) -> &[String] {
+        &self.active
+    }
+
+    fn check_known(&self, name: &str) -> Result<()> {
+        if self.adapters.contains_key(name) {
+            Ok(())
+        } else {
+            Err(PeftError::UnknownAdapter {
+                name: name.into(),
+                available: self.adapters.keys().cloned().collect(),
+            })
+        }
+    }
+
+    /// Make `names` the active adapters; their deltas add up. Active adapters are trainable
+    /// unless their config is in inference mode; the others are frozen.
+    ///
+    /// # Errors
+    /// An unknown name.
+    pub fn set_adapter(&mut self, names: &[&str]) -> Result<()> {
+        for n in names {
+            self.check_known(n)?;
+        }
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let set = names.clone();
+        hosts::for_each(&mut self.model, move |host: HostView<'_, LoraAdapter>| {
+            host.slot.set_active(&set);
+            Ok(())
+        })?;
+        self.active = names;
+        self.refresh_trainable();
+        Ok(())
+    }
+
+    /// Turn all adapters off (the base model's output) or back on. Turning them off unmerges
+    /// merged adapters first, as PEFT does.
+    pub fn set_enabled(&mut self, enabled: bool) {
+        if !enabled {
+            self.unmerge_adapter();
+        }
+        hosts::for_each(&mut self.model, move |host: HostView<'_, LoraAdapter>| {
+            host.slot.set_enabled(enabled);
+            Ok(())
+        })
+        .expect("enabling cannot fail");
+        self.enabled = enabled;
+        self.refresh_trainable();
+    }
+
+    /// Whether adapters are applied.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Remove an adapter from every layer.
+    ///
+    /// # Errors
+    /// An unknown name, or a merged adapter (the model is unchanged).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.check_known(name)?;
+        let target = name.to_string();
+        hosts::for_each(&mut self.model, move |host: HostView<'_, LoraAdapter>| {
+            host.slot.remove(&target).map(|_| ())
+        })?;
+        self.adapters.remove(name);
+        self.active.retain(|n| n != name);
+        Ok(())
+    }
+
+    /// Merge adapters into the base weights (`None`: the active ones), in order.
+    ///
+    /// With `safe`, a NaN or infinite merged weight leaves every weight untouched and returns
+    /// [`PeftError::NonFiniteMerge`] naming the adapter.
+    ///
+    /// # Errors
+    /// Unknown names, or a non-finite merge with `safe`.
+    pub fn merge_adapter(&mut self, names: Option<&[&str]>, safe: bool) -> Result<()> {
+        let names: Vec<String> = match names {
+            Some(n) => {
+                for name in n {
+                    self.check_known(name)?;
+                }
+                n.iter().map(|s| s.to_string()).collect()
+            }
+            None => self.active.clone(),
+        };
+        hosts::for_each(
+            &mut self.model,
+            move |mut host: HostView<'_, LoraAdapter>| {
+                let base = host.base_weight();
+                let path = host.path.clone();
+                let merged = host.slot.merge(base, &names, safe, &path)?;
+                host.set_base_weight(merged);
+                Ok(())
+            },
+        )
+    }
+
+    /// Unmerge every merged adapter (last merged first), restoring the base weights.
+    pub fn unmerge_adapter(&mut self) {
+        hosts::for_each(&mut self.model, |mut host: HostView<'_, LoraAdapter>| {
+            if host.slot.merged().next().is_some() {
+                let base = host.base_weight();
+                let restored = host.slot.unmerge(base);
+                host.set_base_weight(restored);
+            }
+            Ok(())
+        })
+        .expect("unmerging cannot fail");
+    }
+
+    /// Merge the active adapters and return the model without adapters: weight-space slots are
+    /// removed (`Module::materialize`), activation-space layers keep no adapter.
+    ///
+    /// # Errors
+    /// A non-finite merge with `safe`.
+    pub fn merge_and_unload(mut self, safe: bool) -> Result<M> {
+        self.merge_adapter(None, safe)?;
+        Ok(self.unload())
+    }
+
+    /// The model without adapters and without merging what is not merged yet.
+    pub fn unload(mut self) -> M {
+        hosts::for_each(&mut self.model, |host: HostView<'_, LoraAdapter>| {
+            host.slot.forget_merged();
+            let names: Vec<String> = host.slot.names().map(str::to_string).collect();
+            for n in names {
+                host.slot.remove(&n)?;
+            }
+            Ok(())
+        })
+        .expect("unloading cannot fail");
+        // Empty weight slots are identities; `materialize` removes them.
+        self.model.materialize()
+    }
+
+    /// The wrapped model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// Replace the wrapped model by `f(model)` (an optimizer step, a device move, …).
+    pub fn map_model(&mut self, f: impl FnOnce(M) -> M) {
+        self.model = f(self.model.clone());
+    }
+
+    /// The model with its adapters, leaving the wrapper.
+    pub fn into_model(self) -> M {
+        self.model
+    }
+
+    /// Re-wrap a model that came out of [`into_model`](Self::into_model) (after training).
+    pub fn with_model(mut self, model: M) -> Self {
+        self.model = model;
+        self
+    }
+
+    /// `(trainable, total)` parameter counts, like PEFT's `get_nb_trainable_parameters`.
+    pub fn trainable_parameters(&self) -> (usize, usize) {
+        hosts::parameters(&self.model)
+            .into_iter()
+            .fold((0, 0), |(t, a), (_, on, n)| {
+                (t + if on { n } else { 0 }, a + n)
+            })
+    }
+
+    /// Apply PEFT's trainability rules: active adapters train (unless in inference mode),
+    /// everything else is frozen except biases under `bias` and `modules_to_save` modules.
+    pub(crate) fn refresh_trainable(&mut self) {
+        let active: BTreeSet<String> = if self.enabled {
+            self.active
+                .iter()
+                .filter(|n| !self.adapters[*n].config.inference_mode)
+                .cloned()
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let mut bias_all = false;
+        let mut bias_layers = BTreeSet::new();
+        let mut save_specs = Vec::new();
+        for (name, entry) in &self.adapters {
+            match entry.config.bias {
+                BiasMode::All => bias_all = true,
+                BiasMode::LoraOnly => bias_layers.extend(entry.layers.iter().cloned()),
+                BiasMode::None => {}
+            }
+            if active.contains(name) && entry.config.modules_to_save.is_some() {
+                if let Ok(spec) = entry.config.target_spec() {
+                    save_specs.push(spec);
+                }
+            }
+        }
+        let model = self.model.clone();
+        self.model = hosts::set_trainable(model, move |path| {
+            if let Some((_, rest)) = split_adapter_path(path) {
+                let name = rest.split('.').next().unwrap_or_default();
+                return Some(active.contains(name));
+            }
+            let (module, leaf) = path.rsplit_once('.').unwrap_or(("", path));
+            if leaf == "bias" && (bias_all || bias_layers.contains(module)) {
+                return Some(true);
+            }
+            if save_specs.iter().any(|s| s.is_module_to_save(module)) {
+                return Some(true);
+            }
+            Some(false)
+        });
+    }
+}
+
+/// Split `layers.0.q.peft.default.lora_a` (or `…q.weight.peft.…`) into the layer path and the
+/// part after `peft.`.
+pub(crate) fn split_adapter_path(path: &str) -> Option<(&str, &str)> {
+    let (head, rest) = path
+        .split_once(".peft.")
+        .or_else(|| path.strip_prefix("peft.").map(|rest| ("", rest)))?;
+    Some((head.strip_suffix(".weight").unwrap_or(head), rest))
+}
+
+/// Collect `(layer path, adapter)` pairs of adapter `name`.
+pub(crate) fn adapters_of<M: Module>(
+    model: &M,
+    name: &str,
+) -> Vec<(String, peft_core::LayerKind, LoraAdapter)> {
+    let name = name.to_string();
+    hosts::collect(model, move |host: &HostView<'_, LoraAdapter>| {
+        host.slot
+            .get(&name)
+            .map(|a| (host.path.clone(), host.kind, a.clone()))
+    })
+}
