@@ -91,10 +91,10 @@ pub fn strip_adapter_name(key: &str, name: &str) -> String {
     if let Some(head) = key.strip_suffix(&format!(".{name}")) {
         return head.to_string();
     }
-    if let Some((head, last)) = key.rsplit_once('.') {
-        if let Some(h) = head.strip_suffix(&format!(".{name}")) {
-            return format!("{h}.{last}");
-        }
+    if let Some((head, last)) = key.rsplit_once('.')
+        && let Some(h) = head.strip_suffix(&format!(".{name}"))
+    {
+        return format!("{h}.{last}");
     }
     key.to_string()
 }
@@ -336,9 +336,9 @@ mod tests {
         t.insert("i".to_string(), TensorData::new(vec![3i64, 70000], [1, 2]));
         write_tensors(&path, &t).unwrap();
         let back = read_tensors(&path).unwrap();
-        assert_eq!(back["a"].to_vec::<f32>().unwrap(), vec![1.0, -2.5]);
-        assert_eq!(back["i"].to_vec::<i64>().unwrap(), vec![3, 70000]);
-        assert_eq!(back["i"].shape.to_vec(), vec![1, 2]);
+        assert_eq!(back["a"].try_to_vec::<f32>().unwrap(), vec![1.0, -2.5]);
+        assert_eq!(back["i"].try_to_vec::<i64>().unwrap(), vec![3, 70000]);
+        assert_eq!(back["i"].shape().to_vec(), vec![1, 2]);
         // Writing into a directory that does not exist fails and leaves nothing behind.
         let bad = dir.path().join("missing").join(WEIGHTS_FILE);
         assert!(write_tensors(&bad, &t).is_err());

@@ -157,6 +157,7 @@ pub struct HostView<'a, A: Adapter> {
     base: BaseRef<'a>,
 }
 
+#[allow(clippy::large_enum_variant)]
 enum BaseRef<'a> {
     Param(&'a mut Param<Tensor<2>>),
     Sibling {

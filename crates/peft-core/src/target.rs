@@ -247,10 +247,8 @@ impl TargetSpec {
 
     /// Whether `candidate` gets an adapter.
     pub fn matches(&self, candidate: &Candidate) -> bool {
-        if let Some(exclude) = &self.exclude {
-            if exclude.matches(candidate) {
-                return false;
-            }
+        if self.exclude.as_ref().is_some_and(|e| e.matches(candidate)) {
+            return false;
         }
         if self
             .modules_to_save

@@ -221,7 +221,7 @@ fn pissa(
     }
     let w = w.detach();
     let (u, s, vt) = burn::linalg::svd::<2, 1>(w.clone(), 100);
-    let root = (s.slice([0..r]) / scale).sqrt();
+    let root = (s.narrow(0, 0, r) / scale).sqrt();
     let a = u.slice([0..rows, 0..r]) * root.clone().unsqueeze_dim::<2>(0);
     let b = vt.slice([0..r, 0..cols]) * root.unsqueeze_dim::<2>(1);
     let residual = w - a.clone().matmul(b.clone()) * scale;

@@ -348,14 +348,14 @@ impl LoraConfig {
             ));
         }
         for field in OFF_FIELDS {
-            if let Some(v) = self.extra.get(*field) {
-                if !is_off(v) {
-                    return Err(PeftError::unsupported_field(field, v, "not implemented"));
-                }
+            if let Some(v) = self.extra.get(*field)
+                && !is_off(v)
+            {
+                return Err(PeftError::unsupported_field(field, v, "not implemented"));
             }
         }
         for (k, v) in &self.rank_pattern {
-            if !v.as_u64().is_some_and(|r| r > 0) {
+            if v.as_u64().is_none_or(|r| r == 0) {
                 return Err(PeftError::InvalidConfig {
                     field: "rank_pattern".into(),
                     reason: format!("`{k}`: {v} is not a positive integer"),

@@ -14,7 +14,7 @@
 //!     down: burn::nn::Linear,
 //! }
 //!
-//! let device = Device::flex();
+//! let device = Device::flex().autodiff();
 //! let model = Mlp {
 //!     up: LinearConfig::new(8, 16).init(&device),
 //!     down: LinearConfig::new(16, 8).init(&device),

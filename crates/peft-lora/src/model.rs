@@ -285,10 +285,11 @@ impl<M: Module> LoraModel<M> {
                 BiasMode::LoraOnly => bias_layers.extend(entry.layers.iter().cloned()),
                 BiasMode::None => {}
             }
-            if active.contains(name) && entry.config.modules_to_save.is_some() {
-                if let Ok(spec) = entry.config.target_spec() {
-                    save_specs.push(spec);
-                }
+            if active.contains(name)
+                && entry.config.modules_to_save.is_some()
+                && let Ok(spec) = entry.config.target_spec()
+            {
+                save_specs.push(spec);
             }
         }
         let model = self.model.clone();
