@@ -2,15 +2,16 @@
 //!
 //! Every case checks: identity at default init, merged == unmerged output, unmerge restores
 //! the weights, save -> load round trip into a model built under another seed, only adapter
-//! parameters are trainable, disable gives the base output, safe merge refuses NaN and
+//! parameters change in training, disable gives the base output, safe merge refuses NaN and
 //! leaves the weights untouched, two active adapters add up, and both attach paths agree on
 //! outputs and gradients.
 
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor};
 use peft_conformance::{TinyModel, max_diff, random_torch_weights, token_ids};
+use peft_core::step::Stepper;
 use peft_core::{ModuleSelector, PeftEmbedding, PeftError, PeftLinear, hosts};
 use peft_lora::{InitLoraWeights, LoadOptions, LoraAdapter, LoraConfig, LoraModel, SaveOptions};
 
@@ -207,6 +208,37 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
         max_diff(&two.model().run(&dev), &out_a) < 1e-6,
         "{label}: delete"
     );
+
+    // Training changes only adapter parameters (and changes them).
+    let mut train = LoraModel::new(base.clone(), perturbed(config)).unwrap();
+    let mut optim = SgdConfig::new().init();
+    let mut stepper = Stepper::new();
+    let params = hosts::parameters(train.model());
+    let before = param_values(train.model());
+    for _ in 0..3 {
+        let model = train.model().clone();
+        let loss = model.run(&dev).powi_scalar(2).mean().reshape([1]);
+        let next = stepper.step(model, &mut optim, 0.01, loss).unwrap();
+        train.map_model(|_| next);
+    }
+    assert_eq!(stepper.step_index(), 3);
+    let after = param_values(train.model());
+    let mut changed_adapter = 0;
+    for ((path, trainable, _), (old, new)) in params.iter().zip(before.iter().zip(after.iter())) {
+        assert!(
+            new.iter().all(|x| x.is_finite()),
+            "{label}: {path} finite after training"
+        );
+        let moved = old.iter().zip(new).any(|(x, y)| x != y);
+        if path.contains(".peft.") {
+            assert!(*trainable, "{label}: {path} trainable");
+            changed_adapter += moved as usize;
+        } else {
+            assert!(!trainable, "{label}: base parameter {path} frozen");
+            assert!(!moved, "{label}: base parameter {path} changed");
+        }
+    }
+    assert!(changed_adapter > 0, "{label}: adapters trained");
 }
 
 fn base_weights<M: Module>(model: &M) -> Vec<Vec<f32>> {
