@@ -220,3 +220,16 @@ pub fn token_ids(device: &Device) -> Tensor<2, Int> {
 pub fn max_diff<const N: usize>(a: &Tensor<N>, b: &Tensor<N>) -> f32 {
     (a.clone() - b.clone()).abs().max().into_scalar::<f32>()
 }
+
+/// The tiny model with plain layers: adapters attach in weight space.
+pub type WeightModel = TinyModel<Linear, Embedding>;
+/// The tiny model with [`PeftLinear`] / [`PeftEmbedding`]: adapters attach in activation space.
+pub type ActivationModel =
+    TinyModel<PeftLinear<peft_lora::LoraAdapter>, PeftEmbedding<peft_lora::LoraAdapter>>;
+
+/// Path of a file under `tests/fixtures`.
+pub fn fixture(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, Reparameterizer};
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 
 use crate::adapter::Adapter;
 use crate::error::{PeftError, Result};
@@ -490,4 +490,73 @@ pub fn parameters<M: Module>(model: &M) -> Vec<(String, bool, usize)> {
     };
     model.visit(&mut v);
     v.out
+}
+
+/// The values of the float parameters whose path `select` accepts, by path.
+pub fn read_params<M, F>(model: &M, select: F) -> BTreeMap<String, TensorData>
+where
+    M: Module,
+    F: Fn(&str) -> bool,
+{
+    struct Read<F> {
+        path: Vec<String>,
+        select: F,
+        out: BTreeMap<String, TensorData>,
+    }
+    impl<F: Fn(&str) -> bool> ModuleVisitor for Read<F> {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let path = self.path.join(".");
+            if (self.select)(&path) {
+                self.out.insert(path, param.val().into_data());
+            }
+        }
+    }
+    let mut r = Read {
+        path: Vec::new(),
+        select,
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut r);
+    r.out
+}
+
+/// Replace the values of the float parameters named in `values` (same shapes), keeping their
+/// ids and trainability. Returns the paths that were not found.
+pub fn write_params<M: Module>(model: M, values: BTreeMap<String, TensorData>) -> (M, Vec<String>) {
+    struct Write {
+        path: Vec<String>,
+        values: BTreeMap<String, TensorData>,
+    }
+    impl ModuleMapper for Write {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let Some(data) = self.values.remove(&self.path.join(".")) else {
+                return param;
+            };
+            let require_grad = param.is_require_grad();
+            let device = param.lazy_device();
+            param.map(|_| {
+                Tensor::<D>::from_data(data, &device)
+                    .detach()
+                    .set_require_grad(require_grad)
+            })
+        }
+    }
+    let mut w = Write {
+        path: Vec::new(),
+        values,
+    };
+    let model = model.map(&mut w);
+    (model, w.values.into_keys().collect())
 }

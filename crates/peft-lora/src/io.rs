@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData};
 use peft_core::LayerKind;
 use peft_core::error::{PeftError, Result};
@@ -83,15 +83,28 @@ impl<M: Module> LoraModel<M> {
                 );
             }
         }
-        let extra = base_tensors(self.model(), &entry.config, &entry.layers);
-        for (path, (transposed, data)) in extra {
-            let (module, leaf) = path.rsplit_once('.').unwrap_or(("", &path));
-            let leaf = if entry.layers.iter().any(|l| l == module) && !transposed {
+        let linear = linear_weights(self.model());
+        let owned = self.saved.values(self.model(), name);
+        for (path, data) in bias_values(self.model(), &entry.config, &entry.layers) {
+            if owned.contains_key(&path) {
+                continue;
+            }
+            let (module, leaf) = split_leaf(&path);
+            let leaf = if entry.layers.iter().any(|l| l == module) {
                 format!("base_layer.{leaf}")
             } else {
                 leaf.to_string()
             };
             tensors.insert(hf_key(map, module, &leaf), data);
+        }
+        for (path, data) in owned {
+            let (module, leaf) = split_leaf(&path);
+            let data = if linear.contains(&path) {
+                transpose_data(data)
+            } else {
+                data
+            };
+            tensors.insert(hf_key(map, module, leaf), data);
         }
         std::fs::create_dir_all(dir).map_err(|e| PeftError::Io {
             path: dir.into(),
@@ -125,28 +138,60 @@ impl<M: Module> LoraModel<M> {
         let weights_path = dir.join(hf::WEIGHTS_FILE);
         let mut tensors = hf::read_tensors(&weights_path)?;
         let mut attach_cfg = config.clone();
-        attach_cfg.init_lora_weights = InitLoraWeights::Default;
-        attach_cfg.target_modules = config.target_modules.clone();
+        // The factors are overwritten below; only PiSSA's init matters, because it also moves the
+        // principal part out of the base weight (PEFT redoes it on load too).
+        if attach_cfg.init_lora_weights != InitLoraWeights::Pissa {
+            attach_cfg.init_lora_weights = InitLoraWeights::Default;
+        }
         let mut next = self.clone();
         next.add_adapter(name, attach_cfg)?;
         if let Some(entry) = next.adapters.get_mut(name) {
             entry.config = config.clone();
         }
-        take_adapter_tensors(
-            &mut next.model,
-            name,
-            &mut tensors,
-            &options.key_map,
-            &weights_path,
-        )?;
-        let model = next.model.clone();
-        next.model = load_base_tensors(
-            model,
-            &config,
-            &next.adapters[name].layers,
-            &mut tensors,
-            &options.key_map,
-        )?;
+        let map = &options.key_map;
+        take_adapter_tensors(&mut next.model, name, &mut tensors, map, &weights_path)?;
+        let layers = next.adapters[name].layers.clone();
+        let linear = linear_weights(&next.model);
+        let mut biases = BTreeMap::new();
+        for (path, current) in bias_values(&next.model, &config, &layers) {
+            let (module, leaf) = split_leaf(&path);
+            let keys = [
+                hf_key(map, module, leaf),
+                hf_key(map, module, &format!("base_layer.{leaf}")),
+            ];
+            if let Some(data) = take_checked(&mut tensors, &keys, current.shape())? {
+                biases.insert(path, data);
+            }
+        }
+        let mut copies = BTreeMap::new();
+        for (path, current) in next.saved.values(&next.model, name) {
+            let (module, leaf) = split_leaf(&path);
+            let keys = [
+                hf_key(map, module, &format!("modules_to_save.{leaf}")),
+                hf_key(map, module, leaf),
+            ];
+            let transposed = linear.contains(&path);
+            let expected = if transposed {
+                current.shape().iter().rev().copied().collect()
+            } else {
+                current.shape().to_vec()
+            };
+            if let Some(data) = take_checked(&mut tensors, &keys, &expected)? {
+                copies.insert(
+                    path.clone(),
+                    if transposed {
+                        transpose_data(data)
+                    } else {
+                        data
+                    },
+                );
+            }
+            // PEFT also writes the untouched original; it carries nothing new.
+            tensors.remove(&hf_key(map, module, &format!("original_module.{leaf}")));
+        }
+        // The biases may include the copy's own bias (bias="all" with modules_to_save).
+        let (model, _) = next.saved.set_values(next.model.clone(), name, copies);
+        next.model = hosts::write_params(model, biases).0;
         if !tensors.is_empty() {
             return Err(PeftError::UnexpectedTensors {
                 file: weights_path,
@@ -238,142 +283,80 @@ fn set<const D: usize>(param: &Param<Tensor<D>>, value: Tensor<D>) -> Param<Tens
     param.clone().map(|_| value.set_require_grad(require_grad))
 }
 
-/// Base tensors an adapter saves: biases under `bias`, and `modules_to_save` parameters.
-/// Returns `path -> (transposed_to_pytorch, data)`.
-fn base_tensors<M: Module>(
+fn split_leaf(path: &str) -> (&str, &str) {
+    path.rsplit_once('.').unwrap_or(("", path))
+}
+
+fn transpose_data(data: TensorData) -> TensorData {
+    let shape = data.shape().to_vec();
+    if shape.len() != 2 {
+        return data;
+    }
+    let v: Vec<f32> = data.iter::<f32>().collect();
+    let (rows, cols) = (shape[0], shape[1]);
+    let t: Vec<f32> = (0..cols)
+        .flat_map(|c| {
+            v[c..]
+                .iter()
+                .step_by(cols)
+                .take(rows)
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    TensorData::new(t, [cols, rows])
+}
+
+/// Paths of the weights of linear layers (stored `[d_in, d_out]`, transposed in PEFT files).
+fn linear_weights<M: Module>(model: &M) -> BTreeSet<String> {
+    hosts::layers(model)
+        .into_iter()
+        .filter(|l| l.candidate.kind == LayerKind::Linear)
+        .map(|l| format!("{}.weight", l.candidate.path))
+        .collect()
+}
+
+/// The base biases that train and are saved under `config.bias`.
+fn bias_values<M: Module>(
     model: &M,
     config: &LoraConfig,
     layers: &[String],
-) -> BTreeMap<String, (bool, TensorData)> {
-    struct Collect<'a> {
-        path: Vec<String>,
-        containers: Vec<String>,
-        config: &'a LoraConfig,
-        spec: Option<peft_core::TargetSpec>,
-        layers: BTreeSet<&'a str>,
-        out: BTreeMap<String, (bool, TensorData)>,
-    }
-    impl ModuleVisitor for Collect<'_> {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.push(name.into());
-            self.containers.push(container_type.into());
+) -> BTreeMap<String, TensorData> {
+    let layers: BTreeSet<&str> = layers.iter().map(String::as_str).collect();
+    let mode = config.bias;
+    hosts::read_params(model, |path| {
+        if path.contains(".peft.") || path.starts_with("peft.") {
+            return false;
         }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-            self.containers.pop();
+        match split_leaf(path) {
+            (module, "bias") => match mode {
+                BiasMode::All => true,
+                BiasMode::LoraOnly => layers.contains(module),
+                BiasMode::None => false,
+            },
+            _ => false,
         }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let path = self.path.join(".");
-            if path.contains(".peft.") || path.starts_with("peft.") {
-                return;
-            }
-            let (module, leaf) = path.rsplit_once('.').unwrap_or(("", &path));
-            let to_save = self
-                .spec
-                .as_ref()
-                .is_some_and(|s| s.is_module_to_save(module));
-            let bias = leaf == "bias"
-                && match self.config.bias {
-                    BiasMode::All => true,
-                    BiasMode::LoraOnly => self.layers.contains(module),
-                    BiasMode::None => false,
-                };
-            if !(to_save || bias) {
-                return;
-            }
-            let linear_weight = D == 2
-                && leaf == "weight"
-                && self.containers.last().map(String::as_str) == Some("Struct:Linear");
-            let value = param.val();
-            let data = if linear_weight {
-                let dims = value.dims();
-                value.reshape([dims[0], dims[1]]).transpose().into_data()
-            } else {
-                value.into_data()
-            };
-            self.out.insert(path.clone(), (to_save, data));
-        }
-    }
-    let mut c = Collect {
-        path: Vec::new(),
-        containers: Vec::new(),
-        config,
-        spec: config
-            .modules_to_save
-            .as_ref()
-            .and_then(|_| config.target_spec().ok()),
-        layers: layers.iter().map(String::as_str).collect(),
-        out: BTreeMap::new(),
-    };
-    model.visit(&mut c);
-    c.out
+    })
 }
 
-/// Load biases and `modules_to_save` parameters from the remaining tensors.
-fn load_base_tensors<M: Module>(
-    model: M,
-    config: &LoraConfig,
-    layers: &[String],
+/// Remove the first of `keys` present, checking its shape.
+fn take_checked(
     tensors: &mut BTreeMap<String, TensorData>,
-    map: &KeyMap,
-) -> Result<M> {
-    let wanted = base_tensors(&model, config, layers);
-    if wanted.is_empty() {
-        return Ok(model);
+    keys: &[String],
+    expected: &[usize],
+) -> Result<Option<TensorData>> {
+    let Some((key, data)) = keys
+        .iter()
+        .find_map(|k| tensors.remove(k).map(|d| (k.clone(), d)))
+    else {
+        return Ok(None);
+    };
+    if data.shape().to_vec() != expected {
+        return Err(PeftError::ShapeMismatch {
+            key,
+            expected: expected.to_vec(),
+            found: data.shape().to_vec(),
+        });
     }
-    let mut values = BTreeMap::new();
-    for (path, (_, current)) in &wanted {
-        let (module, leaf) = path.rsplit_once('.').unwrap_or(("", path));
-        let plain = hf_key(map, module, leaf);
-        let wrapped = hf_key(map, module, &format!("base_layer.{leaf}"));
-        let saved = hf_key(map, module, &format!("modules_to_save.{leaf}"));
-        let Some((key, data)) = [plain, wrapped, saved]
-            .into_iter()
-            .find_map(|k| tensors.remove(&k).map(|d| (k, d)))
-        else {
-            continue;
-        };
-        if data.shape() != current.shape() {
-            return Err(PeftError::ShapeMismatch {
-                key,
-                expected: current.shape().to_vec(),
-                found: data.shape().to_vec(),
-            });
-        }
-        values.insert(path.clone(), data);
-    }
-    struct Put {
-        path: Vec<String>,
-        containers: Vec<String>,
-        values: BTreeMap<String, TensorData>,
-    }
-    impl ModuleMapper for Put {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.path.push(name.into());
-            self.containers.push(container_type.into());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.pop();
-            self.containers.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let Some(data) = self.values.remove(&self.path.join(".")) else {
-                return param;
-            };
-            let linear_weight = D == 2
-                && self.path.last().map(String::as_str) == Some("weight")
-                && self.containers.last().map(String::as_str) == Some("Struct:Linear");
-            let device = param.lazy_device();
-            let mut value = Tensor::<D>::from_data(data, &device);
-            if linear_weight {
-                value = value.transpose();
-            }
-            set(&param, value)
-        }
-    }
-    Ok(model.map(&mut Put {
-        path: Vec::new(),
-        containers: Vec::new(),
-        values,
-    }))
+    Ok(Some(data))
 }

@@ -32,6 +32,7 @@ pub mod adapter;
 pub mod config;
 pub mod io;
 pub mod model;
+mod modules_to_save;
 
 pub use adapter::LoraAdapter;
 pub use config::{BiasMode, InitLoraWeights, LoraConfig};

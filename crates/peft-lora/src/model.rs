@@ -8,6 +8,7 @@ use peft_core::hosts::{self, HostView};
 
 use crate::adapter::{LoraAdapter, create};
 use crate::config::{BiasMode, LoraConfig};
+use crate::modules_to_save::SavedModules;
 
 /// One adapter known to a [`LoraModel`].
 #[derive(Clone, Debug)]
@@ -29,6 +30,7 @@ pub struct LoraModel<M> {
     pub(crate) adapters: BTreeMap<String, AdapterEntry>,
     active: Vec<String>,
     enabled: bool,
+    pub(crate) saved: SavedModules,
 }
 
 impl<M: Module> LoraModel<M> {
@@ -43,6 +45,7 @@ impl<M: Module> LoraModel<M> {
             adapters: BTreeMap::new(),
             active: Vec::new(),
             enabled: true,
+            saved: SavedModules::default(),
         };
         this.add_adapter("default", config)?;
         this.set_adapter(&["default"])?;
@@ -56,6 +59,7 @@ impl<M: Module> LoraModel<M> {
             adapters: BTreeMap::new(),
             active: Vec::new(),
             enabled: true,
+            saved: SavedModules::default(),
         }
     }
 
@@ -85,6 +89,9 @@ impl<M: Module> LoraModel<M> {
         let mut model = self.model.clone();
         let layers = hosts::attach(&mut model, name, &spec, move |info| create(&cfg, info))?;
         self.model = model;
+        if config.modules_to_save.is_some() {
+            self.saved.register(&self.model, name, &spec);
+        }
         self.adapters
             .insert(name.to_string(), AdapterEntry { config, layers });
         self.refresh_trainable();
@@ -164,6 +171,9 @@ impl<M: Module> LoraModel<M> {
         })?;
         self.adapters.remove(name);
         self.active.retain(|n| n != name);
+        let model = self.model.clone();
+        self.model = self.saved.remove(model, name);
+        self.refresh_trainable();
         Ok(())
     }
 
@@ -276,20 +286,24 @@ impl<M: Module> LoraModel<M> {
         } else {
             BTreeSet::new()
         };
+        let owner = if self.enabled {
+            self.active.iter().find(|n| self.saved.has(n)).cloned()
+        } else {
+            None
+        };
+        let model = self.model.clone();
+        self.model = self.saved.switch(model, owner.as_deref());
+        let trained_copies: BTreeSet<String> = owner
+            .filter(|o| active.contains(o))
+            .map(|o| self.saved.live_paths_of(&o))
+            .unwrap_or_default();
         let mut bias_all = false;
         let mut bias_layers = BTreeSet::new();
-        let mut save_specs = Vec::new();
-        for (name, entry) in &self.adapters {
+        for entry in self.adapters.values() {
             match entry.config.bias {
                 BiasMode::All => bias_all = true,
                 BiasMode::LoraOnly => bias_layers.extend(entry.layers.iter().cloned()),
                 BiasMode::None => {}
-            }
-            if active.contains(name)
-                && entry.config.modules_to_save.is_some()
-                && let Ok(spec) = entry.config.target_spec()
-            {
-                save_specs.push(spec);
             }
         }
         let model = self.model.clone();
@@ -302,7 +316,7 @@ impl<M: Module> LoraModel<M> {
             if leaf == "bias" && (bias_all || bias_layers.contains(module)) {
                 return Some(true);
             }
-            if save_specs.iter().any(|s| s.is_module_to_save(module)) {
+            if trained_copies.contains(path) {
                 return Some(true);
             }
             Some(false)
