@@ -166,7 +166,7 @@ impl<P: Proj, E: Emb> TinyModel<P, E> {
 
 /// Deterministic pseudo-random values in `[-bound, bound]`, independent of burn's global RNG
 /// (which tests running in parallel threads share).
-fn spread(seed: u64, salt: usize, n: usize, bound: f64) -> Vec<f32> {
+pub fn spread(seed: u64, salt: usize, n: usize, bound: f64) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let x = ((i + 1) as f64 * 12.9898 + (salt as f64 + 1.0) * 78.233 + seed as f64 * 3.7)

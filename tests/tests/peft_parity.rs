@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_conformance::{ActivationModel, TinyModel, WeightModel, fixture, max_diff};
 use peft_core::hf;
-use peft_lora::{LoadOptions, LoraModel, SaveOptions};
+use peft_lora::{Combination, LoadOptions, LoraModel, SaveOptions};
 use serde_json::Value;
 
 /// `allclose(atol=1e-5, rtol=1e-5)` on the largest element.
@@ -156,5 +156,248 @@ fn peft_adapters_match_on_the_weight_space_path() {
 fn peft_adapters_match_on_the_activation_space_path() {
     for case in CASES {
         check_case::<ActivationModel>(case, "activation");
+    }
+}
+
+fn check_weighted<M: Run + Build>(label: &str) {
+    let device = Device::flex();
+    let exp = Expected::load("weighted", &device);
+    let dir = fixture("peft/weighted");
+    let opts = LoadOptions::default();
+    let mut peft = LoraModel::from_pretrained(M::build(&device), &dir, &opts).unwrap();
+    for sub in ["other", "cat_mix", "svd_mix"] {
+        peft.load_adapter(&dir.join(sub), &format!("peft_{sub}"), &opts)
+            .unwrap();
+    }
+    let expect = |key: &str| exp.tensor(key, &device);
+    let mut run = |names: &[&str]| {
+        peft.set_adapter(names).unwrap();
+        peft.model().run(&exp.ids)
+    };
+    for (names, key) in [
+        (&["default"][..], "output_default"),
+        (&["peft_other"][..], "output_other"),
+        (&["default", "peft_other"][..], "output_both"),
+        (&["peft_cat_mix"][..], "output_cat_mix"),
+        (&["peft_svd_mix"][..], "output_svd_mix"),
+    ] {
+        if let Err(d) = close(&run(names), &expect(key)) {
+            panic!("{label}: {key} differs by {d}");
+        }
+    }
+    // Our own combinations of the two sources give PEFT's results.
+    peft.add_weighted_adapter(
+        &["default", "peft_other"],
+        &[0.7, -0.4],
+        "cat",
+        Combination::Cat,
+    )
+    .unwrap();
+    peft.add_weighted_adapter(
+        &["default", "peft_other"],
+        &[0.7, -0.4],
+        "svd",
+        Combination::Svd { rank: Some(4) },
+    )
+    .unwrap();
+    let mixes = exp.meta["mixes"].as_object().unwrap();
+    for (ours, theirs) in [("cat", "cat_mix"), ("svd", "svd_mix")] {
+        let cfg = &peft.adapters()[ours].config;
+        assert_eq!(
+            cfg.r as u64,
+            mixes[theirs]["r"].as_u64().unwrap(),
+            "{label}: {ours} r"
+        );
+        assert_eq!(
+            cfg.lora_alpha,
+            mixes[theirs]["lora_alpha"].as_f64().unwrap()
+        );
+        peft.set_adapter(&[ours]).unwrap();
+        if let Err(d) = close(
+            &peft.model().run(&exp.ids),
+            &expect(&format!("output_{theirs}")),
+        ) {
+            panic!("{label}: our {ours} mix differs from PEFT's by {d}");
+        }
+    }
+    // cat is exact: equal to both sources active with weights folded in.
+    let err = peft
+        .add_weighted_adapter(&["default"], &[1.0, 2.0], "bad", Combination::Cat)
+        .unwrap_err();
+    assert!(err.to_string().contains("weight"), "{err}");
+}
+
+#[test]
+fn multiple_adapters_and_weighted_combinations_match_peft() {
+    check_weighted::<WeightModel>("weight");
+    check_weighted::<ActivationModel>("activation");
+}
+
+/// Configs written by burn-peft and checked in PEFT by `make_peft_fixtures.py verify`.
+fn burn_cases() -> Vec<(&'static str, peft_lora::LoraConfig)> {
+    use peft_core::{LayerIndices, LayersPattern, ModuleSelector};
+    use peft_lora::{BiasMode, LoraConfig};
+    vec![
+        (
+            "rslora_embedding",
+            LoraConfig::new(
+                4,
+                6.0,
+                ModuleSelector::names(["q_proj", "v_proj", "embed_tokens"]),
+            )
+            .with_rslora(true),
+        ),
+        (
+            "dora",
+            LoraConfig::new(
+                4,
+                8.0,
+                ModuleSelector::names(["q_proj", "k_proj", "down_proj"]),
+            )
+            .with_dora(true),
+        ),
+        (
+            "bias_all_mts",
+            LoraConfig::new(4, 2.0, ModuleSelector::names(["k_proj", "up_proj"]))
+                .with_bias(BiasMode::All)
+                .with_modules_to_save(["classifier"]),
+        ),
+        (
+            "lora_only_bias",
+            LoraConfig::new(3, 7.0, ModuleSelector::names(["q_proj", "up_proj"]))
+                .with_bias(BiasMode::LoraOnly),
+        ),
+        (
+            "patterns_regex",
+            LoraConfig::new(
+                4,
+                8.0,
+                ModuleSelector::names(["q_proj", "v_proj", "up_proj"]),
+            )
+            .with_layers(
+                LayerIndices::Many(vec![1]),
+                Some(LayersPattern::One("layers".into())),
+            )
+            .with_rank_pattern("layers.1.self_attn.q_proj", 2)
+            .with_alpha_pattern("v_proj", 3.0),
+        ),
+        (
+            "regex_exclude",
+            LoraConfig::new(
+                2,
+                5.0,
+                ModuleSelector::regex(r".*\.(up_proj|down_proj|o_proj)"),
+            )
+            .with_exclude(ModuleSelector::names(["layers.0.mlp.down_proj"])),
+        ),
+    ]
+}
+
+/// Give every trainable tensor (adapters, trained biases, saved modules) deterministic values.
+fn fill_trainable<M: Module>(peft: &mut LoraModel<M>) {
+    let values: BTreeMap<String, TensorData> = peft_core::hosts::parameters(peft.model())
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (_, trainable, _))| *trainable)
+        .map(|(i, (path, _, _))| (i, path))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|(i, path)| {
+            let current = peft_core::hosts::read_params(peft.model(), |p| p == path);
+            let shape = current[&path].shape().to_vec();
+            let n = shape.iter().product();
+            let mut v = peft_conformance::spread(7, i, n, 0.4);
+            if path.ends_with("magnitude") {
+                v.iter_mut().for_each(|x| *x += 1.5);
+            }
+            (path, TensorData::new(v, shape))
+        })
+        .collect();
+    peft.map_model(|m| peft_core::hosts::write_params(m, values).0);
+}
+
+fn build_burn_case(case: &str, config: &peft_lora::LoraConfig) -> LoraModel<WeightModel> {
+    let device = Device::flex().autodiff();
+    let mut peft = LoraModel::new(WeightModel::build(&device), config.clone()).unwrap();
+    fill_trainable(&mut peft);
+    assert!(peft.trainable_parameters().0 > 0, "{case}");
+    peft
+}
+
+#[test]
+fn burn_saved_adapters_are_the_files_peft_verified() {
+    let write = std::env::var_os("BURN_PEFT_WRITE_FIXTURES").is_some();
+    let device = Device::flex();
+    let ids: Tensor<2, Int> = Tensor::from_data(
+        hf::read_tensors(&fixture("peft/lora_basic/expected.safetensors")).unwrap()["input_ids"]
+            .clone(),
+        &device,
+    );
+    for (case, config) in burn_cases() {
+        let peft = build_burn_case(case, &config);
+        let committed = fixture(&format!("burn_saved/{case}"));
+        let fresh = tempfile::tempdir().unwrap();
+        let dir = if write {
+            committed.clone()
+        } else {
+            fresh.path().to_path_buf()
+        };
+        peft.save_pretrained(&dir, &SaveOptions::default()).unwrap();
+        let output = peft.model().valid().run(&ids.clone());
+        if write {
+            let mut t = BTreeMap::new();
+            t.insert("input_ids".to_string(), ids.clone().into_data());
+            t.insert("output".to_string(), output.clone().into_data());
+            hf::write_tensors(&committed.join("expected.safetensors"), &t).unwrap();
+            continue;
+        }
+        // What we write today is what PEFT verified.
+        let ours = hf::read_tensors(&dir.join(hf::WEIGHTS_FILE)).unwrap();
+        let theirs = hf::read_tensors(&committed.join(hf::WEIGHTS_FILE)).unwrap();
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>(),
+            "{case}: keys"
+        );
+        for (k, v) in &ours {
+            assert_eq!(v.shape(), theirs[k].shape(), "{case}: {k}");
+            let a: Vec<f32> = v.iter::<f32>().collect();
+            let b: Vec<f32> = theirs[k].iter::<f32>().collect();
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-6),
+                "{case}: {k} values"
+            );
+        }
+        assert_eq!(
+            hf::read_json(&dir.join(hf::CONFIG_FILE)).unwrap(),
+            hf::read_json(&committed.join(hf::CONFIG_FILE)).unwrap(),
+            "{case}: adapter_config.json"
+        );
+        let expected = hf::read_tensors(&committed.join("expected.safetensors")).unwrap();
+        let expected: Tensor<3> = Tensor::from_data(expected["output"].clone(), &device);
+        if let Err(d) = close(&output, &expected) {
+            panic!("{case}: output differs from the committed one by {d}");
+        }
+        // And it loads back on both paths.
+        let w = LoraModel::from_pretrained(
+            WeightModel::build(&device),
+            &committed,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let a = LoraModel::from_pretrained(
+            ActivationModel::build(&device),
+            &committed,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        for (label, out) in [
+            ("weight", w.model().run(&ids)),
+            ("activation", a.model().run(&ids)),
+        ] {
+            if let Err(d) = close(&out, &expected) {
+                panic!("{case}/{label}: reloaded output differs by {d}");
+            }
+        }
     }
 }

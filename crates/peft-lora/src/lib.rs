@@ -33,8 +33,10 @@ pub mod config;
 pub mod io;
 pub mod model;
 mod modules_to_save;
+pub mod weighted;
 
 pub use adapter::LoraAdapter;
 pub use config::{BiasMode, InitLoraWeights, LoraConfig};
 pub use io::{LoadOptions, SaveOptions};
 pub use model::{AdapterEntry, LoraModel};
+pub use weighted::Combination;

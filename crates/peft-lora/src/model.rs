@@ -98,6 +98,30 @@ impl<M: Module> LoraModel<M> {
         Ok(())
     }
 
+    /// Attach adapter `name` with factors prepared by `create(layer path)` on the layers
+    /// `config` selects. Inactive until [`set_adapter`](Self::set_adapter).
+    pub(crate) fn attach_prepared<F>(
+        &mut self,
+        name: &str,
+        config: LoraConfig,
+        mut create: F,
+    ) -> Result<()>
+    where
+        F: FnMut(&str) -> peft_core::Created<LoraAdapter> + 'static,
+    {
+        config.validate()?;
+        let spec = config.target_spec()?;
+        let mut model = self.model.clone();
+        let layers = hosts::attach(&mut model, name, &spec, move |info| {
+            Ok(create(&info.candidate.path))
+        })?;
+        self.model = model;
+        self.adapters
+            .insert(name.to_string(), AdapterEntry { config, layers });
+        self.refresh_trainable();
+        Ok(())
+    }
+
     /// The adapters, by name.
     pub fn adapters(&self) -> &BTreeMap<String, AdapterEntry> {
         &self.adapters
