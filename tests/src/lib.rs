@@ -9,7 +9,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::{Adapter, PeftEmbedding, PeftLinear};
 
 /// A linear layer the tiny model can use: plain (weight-space adapters) or [`PeftLinear`].
-pub trait Proj: Module {
+pub trait Proj: Module + burn::module::ModuleDisplay {
     /// Build from a plain linear layer.
     fn from_linear(l: Linear) -> Self;
     /// Apply.
@@ -35,7 +35,7 @@ impl<A: Adapter> Proj for PeftLinear<A> {
 }
 
 /// An embedding the tiny model can use.
-pub trait Emb: Module {
+pub trait Emb: Module + burn::module::ModuleDisplay {
     /// Build from a plain embedding.
     fn from_embedding(e: Embedding) -> Self;
     /// Look up.
@@ -232,4 +232,50 @@ pub fn fixture(rel: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(rel)
+}
+
+/// A regression batch for burn-train: token ids and targets `[batch, seq, CLASSES]`.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Inputs, `[batch, seq]`.
+    pub ids: Tensor<2, Int>,
+    /// Targets, `[batch, seq, CLASSES]`.
+    pub targets: Tensor<3>,
+}
+
+impl<P: Proj, E: Emb> TinyModel<P, E> {
+    fn regression(&self, batch: Batch) -> burn::train::RegressionOutput {
+        let out = self.forward(batch.ids);
+        let [b, s, c] = out.dims();
+        let output = out.reshape([b * s, c]);
+        let targets = batch.targets.reshape([b * s, c]);
+        let loss = (output.clone() - targets.clone())
+            .powi_scalar(2)
+            .mean()
+            .reshape([1]);
+        burn::train::RegressionOutput {
+            loss,
+            output,
+            targets,
+        }
+    }
+}
+
+impl<P: Proj, E: Emb> burn::train::TrainStep for TinyModel<P, E> {
+    type Input = Batch;
+    type Output = burn::train::RegressionOutput;
+
+    fn step(&self, item: Batch) -> burn::train::TrainOutput<Self::Output> {
+        let out = self.regression(item);
+        burn::train::TrainOutput::new(self, out.loss.backward(), out)
+    }
+}
+
+impl<P: Proj, E: Emb> burn::train::InferenceStep for TinyModel<P, E> {
+    type Input = Batch;
+    type Output = burn::train::RegressionOutput;
+
+    fn step(&self, item: Batch) -> Self::Output {
+        self.regression(item)
+    }
 }

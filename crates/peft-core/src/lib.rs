@@ -19,6 +19,8 @@ pub mod hf;
 mod hook;
 pub mod hosts;
 pub mod layer;
+#[cfg(feature = "learner")]
+pub mod learner;
 pub mod reparam;
 pub mod slot;
 pub mod step;

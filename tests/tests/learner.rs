@@ -1,0 +1,93 @@
+//! burn-train integration: a `Learner` over a [`Controlled`] LoRA model runs the controllers
+//! around every optimizer step, in order, and trains only the adapters.
+
+use std::sync::{Arc, Mutex};
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Tensor};
+use burn::train::Learner;
+use peft_conformance::{
+    ActivationModel, Batch, CLASSES, TinyModel, random_torch_weights, token_ids,
+};
+use peft_core::learner::Controlled;
+use peft_core::step::{Controller, StepInfo, Stepper};
+use peft_core::{ModuleSelector, hosts};
+use peft_lora::{LoraConfig, LoraModel};
+
+/// Records the order of calls and what it saw.
+struct Recorder {
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl<M: Module> Controller<M> for Recorder {
+    fn before_optimizer(
+        &mut self,
+        info: StepInfo,
+        model: &M,
+        grads: &mut GradientsParams,
+    ) -> peft_core::Result<()> {
+        let trainable = hosts::parameters(model).iter().filter(|p| p.1).count();
+        self.log.lock().unwrap().push(format!(
+            "before {} grads={} trainable={trainable}",
+            info.step,
+            grads.len()
+        ));
+        Ok(())
+    }
+
+    fn after_optimizer(&mut self, info: StepInfo, model: M) -> peft_core::Result<M> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("after {}", info.step));
+        Ok(model)
+    }
+}
+
+#[test]
+fn learner_runs_controllers_around_each_optimizer_step() {
+    let device = Device::flex().autodiff();
+    let base: ActivationModel = TinyModel::from_torch(&random_torch_weights(2, &device), &device);
+    let config = LoraConfig::new(4, 8.0, ModuleSelector::names(["q_proj", "v_proj"]));
+    let peft = LoraModel::new(base, config).unwrap();
+    let before = hosts::read_params(peft.model(), |_| true);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stepper = Stepper::new().with(Recorder { log: log.clone() });
+    let model = Controlled::new(peft.model().clone(), stepper);
+    let optim = AdamWConfig::new().with_epsilon(1e-8).init();
+    let mut learner = Learner::new(model, optim, 1e-2);
+    learner.lr_step();
+    let batch = Batch {
+        ids: token_ids(&device),
+        targets: Tensor::random([2, 5, CLASSES], Distribution::Normal(0.0, 1.0), &device),
+    };
+    for _ in 0..3 {
+        let out = learner.train_step(batch.clone());
+        learner.optimizer_step(out.grads);
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 6, "{log:?}");
+    // 2 layers x (q, v) x (lora_a, lora_b) = 8 trainable tensors, all with gradients.
+    for step in 0..3 {
+        assert_eq!(log[2 * step], format!("before {step} grads=8 trainable=8"));
+        assert_eq!(log[2 * step + 1], format!("after {step}"));
+    }
+    let trained = learner.model();
+    assert_eq!(trained.step_index(), 3);
+    let after = hosts::read_params(&trained.into_inner(), |_| true);
+    let mut moved_adapters = 0;
+    for (path, old) in &before {
+        let new = &after[path];
+        let moved = old
+            .iter::<f32>()
+            .zip(new.iter::<f32>())
+            .any(|(x, y)| x != y);
+        if path.contains(".peft.") {
+            moved_adapters += moved as usize;
+        } else {
+            assert!(!moved, "base parameter {path} changed");
+        }
+    }
+    assert_eq!(moved_adapters, 8);
+}
