@@ -36,6 +36,11 @@ fn cases() -> Vec<(&'static str, LoraConfig)> {
             .with_dora(true),
         ),
         (
+            "pissa",
+            LoraConfig::new(4, 8.0, ModuleSelector::names(["q_proj", "down_proj"]))
+                .with_init(InitLoraWeights::Pissa),
+        ),
+        (
             "patterns",
             LoraConfig::new(4, 8.0, ModuleSelector::regex(r".*\.(up|down|o)_proj"))
                 .with_rank_pattern("up_proj", 2)
@@ -193,6 +198,19 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
         // LoRA deltas add exactly on a linear map; the model's nonlinearity breaks additivity of
         // outputs, so compare through a merge: merging both equals both active.
         let mut merged = two.clone();
+        let weights_before = base_weights(merged.model());
+        // Sequential merges, then one unmerge undoes both (last in, first out).
+        merged.merge_adapter(Some(&["other"]), false).unwrap();
+        merged.merge_adapter(Some(&["default"]), false).unwrap();
+        assert!(
+            max_diff(&merged.model().run(&dev), &out_ab) < 1e-4,
+            "{label}: sequential merge"
+        );
+        merged.unmerge_adapter();
+        assert!(
+            !weights_differ_by(&weights_before, &base_weights(merged.model()), 1e-5),
+            "{label}: LIFO unmerge restores base weights"
+        );
         merged.merge_adapter(None, false).unwrap();
         assert!(
             max_diff(&merged.model().run(&dev), &out_ab) < 1e-4,

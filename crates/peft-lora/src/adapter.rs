@@ -200,6 +200,22 @@ pub(crate) fn create(config: &LoraConfig, info: &LayerInfo) -> Result<Created<Lo
     Ok(Created { adapter, new_base })
 }
 
+/// Reduced SVD `w = u·diag(s)·vt` of a constant matrix, on any device (burn-linalg has no
+/// autodiff rule, so it runs on the inner backend and the factors come back as constants).
+pub(crate) fn svd(w: Tensor<2>) -> (Tensor<2>, Tensor<1>, Tensor<2>) {
+    let autodiff = w.is_autodiff();
+    let (u, s, vt) = burn::linalg::svd::<2, 1>(w.detach().inner(), 100);
+    if autodiff {
+        (
+            Tensor::from_inner(u),
+            Tensor::from_inner(s),
+            Tensor::from_inner(vt),
+        )
+    } else {
+        (u, s, vt)
+    }
+}
+
 /// PiSSA: the top-`r` singular triplets of `W` become the adapter, the rest stays in the base.
 ///
 /// In burn orientation `W = U·diag(S)·Vᵀ` (`[rows, cols]`): `a = U_r·diag(√(S_r/s))`,
@@ -220,10 +236,153 @@ fn pissa(
         });
     }
     let w = w.detach();
-    let (u, s, vt) = burn::linalg::svd::<2, 1>(w.clone(), 100);
+    let (u, s, vt) = svd(w.clone());
     let root = (s.narrow(0, 0, r) / scale).sqrt();
     let a = u.slice([0..rows, 0..r]) * root.clone().unsqueeze_dim::<2>(0);
     let b = vt.slice([0..r, 0..cols]) * root.unsqueeze_dim::<2>(1);
     let residual = w - a.clone().matmul(b.clone()) * scale;
     Ok((a, b, residual))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peft_core::{Candidate, Placement};
+
+    fn info(kind: LayerKind, rows: usize, cols: usize) -> LayerInfo {
+        let device = burn::tensor::Device::flex().autodiff();
+        LayerInfo {
+            candidate: Candidate {
+                path: "layers.0.q".into(),
+                kind,
+            },
+            base: Tensor::random([rows, cols], Distribution::Normal(0.0, 1.0), &device),
+            placement: Placement::Activation,
+        }
+    }
+
+    fn values(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().iter::<f32>().collect()
+    }
+
+    fn std(v: &[f32]) -> f32 {
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+    }
+
+    fn cfg(init: InitLoraWeights) -> LoraConfig {
+        LoraConfig::new(8, 16.0, peft_core::ModuleSelector::names(["q"])).with_init(init)
+    }
+
+    #[test]
+    fn default_init_is_kaiming_uniform_a_and_zero_b() {
+        let c = create(
+            &cfg(InitLoraWeights::Default),
+            &info(LayerKind::Linear, 256, 64),
+        )
+        .unwrap();
+        let a = values(c.adapter.lora_a.val());
+        let bound = 1.0 / 256f32.sqrt();
+        assert!(a.iter().all(|x| x.abs() <= bound));
+        // Uniform on [-b, b] has std b/√3; a normal of that bound would not stay inside it.
+        assert!((std(&a) - bound / 3f32.sqrt()).abs() < 0.1 * bound);
+        assert!(values(c.adapter.lora_b.val()).iter().all(|x| *x == 0.0));
+        assert_eq!(c.adapter.scale, 2.0);
+        assert!(c.new_base.is_none());
+    }
+
+    #[test]
+    fn gaussian_and_random_and_embedding_inits() {
+        let g = create(
+            &cfg(InitLoraWeights::Gaussian),
+            &info(LayerKind::Linear, 256, 64),
+        )
+        .unwrap();
+        assert!((std(&values(g.adapter.lora_a.val())) - 1.0 / 8.0).abs() < 0.01);
+        assert!(values(g.adapter.lora_b.val()).iter().all(|x| *x == 0.0));
+        let r = create(
+            &cfg(InitLoraWeights::Random),
+            &info(LayerKind::Linear, 256, 64),
+        )
+        .unwrap();
+        let b = values(r.adapter.lora_b.val());
+        assert!(b.iter().any(|x| *x != 0.0) && b.iter().all(|x| x.abs() <= 1.0 / 8f32.sqrt()));
+        let e = create(
+            &cfg(InitLoraWeights::Default),
+            &info(LayerKind::Embedding, 300, 32),
+        )
+        .unwrap();
+        assert!(values(e.adapter.lora_a.val()).iter().all(|x| *x == 0.0));
+        assert!((std(&values(e.adapter.lora_b.val())) - 1.0).abs() < 0.15);
+    }
+
+    #[test]
+    fn rslora_scaling_and_dora_magnitude_at_init() {
+        let c = create(
+            &cfg(InitLoraWeights::Default).with_rslora(true),
+            &info(LayerKind::Linear, 32, 16),
+        )
+        .unwrap();
+        assert_eq!(c.adapter.scale, 16.0 / 8f64.sqrt());
+        let i = info(LayerKind::Linear, 32, 16);
+        let d = create(&cfg(InitLoraWeights::Random).with_dora(true), &i).unwrap();
+        let m = d.adapter.magnitude.as_ref().unwrap().val();
+        let expected = column_norm(i.base.clone() + d.adapter.delta()).reshape([16]);
+        assert!((m - expected).abs().max().into_scalar::<f32>() < 1e-5);
+        // DoRA at init leaves the effective weight at W + ΔW (the magnitude matches the norm).
+        let eff = i.base.clone() + d.adapter.weight_delta(i.base.clone());
+        let plain = i.base.clone() + d.adapter.delta();
+        assert!((eff - plain).abs().max().into_scalar::<f32>() < 1e-5);
+        assert!(
+            create(
+                &cfg(InitLoraWeights::Default).with_dora(true),
+                &info(LayerKind::Embedding, 10, 4)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn pissa_moves_the_principal_part_into_the_adapter() {
+        let i = info(LayerKind::Linear, 24, 12);
+        let c = create(&cfg(InitLoraWeights::Pissa), &i).unwrap();
+        let residual = c.new_base.unwrap();
+        let rebuilt = residual.clone() + c.adapter.delta();
+        assert!((rebuilt - i.base.clone()).abs().max().into_scalar::<f32>() < 1e-4);
+        // The residual has no component left along the top singular directions.
+        let (_, s_res, _) = svd(residual);
+        let (_, s, _) = svd(i.base.clone());
+        let s: Vec<f32> = s.into_data().iter::<f32>().collect();
+        let s_res: Vec<f32> = s_res.into_data().iter::<f32>().collect();
+        assert!((s_res[0] - s[8]).abs() < 1e-3, "{s_res:?} vs {s:?}");
+        assert!(create(&cfg(InitLoraWeights::Pissa), &info(LayerKind::Linear, 4, 6)).is_err());
+    }
+
+    #[test]
+    fn dropout_touches_only_the_adapter_branch() {
+        let i = info(LayerKind::Linear, 16, 8);
+        let device = i.base.device();
+        let zero_b = create(&cfg(InitLoraWeights::Default).with_dropout(0.5), &i)
+            .unwrap()
+            .adapter;
+        let x = Tensor::<2>::random([64, 16], Distribution::Normal(0.0, 1.0), &device);
+        let base = x.clone().matmul(i.base.clone());
+        // With B = 0 the adapter adds exactly nothing, even with dropout active.
+        let y = zero_b.forward_linear(x.clone(), &i.base, None, base.clone());
+        assert_eq!(values(y), values(base.clone()));
+        // With a non-zero adapter, training mode drops adapter inputs; validation mode does not.
+        let ad = create(&cfg(InitLoraWeights::Random).with_dropout(0.5), &i)
+            .unwrap()
+            .adapter;
+        let full = base.clone() + x.clone().matmul(ad.delta());
+        let train = ad.forward_linear(x.clone(), &i.base, None, base.clone());
+        let valid = ad.valid().forward_linear(
+            x.clone().inner(),
+            &i.base.clone().inner(),
+            None,
+            base.clone().inner(),
+        );
+        assert!((train - full.clone()).abs().max().into_scalar::<f32>() > 1e-3);
+        assert!((valid - full.inner()).abs().max().into_scalar::<f32>() < 1e-4);
+    }
 }

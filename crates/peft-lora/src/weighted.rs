@@ -148,7 +148,7 @@ fn combine(parts: &[(f64, LoraAdapter)], combination: Combination) -> (Tensor<2>
             let k = rank
                 .unwrap_or_else(|| parts.iter().map(|(_, ad)| ad.rank()).max().unwrap_or(1))
                 .min(rows.min(cols));
-            let (u, s, vt) = burn::linalg::svd::<2, 1>(delta, 100);
+            let (u, s, vt) = crate::adapter::svd(delta);
             let a = u.narrow(1, 0, k);
             let b = vt.narrow(0, 0, k) * s.narrow(0, 0, k).unsqueeze_dim::<2>(1);
             (a, b)
