@@ -5,7 +5,7 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Distribution, Int, Tensor};
 use peft_core::error::Result;
-use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError};
+use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError, Placement};
 
 use crate::config::{InitLoraWeights, LoraConfig};
 
@@ -144,6 +144,17 @@ pub(crate) fn create(config: &LoraConfig, info: &LayerInfo) -> Result<Created<Lo
     let device = info.base.device();
     let [rows, cols] = info.base.dims();
     let kind = info.candidate.kind;
+    if info.placement == Placement::Weight && config.lora_dropout > 0.0 && !config.inference_mode {
+        return Err(PeftError::unsupported_field(
+            "lora_dropout",
+            config.lora_dropout,
+            format!(
+                "`{}` is a plain layer, adapted in weight space, where dropout on the adapter input \
+                 cannot be applied; declare it as `PeftLinear`/`PeftEmbedding` or set lora_dropout = 0",
+                info.candidate.path
+            ),
+        ));
+    }
     if config.use_dora && kind == LayerKind::Embedding {
         return Err(PeftError::unsupported_field(
             "use_dora",
@@ -247,7 +258,7 @@ fn pissa(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peft_core::{Candidate, Placement};
+    use peft_core::Candidate;
 
     fn info(kind: LayerKind, rows: usize, cols: usize) -> LayerInfo {
         let device = burn::tensor::Device::flex().autodiff();
@@ -356,6 +367,23 @@ mod tests {
         let s_res: Vec<f32> = s_res.into_data().iter::<f32>().collect();
         assert!((s_res[0] - s[8]).abs() < 1e-3, "{s_res:?} vs {s:?}");
         assert!(create(&cfg(InitLoraWeights::Pissa), &info(LayerKind::Linear, 4, 6)).is_err());
+    }
+
+    #[test]
+    fn weight_space_refuses_dropout_for_training_but_loads_it_for_inference() {
+        let mut i = info(LayerKind::Linear, 16, 8);
+        i.placement = Placement::Weight;
+        let config = cfg(InitLoraWeights::Default).with_dropout(0.1);
+        let err = create(&config, &i)
+            .err()
+            .expect("dropout in weight space is refused");
+        assert!(
+            err.to_string().contains("lora_dropout") && err.to_string().contains("PeftLinear"),
+            "{err}"
+        );
+        let mut inference = config;
+        inference.inference_mode = true;
+        assert!(create(&inference, &i).is_ok());
     }
 
     #[test]
