@@ -474,11 +474,8 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
 
     /// Exact memory the selection costs: the wrapped optimizer's state and the indices.
     pub fn memory(&self) -> MemoryReport {
-        let (state_entries, state_bytes) = self
-            .state
-            .as_ref()
-            .map(state::size::<O>)
-            .unwrap_or((0, 0));
+        let (state_entries, state_bytes) =
+            self.state.as_ref().map(state::size::<O>).unwrap_or((0, 0));
         MemoryReport {
             state_entries,
             state_bytes,
@@ -497,9 +494,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
     /// [`restore_trainability`](Self::restore_trainability) undoes it.
     pub fn freeze_unselected<M: Module>(&self, model: M) -> M {
         peft_core::hosts::set_trainable(model, |path| {
-            self.lookup
-                .get(path)
-                .map(|&i| self.params[i].count() > 0)
+            self.lookup.get(path).map(|&i| self.params[i].count() > 0)
         })
     }
 

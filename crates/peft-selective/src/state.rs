@@ -200,7 +200,12 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
             let shape: Vec<usize> = entry
                 .get("shape")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_u64)
+                        .map(|v| v as usize)
+                        .collect()
+                })
                 .unwrap_or_default();
             if shape != p.shape {
                 return Err(SelectiveError::ShapeMismatch {
@@ -224,8 +229,9 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
                 None => Vec::new(),
             };
             if !p.full {
-                check_indices(&indices, p.numel)
-                    .map_err(|r| SelectiveError::file(&tensor_path, format!("`{}`: {r}", p.path)))?;
+                check_indices(&indices, p.numel).map_err(|r| {
+                    SelectiveError::file(&tensor_path, format!("`{}`: {r}", p.path))
+                })?;
                 if indices.len() != count {
                     return Err(SelectiveError::file(
                         &tensor_path,
@@ -285,10 +291,14 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
                     format!("{found} state values, the metadata says {state_entries} (torn save?)"),
                 ));
             }
-            let state = O::State::<1>::state_unflatten(PREFIX, &mut src, &self.device)
-                .ok_or_else(|| {
-                    SelectiveError::file(&tensor_path, "the optimizer state does not match this optimizer")
-                })?;
+            let state = O::State::<1>::state_unflatten(PREFIX, &mut src, &self.device).ok_or_else(
+                || {
+                    SelectiveError::file(
+                        &tensor_path,
+                        "the optimizer state does not match this optimizer",
+                    )
+                },
+            )?;
             Some(state)
         } else {
             None

@@ -186,7 +186,12 @@ impl Summary {
             let shape: Vec<usize> = e
                 .get("shape")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_u64)
+                        .map(|v| v as usize)
+                        .collect()
+                })
                 .ok_or_else(|| bad(format!("`{path}` has no shape")))?;
             let numel: usize = shape.iter().product();
             let full = e.get("full").and_then(Value::as_bool).unwrap_or(false);
