@@ -152,17 +152,6 @@ impl<M: Module> LoraModel<M> {
         take_adapter_tensors(&mut next.model, name, &mut tensors, map, &weights_path)?;
         let layers = next.adapters[name].layers.clone();
         let linear = linear_weights(&next.model);
-        let mut biases = BTreeMap::new();
-        for (path, current) in bias_values(&next.model, &config, &layers) {
-            let (module, leaf) = split_leaf(&path);
-            let keys = [
-                hf_key(map, module, leaf),
-                hf_key(map, module, &format!("base_layer.{leaf}")),
-            ];
-            if let Some(data) = take_checked(&mut tensors, &keys, current.shape())? {
-                biases.insert(path, data);
-            }
-        }
         let mut copies = BTreeMap::new();
         for (path, current) in next.saved.values(&next.model, name) {
             let (module, leaf) = split_leaf(&path);
@@ -186,10 +175,28 @@ impl<M: Module> LoraModel<M> {
                     },
                 );
             }
-            // PEFT also writes the untouched original; it carries nothing new.
+            // PEFT may write the copy under both names, plus the untouched original: they carry
+            // nothing new.
+            for key in keys {
+                tensors.remove(&key);
+            }
             tensors.remove(&hf_key(map, module, &format!("original_module.{leaf}")));
         }
-        // The biases may include the copy's own bias (bias="all" with modules_to_save).
+        let mut biases = BTreeMap::new();
+        for (path, current) in bias_values(&next.model, &config, &layers) {
+            if copies.contains_key(&path) {
+                continue;
+            }
+            let (module, leaf) = split_leaf(&path);
+            let keys = [
+                hf_key(map, module, leaf),
+                hf_key(map, module, &format!("base_layer.{leaf}")),
+            ];
+            if let Some(data) = take_checked(&mut tensors, &keys, current.shape())? {
+                biases.insert(path, data);
+            }
+        }
+        // A saved module's own bias belongs to its copy, not to the `bias` setting.
         let (model, _) = next.saved.set_values(next.model.clone(), name, copies);
         next.model = hosts::write_params(model, biases).0;
         if !tensors.is_empty() {
