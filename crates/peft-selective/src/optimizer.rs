@@ -10,6 +10,15 @@
 //! state a dense optimizer holds for an entry whose gradient was masked to zero so far (Adam's
 //! moments, SGD's momentum). The step counter inside the state (Adam's bias correction) counts
 //! optimizer steps since the first one, as in the toolkit's dense masked AdamW.
+//!
+//! Differences from the toolkit, on purpose:
+//! * weight decay need not be forced to 0: it applies to chosen entries only;
+//! * state is `O(budget)` instead of dense;
+//! * ties in ID3 and PaFI are broken deterministically (parameter order, then row-major index);
+//! * ID3 counts its steps and never unmasks beyond the budget.
+//!
+//! Gradient clipping is not applied by the wrapper; clip the gradients before
+//! [`step`](SelectiveOptimizer::step) if you need it.
 
 use std::collections::{HashMap, HashSet};
 
