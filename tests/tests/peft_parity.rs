@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_conformance::{ActivationModel, TinyModel, WeightModel, fixture, max_diff};
 use peft_core::hf;
-use peft_lora::{Combination, LoadOptions, LoraModel, SaveOptions};
+use peft_lora::{Combination, LoadOptions, LoraModel, SaveOptions, WeightedAdapters};
 use serde_json::Value;
 
 /// `allclose(atol=1e-5, rtol=1e-5)` on the largest element.

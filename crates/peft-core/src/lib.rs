@@ -5,8 +5,9 @@
 //! per-layer adapter management (several named adapters, activation, merge/unmerge), the
 //! Hugging Face PEFT file format, and the training step that runs method controllers.
 //!
-//! Methods (LoRA in `peft-lora`, …) implement [`Adapter`] once; the same adapter value works
-//! in both attach paths:
+//! Methods (LoRA in `peft-lora`, …) implement [`Adapter`] for their per-layer adapter and
+//! [`Method`] for their config; [`PeftModel`] then manages and saves them. The same adapter
+//! value works in both attach paths:
 //! * **activation space**: put [`PeftLinear`] / [`PeftEmbedding`] in your model where you want
 //!   speed; the adapter works on activations and no dense weight gradient is formed;
 //! * **weight space**: any plain `burn::nn::Linear` / `Embedding` of any model gets a
@@ -18,9 +19,13 @@ pub mod error;
 pub mod hf;
 mod hook;
 pub mod hosts;
+pub mod io;
 pub mod layer;
 #[cfg(feature = "learner")]
 pub mod learner;
+pub mod method;
+pub mod model;
+mod modules_to_save;
 pub mod reparam;
 pub mod slot;
 pub mod step;
@@ -28,8 +33,12 @@ pub mod target;
 
 pub use adapter::Adapter;
 pub use error::{PeftError, Result};
+pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};
+pub use io::{LoadOptions, SaveOptions};
 pub use layer::{PeftEmbedding, PeftLinear};
+pub use method::{BiasMode, Method, TakeTensor};
+pub use model::{AdapterEntry, PeftModel};
 pub use reparam::WeightSlot;
 pub use slot::AdapterSlot;
 pub use target::{Candidate, LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetSpec};

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use peft_core::error::{PeftError, Result};
 use peft_core::hf;
+pub use peft_core::method::BiasMode;
 use peft_core::target::{
     LayerIndices, LayersPattern, ModuleSelector, TargetFields, TargetSpec, pattern_key,
 };
@@ -46,18 +47,6 @@ impl<'de> Deserialize<'de> for InitLoraWeights {
             ))),
         }
     }
-}
-
-/// Which base biases train with the adapter (`bias`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BiasMode {
-    /// All base parameters frozen.
-    None,
-    /// Every bias of the model trains and is saved.
-    All,
-    /// The biases of adapted layers train and are saved.
-    LoraOnly,
 }
 
 fn default_r() -> usize {

@@ -30,13 +30,16 @@
 
 pub mod adapter;
 pub mod config;
-pub mod io;
-pub mod model;
-mod modules_to_save;
+mod method;
 pub mod weighted;
 
 pub use adapter::LoraAdapter;
 pub use config::{BiasMode, InitLoraWeights, LoraConfig};
-pub use io::{LoadOptions, SaveOptions};
-pub use model::{AdapterEntry, LoraModel};
-pub use weighted::Combination;
+pub use peft_core::{AdapterEntry, LoadOptions, SaveOptions};
+pub use weighted::{Combination, WeightedAdapters};
+
+/// A burn model carrying LoRA adapters: [`PeftModel`](peft_core::PeftModel) with
+/// [`LoraConfig`] as its method. Management (`set_adapter`, `merge_adapter`, …) and PEFT
+/// files (`save_pretrained`, `from_pretrained`) come from `PeftModel`;
+/// [`WeightedAdapters::add_weighted_adapter`] is LoRA's own.
+pub type LoraModel<M> = peft_core::PeftModel<M, LoraConfig>;

@@ -9,11 +9,11 @@ use peft_core::ModuleSelector;
 use peft_core::error::{PeftError, Result};
 use peft_core::hosts::{self, Created, HostView};
 
+use crate::LoraModel;
 use crate::adapter::LoraAdapter;
 use crate::config::LoraConfig;
-use crate::model::LoraModel;
 
-/// How [`LoraModel::add_weighted_adapter`] combines adapters.
+/// How [`WeightedAdapters::add_weighted_adapter`] combines adapters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Combination {
     /// Concatenate the factors: rank `Σ r_i`, exactly `Σ w_i·ΔW_i`.
@@ -25,7 +25,9 @@ pub enum Combination {
     },
 }
 
-impl<M: burn::module::Module> LoraModel<M> {
+/// LoRA's `add_weighted_adapter` (`use peft_lora::WeightedAdapters` to call it on a
+/// [`LoraModel`]).
+pub trait WeightedAdapters {
     /// Add adapter `name` equal to `Σ weights[i] · ΔW(adapters[i])` on every layer that has any
     /// of `adapters`. The result has scaling 1 (`r = lora_alpha`, rsLoRA off), whatever the
     /// sources used, so it is exact for `Cat` (PEFT 0.21.2 gives rsLoRA sources a `√r` scale by
@@ -33,7 +35,17 @@ impl<M: burn::module::Module> LoraModel<M> {
     ///
     /// # Errors
     /// Unknown or DoRA sources, mismatched lengths, or a taken name.
-    pub fn add_weighted_adapter(
+    fn add_weighted_adapter(
+        &mut self,
+        adapters: &[&str],
+        weights: &[f64],
+        name: &str,
+        combination: Combination,
+    ) -> Result<()>;
+}
+
+impl<M: burn::module::Module> WeightedAdapters for LoraModel<M> {
+    fn add_weighted_adapter(
         &mut self,
         adapters: &[&str],
         weights: &[f64],
@@ -97,7 +109,7 @@ impl<M: burn::module::Module> LoraModel<M> {
             layers_to_transform: None,
             layers_pattern: None,
             modules_to_save: None,
-            bias: crate::config::BiasMode::None,
+            bias: peft_core::BiasMode::None,
             ..first.clone()
         };
         // Layers whose combined rank differs from the largest get their own rank.

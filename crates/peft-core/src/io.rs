@@ -1,18 +1,22 @@
-//! Saving and loading adapters in Hugging Face PEFT's format.
+//! Saving and loading adapters in Hugging Face PEFT's format, for every [`Method`].
+//!
+//! The method supplies its config JSON and the per-layer adapter tensors; this module adds
+//! the key naming (`base_model.model.` prefix, adapter name stripped, `.default.` accepted on
+//! read), `[out, in]` orientation of saved modules, base biases under `bias`,
+//! `modules_to_save` copies, atomic writes and all-or-nothing loads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, Param};
-use burn::tensor::{Tensor, TensorData};
-use peft_core::LayerKind;
-use peft_core::error::{PeftError, Result};
-use peft_core::hf::{self, KEY_PREFIX, KeyMap};
-use peft_core::hosts::{self, HostView};
+use burn::module::Module;
+use burn::tensor::TensorData;
 
-use crate::adapter::LoraAdapter;
-use crate::config::{BiasMode, InitLoraWeights, LoraConfig};
-use crate::model::{LoraModel, adapters_of};
+use crate::LayerKind;
+use crate::error::{PeftError, Result};
+use crate::hf::{self, KEY_PREFIX, KeyMap};
+use crate::hosts::{self, HostView};
+use crate::method::{BiasMode, Method};
+use crate::model::{PeftModel, adapters_of};
 
 /// Options for loading an adapter.
 #[derive(Clone, Debug, Default)]
@@ -30,15 +34,11 @@ pub struct SaveOptions {
     pub key_map: KeyMap,
 }
 
-fn transpose(t: Tensor<2>) -> TensorData {
-    t.transpose().into_data()
-}
-
 fn hf_key(map: &KeyMap, path: &str, suffix: &str) -> String {
     format!("{KEY_PREFIX}{}.{suffix}", map.to_hf(path))
 }
 
-impl<M: Module> LoraModel<M> {
+impl<M: Module, C: Method> PeftModel<M, C> {
     /// Save every adapter as PEFT does: `default` in `dir`, any other in `dir/<name>`.
     ///
     /// # Errors
@@ -69,23 +69,14 @@ impl<M: Module> LoraModel<M> {
             })?;
         let map = &options.key_map;
         let mut tensors = BTreeMap::new();
-        for (path, kind, a) in adapters_of(self.model(), name) {
-            let (ka, kb) = match kind {
-                LayerKind::Linear => ("lora_A.weight", "lora_B.weight"),
-                LayerKind::Embedding => ("lora_embedding_A", "lora_embedding_B"),
-            };
-            tensors.insert(hf_key(map, &path, ka), transpose(a.lora_a.val()));
-            tensors.insert(hf_key(map, &path, kb), transpose(a.lora_b.val()));
-            if let Some(m) = &a.magnitude {
-                tensors.insert(
-                    hf_key(map, &path, "lora_magnitude_vector"),
-                    m.val().into_data(),
-                );
+        for (path, kind, adapter) in adapters_of::<M, C::Adapter>(self.model(), name) {
+            for (suffix, data) in entry.config.save_tensors(&path, kind, &adapter) {
+                tensors.insert(hf_key(map, &path, &suffix), data);
             }
         }
         let linear = linear_weights(self.model());
         let owned = self.saved.values(self.model(), name);
-        for (path, data) in bias_values(self.model(), &entry.config, &entry.layers) {
+        for (path, data) in bias_values(self.model(), entry.config.bias(), &entry.layers) {
             if owned.contains_key(&path) {
                 continue;
             }
@@ -111,7 +102,7 @@ impl<M: Module> LoraModel<M> {
             source: e,
         })?;
         hf::write_tensors(&dir.join(hf::WEIGHTS_FILE), &tensors)?;
-        hf::write_json(&dir.join(hf::CONFIG_FILE), &entry.config.to_json_map())
+        hf::write_json(&dir.join(hf::CONFIG_FILE), &entry.config.to_json(map))
     }
 
     /// Load a PEFT adapter directory into `model` as adapter `"default"`, active
@@ -133,23 +124,26 @@ impl<M: Module> LoraModel<M> {
     /// # Errors
     /// As [`from_pretrained`](Self::from_pretrained).
     pub fn load_adapter(&mut self, dir: &Path, name: &str, options: &LoadOptions) -> Result<()> {
-        let mut config = LoraConfig::from_pretrained(dir)?;
-        config.inference_mode = !options.is_trainable;
+        let config_path = dir.join(hf::CONFIG_FILE);
+        let mut config =
+            C::from_json(hf::read_json(&config_path)?, &config_path, &options.key_map)?;
+        config.set_inference_mode(!options.is_trainable);
         let weights_path = dir.join(hf::WEIGHTS_FILE);
         let mut tensors = hf::read_tensors(&weights_path)?;
-        let mut attach_cfg = config.clone();
-        // The factors are overwritten below; only PiSSA's init matters, because it also moves the
-        // principal part out of the base weight (PEFT redoes it on load too).
-        if attach_cfg.init_lora_weights != InitLoraWeights::Pissa {
-            attach_cfg.init_lora_weights = InitLoraWeights::Default;
-        }
         let mut next = self.clone();
-        next.add_adapter(name, attach_cfg)?;
+        next.add_adapter(name, config.for_loading())?;
         if let Some(entry) = next.adapters.get_mut(name) {
             entry.config = config.clone();
         }
         let map = &options.key_map;
-        take_adapter_tensors(&mut next.model, name, &mut tensors, map, &weights_path)?;
+        take_adapter_tensors(
+            &mut next.model,
+            &config,
+            name,
+            &mut tensors,
+            map,
+            &weights_path,
+        )?;
         let layers = next.adapters[name].layers.clone();
         let linear = linear_weights(&next.model);
         let mut copies = BTreeMap::new();
@@ -183,7 +177,7 @@ impl<M: Module> LoraModel<M> {
             tensors.remove(&hf_key(map, module, &format!("original_module.{leaf}")));
         }
         let mut biases = BTreeMap::new();
-        for (path, current) in bias_values(&next.model, &config, &layers) {
+        for (path, current) in bias_values(&next.model, config.bias(), &layers) {
             if copies.contains_key(&path) {
                 continue;
             }
@@ -211,8 +205,9 @@ impl<M: Module> LoraModel<M> {
     }
 }
 
-fn take_adapter_tensors<M: Module>(
+fn take_adapter_tensors<M: Module, C: Method>(
     model: &mut M,
+    config: &C,
     name: &str,
     tensors: &mut BTreeMap<String, TensorData>,
     map: &KeyMap,
@@ -223,16 +218,13 @@ fn take_adapter_tensors<M: Module>(
     let name = name.to_string();
     let map = map.clone();
     let file: PathBuf = file.into();
-    let result = hosts::for_each(model, move |host: HostView<'_, LoraAdapter>| {
+    let config = config.clone();
+    let result = hosts::for_each(model, move |host: HostView<'_, C::Adapter>| {
         let Some(adapter) = host.slot.get_mut(&name) else {
             return Ok(());
         };
-        let (ka, kb) = match host.kind {
-            LayerKind::Linear => ("lora_A.weight", "lora_B.weight"),
-            LayerKind::Embedding => ("lora_embedding_A", "lora_embedding_B"),
-        };
         let mut pool = shared.borrow_mut();
-        let mut take = |suffix: &str, expected: Vec<usize>| -> Result<TensorData> {
+        let mut take = |suffix: &str, expected: &[usize]| -> Result<TensorData> {
             let key = hf_key(&map, &host.path, suffix);
             let alt = format!(
                 "{KEY_PREFIX}{}.{}",
@@ -246,33 +238,16 @@ fn take_adapter_tensors<M: Module>(
                     file: file.clone(),
                     key: key.clone(),
                 })?;
-            if data.shape().to_vec() != expected {
+            if data.shape() != expected {
                 return Err(PeftError::ShapeMismatch {
                     key,
-                    expected,
+                    expected: expected.to_vec(),
                     found: data.shape().to_vec(),
                 });
             }
             Ok(data)
         };
-        let [rows, r] = adapter.lora_a.shape().dims();
-        let [_, cols] = adapter.lora_b.shape().dims();
-        let a = take(ka, vec![r, rows])?;
-        let b = take(kb, vec![cols, r])?;
-        let device = adapter.lora_a.device();
-        adapter.lora_a = set(
-            &adapter.lora_a,
-            Tensor::<2>::from_data(a, &device).transpose(),
-        );
-        adapter.lora_b = set(
-            &adapter.lora_b,
-            Tensor::<2>::from_data(b, &device).transpose(),
-        );
-        if let Some(m) = &adapter.magnitude {
-            let data = take("lora_magnitude_vector", vec![cols])?;
-            adapter.magnitude = Some(set(m, Tensor::<1>::from_data(data, &device)));
-        }
-        Ok(())
+        config.load_tensors(&host.path, host.kind, adapter, &mut take)
     });
     *tensors = std::mem::take(&mut *pool.borrow_mut());
     result
@@ -285,16 +260,13 @@ fn insert_name(suffix: &str, name: &str) -> String {
     }
 }
 
-fn set<const D: usize>(param: &Param<Tensor<D>>, value: Tensor<D>) -> Param<Tensor<D>> {
-    let require_grad = param.is_require_grad();
-    param.clone().map(|_| value.set_require_grad(require_grad))
-}
-
 fn split_leaf(path: &str) -> (&str, &str) {
     path.rsplit_once('.').unwrap_or(("", path))
 }
 
-fn transpose_data(data: TensorData) -> TensorData {
+/// Transpose a 2-D tensor's data (burn `[d_in, d_out]` <-> PyTorch `[out, in]`); other ranks
+/// are returned as they are.
+pub fn transpose_data(data: TensorData) -> TensorData {
     let shape = data.shape().to_vec();
     if shape.len() != 2 {
         return data;
@@ -323,14 +295,13 @@ fn linear_weights<M: Module>(model: &M) -> BTreeSet<String> {
         .collect()
 }
 
-/// The base biases that train and are saved under `config.bias`.
+/// The base biases that train and are saved under `mode`.
 fn bias_values<M: Module>(
     model: &M,
-    config: &LoraConfig,
+    mode: BiasMode,
     layers: &[String],
 ) -> BTreeMap<String, TensorData> {
     let layers: BTreeSet<&str> = layers.iter().map(String::as_str).collect();
-    let mode = config.bias;
     hosts::read_params(model, |path| {
         if path.contains(".peft.") || path.starts_with("peft.") {
             return false;

@@ -1,45 +1,46 @@
-//! `LoraModel`: a burn model with named LoRA adapters, managed like PEFT's `LoraModel`.
+//! `PeftModel`: a burn model with named adapters of one method, managed like PEFT's
+//! `PeftModel` / `LoraModel`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::Module;
-use peft_core::error::{PeftError, Result};
-use peft_core::hosts::{self, HostView};
 
-use crate::adapter::{LoraAdapter, create};
-use crate::config::{BiasMode, LoraConfig};
+use crate::error::{PeftError, Result};
+use crate::hosts::{self, HostView};
+use crate::method::{BiasMode, Method};
 use crate::modules_to_save::SavedModules;
 
-/// One adapter known to a [`LoraModel`].
+/// One adapter known to a [`PeftModel`].
 #[derive(Clone, Debug)]
-pub struct AdapterEntry {
+pub struct AdapterEntry<C> {
     /// Its configuration.
-    pub config: LoraConfig,
+    pub config: C,
     /// The layers it adapts.
     pub layers: Vec<String>,
 }
 
-/// A burn model carrying LoRA adapters.
+/// A burn model carrying adapters of the method `C` (its config type), e.g.
+/// `PeftModel<MyModel, LoraConfig>` (`peft_lora::LoraModel<MyModel>`).
 ///
-/// Layers declared as [`PeftLinear`](peft_core::PeftLinear) / [`PeftEmbedding`](peft_core::PeftEmbedding)
+/// Layers declared as [`PeftLinear`](crate::PeftLinear) / [`PeftEmbedding`](crate::PeftEmbedding)
 /// get activation-space adapters; plain `Linear` / `Embedding` layers get weight-space ones. All
 /// operations are all-or-nothing: on an error the model is unchanged.
 #[derive(Clone, Debug)]
-pub struct LoraModel<M> {
+pub struct PeftModel<M, C> {
     pub(crate) model: M,
-    pub(crate) adapters: BTreeMap<String, AdapterEntry>,
+    pub(crate) adapters: BTreeMap<String, AdapterEntry<C>>,
     active: Vec<String>,
     enabled: bool,
     pub(crate) saved: SavedModules,
 }
 
-impl<M: Module> LoraModel<M> {
+impl<M: Module, C: Method> PeftModel<M, C> {
     /// Wrap `model` and attach the adapter `"default"`, active and trainable
     /// (PEFT's `get_peft_model`).
     ///
     /// # Errors
     /// Invalid config, or targets that match nothing.
-    pub fn new(model: M, config: LoraConfig) -> Result<Self> {
+    pub fn new(model: M, config: C) -> Result<Self> {
         let mut this = Self {
             model,
             adapters: BTreeMap::new(),
@@ -68,16 +69,16 @@ impl<M: Module> LoraModel<M> {
     /// # Errors
     /// A taken name, an invalid config, targets that match nothing, or a second adapter with
     /// `bias != "none"`.
-    pub fn add_adapter(&mut self, name: &str, config: LoraConfig) -> Result<()> {
+    pub fn add_adapter(&mut self, name: &str, config: C) -> Result<()> {
         config.validate()?;
         if self.adapters.contains_key(name) {
             return Err(PeftError::DuplicateAdapter { name: name.into() });
         }
-        if config.bias != BiasMode::None
+        if config.bias() != BiasMode::None
             && self
                 .adapters
                 .values()
-                .any(|e| e.config.bias != BiasMode::None)
+                .any(|e| e.config.bias() != BiasMode::None)
         {
             return Err(PeftError::InvalidConfig {
                 field: "bias".into(),
@@ -87,9 +88,9 @@ impl<M: Module> LoraModel<M> {
         let spec = config.target_spec()?;
         let cfg = config.clone();
         let mut model = self.model.clone();
-        let layers = hosts::attach(&mut model, name, &spec, move |info| create(&cfg, info))?;
+        let layers = hosts::attach(&mut model, name, &spec, move |info| cfg.create(info))?;
         self.model = model;
-        if config.modules_to_save.is_some() {
+        if config.has_modules_to_save() {
             self.saved.register(&self.model, name, &spec);
         }
         self.adapters
@@ -98,18 +99,20 @@ impl<M: Module> LoraModel<M> {
         Ok(())
     }
 
-    /// Attach adapter `name` with factors prepared by `create(layer path)` on the layers
-    /// `config` selects. Inactive until [`set_adapter`](Self::set_adapter).
-    pub(crate) fn attach_prepared<F>(
-        &mut self,
-        name: &str,
-        config: LoraConfig,
-        mut create: F,
-    ) -> Result<()>
+    /// Attach adapter `name` with adapters prepared by `create(layer path)` on the layers
+    /// `config` selects (for combinations of existing adapters, such as LoRA's weighted
+    /// adapters). Inactive until [`set_adapter`](Self::set_adapter).
+    ///
+    /// # Errors
+    /// An invalid config, a taken name, or targets that match nothing.
+    pub fn attach_prepared<F>(&mut self, name: &str, config: C, mut create: F) -> Result<()>
     where
-        F: FnMut(&str) -> peft_core::Created<LoraAdapter> + 'static,
+        F: FnMut(&str) -> crate::Created<C::Adapter> + 'static,
     {
         config.validate()?;
+        if self.adapters.contains_key(name) {
+            return Err(PeftError::DuplicateAdapter { name: name.into() });
+        }
         let spec = config.target_spec()?;
         let mut model = self.model.clone();
         let layers = hosts::attach(&mut model, name, &spec, move |info| {
@@ -123,7 +126,7 @@ impl<M: Module> LoraModel<M> {
     }
 
     /// The adapters, by name.
-    pub fn adapters(&self) -> &BTreeMap<String, AdapterEntry> {
+    pub fn adapters(&self) -> &BTreeMap<String, AdapterEntry<C>> {
         &self.adapters
     }
 
@@ -154,7 +157,7 @@ impl<M: Module> LoraModel<M> {
         }
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let set = names.clone();
-        hosts::for_each(&mut self.model, move |host: HostView<'_, LoraAdapter>| {
+        hosts::for_each(&mut self.model, move |host: HostView<'_, C::Adapter>| {
             host.slot.set_active(&set);
             Ok(())
         })?;
@@ -169,7 +172,7 @@ impl<M: Module> LoraModel<M> {
         if !enabled {
             self.unmerge_adapter();
         }
-        hosts::for_each(&mut self.model, move |host: HostView<'_, LoraAdapter>| {
+        hosts::for_each(&mut self.model, move |host: HostView<'_, C::Adapter>| {
             host.slot.set_enabled(enabled);
             Ok(())
         })
@@ -190,7 +193,7 @@ impl<M: Module> LoraModel<M> {
     pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
         self.check_known(name)?;
         let target = name.to_string();
-        hosts::for_each(&mut self.model, move |host: HostView<'_, LoraAdapter>| {
+        hosts::for_each(&mut self.model, move |host: HostView<'_, C::Adapter>| {
             host.slot.remove(&target).map(|_| ())
         })?;
         self.adapters.remove(name);
@@ -220,7 +223,7 @@ impl<M: Module> LoraModel<M> {
         };
         hosts::for_each(
             &mut self.model,
-            move |mut host: HostView<'_, LoraAdapter>| {
+            move |mut host: HostView<'_, C::Adapter>| {
                 let base = host.base_weight();
                 let path = host.path.clone();
                 let merged = host.slot.merge(base, &names, safe, &path)?;
@@ -232,7 +235,7 @@ impl<M: Module> LoraModel<M> {
 
     /// Unmerge every merged adapter (last merged first), restoring the base weights.
     pub fn unmerge_adapter(&mut self) {
-        hosts::for_each(&mut self.model, |mut host: HostView<'_, LoraAdapter>| {
+        hosts::for_each(&mut self.model, |mut host: HostView<'_, C::Adapter>| {
             if host.slot.merged().next().is_some() {
                 let base = host.base_weight();
                 let restored = host.slot.unmerge(base);
@@ -255,7 +258,7 @@ impl<M: Module> LoraModel<M> {
 
     /// The model without adapters and without merging what is not merged yet.
     pub fn unload(mut self) -> M {
-        hosts::for_each(&mut self.model, |host: HostView<'_, LoraAdapter>| {
+        hosts::for_each(&mut self.model, |host: HostView<'_, C::Adapter>| {
             host.slot.forget_merged();
             let names: Vec<String> = host.slot.names().map(str::to_string).collect();
             for n in names {
@@ -304,7 +307,7 @@ impl<M: Module> LoraModel<M> {
         let active: BTreeSet<String> = if self.enabled {
             self.active
                 .iter()
-                .filter(|n| !self.adapters[*n].config.inference_mode)
+                .filter(|n| !self.adapters[*n].config.inference_mode())
                 .cloned()
                 .collect()
         } else {
@@ -324,7 +327,7 @@ impl<M: Module> LoraModel<M> {
         let mut bias_all = false;
         let mut bias_layers = BTreeSet::new();
         for entry in self.adapters.values() {
-            match entry.config.bias {
+            match entry.config.bias() {
                 BiasMode::All => bias_all = true,
                 BiasMode::LoraOnly => bias_layers.extend(entry.layers.iter().cloned()),
                 BiasMode::None => {}
@@ -357,13 +360,13 @@ pub(crate) fn split_adapter_path(path: &str) -> Option<(&str, &str)> {
     Some((head.strip_suffix(".weight").unwrap_or(head), rest))
 }
 
-/// Collect `(layer path, adapter)` pairs of adapter `name`.
-pub(crate) fn adapters_of<M: Module>(
+/// Collect `(layer path, kind, adapter)` of adapter `name`, in path order.
+pub fn adapters_of<M: Module, A: crate::Adapter + Clone>(
     model: &M,
     name: &str,
-) -> Vec<(String, peft_core::LayerKind, LoraAdapter)> {
+) -> Vec<(String, crate::LayerKind, A)> {
     let name = name.to_string();
-    hosts::collect(model, move |host: &HostView<'_, LoraAdapter>| {
+    hosts::collect(model, move |host: &HostView<'_, C::Adapter>| {
         host.slot
             .get(&name)
             .map(|a| (host.path.clone(), host.kind, a.clone()))

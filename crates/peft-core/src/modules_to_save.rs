@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::TargetSpec;
+use crate::hosts;
 use burn::module::Module;
 use burn::tensor::TensorData;
-use peft_core::TargetSpec;
-use peft_core::hosts;
 
 /// Originals and per-adapter copies of `modules_to_save` parameters.
 #[derive(Clone, Debug, Default)]

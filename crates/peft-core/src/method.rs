@@ -1,0 +1,117 @@
+//! [`Method`]: what a PEFT method tells [`PeftModel`](crate::PeftModel) about itself.
+//!
+//! A method crate implements it on its configuration type (`LoraConfig`, …) and gets adapter
+//! management (several named adapters, activation, disable, delete, merge/unmerge, merge and
+//! unload, `modules_to_save`, base-bias training) and Hugging Face PEFT save/load for free.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::Path;
+
+use burn::tensor::TensorData;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::adapter::Adapter;
+use crate::error::Result;
+use crate::hf::KeyMap;
+use crate::hosts::{Created, LayerInfo};
+use crate::target::{LayerKind, TargetSpec};
+
+/// Which base biases train with the adapter (PEFT's `bias`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BiasMode {
+    /// All base parameters frozen.
+    #[default]
+    None,
+    /// Every bias of the model trains and is saved.
+    All,
+    /// The biases of adapted layers train and are saved.
+    LoraOnly,
+}
+
+/// Takes a tensor from a file by its key suffix, checking its shape
+/// (see [`Method::load_tensors`]).
+pub type TakeTensor<'a> = dyn FnMut(&str, &[usize]) -> Result<TensorData> + 'a;
+
+/// A PEFT method, implemented by its configuration type.
+pub trait Method: Clone + Debug + Send + Sync + 'static {
+    /// The per-layer adapter the method attaches.
+    type Adapter: Adapter + Clone;
+
+    /// `peft_type` in `adapter_config.json` (`"LORA"`, `"ADALORA"`, …).
+    const PEFT_TYPE: &'static str;
+
+    /// Check every field.
+    ///
+    /// # Errors
+    /// The first invalid or unsupported field.
+    fn validate(&self) -> Result<()>;
+
+    /// The compiled target selection (targets, excludes, layer filter, `modules_to_save`).
+    ///
+    /// # Errors
+    /// Invalid regular expressions or field combinations.
+    fn target_spec(&self) -> Result<TargetSpec>;
+
+    /// Which base biases train.
+    fn bias(&self) -> BiasMode {
+        BiasMode::None
+    }
+
+    /// Whether the config names `modules_to_save`.
+    fn has_modules_to_save(&self) -> bool {
+        false
+    }
+
+    /// An adapter in inference mode stays frozen when active.
+    fn inference_mode(&self) -> bool;
+
+    /// Set [`inference_mode`](Self::inference_mode).
+    fn set_inference_mode(&mut self, on: bool);
+
+    /// A fresh adapter for one matched layer (and, for inits such as PiSSA, its new base).
+    ///
+    /// # Errors
+    /// A layer the method cannot adapt, or an invalid per-layer setting.
+    fn create(&self, info: &LayerInfo) -> Result<Created<Self::Adapter>>;
+
+    /// The config as PEFT writes it in `adapter_config.json` (every field).
+    fn to_json(&self, key_map: &KeyMap) -> Map<String, Value>;
+
+    /// Parse and validate `adapter_config.json` (`file` names it in errors).
+    ///
+    /// # Errors
+    /// A wrong `peft_type`, a wrong field type, or an unsupported or invalid value.
+    fn from_json(map: Map<String, Value>, file: &Path, key_map: &KeyMap) -> Result<Self>;
+
+    /// The config used to attach adapters whose tensors are then read from a file. The
+    /// default keeps it as is; a method whose init also changes the base (PiSSA) or whose
+    /// shapes depend on saved state (AdaLoRA's kept ranks) adjusts it here.
+    fn for_loading(&self) -> Self {
+        self.clone()
+    }
+
+    /// The tensors of one layer's adapter, by PEFT key suffix (e.g. `lora_A.weight`), in
+    /// PyTorch orientation.
+    fn save_tensors(
+        &self,
+        layer: &str,
+        kind: LayerKind,
+        adapter: &Self::Adapter,
+    ) -> BTreeMap<String, TensorData>;
+
+    /// Fill one layer's adapter from a file: `take(suffix, expected PyTorch shape)` returns
+    /// the tensor, or an error naming the key when it is missing or has another shape.
+    ///
+    /// # Errors
+    /// Whatever `take` returns.
+    fn load_tensors(
+        &self,
+        layer: &str,
+        kind: LayerKind,
+        adapter: &mut Self::Adapter,
+        take: &mut TakeTensor<'_>,
+    ) -> Result<()>;
+}
