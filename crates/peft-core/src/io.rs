@@ -238,7 +238,7 @@ fn take_adapter_tensors<M: Module, C: Method>(
                     file: file.clone(),
                     key: key.clone(),
                 })?;
-            if data.shape() != expected {
+            if data.shape().to_vec() != expected {
                 return Err(PeftError::ShapeMismatch {
                     key,
                     expected: expected.to_vec(),

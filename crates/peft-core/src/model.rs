@@ -366,7 +366,7 @@ pub fn adapters_of<M: Module, A: crate::Adapter + Clone>(
     name: &str,
 ) -> Vec<(String, crate::LayerKind, A)> {
     let name = name.to_string();
-    hosts::collect(model, move |host: &HostView<'_, C::Adapter>| {
+    hosts::collect(model, move |host: &HostView<'_, A>| {
         host.slot
             .get(&name)
             .map(|a| (host.path.clone(), host.kind, a.clone()))
