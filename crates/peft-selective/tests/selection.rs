@@ -441,3 +441,42 @@ proptest! {
         prop_assert_eq!(optim.budget_used(), budget);
     }
 }
+
+#[test]
+fn chosen_parameters_without_a_gradient_do_not_crash_the_step() {
+    // The toolkit dereferences `grad` of every masked parameter and crashes on unused ones.
+    #[derive(Module, Debug)]
+    struct WithUnused {
+        mlp: common::Mlp,
+        unused: burn::module::Param<burn::tensor::Tensor<1>>,
+    }
+    let dev = common::device();
+    let mut model = WithUnused {
+        mlp: mlp(8, 4, 5, 2),
+        unused: burn::module::Param::from_tensor(burn::tensor::Tensor::from_data(
+            TensorData::new(vec![1e-7f32, -1e-7, 2e-7], [3]),
+            &dev,
+        )),
+    };
+    let before = values_of(&model);
+    let adamw = AdamWConfig::new().with_weight_decay(0.0).build();
+    let mut optim = SelectiveOptimizer::new(&model, SelectiveConfig::pafi(8), adamw).unwrap();
+    assert_eq!(
+        optim.chosen("unused").unwrap(),
+        [0, 1, 2],
+        "smallest magnitudes"
+    );
+    for step in 0..3 {
+        let g = grads(&model.mlp, step);
+        model = optim.step(0.01, model, g).unwrap();
+    }
+    // A zero gradient with zero moments moves nothing.
+    assert_eq!(bits(&values_of(&model)["unused"]), bits(&before["unused"]));
+    let now = values_of(&model);
+    let moved = now
+        .iter()
+        .filter(|(p, _)| p.starts_with("mlp."))
+        .map(|(p, v)| v.iter().zip(&before[p]).filter(|(a, b)| a != b).count())
+        .sum::<usize>();
+    assert_eq!(moved, 5, "the 5 chosen mlp entries train");
+}
