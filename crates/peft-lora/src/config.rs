@@ -280,14 +280,7 @@ impl LoraConfig {
     /// As [`from_json`](Self::from_json), plus I/O errors.
     pub fn from_pretrained(dir: &Path) -> Result<Self> {
         let path = dir.join(hf::CONFIG_FILE);
-        let map = hf::read_json(&path)?;
-        let cfg: Self =
-            serde_json::from_value(Value::Object(map)).map_err(|source| PeftError::Json {
-                file: path.clone(),
-                source,
-            })?;
-        cfg.validate()?;
-        Ok(cfg)
+        <Self as peft_core::Method>::from_json(hf::read_json(&path)?, &path, &hf::KeyMap::default())
     }
 
     /// Fields of the file this library does not know (kept and written back).
