@@ -17,6 +17,10 @@
 //! * ties in ID3 and PaFI are broken deterministically (parameter order, then row-major index);
 //! * ID3 counts its steps and never unmasks beyond the budget.
 //!
+//! ID3's selection (during its `max_steps` unmasking steps) and PaFI's (once, at construction)
+//! read the scores of the candidate parameters to the host and pick the global top-`u` there in
+//! linear time; that transfer is transient, nothing of the model's size is kept.
+//!
 //! Gradient clipping is not applied by the wrapper; clip the gradients before
 //! [`step`](SelectiveOptimizer::step) if you need it.
 

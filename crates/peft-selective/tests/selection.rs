@@ -480,3 +480,34 @@ fn chosen_parameters_without_a_gradient_do_not_crash_the_step() {
         .sum::<usize>();
     assert_eq!(moved, 5, "the 5 chosen mlp entries train");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn pafi_equals_a_brute_force_sort_on_tie_heavy_weights(
+        w in proptest::collection::vec(-3i8..=3, 3 * 4 + 4 + 4 * 2 + 2),
+        budget in 1usize..=26,
+    ) {
+        let v: Vec<f32> = w.iter().map(|&x| f32::from(x) * 0.5).collect();
+        let dev = common::device();
+        let parts = [v[..12].to_vec(), v[12..16].to_vec(), v[16..24].to_vec(), v[24..].to_vec()];
+        let model = common::Mlp {
+            fc1: common::linear(parts[0].clone(), parts[1].clone(), 3, 4, &dev),
+            fc2: common::linear(parts[2].clone(), parts[3].clone(), 4, 2, &dev),
+        };
+        let optim = SelectiveOptimizer::new(&model, SelectiveConfig::pafi(budget), AdamWConfig::new().build()).unwrap();
+        let mut all: Vec<(f32, usize, usize)> = Vec::new();
+        for (order, p) in parts.iter().enumerate() {
+            all.extend(p.iter().enumerate().map(|(j, x)| (x.abs(), order, j)));
+        }
+        all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        for (order, path) in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"].iter().enumerate() {
+            let want: Vec<usize> = {
+                let mut s: Vec<usize> = all[..budget].iter().filter(|e| e.1 == order).map(|e| e.2).collect();
+                s.sort_unstable();
+                s
+            };
+            prop_assert_eq!(optim.chosen(path).unwrap(), want, "{}", path);
+        }
+    }
+}
