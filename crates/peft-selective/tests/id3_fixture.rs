@@ -154,3 +154,8 @@ fn id3_chooses_what_the_intended_algorithm_chooses_on_real_gradients() {
 fn id3_breaks_ties_by_parameter_order_then_row_major_like_the_reference() {
     run("ties");
 }
+
+#[test]
+fn id3_matches_the_reference_with_a_fractional_exponent() {
+    run("pow");
+}
