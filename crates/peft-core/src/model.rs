@@ -130,6 +130,16 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         &self.adapters
     }
 
+    /// The config of adapter `name`, for fields that do not change its layers' shapes (e.g.
+    /// AdaLoRA's rank pattern, written in before saving).
+    ///
+    /// # Errors
+    /// An unknown name.
+    pub fn config_mut(&mut self, name: &str) -> Result<&mut C> {
+        self.check_known(name)?;
+        Ok(&mut self.adapters.get_mut(name).expect("checked above").config)
+    }
+
     /// The active adapters, in activation order.
     pub fn active_adapters(&self) -> &[String] {
         &self.active

@@ -52,6 +52,27 @@ pub trait Controller<M>: Send {
     }
 }
 
+/// A shared controller: the stepper runs it while its owner keeps a handle, e.g. to read or
+/// save its state between steps.
+impl<M, C: Controller<M>> Controller<M> for std::sync::Arc<std::sync::Mutex<C>> {
+    fn before_optimizer(
+        &mut self,
+        info: StepInfo,
+        model: &M,
+        grads: &mut GradientsParams,
+    ) -> Result<()> {
+        self.lock()
+            .expect("a controller panicked")
+            .before_optimizer(info, model, grads)
+    }
+
+    fn after_optimizer(&mut self, info: StepInfo, model: M) -> Result<M> {
+        self.lock()
+            .expect("a controller panicked")
+            .after_optimizer(info, model)
+    }
+}
+
 /// Runs controllers and the optimizer in the documented order and counts steps.
 pub struct Stepper<M> {
     controllers: Vec<Box<dyn Controller<M>>>,

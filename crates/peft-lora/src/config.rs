@@ -303,6 +303,14 @@ impl LoraConfig {
                 reason: format!("expected \"LORA\", found {:?}", self.peft_type),
             });
         }
+        self.validate_fields()
+    }
+
+    /// Check every field but `peft_type`: for configs that extend LoRA's (AdaLoRA's).
+    ///
+    /// # Errors
+    /// The first invalid or unsupported field.
+    pub fn validate_fields(&self) -> Result<()> {
         if self.r == 0 {
             return Err(PeftError::InvalidConfig {
                 field: "r".into(),

@@ -1,0 +1,564 @@
+//! AdaLoRA: schedule, config validation, both attach paths, merge, save/load with truncation,
+//! the allocator inside the training step, the regularizer's gradient, resume equivalence.
+
+use std::sync::{Arc, Mutex};
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor, TensorData};
+use peft_adalora::{
+    AdaLoraAdapter, AdaLoraConfig, AdaLoraModel, LoadOptions, RankAllocator, SaveOptions,
+    budget_schedule, orthogonality,
+};
+use peft_core::step::Stepper;
+use peft_core::{ModuleSelector, PeftError, PeftLinear, hosts};
+
+/// Two layers as in the spec's worked example: `lin0` 10 -> 20, `lin1` 20 -> 2.
+#[derive(Module, Debug)]
+struct Net<L> {
+    lin0: L,
+    lin1: L,
+}
+
+trait Layer: Module + burn::module::ModuleDisplay + Clone + std::fmt::Debug {
+    fn from_linear(l: Linear) -> Self;
+    fn apply(&self, x: Tensor<2>) -> Tensor<2>;
+}
+
+impl Layer for Linear {
+    fn from_linear(l: Linear) -> Self {
+        l
+    }
+    fn apply(&self, x: Tensor<2>) -> Tensor<2> {
+        self.forward(x)
+    }
+}
+
+impl Layer for PeftLinear<AdaLoraAdapter> {
+    fn from_linear(l: Linear) -> Self {
+        PeftLinear::from(l)
+    }
+    fn apply(&self, x: Tensor<2>) -> Tensor<2> {
+        self.forward(x)
+    }
+}
+
+type Weight = Net<Linear>;
+type Activation = Net<PeftLinear<AdaLoraAdapter>>;
+
+/// Deterministic values (burn's seed is process-global, so tests do not rely on it).
+fn values(n: usize, salt: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + salt * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.6)
+        .collect()
+}
+
+fn linear(d_in: usize, d_out: usize, salt: usize, device: &Device) -> Linear {
+    let mut l = LinearConfig::new(d_in, d_out).init(device);
+    l.weight = l.weight.map(|_| {
+        Tensor::from_data(
+            TensorData::new(values(d_in * d_out, salt), [d_in, d_out]),
+            device,
+        )
+    });
+    l.bias = l.bias.map(|b| {
+        b.map(|_| Tensor::from_data(TensorData::new(values(d_out, salt + 10), [d_out]), device))
+    });
+    l
+}
+
+impl<L: Layer> Net<L> {
+    fn new(device: &Device) -> Self {
+        Self {
+            lin0: L::from_linear(linear(10, 20, 1, device)),
+            lin1: L::from_linear(linear(20, 2, 2, device)),
+        }
+    }
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.lin1
+            .apply(burn::tensor::activation::relu(self.lin0.apply(x)))
+    }
+}
+
+fn input(device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(values(8 * 10, 3), [8, 10]), device)
+}
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+fn max_diff(a: Tensor<2>, b: Tensor<2>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+/// The spec's worked example: init_r 6, target_r 2, tinit 2, tfinal 3, deltaT 2, T 12.
+fn example_config() -> AdaLoraConfig {
+    AdaLoraConfig::new(ModuleSelector::names(["lin0", "lin1"]), 12)
+        .with_ranks(6, 2)
+        .with_schedule(2, 3, 2)
+        .with_alpha(4.0)
+}
+
+#[test]
+fn budget_schedule_matches_peft_worked_example() {
+    let config = example_config();
+    let got: Vec<(usize, bool)> = (0..=12).map(|t| budget_schedule(&config, 2, t)).collect();
+    let expected = vec![
+        (12, false),
+        (12, false),
+        (12, false),
+        (9, false),
+        (6, true),
+        (5, false),
+        (4, true),
+        (4, false),
+        (4, true),
+        (4, false),
+        (4, true),
+        (4, true),
+        (4, true),
+    ];
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn invalid_configs_name_the_field() {
+    let base = example_config();
+    let cases: Vec<(&str, AdaLoraConfig)> = vec![
+        (
+            "total_step",
+            AdaLoraConfig {
+                total_step: None,
+                ..base.clone()
+            },
+        ),
+        ("tinit", base.clone().with_schedule(9, 3, 1)),
+        ("target_r", base.clone().with_ranks(2, 6)),
+        ("init_r", base.clone().with_ranks(0, 0)),
+        ("deltaT", base.clone().with_schedule(2, 3, 0)),
+        (
+            "beta1",
+            AdaLoraConfig {
+                beta1: 1.0,
+                ..base.clone()
+            },
+        ),
+        (
+            "beta2",
+            AdaLoraConfig {
+                beta2: 0.0,
+                ..base.clone()
+            },
+        ),
+        ("orth_reg_weight", base.clone().with_orth_reg_weight(-0.1)),
+        ("use_dora", {
+            let mut c = base.clone();
+            c.lora.use_dora = true;
+            c
+        }),
+    ];
+    for (field, config) in cases {
+        let err = config.validate().unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(field), "{field}: {text}");
+    }
+    assert!(base.validate().is_ok());
+}
+
+#[test]
+fn scale_is_alpha_over_init_r_and_identity_at_init() {
+    let dev = device();
+    let config = example_config();
+    assert!((config.scale() - 4.0 / (6.0 + 1e-5)).abs() < 1e-12);
+    let base = Activation::new(&dev);
+    let out = base.forward(input(&dev));
+    let peft = AdaLoraModel::new(base, config).unwrap();
+    assert!(max_diff(peft.model().forward(input(&dev)), out) == 0.0);
+    // A (6x10 + 6 + 6x20) + B (6x20 + 6 + 6x2) trainable.
+    assert_eq!(
+        peft.trainable_parameters().0,
+        6 * 10 + 6 + 6 * 20 + 6 * 20 + 6 + 6 * 2
+    );
+}
+
+fn random(config: &AdaLoraConfig) -> AdaLoraConfig {
+    config.clone().with_identity_init(false)
+}
+
+/// Copy the adapters of one model onto the other through files (the two paths differ in type).
+fn same_adapters<A: Module, B: Module>(from: &AdaLoraModel<A>, onto: B) -> AdaLoraModel<B> {
+    let dir = tempfile::tempdir().unwrap();
+    from.save_pretrained(dir.path(), &SaveOptions::default())
+        .unwrap();
+    let options = LoadOptions {
+        is_trainable: true,
+        ..LoadOptions::default()
+    };
+    AdaLoraModel::from_pretrained(onto, dir.path(), &options).unwrap()
+}
+
+#[test]
+fn both_paths_agree_and_merge_equals_unmerged() {
+    let dev = device();
+    let weight = AdaLoraModel::new(Weight::new(&dev), random(&example_config())).unwrap();
+    let activation = same_adapters(&weight, Activation::new(&dev));
+    let x = input(&dev);
+    let yw = weight.model().forward(x.clone());
+    let ya = activation.model().forward(x.clone());
+    assert!(max_diff(yw.clone(), ya.clone()) < 1e-5);
+    assert!(max_diff(yw.clone(), Weight::new(&dev).forward(x.clone())) > 1e-3);
+
+    // Gradients of the adapter parameters agree.
+    let gw = weight
+        .model()
+        .forward(x.clone())
+        .powi_scalar(2)
+        .sum()
+        .backward();
+    let ga = activation
+        .model()
+        .forward(x.clone())
+        .powi_scalar(2)
+        .sum()
+        .backward();
+    let grads = |model: &dyn Fn() -> Vec<(String, AdaLoraAdapter)>, g: &burn::tensor::Gradients| {
+        model()
+            .into_iter()
+            .map(|(_, a)| {
+                (
+                    a.lora_a.grad(g).unwrap().into_data(),
+                    a.lora_e.grad(g).unwrap().into_data(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let wl = || adapters(weight.model());
+    let al = || adapters(activation.model());
+    for ((wa, we), (aa, ae)) in grads(&wl, &gw).into_iter().zip(grads(&al, &ga)) {
+        wa.assert_approx_eq::<f32>(&aa, burn::tensor::Tolerance::rel_abs(1e-5, 1e-5));
+        we.assert_approx_eq::<f32>(&ae, burn::tensor::Tolerance::rel_abs(1e-5, 1e-5));
+    }
+
+    let mut peft = activation;
+    peft.merge_adapter(None, true).unwrap();
+    assert!(max_diff(peft.model().forward(x.clone()), ya.clone()) < 1e-5);
+    peft.unmerge_adapter();
+    assert!(max_diff(peft.model().forward(x.clone()), ya.clone()) < 1e-5);
+    let plain = peft.merge_and_unload(true).unwrap();
+    assert!(max_diff(plain.forward(x.clone()), ya.clone()) < 1e-5);
+}
+
+fn adapters<M: Module>(model: &M) -> Vec<(String, AdaLoraAdapter)> {
+    hosts::collect(model, |h: &hosts::HostView<'_, AdaLoraAdapter>| {
+        h.slot.get("default").map(|a| (h.path.clone(), a.clone()))
+    })
+}
+
+fn train(
+    steps: std::ops::Range<usize>,
+    peft: &mut AdaLoraModel<Activation>,
+    stepper: &mut Stepper<Activation>,
+) {
+    let dev = device();
+    let mut optim = SgdConfig::new().init();
+    for _ in steps {
+        let model = peft.model().clone();
+        let loss = model.forward(input(&dev)).powi_scalar(2).mean();
+        let next = stepper.step(model, &mut optim, 0.05, loss).unwrap();
+        peft.map_model(|_| next);
+    }
+}
+
+#[test]
+fn allocator_masks_to_the_budget_and_fixes_the_pattern() {
+    let config = random(&example_config());
+    let dev = device();
+    let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    let allocator = shared(&config);
+    let mut stepper = Stepper::new().with(allocator.clone());
+    let e_values = |peft: &AdaLoraModel<Activation>| -> Vec<Vec<f32>> {
+        adapters(peft.model())
+            .iter()
+            .map(|(_, a)| a.lora_e.val().into_data().try_to_vec::<f32>().unwrap())
+            .collect()
+    };
+    let pattern = || {
+        let p = allocator.lock().unwrap().rank_pattern().cloned().unwrap();
+        vec![p["lin0"].clone(), p["lin1"].clone()]
+    };
+    let zero_exactly_where_dropped = |e: &[Vec<f32>], p: &[Vec<bool>]| {
+        e.iter()
+            .flatten()
+            .zip(p.iter().flatten())
+            .all(|(v, keep)| (*v == 0.0) != *keep)
+    };
+    train(0..4, &mut peft, &mut stepper);
+    assert!(
+        allocator.lock().unwrap().rank_pattern().is_none(),
+        "no mask before step 4"
+    );
+
+    // Step 4 masks to budget 6 of 12: at most 6 kept (ties at the threshold drop more).
+    train(4..5, &mut peft, &mut stepper);
+    let p4 = pattern();
+    let kept4 = p4.iter().flatten().filter(|k| **k).count();
+    assert!((1..=6).contains(&kept4), "{p4:?}");
+    assert!(zero_exactly_where_dropped(&e_values(&peft), &p4));
+
+    // Step 5 does not mask: the dropped values revive (soft masking, as in PEFT).
+    train(5..6, &mut peft, &mut stepper);
+    assert!(e_values(&peft).iter().flatten().all(|v| *v != 0.0));
+
+    // Step 9 = T - tfinal forces the final mask at the target budget; it stays fixed after.
+    train(6..10, &mut peft, &mut stepper);
+    let p9 = pattern();
+    let kept9 = p9.iter().flatten().filter(|k| **k).count();
+    assert!((1..=4).contains(&kept9), "target_r 2 x 2 matrices: {p9:?}");
+    train(10..12, &mut peft, &mut stepper);
+    assert_eq!(pattern(), p9);
+    assert!(zero_exactly_where_dropped(&e_values(&peft), &p9));
+}
+
+fn shared(config: &AdaLoraConfig) -> Arc<Mutex<RankAllocator>> {
+    Arc::new(Mutex::new(RankAllocator::new(config, "default").unwrap()))
+}
+
+#[test]
+fn truncated_save_loads_with_the_same_outputs() {
+    let config = random(&example_config());
+    let dev = device();
+    let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    let allocator = shared(&config);
+    let mut stepper = Stepper::new().with(allocator.clone());
+    train(0..12, &mut peft, &mut stepper);
+    allocator
+        .lock()
+        .unwrap()
+        .write_rank_pattern(&mut peft)
+        .unwrap();
+    let pattern = peft.adapters()["default"]
+        .config
+        .rank_pattern
+        .clone()
+        .unwrap();
+    assert_eq!(pattern.values().flatten().filter(|k| **k).count(), 4);
+    let out = peft.model().forward(input(&dev));
+
+    let dir = tempfile::tempdir().unwrap();
+    peft.save_pretrained(dir.path(), &SaveOptions::default())
+        .unwrap();
+    let tensors =
+        peft_core::hf::read_tensors(&dir.path().join("adapter_model.safetensors")).unwrap();
+    let kept0 = pattern["lin0"].iter().filter(|k| **k).count();
+    assert_eq!(
+        tensors["base_model.model.lin0.lora_A"].shape().to_vec(),
+        vec![kept0, 10]
+    );
+    assert_eq!(
+        tensors["base_model.model.lin0.lora_E"].shape().to_vec(),
+        vec![kept0, 1]
+    );
+    assert_eq!(
+        tensors["base_model.model.lin0.lora_B"].shape().to_vec(),
+        vec![20, kept0]
+    );
+    let json = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["peft_type"], "ADALORA");
+    assert_eq!(
+        json["rank_pattern"]["lin0.lora_E"],
+        serde_json::Value::from(pattern["lin0"].clone())
+    );
+    assert_eq!(json["deltaT"], 2);
+
+    let loaded =
+        AdaLoraModel::from_pretrained(Activation::new(&dev), dir.path(), &LoadOptions::default())
+            .unwrap();
+    assert!(max_diff(loaded.model().forward(input(&dev)), out) < 1e-6);
+    // A second save of the loaded (already truncated) adapter keeps the same tensors.
+    let dir2 = tempfile::tempdir().unwrap();
+    loaded
+        .save_pretrained(dir2.path(), &SaveOptions::default())
+        .unwrap();
+    let again =
+        peft_core::hf::read_tensors(&dir2.path().join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        again.keys().collect::<Vec<_>>(),
+        tensors.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn orthogonality_gradient_is_added_to_the_adapter_gradients() {
+    let config = random(&example_config()).with_orth_reg_weight(0.5);
+    let dev = device();
+    let peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    let model = peft.model().clone();
+
+    // R by hand, in PyTorch layout: A (r, in) -> A·Aᵀ, B (out, r) -> Bᵀ·B.
+    let mut manual = 0.0f64;
+    let layers = adapters(&model);
+    for (_, a) in &layers {
+        let pa = a.lora_a.val().transpose();
+        let pb = a.lora_b.val().transpose();
+        for c in [
+            pa.clone().matmul(pa.transpose()),
+            pb.clone().transpose().matmul(pb),
+        ] {
+            let r = c.dims()[0];
+            let d = c - Tensor::<2>::eye(r, &dev);
+            manual += f64::from(d.powi_scalar(2).sum().sqrt().into_scalar::<f32>());
+        }
+    }
+    manual /= (2 * layers.len()) as f64;
+    let reg = orthogonality(&model, "default")
+        .unwrap()
+        .into_scalar::<f32>();
+    assert!(
+        (f64::from(reg) - manual).abs() < 1e-4 * manual,
+        "{reg} vs {manual}"
+    );
+
+    // The controller adds d(0.5·R)/dA to the loss gradient.
+    let loss = || model.forward(input(&dev)).powi_scalar(2).mean();
+    let plain = GradientsParams::from_grads(loss().backward(), &model);
+    let mut with_reg = GradientsParams::from_grads(loss().backward(), &model);
+    let mut allocator = RankAllocator::new(&config, "default").unwrap();
+    peft_core::step::Controller::before_optimizer(
+        &mut allocator,
+        peft_core::step::StepInfo { step: 0 },
+        &model,
+        &mut with_reg,
+    )
+    .unwrap();
+    let reg_only = GradientsParams::from_grads(
+        (orthogonality(&model, "default").unwrap() * 0.5).backward(),
+        &model,
+    );
+    let id = layers[0].1.lora_a.id;
+    let expected = plain.get::<2>(id).unwrap() + reg_only.get::<2>(id).unwrap();
+    with_reg
+        .get::<2>(id)
+        .unwrap()
+        .into_data()
+        .assert_approx_eq::<f32>(
+            &expected.into_data(),
+            burn::tensor::Tolerance::absolute(1e-6),
+        );
+}
+
+#[test]
+fn resumed_allocator_ends_like_an_uninterrupted_run() {
+    let config = random(&example_config());
+    let dev = device();
+    let fresh = || {
+        let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+        // The same adapter values in every run.
+        peft.map_model(|mut m| {
+            hosts::for_each(&mut m, |h: hosts::HostView<'_, AdaLoraAdapter>| {
+                if let Some(a) = h.slot.get_mut("default") {
+                    let [rows, r] = a.lora_a.shape().dims();
+                    let [_, cols] = a.lora_b.shape().dims();
+                    let d = a.lora_a.device();
+                    let t = |n: usize, salt: usize, shape: Vec<usize>| {
+                        TensorData::new(values(n, salt), shape)
+                    };
+                    let sa = Tensor::<2>::from_data(t(rows * r, 5, vec![rows, r]), &d);
+                    let se = Tensor::<1>::from_data(t(r, 6, vec![r]), &d);
+                    let sb = Tensor::<2>::from_data(t(r * cols, 7, vec![r, cols]), &d);
+                    a.lora_a = a.lora_a.clone().map(|_| sa.require_grad());
+                    a.lora_e = a.lora_e.clone().map(|_| se.require_grad());
+                    a.lora_b = a.lora_b.clone().map(|_| sb.require_grad());
+                }
+                Ok(())
+            })
+            .unwrap();
+            m
+        });
+        peft
+    };
+    let finish = |peft: &AdaLoraModel<Activation>, allocator: &Arc<Mutex<RankAllocator>>| {
+        let e: Vec<Vec<f32>> = adapters(peft.model())
+            .into_iter()
+            .map(|(_, a)| a.lora_e.val().into_data().try_to_vec::<f32>().unwrap())
+            .collect();
+        let allocator = allocator.lock().unwrap();
+        (
+            e,
+            allocator.rank_pattern().cloned(),
+            allocator.state().threshold,
+        )
+    };
+
+    let mut straight = fresh();
+    let allocator = shared(&config);
+    let mut stepper = Stepper::new().with(allocator.clone());
+    train(0..12, &mut straight, &mut stepper);
+    let expected = finish(&straight, &allocator);
+    assert!(expected.1.is_some());
+
+    // Stop after step 7 (mid-decay, EMAs and a pattern in flight), keep the model and the
+    // allocator state as JSON, resume in a new allocator (SGD has no state of its own).
+    let mut first = fresh();
+    let allocator = shared(&config);
+    let mut stepper = Stepper::new().with(allocator.clone());
+    train(0..8, &mut first, &mut stepper);
+    let json = allocator.lock().unwrap().state_json();
+    assert!(json.contains("ipt"), "the EMAs are part of the state");
+    let resumed_allocator = shared(&config);
+    resumed_allocator
+        .lock()
+        .unwrap()
+        .load_state_json(&json)
+        .unwrap();
+    let mut resumed = Stepper::new().with(resumed_allocator.clone());
+    resumed.set_step_index(8);
+    train(8..12, &mut first, &mut resumed);
+    assert_eq!(finish(&first, &resumed_allocator), expected);
+
+    // Without the state, the run ends elsewhere (here: another final threshold, because the
+    // final mask ranks EMAs of 2 steps instead of 9): the test can tell.
+    let mut lost = fresh();
+    let allocator = shared(&config);
+    let mut stepper = Stepper::new().with(allocator);
+    train(0..8, &mut lost, &mut stepper);
+    let blank = shared(&config);
+    let mut restarted = Stepper::new().with(blank.clone());
+    restarted.set_step_index(8);
+    train(8..12, &mut lost, &mut restarted);
+    assert_ne!(finish(&lost, &blank), expected);
+}
+
+#[test]
+fn identity_init_trains_to_the_target_budget_and_bad_targets_error() {
+    // From PEFT's default init (E = 0: A and B get no gradient at first, so their scores are
+    // zero), the run stays finite and ends at the target budget.
+    let config = example_config();
+    let dev = device();
+    let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    let allocator = shared(&config);
+    let mut stepper = Stepper::new().with(allocator.clone());
+    train(0..12, &mut peft, &mut stepper);
+    for (_, a) in adapters(peft.model()) {
+        let e: Vec<f32> = a.lora_e.val().into_data().try_to_vec::<f32>().unwrap();
+        assert!(e.iter().all(|v| v.is_finite()));
+    }
+    let kept = allocator
+        .lock()
+        .unwrap()
+        .rank_pattern()
+        .unwrap()
+        .values()
+        .flatten()
+        .filter(|k| **k)
+        .count();
+    assert!(kept <= 4, "{kept}");
+    let err = AdaLoraModel::new(
+        Activation::new(&dev),
+        AdaLoraConfig::new(ModuleSelector::names(["nothing"]), 10),
+    )
+    .unwrap_err();
+    assert!(matches!(err, PeftError::TargetNotFound { .. }), "{err}");
+}
