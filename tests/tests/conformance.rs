@@ -9,14 +9,60 @@
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
 use burn::optim::{GradientsParams, SgdConfig};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
+use peft_adalora::AdaLoraConfig;
 use peft_conformance::{TinyModel, max_diff, random_torch_weights, token_ids};
 use peft_core::step::Stepper;
-use peft_core::{ModuleSelector, PeftEmbedding, PeftError, PeftLinear, hosts};
-use peft_lora::{InitLoraWeights, LoadOptions, LoraAdapter, LoraConfig, LoraModel, SaveOptions};
+use peft_core::{
+    Adapter, Method, ModuleSelector, PeftEmbedding, PeftError, PeftLinear, PeftModel, hosts,
+};
+use peft_lora::{InitLoraWeights, LoadOptions, LoraConfig, SaveOptions};
 
 type Weight = TinyModel<Linear, Embedding>;
-type Activation = TinyModel<PeftLinear<LoraAdapter>, PeftEmbedding<LoraAdapter>>;
+type Activation<A> = TinyModel<PeftLinear<A>, PeftEmbedding<A>>;
+
+/// What the suite needs to know of a method beyond [`Method`].
+trait Conformance: Method {
+    /// The same config with a non-trivial initial adapter (not an identity).
+    fn perturbed(&self) -> Self;
+    /// Whether merged deltas add up exactly (DoRA's do not).
+    fn merges_add(&self) -> bool {
+        true
+    }
+}
+
+impl Conformance for LoraConfig {
+    fn perturbed(&self) -> Self {
+        self.clone().with_init(InitLoraWeights::Random)
+    }
+    fn merges_add(&self) -> bool {
+        !self.use_dora
+    }
+}
+
+impl Conformance for AdaLoraConfig {
+    fn perturbed(&self) -> Self {
+        self.clone().with_identity_init(false)
+    }
+}
+
+fn adalora_cases() -> Vec<(&'static str, AdaLoraConfig)> {
+    let targets = ModuleSelector::names(["q_proj", "v_proj", "down_proj"]);
+    vec![
+        (
+            "adalora",
+            AdaLoraConfig::new(targets.clone(), 10)
+                .with_ranks(4, 2)
+                .with_alpha(1.0),
+        ),
+        (
+            "adalora_regex",
+            AdaLoraConfig::new(ModuleSelector::regex(r".*\.(up|o)_proj"), 10)
+                .with_ranks(3, 1)
+                .with_alpha(0.5),
+        ),
+    ]
+}
 
 fn cases() -> Vec<(&'static str, LoraConfig)> {
     let targets = ModuleSelector::names(["q_proj", "v_proj", "down_proj", "embed_tokens"]);
@@ -68,7 +114,7 @@ impl Case for Weight {
     }
 }
 
-impl Case for Activation {
+impl<A: Adapter> Case for Activation<A> {
     fn build(seed: u64, device: &Device) -> Self {
         TinyModel::from_torch(&random_torch_weights(seed, device), device)
     }
@@ -77,24 +123,20 @@ impl Case for Activation {
     }
 }
 
-fn perturbed(config: &LoraConfig) -> LoraConfig {
-    config.clone().with_init(InitLoraWeights::Random)
-}
-
-fn check_case<M: Case>(label: &str, config: &LoraConfig) {
+fn check_case<M: Case, C: Conformance>(label: &str, config: &C) {
     let dev = device();
     let base = M::build(1, &dev);
     let base_out = base.run(&dev);
 
     // Identity at default init.
-    let peft = LoraModel::new(base.clone(), config.clone()).unwrap();
+    let peft = PeftModel::new(base.clone(), config.clone()).unwrap();
     assert!(
-        max_diff(&peft.model().run(&dev), &base_out) < 1e-6,
+        rel_diff(&peft.model().run(&dev), &base_out) < 1e-6,
         "{label}: identity at init"
     );
 
     // Non-trivial adapter from here on.
-    let mut peft = LoraModel::new(base.clone(), perturbed(config)).unwrap();
+    let mut peft = PeftModel::new(base.clone(), config.perturbed()).unwrap();
     let out = peft.model().run(&dev);
     assert!(
         max_diff(&out, &base_out) > 1e-3,
@@ -104,12 +146,12 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
     // Disable gives the base output; enable restores the adapted one.
     peft.set_enabled(false);
     assert!(
-        max_diff(&peft.model().run(&dev), &base_out) < 1e-6,
+        rel_diff(&peft.model().run(&dev), &base_out) < 1e-6,
         "{label}: disabled"
     );
     peft.set_enabled(true);
     assert!(
-        max_diff(&peft.model().run(&dev), &out) < 1e-6,
+        rel_diff(&peft.model().run(&dev), &out) < 1e-6,
         "{label}: re-enabled"
     );
 
@@ -117,7 +159,7 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
     let weights_before = base_weights(peft.model());
     peft.merge_adapter(None, true).unwrap();
     assert!(
-        max_diff(&peft.model().run(&dev), &out) < 1e-5,
+        rel_diff(&peft.model().run(&dev), &out) < 1e-5,
         "{label}: merged output"
     );
     assert!(
@@ -130,14 +172,14 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
         "{label}: unmerge restores base weights"
     );
     assert!(
-        max_diff(&peft.model().run(&dev), &out) < 1e-5,
+        rel_diff(&peft.model().run(&dev), &out) < 1e-5,
         "{label}: unmerged output"
     );
 
     // merge_and_unload gives a model without adapters and the same output.
     let plain = peft.clone().merge_and_unload(true).unwrap();
     assert!(
-        max_diff(&plain.run(&dev), &out) < 1e-5,
+        rel_diff(&plain.run(&dev), &out) < 1e-5,
         "{label}: merge_and_unload"
     );
     assert_eq!(
@@ -155,8 +197,9 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
         .unwrap();
     let fresh = M::build(1, &dev);
     dev.seed(999);
-    let loaded = LoraModel::from_pretrained(fresh, dir.path(), &LoadOptions::default()).unwrap();
-    let d = max_diff(&loaded.model().run(&dev), &out);
+    let loaded =
+        PeftModel::<M, C>::from_pretrained(fresh, dir.path(), &LoadOptions::default()).unwrap();
+    let d = rel_diff(&loaded.model().run(&dev), &out);
     assert!(d < 1e-5, "{label}: save/load round trip {d}");
     assert_eq!(
         loaded.trainable_parameters().0,
@@ -165,8 +208,8 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
     );
 
     // Safe merge refuses NaN and changes nothing.
-    let mut broken = LoraModel::new(base.clone(), perturbed(config)).unwrap();
-    broken.add_adapter("nan", perturbed(config)).unwrap();
+    let mut broken = PeftModel::new(base.clone(), config.perturbed()).unwrap();
+    broken.add_adapter("nan", config.perturbed()).unwrap();
     let good_out = broken.model().run(&dev);
     poison(&mut broken, "nan");
     broken.set_adapter(&["default", "nan"]).unwrap();
@@ -182,19 +225,19 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
     );
     broken.set_adapter(&["default"]).unwrap();
     assert!(
-        max_diff(&broken.model().run(&dev), &good_out) < 1e-6,
+        rel_diff(&broken.model().run(&dev), &good_out) < 1e-6,
         "{label}: still usable"
     );
 
     // Two adapters active == the sum of their deltas.
-    let mut two = LoraModel::new(base.clone(), perturbed(config)).unwrap();
-    two.add_adapter("other", perturbed(config)).unwrap();
+    let mut two = PeftModel::new(base.clone(), config.perturbed()).unwrap();
+    two.add_adapter("other", config.perturbed()).unwrap();
     let out_a = two.model().run(&dev);
     two.set_adapter(&["other"]).unwrap();
     let out_b = two.model().run(&dev);
     two.set_adapter(&["default", "other"]).unwrap();
     let out_ab = two.model().run(&dev);
-    if !config.use_dora {
+    if config.merges_add() {
         // LoRA deltas add exactly on a linear map; the model's nonlinearity breaks additivity of
         // outputs, so compare through a merge: merging both equals both active.
         let mut merged = two.clone();
@@ -203,7 +246,7 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
         merged.merge_adapter(Some(&["other"]), false).unwrap();
         merged.merge_adapter(Some(&["default"]), false).unwrap();
         assert!(
-            max_diff(&merged.model().run(&dev), &out_ab) < 1e-4,
+            rel_diff(&merged.model().run(&dev), &out_ab) < 1e-4,
             "{label}: sequential merge"
         );
         merged.unmerge_adapter();
@@ -213,7 +256,7 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
         );
         merged.merge_adapter(None, false).unwrap();
         assert!(
-            max_diff(&merged.model().run(&dev), &out_ab) < 1e-4,
+            rel_diff(&merged.model().run(&dev), &out_ab) < 1e-4,
             "{label}: both merged"
         );
     }
@@ -223,12 +266,12 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
     );
     two.delete_adapter("other").unwrap();
     assert!(
-        max_diff(&two.model().run(&dev), &out_a) < 1e-6,
+        rel_diff(&two.model().run(&dev), &out_a) < 1e-6,
         "{label}: delete"
     );
 
     // Training changes only adapter parameters (and changes them).
-    let mut train = LoraModel::new(base.clone(), perturbed(config)).unwrap();
+    let mut train = PeftModel::new(base.clone(), config.perturbed()).unwrap();
     let mut optim = SgdConfig::new().init();
     let mut stepper = Stepper::new();
     let params = hosts::parameters(train.model());
@@ -257,6 +300,12 @@ fn check_case<M: Case>(label: &str, config: &LoraConfig) {
         }
     }
     assert!(changed_adapter > 0, "{label}: adapters trained");
+}
+
+/// `max |a - b| / max(1, max |b|)`: equality up to float rounding at the output's scale.
+fn rel_diff(a: &Tensor<3>, b: &Tensor<3>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar::<f32>().max(1.0);
+    max_diff(a, b) / scale
 }
 
 fn base_weights<M: Module>(model: &M) -> Vec<Vec<f32>> {
@@ -296,41 +345,62 @@ fn weights_differ_by(a: &[Vec<f32>], b: &[Vec<f32>], tol: f32) -> bool {
     a.iter().zip(b).any(|(x, y)| max_diff_data(x, y) > tol)
 }
 
-fn poison<M: Module>(peft: &mut LoraModel<M>, name: &str) {
-    let name = name.to_string();
-    peft.map_model(|mut m| {
-        hosts::for_each(&mut m, move |host: hosts::HostView<'_, LoraAdapter>| {
-            if let Some(a) = host.slot.get_mut(&name) {
-                let b = a.lora_b.val();
-                a.lora_b = a.lora_b.clone().map(|_| b * f32::NAN);
-            }
-            Ok(())
-        })
-        .unwrap();
-        m
+/// Set every parameter of adapter `name` to NaN.
+fn poison<M: Module, C: Method>(peft: &mut PeftModel<M, C>, name: &str) {
+    let marker = format!(".peft.{name}.");
+    peft.map_model(|m| {
+        let values = hosts::read_params(&m, |p| p.contains(&marker))
+            .into_iter()
+            .map(|(p, d)| {
+                let shape = d.shape().to_vec();
+                (p, TensorData::new(vec![f32::NAN; d.num_elements()], shape))
+            })
+            .collect();
+        hosts::write_params(m, values).0
     });
 }
 
 #[test]
 fn conformance_weight_space() {
     for (label, config) in cases() {
-        check_case::<Weight>(&format!("weight/{label}"), &config);
+        check_case::<Weight, _>(&format!("weight/{label}"), &config);
+    }
+    for (label, config) in adalora_cases() {
+        check_case::<Weight, _>(&format!("weight/{label}"), &config);
     }
 }
 
 #[test]
 fn conformance_activation_space() {
     for (label, config) in cases() {
-        check_case::<Activation>(&format!("activation/{label}"), &config);
+        check_case::<Activation<peft_lora::LoraAdapter>, _>(
+            &format!("activation/{label}"),
+            &config,
+        );
+    }
+    for (label, config) in adalora_cases() {
+        check_case::<Activation<peft_adalora::AdaLoraAdapter>, _>(
+            &format!("activation/{label}"),
+            &config,
+        );
     }
 }
 
 #[test]
 fn both_attach_paths_agree_on_outputs_and_gradients() {
-    let dev = device();
     for (label, config) in cases() {
+        check_paths::<peft_lora::LoraAdapter, _>(label, &config);
+    }
+    for (label, config) in adalora_cases() {
+        check_paths::<peft_adalora::AdaLoraAdapter, _>(label, &config);
+    }
+}
+
+fn check_paths<A: Adapter, C: Conformance<Adapter = A>>(label: &str, config: &C) {
+    let dev = device();
+    {
         // The same adapter values on both paths: saved from one, loaded into the other.
-        let w = LoraModel::new(Weight::build(3, &dev), perturbed(&config)).unwrap();
+        let w = PeftModel::new(Weight::build(3, &dev), config.perturbed()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         w.save_pretrained(dir.path(), &SaveOptions::default())
             .unwrap();
@@ -338,10 +408,14 @@ fn both_attach_paths_agree_on_outputs_and_gradients() {
             is_trainable: true,
             ..Default::default()
         };
-        let a =
-            LoraModel::from_pretrained(Activation::build(3, &dev), dir.path(), &trainable).unwrap();
+        let a = PeftModel::<Activation<A>, C>::from_pretrained(
+            Activation::build(3, &dev),
+            dir.path(),
+            &trainable,
+        )
+        .unwrap();
         let (yw, ya) = (w.model().run(&dev), a.model().run(&dev));
-        assert!(max_diff(&yw, &ya) < 1e-5, "{label}: outputs");
+        assert!(rel_diff(&yw, &ya) < 1e-5, "{label}: outputs");
         let gw = GradientsParams::from_grads(yw.powi_scalar(2).sum().backward(), w.model());
         let ga = GradientsParams::from_grads(ya.powi_scalar(2).sum().backward(), a.model());
         let collect = |model_params: Vec<(String, bool, usize)>,
@@ -352,7 +426,7 @@ fn both_attach_paths_agree_on_outputs_and_gradients() {
                 .zip(ids)
                 .filter(|((p, _, _), _)| p.contains(".peft."))
                 .map(|((p, _, _), id)| {
-                    let g = if p.ends_with("magnitude") {
+                    let g = if p.ends_with("magnitude") || p.ends_with("lora_e") {
                         gp.get::<1>(id)
                             .map(|t| t.into_data().try_to_vec::<f32>().unwrap())
                     } else {

@@ -562,3 +562,186 @@ fn identity_init_trains_to_the_target_budget_and_bad_targets_error() {
     .unwrap_err();
     assert!(matches!(err, PeftError::TargetNotFound { .. }), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Parity with PEFT 0.21.2 (fixtures written by fixtures/make_adalora_fixtures.py).
+// ---------------------------------------------------------------------------------------------
+
+fn fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn tensor2(data: &TensorData, dev: &Device) -> Tensor<2> {
+    Tensor::from_data(data.clone(), dev)
+}
+
+/// The fixture's base model (PyTorch `[out, in]` weights transposed to burn's `[in, out]`).
+fn fixture_base(dev: &Device) -> Activation {
+    let base = peft_core::hf::read_tensors(&fixtures().join("peft/base.safetensors")).unwrap();
+    let layer = |name: &str| {
+        let w = tensor2(&base[&format!("{name}.weight")], dev).transpose();
+        let [d_in, d_out] = w.dims();
+        let mut l = LinearConfig::new(d_in, d_out).init(dev);
+        l.weight = l.weight.map(|_| w);
+        let b = Tensor::<1>::from_data(base[&format!("{name}.bias")].clone(), dev);
+        l.bias = l.bias.map(|p| p.map(|_| b));
+        PeftLinear::from(l)
+    };
+    Net {
+        lin0: layer("lin0"),
+        lin1: layer("lin1"),
+    }
+}
+
+fn fixture_config() -> AdaLoraConfig {
+    example_config().with_orth_reg_weight(0.0)
+}
+
+fn patterns() -> Vec<Option<std::collections::BTreeMap<String, Vec<bool>>>> {
+    let text = std::fs::read_to_string(fixtures().join("peft/patterns.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Set adapter parameters from PEFT-layout tensors, keeping the parameter ids.
+fn set_from_peft(model: Activation, values: &dyn Fn(&str, &str) -> TensorData) -> Activation {
+    let mut model = model;
+    let values = |layer: &str, which: &str| values(layer, which);
+    let fetched: Vec<(String, [TensorData; 3])> = ["lin0", "lin1"]
+        .iter()
+        .map(|l| {
+            (
+                l.to_string(),
+                [values(l, "A"), values(l, "E"), values(l, "B")],
+            )
+        })
+        .collect();
+    hosts::for_each(&mut model, move |h: hosts::HostView<'_, AdaLoraAdapter>| {
+        let Some(a) = h.slot.get_mut("default") else {
+            return Ok(());
+        };
+        let [pa, pe, pb] = &fetched.iter().find(|(l, _)| *l == h.path).unwrap().1;
+        let d = a.lora_a.device();
+        let r = a.rank();
+        let (ga, ge, gb) = (
+            a.lora_a.is_require_grad(),
+            a.lora_e.is_require_grad(),
+            a.lora_b.is_require_grad(),
+        );
+        let ta = tensor2(pa, &d).transpose();
+        let te = tensor2(pe, &d).reshape([r]);
+        let tb = tensor2(pb, &d).transpose();
+        a.lora_a = a.lora_a.clone().map(|_| ta.set_require_grad(ga));
+        a.lora_e = a.lora_e.clone().map(|_| te.set_require_grad(ge));
+        a.lora_b = a.lora_b.clone().map(|_| tb.set_require_grad(gb));
+        Ok(())
+    })
+    .unwrap();
+    model
+}
+
+#[test]
+fn allocator_replays_peft_rank_patterns_and_masked_values() {
+    use peft_core::step::{Controller, StepInfo};
+    let dev = device();
+    let steps = peft_core::hf::read_tensors(&fixtures().join("peft/steps.safetensors")).unwrap();
+    let expected = patterns();
+    let config = fixture_config();
+    let peft = AdaLoraModel::new(fixture_base(&dev), config.clone()).unwrap();
+    let mut model = set_from_peft(peft.model().clone(), &|l, w| {
+        steps[&format!("init.{l}.{w}")].clone()
+    });
+    let mut allocator = RankAllocator::new(&config, "default").unwrap();
+    let mut masked_somewhere = false;
+    for (t, expected_pattern) in expected.iter().enumerate() {
+        // The gradients PEFT used, on this model's parameter ids.
+        let mut grads = GradientsParams::new();
+        for (path, a) in adapters(&model) {
+            let g = |w: &str| tensor2(&steps[&format!("step{t}.{path}.{w}")], &dev).inner();
+            grads.register(a.lora_a.id, Tensor::<2>::from_inner(g("gA")).transpose());
+            let r = a.rank();
+            grads.register(a.lora_e.id, Tensor::<2>::from_inner(g("gE")).reshape([r]));
+            grads.register(a.lora_b.id, Tensor::<2>::from_inner(g("gB")).transpose());
+        }
+        let info = StepInfo { step: t };
+        allocator
+            .before_optimizer(info, &model, &mut grads)
+            .unwrap();
+        // The parameters after PEFT's optimizer step.
+        model = set_from_peft(model, &|l, w| steps[&format!("step{t}.{l}.{w}")].clone());
+        model = allocator.after_optimizer(info, model).unwrap();
+
+        assert_eq!(
+            allocator.rank_pattern(),
+            expected_pattern.as_ref(),
+            "step {t}"
+        );
+        for (path, a) in adapters(&model) {
+            let ours: Vec<f32> = a.lora_e.val().into_data().try_to_vec::<f32>().unwrap();
+            let theirs: Vec<f32> = steps[&format!("step{t}.{path}.E_after")]
+                .to_owned()
+                .try_to_vec::<f32>()
+                .unwrap();
+            assert_eq!(ours, theirs, "step {t}, {path}: lora_E after the allocator");
+            masked_somewhere |= ours.contains(&0.0);
+        }
+    }
+    assert!(masked_somewhere, "the fixture exercises masking");
+    let last = expected.last().unwrap().as_ref().unwrap();
+    assert!(
+        last["lin1"].iter().all(|k| !k),
+        "lin1 ends at rank 0 in the fixture"
+    );
+}
+
+#[test]
+fn peft_saved_adapter_loads_with_peft_outputs_including_a_rank_zero_module() {
+    let dev = device();
+    let io = peft_core::hf::read_tensors(&fixtures().join("peft/io.safetensors")).unwrap();
+    let peft = AdaLoraModel::from_pretrained(
+        fixture_base(&dev),
+        &fixtures().join("peft/adapter"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let ranks: Vec<usize> = adapters(peft.model())
+        .iter()
+        .map(|(_, a)| a.rank())
+        .collect();
+    assert_eq!(ranks, vec![4, 0]);
+    let out = peft.model().forward(tensor2(&io["input"], &dev));
+    let expected = tensor2(&io["output"], &dev);
+    assert!(max_diff(out.clone(), expected.clone()) < 1e-5);
+    assert!(
+        max_diff(
+            fixture_base(&dev).forward(tensor2(&io["input"], &dev)),
+            expected
+        ) > 1e-4
+    );
+
+    // What we save from it is what PEFT loads: the committed copy was verified with
+    // `make_adalora_fixtures.py verify`; it must stay what we write now.
+    let burn_dir = fixtures().join("burn_saved");
+    let written = tempfile::tempdir().unwrap();
+    peft.save_pretrained(written.path(), &SaveOptions::default())
+        .unwrap();
+    if std::env::var_os("BURN_PEFT_WRITE_FIXTURES").is_some() {
+        std::fs::create_dir_all(&burn_dir).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(written.path().join(f), burn_dir.join(f)).unwrap();
+        }
+        let mut expected = std::collections::BTreeMap::new();
+        expected.insert("input".to_string(), io["input"].clone());
+        expected.insert("output".to_string(), out.into_data());
+        peft_core::hf::write_tensors(&burn_dir.join("expected.safetensors"), &expected).unwrap();
+    }
+    let ours =
+        peft_core::hf::read_tensors(&written.path().join("adapter_model.safetensors")).unwrap();
+    let committed =
+        peft_core::hf::read_tensors(&burn_dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(ours, committed);
+    let json = |dir: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(json(written.path()), json(&burn_dir));
+}
