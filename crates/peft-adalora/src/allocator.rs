@@ -211,6 +211,30 @@ impl RankAllocator {
         Ok(())
     }
 
+    /// Save the state to `path` (JSON), atomically: a failed write leaves an older file intact.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save_state(&self, path: &std::path::Path) -> Result<()> {
+        peft_core::hf::write_atomic(path, self.state_json().as_bytes())
+    }
+
+    /// Load a state saved by [`save_state`](Self::save_state); on error nothing changes.
+    ///
+    /// # Errors
+    /// I/O errors or a malformed file (named in the error).
+    pub fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
+        let text = std::fs::read_to_string(path).map_err(|source| PeftError::Io {
+            path: path.into(),
+            source,
+        })?;
+        self.state = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            file: path.into(),
+            source,
+        })?;
+        Ok(())
+    }
+
     fn update_ipt(&mut self, current: &[(String, AdaLoraAdapter)]) {
         for (path, a) in current {
             let Some(Seen {
@@ -255,7 +279,12 @@ impl RankAllocator {
     }
 
     /// Mask to budget `b`: the `init_bgt − b` lowest triplets (and any tied with the k-th)
-    /// are zeroed. With `b >= init_bgt` nothing is masked (PEFT's `kthvalue` would fail).
+    /// are zeroed.
+    ///
+    /// Edge cases, defined here where PEFT crashes or is silent: with `b >= init_bgt` (a budget
+    /// that does not shrink, e.g. `init_r == target_r`) nothing is masked and the pattern keeps
+    /// every triplet (PEFT's `kthvalue` fails); when every score is zero (no gradient reached the
+    /// adapter yet), the threshold is 0 and every triplet is masked, as in PEFT (`<=`).
     fn mask_to_budget(&mut self, current: &[(String, AdaLoraAdapter)], budget: usize) {
         let scores = self.triplet_scores(current);
         let mut all: Vec<f32> = scores.iter().flat_map(|(_, s)| s.iter().copied()).collect();

@@ -745,3 +745,46 @@ fn peft_saved_adapter_loads_with_peft_outputs_including_a_rank_zero_module() {
     };
     assert_eq!(json(written.path()), json(&burn_dir));
 }
+
+#[test]
+fn budget_that_does_not_shrink_and_all_zero_scores_are_defined() {
+    use peft_core::step::{Controller, StepInfo};
+    let dev = device();
+    // init_r == target_r: the budget never shrinks, nothing is masked, no crash (PEFT's
+    // kthvalue fails here).
+    let config = random(&example_config()).with_ranks(3, 3);
+    let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    let allocator = shared(&config);
+    let mut stepper = Stepper::new().with(allocator.clone());
+    train(0..12, &mut peft, &mut stepper);
+    let pattern = allocator.lock().unwrap().rank_pattern().cloned().unwrap();
+    assert!(pattern.values().flatten().all(|k| *k), "{pattern:?}");
+
+    // Every score zero (no gradient ever reached the adapter): the first mask drops all.
+    let config = random(&example_config());
+    let peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    let mut allocator = RankAllocator::new(&config, "default").unwrap();
+    let mut model = peft.model().clone();
+    for t in 0..5 {
+        let info = StepInfo { step: t };
+        allocator
+            .before_optimizer(info, &model, &mut GradientsParams::new())
+            .unwrap();
+        model = allocator.after_optimizer(info, model).unwrap();
+    }
+    let pattern = allocator.rank_pattern().unwrap();
+    assert!(pattern.values().flatten().all(|k| !k), "{pattern:?}");
+    for (_, a) in adapters(&model) {
+        let e: Vec<f32> = a.lora_e.val().into_data().try_to_vec::<f32>().unwrap();
+        assert!(e.iter().all(|v| *v == 0.0));
+    }
+
+    // A broken checkpoint file is an error that names it, and changes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("allocator.json");
+    std::fs::write(&file, "{not json").unwrap();
+    let before = allocator.state().clone();
+    let err = allocator.load_state(&file).unwrap_err();
+    assert!(err.to_string().contains("allocator.json"), "{err}");
+    assert_eq!(allocator.state(), &before);
+}
