@@ -279,7 +279,7 @@ fn check_case<M: Case, C: Conformance>(label: &str, config: &C) {
     for _ in 0..3 {
         let model = train.model().clone();
         let loss = model.run(&dev).powi_scalar(2).mean().reshape([1]);
-        let next = stepper.step(model, &mut optim, 0.01, loss).unwrap();
+        let next = stepper.step(model, &mut optim, 1e-4, loss).unwrap();
         train.map_model(|_| next);
     }
     assert_eq!(stepper.step_index(), 3);

@@ -183,6 +183,38 @@ fn scale_is_alpha_over_init_r_and_identity_at_init() {
     );
 }
 
+/// Overwrite every adapter parameter with deterministic values (burn's random init draws from a
+/// process-global generator that parallel tests share, so it is not reproducible).
+fn deterministic<M: Module>(peft: &mut AdaLoraModel<M>) {
+    peft.map_model(|mut m| {
+        hosts::for_each(&mut m, |h: hosts::HostView<'_, AdaLoraAdapter>| {
+            let salt = h.path.len();
+            if let Some(a) = h.slot.get_mut("default") {
+                let [rows, r] = a.lora_a.shape().dims();
+                let [_, cols] = a.lora_b.shape().dims();
+                let d = a.lora_a.device();
+                let t = |n: usize, salt: usize, shape: Vec<usize>| {
+                    TensorData::new(values(n, salt), shape)
+                };
+                let sa = Tensor::<2>::from_data(t(rows * r, salt + 5, vec![rows, r]), &d);
+                let se = Tensor::<1>::from_data(t(r, salt + 6, vec![r]), &d);
+                let sb = Tensor::<2>::from_data(t(r * cols, salt + 7, vec![r, cols]), &d);
+                let (ga, ge, gb) = (
+                    a.lora_a.is_require_grad(),
+                    a.lora_e.is_require_grad(),
+                    a.lora_b.is_require_grad(),
+                );
+                a.lora_a = a.lora_a.clone().map(|_| sa.set_require_grad(ga));
+                a.lora_e = a.lora_e.clone().map(|_| se.set_require_grad(ge));
+                a.lora_b = a.lora_b.clone().map(|_| sb.set_require_grad(gb));
+            }
+            Ok(())
+        })
+        .unwrap();
+        m
+    });
+}
+
 fn random(config: &AdaLoraConfig) -> AdaLoraConfig {
     config.clone().with_identity_init(false)
 }
@@ -202,7 +234,8 @@ fn same_adapters<A: Module, B: Module>(from: &AdaLoraModel<A>, onto: B) -> AdaLo
 #[test]
 fn both_paths_agree_and_merge_equals_unmerged() {
     let dev = device();
-    let weight = AdaLoraModel::new(Weight::new(&dev), random(&example_config())).unwrap();
+    let mut weight = AdaLoraModel::new(Weight::new(&dev), random(&example_config())).unwrap();
+    deterministic(&mut weight);
     let activation = same_adapters(&weight, Activation::new(&dev));
     let x = input(&dev);
     let yw = weight.model().forward(x.clone());
@@ -276,6 +309,7 @@ fn allocator_masks_to_the_budget_and_fixes_the_pattern() {
     let config = random(&example_config());
     let dev = device();
     let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    deterministic(&mut peft);
     let allocator = shared(&config);
     let mut stepper = Stepper::new().with(allocator.clone());
     let e_values = |peft: &AdaLoraModel<Activation>| -> Vec<Vec<f32>> {
@@ -330,6 +364,7 @@ fn truncated_save_loads_with_the_same_outputs() {
     let config = random(&example_config());
     let dev = device();
     let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    deterministic(&mut peft);
     let allocator = shared(&config);
     let mut stepper = Stepper::new().with(allocator.clone());
     train(0..12, &mut peft, &mut stepper);
@@ -394,7 +429,8 @@ fn truncated_save_loads_with_the_same_outputs() {
 fn orthogonality_gradient_is_added_to_the_adapter_gradients() {
     let config = random(&example_config()).with_orth_reg_weight(0.5);
     let dev = device();
-    let peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    deterministic(&mut peft);
     let model = peft.model().clone();
 
     // R by hand, in PyTorch layout: A (r, in) -> A·Aᵀ, B (out, r) -> Bᵀ·B.
@@ -455,28 +491,7 @@ fn resumed_allocator_ends_like_an_uninterrupted_run() {
     let dev = device();
     let fresh = || {
         let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
-        // The same adapter values in every run.
-        peft.map_model(|mut m| {
-            hosts::for_each(&mut m, |h: hosts::HostView<'_, AdaLoraAdapter>| {
-                if let Some(a) = h.slot.get_mut("default") {
-                    let [rows, r] = a.lora_a.shape().dims();
-                    let [_, cols] = a.lora_b.shape().dims();
-                    let d = a.lora_a.device();
-                    let t = |n: usize, salt: usize, shape: Vec<usize>| {
-                        TensorData::new(values(n, salt), shape)
-                    };
-                    let sa = Tensor::<2>::from_data(t(rows * r, 5, vec![rows, r]), &d);
-                    let se = Tensor::<1>::from_data(t(r, 6, vec![r]), &d);
-                    let sb = Tensor::<2>::from_data(t(r * cols, 7, vec![r, cols]), &d);
-                    a.lora_a = a.lora_a.clone().map(|_| sa.require_grad());
-                    a.lora_e = a.lora_e.clone().map(|_| se.require_grad());
-                    a.lora_b = a.lora_b.clone().map(|_| sb.require_grad());
-                }
-                Ok(())
-            })
-            .unwrap();
-            m
-        });
+        deterministic(&mut peft);
         peft
     };
     let finish = |peft: &AdaLoraModel<Activation>, allocator: &Arc<Mutex<RankAllocator>>| {
@@ -754,6 +769,7 @@ fn budget_that_does_not_shrink_and_all_zero_scores_are_defined() {
     // kthvalue fails here).
     let config = random(&example_config()).with_ranks(3, 3);
     let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    deterministic(&mut peft);
     let allocator = shared(&config);
     let mut stepper = Stepper::new().with(allocator.clone());
     train(0..12, &mut peft, &mut stepper);
@@ -762,7 +778,8 @@ fn budget_that_does_not_shrink_and_all_zero_scores_are_defined() {
 
     // Every score zero (no gradient ever reached the adapter): the first mask drops all.
     let config = random(&example_config());
-    let peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+    deterministic(&mut peft);
     let mut allocator = RankAllocator::new(&config, "default").unwrap();
     let mut model = peft.model().clone();
     for t in 0..5 {
