@@ -5,23 +5,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf::KeyMap;
-use peft_core::method::{BiasMode, Method, TakeTensor};
+use peft_core::method::{BiasMode, Method, TakeTensor, set_param};
 use peft_core::target::{LayerKind, TargetSpec};
 use peft_core::{Created, LayerInfo};
 use serde_json::{Map, Value};
 
 use crate::adapter::{AdaLoraAdapter, create};
 use crate::config::AdaLoraConfig;
-
-/// Replace a parameter's value, keeping its id and trainability.
-fn set_param<const D: usize>(param: &Param<Tensor<D>>, value: Tensor<D>) -> Param<Tensor<D>> {
-    let require_grad = param.is_require_grad();
-    param.clone().map(|_| value.set_require_grad(require_grad))
-}
 
 /// Keep the rows of a row-major `[rows, cols]` matrix where `keep` is true.
 fn keep_rows(values: &[f32], cols: usize, keep: &[bool]) -> Vec<f32> {

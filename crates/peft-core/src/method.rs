@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::Path;
 
-use burn::tensor::TensorData;
+use burn::module::Param;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -29,6 +30,13 @@ pub enum BiasMode {
     All,
     /// The biases of adapted layers train and are saved.
     LoraOnly,
+}
+
+/// Replace a parameter's value, keeping its id (so optimizer state and gradients still find
+/// it) and its trainability: for [`Method::load_tensors`] implementations.
+pub fn set_param<const D: usize>(param: &Param<Tensor<D>>, value: Tensor<D>) -> Param<Tensor<D>> {
+    let require_grad = param.is_require_grad();
+    param.clone().map(|_| value.set_require_grad(require_grad))
 }
 
 /// Takes a tensor from a file by its key suffix, checking its shape

@@ -4,11 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf::KeyMap;
-use peft_core::method::{BiasMode, Method, TakeTensor};
+use peft_core::method::{BiasMode, Method, TakeTensor, set_param};
 use peft_core::target::{LayerKind, TargetSpec};
 use peft_core::{Created, LayerInfo};
 use serde_json::{Map, Value};
@@ -22,15 +21,6 @@ fn factor_keys(kind: LayerKind) -> (&'static str, &'static str) {
         LayerKind::Linear => ("lora_A.weight", "lora_B.weight"),
         LayerKind::Embedding => ("lora_embedding_A", "lora_embedding_B"),
     }
-}
-
-/// Replace a parameter's value, keeping its id and trainability.
-pub(crate) fn set_param<const D: usize>(
-    param: &Param<Tensor<D>>,
-    value: Tensor<D>,
-) -> Param<Tensor<D>> {
-    let require_grad = param.is_require_grad();
-    param.clone().map(|_| value.set_require_grad(require_grad))
 }
 
 impl Method for LoraConfig {
