@@ -20,6 +20,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{Result, SelectiveError};
 use crate::optimizer::{SelectiveOptimizer, index_tensor};
+use crate::summary::json_shape;
 
 /// File name of the checkpoint tensors.
 pub const STATE_TENSORS: &str = "selective_state.safetensors";
@@ -197,16 +198,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
             let entry = params
                 .get(&p.path)
                 .ok_or_else(|| bad(format!("no entry for parameter `{}`", p.path)))?;
-            let shape: Vec<usize> = entry
-                .get("shape")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_u64)
-                        .map(|v| v as usize)
-                        .collect()
-                })
-                .unwrap_or_default();
+            let shape = json_shape(entry).unwrap_or_default();
             if shape != p.shape {
                 return Err(SelectiveError::ShapeMismatch {
                     path: p.path.clone(),

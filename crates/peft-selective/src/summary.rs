@@ -183,16 +183,7 @@ impl Summary {
             .ok_or_else(|| bad("missing `params`".into()))?;
         let mut params = BTreeMap::new();
         for (path, e) in entries {
-            let shape: Vec<usize> = e
-                .get("shape")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_u64)
-                        .map(|v| v as usize)
-                        .collect()
-                })
-                .ok_or_else(|| bad(format!("`{path}` has no shape")))?;
+            let shape = json_shape(e).ok_or_else(|| bad(format!("`{path}` has no shape")))?;
             let numel: usize = shape.iter().product();
             let full = e.get("full").and_then(Value::as_bool).unwrap_or(false);
             let count = e.get("count").and_then(Value::as_u64).unwrap_or(0) as usize;
@@ -294,4 +285,14 @@ impl Summary {
         debug_assert!(missing.is_empty(), "paths were checked above: {missing:?}");
         Ok(model)
     }
+}
+
+/// The `shape` list of a parameter entry in the JSON files (summary and optimizer state).
+pub(crate) fn json_shape(entry: &Value) -> Option<Vec<usize>> {
+    entry.get("shape").and_then(Value::as_array).map(|a| {
+        a.iter()
+            .filter_map(Value::as_u64)
+            .map(|v| v as usize)
+            .collect()
+    })
 }
