@@ -14,6 +14,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::error::{PeftError, Result};
 use peft_core::hosts::{self, HostView};
+use peft_core::method::set_param;
 use peft_core::step::{Controller, StepInfo};
 use serde::{Deserialize, Serialize};
 
@@ -76,11 +77,6 @@ struct Matrix {
     b: Ema,
 }
 
-/// The gradients of one adapted layer seen before the optimizer step (PEFT layout).
-struct Seen {
-    grads: Option<[Vec<f32>; 3]>,
-}
-
 /// The allocator state saved with a checkpoint (see [`RankAllocator::state`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AllocatorState {
@@ -97,7 +93,9 @@ pub struct RankAllocator {
     config: AdaLoraConfig,
     adapter: String,
     state: AllocatorState,
-    seen: BTreeMap<String, Seen>,
+    /// The gradients of `A`, `E`, `B` per layer path seen before the optimizer step (PEFT
+    /// layout), while the importance scores are still being updated.
+    grads: BTreeMap<String, [Vec<f32>; 3]>,
 }
 
 impl std::fmt::Debug for RankAllocator {
@@ -117,7 +115,8 @@ fn layers<M: Module>(model: &M, name: &str) -> Vec<(String, AdaLoraAdapter)> {
     })
 }
 
-fn host_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+/// A float tensor's values, row-major, on the host.
+pub(crate) fn host_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
@@ -134,8 +133,12 @@ fn gram_distance(c: Tensor<2>) -> Tensor<1> {
 /// PEFT's orthogonality regularizer of adapter `name`:
 /// `R = (1/N) Σ ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F` over its `N` factor matrices (PyTorch layout).
 pub fn orthogonality<M: Module>(model: &M, name: &str) -> Option<Tensor<1>> {
+    orthogonality_of(&layers(model, name))
+}
+
+fn orthogonality_of(adapters: &[(String, AdaLoraAdapter)]) -> Option<Tensor<1>> {
     let mut terms = Vec::new();
-    for (_, a) in layers(model, name) {
+    for (_, a) in adapters {
         if a.rank() == 0 {
             continue;
         }
@@ -162,7 +165,7 @@ impl RankAllocator {
             config: config.clone(),
             adapter: adapter.into(),
             state: AllocatorState::default(),
-            seen: BTreeMap::new(),
+            grads: BTreeMap::new(),
         })
     }
 
@@ -204,10 +207,7 @@ impl RankAllocator {
     /// # Errors
     /// Malformed JSON.
     pub fn load_state_json(&mut self, json: &str) -> Result<()> {
-        self.state = serde_json::from_str(json).map_err(|source| PeftError::Json {
-            file: "allocator state".into(),
-            source,
-        })?;
+        self.state = parse_state(json, "allocator state".into())?;
         Ok(())
     }
 
@@ -228,20 +228,13 @@ impl RankAllocator {
             path: path.into(),
             source,
         })?;
-        self.state = serde_json::from_str(&text).map_err(|source| PeftError::Json {
-            file: path.into(),
-            source,
-        })?;
+        self.state = parse_state(&text, path.into())?;
         Ok(())
     }
 
     fn update_ipt(&mut self, current: &[(String, AdaLoraAdapter)]) {
         for (path, a) in current {
-            let Some(Seen {
-                grads: Some([ga, ge, gb]),
-                ..
-            }) = self.seen.get(path)
-            else {
+            let Some([ga, ge, gb]) = self.grads.get(path) else {
                 continue;
             };
             let m = self.state.ema.entry(path.clone()).or_default();
@@ -331,11 +324,7 @@ impl RankAllocator {
                 .collect();
             let masked =
                 Tensor::<1>::from_data(TensorData::new(values, [keep.len()]), &a.lora_e.device());
-            let require_grad = a.lora_e.is_require_grad();
-            a.lora_e = a
-                .lora_e
-                .clone()
-                .map(|_| masked.set_require_grad(require_grad));
+            a.lora_e = set_param(&a.lora_e, masked);
             Ok(())
         })?;
         Ok(model)
@@ -345,14 +334,14 @@ impl RankAllocator {
 impl<M: Module> Controller<M> for RankAllocator {
     fn before_optimizer(
         &mut self,
-        _info: StepInfo,
+        info: StepInfo,
         model: &M,
         grads: &mut GradientsParams,
     ) -> Result<()> {
         let current = layers(model, &self.adapter);
         if self.config.orth_reg_weight > 0.0
             && current.iter().any(|(_, a)| a.lora_a.is_require_grad())
-            && let Some(reg) = orthogonality(model, &self.adapter)
+            && let Some(reg) = orthogonality_of(&current)
             && reg.device().is_autodiff()
         {
             let reg_grads = (reg * self.config.orth_reg_weight).backward();
@@ -369,53 +358,57 @@ impl<M: Module> Controller<M> for RankAllocator {
                 }
             }
         }
-        self.seen = current
-            .iter()
-            .map(|(path, a)| {
-                let ids = [a.lora_a.id, a.lora_e.id, a.lora_b.id];
-                let g = (
-                    grads.get::<2>(ids[0]),
-                    grads.get::<1>(ids[1]),
-                    grads.get::<2>(ids[2]),
-                );
-                let grads = match g {
-                    (Some(ga), Some(ge), Some(gb)) => Some([
+        // The scores use this step's gradients only while they are still updated (t < T - tfinal).
+        self.grads.clear();
+        if info.step + self.config.tfinal < self.config.total_steps() {
+            for (path, a) in &current {
+                if let (Some(ga), Some(ge), Some(gb)) = (
+                    grads.get::<2>(a.lora_a.id),
+                    grads.get::<1>(a.lora_e.id),
+                    grads.get::<2>(a.lora_b.id),
+                ) {
+                    let seen = [
                         host_vec(ga.transpose()),
                         host_vec(ge),
                         host_vec(gb.transpose()),
-                    ]),
-                    _ => None,
-                };
-                (path.clone(), Seen { grads })
-            })
-            .collect();
+                    ];
+                    self.grads.insert(path.clone(), seen);
+                }
+            }
+        }
         Ok(())
     }
 
     fn after_optimizer(&mut self, info: StepInfo, model: M) -> Result<M> {
         let t = info.step;
-        let total = self.config.total_steps();
-        let current = layers(&model, &self.adapter);
-        let matrices = current.len();
-        let model = if t + self.config.tfinal < total {
+        let end = self.config.total_steps() - self.config.tfinal;
+        let apply = if t < end {
+            let current = layers(&model, &self.adapter);
             self.update_ipt(&current);
-            let (budget, mask) = budget_schedule(&self.config, matrices, t);
+            let (budget, mask) = budget_schedule(&self.config, current.len(), t);
             if mask {
                 self.mask_to_budget(&current, budget);
-                self.apply_pattern(model)?
-            } else {
-                model
             }
-        } else if t + self.config.tfinal == total {
-            // The forced final mask: it fixes the rank pattern for the rest of training.
-            let (budget, _) = budget_schedule(&self.config, matrices, t);
-            self.mask_to_budget(&current, budget);
-            self.state.ema.clear();
-            self.apply_pattern(model)?
+            mask
         } else {
-            self.apply_pattern(model)?
+            if t == end {
+                // The forced final mask: it fixes the rank pattern for the rest of training.
+                let current = layers(&model, &self.adapter);
+                let (budget, _) = budget_schedule(&self.config, current.len(), t);
+                self.mask_to_budget(&current, budget);
+                self.state.ema.clear();
+            }
+            true
         };
-        self.seen.clear();
-        Ok(model)
+        self.grads.clear();
+        if apply {
+            self.apply_pattern(model)
+        } else {
+            Ok(model)
+        }
     }
+}
+
+fn parse_state(text: &str, file: std::path::PathBuf) -> Result<AllocatorState> {
+    serde_json::from_str(text).map_err(|source| PeftError::Json { file, source })
 }

@@ -8,12 +8,14 @@ use std::path::Path;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf::KeyMap;
+use peft_core::io::transpose_data;
 use peft_core::method::{BiasMode, Method, TakeTensor, set_param};
 use peft_core::target::{LayerKind, TargetSpec};
 use peft_core::{Created, LayerInfo};
 use serde_json::{Map, Value};
 
 use crate::adapter::{AdaLoraAdapter, create};
+use crate::allocator::host_vec;
 use crate::config::AdaLoraConfig;
 
 /// Keep the rows of a row-major `[rows, cols]` matrix where `keep` is true.
@@ -24,13 +26,6 @@ fn keep_rows(values: &[f32], cols: usize, keep: &[bool]) -> Vec<f32> {
         .filter(|(_, k)| **k)
         .flat_map(|(row, _)| row.iter().copied())
         .collect()
-}
-
-fn to_vec(t: Tensor<2>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("float tensor")
 }
 
 impl Method for AdaLoraConfig {
@@ -131,17 +126,14 @@ impl Method for AdaLoraConfig {
             .unwrap_or(&all);
         let kept = keep.iter().filter(|k| **k).count();
         // PEFT layout: A (r, in), E (r, 1), B (out, r); rows of A/E and of Bᵀ are triplets.
-        let a = keep_rows(&to_vec(adapter.lora_a.val().transpose()), rows, keep);
-        let e = keep_rows(&to_vec(adapter.lora_e.val().unsqueeze_dim(1)), 1, keep);
-        let b_t = keep_rows(&to_vec(adapter.lora_b.val()), cols, keep);
-        let b = to_vec(
-            Tensor::<2>::from_data(TensorData::new(b_t, [kept, cols]), &adapter.lora_b.device())
-                .transpose(),
-        );
+        let a = keep_rows(&host_vec(adapter.lora_a.val().transpose()), rows, keep);
+        let e = keep_rows(&host_vec(adapter.lora_e.val()), 1, keep);
+        let b_t = keep_rows(&host_vec(adapter.lora_b.val()), cols, keep);
+        let b = transpose_data(TensorData::new(b_t, [kept, cols]));
         BTreeMap::from([
             ("lora_A".to_string(), TensorData::new(a, [kept, rows])),
             ("lora_E".to_string(), TensorData::new(e, [kept, 1])),
-            ("lora_B".to_string(), TensorData::new(b, [cols, kept])),
+            ("lora_B".to_string(), b),
         ])
     }
 

@@ -273,15 +273,10 @@ pub fn transpose_data(data: TensorData) -> TensorData {
     }
     let v: Vec<f32> = data.iter::<f32>().collect();
     let (rows, cols) = (shape[0], shape[1]);
+    // By index, so that an empty side (a rank-0 factor) gives an empty result.
     let t: Vec<f32> = (0..cols)
-        .flat_map(|c| {
-            v[c..]
-                .iter()
-                .step_by(cols)
-                .take(rows)
-                .copied()
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|c| (0..rows).map(move |r| (r, c)))
+        .map(|(r, c)| v[r * cols + c])
         .collect();
     TensorData::new(t, [cols, rows])
 }
