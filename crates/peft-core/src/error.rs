@@ -139,7 +139,8 @@ pub enum PeftError {
 pub type Result<T, E = PeftError> = std::result::Result<T, E>;
 
 impl PeftError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
             source,

@@ -1,0 +1,54 @@
+//! Errors of model loading.
+
+use std::path::PathBuf;
+
+/// Result of model loading.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// What can go wrong when loading a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A model folder or file that is not there.
+    #[error("{what} not found at {path}: {hint}")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+        /// Where.
+        path: PathBuf,
+        /// How to get it.
+        hint: String,
+    },
+    /// A `config.json` that cannot be used.
+    #[error("{file}: {message}")]
+    Config {
+        /// The configuration file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor the model needs is missing from the checkpoint.
+    #[error("{file}: tensor `{key}` is missing")]
+    MissingTensor {
+        /// The checkpoint.
+        file: PathBuf,
+        /// The key looked for (after the optional prefix).
+        key: String,
+    },
+    /// A checkpoint tensor with the wrong shape or dtype.
+    #[error("{file}: tensor `{key}` has shape {found:?} ({dtype}), expected {expected:?}")]
+    BadTensor {
+        /// The checkpoint.
+        file: PathBuf,
+        /// The key.
+        key: String,
+        /// The shape the model needs.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// Reading a file failed (I/O, safetensors or JSON format).
+    #[error(transparent)]
+    Peft(#[from] peft_core::PeftError),
+}
