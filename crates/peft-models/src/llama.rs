@@ -140,9 +140,10 @@ impl WireConfig {
                 ));
             }
             if let Some(t) = map.get("rope_theta") {
-                theta = Some(t.as_f64().ok_or_else(|| {
-                    format!("{field}.rope_theta must be a number, found {t}")
-                })?);
+                theta =
+                    Some(t.as_f64().ok_or_else(|| {
+                        format!("{field}.rope_theta must be a number, found {t}")
+                    })?);
             }
         }
         if let Some(f) = self.partial_rotary_factor
@@ -498,8 +499,7 @@ impl<L: LinearLayer> Llama<L> {
             panic!("invalid LlamaConfig: {message}");
         }
         let h = config.hidden_size;
-        let linear =
-            |i, o, bias| L::from(LinearConfig::new(i, o).with_bias(bias).init(device));
+        let linear = |i, o, bias| L::from(LinearConfig::new(i, o).with_bias(bias).init(device));
         let (q, kv) = (
             config.num_attention_heads * config.head_dim,
             config.num_key_value_heads * config.head_dim,
