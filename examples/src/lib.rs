@@ -1,0 +1,5 @@
+//! The logic of the runnable examples, as a library so that tests can call it directly.
+//!
+//! Each `examples/<name>.rs` is a thin `main` around one module here.
+
+pub mod bert_forward;
