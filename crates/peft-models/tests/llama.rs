@@ -153,23 +153,38 @@ fn module_paths_are_hugging_face_paths() {
     );
 }
 
-/// The padded row equals the same tokens run alone without padding, and the unpadded row is
-/// unaffected by the mask.
+/// Under causal attention, right padding changes only the padded positions: the real tokens of
+/// the padded row equal the same tokens run alone, the unpadded row equals itself run alone, and
+/// the padded positions (which attend to the real tokens only, as in Transformers) differ from
+/// an unmasked run.
 #[test]
 fn padding_mask_hides_padding_keys_only() {
     let exp = Expected::load("untied");
     let (model, _) = load::<PeftLinear<LoraAdapter>>("untied");
     let masked = model.forward(exp.ids(), Some(exp.mask()));
-    let real = exp.mask().slice([1..2, 0..7]).sum().into_scalar::<i64>() as usize;
-    assert!(real < 7, "row 1 of the fixture is padded");
+    let unmasked = model.forward(exp.ids(), None);
+    let seq = exp.ids().dims()[1];
+    let real = exp.mask().slice([1..2, 0..seq]).sum().into_scalar::<i64>() as usize;
+    assert!(real < seq, "row 1 of the fixture is padded");
     let alone = model.forward(exp.ids().slice([1..2, 0..real]), None);
     assert_close(
         "padded row vs the row alone",
         &masked.clone().slice([1..2, 0..real]),
         &alone,
     );
-    let row0 = model.forward(exp.ids().slice([0..1, 0..7]), None);
-    assert_close("unpadded row", &masked.slice([0..1, 0..7]), &row0);
+    let row0 = model.forward(exp.ids().slice([0..1, 0..seq]), None);
+    assert_close("unpadded row", &masked.clone().slice([0..1, 0..seq]), &row0);
+    let pad = |t: &Tensor<3>| t.clone().slice([1..2, real..seq]);
+    let moved = max_diff(&pad(&masked), &pad(&unmasked));
+    assert!(
+        moved > 0.1,
+        "the mask changes the padded positions ({moved})"
+    );
+    assert_close(
+        "padded positions vs transformers",
+        &pad(&masked),
+        &pad(&exp.logits("logits")),
+    );
 }
 
 /// `(base, adapter, number of adapted layers, scaling)`.
