@@ -170,7 +170,7 @@ impl WireConfig {
         }
         let head_dim = match self.head_dim {
             Some(d) => d,
-            None if self.hidden_size % heads == 0 => self.hidden_size / heads,
+            None if self.hidden_size.is_multiple_of(heads) => self.hidden_size / heads,
             None => {
                 return Err(format!(
                     "hidden_size {} is not a multiple of num_attention_heads {heads} (and no \
@@ -266,13 +266,16 @@ impl LlamaConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim
