@@ -1,0 +1,48 @@
+//! CSR sparse kernels for burn: the Rust counterpart of IST-DASLab's `spops`.
+//!
+//! - [`CsrStructure`]: a validated CSR pattern with `u32` indices (no int16 cap), explicit zeros
+//!   kept, an optional load-balancing row order; built from a mask, flat indices or a top-k.
+//! - [`CsrLayout`]: the structure on a device (with its transpose, for backward passes);
+//!   [`Csr`]: a layout plus a values tensor that can be a `Param`.
+//! - Ops on burn tensors, on every device, differentiable: [`spmm`], [`sddmm`], [`csr_add`],
+//!   [`csr_gather`], [`to_dense`], [`csr_transpose`], and the adapter terms [`sparse_linear`]
+//!   (`y = x·Sᵀ`) and [`sparse_linear_fused`] (`y = x·(W + S)ᵀ + b`, frozen `W`).
+//! - Backends through burn's `#[backend_extension]` ([`SparseBackend`]): multithreaded CPU
+//!   kernels for `Flex`, CubeCL kernels (the top-level `kernels/` folder) for every CubeCL
+//!   runtime (features `wgpu`, `cuda`), and hand-written backward passes for `Autodiff`.
+//!
+//! ```
+//! use burn::tensor::{Device, Tensor};
+//! use sparse_kernels::{CsrLayout, CsrStructure, sparse_linear};
+//!
+//! let device = Device::flex().autodiff();
+//! // S is [out = 2, in = 3] with entries (0, 1) and (1, 0), (1, 2).
+//! let mask = [false, true, false, true, false, true];
+//! let layout = CsrLayout::new(CsrStructure::from_mask(2, 3, &mask).unwrap(), &device);
+//! let values = Tensor::<1>::from_floats([2.0, 1.0, -1.0], &device).require_grad();
+//! let x = Tensor::<2>::from_floats([[1.0, 2.0, 3.0]], &device);
+//! let y = sparse_linear(x, &layout, values.clone());
+//! assert_eq!(y.to_data().to_vec::<f32>().unwrap(), vec![4.0, -2.0]);
+//! let grads = y.sum().backward();
+//! // dS[o, i] = Σ_t dY[t, o] · x[t, i] on the entries only.
+//! let dv = values.grad(&grads).unwrap();
+//! assert_eq!(dv.to_data().to_vec::<f32>().unwrap(), vec![2.0, 1.0, 3.0]);
+//! ```
+
+mod backend;
+#[cfg(feature = "flex")]
+mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
+mod error;
+mod layout;
+mod ops;
+mod structure;
+
+pub use backend::{CsrIndices, SparseBackend};
+pub use error::SparseError;
+pub use layout::{Csr, CsrLayout};
+pub use ops::{
+    csr_add, csr_gather, csr_transpose, sddmm, sparse_linear, sparse_linear_fused, spmm, to_dense,
+};
+pub use structure::{CsrStructure, MAX_INDEX};

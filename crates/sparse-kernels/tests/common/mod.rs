@@ -1,0 +1,229 @@
+//! Shared test helpers: a seeded generator, random structures, dense references, and the op
+//! checks run on every device (flex in `ops.rs`, wgpu in `wgpu.rs`).
+#![allow(dead_code)]
+
+use burn::tensor::{Device, Tensor, TensorData};
+use sparse_kernels::{
+    Csr, CsrLayout, CsrStructure, csr_add, csr_gather, csr_transpose, sddmm, sparse_linear,
+    sparse_linear_fused, spmm, to_dense,
+};
+
+/// A small deterministic generator (burn's RNG is process-global; tests run in parallel).
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1)
+    }
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f32 {
+        self.next_u32() as f32 / (1u64 << 31) as f32
+    }
+    /// Uniform in [-1, 1).
+    pub fn sym(&mut self) -> f32 {
+        2.0 * self.unit() - 1.0
+    }
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.sym()).collect()
+    }
+}
+
+/// A random mask of the given density, plus values with some explicit zeros.
+pub fn random_sparse(
+    rng: &mut Lcg,
+    rows: usize,
+    cols: usize,
+    density: f32,
+) -> (CsrStructure, Vec<f32>) {
+    let mask: Vec<bool> = (0..rows * cols).map(|_| rng.unit() < density).collect();
+    let s = CsrStructure::from_mask(rows, cols, &mask).unwrap();
+    let values = (0..s.nnz())
+        .map(|_| if rng.unit() < 0.15 { 0.0 } else { rng.sym() })
+        .collect();
+    (s, values)
+}
+
+/// Row-major dense matrix of a structure and values.
+pub fn dense_of(s: &CsrStructure, values: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0; s.rows() * s.cols()];
+    for r in 0..s.rows() {
+        for k in s.row_offsets()[r] as usize..s.row_offsets()[r + 1] as usize {
+            out[r * s.cols() + s.col_indices()[k] as usize] += values[k];
+        }
+    }
+    out
+}
+
+/// Dense `a [m,k] · b [k,n]`, f64 accumulation.
+pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f64;
+            for p in 0..k {
+                acc += a[i * k + p] as f64 * b[p * n + j] as f64;
+            }
+            out[i * n + j] = acc as f32;
+        }
+    }
+    out
+}
+
+pub fn transpose(a: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[j * m + i] = a[i * n + j];
+        }
+    }
+    out
+}
+
+pub fn t2(data: &[f32], shape: [usize; 2], device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(data.to_vec(), shape), device)
+}
+
+pub fn t1(data: &[f32], device: &Device) -> Tensor<1> {
+    Tensor::from_data(TensorData::new(data.to_vec(), [data.len()]), device)
+}
+
+pub fn read<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+#[track_caller]
+pub fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-4 * (1.0 + w.abs()) * 10.0;
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}: element {i}: got {g}, want {w}"
+        );
+    }
+}
+
+/// How the dense operand is laid out in memory.
+#[derive(Clone, Copy, Debug)]
+pub enum Layout {
+    /// Row-major contiguous.
+    Contiguous,
+    /// A transposed view of a row-major tensor.
+    Transposed,
+    /// A column slice of a wider tensor (non-contiguous rows).
+    Sliced,
+}
+
+/// Builds a `[r, c]` tensor holding `data` (row-major) with the requested memory layout.
+pub fn with_layout(data: &[f32], [r, c]: [usize; 2], layout: Layout, device: &Device) -> Tensor<2> {
+    match layout {
+        Layout::Contiguous => t2(data, [r, c], device),
+        Layout::Transposed => t2(&transpose(data, r, c), [c, r], device).transpose(),
+        Layout::Sliced => {
+            let mut wide = vec![9.0; r * (c + 3)];
+            for i in 0..r {
+                wide[i * (c + 3) + 1..i * (c + 3) + 1 + c].copy_from_slice(&data[i * c..(i + 1) * c]);
+            }
+            t2(&wide, [r, c + 3], device).slice([0..r, 1..c + 1])
+        }
+    }
+}
+
+/// Checks every op on one random case against the dense reference.
+pub fn check_all_ops(
+    device: &Device,
+    seed: u64,
+    [m, k, n]: [usize; 3],
+    density: f32,
+    layout_kind: Layout,
+) {
+    let mut rng = Lcg::new(seed);
+    let (s, values) = random_sparse(&mut rng, m, k, density);
+    let dense_a = dense_of(&s, &values);
+    let layout = CsrLayout::new(s.clone(), device);
+    let a = Csr::new(layout.clone(), t1(&values, device)).unwrap();
+
+    // spmm: A [m,k] · B [k,n]
+    let b = rng.vec(k * n);
+    let got = read(spmm(&a, with_layout(&b, [k, n], layout_kind, device)));
+    assert_close(&got, &matmul(&dense_a, &b, m, k, n), "spmm");
+
+    // sddmm: (P [m,d] · Q[k,d]ᵀ) sampled on A's structure
+    let d = n;
+    let p = rng.vec(m * d);
+    let q = rng.vec(k * d);
+    let full = matmul(&p, &transpose(&q, k, d), m, d, k);
+    let want: Vec<f32> = s
+        .flat_indices()
+        .iter()
+        .map(|&f| full[f as usize])
+        .collect();
+    let got = read(sddmm(
+        &layout,
+        with_layout(&p, [m, d], layout_kind, device),
+        with_layout(&q, [k, d], layout_kind, device),
+    ));
+    assert_close(&got, &want, "sddmm");
+
+    // csr_add, to_dense, gather
+    let base = rng.vec(m * k);
+    let got = read(csr_add(&a, with_layout(&base, [m, k], layout_kind, device)));
+    let want: Vec<f32> = base.iter().zip(&dense_a).map(|(x, y)| x + y).collect();
+    assert_close(&got, &want, "csr_add");
+    assert_close(&read(to_dense(&a)), &dense_a, "to_dense");
+    let got = read(csr_gather(&layout, with_layout(&base, [m, k], layout_kind, device)));
+    let want: Vec<f32> = s
+        .flat_indices()
+        .iter()
+        .map(|&f| base[f as usize])
+        .collect();
+    assert_close(&got, &want, "csr_gather");
+
+    // transpose keeps every entry, explicit zeros included
+    let (at, perm) = csr_transpose(&a);
+    assert_eq!(at.layout.nnz(), s.nnz(), "transpose nnz");
+    assert_eq!(at.shape(), [k, m]);
+    assert_close(&read(at.to_dense()), &transpose(&dense_a, m, k), "transpose");
+    let perm: Vec<i64> = perm.into_data().convert::<i64>().try_into_vec().unwrap();
+    let (st, host_perm) = s.transpose();
+    assert_eq!(perm, host_perm.iter().map(|&p| p as i64).collect::<Vec<_>>());
+    assert_eq!(at.layout.structure(), &st);
+
+    // sparse_linear: y = x·Aᵀ with x [t, k] (A as [out = m, in = k])
+    let t = n;
+    let x = rng.vec(t * k);
+    let got = read(sparse_linear(
+        with_layout(&x, [t, k], layout_kind, device),
+        &layout,
+        t1(&values, device),
+    ));
+    assert_close(&got, &matmul(&x, &transpose(&dense_a, m, k), t, k, m), "sparse_linear");
+
+    // fused: y = x·(W + A)ᵀ + bias with W given as [in, out]
+    let w = rng.vec(k * m);
+    let bias = rng.vec(m);
+    let got = read(sparse_linear_fused(
+        t2(&x, [t, k], device),
+        t2(&w, [k, m], device),
+        Some(t1(&bias, device)),
+        &layout,
+        t1(&values, device),
+    ));
+    let eff: Vec<f32> = w
+        .iter()
+        .zip(transpose(&dense_a, m, k))
+        .map(|(a, b)| a + b)
+        .collect();
+    let mut want = matmul(&x, &eff, t, k, m);
+    for (i, v) in want.iter_mut().enumerate() {
+        *v += bias[i % m.max(1)];
+    }
+    assert_close(&got, &want, "sparse_linear_fused");
+}

@@ -1,0 +1,217 @@
+//! Every op against a slow dense reference on the flex CPU backend.
+
+mod common;
+
+use burn::tensor::Device;
+use common::*;
+use proptest::prelude::*;
+use sparse_kernels::{CsrLayout, CsrStructure, SparseError, sparse_linear, spmm, Csr};
+
+fn device() -> Device {
+    Device::flex()
+}
+
+fn layout_kind() -> impl Strategy<Value = Layout> {
+    prop_oneof![
+        Just(Layout::Contiguous),
+        Just(Layout::Transposed),
+        Just(Layout::Sliced)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn ops_match_dense_reference(
+        seed in any::<u64>(),
+        m in 0usize..24, k in 0usize..24, n in 0usize..24,
+        density in prop_oneof![Just(0.0f32), Just(1.0f32), 0.0f32..1.0],
+        kind in layout_kind(),
+    ) {
+        check_all_ops(&device(), seed, [m, k, n], density, kind);
+    }
+
+    // Enough tokens for the token-blocked CPU path (n >= 32 lanes x threads) and its tail.
+    #[test]
+    fn ops_match_dense_reference_many_tokens(
+        seed in any::<u64>(),
+        m in 1usize..40, k in 1usize..40, n in 60usize..300,
+        density in 0.0f32..0.3,
+        kind in layout_kind(),
+    ) {
+        check_all_ops(&device(), seed, [m, k, n], density, kind);
+    }
+}
+
+#[test]
+fn edge_shapes() {
+    let d = device();
+    for (i, shape) in [
+        [0, 0, 0],
+        [0, 5, 3],
+        [5, 0, 3],
+        [5, 3, 0],
+        [1, 1, 1],
+        [1, 17, 70],
+        [17, 1, 70],
+        [1, 33, 1],
+        [33, 1, 1],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for density in [0.0, 0.5, 1.0] {
+            for kind in [Layout::Contiguous, Layout::Transposed, Layout::Sliced] {
+                check_all_ops(&d, i as u64, shape, density, kind);
+            }
+        }
+    }
+}
+
+#[test]
+fn dimensions_above_int16() {
+    // spops' int16 indices cap both dimensions at 32767; ours do not.
+    let d = device();
+    check_all_ops(&d, 7, [3, 40_000, 2], 0.001, Layout::Contiguous);
+    check_all_ops(&d, 8, [40_000, 2, 3], 0.01, Layout::Transposed);
+    let s = CsrStructure::from_flat_indices(40_000, 70_000, &[0, 39_999 * 70_000 + 69_999])
+        .unwrap()
+        .0;
+    assert_eq!(s.col_indices(), &[0, 69_999]);
+    assert_eq!(s.transpose().0.col_indices(), &[0, 39_999]);
+}
+
+#[test]
+fn explicit_zeros_are_entries() {
+    let d = device();
+    let s = CsrStructure::from_mask(2, 2, &[true, false, true, true]).unwrap();
+    let layout = CsrLayout::new(s, &d);
+    let a = Csr::zeros(layout.clone());
+    let (at, _) = sparse_kernels::csr_transpose(&a);
+    assert_eq!(at.layout.nnz(), 3);
+    // The gradient reaches every entry even though all values are zero.
+    let x = t2(&[1.0, 2.0], [1, 2], &d);
+    let y = sparse_linear(x, &layout, a.values.clone());
+    assert_eq!(read(y), vec![0.0, 0.0]);
+}
+
+#[test]
+fn structure_validation() {
+    use SparseError::*;
+    assert!(matches!(
+        CsrStructure::new(2, 3, vec![0, 1], vec![0]),
+        Err(LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        CsrStructure::new(1, 3, vec![1, 1], vec![0]),
+        Err(BadRowOffsets { .. })
+    ));
+    assert!(matches!(
+        CsrStructure::new(2, 3, vec![0, 2, 1], vec![0, 1]),
+        Err(BadRowOffsets { .. })
+    ));
+    assert!(matches!(
+        CsrStructure::new(1, 3, vec![0, 1], vec![3]),
+        Err(ColumnOutOfBounds { col: 3, .. })
+    ));
+    assert!(matches!(
+        CsrStructure::new(1, 3, vec![0, 2], vec![1, 1]),
+        Err(UnsortedRow { .. })
+    ));
+    assert!(matches!(
+        CsrStructure::new(1, 3, vec![0, 2], vec![2, 1]),
+        Err(UnsortedRow { .. })
+    ));
+    assert!(matches!(
+        CsrStructure::new(1, 3, vec![0, 1], vec![0, 1]),
+        Err(BadRowOffsets { .. })
+    ));
+    assert!(matches!(
+        CsrStructure::from_mask(2, 2, &[true]),
+        Err(LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        CsrStructure::from_flat_indices(2, 2, &[4]),
+        Err(IndexOutOfBounds { index: 4, .. })
+    ));
+    assert!(matches!(
+        CsrStructure::from_flat_indices(2, 2, &[1, 1]),
+        Err(DuplicateIndex { index: 1 })
+    ));
+    assert!(matches!(
+        CsrStructure::from_topk(1, 2, &[1.0, f32::NAN], 1),
+        Err(NanScore { index: 1 })
+    ));
+    assert!(matches!(
+        CsrStructure::from_topk(1, 2, &[1.0, 2.0], 3),
+        Err(TopKTooLarge { .. })
+    ));
+    assert!(matches!(
+        CsrStructure::new(usize::MAX / 2, 1, vec![], vec![]),
+        Err(TooLarge { .. })
+    ));
+    let s = CsrStructure::from_mask(2, 2, &[true, false, true, true]).unwrap();
+    assert!(matches!(
+        s.clone().with_custom_row_order(vec![0, 0]),
+        Err(BadRowOrder { .. })
+    ));
+    let msg = CsrStructure::new(1, 3, vec![0, 1], vec![3])
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("out of bounds"), "{msg}");
+    let d = device();
+    assert!(matches!(
+        Csr::new(CsrLayout::new(s, &d), t1(&[1.0], &d)),
+        Err(LengthMismatch { what: "values", .. })
+    ));
+}
+
+#[test]
+fn builders_agree() {
+    let mut rng = Lcg::new(3);
+    let (rows, cols) = (7, 9);
+    let mask: Vec<bool> = (0..rows * cols).map(|_| rng.unit() < 0.3).collect();
+    let from_mask = CsrStructure::from_mask(rows, cols, &mask).unwrap();
+    // Flat indices in scrambled order, with the order that maps values into CSR order.
+    let mut flat = from_mask.flat_indices();
+    flat.reverse();
+    let (from_flat, order) = CsrStructure::from_flat_indices(rows, cols, &flat).unwrap();
+    assert_eq!(from_flat, from_mask);
+    let sorted: Vec<u64> = order.iter().map(|&p| flat[p as usize]).collect();
+    assert_eq!(sorted, from_mask.flat_indices());
+    // Top-k of a score that is high exactly on the mask.
+    let scores: Vec<f32> = mask.iter().map(|&m| if m { 2.0 + rng.unit() } else { rng.unit() }).collect();
+    let topk = CsrStructure::from_topk(rows, cols, &scores, from_mask.nnz()).unwrap();
+    assert_eq!(topk, from_mask);
+    assert_eq!(CsrStructure::from_topk(rows, cols, &scores, 0).unwrap().nnz(), 0);
+    // Row order: longest rows first, a permutation.
+    let ordered = from_mask.clone().with_row_order();
+    let order = ordered.row_order().unwrap();
+    let len = |r: u32| from_mask.row_offsets()[r as usize + 1] - from_mask.row_offsets()[r as usize];
+    assert!(order.windows(2).all(|w| len(w[0]) >= len(w[1])));
+    let mut sorted = order.to_vec();
+    sorted.sort();
+    assert_eq!(sorted, (0..rows as u32).collect::<Vec<_>>());
+}
+
+#[test]
+fn spmm_on_a_3d_batch_through_sparse_linear() {
+    let d = device();
+    let mut rng = Lcg::new(11);
+    let (s, values) = random_sparse(&mut rng, 6, 5, 0.4);
+    let layout = CsrLayout::new(s.clone(), &d);
+    let x = rng.vec(2 * 3 * 5);
+    let y = sparse_linear(
+        burn::tensor::Tensor::<3>::from_data(burn::tensor::TensorData::new(x.clone(), [2, 3, 5]), &d),
+        &layout,
+        t1(&values, &d),
+    );
+    assert_eq!(y.dims(), [2, 3, 6]);
+    let want = matmul(&x, &transpose(&dense_of(&s, &values), 6, 5), 6, 5, 6);
+    assert_close(&read(y), &want, "3d sparse_linear");
+    // And spmm of a plain matrix.
+    let a = Csr::new(layout, t1(&values, &d)).unwrap();
+    let b = rng.vec(5 * 4);
+    assert_close(&read(spmm(&a, t2(&b, [5, 4], &d))), &matmul(&dense_of(&s, &values), &b, 6, 5, 4), "spmm");
+}
