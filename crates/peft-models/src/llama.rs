@@ -8,6 +8,26 @@
 //! The model is RMSNorm pre-norm blocks, rotary position embeddings (Hugging Face's
 //! `rotate_half` convention), grouped-query attention (key/value heads repeated to the query
 //! heads), a SwiGLU MLP and a tied or untied LM head.
+//!
+//! ```
+//! use std::path::Path;
+//!
+//! use burn::tensor::{Device, Int, Tensor};
+//! use peft_core::PeftLinear;
+//! use peft_lora::{LoadOptions, LoraAdapter, LoraModel};
+//! use peft_models::llama::Llama;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = Device::flex();
+//! let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama/untied");
+//! let (llama, config) = Llama::<PeftLinear<LoraAdapter>>::from_pretrained(&dir, &device)?;
+//! // A LoRA adapter on ["q_proj", "v_proj"] saved by Python PEFT.
+//! let lora = LoraModel::from_pretrained(llama, &dir.join("lora_qv"), &LoadOptions::default())?;
+//! let ids = Tensor::<2, Int>::from_ints([[1, 5, 9, 2]], &device);
+//! let logits = lora.model().forward(ids, None);
+//! assert_eq!(logits.dims(), [1, 4, config.vocab_size]);
+//! # Ok(()) }
+//! ```
 
 use std::path::Path;
 

@@ -421,3 +421,33 @@ fn transformers_4_configs_are_read_too() {
     json.remove("rope_scaling");
     assert_eq!(parse(&json).unwrap().rope_theta, 10000.0);
 }
+
+/// Random initialisation gives the right structure (no values are compared).
+#[test]
+fn new_builds_the_configured_structure() {
+    let device = Device::flex();
+    let mut config = LlamaConfig::new(40, 16, 24, 3, 4);
+    config.num_key_value_heads = 2;
+    let untied = Plain::new(&config, &device);
+    assert_eq!(untied.model.layers.len(), 3);
+    assert_eq!(
+        untied.model.layers[0].self_attn.k_proj.weight.dims(),
+        [16, 8]
+    );
+    let ids = Tensor::<2, Int>::from_ints([[1, 2, 3], [4, 5, 6]], &device);
+    assert_eq!(untied.forward(ids.clone(), None).dims(), [2, 3, 40]);
+    config.tie_word_embeddings = true;
+    config.attention_bias = true;
+    let tied = Fast::new(&config, &device);
+    assert!(tied.lm_head.is_none());
+    assert!(tied.model.layers[0].self_attn.o_proj.bias.is_some());
+    assert_eq!(tied.forward(ids, None).dims(), [2, 3, 40]);
+}
+
+#[test]
+#[should_panic(expected = "multiple of num_key_value_heads")]
+fn new_refuses_an_inconsistent_config() {
+    let mut config = LlamaConfig::new(40, 16, 24, 1, 4);
+    config.num_key_value_heads = 3;
+    let _ = Plain::new(&config, &Device::flex());
+}
