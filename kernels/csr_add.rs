@@ -3,7 +3,7 @@
 
 use cubecl::prelude::*;
 
-use super::sddmm::find_row;
+use crate::cube::sddmm::find_row;
 
 /// One thread per stored entry. Entries of a valid CSR are distinct positions, so there are no
 /// write conflicts. `dense` may have any (non-aliasing) strides.

@@ -151,15 +151,20 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
                 FloatTensor<B>,
             );
 
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let [node_values, node_b] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (s, st, perm, values, b) = ops.state;
                 let cols = b.shape()[0];
                 if let Some(node) = node_values {
                     // dvalues[k] = Σ_n grad[i_k, n] · b[j_k, n]
-                    let bt = B::float_transpose(b);
-                    let dv = B::csr_sddmm(s.clone(), st.clone(), perm.clone(), grad.clone(), bt);
+                    // (b is [cols, n]: it is already the `bt` operand of the SDDMM.)
+                    let dv = B::csr_sddmm(s.clone(), st.clone(), perm.clone(), grad.clone(), b);
                     grads.register::<B>(node.id, dv);
                 }
                 if let Some(node) = node_b {
@@ -179,7 +184,14 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (v, bp) = (values.primitive().clone(), b.primitive().clone());
-                let out = B::csr_spmm(s.clone(), st.clone(), perm.clone(), v.clone(), bp.clone(), rows);
+                let out = B::csr_spmm(
+                    s.clone(),
+                    st.clone(),
+                    perm.clone(),
+                    v.clone(),
+                    bp.clone(),
+                    rows,
+                );
                 prep.finish((s, st, perm, v, bp), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::csr_spmm(
@@ -212,14 +224,20 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
                 FloatTensor<B>,
             );
 
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let [node_a, node_bt] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (s, st, perm, a, bt) = ops.state;
                 let (rows, cols) = (a.shape()[0], bt.shape()[0]);
                 if let Some(node) = node_a {
                     // da = S(grad) · bt
-                    let da = B::csr_spmm(s.clone(), st.clone(), perm.clone(), grad.clone(), bt, rows);
+                    let da =
+                        B::csr_spmm(s.clone(), st.clone(), perm.clone(), grad.clone(), bt, rows);
                     grads.register::<B>(node.id, da);
                 }
                 if let Some(node) = node_bt {
@@ -239,7 +257,8 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (ap, btp) = (a.primitive().clone(), bt.primitive().clone());
-                let out = B::csr_sddmm(s.clone(), st.clone(), perm.clone(), ap.clone(), btp.clone());
+                let out =
+                    B::csr_sddmm(s.clone(), st.clone(), perm.clone(), ap.clone(), btp.clone());
                 prep.finish((s, st, perm, ap, btp), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::csr_sddmm(
@@ -263,7 +282,12 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
         impl<B: SparseBackend> Backward<B, 2> for AddBackward {
             type State = CsrIndices<B>;
 
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let [node_values, node_dense] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let s = ops.state;
@@ -286,9 +310,11 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
                 let out = B::csr_add(s.clone(), values.into_primitive(), dense.into_primitive());
                 prep.finish(s, out)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::csr_add(s, values.into_primitive(), dense.into_primitive()))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::csr_add(
+                s,
+                values.into_primitive(),
+                dense.into_primitive(),
+            )),
         }
     }
 
@@ -299,7 +325,12 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
         impl<B: SparseBackend> Backward<B, 1> for GatherBackward {
             type State = (CsrIndices<B>, Shape);
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let [node_dense] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (s, shape) = ops.state;

@@ -143,12 +143,16 @@ fn indices(t: &IntTensor<Flex>) -> std::borrow::Cow<'_, [i32]> {
                 b.as_slice::<i32>().expect("contiguous i32 index tensor"),
             ),
             std::borrow::Cow::Owned(o) => std::borrow::Cow::Owned(
-                o.as_slice::<i32>().expect("contiguous i32 index tensor").to_vec(),
+                o.as_slice::<i32>()
+                    .expect("contiguous i32 index tensor")
+                    .to_vec(),
             ),
         },
         _ => {
             let data = t.into_owned().into_data().convert::<i64>();
-            std::borrow::Cow::Owned(convert(data.try_into_vec::<i64>().expect("integer index data")))
+            std::borrow::Cow::Owned(convert(
+                data.try_into_vec::<i64>().expect("integer index data"),
+            ))
         }
     }
 }
@@ -305,18 +309,18 @@ fn spmm(s: &CsrIndices<Flex>, values: FlexFloat, b: FlexFloat, rows: usize) -> F
     if bv.rs == 1 && bv.cs != 1 && n >= LANES * threads {
         // Adapter case: B is a transposed view of a row-major x. Produce Cᵀ contiguous.
         let mut out = vec![0f32; rows * n];
-        out.par_chunks_mut(LANES * rows)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; bv.rows * LANES],
-                |panel, (blk, chunk)| {
-                    spmm_token_block(&ro, &ci, vals, bv, blk * LANES, panel, chunk)
-                },
-            );
+        out.par_chunks_mut(LANES * rows).enumerate().for_each_init(
+            || vec![0f32; bv.rows * LANES],
+            |panel, (blk, chunk)| spmm_token_block(&ro, &ci, vals, bv, blk * LANES, panel, chunk),
+        );
         let ct = FlexFloat::from_data(TensorData::new(out, [n, rows]));
         return cast_back(Flex::float_transpose(ct), dtype);
     }
-    let b = if bv.cs == 1 || n == 1 { b } else { b.to_contiguous() };
+    let b = if bv.cs == 1 || n == 1 {
+        b
+    } else {
+        b.to_contiguous()
+    };
     let bv = view(&b);
     let mut out = vec![0f32; rows * n];
     let ranges = row_ranges(&ro, parts());
@@ -478,7 +482,12 @@ fn csr_gather(s: &CsrIndices<Flex>, dense: FlexFloat) -> FlexFloat {
     let (ro, ci) = (indices(&s.row_offsets), indices(&s.col_indices));
     let (dense, dtype) = prepare(dense);
     let dv = view(&dense);
-    assert_eq!(ro.len(), dv.rows + 1, "csr_gather: dense has {} rows", dv.rows);
+    assert_eq!(
+        ro.len(),
+        dv.rows + 1,
+        "csr_gather: dense has {} rows",
+        dv.rows
+    );
     let nnz = ci.len();
     let mut out = vec![0f32; nnz];
     let ranges = row_ranges(&ro, parts());

@@ -13,29 +13,31 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 use crate::backend::{CsrIndices, SparseBackend};
 
 #[allow(missing_docs)]
-mod kernels {
-    #[path = "../../../../kernels/csr_add.rs"]
-    pub mod csr_add;
-    #[path = "../../../../kernels/sddmm.rs"]
-    pub mod sddmm;
-    #[path = "../../../../kernels/spmm.rs"]
-    pub mod spmm;
-}
-use kernels::{
-    csr_add::{copy_2d_kernel, csr_add_kernel, csr_gather_kernel},
-    sddmm::csr_sddmm_kernel,
-    spmm::csr_spmm_kernel,
-};
+#[path = "../../../kernels/csr_add.rs"]
+mod csr_add;
+#[allow(missing_docs)]
+#[path = "../../../kernels/sddmm.rs"]
+mod sddmm;
+#[allow(missing_docs)]
+#[path = "../../../kernels/spmm.rs"]
+mod spmm;
+
+use csr_add::{copy_2d_kernel, csr_add_kernel, csr_gather_kernel};
+use sddmm::csr_sddmm_kernel;
+use spmm::csr_spmm_kernel;
 
 type Cube = FloatTensor<CubeBackend>;
 
-fn launch_dims(client: &burn_cubecl::CubeClient, n: usize) -> (cubecl::CubeCount, CubeDim) {
+fn launch_dims(client: &cubecl::client::Client, n: usize) -> (cubecl::CubeCount, CubeDim) {
     let dim = CubeDim::new(client, n.max(1));
     (calculate_cube_count_elemwise(client, n.max(1), dim), dim)
 }
 
 fn indices(s: CsrIndices<CubeBackend>) -> (IntTensor<CubeBackend>, IntTensor<CubeBackend>) {
-    (into_contiguous(s.row_offsets), into_contiguous(s.col_indices))
+    (
+        into_contiguous(s.row_offsets),
+        into_contiguous(s.col_indices),
+    )
 }
 
 impl SparseBackend for CubeBackend {
@@ -51,7 +53,12 @@ impl SparseBackend for CubeBackend {
         let values = into_contiguous(values);
         let n = b.shape()[1];
         let (fdt, idt) = (b.dtype, ro.dtype);
-        let out: Cube = empty_device_dtype(b.client.clone(), b.device.clone(), Shape::new([rows, n]), fdt);
+        let out: Cube = empty_device_dtype(
+            b.client.clone(),
+            b.device.clone(),
+            Shape::new([rows, n]),
+            fdt,
+        );
         if rows * n == 0 {
             return out;
         }
@@ -80,7 +87,8 @@ impl SparseBackend for CubeBackend {
         let (ro, ci) = indices(s);
         let nnz = ci.shape()[0];
         let (fdt, idt) = (a.dtype, ro.dtype);
-        let out: Cube = empty_device_dtype(a.client.clone(), a.device.clone(), Shape::new([nnz]), fdt);
+        let out: Cube =
+            empty_device_dtype(a.client.clone(), a.device.clone(), Shape::new([nnz]), fdt);
         if nnz == 0 {
             return out;
         }
@@ -112,8 +120,12 @@ impl SparseBackend for CubeBackend {
         let out = if dense.can_mut() && dense.is_contiguous() {
             dense
         } else {
-            let out: Cube =
-                empty_device_dtype(dense.client.clone(), dense.device.clone(), shape.clone(), fdt);
+            let out: Cube = empty_device_dtype(
+                dense.client.clone(),
+                dense.device.clone(),
+                shape.clone(),
+                fdt,
+            );
             if shape.num_elements() > 0 {
                 let (count, dim) = launch_dims(&out.client, shape.num_elements());
                 copy_2d_kernel::launch(
@@ -149,8 +161,12 @@ impl SparseBackend for CubeBackend {
         let (ro, ci) = indices(s);
         let nnz = ci.shape()[0];
         let (fdt, idt) = (dense.dtype, ro.dtype);
-        let out: Cube =
-            empty_device_dtype(dense.client.clone(), dense.device.clone(), Shape::new([nnz]), fdt);
+        let out: Cube = empty_device_dtype(
+            dense.client.clone(),
+            dense.device.clone(),
+            Shape::new([nnz]),
+            fdt,
+        );
         if nnz == 0 {
             return out;
         }

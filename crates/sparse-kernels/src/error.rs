@@ -53,7 +53,9 @@ pub enum SparseError {
         col: u32,
     },
     /// A flat index is outside `0..rows*cols`.
-    #[error("flat index {index} at position {position} is out of bounds for a {rows}x{cols} matrix")]
+    #[error(
+        "flat index {index} at position {position} is out of bounds for a {rows}x{cols} matrix"
+    )]
     IndexOutOfBounds {
         /// Position in the given index list.
         position: usize,

@@ -125,7 +125,11 @@ pub fn csr_transpose(a: &Csr) -> (Csr, Tensor<1, Int>) {
 
 /// The result when some dimension is zero (burn's `reshape` reads a 0 as "keep this dimension",
 /// so zero-sized shapes are handled here): zeros, plus the bias where there are outputs.
-fn empty_output<const D: usize>(x: &Tensor<D>, out: usize, bias: Option<Tensor<1>>) -> Option<Tensor<D>> {
+fn empty_output<const D: usize>(
+    x: &Tensor<D>,
+    out: usize,
+    bias: Option<Tensor<1>>,
+) -> Option<Tensor<D>> {
     let mut dims = x.dims();
     if dims.iter().all(|&d| d > 0) && out > 0 {
         return None;

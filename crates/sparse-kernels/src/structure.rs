@@ -341,10 +341,12 @@ impl CsrStructure {
         }
         let mut seen = vec![false; self.rows];
         for &r in &order {
-            let slot = seen.get_mut(r as usize).ok_or_else(|| SparseError::BadRowOrder {
-                rows: self.rows,
-                detail: format!("row {r} is out of range"),
-            })?;
+            let slot = seen
+                .get_mut(r as usize)
+                .ok_or_else(|| SparseError::BadRowOrder {
+                    rows: self.rows,
+                    detail: format!("row {r} is out of range"),
+                })?;
             if *slot {
                 return Err(SparseError::BadRowOrder {
                     rows: self.rows,

@@ -5,7 +5,7 @@ mod common;
 use burn::tensor::Device;
 use common::*;
 use proptest::prelude::*;
-use sparse_kernels::{CsrLayout, CsrStructure, SparseError, sparse_linear, spmm, Csr};
+use sparse_kernels::{Csr, CsrLayout, CsrStructure, SparseError, sparse_linear, spmm};
 
 fn device() -> Device {
     Device::flex()
@@ -181,14 +181,23 @@ fn builders_agree() {
     let sorted: Vec<u64> = order.iter().map(|&p| flat[p as usize]).collect();
     assert_eq!(sorted, from_mask.flat_indices());
     // Top-k of a score that is high exactly on the mask.
-    let scores: Vec<f32> = mask.iter().map(|&m| if m { 2.0 + rng.unit() } else { rng.unit() }).collect();
+    let scores: Vec<f32> = mask
+        .iter()
+        .map(|&m| if m { 2.0 + rng.unit() } else { rng.unit() })
+        .collect();
     let topk = CsrStructure::from_topk(rows, cols, &scores, from_mask.nnz()).unwrap();
     assert_eq!(topk, from_mask);
-    assert_eq!(CsrStructure::from_topk(rows, cols, &scores, 0).unwrap().nnz(), 0);
+    assert_eq!(
+        CsrStructure::from_topk(rows, cols, &scores, 0)
+            .unwrap()
+            .nnz(),
+        0
+    );
     // Row order: longest rows first, a permutation.
     let ordered = from_mask.clone().with_row_order();
     let order = ordered.row_order().unwrap();
-    let len = |r: u32| from_mask.row_offsets()[r as usize + 1] - from_mask.row_offsets()[r as usize];
+    let len =
+        |r: u32| from_mask.row_offsets()[r as usize + 1] - from_mask.row_offsets()[r as usize];
     assert!(order.windows(2).all(|w| len(w[0]) >= len(w[1])));
     let mut sorted = order.to_vec();
     sorted.sort();
@@ -203,7 +212,10 @@ fn spmm_on_a_3d_batch_through_sparse_linear() {
     let layout = CsrLayout::new(s.clone(), &d);
     let x = rng.vec(2 * 3 * 5);
     let y = sparse_linear(
-        burn::tensor::Tensor::<3>::from_data(burn::tensor::TensorData::new(x.clone(), [2, 3, 5]), &d),
+        burn::tensor::Tensor::<3>::from_data(
+            burn::tensor::TensorData::new(x.clone(), [2, 3, 5]),
+            &d,
+        ),
         &layout,
         t1(&values, &d),
     );
@@ -213,5 +225,9 @@ fn spmm_on_a_3d_batch_through_sparse_linear() {
     // And spmm of a plain matrix.
     let a = Csr::new(layout, t1(&values, &d)).unwrap();
     let b = rng.vec(5 * 4);
-    assert_close(&read(spmm(&a, t2(&b, [5, 4], &d))), &matmul(&dense_of(&s, &values), &b, 6, 5, 4), "spmm");
+    assert_close(
+        &read(spmm(&a, t2(&b, [5, 4], &d))),
+        &matmul(&dense_of(&s, &values), &b, 6, 5, 4),
+        "spmm",
+    );
 }

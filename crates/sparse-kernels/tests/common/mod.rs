@@ -13,7 +13,11 @@ pub struct Lcg(u64);
 
 impl Lcg {
     pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1)
+        Self(
+            seed.wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407)
+                | 1,
+        )
     }
     pub fn next_u32(&mut self) -> u32 {
         self.0 = self
@@ -95,7 +99,10 @@ pub fn t1(data: &[f32], device: &Device) -> Tensor<1> {
 }
 
 pub fn read<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
 }
 
 #[track_caller]
@@ -129,7 +136,8 @@ pub fn with_layout(data: &[f32], [r, c]: [usize; 2], layout: Layout, device: &De
         Layout::Sliced => {
             let mut wide = vec![9.0; r * (c + 3)];
             for i in 0..r {
-                wide[i * (c + 3) + 1..i * (c + 3) + 1 + c].copy_from_slice(&data[i * c..(i + 1) * c]);
+                wide[i * (c + 3) + 1..i * (c + 3) + 1 + c]
+                    .copy_from_slice(&data[i * c..(i + 1) * c]);
             }
             t2(&wide, [r, c + 3], device).slice([0..r, 1..c + 1])
         }
@@ -160,11 +168,7 @@ pub fn check_all_ops(
     let p = rng.vec(m * d);
     let q = rng.vec(k * d);
     let full = matmul(&p, &transpose(&q, k, d), m, d, k);
-    let want: Vec<f32> = s
-        .flat_indices()
-        .iter()
-        .map(|&f| full[f as usize])
-        .collect();
+    let want: Vec<f32> = s.flat_indices().iter().map(|&f| full[f as usize]).collect();
     let got = read(sddmm(
         &layout,
         with_layout(&p, [m, d], layout_kind, device),
@@ -178,22 +182,28 @@ pub fn check_all_ops(
     let want: Vec<f32> = base.iter().zip(&dense_a).map(|(x, y)| x + y).collect();
     assert_close(&got, &want, "csr_add");
     assert_close(&read(to_dense(&a)), &dense_a, "to_dense");
-    let got = read(csr_gather(&layout, with_layout(&base, [m, k], layout_kind, device)));
-    let want: Vec<f32> = s
-        .flat_indices()
-        .iter()
-        .map(|&f| base[f as usize])
-        .collect();
+    let got = read(csr_gather(
+        &layout,
+        with_layout(&base, [m, k], layout_kind, device),
+    ));
+    let want: Vec<f32> = s.flat_indices().iter().map(|&f| base[f as usize]).collect();
     assert_close(&got, &want, "csr_gather");
 
     // transpose keeps every entry, explicit zeros included
     let (at, perm) = csr_transpose(&a);
     assert_eq!(at.layout.nnz(), s.nnz(), "transpose nnz");
     assert_eq!(at.shape(), [k, m]);
-    assert_close(&read(at.to_dense()), &transpose(&dense_a, m, k), "transpose");
+    assert_close(
+        &read(at.to_dense()),
+        &transpose(&dense_a, m, k),
+        "transpose",
+    );
     let perm: Vec<i64> = perm.into_data().convert::<i64>().try_into_vec().unwrap();
     let (st, host_perm) = s.transpose();
-    assert_eq!(perm, host_perm.iter().map(|&p| p as i64).collect::<Vec<_>>());
+    assert_eq!(
+        perm,
+        host_perm.iter().map(|&p| p as i64).collect::<Vec<_>>()
+    );
     assert_eq!(at.layout.structure(), &st);
 
     // sparse_linear: y = x·Aᵀ with x [t, k] (A as [out = m, in = k])
@@ -204,7 +214,11 @@ pub fn check_all_ops(
         &layout,
         t1(&values, device),
     ));
-    assert_close(&got, &matmul(&x, &transpose(&dense_a, m, k), t, k, m), "sparse_linear");
+    assert_close(
+        &got,
+        &matmul(&x, &transpose(&dense_a, m, k), t, k, m),
+        "sparse_linear",
+    );
 
     // fused: y = x·(W + A)ᵀ + bias with W given as [in, out]
     let w = rng.vec(k * m);
@@ -226,4 +240,22 @@ pub fn check_all_ops(
         *v += bias[i % m.max(1)];
     }
     assert_close(&got, &want, "sparse_linear_fused");
+}
+
+/// Gradients of `loss = Σ y²` with `y = x·Sᵀ` by the dense formula:
+/// `dY = 2y`, `dx = dY·S`, `dS = dYᵀ·x` sampled on the structure.
+pub fn dense_sparse_linear_grads(
+    s: &CsrStructure,
+    values: &[f32],
+    x: &[f32],
+    tokens: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (out, inp) = (s.rows(), s.cols());
+    let dense = dense_of(s, values);
+    let y = matmul(x, &transpose(&dense, out, inp), tokens, inp, out);
+    let dy: Vec<f32> = y.iter().map(|v| 2.0 * v).collect();
+    let dx = matmul(&dy, &dense, tokens, out, inp);
+    let ds = matmul(&transpose(&dy, tokens, out), x, out, tokens, inp);
+    let dv = s.flat_indices().iter().map(|&f| ds[f as usize]).collect();
+    (dx, dv)
 }
