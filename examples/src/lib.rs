@@ -3,3 +3,4 @@
 //! Each `examples/<name>.rs` is a thin `main` around one module here.
 
 pub mod bert_forward;
+pub mod finetune;

@@ -1,0 +1,177 @@
+//! # bench_minilm: training-step and forward cost on all-MiniLM-L6-v2, against PyTorch + PEFT
+//!
+//! ```sh
+//! python3 scripts/fetch_minilm.py                     # once: the model
+//! bash benchmarks/minilm.sh                           # both sides in one run, ratios printed
+//! # or the Rust side alone:
+//! cargo run --release --example bench_minilm --features x86-v4 -- [--rounds 3] [--steps 5]
+//! ```
+//!
+//! Workload (the same in `benchmarks/minilm_pytorch.py`): batch 16 x 128 tokens (random ids,
+//! no padding), loss `mean(last_hidden_state²)`, AdamW (lr 1e-4, weight decay 0.01, eps 1e-8),
+//! dropout off. Variants: full fine-tuning; LoRA r=16, alpha 32 on every linear layer
+//! (`query`, `key`, `value`, `dense`) in activation space (`PeftLinear`) and in weight space
+//! (`burn::nn::Linear` + reparameterization); the eval forward without gradients. Each round
+//! runs every variant for `--steps` steps after one warm-up step; the medians of the rounds are
+//! printed, in milliseconds, and written as JSON with `--json`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor};
+use clap::Parser;
+use peft_core::{ModuleSelector, PeftLinear};
+use peft_lora::{LoraAdapter, LoraConfig, LoraModel};
+use peft_models::LinearLayer;
+use peft_models::bert::{Bert, BertConfig};
+
+#[derive(Parser, Debug)]
+#[command(about = "MiniLM training-step and forward benchmark (burn-peft side)")]
+struct Args {
+    /// Model folder (default: all-MiniLM-L6-v2 in the cache).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Rounds (the reported figure is the median over rounds of per-round medians).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Timed steps per variant and round.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const BATCH: usize = 16;
+const SEQ: usize = 128;
+
+struct Variant<L: LinearLayer> {
+    model: Bert<L>,
+    optim: ModuleOptimizer,
+}
+
+impl<L: LinearLayer> Variant<L> {
+    fn step(&mut self, ids: &Tensor<2, Int>, mask: &Tensor<2, Int>) -> f32 {
+        let hidden = self.model.forward(ids.clone(), mask.clone());
+        let loss = hidden.square().mean();
+        let value = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        self.model = self.optim.step(1e-4, self.model.clone(), grads);
+        value
+    }
+}
+
+fn adamw() -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(0.01)
+        .with_epsilon(1e-8)
+        .init()
+}
+
+fn load<L: LinearLayer>(dir: &std::path::Path, device: &Device) -> anyhow::Result<Bert<L>> {
+    let mut config = BertConfig::from_dir(dir)?;
+    config.hidden_dropout_prob = 0.0;
+    let ckpt = peft_models::Checkpoint::open(&dir.join("model.safetensors"))?
+        .detect_prefix("embeddings.word_embeddings.weight", &["", "bert."])?;
+    Ok(Bert::load(&config, &ckpt, device)?)
+}
+
+fn lora() -> LoraConfig {
+    LoraConfig::new(16, 32.0, ModuleSelector::names(["query", "key", "value", "dense"]))
+}
+
+fn time(steps: usize, mut f: impl FnMut() -> f32) -> f64 {
+    f(); // warm-up
+    let mut t: Vec<f64> = (0..steps)
+        .map(|_| {
+            let start = Instant::now();
+            let v = f();
+            assert!(v.is_finite());
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = match args.model {
+        Some(d) => d,
+        None => peft_models::minilm_dir()?,
+    };
+    let device = Device::default().autodiff();
+    let config = BertConfig::from_dir(&dir)?;
+    // Deterministic ids in 1000..vocab (skipping special tokens), all positions attended.
+    let ids: Vec<i64> = (0..BATCH * SEQ)
+        .map(|i| 1000 + ((i as i64 * 7919 + 13) % (config.vocab_size as i64 - 1000)))
+        .collect();
+    let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([BATCH, SEQ]);
+    let mask = Tensor::<2, Int>::ones([BATCH, SEQ], &device);
+
+    let mut full = Variant { model: load::<Linear>(&dir, &device)?, optim: adamw() };
+    let act = LoraModel::new(load::<PeftLinear<LoraAdapter>>(&dir, &device)?, lora())?;
+    let weight = LoraModel::new(load::<Linear>(&dir, &device)?, lora())?;
+    println!(
+        "trainable: full {}, LoRA activation-space {}, LoRA weight-space {}",
+        peft_core::hosts::parameters(&full.model).iter().map(|p| p.2).sum::<usize>(),
+        act.trainable_parameters().0,
+        weight.trainable_parameters().0
+    );
+    let mut act = Variant { model: act.into_model(), optim: adamw() };
+    let mut weight = Variant { model: weight.into_model(), optim: adamw() };
+    let eval_model = load::<Linear>(&dir, &device)?.valid();
+    let (eval_ids, eval_mask) = (ids.clone().inner(), mask.clone().inner());
+
+    let (mut t_full, mut t_act, mut t_weight, mut t_eval) = (vec![], vec![], vec![], vec![]);
+    for round in 0..args.rounds {
+        t_full.push(time(args.steps, || full.step(&ids, &mask)));
+        t_act.push(time(args.steps, || act.step(&ids, &mask)));
+        t_weight.push(time(args.steps, || weight.step(&ids, &mask)));
+        t_eval.push(time(args.steps, || {
+            eval_model
+                .forward(eval_ids.clone(), eval_mask.clone())
+                .slice([0..1, 0..1, 0..1])
+                .into_scalar::<f32>()
+        }));
+        println!(
+            "round {}: full {:.0} ms, LoRA activation {:.0} ms, LoRA weight {:.0} ms, eval forward {:.0} ms",
+            round + 1,
+            t_full[round],
+            t_act[round],
+            t_weight[round],
+            t_eval[round]
+        );
+    }
+    // What limits us: exact GELU (forward + backward) on one FFN activation, times the layers.
+    let gelu_ms = time(args.steps, || {
+        let x = Tensor::<2>::ones([BATCH * SEQ, config.intermediate_size], &device)
+            .mul_scalar(0.3)
+            .require_grad();
+        let y = burn::tensor::activation::gelu(x.clone()).sum();
+        let g = y.backward();
+        x.grad(&g).map_or(f32::NAN, |g| g.slice([0..1, 0..1]).into_scalar::<f32>())
+    }) * config.num_hidden_layers as f64;
+    println!("exact GELU forward + backward, all {} layers: {gelu_ms:.0} ms per step", config.num_hidden_layers);
+    let result = serde_json::json!({
+        "gelu_fwd_bwd_all_layers_ms": gelu_ms,
+        "full_ft_ms": median(t_full),
+        "lora_activation_ms": median(t_act),
+        "lora_weight_ms": median(t_weight),
+        "eval_forward_ms": median(t_eval),
+    });
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    if let Some(path) = args.json {
+        std::fs::write(&path, result.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

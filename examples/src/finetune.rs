@@ -1,0 +1,512 @@
+//! `finetune`: fine-tune a pretrained BERT (all-MiniLM-L6-v2) with a classification head on a
+//! generated topic-classification task, with any burn-peft method.
+//!
+//! The task: sentences built from templates around one topic word (sports, food, weather,
+//! computing). Training uses 6 templates and 8 words per topic; evaluation uses 3 other templates
+//! and 4 other words per topic, so the head can only generalise through what the pretrained
+//! encoder already knows about the words.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, ensure};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use peft_core::step::Stepper;
+use peft_core::{ModuleSelector, PeftLinear, SaveOptions};
+use peft_lora::{LoraAdapter, LoraConfig, LoraModel};
+use peft_models::LinearLayer;
+use peft_models::bert::{Bert, mean_pool};
+
+/// The fine-tuning methods the example runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodArg {
+    /// LoRA on every linear layer of the encoder (activation-space path), head trained in full.
+    Lora,
+    /// AdaLoRA on every linear layer with its rank allocator in the step.
+    Adalora,
+    /// ID3: a budget of the model's own entries, unmasked step by step by |g|/|θ|.
+    Id3,
+    /// PaFI: the budget's smallest-magnitude entries.
+    Pafi,
+    /// BitFit: the biases.
+    Bitfit,
+}
+
+/// Command-line options of `finetune`.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(about = "Fine-tune all-MiniLM-L6-v2 on a generated topic-classification task")]
+pub struct Args {
+    /// Model folder (default: all-MiniLM-L6-v2 in the cache, see scripts/fetch_minilm.py).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The method.
+    #[arg(long, value_enum, default_value_t = MethodArg::Lora)]
+    pub method: MethodArg,
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    /// Sentences per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Learning rate (default: 2e-3 for LoRA/AdaLoRA, 1e-3 for ID3/PaFI/BitFit).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// LoRA rank (AdaLoRA: the initial rank; it keeps half on average).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// ID3 / PaFI budget in entries (default: the LoRA trainable count at `--rank`).
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// Seed of the data order and of the head.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Folder to save the adapter (LoRA, AdaLoRA: PEFT format) or summary (selective) in.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress bar (for logs and tests).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Held-out accuracy with the untrained head.
+    pub before: f32,
+    /// Held-out accuracy after fine-tuning.
+    pub after: f32,
+    /// Training accuracy after fine-tuning.
+    pub train_after: f32,
+    /// Mean loss of the first and of the last epoch.
+    pub loss: (f32, f32),
+    /// Trainable entries and all entries of the model.
+    pub trainable: (usize, usize),
+    /// Median training-step time in milliseconds.
+    pub step_ms: f64,
+}
+
+const TOPICS: [&str; 4] = ["sports", "food", "weather", "computing"];
+const TRAIN_WORDS: [[&str; 8]; 4] = [
+    ["football", "tennis", "basketball", "marathon", "hockey", "baseball", "volleyball", "cricket"],
+    ["pizza", "pasta", "salad", "sandwich", "soup", "burger", "noodles", "pancakes"],
+    ["rain", "snow", "thunderstorm", "fog", "hail", "drizzle", "heatwave", "blizzard"],
+    ["laptop", "smartphone", "software", "keyboard", "router", "processor", "database", "compiler"],
+];
+const TEST_WORDS: [[&str; 4]; 4] = [
+    ["golf", "rugby", "swimming", "boxing"],
+    ["sushi", "curry", "omelette", "dumplings"],
+    ["sleet", "hurricane", "frost", "monsoon"],
+    ["tablet", "server", "browser", "algorithm"],
+];
+const TRAIN_TEMPLATES: [&str; 6] = [
+    "I was thinking about the {} all morning.",
+    "She told me a long story about {}.",
+    "There was a lot of talk about {} yesterday.",
+    "My brother cannot stop mentioning {}.",
+    "The article was mostly about {}.",
+    "We spent the evening discussing {}.",
+];
+const TEST_TEMPLATES: [&str; 3] = [
+    "Everyone at the meeting kept bringing up {}.",
+    "He wrote a short note about {}.",
+    "The podcast today focused on {}.",
+];
+
+/// Tokenised sentences with their topic.
+pub struct Dataset {
+    ids: Vec<Vec<i64>>,
+    labels: Vec<i64>,
+}
+
+impl Dataset {
+    fn build<const W: usize>(
+        templates: &[&str],
+        words: &[[&str; W]; 4],
+        tokenize: &dyn Fn(&str) -> anyhow::Result<Vec<i64>>,
+    ) -> anyhow::Result<Self> {
+        let (mut ids, mut labels) = (Vec::new(), Vec::new());
+        for (topic, words) in words.iter().enumerate() {
+            for template in templates {
+                for word in words {
+                    ids.push(tokenize(&template.replace("{}", word))?);
+                    labels.push(topic as i64);
+                }
+            }
+        }
+        Ok(Self { ids, labels })
+    }
+
+    /// The training set and the held-out set.
+    ///
+    /// # Errors
+    /// The tokenizer's.
+    pub fn topic_task(
+        tokenize: &dyn Fn(&str) -> anyhow::Result<Vec<i64>>,
+    ) -> anyhow::Result<(Self, Self)> {
+        Ok((
+            Self::build(&TRAIN_TEMPLATES, &TRAIN_WORDS, tokenize)?,
+            Self::build(&TEST_TEMPLATES, &TEST_WORDS, tokenize)?,
+        ))
+    }
+
+    /// Number of sentences.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The sentences `idx`, right-padded with 0: (input ids, attention mask, labels).
+    fn batch(&self, idx: &[usize], device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<1, Int>) {
+        let seq = idx.iter().map(|&i| self.ids[i].len()).max().unwrap_or(1);
+        let (mut ids, mut mask) = (Vec::new(), Vec::new());
+        for &i in idx {
+            let s = &self.ids[i];
+            ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, seq - s.len())));
+            mask.extend((0..seq).map(|j| i64::from(j < s.len())));
+        }
+        let labels: Vec<i64> = idx.iter().map(|&i| self.labels[i]).collect();
+        let n = idx.len();
+        (
+            Tensor::<1, Int>::from_ints(ids.as_slice(), device).reshape([n, seq]),
+            Tensor::<1, Int>::from_ints(mask.as_slice(), device).reshape([n, seq]),
+            Tensor::from_ints(labels.as_slice(), device),
+        )
+    }
+}
+
+/// BERT + mean pooling + a linear head (`classifier`).
+#[derive(Module, Debug)]
+pub struct Classifier<L: LinearLayer> {
+    /// The encoder.
+    pub bert: Bert<L>,
+    /// The head.
+    pub classifier: Linear,
+}
+
+impl<L: LinearLayer> Classifier<L> {
+    /// Class logits `[batch, classes]`.
+    pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2> {
+        let hidden = self.bert.forward(ids, mask.clone());
+        self.classifier.forward(mean_pool(hidden, mask))
+    }
+}
+
+/// Accuracy of `model` on `data` (no gradients).
+fn accuracy<L: LinearLayer>(model: &Classifier<L>, data: &Dataset, device: &Device) -> f32 {
+    let model = model.valid();
+    let inference = device.clone().inner();
+    let mut correct = 0;
+    let all: Vec<usize> = (0..data.len()).collect();
+    for chunk in all.chunks(64) {
+        let (ids, mask, labels) = data.batch(chunk, &inference);
+        let pred = model.forward(ids, mask).argmax(1).reshape([chunk.len()]);
+        correct += pred.equal(labels).int().sum().into_scalar::<i64>();
+    }
+    correct as f32 / data.len() as f32
+}
+
+/// A deterministic permutation of `0..n` (SplitMix64-driven Fisher–Yates).
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        v.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+/// The classification head, initialised from the seed (not from burn's process-global RNG).
+pub fn head(hidden: usize, seed: u64, device: &Device) -> Linear {
+    let mut linear = LinearConfig::new(hidden, TOPICS.len()).init(device);
+    let order = shuffled(hidden * TOPICS.len(), seed);
+    let bound = 1.0 / (hidden as f32).sqrt();
+    let values: Vec<f32> = order
+        .iter()
+        .map(|&k| (k as f32 / order.len() as f32 * 2.0 - 1.0) * bound)
+        .collect();
+    linear.weight = linear.weight.map(|w| {
+        Tensor::<1>::from_floats(values.as_slice(), &w.device())
+            .reshape([hidden, TOPICS.len()])
+            .require_grad()
+    });
+    linear.bias = linear.bias.map(|b| b.map(|t| t.zeros_like().require_grad()));
+    linear
+}
+
+/// One training run: the loop shared by every method. `step` takes the model and the loss
+/// and returns the updated model.
+#[allow(clippy::too_many_arguments)]
+fn train<L: LinearLayer>(
+    mut model: Classifier<L>,
+    train: &Dataset,
+    test: &Dataset,
+    args: &Args,
+    device: &Device,
+    mut step: impl FnMut(Classifier<L>, Tensor<1>) -> anyhow::Result<Classifier<L>>,
+) -> anyhow::Result<(Classifier<L>, Report)> {
+    let before = accuracy(&model, test, device);
+    let steps_per_epoch = train.len().div_ceil(args.batch);
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new((steps_per_epoch * args.epochs) as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
+            .expect("valid template"),
+    );
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let (mut first_loss, mut last_loss) = (0.0, 0.0);
+    let mut times = Vec::new();
+    for epoch in 0..args.epochs {
+        let order = shuffled(train.len(), args.seed ^ (epoch as u64 + 1));
+        let mut total = 0.0;
+        for chunk in order.chunks(args.batch) {
+            let start = Instant::now();
+            let (ids, mask, labels) = train.batch(chunk, device);
+            let logits = model.forward(ids, mask);
+            let loss = loss_fn.forward(logits, labels);
+            let value = loss.clone().into_scalar::<f32>();
+            model = step(model, loss)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+            total += value;
+            bar.set_message(format!("epoch {} loss {value:.3}", epoch + 1));
+            bar.inc(1);
+        }
+        let mean = total / steps_per_epoch as f32;
+        if epoch == 0 {
+            first_loss = mean;
+        }
+        last_loss = mean;
+        let acc = accuracy(&model, test, device);
+        bar.suspend(|| {
+            if !args.quiet {
+                println!(
+                    "epoch {}: mean loss {mean:.4}, held-out accuracy {:.1}%",
+                    epoch + 1,
+                    acc * 100.0
+                );
+            }
+        });
+    }
+    bar.finish_and_clear();
+    times.sort_by(f64::total_cmp);
+    let report = Report {
+        before,
+        after: accuracy(&model, test, device),
+        train_after: accuracy(&model, train, device),
+        loss: (first_loss, last_loss),
+        trainable: (0, 0),
+        step_ms: times.get(times.len() / 2).copied().unwrap_or(0.0),
+    };
+    Ok((model, report))
+}
+
+/// The tokenizer of a model folder (`tokenizer.json`), without padding or truncation.
+///
+/// # Errors
+/// A missing or invalid `tokenizer.json`.
+pub fn folder_tokenizer(dir: &Path) -> anyhow::Result<impl Fn(&str) -> anyhow::Result<Vec<i64>>> {
+    let file = dir.join("tokenizer.json");
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(move |text: &str| {
+        let enc = tokenizer
+            .encode(text, true)
+            .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+    })
+}
+
+/// Run the example: load the model and its tokenizer, fine-tune, report, save.
+///
+/// # Errors
+/// Missing model, bad options, or a failure of the method.
+pub fn run(args: &Args) -> anyhow::Result<Report> {
+    let dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => peft_models::minilm_dir()?,
+    };
+    let tokenize = folder_tokenizer(&dir)?;
+    run_with(args, &dir, &tokenize)
+}
+
+/// [`run`] with a given tokenizer (tests use a tiny model without one).
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with(
+    args: &Args,
+    dir: &Path,
+    tokenize: &dyn Fn(&str) -> anyhow::Result<Vec<i64>>,
+) -> anyhow::Result<Report> {
+    ensure!(args.batch > 0 && args.epochs > 0, "--batch and --epochs must be positive");
+    let device = Device::default().autodiff();
+    let (train_set, test_set) = Dataset::topic_task(tokenize)?;
+    let mut report = match args.method {
+        MethodArg::Lora | MethodArg::Adalora => adapters(args, dir, &train_set, &test_set, &device)?,
+        MethodArg::Id3 | MethodArg::Pafi | MethodArg::Bitfit => {
+            selective(args, dir, &train_set, &test_set, &device)?
+        }
+    };
+    report.step_ms = (report.step_ms * 10.0).round() / 10.0;
+    if !args.quiet {
+        println!(
+            "{:?}: {} trainable of {} parameters; held-out accuracy {:.1}% (untrained head) -> {:.1}%; \
+             training accuracy {:.1}%; median step {:.1} ms",
+            args.method,
+            report.trainable.0,
+            report.trainable.1,
+            report.before * 100.0,
+            report.after * 100.0,
+            report.train_after * 100.0,
+            report.step_ms
+        );
+    }
+    Ok(report)
+}
+
+fn all_linear() -> ModuleSelector {
+    ModuleSelector::names(["query", "key", "value", "dense"])
+}
+
+fn lora_config(args: &Args) -> LoraConfig {
+    LoraConfig::new(args.rank, args.alpha, all_linear())
+        .with_modules_to_save(["classifier"])
+        .with_exclude(ModuleSelector::regex(r"^bert\.pooler\..*"))
+}
+
+fn adapters(
+    args: &Args,
+    dir: &Path,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    device: &Device,
+) -> anyhow::Result<Report> {
+    let lr = args.lr.unwrap_or(2e-3);
+    let steps = train_set.len().div_ceil(args.batch) * args.epochs;
+    let optim = || AdamWConfig::new().with_weight_decay(0.01).init();
+    match args.method {
+        MethodArg::Lora => {
+            let (bert, config) = Bert::<PeftLinear<LoraAdapter>>::from_pretrained(dir, device)?;
+            let model = Classifier { classifier: head(config.hidden_size, args.seed, device), bert };
+            let peft = LoraModel::new(model, lora_config(args))?;
+            let trainable = peft.trainable_parameters();
+            let mut stepper = Stepper::new();
+            let mut optim = optim();
+            let (model, mut report) = train(peft.model().clone(), train_set, test_set, args, device, |m, loss| {
+                Ok(stepper.step(m, &mut optim, lr, loss)?)
+            })?;
+            let peft = peft.with_model(model);
+            report.trainable = trainable;
+            if let Some(out) = &args.out {
+                peft.save_pretrained(out, &SaveOptions::default())?;
+            }
+            Ok(report)
+        }
+        _ => {
+            use peft_adalora::{AdaLoraAdapter, AdaLoraConfig, AdaLoraModel, RankAllocator};
+            let (bert, config) = Bert::<PeftLinear<AdaLoraAdapter>>::from_pretrained(dir, device)?;
+            let model = Classifier { classifier: head(config.hidden_size, args.seed, device), bert };
+            let mut ada = AdaLoraConfig::new(all_linear(), steps)
+                .with_ranks(args.rank, (args.rank / 2).max(1))
+                .with_schedule(steps / 10, steps / 5, 2)
+                .with_alpha(args.alpha);
+            ada.lora = ada
+                .lora
+                .with_modules_to_save(["classifier"])
+                .with_exclude(ModuleSelector::regex(r"^bert\.pooler\..*"));
+            let mut peft = AdaLoraModel::new(model, ada.clone())?;
+            let trainable = peft.trainable_parameters();
+            let allocator = Arc::new(Mutex::new(RankAllocator::new(&ada, "default")?));
+            let mut stepper = Stepper::new().with(allocator.clone());
+            let mut optim = optim();
+            let (model, mut report) = train(peft.model().clone(), train_set, test_set, args, device, |m, loss| {
+                Ok(stepper.step(m, &mut optim, lr, loss)?)
+            })?;
+            peft.map_model(|_| model);
+            report.trainable = trainable;
+            let allocator = allocator.lock().expect("allocator lock");
+            allocator.write_rank_pattern(&mut peft)?;
+            if let Some(out) = &args.out {
+                peft.save_pretrained(out, &SaveOptions::default())?;
+            }
+            Ok(report)
+        }
+    }
+}
+
+fn selective(
+    args: &Args,
+    dir: &Path,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    device: &Device,
+) -> anyhow::Result<Report> {
+    use peft_selective::{SelectiveConfig, SelectiveOptimizer};
+    let lr = args.lr.unwrap_or(1e-3);
+    let (bert, config) = Bert::<Linear>::from_pretrained(dir, device)?;
+    let model = Classifier { classifier: head(config.hidden_size, args.seed, device), bert };
+    let steps = train_set.len().div_ceil(args.batch) * args.epochs;
+    // The LoRA trainable count at this rank, so the methods compare at equal budget.
+    let budget = match args.budget {
+        Some(b) => b,
+        None => {
+            let h = config.hidden_size;
+            let per_layer = 4 * args.rank * (h + h) + 2 * args.rank * (h + config.intermediate_size);
+            per_layer * config.num_hidden_layers
+        }
+    };
+    let head_size = config.hidden_size * TOPICS.len() + TOPICS.len();
+    let selective = match args.method {
+        MethodArg::Id3 => SelectiveConfig::id3(budget + head_size, (steps / 2).max(1)),
+        MethodArg::Pafi => SelectiveConfig::pafi(budget + head_size),
+        _ => SelectiveConfig::bitfit(),
+    }
+    .with_choose_all_regex(r"^classifier\.")?;
+    let mut optim = SelectiveOptimizer::new(
+        &model,
+        selective,
+        AdamWConfig::new().with_weight_decay(0.0).build(),
+    )?;
+    let total = peft_core::hosts::parameters(&model)
+        .iter()
+        .map(|(_, _, n)| n)
+        .sum();
+    let (model, mut report) = train(model, train_set, test_set, args, device, |m, loss| {
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        Ok(optim.step(lr, m, grads)?)
+    })?;
+    report.trainable = (optim.budget_used(), total);
+    if let Some(out) = &args.out {
+        optim
+            .summary(&model)?
+            .save(out)
+            .with_context(|| format!("saving the summary to {}", out.display()))?;
+    }
+    Ok(report)
+}
