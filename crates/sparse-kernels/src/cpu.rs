@@ -225,8 +225,8 @@ multiversion! {
                     let v = vals[k];
                     let start = b.offset + ci[k] as usize * b.rs + nb;
                     let src: &[f32; LANES] = b.data[start..start + LANES].try_into().unwrap();
-                    for j in 0..LANES {
-                        acc[j] += v * src[j];
+                    for (a, x) in acc.iter_mut().zip(src) {
+                        *a += v * x;
                     }
                 }
                 row_out[nb..nb + LANES].copy_from_slice(&acc);
@@ -264,11 +264,15 @@ multiversion! {
         // out[j][o] = C[o, nb + j] for j < w: `out` is rows nb..nb+w of Cᵀ.
         let rows = ro.len() - 1;
         let w = (b.cols - nb).min(LANES);
-        for j in 0..w {
-            let base = b.offset + (nb + j) * b.cs;
-            let src = &b.data[base..base + b.rows];
-            for (c, s) in src.iter().enumerate() {
-                panel[c * LANES + j] = *s;
+        // Transposing copy in tiles of 16 rows of the panel, so the tile being filled stays in
+        // L1 while every token row is read sequentially.
+        for c0 in (0..b.rows).step_by(16) {
+            let h = (b.rows - c0).min(16);
+            for j in 0..w {
+                let base = b.offset + (nb + j) * b.cs + c0;
+                for (cc, s) in b.data[base..base + h].iter().enumerate() {
+                    panel[(c0 + cc) * LANES + j] = *s;
+                }
             }
         }
         for j in w..LANES {
@@ -282,12 +286,12 @@ multiversion! {
                 let v = vals[k];
                 let start = ci[k] as usize * LANES;
                 let src: &[f32; LANES] = panel[start..start + LANES].try_into().unwrap();
-                for j in 0..LANES {
-                    acc[j] += v * src[j];
+                for (a, x) in acc.iter_mut().zip(src) {
+                    *a += v * x;
                 }
             }
-            for j in 0..w {
-                out[j * rows + o] = acc[j];
+            for (j, a) in acc.iter().enumerate().take(w) {
+                out[j * rows + o] = *a;
             }
         }
     }
@@ -343,15 +347,19 @@ fn pack_rows(v: View<'_>, d0: usize, w: usize, lanes: usize, i0: usize, chunk: &
             dst[w..].fill(0.0);
         }
     } else {
-        for t in 0..lanes {
-            if t < w {
-                let base = v.offset + (d0 + t) * v.cs + i0 * v.rs;
-                for i in 0..count {
-                    chunk[i * lanes + t] = v.data[base + i * v.rs];
-                }
-            } else {
-                for i in 0..count {
-                    chunk[i * lanes + t] = 0.0;
+        // Transposing copy in tiles of 16 panel rows (they stay in L1 while being filled).
+        for t0 in (0..count).step_by(16) {
+            let h = (count - t0).min(16);
+            for t in 0..lanes {
+                if t < w {
+                    let base = v.offset + (d0 + t) * v.cs + (i0 + t0) * v.rs;
+                    for i in 0..h {
+                        chunk[(t0 + i) * lanes + t] = v.data[base + i * v.rs];
+                    }
+                } else {
+                    for i in 0..h {
+                        chunk[(t0 + i) * lanes + t] = 0.0;
+                    }
                 }
             }
         }
@@ -386,15 +394,14 @@ macro_rules! sddmm_block_kernel {
                         let start = ci[k] as usize * L;
                         let b: &[f32; L] = pb[start..start + L].try_into().unwrap();
                         let mut acc = [0f32; 16];
-                        for c in 0..L / 16 {
-                            for l in 0..16 {
-                                acc[l] += a[c * 16 + l] * b[c * 16 + l];
+                        for (ac, bc) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+                            for ((s, x), y) in acc.iter_mut().zip(ac).zip(bc) {
+                                *s += x * y;
                             }
                         }
-                        let mut h = [0f32; 8];
-                        for l in 0..8 {
-                            h[l] = acc[l] + acc[l + 8];
-                        }
+                        // Pairwise (tree) sum: short dependency chains, vector shuffles.
+                        let (lo, hi) = acc.split_at(8);
+                        let h: [f32; 8] = std::array::from_fn(|l| lo[l] + hi[l]);
                         let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
                         out[k - base] += (q[0] + q[2]) + (q[1] + q[3]);
                     }

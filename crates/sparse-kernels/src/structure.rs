@@ -85,8 +85,8 @@ impl CsrStructure {
                 });
             }
             let mut prev: Option<u32> = None;
-            for entry in start as usize..end as usize {
-                let col = col_indices[entry];
+            let row_cols = &col_indices[start as usize..end as usize];
+            for (entry, &col) in (start as usize..).zip(row_cols) {
                 if col as usize >= cols {
                     return Err(SparseError::ColumnOutOfBounds {
                         entry,
