@@ -41,6 +41,9 @@ struct Args {
     /// Timed steps per variant and round.
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Also time each op of a layer once (eval mode).
+    #[arg(long)]
+    breakdown: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -81,7 +84,11 @@ fn load<L: LinearLayer>(dir: &std::path::Path, device: &Device) -> anyhow::Resul
 }
 
 fn lora() -> LoraConfig {
-    LoraConfig::new(16, 32.0, ModuleSelector::names(["query", "key", "value", "dense"]))
+    LoraConfig::new(
+        16,
+        32.0,
+        ModuleSelector::names(["query", "key", "value", "dense"]),
+    )
 }
 
 fn time(steps: usize, mut f: impl FnMut() -> f32) -> f64 {
@@ -105,6 +112,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.rounds > 0 && args.steps > 0,
+        "--rounds and --steps must be positive"
+    );
     let dir = match args.model {
         Some(d) => d,
         None => peft_models::minilm_dir()?,
@@ -118,17 +129,29 @@ fn main() -> anyhow::Result<()> {
     let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([BATCH, SEQ]);
     let mask = Tensor::<2, Int>::ones([BATCH, SEQ], &device);
 
-    let mut full = Variant { model: load::<Linear>(&dir, &device)?, optim: adamw() };
+    let mut full = Variant {
+        model: load::<Linear>(&dir, &device)?,
+        optim: adamw(),
+    };
     let act = LoraModel::new(load::<PeftLinear<LoraAdapter>>(&dir, &device)?, lora())?;
     let weight = LoraModel::new(load::<Linear>(&dir, &device)?, lora())?;
     println!(
         "trainable: full {}, LoRA activation-space {}, LoRA weight-space {}",
-        peft_core::hosts::parameters(&full.model).iter().map(|p| p.2).sum::<usize>(),
+        peft_core::hosts::parameters(&full.model)
+            .iter()
+            .map(|p| p.2)
+            .sum::<usize>(),
         act.trainable_parameters().0,
         weight.trainable_parameters().0
     );
-    let mut act = Variant { model: act.into_model(), optim: adamw() };
-    let mut weight = Variant { model: weight.into_model(), optim: adamw() };
+    let mut act = Variant {
+        model: act.into_model(),
+        optim: adamw(),
+    };
+    let mut weight = Variant {
+        model: weight.into_model(),
+        optim: adamw(),
+    };
     let eval_model = load::<Linear>(&dir, &device)?.valid();
     let (eval_ids, eval_mask) = (ids.clone().inner(), mask.clone().inner());
 
@@ -152,6 +175,53 @@ fn main() -> anyhow::Result<()> {
             t_eval[round]
         );
     }
+    // Where the forward's time goes: one instance of each op of a layer, eval mode.
+    if args.breakdown {
+        let inf = device.clone().inner();
+        let h = config.hidden_size;
+        let x3 = Tensor::<3>::ones([BATCH, SEQ, h], &inf).mul_scalar(0.1);
+        let w = Tensor::<2>::ones([h, config.intermediate_size], &inf).mul_scalar(0.01);
+        let one = |t: Tensor<2>| t.slice([0..1, 0..1]).into_scalar::<f32>();
+        let t_lin3 = time(args.steps, || {
+            one(burn::tensor::module::linear(x3.clone(), w.clone(), None)
+                .reshape([BATCH * SEQ, config.intermediate_size]))
+        });
+        let t_lin2 = time(args.steps, || {
+            one(burn::tensor::module::linear(
+                x3.clone().reshape([BATCH * SEQ, h]),
+                w.clone(),
+                None,
+            ))
+        });
+        let heads = config.num_attention_heads;
+        let q = Tensor::<4>::ones([BATCH, heads, SEQ, h / heads], &inf).mul_scalar(0.1);
+        let m = Tensor::<2, Int>::ones([BATCH, SEQ], &inf)
+            .equal_elem(0)
+            .reshape([BATCH, 1, 1, SEQ])
+            .expand([BATCH, heads, SEQ, SEQ]);
+        let t_att = time(args.steps, || {
+            let o = burn::tensor::module::attention(
+                q.clone(),
+                q.clone(),
+                q.clone(),
+                Some(m.clone()),
+                None,
+                Default::default(),
+            );
+            one(o.reshape([BATCH * heads * SEQ, h / heads]))
+        });
+        let ln = peft_models::LayerNorm::new(h, 1e-12, &inf);
+        let t_ln = time(args.steps, || {
+            one(ln.forward(x3.clone()).reshape([BATCH * SEQ, h]))
+        });
+        let wide = Tensor::<2>::ones([BATCH * SEQ, config.intermediate_size], &inf).mul_scalar(0.3);
+        let t_gelu = time(args.steps, || {
+            one(burn::tensor::activation::gelu(wide.clone()))
+        });
+        println!(
+            "per op, eval: linear 3-D {t_lin3:.1} ms, linear 2-D {t_lin2:.1} ms (h->ffn), attention {t_att:.1} ms, layer norm {t_ln:.1} ms, gelu {t_gelu:.1} ms"
+        );
+    }
     // What limits us: exact GELU (forward + backward) on one FFN activation, times the layers.
     let gelu_ms = time(args.steps, || {
         let x = Tensor::<2>::ones([BATCH * SEQ, config.intermediate_size], &device)
@@ -159,9 +229,13 @@ fn main() -> anyhow::Result<()> {
             .require_grad();
         let y = burn::tensor::activation::gelu(x.clone()).sum();
         let g = y.backward();
-        x.grad(&g).map_or(f32::NAN, |g| g.slice([0..1, 0..1]).into_scalar::<f32>())
+        x.grad(&g)
+            .map_or(f32::NAN, |g| g.slice([0..1, 0..1]).into_scalar::<f32>())
     }) * config.num_hidden_layers as f64;
-    println!("exact GELU forward + backward, all {} layers: {gelu_ms:.0} ms per step", config.num_hidden_layers);
+    println!(
+        "exact GELU forward + backward, all {} layers: {gelu_ms:.0} ms per step",
+        config.num_hidden_layers
+    );
     let result = serde_json::json!({
         "gelu_fwd_bwd_all_layers_ms": gelu_ms,
         "full_ft_ms": median(t_full),
@@ -171,7 +245,8 @@ fn main() -> anyhow::Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&result)?);
     if let Some(path) = args.json {
-        std::fs::write(&path, result.to_string()).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, result.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -99,7 +99,10 @@ fn read_inputs(
     let mut tensors = peft_core::hf::read_tensors(file)?;
     let mut take = |key: &str| -> anyhow::Result<TensorData> {
         let data = tensors.remove(key).with_context(|| {
-            format!("{}: no tensor `{key}` (need input_ids and attention_mask)", file.display())
+            format!(
+                "{}: no tensor `{key}` (need input_ids and attention_mask)",
+                file.display()
+            )
         })?;
         ensure!(
             data.dtype() == DType::I64,

@@ -96,10 +96,39 @@ pub struct Report {
 
 const TOPICS: [&str; 4] = ["sports", "food", "weather", "computing"];
 const TRAIN_WORDS: [[&str; 8]; 4] = [
-    ["football", "tennis", "basketball", "marathon", "hockey", "baseball", "volleyball", "cricket"],
-    ["pizza", "pasta", "salad", "sandwich", "soup", "burger", "noodles", "pancakes"],
-    ["rain", "snow", "thunderstorm", "fog", "hail", "drizzle", "heatwave", "blizzard"],
-    ["laptop", "smartphone", "software", "keyboard", "router", "processor", "database", "compiler"],
+    [
+        "football",
+        "tennis",
+        "basketball",
+        "marathon",
+        "hockey",
+        "baseball",
+        "volleyball",
+        "cricket",
+    ],
+    [
+        "pizza", "pasta", "salad", "sandwich", "soup", "burger", "noodles", "pancakes",
+    ],
+    [
+        "rain",
+        "snow",
+        "thunderstorm",
+        "fog",
+        "hail",
+        "drizzle",
+        "heatwave",
+        "blizzard",
+    ],
+    [
+        "laptop",
+        "smartphone",
+        "software",
+        "keyboard",
+        "router",
+        "processor",
+        "database",
+        "compiler",
+    ],
 ];
 const TEST_WORDS: [[&str; 4]; 4] = [
     ["golf", "rugby", "swimming", "boxing"],
@@ -169,12 +198,20 @@ impl Dataset {
     }
 
     /// The sentences `idx`, right-padded with 0: (input ids, attention mask, labels).
-    fn batch(&self, idx: &[usize], device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<1, Int>) {
+    fn batch(
+        &self,
+        idx: &[usize],
+        device: &Device,
+    ) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<1, Int>) {
         let seq = idx.iter().map(|&i| self.ids[i].len()).max().unwrap_or(1);
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
         for &i in idx {
             let s = &self.ids[i];
-            ids.extend(s.iter().copied().chain(std::iter::repeat_n(0, seq - s.len())));
+            ids.extend(
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, seq - s.len())),
+            );
             mask.extend((0..seq).map(|j| i64::from(j < s.len())));
         }
         let labels: Vec<i64> = idx.iter().map(|&i| self.labels[i]).collect();
@@ -249,7 +286,9 @@ pub fn head(hidden: usize, seed: u64, device: &Device) -> Linear {
             .reshape([hidden, TOPICS.len()])
             .require_grad()
     });
-    linear.bias = linear.bias.map(|b| b.map(|t| t.zeros_like().require_grad()));
+    linear.bias = linear
+        .bias
+        .map(|b| b.map(|t| t.zeros_like().require_grad()));
     linear
 }
 
@@ -364,11 +403,16 @@ pub fn run_with(
     dir: &Path,
     tokenize: &dyn Fn(&str) -> anyhow::Result<Vec<i64>>,
 ) -> anyhow::Result<Report> {
-    ensure!(args.batch > 0 && args.epochs > 0, "--batch and --epochs must be positive");
+    ensure!(
+        args.batch > 0 && args.epochs > 0,
+        "--batch and --epochs must be positive"
+    );
     let device = Device::default().autodiff();
     let (train_set, test_set) = Dataset::topic_task(tokenize)?;
     let mut report = match args.method {
-        MethodArg::Lora | MethodArg::Adalora => adapters(args, dir, &train_set, &test_set, &device)?,
+        MethodArg::Lora | MethodArg::Adalora => {
+            adapters(args, dir, &train_set, &test_set, &device)?
+        }
         MethodArg::Id3 | MethodArg::Pafi | MethodArg::Bitfit => {
             selective(args, dir, &train_set, &test_set, &device)?
         }
@@ -413,14 +457,22 @@ fn adapters(
     match args.method {
         MethodArg::Lora => {
             let (bert, config) = Bert::<PeftLinear<LoraAdapter>>::from_pretrained(dir, device)?;
-            let model = Classifier { classifier: head(config.hidden_size, args.seed, device), bert };
+            let model = Classifier {
+                classifier: head(config.hidden_size, args.seed, device),
+                bert,
+            };
             let peft = LoraModel::new(model, lora_config(args))?;
             let trainable = peft.trainable_parameters();
             let mut stepper = Stepper::new();
             let mut optim = optim();
-            let (model, mut report) = train(peft.model().clone(), train_set, test_set, args, device, |m, loss| {
-                Ok(stepper.step(m, &mut optim, lr, loss)?)
-            })?;
+            let (model, mut report) = train(
+                peft.model().clone(),
+                train_set,
+                test_set,
+                args,
+                device,
+                |m, loss| Ok(stepper.step(m, &mut optim, lr, loss)?),
+            )?;
             let peft = peft.with_model(model);
             report.trainable = trainable;
             if let Some(out) = &args.out {
@@ -431,7 +483,10 @@ fn adapters(
         _ => {
             use peft_adalora::{AdaLoraAdapter, AdaLoraConfig, AdaLoraModel, RankAllocator};
             let (bert, config) = Bert::<PeftLinear<AdaLoraAdapter>>::from_pretrained(dir, device)?;
-            let model = Classifier { classifier: head(config.hidden_size, args.seed, device), bert };
+            let model = Classifier {
+                classifier: head(config.hidden_size, args.seed, device),
+                bert,
+            };
             let mut ada = AdaLoraConfig::new(all_linear(), steps)
                 .with_ranks(args.rank, (args.rank / 2).max(1))
                 .with_schedule(steps / 10, steps / 5, 2)
@@ -445,9 +500,14 @@ fn adapters(
             let allocator = Arc::new(Mutex::new(RankAllocator::new(&ada, "default")?));
             let mut stepper = Stepper::new().with(allocator.clone());
             let mut optim = optim();
-            let (model, mut report) = train(peft.model().clone(), train_set, test_set, args, device, |m, loss| {
-                Ok(stepper.step(m, &mut optim, lr, loss)?)
-            })?;
+            let (model, mut report) = train(
+                peft.model().clone(),
+                train_set,
+                test_set,
+                args,
+                device,
+                |m, loss| Ok(stepper.step(m, &mut optim, lr, loss)?),
+            )?;
             peft.map_model(|_| model);
             report.trainable = trainable;
             let allocator = allocator.lock().expect("allocator lock");
@@ -470,14 +530,18 @@ fn selective(
     use peft_selective::{SelectiveConfig, SelectiveOptimizer};
     let lr = args.lr.unwrap_or(1e-3);
     let (bert, config) = Bert::<Linear>::from_pretrained(dir, device)?;
-    let model = Classifier { classifier: head(config.hidden_size, args.seed, device), bert };
+    let model = Classifier {
+        classifier: head(config.hidden_size, args.seed, device),
+        bert,
+    };
     let steps = train_set.len().div_ceil(args.batch) * args.epochs;
     // The LoRA trainable count at this rank, so the methods compare at equal budget.
     let budget = match args.budget {
         Some(b) => b,
         None => {
             let h = config.hidden_size;
-            let per_layer = 4 * args.rank * (h + h) + 2 * args.rank * (h + config.intermediate_size);
+            let per_layer =
+                4 * args.rank * (h + h) + 2 * args.rank * (h + config.intermediate_size);
             per_layer * config.num_hidden_layers
         }
     };

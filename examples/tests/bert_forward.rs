@@ -12,7 +12,10 @@ fn fixtures() -> PathBuf {
 
 fn hidden(file: &Path) -> Vec<f32> {
     let mut t = peft_core::hf::read_tensors(file).unwrap();
-    t.remove("last_hidden_state").unwrap().try_to_vec::<f32>().unwrap()
+    t.remove("last_hidden_state")
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap()
 }
 
 fn args(adapter: Option<&str>, merge: bool, out: &Path) -> Args {
@@ -27,7 +30,10 @@ fn args(adapter: Option<&str>, merge: bool, out: &Path) -> Args {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 const CASES: [&str; 7] = [
@@ -47,7 +53,10 @@ fn peft_saved_adapters_match_python_unmerged_and_merged() {
     run(&args(None, false, &out)).unwrap();
     let base = hidden(&out);
     let diff = max_abs_diff(&base, &hidden(&fixtures().join("expected.safetensors")));
-    assert!(diff <= 1e-4, "base model differs from transformers by {diff}");
+    assert!(
+        diff <= 1e-4,
+        "base model differs from transformers by {diff}"
+    );
     for case in CASES {
         let expected = hidden(&fixtures().join(case).join("expected.safetensors"));
         assert!(
@@ -57,7 +66,10 @@ fn peft_saved_adapters_match_python_unmerged_and_merged() {
         for merge in [false, true] {
             run(&args(Some(case), merge, &out)).unwrap_or_else(|e| panic!("{case}: {e:#}"));
             let diff = max_abs_diff(&hidden(&out), &expected);
-            assert!(diff <= 1e-4, "{case} (merge {merge}): differs from PEFT by {diff}");
+            assert!(
+                diff <= 1e-4,
+                "{case} (merge {merge}): differs from PEFT by {diff}"
+            );
         }
     }
 }
@@ -82,19 +94,33 @@ fn bad_inputs_are_refused_with_the_reason() {
         assert!(!out.exists(), "an output was written for bad input");
     };
     // Missing tensor.
-    check(write("no_mask.safetensors", vec![("input_ids", ids.clone())]), None, "attention_mask");
+    check(
+        write("no_mask.safetensors", vec![("input_ids", ids.clone())]),
+        None,
+        "attention_mask",
+    );
     // Wrong dtype.
     let shape = ids.shape().to_vec();
     let floats = burn::tensor::TensorData::new(vec![1.0f32; shape.iter().product()], shape.clone());
     check(
-        write("float_ids.safetensors", vec![("input_ids", floats), ("attention_mask", tensors["attention_mask"].clone())]),
+        write(
+            "float_ids.safetensors",
+            vec![
+                ("input_ids", floats),
+                ("attention_mask", tensors["attention_mask"].clone()),
+            ],
+        ),
         None,
         "int64",
     );
     // Wrong shape.
-    let flat = burn::tensor::TensorData::new(ids.try_to_vec::<i64>().unwrap(), [shape[0] * shape[1]]);
+    let flat =
+        burn::tensor::TensorData::new(ids.try_to_vec::<i64>().unwrap(), [shape[0] * shape[1]]);
     check(
-        write("flat.safetensors", vec![("input_ids", flat.clone()), ("attention_mask", flat)]),
+        write(
+            "flat.safetensors",
+            vec![("input_ids", flat.clone()), ("attention_mask", flat)],
+        ),
         None,
         "[batch, seq]",
     );
@@ -111,15 +137,28 @@ fn bad_inputs_are_refused_with_the_reason() {
         other.join("adapter_model.safetensors"),
     )
     .unwrap();
-    check(fixtures().join("input.safetensors"), Some(other.to_str().unwrap()), "q_proj");
+    check(
+        fixtures().join("input.safetensors"),
+        Some(other.to_str().unwrap()),
+        "q_proj",
+    );
 }
 
 /// The example binary itself (built by `cargo test`): non-zero exit and the reason on stderr.
 #[test]
 fn the_binary_exits_non_zero_on_bad_input() {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("examples/bert_forward");
-    assert!(bin.exists(), "{} was not built (run `cargo test --workspace`)", bin.display());
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/bert_forward");
+    assert!(
+        bin.exists(),
+        "{} was not built (run `cargo test --workspace`)",
+        bin.display()
+    );
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(&bin)
         .arg("--model")
@@ -148,6 +187,9 @@ fn the_binary_exits_non_zero_on_bad_input() {
         .status()
         .unwrap();
     assert!(status.success());
-    let diff = max_abs_diff(&hidden(&out), &hidden(&fixtures().join("dora/expected.safetensors")));
+    let diff = max_abs_diff(
+        &hidden(&out),
+        &hidden(&fixtures().join("dora/expected.safetensors")),
+    );
     assert!(diff <= 1e-4, "binary output differs from PEFT by {diff}");
 }

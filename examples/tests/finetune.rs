@@ -14,7 +14,9 @@ fn tokenize(text: &str) -> anyhow::Result<Vec<i64>> {
     Ok(text
         .split_whitespace()
         .map(|w| {
-            let h = w.bytes().fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+            let h = w
+                .bytes()
+                .fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
             1 + (h % 99) as i64
         })
         .collect())
@@ -39,28 +41,51 @@ fn args(method: MethodArg, out: Option<PathBuf>) -> Args {
 #[test]
 fn lora_learns_the_training_set_and_saves_a_peft_adapter() {
     let dir = tempfile::tempdir().unwrap();
-    let report = run_with(&args(MethodArg::Lora, Some(dir.path().into())), &model(), &tokenize).unwrap();
+    let report = run_with(
+        &args(MethodArg::Lora, Some(dir.path().into())),
+        &model(),
+        &tokenize,
+    )
+    .unwrap();
     // rank 4 on the 12 encoder linears (not the pooler) of the fixture (h 32, ffn 64) + the head (32*4+4).
     let lora = 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64));
     assert_eq!(report.trainable.0, lora + 32 * 4 + 4);
     // The random tiny encoder gives nearly constant pooled features, so the loss moves little
     // here (on all-MiniLM-L6-v2 the same run reaches 100% training accuracy); it must fall.
-    assert!(report.loss.1 < report.loss.0, "loss did not fall: {report:?}");
+    assert!(
+        report.loss.1 < report.loss.0,
+        "loss did not fall: {report:?}"
+    );
     assert!(dir.path().join("adapter_config.json").is_file());
     assert!(dir.path().join("adapter_model.safetensors").is_file());
     let saved = peft_core::hf::read_tensors(&dir.path().join("adapter_model.safetensors")).unwrap();
     // The head (modules_to_save) was trained and saved: it differs from its initial value.
-    let key = saved.keys().find(|k| k.ends_with("classifier.weight")).expect("classifier saved");
+    let key = saved
+        .keys()
+        .find(|k| k.ends_with("classifier.weight"))
+        .expect("classifier saved");
     let trained = saved[key].clone().try_to_vec::<f32>().unwrap();
-    let init = head(32, 3, &burn::tensor::Device::flex().autodiff()).weight.val().transpose();
+    let init = head(32, 3, &burn::tensor::Device::flex().autodiff())
+        .weight
+        .val()
+        .transpose();
     let init = init.into_data().try_to_vec::<f32>().unwrap();
-    let moved = trained.iter().zip(&init).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let moved = trained
+        .iter()
+        .zip(&init)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(moved > 1e-3, "the head did not train (max change {moved})");
 }
 
 #[test]
 fn every_method_trains_within_its_budget() {
-    for method in [MethodArg::Adalora, MethodArg::Id3, MethodArg::Pafi, MethodArg::Bitfit] {
+    for method in [
+        MethodArg::Adalora,
+        MethodArg::Id3,
+        MethodArg::Pafi,
+        MethodArg::Bitfit,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let mut a = args(method, Some(dir.path().into()));
         (a.epochs, a.lr) = (3, Some(1e-2));
@@ -70,7 +95,14 @@ fn every_method_trains_within_its_budget() {
             "{method:?}: loss did not fall: {:?}",
             report.loss
         );
-        assert!(report.trainable.0 > 0 && report.trainable.0 < report.trainable.1, "{method:?}: {:?}", report.trainable);
-        assert!(std::fs::read_dir(dir.path()).unwrap().count() >= 2, "{method:?}: nothing saved");
+        assert!(
+            report.trainable.0 > 0 && report.trainable.0 < report.trainable.1,
+            "{method:?}: {:?}",
+            report.trainable
+        );
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().count() >= 2,
+            "{method:?}: nothing saved"
+        );
     }
 }

@@ -99,7 +99,9 @@ impl BertConfig {
                 self.position_embedding_type
             ));
         }
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return fail(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -365,8 +367,7 @@ impl<L: LinearLayer> Bert<L> {
                 word_embeddings: EmbeddingConfig::new(config.vocab_size, h).init(device),
                 position_embeddings: EmbeddingConfig::new(config.max_position_embeddings, h)
                     .init(device),
-                token_type_embeddings: EmbeddingConfig::new(config.type_vocab_size, h)
-                    .init(device),
+                token_type_embeddings: EmbeddingConfig::new(config.type_vocab_size, h).init(device),
                 LayerNorm: LayerNorm::new(h, eps, device),
                 dropout: dropout(),
             },
@@ -416,8 +417,7 @@ impl<L: LinearLayer> Bert<L> {
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;
         let dropout = || DropoutConfig::new(config.hidden_dropout_prob).init();
-        let linear =
-            |path: &str, i, o| ckpt.linear(path, i, o, true, device).map(L::from);
+        let linear = |path: &str, i, o| ckpt.linear(path, i, o, true, device).map(L::from);
         let residual = |path: &str, i| -> Result<BertResidual<L>> {
             Ok(BertResidual {
                 dense: linear(&format!("{path}.dense"), i, h)?,
@@ -502,7 +502,10 @@ impl<L: LinearLayer> Bert<L> {
     pub fn pooled(&self, hidden: Tensor<3>) -> Option<Tensor<2>> {
         let [batch, _, h] = hidden.dims();
         self.pooler.as_ref().map(|p| {
-            tanh(p.dense.forward(hidden.slice([0..batch, 0..1]).reshape([batch, h])))
+            tanh(
+                p.dense
+                    .forward(hidden.slice([0..batch, 0..1]).reshape([batch, h])),
+            )
         })
     }
 }

@@ -14,7 +14,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn read(file: &Path, key: &str) -> TensorData {
-    peft_core::hf::read_tensors(file).unwrap().remove(key).unwrap()
+    peft_core::hf::read_tensors(file)
+        .unwrap()
+        .remove(key)
+        .unwrap()
 }
 
 fn inputs(device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
@@ -29,11 +32,17 @@ fn max_abs_diff(a: Tensor<3>, b: TensorData) -> f32 {
     let a = a.into_data().try_to_vec::<f32>().unwrap();
     let b = b.try_to_vec::<f32>().unwrap();
     assert_eq!(a.len(), b.len());
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn expected() -> TensorData {
-    read(&fixtures().join("expected.safetensors"), "last_hidden_state")
+    read(
+        &fixtures().join("expected.safetensors"),
+        "last_hidden_state",
+    )
 }
 
 #[test]
@@ -81,7 +90,10 @@ fn module_paths_are_hugging_face_paths() {
         "encoder.layer.0.output.dense.weight",
         "pooler.dense.weight",
     ] {
-        assert!(paths.iter().any(|p| p == expected), "{expected} not in {paths:?}");
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "{expected} not in {paths:?}"
+        );
     }
 }
 
@@ -103,12 +115,16 @@ fn bad_checkpoints_and_configs_are_named() {
     // A checkpoint without one tensor.
     config["hidden_act"] = "gelu".into();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let mut tensors = peft_core::hf::read_tensors(&fixtures().join("model/model.safetensors")).unwrap();
-    tensors.remove("encoder.layer.1.attention.self.key.weight").unwrap();
+    let mut tensors =
+        peft_core::hf::read_tensors(&fixtures().join("model/model.safetensors")).unwrap();
+    tensors
+        .remove("encoder.layer.1.attention.self.key.weight")
+        .unwrap();
     peft_core::hf::write_tensors(&dir.path().join("model.safetensors"), &tensors).unwrap();
     let err = Bert::<Linear>::from_pretrained(dir.path(), &device).unwrap_err();
     assert!(
-        err.to_string().contains("encoder.layer.1.attention.self.key.weight"),
+        err.to_string()
+            .contains("encoder.layer.1.attention.self.key.weight"),
         "{err}"
     );
 
