@@ -18,8 +18,8 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use peft_core::step::Stepper;
-use peft_core::{ModuleSelector, PeftLinear, SaveOptions};
-use peft_lora::{LoraAdapter, LoraConfig, LoraModel};
+use peft_core::{Method, ModuleSelector, PeftLinear, PeftModel, SaveOptions};
+use peft_lora::LoraConfig;
 use peft_models::LinearLayer;
 use peft_models::bert::{Bert, mean_pool};
 
@@ -72,6 +72,9 @@ pub struct Args {
     /// Folder to save the adapter (LoRA, AdaLoRA: PEFT format) or summary (selective) in.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Hidden-state dropout while training (default: the model's `hidden_dropout_prob`).
+    #[arg(long)]
+    pub dropout: Option<f64>,
     /// No progress bar (for logs and tests).
     #[arg(long)]
     pub quiet: bool,
@@ -361,6 +364,22 @@ fn train<L: LinearLayer>(
     Ok((model, report))
 }
 
+/// The encoder of `dir`, with `--dropout` applied.
+fn encoder<L: LinearLayer>(
+    args: &Args,
+    dir: &Path,
+    device: &Device,
+) -> anyhow::Result<(Bert<L>, usize)> {
+    let mut config = peft_models::bert::BertConfig::from_dir(dir)?;
+    if let Some(p) = args.dropout {
+        ensure!((0.0..1.0).contains(&p), "--dropout must be in [0, 1)");
+        config.hidden_dropout_prob = p;
+    }
+    let ckpt = peft_models::Checkpoint::open(&dir.join("model.safetensors"))?
+        .detect_prefix("embeddings.word_embeddings.weight", &["", "bert."])?;
+    Ok((Bert::load(&config, &ckpt, device)?, config.hidden_size))
+}
+
 /// The tokenizer of a model folder (`tokenizer.json`), without padding or truncation.
 ///
 /// # Errors
@@ -453,40 +472,23 @@ fn adapters(
 ) -> anyhow::Result<Report> {
     let lr = args.lr.unwrap_or(2e-3);
     let steps = train_set.len().div_ceil(args.batch) * args.epochs;
-    let optim = || AdamWConfig::new().with_weight_decay(0.01).init();
+    let sets = (train_set, test_set);
     match args.method {
         MethodArg::Lora => {
-            let (bert, config) = Bert::<PeftLinear<LoraAdapter>>::from_pretrained(dir, device)?;
-            let model = Classifier {
-                classifier: head(config.hidden_size, args.seed, device),
-                bert,
-            };
-            let peft = LoraModel::new(model, lora_config(args))?;
-            let trainable = peft.trainable_parameters();
-            let mut stepper = Stepper::new();
-            let mut optim = optim();
-            let (model, mut report) = train(
-                peft.model().clone(),
-                train_set,
-                test_set,
+            let stepper = Stepper::new();
+            train_peft(
+                lora_config(args),
+                stepper,
+                lr,
                 args,
+                dir,
+                sets,
                 device,
-                |m, loss| Ok(stepper.step(m, &mut optim, lr, loss)?),
-            )?;
-            let peft = peft.with_model(model);
-            report.trainable = trainable;
-            if let Some(out) = &args.out {
-                peft.save_pretrained(out, &SaveOptions::default())?;
-            }
-            Ok(report)
+                |_| Ok(()),
+            )
         }
         _ => {
-            use peft_adalora::{AdaLoraAdapter, AdaLoraConfig, AdaLoraModel, RankAllocator};
-            let (bert, config) = Bert::<PeftLinear<AdaLoraAdapter>>::from_pretrained(dir, device)?;
-            let model = Classifier {
-                classifier: head(config.hidden_size, args.seed, device),
-                bert,
-            };
+            use peft_adalora::{AdaLoraConfig, RankAllocator};
             let mut ada = AdaLoraConfig::new(all_linear(), steps)
                 .with_ranks(args.rank, (args.rank / 2).max(1))
                 .with_schedule(steps / 10, steps / 5, 2)
@@ -495,29 +497,53 @@ fn adapters(
                 .lora
                 .with_modules_to_save(["classifier"])
                 .with_exclude(ModuleSelector::regex(r"^bert\.pooler\..*"));
-            let mut peft = AdaLoraModel::new(model, ada.clone())?;
-            let trainable = peft.trainable_parameters();
             let allocator = Arc::new(Mutex::new(RankAllocator::new(&ada, "default")?));
-            let mut stepper = Stepper::new().with(allocator.clone());
-            let mut optim = optim();
-            let (model, mut report) = train(
-                peft.model().clone(),
-                train_set,
-                test_set,
-                args,
-                device,
-                |m, loss| Ok(stepper.step(m, &mut optim, lr, loss)?),
-            )?;
-            peft.map_model(|_| model);
-            report.trainable = trainable;
-            let allocator = allocator.lock().expect("allocator lock");
-            allocator.write_rank_pattern(&mut peft)?;
-            if let Some(out) = &args.out {
-                peft.save_pretrained(out, &SaveOptions::default())?;
-            }
-            Ok(report)
+            let stepper = Stepper::new().with(allocator.clone());
+            // The final rank pattern goes into the saved config (PEFT truncates by it on save).
+            train_peft(ada, stepper, lr, args, dir, sets, device, |peft| {
+                let allocator = allocator.lock().expect("allocator lock");
+                Ok(allocator.write_rank_pattern(peft)?)
+            })
         }
     }
+}
+
+/// Train an adapter method `C` on the activation-space BERT: attach, train, run `finish` on the
+/// trained model, save in PEFT format when asked.
+#[allow(clippy::too_many_arguments)]
+fn train_peft<C: Method>(
+    config: C,
+    mut stepper: Stepper<Classifier<PeftLinear<C::Adapter>>>,
+    lr: f64,
+    args: &Args,
+    dir: &Path,
+    (train_set, test_set): (&Dataset, &Dataset),
+    device: &Device,
+    finish: impl FnOnce(&mut PeftModel<Classifier<PeftLinear<C::Adapter>>, C>) -> anyhow::Result<()>,
+) -> anyhow::Result<Report> {
+    let (bert, hidden) = encoder::<PeftLinear<C::Adapter>>(args, dir, device)?;
+    let model = Classifier {
+        classifier: head(hidden, args.seed, device),
+        bert,
+    };
+    let mut peft = PeftModel::new(model, config)?;
+    let trainable = peft.trainable_parameters();
+    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+    let (model, mut report) = train(
+        peft.model().clone(),
+        train_set,
+        test_set,
+        args,
+        device,
+        |m, loss| Ok(stepper.step(m, &mut optim, lr, loss)?),
+    )?;
+    peft.map_model(|_| model);
+    report.trainable = trainable;
+    finish(&mut peft)?;
+    if let Some(out) = &args.out {
+        peft.save_pretrained(out, &SaveOptions::default())?;
+    }
+    Ok(report)
 }
 
 fn selective(
@@ -529,7 +555,8 @@ fn selective(
 ) -> anyhow::Result<Report> {
     use peft_selective::{SelectiveConfig, SelectiveOptimizer};
     let lr = args.lr.unwrap_or(1e-3);
-    let (bert, config) = Bert::<Linear>::from_pretrained(dir, device)?;
+    let (bert, _) = encoder::<Linear>(args, dir, device)?;
+    let config = peft_models::bert::BertConfig::from_dir(dir)?;
     let model = Classifier {
         classifier: head(config.hidden_size, args.seed, device),
         bert,

@@ -34,6 +34,7 @@ fn args(method: MethodArg, out: Option<PathBuf>) -> Args {
         budget: None,
         seed: 3,
         out,
+        dropout: Some(0.0),
         quiet: true,
     }
 }
