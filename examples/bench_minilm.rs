@@ -75,14 +75,6 @@ fn adamw() -> ModuleOptimizer {
         .init()
 }
 
-fn load<L: LinearLayer>(dir: &std::path::Path, device: &Device) -> anyhow::Result<Bert<L>> {
-    let mut config = BertConfig::from_dir(dir)?;
-    config.hidden_dropout_prob = 0.0;
-    let ckpt = peft_models::Checkpoint::open(&dir.join("model.safetensors"))?
-        .detect_prefix("embeddings.word_embeddings.weight", &["", "bert."])?;
-    Ok(Bert::load(&config, &ckpt, device)?)
-}
-
 fn lora() -> LoraConfig {
     LoraConfig::new(
         16,
@@ -121,7 +113,8 @@ fn main() -> anyhow::Result<()> {
         None => peft_models::minilm_dir()?,
     };
     let device = Device::default().autodiff();
-    let config = BertConfig::from_dir(&dir)?;
+    let mut config = BertConfig::from_dir(&dir)?;
+    config.hidden_dropout_prob = 0.0;
     // Deterministic ids in 1000..vocab (skipping special tokens), all positions attended.
     let ids: Vec<i64> = (0..BATCH * SEQ)
         .map(|i| 1000 + ((i as i64 * 7919 + 13) % (config.vocab_size as i64 - 1000)))
@@ -130,11 +123,17 @@ fn main() -> anyhow::Result<()> {
     let mask = Tensor::<2, Int>::ones([BATCH, SEQ], &device);
 
     let mut full = Variant {
-        model: load::<Linear>(&dir, &device)?,
+        model: Bert::<Linear>::from_dir_with(&dir, &config, &device)?,
         optim: adamw(),
     };
-    let act = LoraModel::new(load::<PeftLinear<LoraAdapter>>(&dir, &device)?, lora())?;
-    let weight = LoraModel::new(load::<Linear>(&dir, &device)?, lora())?;
+    let act = LoraModel::new(
+        Bert::<PeftLinear<LoraAdapter>>::from_dir_with(&dir, &config, &device)?,
+        lora(),
+    )?;
+    let weight = LoraModel::new(
+        Bert::<Linear>::from_dir_with(&dir, &config, &device)?,
+        lora(),
+    )?;
     println!(
         "trainable: full {}, LoRA activation-space {}, LoRA weight-space {}",
         peft_core::hosts::parameters(&full.model)
@@ -152,7 +151,7 @@ fn main() -> anyhow::Result<()> {
         model: weight.into_model(),
         optim: adamw(),
     };
-    let eval_model = load::<Linear>(&dir, &device)?.valid();
+    let eval_model = Bert::<Linear>::from_dir_with(&dir, &config, &device)?.valid();
     let (eval_ids, eval_mask) = (ids.clone().inner(), mask.clone().inner());
 
     let (mut t_full, mut t_act, mut t_weight, mut t_eval) = (vec![], vec![], vec![], vec![]);

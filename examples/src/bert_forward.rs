@@ -41,14 +41,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let (ids, mask) = read_inputs(&args.input, &config, &device)?;
     let hidden = match &args.adapter {
         None => {
-            let (bert, _) = Bert::<burn::nn::Linear>::from_pretrained(&args.model, &device)?;
+            let bert = Bert::<burn::nn::Linear>::from_dir_with(&args.model, &config, &device)?;
             bert.forward(ids, mask)
         }
         Some(adapter) => match peft_type(adapter)?.as_str() {
-            "LORA" => forward_with::<peft_lora::LoraConfig>(args, adapter, ids, mask, &device)?,
-            "ADALORA" => {
-                forward_with::<peft_adalora::AdaLoraConfig>(args, adapter, ids, mask, &device)?
+            "LORA" => {
+                forward_with::<peft_lora::LoraConfig>(args, &config, adapter, ids, mask, &device)?
             }
+            "ADALORA" => forward_with::<peft_adalora::AdaLoraConfig>(
+                args, &config, adapter, ids, mask, &device,
+            )?,
             other => bail!(
                 "{}: peft_type `{other}` is not supported by bert_forward (LORA, ADALORA)",
                 adapter.join("adapter_config.json").display()
@@ -64,12 +66,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 fn forward_with<C: Method>(
     args: &Args,
+    config: &BertConfig,
     adapter: &Path,
     ids: Tensor<2, Int>,
     mask: Tensor<2, Int>,
     device: &Device,
 ) -> anyhow::Result<Tensor<3>> {
-    let (bert, _) = Bert::<PeftLinear<C::Adapter>>::from_pretrained(&args.model, device)?;
+    let bert = Bert::<PeftLinear<C::Adapter>>::from_dir_with(&args.model, config, device)?;
     let peft = PeftModel::<_, C>::from_pretrained(bert, adapter, &LoadOptions::default())
         .with_context(|| format!("loading the adapter in {}", adapter.display()))?;
     let model = if args.merge {

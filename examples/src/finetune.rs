@@ -21,7 +21,7 @@ use peft_core::step::Stepper;
 use peft_core::{Method, ModuleSelector, PeftLinear, PeftModel, SaveOptions};
 use peft_lora::LoraConfig;
 use peft_models::LinearLayer;
-use peft_models::bert::{Bert, mean_pool};
+use peft_models::bert::{Bert, BertConfig, mean_pool};
 
 /// The fine-tuning methods the example runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,20 +364,18 @@ fn train<L: LinearLayer>(
     Ok((model, report))
 }
 
-/// The encoder of `dir`, with `--dropout` applied.
+/// The encoder of `dir` and its config, with `--dropout` applied.
 fn encoder<L: LinearLayer>(
     args: &Args,
     dir: &Path,
     device: &Device,
-) -> anyhow::Result<(Bert<L>, usize)> {
-    let mut config = peft_models::bert::BertConfig::from_dir(dir)?;
+) -> anyhow::Result<(Bert<L>, BertConfig)> {
+    let mut config = BertConfig::from_dir(dir)?;
     if let Some(p) = args.dropout {
         ensure!((0.0..1.0).contains(&p), "--dropout must be in [0, 1)");
         config.hidden_dropout_prob = p;
     }
-    let ckpt = peft_models::Checkpoint::open(&dir.join("model.safetensors"))?
-        .detect_prefix("embeddings.word_embeddings.weight", &["", "bert."])?;
-    Ok((Bert::load(&config, &ckpt, device)?, config.hidden_size))
+    Ok((Bert::from_dir_with(dir, &config, device)?, config))
 }
 
 /// The tokenizer of a model folder (`tokenizer.json`), without padding or truncation.
@@ -521,9 +519,9 @@ fn train_peft<C: Method>(
     device: &Device,
     finish: impl FnOnce(&mut PeftModel<Classifier<PeftLinear<C::Adapter>>, C>) -> anyhow::Result<()>,
 ) -> anyhow::Result<Report> {
-    let (bert, hidden) = encoder::<PeftLinear<C::Adapter>>(args, dir, device)?;
+    let (bert, bert_config) = encoder::<PeftLinear<C::Adapter>>(args, dir, device)?;
     let model = Classifier {
-        classifier: head(hidden, args.seed, device),
+        classifier: head(bert_config.hidden_size, args.seed, device),
         bert,
     };
     let mut peft = PeftModel::new(model, config)?;
@@ -555,8 +553,7 @@ fn selective(
 ) -> anyhow::Result<Report> {
     use peft_selective::{SelectiveConfig, SelectiveOptimizer};
     let lr = args.lr.unwrap_or(1e-3);
-    let (bert, _) = encoder::<Linear>(args, dir, device)?;
-    let config = peft_models::bert::BertConfig::from_dir(dir)?;
+    let (bert, config) = encoder::<Linear>(args, dir, device)?;
     let model = Classifier {
         classifier: head(config.hidden_size, args.seed, device),
         bert,

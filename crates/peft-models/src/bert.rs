@@ -404,9 +404,18 @@ impl<L: LinearLayer> Bert<L> {
     /// Missing files, an unsupported config, or a missing or misshapen tensor (named).
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<(Self, BertConfig)> {
         let config = BertConfig::from_dir(dir)?;
+        Ok((Self::from_dir_with(dir, &config, device)?, config))
+    }
+
+    /// Load the weights of a Hugging Face BERT folder into a model of `config`: the folder's
+    /// own config as read by [`BertConfig::from_dir`], possibly edited (dropout, say).
+    ///
+    /// # Errors
+    /// A missing checkpoint, or a missing or misshapen tensor (named).
+    pub fn from_dir_with(dir: &Path, config: &BertConfig, device: &Device) -> Result<Self> {
         let ckpt = Checkpoint::open(&dir.join("model.safetensors"))?
             .detect_prefix("embeddings.word_embeddings.weight", &["", "bert."])?;
-        Ok((Self::load(&config, &ckpt, device)?, config))
+        Self::load(config, &ckpt, device)
     }
 
     /// Build the model from an opened checkpoint.
