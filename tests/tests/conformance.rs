@@ -17,6 +17,7 @@ use peft_core::{
     Adapter, Method, ModuleSelector, PeftEmbedding, PeftError, PeftLinear, PeftModel, hosts,
 };
 use peft_lora::{InitLoraWeights, LoadOptions, LoraConfig, SaveOptions};
+use peft_rosa::{InitRosaWeights, RosaConfig};
 
 type Weight = TinyModel<Linear, Embedding>;
 type Activation<A> = TinyModel<PeftLinear<A>, PeftEmbedding<A>>;
@@ -44,6 +45,38 @@ impl Conformance for AdaLoraConfig {
     fn perturbed(&self) -> Self {
         self.clone().with_identity_init(false)
     }
+}
+
+impl Conformance for RosaConfig {
+    /// Random factors, random masks (seeded by module path) and random sparse values.
+    fn perturbed(&self) -> Self {
+        self.clone()
+            .with_init(InitRosaWeights::Random)
+            .with_random_masks(7)
+    }
+}
+
+fn rosa_cases() -> Vec<(&'static str, RosaConfig)> {
+    let targets = ModuleSelector::names(["q_proj", "v_proj", "down_proj", "embed_tokens"]);
+    vec![
+        ("rosa", RosaConfig::new(4, 0.1, 8.0, targets.clone())),
+        (
+            "rosa_sparse_only",
+            RosaConfig::new(0, 0.2, 8.0, targets.clone()).with_schedule("spa_only"),
+        ),
+        (
+            "rosa_lora_only",
+            RosaConfig::new(3, 0.0, 6.0, targets).with_schedule("lora_only"),
+        ),
+        (
+            "rosa_patterns",
+            RosaConfig::new(4, 0.05, 8.0, ModuleSelector::regex(r".*\.(up|down|o)_proj"))
+                .with_rank_pattern("up_proj", 2)
+                .with_density_pattern("o_proj", 0.3)
+                .with_alpha_pattern("down_proj", 3.0)
+                .with_rslora(true),
+        ),
+    ]
 }
 
 fn adalora_cases() -> Vec<(&'static str, AdaLoraConfig)> {
@@ -368,6 +401,9 @@ fn conformance_weight_space() {
     for (label, config) in adalora_cases() {
         check_case::<Weight, _>(&format!("weight/{label}"), &config);
     }
+    for (label, config) in rosa_cases() {
+        check_case::<Weight, _>(&format!("weight/{label}"), &config);
+    }
 }
 
 #[test]
@@ -384,6 +420,12 @@ fn conformance_activation_space() {
             &config,
         );
     }
+    for (label, config) in rosa_cases() {
+        check_case::<Activation<peft_rosa::RosaAdapter>, _>(
+            &format!("activation/{label}"),
+            &config,
+        );
+    }
 }
 
 #[test]
@@ -393,6 +435,9 @@ fn both_attach_paths_agree_on_outputs_and_gradients() {
     }
     for (label, config) in adalora_cases() {
         check_paths::<peft_adalora::AdaLoraAdapter, _>(label, &config);
+    }
+    for (label, config) in rosa_cases() {
+        check_paths::<peft_rosa::RosaAdapter, _>(label, &config);
     }
 }
 
@@ -426,7 +471,10 @@ fn check_paths<A: Adapter, C: Conformance<Adapter = A>>(label: &str, config: &C)
                 .zip(ids)
                 .filter(|((p, _, _), _)| p.contains(".peft."))
                 .map(|((p, _, _), id)| {
-                    let g = if p.ends_with("magnitude") || p.ends_with("lora_e") {
+                    let g = if p.ends_with("magnitude")
+                        || p.ends_with("lora_e")
+                        || p.ends_with("spa_values")
+                    {
                         gp.get::<1>(id)
                             .map(|t| t.into_data().try_to_vec::<f32>().unwrap())
                     } else {
