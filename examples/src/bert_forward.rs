@@ -51,8 +51,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "ADALORA" => forward_with::<peft_adalora::AdaLoraConfig>(
                 args, &config, adapter, ids, mask, &device,
             )?,
+            "ROSA" => {
+                forward_with::<peft_rosa::RosaConfig>(args, &config, adapter, ids, mask, &device)?
+            }
             other => bail!(
-                "{}: peft_type `{other}` is not supported by bert_forward (LORA, ADALORA)",
+                "{}: peft_type `{other}` is not supported by bert_forward (LORA, ADALORA, ROSA)",
                 adapter.join("adapter_config.json").display()
             ),
         },

@@ -30,6 +30,12 @@ pub enum MethodArg {
     Lora,
     /// AdaLoRA on every linear layer with its rank allocator in the step.
     Adalora,
+    /// RoSA: LoRA plus a sparse adapter on every linear layer; the masks come from a LoRA
+    /// warm-up with gradient collection, then both train from the initial adapters (the
+    /// paper's two-phase recipe, in one run).
+    Rosa,
+    /// RoSA's sparse adapter alone (`r = 0`, schedule `spa_only`).
+    Spa,
     /// ID3: a budget of the model's own entries, unmasked step by step by |g|/|θ|.
     Id3,
     /// PaFI: the budget's smallest-magnitude entries.
@@ -63,6 +69,12 @@ pub struct Args {
     /// LoRA alpha.
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f64,
+    /// RoSA / SpA density of the sparse adapter (entries per weight entry).
+    #[arg(long, default_value_t = 0.01)]
+    pub density: f64,
+    /// RoSA warm-up steps (LoRA only) before the gradient-collection step.
+    #[arg(long, default_value_t = 8)]
+    pub rosa_warmup: usize,
     /// ID3 / PaFI budget in entries (default: the LoRA trainable count at `--rank`).
     #[arg(long)]
     pub budget: Option<usize>,
@@ -295,6 +307,34 @@ pub fn head(hidden: usize, seed: u64, device: &Device) -> Linear {
     linear
 }
 
+/// The batch of global step `step`: epoch `step / steps_per_epoch` in its shuffled order.
+fn step_batch(train: &Dataset, args: &Args, step: usize) -> Vec<usize> {
+    let steps_per_epoch = train.len().div_ceil(args.batch);
+    let order = shuffled(
+        train.len(),
+        args.seed ^ ((step / steps_per_epoch) as u64 + 1),
+    );
+    order
+        .chunks(args.batch)
+        .nth(step % steps_per_epoch)
+        .expect("a step within the epoch")
+        .to_vec()
+}
+
+/// The training loss of `model` on the batch of global step `step`.
+fn step_loss<L: LinearLayer>(
+    model: &Classifier<L>,
+    train: &Dataset,
+    args: &Args,
+    step: usize,
+    device: &Device,
+) -> Tensor<1> {
+    let (ids, mask, labels) = train.batch(&step_batch(train, args, step), device);
+    CrossEntropyLossConfig::new()
+        .init(device)
+        .forward(model.forward(ids, mask), labels)
+}
+
 /// One training run: the loop shared by every method. `step` takes the model and the loss
 /// and returns the updated model.
 #[allow(clippy::too_many_arguments)]
@@ -317,17 +357,13 @@ fn train<L: LinearLayer>(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed} < {eta}]")
             .expect("valid template"),
     );
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
     let (mut first_loss, mut last_loss) = (0.0, 0.0);
     let mut times = Vec::new();
     for epoch in 0..args.epochs {
-        let order = shuffled(train.len(), args.seed ^ (epoch as u64 + 1));
         let mut total = 0.0;
-        for chunk in order.chunks(args.batch) {
+        for i in 0..steps_per_epoch {
             let start = Instant::now();
-            let (ids, mask, labels) = train.batch(chunk, device);
-            let logits = model.forward(ids, mask);
-            let loss = loss_fn.forward(logits, labels);
+            let loss = step_loss(&model, train, args, epoch * steps_per_epoch + i, device);
             let value = loss.clone().into_scalar::<f32>();
             model = step(model, loss)?;
             times.push(start.elapsed().as_secs_f64() * 1e3);
@@ -427,7 +463,7 @@ pub fn run_with(
     let device = Device::default().autodiff();
     let (train_set, test_set) = Dataset::topic_task(tokenize)?;
     let mut report = match args.method {
-        MethodArg::Lora | MethodArg::Adalora => {
+        MethodArg::Lora | MethodArg::Adalora | MethodArg::Rosa | MethodArg::Spa => {
             adapters(args, dir, &train_set, &test_set, &device)?
         }
         MethodArg::Id3 | MethodArg::Pafi | MethodArg::Bitfit => {
@@ -472,18 +508,47 @@ fn adapters(
     let steps = train_set.len().div_ceil(args.batch) * args.epochs;
     let sets = (train_set, test_set);
     match args.method {
-        MethodArg::Lora => {
-            let stepper = Stepper::new();
-            train_peft(
-                lora_config(args),
-                stepper,
-                lr,
-                args,
-                dir,
-                sets,
-                device,
-                |_| Ok(()),
-            )
+        MethodArg::Lora => train_peft(
+            lora_config(args),
+            |_| Ok(Stepper::new()),
+            lr,
+            args,
+            dir,
+            sets,
+            device,
+            |_| Ok(()),
+        ),
+        MethodArg::Rosa | MethodArg::Spa => {
+            use peft_rosa::{RosaConfig, generate_masks, restart_with_masks};
+            let (rank, schedule) = match args.method {
+                MethodArg::Rosa => (args.rank, format!("wl{}", args.rosa_warmup)),
+                _ => (0, "spa_only".to_string()),
+            };
+            let config = RosaConfig::new(rank, args.density, args.alpha, all_linear())
+                .with_schedule(&schedule)
+                .with_modules_to_save(["classifier"])
+                .with_exclude(ModuleSelector::regex(r"^bert\.pooler\..*"));
+            let prepare = |peft: &mut PeftModel<_, RosaConfig>| {
+                // Phase 1 on a copy: the warm-up and the collection step give the masks.
+                let start = Instant::now();
+                let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+                let masks = generate_masks(peft, "default", &mut optim, lr, |m, step| {
+                    step_loss(m, train_set, args, step, device)
+                })?;
+                if !args.quiet {
+                    println!(
+                        "RoSA masks: {} entries in {} layers from {} warm-up + 1 collection steps ({:.1} s)",
+                        masks.nnz(),
+                        masks.len(),
+                        if rank == 0 { 0 } else { args.rosa_warmup },
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+                // Phase 2: the initial adapters plus the masks, both parts training.
+                let scheduler = restart_with_masks(peft, "default", masks)?;
+                Ok(Stepper::new().with(scheduler))
+            };
+            train_peft(config, prepare, lr, args, dir, sets, device, |_| Ok(()))
         }
         _ => {
             use peft_adalora::{AdaLoraConfig, RankAllocator};
@@ -498,20 +563,35 @@ fn adapters(
             let allocator = Arc::new(Mutex::new(RankAllocator::new(&ada, "default")?));
             let stepper = Stepper::new().with(allocator.clone());
             // The final rank pattern goes into the saved config (PEFT truncates by it on save).
-            train_peft(ada, stepper, lr, args, dir, sets, device, |peft| {
-                let allocator = allocator.lock().expect("allocator lock");
-                Ok(allocator.write_rank_pattern(peft)?)
-            })
+            train_peft(
+                ada,
+                |_| Ok(stepper),
+                lr,
+                args,
+                dir,
+                sets,
+                device,
+                |peft| {
+                    let allocator = allocator.lock().expect("allocator lock");
+                    Ok(allocator.write_rank_pattern(peft)?)
+                },
+            )
         }
     }
 }
 
-/// Train an adapter method `C` on the activation-space BERT: attach, train, run `finish` on the
-/// trained model, save in PEFT format when asked.
+/// The activation-space classifier of adapter type `A`.
+type PeftClassifier<A> = Classifier<PeftLinear<A>>;
+
+/// Train an adapter method `C` on the activation-space BERT: attach, `prepare` (returns the
+/// stepper with the method's controllers), train, run `finish` on the trained model, save in
+/// PEFT format when asked.
 #[allow(clippy::too_many_arguments)]
 fn train_peft<C: Method>(
     config: C,
-    mut stepper: Stepper<Classifier<PeftLinear<C::Adapter>>>,
+    prepare: impl FnOnce(
+        &mut PeftModel<PeftClassifier<C::Adapter>, C>,
+    ) -> anyhow::Result<Stepper<PeftClassifier<C::Adapter>>>,
     lr: f64,
     args: &Args,
     dir: &Path,
@@ -525,6 +605,7 @@ fn train_peft<C: Method>(
         bert,
     };
     let mut peft = PeftModel::new(model, config)?;
+    let mut stepper = prepare(&mut peft)?;
     let trainable = peft.trainable_parameters();
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
     let (model, mut report) = train(

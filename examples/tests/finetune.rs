@@ -36,6 +36,8 @@ fn args(method: MethodArg, out: Option<PathBuf>) -> Args {
         out,
         dropout: Some(0.0),
         quiet: true,
+        density: 0.05,
+        rosa_warmup: 2,
     }
 }
 
@@ -104,6 +106,50 @@ fn every_method_trains_within_its_budget() {
         assert!(
             std::fs::read_dir(dir.path()).unwrap().count() >= 2,
             "{method:?}: nothing saved"
+        );
+    }
+}
+
+#[test]
+fn rosa_and_spa_train_with_generated_masks_and_save_a_rosa_adapter() {
+    // Per encoder layer of the fixture (h 32, ffn 64): 4 attention linears of 32x32 and two
+    // FFN linears of 32x64; d = 0.05 gives int(51.2) = 51 and int(102.4) = 102 entries.
+    let sparse = 2 * (4 * 51 + 2 * 102);
+    let lora = 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64));
+    let head = 32 * 4 + 4;
+    for (method, expected) in [
+        (MethodArg::Rosa, lora + sparse + head),
+        (MethodArg::Spa, sparse + head),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(method, Some(dir.path().into()));
+        (a.epochs, a.lr) = (3, Some(1e-2));
+        let report = run_with(&a, &model(), &tokenize).unwrap();
+        assert_eq!(report.trainable.0, expected, "{method:?}");
+        assert!(
+            report.loss.1 < report.loss.0,
+            "{method:?}: loss did not fall: {:?}",
+            report.loss
+        );
+        // The saved adapter is a RoSA adapter with its masks, and it reloads.
+        let config = peft_rosa::RosaConfig::from_pretrained(dir.path()).unwrap();
+        assert_eq!(config.d, 0.05);
+        let saved =
+            peft_core::hf::read_tensors(&dir.path().join("adapter_model.safetensors")).unwrap();
+        let offsets = saved
+            .iter()
+            .find(|(k, _)| k.ends_with("attention.self.query.rosa_spa.row_offs"))
+            .map(|(_, v)| v.clone().convert::<i64>().try_to_vec::<i64>().unwrap())
+            .expect("sparse offsets saved");
+        assert_eq!(*offsets.last().unwrap(), 51, "{method:?}: the mask was set");
+        let values = saved
+            .iter()
+            .find(|(k, _)| k.ends_with("attention.self.query.rosa_spa.values"))
+            .map(|(_, v)| v.clone().try_to_vec::<f32>().unwrap())
+            .unwrap();
+        assert!(
+            values.iter().any(|&v| v != 0.0),
+            "{method:?}: the sparse values trained"
         );
     }
 }

@@ -1,0 +1,258 @@
+//! # bench_rosa: the RoSA training step against the LoRA step at equal trainable count
+//!
+//! ```sh
+//! python3 scripts/fetch_minilm.py          # once: the model
+//! cargo run --release --example bench_rosa --features x86-v4 -- [--rounds 3] [--steps 5]
+//! ```
+//!
+//! Workload: all-MiniLM-L6-v2, batch 16 x 128 tokens (random ids, no padding), loss
+//! `mean(last_hidden_state²)`, AdamW (lr 1e-4), dropout off, adapters in activation space on
+//! every linear layer (`query`, `key`, `value`, `dense`):
+//! - LoRA r = 16, alpha 32: 663,552 trainable entries;
+//! - RoSA r = 8, alpha 16, d = 1/32: LoRA r = 8 (331,776) plus `int(d·rows·cols)` sparse entries
+//!   per layer (331,776), the same count. Its masks come from one collection step (schedule
+//!   `default`), timed separately; then both parts train.
+//!
+//! Each variant runs in its own process (this binary with `--variant`), so the peak resident
+//! memory (`VmHWM`) is the variant's own; the driver prints both and the ratios.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor};
+use clap::Parser;
+use peft_core::step::Stepper;
+use peft_core::{Adapter, ModuleSelector, PeftLinear};
+use peft_lora::{LoraAdapter, LoraConfig, LoraModel};
+use peft_models::bert::{Bert, BertConfig};
+use peft_rosa::{RosaAdapter, RosaConfig, RosaModel, RosaScheduler};
+
+#[derive(Parser, Debug)]
+#[command(about = "RoSA vs LoRA training step on all-MiniLM-L6-v2 at equal trainable count")]
+struct Args {
+    /// Model folder (default: all-MiniLM-L6-v2 in the cache).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Rounds (the reported figure is the median over rounds of per-round medians).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Timed steps per round.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: run one variant (`lora` or `rosa`) and print its JSON.
+    #[arg(long)]
+    variant: Option<String>,
+}
+
+const BATCH: usize = 16;
+const SEQ: usize = 128;
+
+fn targets() -> ModuleSelector {
+    ModuleSelector::names(["query", "key", "value", "dense"])
+}
+
+fn adamw() -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(0.01)
+        .with_epsilon(1e-8)
+        .init()
+}
+
+/// `VmHWM` / `VmRSS` of this process in MiB (Linux), or NaN.
+fn memory_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn step<A: Adapter>(
+    model: Bert<PeftLinear<A>>,
+    stepper: &mut Stepper<Bert<PeftLinear<A>>>,
+    optim: &mut ModuleOptimizer,
+    ids: &Tensor<2, Int>,
+    mask: &Tensor<2, Int>,
+) -> anyhow::Result<(Bert<PeftLinear<A>>, f64)> {
+    let start = Instant::now();
+    let loss = model.forward(ids.clone(), mask.clone()).square().mean();
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let model = stepper.optimize(model, optim, 1e-4, grads)?;
+    // Wait for the step's work (backends may be lazy): read one updated value.
+    let _ = model
+        .embeddings
+        .word_embeddings
+        .weight
+        .val()
+        .slice([0..1, 0..1])
+        .into_scalar::<f32>();
+    Ok((model, start.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Timed rounds of one prepared model: per-round medians, then their median.
+fn rounds<A: Adapter>(
+    mut model: Bert<PeftLinear<A>>,
+    mut stepper: Stepper<Bert<PeftLinear<A>>>,
+    args: &Args,
+    ids: &Tensor<2, Int>,
+    mask: &Tensor<2, Int>,
+) -> anyhow::Result<f64> {
+    let mut optim = adamw();
+    (model, _) = step(model, &mut stepper, &mut optim, ids, mask)?; // warm-up
+    let mut per_round = Vec::new();
+    for _ in 0..args.rounds {
+        let mut times = Vec::new();
+        for _ in 0..args.steps {
+            let t;
+            (model, t) = step(model, &mut stepper, &mut optim, ids, mask)?;
+            times.push(t);
+        }
+        per_round.push(median(times));
+    }
+    Ok(median(per_round))
+}
+
+fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> {
+    let dir = match &args.model {
+        Some(d) => d.clone(),
+        None => peft_models::minilm_dir()?,
+    };
+    let device = Device::default().autodiff();
+    let mut config = BertConfig::from_dir(&dir)?;
+    config.hidden_dropout_prob = 0.0;
+    let ids: Vec<i64> = (0..BATCH * SEQ)
+        .map(|i| 1000 + ((i as i64 * 7919 + 13) % (config.vocab_size as i64 - 1000)))
+        .collect();
+    let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([BATCH, SEQ]);
+    let mask = Tensor::<2, Int>::ones([BATCH, SEQ], &device);
+    let loaded_mib = memory_mib("VmRSS:");
+    let (trainable, step_ms, extra) = match variant {
+        "lora" => {
+            let model = LoraModel::new(
+                Bert::<PeftLinear<LoraAdapter>>::from_dir_with(&dir, &config, &device)?,
+                LoraConfig::new(16, 32.0, targets()),
+            )?;
+            let trainable = model.trainable_parameters().0;
+            let ms = rounds(model.into_model(), Stepper::new(), args, &ids, &mask)?;
+            (trainable, ms, serde_json::Value::Null)
+        }
+        "rosa" => {
+            let rosa = RosaConfig::new(8, 1.0 / 32.0, 16.0, targets());
+            let model = RosaModel::new(
+                Bert::<PeftLinear<RosaAdapter>>::from_dir_with(&dir, &config, &device)?,
+                rosa.clone(),
+            )?;
+            let scheduler = RosaScheduler::new(&rosa, "default")?;
+            let net = scheduler.prepare(model.model().clone())?;
+            let mut stepper = Stepper::new().with(scheduler);
+            let mut optim = adamw();
+            // Step 0 collects the gradients (dense probes) and sets the masks.
+            let (net, collect_ms) = step(net, &mut stepper, &mut optim, &ids, &mask)?;
+            let model = model.with_model(net);
+            let trainable = model.trainable_parameters().0;
+            let ms = rounds(model.into_model(), stepper, args, &ids, &mask)?;
+            (trainable, ms, serde_json::json!(collect_ms))
+        }
+        other => bail!("unknown variant {other:?} (lora, rosa)"),
+    };
+    Ok(serde_json::json!({
+        "variant": variant,
+        "trainable": trainable,
+        "step_ms": step_ms,
+        "collection_step_ms": extra,
+        "rss_after_load_mib": loaded_mib,
+        "peak_rss_mib": memory_mib("VmHWM:"),
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.rounds > 0 && args.steps > 0,
+        "--rounds and --steps must be positive"
+    );
+    if let Some(variant) = &args.variant {
+        println!("{}", run_variant(&args, variant)?);
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut results = Vec::new();
+    for variant in ["lora", "rosa"] {
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "--variant",
+            variant,
+            "--rounds",
+            &args.rounds.to_string(),
+            "--steps",
+            &args.steps.to_string(),
+        ]);
+        if let Some(m) = &args.model {
+            cmd.arg("--model").arg(m);
+        }
+        println!("running {variant} ...");
+        let out = cmd
+            .output()
+            .with_context(|| format!("running the {variant} variant"))?;
+        if !out.status.success() {
+            bail!(
+                "the {variant} variant failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let last = text.lines().last().unwrap_or_default();
+        let value: serde_json::Value =
+            serde_json::from_str(last).with_context(|| format!("parsing {last:?}"))?;
+        results.push(value);
+    }
+    let (lora, rosa) = (&results[0], &results[1]);
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "\n{:32} {:>12} {:>12} {:>7}",
+        "", "LoRA r=16", "RoSA r=8", "ratio"
+    );
+    println!(
+        "{:32} {:>12} {:>12}",
+        "trainable entries", lora["trainable"], rosa["trainable"]
+    );
+    for (name, key) in [
+        ("training step (ms)", "step_ms"),
+        ("peak RSS (MiB)", "peak_rss_mib"),
+        ("RSS after loading (MiB)", "rss_after_load_mib"),
+    ] {
+        let (a, b) = (f(lora, key), f(rosa, key));
+        println!("{name:32} {a:12.0} {b:12.0} {:7.2}", b / a);
+    }
+    println!(
+        "{:32} {:>12} {:12.0}",
+        "RoSA mask-collection step (ms)",
+        "-",
+        f(rosa, "collection_step_ms")
+    );
+    let summary = serde_json::json!({
+        "lora": lora,
+        "rosa": rosa,
+        "step_ratio": f(rosa, "step_ms") / f(lora, "step_ms"),
+        "peak_ratio": f(rosa, "peak_rss_mib") / f(lora, "peak_rss_mib"),
+    });
+    if let Some(path) = &args.json {
+        std::fs::write(path, summary.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
