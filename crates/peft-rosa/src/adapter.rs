@@ -118,7 +118,7 @@ impl RosaAdapter {
         }
         let device = values.device();
         self.spa_values = Some(Param::from_tensor(values.set_require_grad(trainable)));
-        self.spa = Some(CsrLayout::new(structure.with_row_order(), &device));
+        self.spa = Some(CsrLayout::new(structure, &device));
         Ok(())
     }
 
