@@ -193,3 +193,57 @@ fn the_binary_exits_non_zero_on_bad_input() {
     );
     assert!(diff <= 1e-4, "binary output differs from PEFT by {diff}");
 }
+
+#[test]
+fn rosa_adapters_run_unmerged_and_merged_like_the_library() {
+    use peft_core::{ModuleSelector, PeftLinear, SaveOptions};
+    use peft_models::bert::Bert;
+    use peft_rosa::{InitRosaWeights, RosaAdapter, RosaConfig, RosaModel};
+
+    let dir = tempfile::tempdir().unwrap();
+    let device = burn::tensor::Device::flex();
+    let (bert, _) =
+        Bert::<PeftLinear<RosaAdapter>>::from_pretrained(&fixtures().join("model"), &device)
+            .unwrap();
+    // Random factors, random masks and sparse values on every attention and FFN linear.
+    let config = RosaConfig::new(
+        4,
+        0.05,
+        8.0,
+        ModuleSelector::names(["query", "value", "dense"]),
+    )
+    .with_init(InitRosaWeights::Random)
+    .with_random_masks(5);
+    let model = RosaModel::new(bert, config).unwrap();
+    let adapter_dir = dir.path().join("rosa");
+    model
+        .save_pretrained(&adapter_dir, &SaveOptions::default())
+        .unwrap();
+    let mut inputs = peft_core::hf::read_tensors(&fixtures().join("input.safetensors")).unwrap();
+    let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+        inputs.remove("input_ids").unwrap(),
+        &device,
+    );
+    let mask = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+        inputs.remove("attention_mask").unwrap(),
+        &device,
+    );
+    let expected = model
+        .model()
+        .forward(ids, mask)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+
+    let out = dir.path().join("out.safetensors");
+    run(&args(None, false, &out)).unwrap();
+    let base = hidden(&out);
+    assert!(max_abs_diff(&base, &expected) > 1e-2, "the adapter changes the output");
+    for merge in [false, true] {
+        let mut a = args(None, merge, &out);
+        a.adapter = Some(adapter_dir.clone());
+        run(&a).unwrap();
+        let diff = max_abs_diff(&hidden(&out), &expected);
+        assert!(diff <= 1e-4, "merge {merge}: differs by {diff}");
+    }
+}
