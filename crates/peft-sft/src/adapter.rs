@@ -1,0 +1,352 @@
+//! The sparse delta of one weight: `k` values at unique flat indices, held as a CSR layout.
+
+use std::collections::HashSet;
+
+use burn::module::{Module, Param};
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use peft_core::error::Result;
+use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError};
+use sparse_kernels::{Csr, CsrLayout, CsrStructure, sparse_linear, to_dense};
+
+use crate::config::{InitDeltas, SftConfig};
+
+/// SFT on one linear layer: `W' = W + Δ` with `Δ` sparse.
+///
+/// `Δ` is stored in PyTorch orientation (`[out, in]`, flat index `o · in + i`, as the
+/// reference's `indices` into `W.view(-1)`) as a [`CsrLayout`] (`layout`) and its values
+/// (`delta_values`, `[k]`, in CSR order, i.e. by increasing flat index).
+///
+/// - Activation path ([`PeftLinear`](peft_core::PeftLinear)): `y += sparse_linear(x, Δ)`, an
+///   SpMM forward whose backward gives the values' gradient by SDDMM at the `k` positions; no
+///   dense weight-shaped tensor and no `W + Δ`.
+/// - Weight path: `W + Δᵀ` (burn orientation) by a dense scatter.
+///
+/// Two optional terms exist only while [`SftSelector`](crate::SftSelector) collects RigL
+/// statistics: `probe`, a zero `[in, out]` parameter whose gradient is the dense weight
+/// gradient (first step of a window only), and `candidate_values`, zero values on the
+/// candidate positions (`candidates`) whose gradient is the weight gradient sampled there by
+/// SDDMM (later steps of the window).
+#[derive(Module, Debug)]
+pub struct SftAdapter {
+    /// The delta values, `[k]`, CSR order of `layout`.
+    pub delta_values: Param<Tensor<1>>,
+    /// Zero, `[in, out]`; only on the first step of a RigL window.
+    pub probe: Option<Param<Tensor<2>>>,
+    /// Zero, `[candidates]`; only on later steps of a RigL window.
+    pub candidate_values: Option<Param<Tensor<1>>>,
+    /// The structure of `Δ`, `[out, in]`.
+    #[module(skip)]
+    pub layout: CsrLayout,
+    /// The RigL candidate positions while they are sampled.
+    #[module(skip)]
+    pub candidates: Option<CsrLayout>,
+    /// The host weight's shape in burn orientation, `[in, out]`.
+    #[module(skip)]
+    pub base_shape: [usize; 2],
+    /// Where new tensors are created.
+    #[module(skip)]
+    pub device: Device,
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn path_seed(path: &str, seed: u64) -> u64 {
+    // FNV-1a of the path, mixed with the seed.
+    let h = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// A uniform random subset of `k` flat indices in `[0, numel)`, sorted (the reference's
+/// `sort(topk(rand(numel), k))`), deterministic in `(path, seed)`. O(k) memory (Floyd).
+pub fn random_indices(path: &str, seed: u64, numel: usize, k: usize) -> Vec<u64> {
+    let mut state = path_seed(path, seed);
+    let n = numel as u64;
+    let mut chosen = HashSet::with_capacity(k);
+    for j in n - k as u64..n {
+        let t = splitmix(&mut state) % (j + 1);
+        if !chosen.insert(t) {
+            chosen.insert(j);
+        }
+    }
+    let mut out: Vec<u64> = chosen.into_iter().collect();
+    out.sort_unstable();
+    out
+}
+
+/// Deterministic values in `[-scale/2, scale/2)`.
+fn spread(path: &str, seed: u64, k: usize, scale: f32) -> Vec<f32> {
+    let mut state = path_seed(path, seed ^ 0x5151);
+    (0..k)
+        .map(|_| ((splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
+        .collect()
+}
+
+pub(crate) fn host_f32(t: Tensor<1>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data")
+}
+
+pub(crate) fn values_tensor(values: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), device)
+}
+
+impl SftAdapter {
+    /// A delta at `indices` (flat, `[out, in]`, any order, unique) with `values` (same order)
+    /// for a linear weight of burn shape `[in, out]`.
+    ///
+    /// # Errors
+    /// Out-of-range or repeated indices, or lengths that differ.
+    pub fn new(
+        path: &str,
+        base_shape: [usize; 2],
+        indices: &[u64],
+        values: &[f32],
+        device: &Device,
+    ) -> Result<Self> {
+        let [inp, out] = base_shape;
+        if indices.len() != values.len() {
+            return Err(PeftError::ShapeMismatch {
+                key: format!("{path}.sft_delta.values"),
+                expected: vec![indices.len()],
+                found: vec![values.len()],
+            });
+        }
+        let (structure, order) = CsrStructure::from_flat_indices(out, inp, indices)
+            .map_err(|e| PeftError::InvalidConfig {
+                field: format!("{path}.sft_delta.indices"),
+                reason: e.to_string(),
+            })?;
+        let ordered: Vec<f32> = order.iter().map(|&p| values[p as usize]).collect();
+        Ok(Self {
+            delta_values: Param::from_tensor(values_tensor(ordered, device).set_require_grad(true)),
+            probe: None,
+            candidate_values: None,
+            layout: CsrLayout::new(structure, device),
+            candidates: None,
+            base_shape,
+            device: device.clone(),
+        })
+    }
+
+    /// The number of deltas `k`.
+    pub fn num_deltas(&self) -> usize {
+        self.layout.nnz()
+    }
+
+    /// The shape of `Δ`, PyTorch orientation `[out, in]`.
+    pub fn delta_shape(&self) -> [usize; 2] {
+        self.layout.shape()
+    }
+
+    /// The flat indices (`[out, in]` row-major), in the order of the values (increasing).
+    pub fn indices(&self) -> Vec<u64> {
+        self.layout.structure().flat_indices()
+    }
+
+    /// The values on the host, in the order of [`indices`](Self::indices).
+    pub fn values(&self) -> Vec<f32> {
+        host_f32(self.delta_values.val())
+    }
+
+    /// `Δ` as a [`Csr`] (tracked values).
+    pub fn csr(&self) -> Csr {
+        Csr {
+            layout: self.layout.clone(),
+            values: self.delta_values.val(),
+        }
+    }
+
+    /// Replace the structure and values (same `k`), keeping the parameter's id and
+    /// trainability. `values` are in the order of `indices`, which must be sorted.
+    ///
+    /// # Errors
+    /// Invalid indices or a different `k`.
+    pub fn set_delta(&mut self, indices: &[u64], values: Vec<f32>) -> Result<()> {
+        let [out, inp] = self.delta_shape();
+        let k = self.num_deltas();
+        if indices.len() != k || values.len() != k {
+            return Err(PeftError::ShapeMismatch {
+                key: "sft_delta".into(),
+                expected: vec![k],
+                found: vec![indices.len(), values.len()],
+            });
+        }
+        let (structure, order) =
+            CsrStructure::from_flat_indices(out, inp, indices).map_err(|e| {
+                PeftError::InvalidConfig {
+                    field: "sft_delta.indices".into(),
+                    reason: e.to_string(),
+                }
+            })?;
+        let ordered: Vec<f32> = order.iter().map(|&p| values[p as usize]).collect();
+        self.layout = CsrLayout::new(structure, &self.device);
+        self.set_values(ordered);
+        Ok(())
+    }
+
+    /// Replace the values (CSR order), keeping the parameter's id and trainability.
+    pub fn set_values(&mut self, values: Vec<f32>) {
+        let t = values_tensor(values, &self.device);
+        self.delta_values = peft_core::method::set_param(&self.delta_values, t);
+    }
+
+    /// Add (`on`) or remove the dense gradient probe.
+    pub fn set_probe(&mut self, on: bool) {
+        if on == self.probe.is_some() {
+            return;
+        }
+        self.probe = on.then(|| {
+            Param::from_tensor(
+                Tensor::<2>::zeros(self.base_shape, &self.device).set_require_grad(true),
+            )
+        });
+    }
+
+    /// Sample the weight gradient at `indices` (sorted flat indices) from the next backward
+    /// pass on, or stop (`None`).
+    ///
+    /// # Errors
+    /// Invalid indices.
+    pub fn set_candidates(&mut self, indices: Option<&[u64]>) -> Result<()> {
+        let Some(indices) = indices else {
+            self.candidates = None;
+            self.candidate_values = None;
+            return Ok(());
+        };
+        let [out, inp] = self.delta_shape();
+        let (structure, _) = CsrStructure::from_flat_indices(out, inp, indices).map_err(|e| {
+            PeftError::InvalidConfig {
+                field: "sft candidates".into(),
+                reason: e.to_string(),
+            }
+        })?;
+        self.candidate_values = Some(Param::from_tensor(
+            Tensor::<1>::zeros([indices.len()], &self.device).set_require_grad(true),
+        ));
+        self.candidates = Some(CsrLayout::new(structure, &self.device));
+        Ok(())
+    }
+
+    fn dense(csr: &Csr) -> Tensor<2> {
+        // [out, in] -> burn's [in, out].
+        to_dense(csr).transpose()
+    }
+}
+
+impl Adapter for SftAdapter {
+    type MergeState = ();
+
+    /// `scatter(Δ)ᵀ`, plus the probe and candidate terms while they exist.
+    fn weight_delta(&self, base: Tensor<2>) -> Tensor<2> {
+        let mut delta = if self.num_deltas() > 0 {
+            Self::dense(&self.csr())
+        } else {
+            base.zeros_like()
+        };
+        if let Some(p) = &self.probe {
+            delta = delta + p.val();
+        }
+        if let (Some(layout), Some(v)) = (&self.candidates, &self.candidate_values) {
+            delta = delta
+                + Self::dense(&Csr {
+                    layout: layout.clone(),
+                    values: v.val(),
+                });
+        }
+        delta
+    }
+
+    fn forward_linear<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        _weight: &Tensor<2>,
+        _bias: Option<&Tensor<1>>,
+        mut result: Tensor<D>,
+    ) -> Tensor<D> {
+        if self.num_deltas() > 0 {
+            result = result + sparse_linear(x.clone(), &self.layout, self.delta_values.val());
+        }
+        if let (Some(layout), Some(v)) = (&self.candidates, &self.candidate_values) {
+            result = result + sparse_linear(x.clone(), layout, v.val());
+        }
+        if let Some(p) = &self.probe {
+            result = result + linear(x, p.val(), None);
+        }
+        result
+    }
+
+    /// Not reached: [`supports`](Adapter::supports) refuses embeddings (the reference adapts
+    /// linear layers only). Computed densely for completeness.
+    fn forward_embedding(
+        &self,
+        ids: Tensor<2, Int>,
+        _weight: &Tensor<2>,
+        result: Tensor<3>,
+    ) -> Tensor<3> {
+        let delta = Self::dense(&self.csr()).transpose();
+        result + embedding(delta, ids)
+    }
+
+    fn supports(&self, kind: LayerKind) -> bool {
+        kind == LayerKind::Linear
+    }
+}
+
+/// Create the adapter `config` asks for on one layer.
+///
+/// # Errors
+/// An embedding layer, or a layer `num_deltas` does not cover.
+pub(crate) fn create(config: &SftConfig, info: &LayerInfo) -> Result<Created<SftAdapter>> {
+    let path = &info.candidate.path;
+    if info.candidate.kind != LayerKind::Linear {
+        return Err(PeftError::Unsupported(format!(
+            "SFT adapts linear layers only (as the reference); `{path}` is an embedding"
+        )));
+    }
+    let device = info.base.device();
+    let base_shape = info.base.dims();
+    let numel = base_shape[0] * base_shape[1];
+    let k = config.layer_deltas(path, numel)?;
+    let indices = random_indices(path, config.seed, numel, k);
+    let values = match config.init_deltas {
+        InitDeltas::Zeros => vec![0.0; k],
+        InitDeltas::Random(scale) => spread(path, config.seed, k, scale),
+    };
+    let adapter = SftAdapter::new(path, base_shape, &indices, &values, &device)?;
+    Ok(Created {
+        adapter,
+        new_base: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_indices_are_unique_sorted_in_range_and_deterministic() {
+        for (numel, k) in [(10, 10), (100, 7), (1000, 0), (50, 49)] {
+            let a = random_indices("layers.0.q", 3, numel, k);
+            assert_eq!(a.len(), k);
+            assert!(a.windows(2).all(|w| w[0] < w[1]));
+            assert!(a.iter().all(|&i| i < numel as u64));
+            assert_eq!(a, random_indices("layers.0.q", 3, numel, k));
+        }
+        assert_ne!(
+            random_indices("a", 0, 1000, 10),
+            random_indices("b", 0, 1000, 10)
+        );
+    }
+}

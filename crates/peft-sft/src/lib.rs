@@ -1,0 +1,74 @@
+//! # peft-sft
+//!
+//! SFT / SpIEL (Ansell et al., 2024): each targeted weight gets a sparse delta, `k` values at
+//! unique flat indices, `W' = W + Δ`; during training the weakest entries are dropped and new
+//! ones grown, by accumulated gradient (RigL, "SpIEL-AG") or by SM3 moment estimates
+//! ("SpIEL-MA").
+//!
+//! - [`SftConfig`] is the reference's config (`peft_type: "SFT"`) and a peft-core
+//!   [`Method`](peft_core::Method): [`SftModel`] gets adapter management, merge / unmerge and
+//!   the two-file save/load (`sft_delta.values`, `sft_delta.indices` as integers).
+//!   [`SftConfig::allocate`] splits the budget across the targets as the reference does.
+//! - [`SftAdapter`]: on the activation path the delta runs on the CSR kernels of
+//!   `sparse-kernels` (SpMM forward, SDDMM gradient at the `k` indices): no `W + Δ` and no
+//!   dense weight gradient. On the weight-space path it is a dense scatter.
+//! - [`SftSelector`], a training-step controller: the deltas' optimizer ([`SftAdamW`] with
+//!   per-entry step counts, or [`SftSm3`]; O(k) state), the [`SelectionSchedule`], RigL and SM3
+//!   drop-and-grow with state kept for retained entries, and state files for resumes.
+//!
+//! ```
+//! use burn::module::Module;
+//! use burn::nn::LinearConfig;
+//! use burn::optim::SgdConfig;
+//! use burn::tensor::{Device, Tensor};
+//! use peft_core::{ModuleSelector, PeftLinear, step::Stepper};
+//! use peft_sft::{SftConfig, SftModel, SftSelector};
+//!
+//! #[derive(Module, Debug)]
+//! struct Net {
+//!     proj: PeftLinear<peft_sft::SftAdapter>,
+//! }
+//!
+//! let device = Device::flex().autodiff();
+//! let net = Net { proj: LinearConfig::new(8, 4).init(&device).into() };
+//! // 8 deltas; reselect every 4 steps after 2 steps of RigL statistics.
+//! let config = SftConfig::new(0.25, ModuleSelector::names(["proj"])).with_steps(4, 2);
+//! let config = config.allocate(&net).unwrap();
+//! let mut model = SftModel::new(net, config.clone()).unwrap();
+//! let selector = SftSelector::new(&config, "default", 10).unwrap();
+//! let mut net = selector.prepare(model.model().clone()).unwrap();
+//! let mut stepper = Stepper::new().with(selector);
+//! let mut optim = SgdConfig::new().init();
+//! let x = Tensor::<2>::ones([3, 8], &device);
+//! for _ in 0..6 {
+//!     let loss = net.proj.forward(x.clone()).powi_scalar(2).mean().reshape([1]);
+//!     net = stepper.step(net, &mut optim, 0.1, loss).unwrap();
+//! }
+//! let adapter = net.proj.adapters.get("default").unwrap();
+//! assert_eq!(adapter.num_deltas(), 8);
+//! model.map_model(|_| net);
+//! ```
+#![warn(missing_docs)]
+
+mod adapter;
+mod config;
+mod method;
+mod optimizer;
+mod schedule;
+mod selection;
+mod selector;
+
+pub use adapter::{SftAdapter, random_indices};
+pub use config::{InitDeltas, RatePolicy, SelectionAlgorithm, SftConfig};
+pub use method::{INDICES_KEY, VALUES_KEY};
+pub use optimizer::{AdamState, SftAdamW, SftOptimizer, SftSm3, Sm3State};
+pub use peft_core::{
+    BiasMode, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftError, Result,
+    SaveOptions,
+};
+pub use schedule::SelectionSchedule;
+pub use selection::{Candidates, Replacement, rigl_plan, sm3_plan, smallest};
+pub use selector::{SelectionReport, SftSelector};
+
+/// A model with SFT adapters.
+pub type SftModel<M> = peft_core::PeftModel<M, SftConfig>;

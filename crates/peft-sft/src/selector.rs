@@ -1,0 +1,608 @@
+//! [`SftSelector`]: the SFT optimizer and the drop-and-grow reselection, as a training-step
+//! [`Controller`].
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+
+use burn::module::{Module, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, TensorData};
+use peft_core::error::{PeftError, Result};
+use peft_core::hf;
+use peft_core::hosts::{self, HostView};
+use peft_core::step::{Controller, StepInfo};
+use serde_json::{Map, Value, json};
+
+use crate::adapter::{SftAdapter, host_f32};
+use crate::config::{SelectionAlgorithm, SftConfig};
+use crate::optimizer::{AdamState, SftAdamW, SftOptimizer, SftSm3, Sm3State};
+use crate::schedule::SelectionSchedule;
+use crate::selection::{Candidates, Replacement, rigl_plan, sm3_plan};
+
+const STATE_JSON: &str = "sft_selector.json";
+const STATE_TENSORS: &str = "sft_selector.safetensors";
+
+/// The selector's state of one layer.
+#[derive(Clone, Debug, Default)]
+struct LayerState {
+    adam: Option<AdamState>,
+    sm3: Option<Sm3State>,
+    candidates: Option<Candidates>,
+}
+
+/// What the selector knows of one adapted layer.
+struct LayerRef {
+    path: String,
+    k: usize,
+    values: ParamId,
+    probe: Option<ParamId>,
+    candidates: Option<ParamId>,
+}
+
+fn layer_refs<M: Module>(model: &M, adapter: &str) -> Vec<LayerRef> {
+    let name = adapter.to_string();
+    hosts::collect(model, move |host: &HostView<'_, SftAdapter>| {
+        host.slot.get(&name).map(|a| LayerRef {
+            path: host.path.clone(),
+            k: a.num_deltas(),
+            values: a.delta_values.id,
+            probe: a.probe.as_ref().map(|p| p.id),
+            candidates: a.candidate_values.as_ref().map(|p| p.id),
+        })
+    })
+}
+
+/// What one reselection did to one layer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SelectionReport {
+    /// The update step after which it ran.
+    pub step: usize,
+    /// `int(k · p)`.
+    pub max_replaced: usize,
+    /// Slots that got a new index.
+    pub replaced: usize,
+}
+
+/// Trains SFT deltas and reselects them, inside the training step (spec §3.4 to §3.7).
+///
+/// It owns the deltas' optimizer ([`SftAdamW`] for RigL, [`SftSm3`] for SM3, as the reference's
+/// `SftTrainer`): `before_optimizer` takes the deltas' gradients out of the
+/// [`GradientsParams`] (the module optimizer never sees them and keeps no state for them; it
+/// still steps every other trainable parameter: biases, `modules_to_save`), and
+/// `after_optimizer` updates the deltas at [`lr`](Self::lr) (set it with
+/// [`set_lr`](Self::set_lr) for a schedule), then reselects when the [`SelectionSchedule`] says
+/// so, then [`prepare`](Self::prepare)s the next step.
+///
+/// RigL statistics: on the first step of a window each layer carries a zero probe whose
+/// gradient is the dense weight gradient `dW` (the reference computes it every step); its
+/// top-`k` of `|dW|` is the candidate pool (the reference's rule). On the other steps of the
+/// window the pool is sampled by SDDMM through zero candidate values, so a dense weight-shaped
+/// gradient exists on one step per `R`. Each step counts as one sample (`a = c`).
+///
+/// Reselection keeps retained entries' values and optimizer state (they follow their index
+/// into the new CSR order), zeroes new entries and seeds their state: RigL as the reference
+/// (§3.5); SM3 new entries start without momentum (the reference lets them inherit the
+/// dropped entry's), and the accumulators are kept.
+#[derive(Clone, Debug)]
+pub struct SftSelector {
+    adapter: String,
+    algorithm: SelectionAlgorithm,
+    schedule: SelectionSchedule,
+    optimizer: SftOptimizer,
+    lr: f64,
+    step: usize,
+    layers: BTreeMap<String, LayerState>,
+    pending: BTreeMap<String, Vec<f32>>,
+    reports: BTreeMap<String, SelectionReport>,
+}
+
+impl SftSelector {
+    /// A selector for adapter `adapter` configured by `config`, for a run of `total_steps`
+    /// update steps, with the reference's default optimizer of the selection algorithm.
+    ///
+    /// # Errors
+    /// An invalid config.
+    pub fn new(config: &SftConfig, adapter: &str, total_steps: usize) -> Result<Self> {
+        let optimizer = match config.selection_algorithm {
+            SelectionAlgorithm::Rigl => SftOptimizer::AdamW(SftAdamW::default()),
+            SelectionAlgorithm::Sm3 => SftOptimizer::Sm3(SftSm3::default()),
+        };
+        Self::with_optimizer(config, adapter, total_steps, optimizer)
+    }
+
+    /// As [`new`](Self::new), with the optimizer's settings.
+    ///
+    /// # Errors
+    /// An invalid config, or an optimizer that does not fit the selection algorithm (RigL
+    /// seeds Adam moments, SM3 growth reads SM3 accumulators).
+    pub fn with_optimizer(
+        config: &SftConfig,
+        adapter: &str,
+        total_steps: usize,
+        optimizer: SftOptimizer,
+    ) -> Result<Self> {
+        config.validate()?;
+        match (config.selection_algorithm, optimizer) {
+            (SelectionAlgorithm::Rigl, SftOptimizer::AdamW(_))
+            | (SelectionAlgorithm::Sm3, SftOptimizer::Sm3(_)) => {}
+            _ => {
+                return Err(PeftError::InvalidConfig {
+                    field: "selection_algorithm".into(),
+                    reason: "rigl trains with SftAdamW and sm3 with SftSm3".into(),
+                });
+            }
+        }
+        Ok(Self {
+            adapter: adapter.into(),
+            algorithm: config.selection_algorithm,
+            schedule: SelectionSchedule::new(config, total_steps),
+            optimizer,
+            lr: optimizer.lr(),
+            step: 0,
+            layers: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            reports: BTreeMap::new(),
+        })
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> &SelectionSchedule {
+        &self.schedule
+    }
+
+    /// The learning rate of the deltas.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// Set the learning rate of the deltas (from the next update on).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// The index of the next step (peft-core's, from 0).
+    pub fn step_index(&self) -> usize {
+        self.step
+    }
+
+    /// The AdamW state of a layer, in the CSR order of its deltas.
+    pub fn adam_state(&self, path: &str) -> Option<&AdamState> {
+        self.layers.get(path)?.adam.as_ref()
+    }
+
+    /// The SM3 state of a layer.
+    pub fn sm3_state(&self, path: &str) -> Option<&Sm3State> {
+        self.layers.get(path)?.sm3.as_ref()
+    }
+
+    /// The RigL candidate pool of a layer during a window.
+    pub fn candidates(&self, path: &str) -> Option<&Candidates> {
+        self.layers.get(path)?.candidates.as_ref()
+    }
+
+    /// What the last reselection did, per layer.
+    pub fn last_selection(&self) -> &BTreeMap<String, SelectionReport> {
+        &self.reports
+    }
+
+    /// Optimizer state in floats, over all layers (O(k) plus SM3's `rows + cols`).
+    pub fn state_len(&self) -> usize {
+        self.layers
+            .values()
+            .map(|l| {
+                l.adam.as_ref().map_or(0, |a| 3 * a.age.len())
+                    + l.sm3.as_ref().map_or(0, |s| {
+                        s.row_acc.len() + s.col_acc.len() + s.momentum.len()
+                    })
+                    + l.candidates.as_ref().map_or(0, |c| 3 * c.indices.len())
+            })
+            .sum()
+    }
+
+    fn collecting(&self, step_index: usize) -> bool {
+        self.algorithm == SelectionAlgorithm::Rigl && self.schedule.collects(step_index + 1)
+    }
+
+    /// Set the model up for the next step: probes on the first step of a RigL window,
+    /// candidate sampling on the later ones, neither otherwise. Call it once before the first
+    /// step (and after loading a state); the selector calls it after every step.
+    ///
+    /// # Errors
+    /// Inconsistent candidate pools.
+    pub fn prepare<M: Module>(&self, mut model: M) -> Result<M> {
+        let collecting = self.collecting(self.step);
+        let name = self.adapter.clone();
+        let pools: BTreeMap<String, Vec<u64>> = self
+            .layers
+            .iter()
+            .filter_map(|(p, l)| Some((p.clone(), l.candidates.as_ref()?.indices.clone())))
+            .collect();
+        hosts::for_each(&mut model, move |host: HostView<'_, SftAdapter>| {
+            let Some(a) = host.slot.get_mut(&name) else {
+                return Ok(());
+            };
+            let pool = pools.get(&host.path).filter(|_| collecting);
+            a.set_probe(collecting && pool.is_none() && a.num_deltas() > 0);
+            let same = match (pool, &a.candidates) {
+                (Some(p), Some(l)) => l.structure().flat_indices() == *p,
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                a.set_candidates(pool.map(Vec::as_slice))?;
+            }
+            Ok(())
+        })?;
+        Ok(model)
+    }
+
+    /// Apply the pending gradients with the SFT optimizer.
+    fn update<M: Module>(&mut self, mut model: M) -> Result<M> {
+        let name = self.adapter.clone();
+        let pending = std::mem::take(&mut self.pending);
+        let layers = Rc::new(RefCell::new(std::mem::take(&mut self.layers)));
+        let (optimizer, lr) = (self.optimizer, self.lr);
+        let shared = layers.clone();
+        let result = hosts::for_each(&mut model, move |host: HostView<'_, SftAdapter>| {
+            let Some(a) = host.slot.get_mut(&name) else {
+                return Ok(());
+            };
+            let Some(grad) = pending.get(&host.path) else {
+                return Ok(());
+            };
+            let k = a.num_deltas();
+            let mut values = a.values();
+            let mut layers = shared.borrow_mut();
+            let state = layers.entry(host.path.clone()).or_default();
+            match optimizer {
+                SftOptimizer::AdamW(o) => {
+                    let s = state.adam.get_or_insert_with(|| AdamState::new(k));
+                    o.step(lr, &mut values, grad, s);
+                }
+                SftOptimizer::Sm3(o) => {
+                    let [rows, cols] = a.delta_shape();
+                    let s = state
+                        .sm3
+                        .get_or_insert_with(|| Sm3State::new(rows, cols, k, o.momentum > 0.0));
+                    let structure = a.layout.structure();
+                    let r = structure.row_indices();
+                    o.step(lr, &mut values, grad, &r, structure.col_indices(), s);
+                }
+            }
+            a.set_values(values);
+            Ok(())
+        });
+        self.layers = Rc::try_unwrap(layers)
+            .map(RefCell::into_inner)
+            .unwrap_or_else(|rc| rc.borrow().clone());
+        result?;
+        Ok(model)
+    }
+
+    /// Drop and regrow every layer with proportion `p`.
+    fn reselect<M: Module>(&mut self, mut model: M, u: usize, p: f64) -> Result<M> {
+        let name = self.adapter.clone();
+        let layers = Rc::new(RefCell::new(std::mem::take(&mut self.layers)));
+        let reports = Rc::new(RefCell::new(BTreeMap::new()));
+        let (algorithm, optimizer) = (self.algorithm, self.optimizer);
+        let (shared, out) = (layers.clone(), reports.clone());
+        let result = hosts::for_each(&mut model, move |host: HostView<'_, SftAdapter>| {
+            let Some(a) = host.slot.get_mut(&name) else {
+                return Ok(());
+            };
+            let k = a.num_deltas();
+            let indices = a.indices();
+            let values = a.values();
+            let mut layers = shared.borrow_mut();
+            let state = layers.entry(host.path.clone()).or_default();
+            let pool = state.candidates.take();
+            let plan: Vec<Replacement> = match algorithm {
+                SelectionAlgorithm::Rigl => match &pool {
+                    Some(pool) => rigl_plan(&indices, &values, pool, p),
+                    None => Vec::new(),
+                },
+                SelectionAlgorithm::Sm3 => {
+                    let [rows, cols] = a.delta_shape();
+                    let fresh;
+                    let sm3 = match &state.sm3 {
+                        Some(s) => s,
+                        None => {
+                            fresh = Sm3State::new(rows, cols, 0, false);
+                            &fresh
+                        }
+                    };
+                    sm3_plan(&indices, &values, &sm3.row_acc, &sm3.col_acc, p)
+                }
+            };
+            out.borrow_mut().insert(
+                host.path.clone(),
+                SelectionReport {
+                    step: u,
+                    max_replaced: ((k as f64) * p) as usize,
+                    replaced: plan.len(),
+                },
+            );
+            if plan.is_empty() {
+                return Ok(());
+            }
+            apply_plan(a, state, &plan, pool.as_ref(), optimizer, indices, values)
+        });
+        self.layers = Rc::try_unwrap(layers)
+            .map(RefCell::into_inner)
+            .unwrap_or_else(|rc| rc.borrow().clone());
+        self.reports = Rc::try_unwrap(reports)
+            .map(RefCell::into_inner)
+            .unwrap_or_default();
+        result?;
+        Ok(model)
+    }
+
+    /// Save the state (step, learning rate, optimizer state, candidate pools) to `dir` for a
+    /// resume. The deltas themselves are saved with the adapter (`save_pretrained`).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save_state(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| PeftError::Io {
+            path: dir.into(),
+            source,
+        })?;
+        let mut tensors = BTreeMap::new();
+        let mut layers = Map::new();
+        let floats = |v: &[f32]| TensorData::new(v.to_vec(), [v.len()]);
+        for (path, l) in &self.layers {
+            let mut put = |key: &str, data: TensorData| {
+                tensors.insert(format!("{path}.{key}"), data);
+            };
+            if let Some(a) = &l.adam {
+                put("exp_avg", floats(&a.exp_avg));
+                put("exp_avg_sq", floats(&a.exp_avg_sq));
+                put("age", floats(&a.age));
+            }
+            if let Some(s) = &l.sm3 {
+                put("row_acc", floats(&s.row_acc));
+                put("col_acc", floats(&s.col_acc));
+                put("momentum", floats(&s.momentum));
+            }
+            if let Some(c) = &l.candidates {
+                let idx: Vec<i64> = c.indices.iter().map(|&i| i as i64).collect();
+                put("cand_indices", TensorData::new(idx, [c.indices.len()]));
+                put("cand_sum", floats(&c.sum));
+                put("cand_sum_sq", floats(&c.sum_sq));
+            }
+            layers.insert(
+                path.clone(),
+                json!({
+                    "adam": l.adam.is_some(),
+                    "sm3": l.sm3.is_some(),
+                    "candidates": l.candidates.as_ref().map(|c| c.count),
+                }),
+            );
+        }
+        hf::write_tensors(&dir.join(STATE_TENSORS), &tensors)?;
+        let state = json!({
+            "adapter": self.adapter,
+            "step": self.step,
+            "lr": self.lr,
+            "algorithm": self.algorithm,
+            "optimizer": self.optimizer,
+            "layers": layers,
+        });
+        let Value::Object(map) = state else {
+            unreachable!("an object literal")
+        };
+        hf::write_json(&dir.join(STATE_JSON), &map)
+    }
+
+    /// Restore a state written by [`save_state`](Self::save_state). Then
+    /// [`prepare`](Self::prepare) the resumed model (its deltas loaded with
+    /// `from_pretrained`) and set the stepper's step index to [`step_index`](Self::step_index).
+    ///
+    /// # Errors
+    /// Missing or inconsistent files, or a state of another adapter or algorithm.
+    pub fn load_state(&mut self, dir: &Path, _device: &Device) -> Result<()> {
+        let file = dir.join(STATE_JSON);
+        let state = hf::read_json(&file)?;
+        let bad = |reason: String| PeftError::InvalidConfig {
+            field: file.display().to_string(),
+            reason,
+        };
+        if state.get("adapter").and_then(Value::as_str) != Some(self.adapter.as_str()) {
+            return Err(bad(format!(
+                "the state is of adapter {}, not `{}`",
+                state.get("adapter").unwrap_or(&Value::Null),
+                self.adapter
+            )));
+        }
+        let algorithm: SelectionAlgorithm =
+            serde_json::from_value(state.get("algorithm").cloned().unwrap_or(Value::Null))
+                .map_err(|e| bad(format!("algorithm: {e}")))?;
+        if algorithm != self.algorithm {
+            return Err(bad(format!(
+                "the state is of {algorithm:?} selection, this selector runs {:?}",
+                self.algorithm
+            )));
+        }
+        let optimizer: SftOptimizer =
+            serde_json::from_value(state.get("optimizer").cloned().unwrap_or(Value::Null))
+                .map_err(|e| bad(format!("optimizer: {e}")))?;
+        let step = state
+            .get("step")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("no `step`".into()))? as usize;
+        let lr = state
+            .get("lr")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("no `lr`".into()))?;
+        let entries = state
+            .get("layers")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("no `layers`".into()))?;
+        let tensors_file = dir.join(STATE_TENSORS);
+        let mut tensors = hf::read_tensors(&tensors_file)?;
+        let mut take = |path: &str, key: &str| -> Result<TensorData> {
+            tensors
+                .remove(&format!("{path}.{key}"))
+                .ok_or_else(|| PeftError::MissingTensor {
+                    file: tensors_file.clone(),
+                    key: format!("{path}.{key}"),
+                })
+        };
+        let floats = |d: TensorData| -> Vec<f32> {
+            d.convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
+        };
+        let mut layers = BTreeMap::new();
+        for (path, entry) in entries {
+            let flag = |k: &str| entry.get(k).and_then(Value::as_bool).unwrap_or(false);
+            let mut l = LayerState::default();
+            if flag("adam") {
+                l.adam = Some(AdamState {
+                    exp_avg: floats(take(path, "exp_avg")?),
+                    exp_avg_sq: floats(take(path, "exp_avg_sq")?),
+                    age: floats(take(path, "age")?),
+                });
+            }
+            if flag("sm3") {
+                l.sm3 = Some(Sm3State {
+                    row_acc: floats(take(path, "row_acc")?),
+                    col_acc: floats(take(path, "col_acc")?),
+                    momentum: floats(take(path, "momentum")?),
+                });
+            }
+            if let Some(count) = entry.get("candidates").and_then(Value::as_u64) {
+                let indices = take(path, "cand_indices")?
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .map_err(|e| bad(format!("{e:?}")))?
+                    .into_iter()
+                    .map(|i| i as u64)
+                    .collect();
+                l.candidates = Some(Candidates {
+                    indices,
+                    sum: floats(take(path, "cand_sum")?),
+                    sum_sq: floats(take(path, "cand_sum_sq")?),
+                    count: count as usize,
+                });
+            }
+            layers.insert(path.clone(), l);
+        }
+        self.step = step;
+        self.lr = lr;
+        self.optimizer = optimizer;
+        self.layers = layers;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
+/// Write a plan into an adapter and its state: new indices, zero values, seeded state; kept
+/// entries keep value and state; everything re-sorted into the new CSR order.
+fn apply_plan(
+    a: &mut SftAdapter,
+    state: &mut LayerState,
+    plan: &[Replacement],
+    pool: Option<&Candidates>,
+    optimizer: SftOptimizer,
+    mut indices: Vec<u64>,
+    mut values: Vec<f32>,
+) -> Result<()> {
+    let k = indices.len();
+    if let SftOptimizer::AdamW(_) = optimizer
+        && state.adam.is_none()
+    {
+        state.adam = Some(AdamState::new(k));
+    }
+    for r in plan {
+        indices[r.slot] = r.index;
+        values[r.slot] = 0.0;
+        match optimizer {
+            SftOptimizer::AdamW(o) => {
+                let s = state.adam.as_mut().expect("created above");
+                let (m, v, age) = match (pool, r.candidate) {
+                    (Some(pool), Some(j)) => AdamState::seed(&o, pool.sum[j], pool.sum_sq[j], pool.count),
+                    _ => (0.0, 0.0, 1.0),
+                };
+                s.exp_avg[r.slot] = m;
+                s.exp_avg_sq[r.slot] = v;
+                s.age[r.slot] = age;
+            }
+            SftOptimizer::Sm3(_) => {
+                if let Some(s) = state.sm3.as_mut()
+                    && !s.momentum.is_empty()
+                {
+                    s.momentum[r.slot] = 0.0;
+                }
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..k).collect();
+    order.sort_unstable_by_key(|&p| indices[p]);
+    let permute = |v: &mut Vec<f32>| *v = order.iter().map(|&p| v[p]).collect();
+    if let Some(s) = state.adam.as_mut() {
+        permute(&mut s.exp_avg);
+        permute(&mut s.exp_avg_sq);
+        permute(&mut s.age);
+    }
+    if let Some(s) = state.sm3.as_mut()
+        && !s.momentum.is_empty()
+    {
+        permute(&mut s.momentum);
+    }
+    permute(&mut values);
+    let sorted: Vec<u64> = order.iter().map(|&p| indices[p]).collect();
+    a.set_delta(&sorted, values)
+}
+
+impl<M: Module> Controller<M> for SftSelector {
+    fn before_optimizer(
+        &mut self,
+        info: StepInfo,
+        model: &M,
+        grads: &mut GradientsParams,
+    ) -> Result<()> {
+        self.step = info.step;
+        let collecting = self.collecting(info.step);
+        for layer in layer_refs(model, &self.adapter) {
+            if let Some(g) = grads.remove::<1>(layer.values) {
+                self.pending.insert(layer.path.clone(), host_f32(g));
+            }
+            let probe = layer.probe.and_then(|id| grads.remove::<2>(id));
+            let sampled = layer.candidates.and_then(|id| grads.remove::<1>(id));
+            if !collecting || layer.k == 0 {
+                continue;
+            }
+            let state = self.layers.entry(layer.path.clone()).or_default();
+            match (&mut state.candidates, probe, sampled) {
+                (None, Some(dw), _) => {
+                    // [in, out] (burn) -> [out, in] row-major (the indices' orientation).
+                    let [i, o] = dw.dims();
+                    let dw = host_f32(dw.transpose().reshape([i * o]));
+                    state.candidates = Some(Candidates::from_dense(&dw, layer.k));
+                }
+                (Some(pool), _, Some(g)) => pool.add(&host_f32(g)),
+                (None, None, _) if layer.probe.is_none() && layer.candidates.is_none() => {
+                    return Err(PeftError::Unsupported(format!(
+                        "SFT adapter `{}`: step {} collects RigL statistics but `{}` has no \
+                         probe; pass the model through SftSelector::prepare before the first step",
+                        self.adapter, info.step, layer.path
+                    )));
+                }
+                // The loss did not reach this layer: no sample.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn after_optimizer(&mut self, info: StepInfo, model: M) -> Result<M> {
+        let mut model = self.update(model)?;
+        let u = info.step + 1;
+        if let Some(p) = self.schedule.selection(u) {
+            model = self.reselect(model, u, p)?;
+        }
+        self.step = info.step + 1;
+        self.prepare(model)
+    }
+}
