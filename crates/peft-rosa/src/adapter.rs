@@ -117,7 +117,7 @@ impl RosaAdapter {
             });
         }
         let device = values.device();
-        self.spa_values = Some(Param::from_tensor(values.set_require_grad(trainable)));
+        self.spa_values = Some(Param::from_tensor(values).set_require_grad(trainable));
         self.spa = Some(CsrLayout::new(structure, &device));
         Ok(())
     }
@@ -128,9 +128,7 @@ impl RosaAdapter {
             return;
         }
         self.probe = on.then(|| {
-            Param::from_tensor(
-                Tensor::<2>::zeros(self.base_shape, &self.device).set_require_grad(true),
-            )
+            Param::from_tensor(Tensor::<2>::zeros(self.base_shape, &self.device))
         });
     }
 
