@@ -123,10 +123,12 @@ impl SftAdapter {
                 found: vec![values.len()],
             });
         }
-        let (structure, order) = CsrStructure::from_flat_indices(out, inp, indices)
-            .map_err(|e| PeftError::InvalidConfig {
-                field: format!("{path}.sft_delta.indices"),
-                reason: e.to_string(),
+        let (structure, order) =
+            CsrStructure::from_flat_indices(out, inp, indices).map_err(|e| {
+                PeftError::InvalidConfig {
+                    field: format!("{path}.sft_delta.indices"),
+                    reason: e.to_string(),
+                }
             })?;
         let ordered: Vec<f32> = order.iter().map(|&p| values[p as usize]).collect();
         Ok(Self {

@@ -320,13 +320,16 @@ impl SftConfig {
     /// whole model: call [`allocate`](Self::allocate) first).
     pub fn layer_deltas(&self, path: &str, numel: usize) -> Result<usize> {
         if let Some(map) = &self.num_deltas {
-            let k = map.get(path).copied().ok_or_else(|| PeftError::InvalidConfig {
-                field: "num_deltas".into(),
-                reason: format!(
-                    "no entry for `{path}` (entries: {})",
-                    map.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            })?;
+            let k = map
+                .get(path)
+                .copied()
+                .ok_or_else(|| PeftError::InvalidConfig {
+                    field: "num_deltas".into(),
+                    reason: format!(
+                        "no entry for `{path}` (entries: {})",
+                        map.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                })?;
             if k > numel {
                 return Err(PeftError::InvalidConfig {
                     field: "num_deltas".into(),
@@ -444,7 +447,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.selection_algorithm, SelectionAlgorithm::Sm3);
-        assert_eq!((c.reselection_steps, c.selection_accumulation_steps), (20, 5));
+        assert_eq!(
+            (c.reselection_steps, c.selection_accumulation_steps),
+            (20, 5)
+        );
         assert_eq!(c.initial_reselection_rate, 0.2);
         assert_eq!(c.reselection_rate_policy, RatePolicy::Linear);
         assert_eq!(c.dtype, "float32");
@@ -462,14 +468,24 @@ mod tests {
         let err = |json: &str| parse(json).unwrap_err().to_string();
         assert!(err(r#"{"peft_type":"LORA"}"#).contains("SFT"));
         assert!(err(r#"{"density":0}"#).contains("density"));
-        assert!(err(r#"{"reselection_steps":5,"selection_accumulation_steps":5}"#)
-            .contains("selection_accumulation_steps"));
-        assert!(err(r#"{"selection_accumulation_steps":0}"#).contains("selection_accumulation_steps"));
+        assert!(
+            err(r#"{"reselection_steps":5,"selection_accumulation_steps":5}"#)
+                .contains("selection_accumulation_steps")
+        );
+        assert!(
+            err(r#"{"selection_accumulation_steps":0}"#).contains("selection_accumulation_steps")
+        );
         assert!(err(r#"{"dtype":"auto"}"#).contains("dtype"));
         assert!(err(r#"{"selection_algorithm":"random"}"#).contains("random"));
         assert!(err(r#"{"initial_reselection_rate":1.5}"#).contains("initial_reselection_rate"));
         let only_n = SftConfig::default().with_num_tunable_weights(10);
-        assert!(only_n.layer_deltas("a", 100).unwrap_err().to_string().contains("allocate"));
+        assert!(
+            only_n
+                .layer_deltas("a", 100)
+                .unwrap_err()
+                .to_string()
+                .contains("allocate")
+        );
         assert_eq!(SftConfig::default().layer_deltas("a", 1000).unwrap(), 10);
     }
 }

@@ -162,7 +162,11 @@ impl Sm3State {
         Self {
             row_acc: vec![0.0; rows],
             col_acc: vec![0.0; cols],
-            momentum: if with_momentum { vec![0.0; k] } else { Vec::new() },
+            momentum: if with_momentum {
+                vec![0.0; k]
+            } else {
+                Vec::new()
+            },
         }
     }
 }

@@ -120,10 +120,7 @@ mod tests {
     fn every_window_has_exactly_s_steps_and_none_ends_after_t() {
         let s = schedule(RatePolicy::Linear);
         let collected: Vec<usize> = (1..=120).filter(|&u| s.collects(u)).collect();
-        let expect: Vec<usize> = [1, 21, 41, 61, 81]
-            .iter()
-            .flat_map(|&a| a..a + 5)
-            .collect();
+        let expect: Vec<usize> = [1, 21, 41, 61, 81].iter().flat_map(|&a| a..a + 5).collect();
         assert_eq!(collected, expect);
         let opens: Vec<usize> = (1..=120).filter(|&u| s.opens_window(u)).collect();
         assert_eq!(opens, vec![1, 21, 41, 61, 81]);

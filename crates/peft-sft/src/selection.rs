@@ -22,10 +22,13 @@ impl Candidates {
     /// The pool of the first gradient of a window: the top-`k` of `|dW|` (flat, row-major,
     /// `[out, in]`), with its first sample.
     pub fn from_dense(grad: &[f32], k: usize) -> Self {
-        let mut order: Vec<u64> = top_k(k, (0..grad.len() as u64).map(|i| {
-            let g = grad[i as usize];
-            (if g.is_nan() { 0.0 } else { g.abs() }, i)
-        }));
+        let mut order: Vec<u64> = top_k(
+            k,
+            (0..grad.len() as u64).map(|i| {
+                let g = grad[i as usize];
+                (if g.is_nan() { 0.0 } else { g.abs() }, i)
+            }),
+        );
         order.sort_unstable();
         let sum: Vec<f32> = order.iter().map(|&i| grad[i as usize]).collect();
         let sum_sq = sum.iter().map(|g| g * g).collect();
@@ -107,12 +110,7 @@ fn top_k(k: usize, items: impl Iterator<Item = (f32, u64)>) -> Vec<u64> {
 /// The `n` positions of the smallest `|values|` (ties: lower position first), smallest first.
 pub fn smallest(values: &[f32], n: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| {
-        values[a]
-            .abs()
-            .total_cmp(&values[b].abs())
-            .then(a.cmp(&b))
-    });
+    order.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b)));
     order.truncate(n);
     order
 }
@@ -190,7 +188,10 @@ mod tests {
 
     #[test]
     fn top_k_prefers_high_scores_then_low_indices() {
-        let got = top_k(3, [(1.0, 5), (3.0, 2), (1.0, 1), (3.0, 9), (0.5, 0)].into_iter());
+        let got = top_k(
+            3,
+            [(1.0, 5), (3.0, 2), (1.0, 1), (3.0, 9), (0.5, 0)].into_iter(),
+        );
         assert_eq!(got, vec![2, 9, 1]);
     }
 
@@ -223,6 +224,9 @@ mod tests {
         // 2x3, active {0, 4}; row = [1, 2], col = [3, 1, 2]: scores of inactive
         // 1:1, 2:2, 3:6, 5:4.
         let plan = sm3_plan(&[0, 4], &[0.5, 0.1], &[1.0, 2.0], &[3.0, 1.0, 2.0], 1.0);
-        assert_eq!(plan.iter().map(|r| (r.slot, r.index)).collect::<Vec<_>>(), vec![(1, 3), (0, 5)]);
+        assert_eq!(
+            plan.iter().map(|r| (r.slot, r.index)).collect::<Vec<_>>(),
+            vec![(1, 3), (0, 5)]
+        );
     }
 }

@@ -193,9 +193,9 @@ impl SftSelector {
             .values()
             .map(|l| {
                 l.adam.as_ref().map_or(0, |a| 3 * a.age.len())
-                    + l.sm3.as_ref().map_or(0, |s| {
-                        s.row_acc.len() + s.col_acc.len() + s.momentum.len()
-                    })
+                    + l.sm3
+                        .as_ref()
+                        .map_or(0, |s| s.row_acc.len() + s.col_acc.len() + s.momentum.len())
                     + l.candidates.as_ref().map_or(0, |c| 3 * c.indices.len())
             })
             .sum()
@@ -521,7 +521,9 @@ fn apply_plan(
             SftOptimizer::AdamW(o) => {
                 let s = state.adam.as_mut().expect("created above");
                 let (m, v, age) = match (pool, r.candidate) {
-                    (Some(pool), Some(j)) => AdamState::seed(&o, pool.sum[j], pool.sum_sq[j], pool.count),
+                    (Some(pool), Some(j)) => {
+                        AdamState::seed(&o, pool.sum[j], pool.sum_sq[j], pool.count)
+                    }
                     _ => (0.0, 0.0, 1.0),
                 };
                 s.exp_avg[r.slot] = m;
