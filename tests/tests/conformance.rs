@@ -18,6 +18,7 @@ use peft_core::{
 };
 use peft_lora::{InitLoraWeights, LoadOptions, LoraConfig, SaveOptions};
 use peft_rosa::{InitRosaWeights, RosaConfig};
+use peft_sft::{InitDeltas, SftConfig};
 
 type Weight = TinyModel<Linear, Embedding>;
 type Activation<A> = TinyModel<PeftLinear<A>, PeftEmbedding<A>>;
@@ -75,6 +76,29 @@ fn rosa_cases() -> Vec<(&'static str, RosaConfig)> {
                 .with_density_pattern("o_proj", 0.3)
                 .with_alpha_pattern("down_proj", 3.0)
                 .with_rslora(true),
+        ),
+    ]
+}
+
+impl Conformance for SftConfig {
+    /// Non-zero initial deltas (deterministic, seeded by module path).
+    fn perturbed(&self) -> Self {
+        self.clone().with_init(InitDeltas::Random(0.5))
+    }
+}
+
+/// SFT adapts linear layers only (the reference's rule), so no embedding targets.
+fn sft_cases() -> Vec<(&'static str, SftConfig)> {
+    vec![
+        (
+            "sft",
+            SftConfig::new(0.1, ModuleSelector::names(["q_proj", "v_proj", "down_proj"])),
+        ),
+        (
+            "sft_sm3_regex",
+            SftConfig::new(0.3, ModuleSelector::regex(r".*\.(up|o)_proj"))
+                .with_selection(peft_sft::SelectionAlgorithm::Sm3)
+                .with_seed(5),
         ),
     ]
 }
@@ -404,6 +428,9 @@ fn conformance_weight_space() {
     for (label, config) in rosa_cases() {
         check_case::<Weight, _>(&format!("weight/{label}"), &config);
     }
+    for (label, config) in sft_cases() {
+        check_case::<Weight, _>(&format!("weight/{label}"), &config);
+    }
 }
 
 #[test]
@@ -426,6 +453,12 @@ fn conformance_activation_space() {
             &config,
         );
     }
+    for (label, config) in sft_cases() {
+        check_case::<Activation<peft_sft::SftAdapter>, _>(
+            &format!("activation/{label}"),
+            &config,
+        );
+    }
 }
 
 #[test]
@@ -438,6 +471,9 @@ fn both_attach_paths_agree_on_outputs_and_gradients() {
     }
     for (label, config) in rosa_cases() {
         check_paths::<peft_rosa::RosaAdapter, _>(label, &config);
+    }
+    for (label, config) in sft_cases() {
+        check_paths::<peft_sft::SftAdapter, _>(label, &config);
     }
 }
 
@@ -474,6 +510,7 @@ fn check_paths<A: Adapter, C: Conformance<Adapter = A>>(label: &str, config: &C)
                     let g = if p.ends_with("magnitude")
                         || p.ends_with("lora_e")
                         || p.ends_with("spa_values")
+                        || p.ends_with("delta_values")
                     {
                         gp.get::<1>(id)
                             .map(|t| t.into_data().try_to_vec::<f32>().unwrap())
