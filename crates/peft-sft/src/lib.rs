@@ -31,7 +31,8 @@
 //!
 //! let device = Device::flex().autodiff();
 //! let net = Net { proj: LinearConfig::new(8, 4).init(&device).into() };
-//! // 8 deltas; reselect every 4 steps after 2 steps of RigL statistics.
+//! // A quarter of all 36 parameters (weight and bias): 9 deltas in the weight; reselect every
+//! // 4 steps after 2 steps of RigL statistics.
 //! let config = SftConfig::new(0.25, ModuleSelector::names(["proj"])).with_steps(4, 2);
 //! let config = config.allocate(&net).unwrap();
 //! let mut model = SftModel::new(net, config.clone()).unwrap();
@@ -45,7 +46,7 @@
 //!     net = stepper.step(net, &mut optim, 0.1, loss).unwrap();
 //! }
 //! let adapter = net.proj.adapters.get("default").unwrap();
-//! assert_eq!(adapter.num_deltas(), 8);
+//! assert_eq!(adapter.num_deltas(), 9);
 //! model.map_model(|_| net);
 //! ```
 #![warn(missing_docs)]

@@ -55,7 +55,7 @@ impl SelectionSchedule {
 
     /// Whether update step `u` opens a collection window.
     pub fn opens_window(&self, u: usize) -> bool {
-        self.collects(u) && (u - 1) % self.reselection_steps == 0
+        self.collects(u) && (u - 1).is_multiple_of(self.reselection_steps)
     }
 
     /// The proportion of slots to change after update step `u`, if a reselection follows it.

@@ -466,7 +466,7 @@ fn rigl_reselection_keeps_retained_state_and_seeds_new_slots() {
     // S14: ages advance every step (entries never reselected have age = steps + 1).
     let sel = run.selector.lock().unwrap();
     let ages = &sel.adam_state("a").unwrap().age;
-    assert!(ages.iter().all(|&a| a >= 2.0 && a <= 21.0));
+    assert!(ages.iter().all(|a| (2.0..=21.0).contains(a)));
     assert!(ages.iter().any(|&a| a > 3.0));
 }
 
