@@ -36,12 +36,24 @@ pub enum MethodArg {
     Rosa,
     /// RoSA's sparse adapter alone (`r = 0`, schedule `spa_only`).
     Spa,
+    /// SFT (SpIEL): a sparse delta on every linear layer, reselected during training
+    /// (`--selection rigl|sm3`), at the LoRA trainable count of `--rank` (or `--budget`).
+    Sft,
     /// ID3: a budget of the model's own entries, unmasked step by step by |g|/|θ|.
     Id3,
     /// PaFI: the budget's smallest-magnitude entries.
     Pafi,
     /// BitFit: the biases.
     Bitfit,
+}
+
+/// How SFT regrows its deltas.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectionArg {
+    /// Accumulated gradients (SpIEL-AG), trained with SftAdamW.
+    Rigl,
+    /// SM3 moment estimates (SpIEL-MA), trained with SftSM3.
+    Sm3,
 }
 
 /// Command-line options of `finetune`.
@@ -75,7 +87,10 @@ pub struct Args {
     /// RoSA warm-up steps (LoRA only) before the gradient-collection step.
     #[arg(long, default_value_t = 8)]
     pub rosa_warmup: usize,
-    /// ID3 / PaFI budget in entries (default: the LoRA trainable count at `--rank`).
+    /// SFT growth criterion.
+    #[arg(long, value_enum, default_value_t = SelectionArg::Rigl)]
+    pub selection: SelectionArg,
+    /// ID3 / PaFI / SFT budget in entries (default: the LoRA trainable count at `--rank`).
     #[arg(long)]
     pub budget: Option<usize>,
     /// Seed of the data order and of the head.
@@ -463,9 +478,11 @@ pub fn run_with(
     let device = Device::default().autodiff();
     let (train_set, test_set) = Dataset::topic_task(tokenize)?;
     let mut report = match args.method {
-        MethodArg::Lora | MethodArg::Adalora | MethodArg::Rosa | MethodArg::Spa => {
-            adapters(args, dir, &train_set, &test_set, &device)?
-        }
+        MethodArg::Lora
+        | MethodArg::Adalora
+        | MethodArg::Rosa
+        | MethodArg::Spa
+        | MethodArg::Sft => adapters(args, dir, &train_set, &test_set, &device)?,
         MethodArg::Id3 | MethodArg::Pafi | MethodArg::Bitfit => {
             selective(args, dir, &train_set, &test_set, &device)?
         }
@@ -549,6 +566,56 @@ fn adapters(
                 Ok(Stepper::new().with(scheduler))
             };
             train_peft(config, prepare, lr, args, dir, sets, device, |_| Ok(()))
+        }
+        MethodArg::Sft => {
+            use peft_sft::{SelectionAlgorithm, SftConfig, SftSelector};
+            let bert = BertConfig::from_dir(dir)?;
+            let (h, i) = (bert.hidden_size, bert.intermediate_size);
+            // Every encoder linear layer (the pooler excluded), as LoRA's targets.
+            let target_numel = (4 * h * h + 2 * h * i) * bert.num_hidden_layers;
+            let budget = args.budget.unwrap_or(
+                (4 * args.rank * (h + h) + 2 * args.rank * (h + i)) * bert.num_hidden_layers,
+            );
+            ensure!(
+                budget > 0 && budget <= target_numel,
+                "--budget must be in [1, {target_numel}]"
+            );
+            // `int(density · numel)` per layer = the reference's `int(N · numel / Σ numel)`.
+            let density = budget as f64 / target_numel as f64;
+            let (r, s) = if steps >= 40 {
+                (20, 5)
+            } else {
+                let r = (steps / 4).max(2);
+                (r, (r / 4).max(1))
+            };
+            let algorithm = match args.selection {
+                SelectionArg::Rigl => SelectionAlgorithm::Rigl,
+                SelectionArg::Sm3 => SelectionAlgorithm::Sm3,
+            };
+            let config = SftConfig::new(density, all_linear())
+                .with_selection(algorithm)
+                .with_steps(r, s)
+                .with_seed(args.seed)
+                .with_modules_to_save(["classifier"]);
+            let config = SftConfig {
+                exclude_modules: Some(ModuleSelector::regex(r"^bert\.pooler\..*")),
+                ..config
+            };
+            let mut selector = SftSelector::new(&config, "default", steps)?;
+            selector.set_lr(lr);
+            // The zero gradient probes of the first RigL window are not trainable entries of
+            // the adapter: count before they are added.
+            let counted = std::cell::Cell::new((0, 0));
+            let prepare =
+                |peft: &mut PeftModel<PeftClassifier<peft_sft::SftAdapter>, SftConfig>| {
+                    counted.set(peft.trainable_parameters());
+                    let net = selector.prepare(peft.model().clone())?;
+                    peft.map_model(|_| net);
+                    Ok(Stepper::new().with(selector))
+                };
+            let mut report = train_peft(config, prepare, lr, args, dir, sets, device, |_| Ok(()))?;
+            report.trainable = counted.get();
+            Ok(report)
         }
         _ => {
             use peft_adalora::{AdaLoraConfig, RankAllocator};

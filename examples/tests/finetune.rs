@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn_peft_examples::finetune::{Args, MethodArg, head, run_with};
+use burn_peft_examples::finetune::{Args, MethodArg, SelectionArg, head, run_with};
 
 fn model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/peft-models/fixtures/bert/model")
@@ -38,6 +38,7 @@ fn args(method: MethodArg, out: Option<PathBuf>) -> Args {
         quiet: true,
         density: 0.05,
         rosa_warmup: 2,
+        selection: SelectionArg::Rigl,
     }
 }
 
@@ -150,6 +151,48 @@ fn rosa_and_spa_train_with_generated_masks_and_save_a_rosa_adapter() {
         assert!(
             values.iter().any(|&v| v != 0.0),
             "{method:?}: the sparse values trained"
+        );
+    }
+}
+
+#[test]
+fn sft_trains_with_both_selections_and_saves_an_sft_adapter() {
+    // The LoRA count at rank 4 over the fixture's 12 encoder linears (2 layers of 4 x 32x32 and
+    // 2 x 32x64): 3584 deltas, density 3584 / 16384 = 0.21875: 224 per attention linear and
+    // 448 per FFN linear, exactly.
+    let deltas = 2 * (4 * 224 + 2 * 448);
+    let head = 32 * 4 + 4;
+    for selection in [SelectionArg::Rigl, SelectionArg::Sm3] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(MethodArg::Sft, Some(dir.path().into()));
+        (a.epochs, a.lr, a.selection) = (3, Some(1e-2), selection);
+        let report = run_with(&a, &model(), &tokenize).unwrap();
+        assert_eq!(report.trainable.0, deltas + head, "{selection:?}");
+        assert!(
+            report.loss.1 < report.loss.0,
+            "{selection:?}: loss did not fall: {:?}",
+            report.loss
+        );
+        let config = peft_sft::SftConfig::from_pretrained(dir.path()).unwrap();
+        assert_eq!(config.density, 0.21875);
+        let saved =
+            peft_core::hf::read_tensors(&dir.path().join("adapter_model.safetensors")).unwrap();
+        let (key, indices) = saved
+            .iter()
+            .find(|(k, _)| k.ends_with("attention.self.query.sft_delta.indices"))
+            .expect("indices saved");
+        assert_eq!(indices.dtype(), burn::tensor::DType::I64, "{key}");
+        let idx = indices.clone().try_to_vec::<i64>().unwrap();
+        assert_eq!(idx.len(), 224);
+        assert!(idx.windows(2).all(|w| w[0] < w[1]) && idx.iter().all(|&i| (0..1024).contains(&i)));
+        let values = saved
+            .iter()
+            .find(|(k, _)| k.ends_with("attention.self.query.sft_delta.values"))
+            .map(|(_, v)| v.clone().try_to_vec::<f32>().unwrap())
+            .unwrap();
+        assert!(
+            values.iter().any(|&v| v != 0.0),
+            "{selection:?}: deltas trained"
         );
     }
 }
