@@ -132,7 +132,7 @@ impl SftAdapter {
             })?;
         let ordered: Vec<f32> = order.iter().map(|&p| values[p as usize]).collect();
         Ok(Self {
-            delta_values: Param::from_tensor(values_tensor(ordered, device).set_require_grad(true)),
+            delta_values: Param::from_tensor(values_tensor(ordered, device)),
             probe: None,
             candidate_values: None,
             layout: CsrLayout::new(structure, device),
@@ -210,9 +210,8 @@ impl SftAdapter {
             return;
         }
         self.probe = on.then(|| {
-            Param::from_tensor(
-                Tensor::<2>::zeros(self.base_shape, &self.device).set_require_grad(true),
-            )
+            // `from_tensor` records `require_grad` (plain backends activate it later).
+            Param::from_tensor(Tensor::<2>::zeros(self.base_shape, &self.device))
         });
     }
 
@@ -234,9 +233,10 @@ impl SftAdapter {
                 reason: e.to_string(),
             }
         })?;
-        self.candidate_values = Some(Param::from_tensor(
-            Tensor::<1>::zeros([indices.len()], &self.device).set_require_grad(true),
-        ));
+        self.candidate_values = Some(Param::from_tensor(Tensor::<1>::zeros(
+            [indices.len()],
+            &self.device,
+        )));
         self.candidates = Some(CsrLayout::new(structure, &self.device));
         Ok(())
     }
