@@ -238,7 +238,10 @@ fn rosa_adapters_run_unmerged_and_merged_like_the_library() {
     let out = dir.path().join("out.safetensors");
     run(&args(None, false, &out)).unwrap();
     let base = hidden(&out);
-    assert!(max_abs_diff(&base, &expected) > 1e-2, "the adapter changes the output");
+    assert!(
+        max_abs_diff(&base, &expected) > 1e-2,
+        "the adapter changes the output"
+    );
     for merge in [false, true] {
         let mut a = args(None, merge, &out);
         a.adapter = Some(adapter_dir.clone());

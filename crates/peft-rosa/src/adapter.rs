@@ -127,9 +127,8 @@ impl RosaAdapter {
         if on == self.probe.is_some() {
             return;
         }
-        self.probe = on.then(|| {
-            Param::from_tensor(Tensor::<2>::zeros(self.base_shape, &self.device))
-        });
+        self.probe =
+            on.then(|| Param::from_tensor(Tensor::<2>::zeros(self.base_shape, &self.device)));
     }
 
     fn lora_delta(&self) -> Option<Tensor<2>> {
