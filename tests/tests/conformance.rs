@@ -92,7 +92,10 @@ fn sft_cases() -> Vec<(&'static str, SftConfig)> {
     vec![
         (
             "sft",
-            SftConfig::new(0.1, ModuleSelector::names(["q_proj", "v_proj", "down_proj"])),
+            SftConfig::new(
+                0.1,
+                ModuleSelector::names(["q_proj", "v_proj", "down_proj"]),
+            ),
         ),
         (
             "sft_sm3_regex",
@@ -454,10 +457,7 @@ fn conformance_activation_space() {
         );
     }
     for (label, config) in sft_cases() {
-        check_case::<Activation<peft_sft::SftAdapter>, _>(
-            &format!("activation/{label}"),
-            &config,
-        );
+        check_case::<Activation<peft_sft::SftAdapter>, _>(&format!("activation/{label}"), &config);
     }
 }
 
