@@ -20,16 +20,14 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
 
 use anyhow::{Context, bail};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Int, Tensor};
+use burn_peft_examples::bench::{Workload, adamw, median, memory_mib, targets, timed_step};
 use clap::Parser;
 use peft_core::step::Stepper;
-use peft_core::{Adapter, ModuleSelector, PeftLinear};
+use peft_core::{Adapter, PeftLinear};
 use peft_lora::{LoraAdapter, LoraConfig, LoraModel};
-use peft_models::bert::{Bert, BertConfig};
+use peft_models::bert::Bert;
 use peft_rosa::{RosaAdapter, RosaConfig, RosaModel, RosaScheduler};
 
 #[derive(Parser, Debug)]
@@ -57,75 +55,21 @@ struct Args {
     variant: Option<String>,
 }
 
-const BATCH: usize = 16;
-const SEQ: usize = 128;
-
-fn targets() -> ModuleSelector {
-    ModuleSelector::names(["query", "key", "value", "dense"])
-}
-
-fn adamw() -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_weight_decay(0.01)
-        .with_epsilon(1e-8)
-        .init()
-}
-
-/// `VmHWM` / `VmRSS` of this process in MiB (Linux), or NaN.
-fn memory_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn step<A: Adapter>(
-    model: Bert<PeftLinear<A>>,
-    stepper: &mut Stepper<Bert<PeftLinear<A>>>,
-    optim: &mut ModuleOptimizer,
-    ids: &Tensor<2, Int>,
-    mask: &Tensor<2, Int>,
-) -> anyhow::Result<(Bert<PeftLinear<A>>, f64)> {
-    let start = Instant::now();
-    let loss = model.forward(ids.clone(), mask.clone()).square().mean();
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let model = stepper.optimize(model, optim, 1e-4, grads)?;
-    // Wait for the step's work (backends may be lazy): read one updated value.
-    let _ = model
-        .embeddings
-        .word_embeddings
-        .weight
-        .val()
-        .slice([0..1, 0..1])
-        .into_scalar::<f32>();
-    Ok((model, start.elapsed().as_secs_f64() * 1e3))
-}
-
 /// Timed rounds of one prepared model: per-round medians, then their median.
 fn rounds<A: Adapter>(
     mut model: Bert<PeftLinear<A>>,
     mut stepper: Stepper<Bert<PeftLinear<A>>>,
     args: &Args,
-    ids: &Tensor<2, Int>,
-    mask: &Tensor<2, Int>,
+    w: &Workload,
 ) -> anyhow::Result<f64> {
     let mut optim = adamw();
-    (model, _) = step(model, &mut stepper, &mut optim, ids, mask)?; // warm-up
+    (model, _) = timed_step(model, &mut stepper, &mut optim, w)?; // warm-up
     let mut per_round = Vec::new();
     for _ in 0..args.rounds {
         let mut times = Vec::new();
         for _ in 0..args.steps {
             let t;
-            (model, t) = step(model, &mut stepper, &mut optim, ids, mask)?;
+            (model, t) = timed_step(model, &mut stepper, &mut optim, w)?;
             times.push(t);
         }
         per_round.push(median(times));
@@ -134,28 +78,23 @@ fn rounds<A: Adapter>(
 }
 
 fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> {
-    let dir = match &args.model {
-        Some(d) => d.clone(),
-        None => peft_models::minilm_dir()?,
-    };
-    let device = Device::default().autodiff();
-    let mut config = BertConfig::from_dir(&dir)?;
-    config.hidden_dropout_prob = 0.0;
-    let ids: Vec<i64> = (0..BATCH * SEQ)
-        .map(|i| 1000 + ((i as i64 * 7919 + 13) % (config.vocab_size as i64 - 1000)))
-        .collect();
-    let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([BATCH, SEQ]);
-    let mask = Tensor::<2, Int>::ones([BATCH, SEQ], &device);
+    let w = Workload::load(args.model.clone())?;
+    let Workload {
+        dir,
+        config,
+        device,
+        ..
+    } = &w;
     let loaded_mib;
     let (trainable, step_ms, extra) = match variant {
         "lora" => {
             let model = LoraModel::new(
-                Bert::<PeftLinear<LoraAdapter>>::from_dir_with(&dir, &config, &device)?,
+                Bert::<PeftLinear<LoraAdapter>>::from_dir_with(dir, config, device)?,
                 LoraConfig::new(16, 32.0, targets()),
             )?;
             loaded_mib = memory_mib("VmRSS:");
             let trainable = model.trainable_parameters().0;
-            let ms = rounds(model.into_model(), Stepper::new(), args, &ids, &mask)?;
+            let ms = rounds(model.into_model(), Stepper::new(), args, &w)?;
             (trainable, ms, serde_json::Value::Null)
         }
         "rosa" => {
@@ -164,7 +103,7 @@ fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> 
             let density = (16 - r) as f64 / 256.0;
             let rosa = RosaConfig::new(r, density, 2.0 * r.max(1) as f64, targets());
             let model = RosaModel::new(
-                Bert::<PeftLinear<RosaAdapter>>::from_dir_with(&dir, &config, &device)?,
+                Bert::<PeftLinear<RosaAdapter>>::from_dir_with(dir, config, device)?,
                 rosa.clone(),
             )?;
             loaded_mib = memory_mib("VmRSS:");
@@ -173,10 +112,10 @@ fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> 
             let mut stepper = Stepper::new().with(scheduler);
             let mut optim = adamw();
             // Step 0 collects the gradients (dense probes) and sets the masks.
-            let (net, collect_ms) = step(net, &mut stepper, &mut optim, &ids, &mask)?;
+            let (net, collect_ms) = timed_step(net, &mut stepper, &mut optim, &w)?;
             let model = model.with_model(net);
             let trainable = model.trainable_parameters().0;
-            let ms = rounds(model.into_model(), stepper, args, &ids, &mask)?;
+            let ms = rounds(model.into_model(), stepper, args, &w)?;
             (trainable, ms, serde_json::json!(collect_ms))
         }
         other => bail!("unknown variant {other:?} (lora, rosa)"),

@@ -21,16 +21,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use anyhow::{Context, bail};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Int, Tensor};
+use burn_peft_examples::bench::{Workload, adamw, median, memory_mib, targets, timed_step};
 use clap::Parser;
+use peft_core::PeftLinear;
 use peft_core::step::Stepper;
-use peft_core::{Adapter, ModuleSelector, PeftLinear};
 use peft_lora::{LoraAdapter, LoraConfig, LoraModel};
-use peft_models::bert::{Bert, BertConfig};
+use peft_models::bert::Bert;
 use peft_sft::{SelectionAlgorithm, SftAdapter, SftConfig, SftModel, SftSelector};
 
 #[derive(Parser, Debug)]
@@ -53,59 +51,7 @@ struct Args {
     variant: Option<String>,
 }
 
-const BATCH: usize = 16;
-const SEQ: usize = 128;
 const TRAINABLE: usize = 663_552;
-
-fn targets() -> ModuleSelector {
-    ModuleSelector::names(["query", "key", "value", "dense"])
-}
-
-fn adamw() -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_weight_decay(0.01)
-        .with_epsilon(1e-8)
-        .init()
-}
-
-/// `VmHWM` / `VmRSS` of this process in MiB (Linux), or NaN.
-fn memory_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn step<A: Adapter>(
-    model: Bert<PeftLinear<A>>,
-    stepper: &mut Stepper<Bert<PeftLinear<A>>>,
-    optim: &mut ModuleOptimizer,
-    ids: &Tensor<2, Int>,
-    mask: &Tensor<2, Int>,
-) -> anyhow::Result<(Bert<PeftLinear<A>>, f64)> {
-    let start = Instant::now();
-    let loss = model.forward(ids.clone(), mask.clone()).square().mean();
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let model = stepper.optimize(model, optim, 1e-4, grads)?;
-    // Wait for the step's work (backends may be lazy): read one updated value.
-    let _ = model
-        .embeddings
-        .word_embeddings
-        .weight
-        .val()
-        .slice([0..1, 0..1])
-        .into_scalar::<f32>();
-    Ok((model, start.elapsed().as_secs_f64() * 1e3))
-}
 
 /// The burn AdamW state of the trainable entries: two moments per entry.
 fn lora_state_floats(trainable: usize) -> usize {
@@ -113,36 +59,31 @@ fn lora_state_floats(trainable: usize) -> usize {
 }
 
 fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> {
-    let dir = match &args.model {
-        Some(d) => d.clone(),
-        None => peft_models::minilm_dir()?,
-    };
-    let device = Device::default().autodiff();
-    let mut config = BertConfig::from_dir(&dir)?;
-    config.hidden_dropout_prob = 0.0;
-    let ids: Vec<i64> = (0..BATCH * SEQ)
-        .map(|i| 1000 + ((i as i64 * 7919 + 13) % (config.vocab_size as i64 - 1000)))
-        .collect();
-    let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([BATCH, SEQ]);
-    let mask = Tensor::<2, Int>::ones([BATCH, SEQ], &device);
+    let w = Workload::load(args.model.clone())?;
+    let Workload {
+        dir,
+        config,
+        device,
+        ..
+    } = &w;
     let loaded_mib = memory_mib("VmRSS:");
     let result = match variant {
         "lora" => {
             let model = LoraModel::new(
-                Bert::<PeftLinear<LoraAdapter>>::from_dir_with(&dir, &config, &device)?,
+                Bert::<PeftLinear<LoraAdapter>>::from_dir_with(dir, config, device)?,
                 LoraConfig::new(16, 32.0, targets()),
             )?;
             let trainable = model.trainable_parameters().0;
             let mut model = model.into_model();
             let mut stepper = Stepper::new();
             let mut optim = adamw();
-            (model, _) = step(model, &mut stepper, &mut optim, &ids, &mask)?; // warm-up
+            (model, _) = timed_step(model, &mut stepper, &mut optim, &w)?; // warm-up
             let mut per_round = Vec::new();
             for _ in 0..args.rounds {
                 let mut times = Vec::new();
                 for _ in 0..args.steps {
                     let t;
-                    (model, t) = step(model, &mut stepper, &mut optim, &ids, &mask)?;
+                    (model, t) = timed_step(model, &mut stepper, &mut optim, &w)?;
                     times.push(t);
                 }
                 per_round.push(median(times));
@@ -159,7 +100,7 @@ fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> 
             } else {
                 SelectionAlgorithm::Sm3
             };
-            let bert = Bert::<PeftLinear<SftAdapter>>::from_dir_with(&dir, &config, &device)?;
+            let bert = Bert::<PeftLinear<SftAdapter>>::from_dir_with(dir, config, device)?;
             let sft = SftConfig::new(0.01, targets())
                 .with_num_tunable_weights(TRAINABLE)
                 .with_selection(algorithm)
@@ -179,7 +120,7 @@ fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> 
                 let mut times = Vec::new();
                 for r in 0..20 {
                     let t;
-                    (net, t) = step(net, &mut stepper, &mut optim, &ids, &mask)?;
+                    (net, t) = timed_step(net, &mut stepper, &mut optim, &w)?;
                     if round == 0 {
                         continue; // warm-up window
                     }

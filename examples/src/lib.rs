@@ -2,5 +2,6 @@
 //!
 //! Each `examples/<name>.rs` is a thin `main` around one module here.
 
+pub mod bench;
 pub mod bert_forward;
 pub mod finetune;
