@@ -1,16 +1,19 @@
-//! CPU kernels for the `Flex` backend: rayon over rows or token blocks, inner loops over
-//! fixed-width lane arrays that LLVM turns into AVX-512 / AVX2 code (chosen at run time).
+//! CPU kernels for the `Flex` backend: rayon over rows or token blocks. The hot inner loops are
+//! in `simd.rs` (AVX-512 bodies picked at run time, portable fallbacks); the general SpMM row
+//! loop is compiled for AVX-512, AVX2+FMA and the baseline by `multiversion!`.
 //!
 //! Layout choices (see `docs/architecture.md`, "sparse-kernels"):
 //! - SpMM `C = S·B` with `B` row-major: rows of `S` are split across threads by entry count; for
 //!   each block of `LANES` columns of `B`, a row accumulates `values[k] · B[col[k], block]` in
 //!   registers. No packing is needed: the block of `B` stays in L2.
 //! - SpMM with `B = xᵀ` (a transposed view of a row-major activation `x`, the adapter case
-//!   `y = x·Sᵀ`): each thread packs a `[cols][LANES]` panel of `x` (a block of tokens, transposed)
-//!   and writes its block of `y` directly, so the result is the contiguous `y`, not `yᵀ`.
-//! - SDDMM: the contracted dimension (tokens) is cut into blocks; per block both operands are
-//!   packed into `[rows][LANES]` panels that fit in L2, then every entry adds the dot product of
-//!   two panel rows. Threads own disjoint ranges of rows, hence of output entries.
+//!   `y = x·Sᵀ`): rayon over blocks of 64 tokens; each block transposes its tokens into a
+//!   `[cols][64]` panel with 16x16 register transposes, accumulates 16 rows of `S` at a time in
+//!   registers and transposes that tile straight into `y` (the contiguous `y`, not `yᵀ`).
+//! - SDDMM: the contracted dimension (tokens) is cut into chunks of 128; per chunk both operands
+//!   are transposed once into `[rows][128]` panels, then threads own disjoint ranges of rows
+//!   (hence of output entries) and walk the columns of `S` in tiles whose panel rows fit in L2,
+//!   one FMA dot product per entry (four entries sharing the loads of their row).
 
 use burn::backend::{
     Flex, TensorMetadata,
@@ -21,6 +24,7 @@ use burn::tensor::{DType, FloatDType, TensorData};
 use rayon::prelude::*;
 
 use crate::backend::{CsrIndices, SparseBackend};
+use crate::simd::{self, ROW_LANES};
 
 type FlexFloat = FloatTensor<Flex>;
 
@@ -250,51 +254,39 @@ multiversion! {
     }
 }
 
-multiversion! {
-    fn spmm_token_block(
-        ro: &[i32],
-        ci: &[i32],
-        vals: &[f32],
-        b: View<'_>,
-        nb: usize,
-        panel: &mut [f32],
-        out: &mut [f32],
-    ) {
-        // Packs B[:, nb..nb+w] (B = xᵀ, rs == 1) into panel[c][LANES], then writes
-        // out[j][o] = C[o, nb + j] for j < w: `out` is rows nb..nb+w of Cᵀ.
-        let rows = ro.len() - 1;
-        let w = (b.cols - nb).min(LANES);
-        // Transposing copy in tiles of 16 rows of the panel, so the tile being filled stays in
-        // L1 while every token row is read sequentially.
-        for c0 in (0..b.rows).step_by(16) {
-            let h = (b.rows - c0).min(16);
-            for j in 0..w {
-                let base = b.offset + (nb + j) * b.cs + c0;
-                for (cc, s) in b.data[base..base + h].iter().enumerate() {
-                    panel[(c0 + cc) * LANES + j] = *s;
+/// The adapter SpMM `Cᵀ = (S·xᵀ)ᵀ = x·Sᵀ` for `b = xᵀ` (a transposed view, `rs == 1`):
+/// rayon over blocks of 64 tokens. Each block transposes its tokens of `x` into a
+/// `[cols][64]` panel (16x16 register transposes), accumulates 16 output rows at a time in
+/// registers (`simd::spmm_row`) and transposes that `[16][64]` tile into `Cᵀ`.
+fn spmm_tokens(ro: &[i32], ci: &[i32], vals: &[f32], b: View<'_>, rows: usize) -> Vec<f32> {
+    const TC: usize = ROW_LANES;
+    let (inner, n) = (b.rows, b.cols);
+    let mut out = vec![0f32; n * rows];
+    out.par_chunks_mut(TC * rows).enumerate().for_each_init(
+        || (vec![0f32; inner * TC], vec![[0f32; TC]; 16]),
+        |(panel, tile), (blk, chunk)| {
+            let t0 = blk * TC;
+            let w = (n - t0).min(TC);
+            // panel[c][t] = x[t0 + t][c] = b[c, t0 + t].
+            let src = &b.data[b.offset + t0 * b.cs..];
+            simd::transpose(src, b.cs, panel, TC, w, inner);
+            if w < TC {
+                for line in panel.chunks_exact_mut(TC) {
+                    line[w..].fill(0.0);
                 }
             }
-        }
-        for j in w..LANES {
-            for c in 0..b.rows {
-                panel[c * LANES + j] = 0.0;
-            }
-        }
-        for o in 0..rows {
-            let mut acc = [0f32; LANES];
-            for k in ro[o] as usize..ro[o + 1] as usize {
-                let v = vals[k];
-                let start = ci[k] as usize * LANES;
-                let src: &[f32; LANES] = panel[start..start + LANES].try_into().unwrap();
-                for (a, x) in acc.iter_mut().zip(src) {
-                    *a += v * x;
+            for o0 in (0..rows).step_by(16) {
+                let h = (rows - o0).min(16);
+                for (o, acc) in (o0..o0 + h).zip(tile.iter_mut()) {
+                    let (k0, k1) = (ro[o] as usize, ro[o + 1] as usize);
+                    simd::spmm_row(&ci[k0..k1], &vals[k0..k1], panel, acc);
                 }
+                // chunk[t][o] = tile[o - o0][t].
+                simd::transpose(tile.as_flattened(), TC, &mut chunk[o0..], rows, h, w);
             }
-            for (j, a) in acc.iter().enumerate().take(w) {
-                out[j * rows + o] = *a;
-            }
-        }
-    }
+        },
+    );
+    out
 }
 
 fn spmm(s: &CsrIndices<Flex>, values: FlexFloat, b: FlexFloat, rows: usize) -> FlexFloat {
@@ -309,15 +301,12 @@ fn spmm(s: &CsrIndices<Flex>, values: FlexFloat, b: FlexFloat, rows: usize) -> F
         return finish(vec![0.0; rows * n], [rows, n], dtype);
     }
     let bv = view(&b);
-    let threads = rayon::current_num_threads();
-    if bv.rs == 1 && bv.cs != 1 && n >= LANES * threads {
+    if bv.rs == 1 && bv.cs != 1 && n >= ROW_LANES {
         // Adapter case: B is a transposed view of a row-major x. Produce Cᵀ contiguous.
-        let mut out = vec![0f32; rows * n];
-        out.par_chunks_mut(LANES * rows).enumerate().for_each_init(
-            || vec![0f32; bv.rows * LANES],
-            |panel, (blk, chunk)| spmm_token_block(&ro, &ci, vals, bv, blk * LANES, panel, chunk),
-        );
-        let ct = FlexFloat::from_data(TensorData::new(out, [n, rows]));
+        let ct = FlexFloat::from_data(TensorData::new(
+            spmm_tokens(&ro, &ci, vals, bv, rows),
+            [n, rows],
+        ));
         return cast_back(Flex::float_transpose(ct), dtype);
     }
     let b = if bv.cs == 1 || n == 1 {
@@ -337,83 +326,90 @@ fn spmm(s: &CsrIndices<Flex>, values: FlexFloat, b: FlexFloat, rows: usize) -> F
 // ---------------------------------------------------------------------------------------------
 // SDDMM
 
-/// Packs columns `d0..d0+w` of `v` into `panel[i][lanes]` for rows `i0..i0+chunk/lanes`.
-fn pack_rows(v: View<'_>, d0: usize, w: usize, lanes: usize, i0: usize, chunk: &mut [f32]) {
-    let count = chunk.len() / lanes;
-    if v.cs == 1 {
-        for (i, dst) in chunk.chunks_exact_mut(lanes).enumerate() {
-            let start = v.offset + (i0 + i) * v.rs + d0;
-            dst[..w].copy_from_slice(&v.data[start..start + w]);
-            dst[w..].fill(0.0);
-        }
-    } else {
-        // Transposing copy in tiles of 16 panel rows (they stay in L1 while being filled).
-        for t0 in (0..count).step_by(16) {
-            let h = (count - t0).min(16);
-            for t in 0..lanes {
-                if t < w {
-                    let base = v.offset + (d0 + t) * v.cs + (i0 + t0) * v.rs;
-                    for i in 0..h {
-                        chunk[(t0 + i) * lanes + t] = v.data[base + i * v.rs];
-                    }
-                } else {
-                    for i in 0..h {
-                        chunk[(t0 + i) * lanes + t] = 0.0;
+/// `panel[i][t] = v[i, d0 + t]` for `t < w`, zero for `w <= t < tc`; rayon over row blocks.
+fn pack_panel(v: View<'_>, d0: usize, w: usize, tc: usize, panel: &mut [f32]) {
+    const BLOCK: usize = 256;
+    panel
+        .par_chunks_mut(BLOCK * tc)
+        .enumerate()
+        .for_each(|(p, chunk)| {
+            let (i0, h) = (p * BLOCK, chunk.len() / tc);
+            if v.rs == 1 {
+                // v is a transposed view of a row-major [tokens, features] buffer.
+                let src = &v.data[v.offset + d0 * v.cs + i0..];
+                simd::transpose(src, v.cs, chunk, tc, w, h);
+            } else {
+                for (i, line) in chunk.chunks_exact_mut(tc).enumerate() {
+                    let start = v.offset + (i0 + i) * v.rs + d0 * v.cs;
+                    if v.cs == 1 {
+                        line[..w].copy_from_slice(&v.data[start..start + w]);
+                    } else {
+                        for (t, x) in line[..w].iter_mut().enumerate() {
+                            *x = v.data[start + t * v.cs];
+                        }
                     }
                 }
+            }
+            if w < tc {
+                for line in chunk.chunks_exact_mut(tc) {
+                    line[w..].fill(0.0);
+                }
+            }
+        });
+}
+
+/// Adds to every entry of rows `r0..r1` the dot product of its two panel rows. The columns of
+/// `S` are visited in tiles whose `pb` rows fit in L2 (a per-row cursor walks each row's
+/// entries tile by tile; any column order is correct, sorted columns keep the tile in cache).
+#[allow(clippy::too_many_arguments)]
+fn sddmm_rows(
+    ro: &[i32],
+    ci: &[i32],
+    pa: &[f32],
+    pb: &[f32],
+    tc: usize,
+    tile: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
+    let base = ro[r0] as usize;
+    let cols = pb.len() / tc;
+    let mut cursor: Vec<usize> = (r0..r1).map(|i| ro[i] as usize).collect();
+    for c1 in (tile..cols + tile).step_by(tile) {
+        for (i, k) in (r0..r1).zip(cursor.iter_mut()) {
+            let end = ro[i + 1] as usize;
+            if *k == end || ci[*k] as usize >= c1 {
+                continue;
+            }
+            let a = &pa[i * tc..(i + 1) * tc];
+            let b = |k: usize| {
+                let c = ci[k] as usize;
+                &pb[c * tc..(c + 1) * tc]
+            };
+            // Groups of four entries share the loads of `a`.
+            while *k + 4 <= end && (ci[*k + 3] as usize) < c1 {
+                let d = simd::dot4(a, [b(*k), b(*k + 1), b(*k + 2), b(*k + 3)]);
+                for (j, v) in d.iter().enumerate() {
+                    out[*k + j - base] += v;
+                }
+                *k += 4;
+            }
+            while *k < end && (ci[*k] as usize) < c1 {
+                out[*k - base] += simd::dot(a, b(*k));
+                *k += 1;
             }
         }
     }
 }
 
-fn pack(v: View<'_>, d0: usize, w: usize, lanes: usize, panel: &mut [f32]) {
-    let rows_per = (v.rows / rayon::current_num_threads()).clamp(64, 4096);
-    panel
-        .par_chunks_mut(rows_per * lanes)
-        .enumerate()
-        .for_each(|(p, chunk)| pack_rows(v, d0, w, lanes, p * rows_per, chunk));
-}
+/// Contracted length per SDDMM pass (measured best among 64..512 on the 2-core Xeon: long
+/// enough to amortise the horizontal sums, short enough that the panels stay small).
+const TOKEN_CHUNK: usize = 128;
 
-macro_rules! sddmm_block_kernel {
-    ($name:ident, $lanes:expr) => {
-        multiversion! {
-            fn $name(
-                ro: &[i32],
-                ci: &[i32],
-                pa: &[f32],
-                pb: &[f32],
-                r0: usize,
-                r1: usize,
-                out: &mut [f32],
-            ) {
-                const L: usize = $lanes;
-                let base = ro[r0] as usize;
-                for i in r0..r1 {
-                    let a: &[f32; L] = pa[i * L..(i + 1) * L].try_into().unwrap();
-                    for k in ro[i] as usize..ro[i + 1] as usize {
-                        let start = ci[k] as usize * L;
-                        let b: &[f32; L] = pb[start..start + L].try_into().unwrap();
-                        let mut acc = [0f32; 16];
-                        for (ac, bc) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
-                            for ((s, x), y) in acc.iter_mut().zip(ac).zip(bc) {
-                                *s += x * y;
-                            }
-                        }
-                        // Pairwise (tree) sum: short dependency chains, vector shuffles.
-                        let (lo, hi) = acc.split_at(8);
-                        let h: [f32; 8] = std::array::from_fn(|l| lo[l] + hi[l]);
-                        let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
-                        out[k - base] += (q[0] + q[2]) + (q[1] + q[3]);
-                    }
-                }
-            }
-        }
-    };
-}
-sddmm_block_kernel!(sddmm_block_16, 16);
-sddmm_block_kernel!(sddmm_block_32, 32);
-sddmm_block_kernel!(sddmm_block_64, 64);
-
+/// SDDMM `out[k] = Σ_t a[i_k, t] · bt[j_k, t]`: the contracted dimension is cut into chunks of
+/// [`TOKEN_CHUNK`]; per chunk both operands are transposed once into `[rows][chunk]` panels, then
+/// rayon over row ranges (balanced by entry count) adds one full-length dot product per entry.
 fn sddmm(s: &CsrIndices<Flex>, a: FlexFloat, bt: FlexFloat) -> FlexFloat {
     let (ro, ci) = (indices(&s.row_offsets), indices(&s.col_indices));
     let nnz = ci.len();
@@ -427,31 +423,19 @@ fn sddmm(s: &CsrIndices<Flex>, a: FlexFloat, bt: FlexFloat) -> FlexFloat {
     if nnz == 0 || d == 0 {
         return cast_back(FlexFloat::from_data(TensorData::new(out, [nnz])), dtype);
     }
-    // Panel width: the `bt` panel (`cols x lanes`) should stay within ~1.5 MB of L2.
-    let lanes = if bv.rows * 64 * 4 <= 3 << 19 {
-        64
-    } else if bv.rows * 32 * 4 <= 3 << 19 {
-        32
-    } else {
-        16
-    };
-    let kernel = match lanes {
-        64 => sddmm_block_64,
-        32 => sddmm_block_32,
-        _ => sddmm_block_16,
-    };
-    let mut pa = vec![0f32; av.rows * lanes];
-    let mut pb = vec![0f32; bv.rows * lanes];
+    let tc = d.min(TOKEN_CHUNK).next_multiple_of(16);
+    // Columns of S per tile: their `pb` rows take about 1 MiB (half of this CPU's L2).
+    let tile = ((1 << 20) / (tc * 4)).max(16);
+    let mut pa = vec![0f32; av.rows * tc];
+    let mut pb = vec![0f32; bv.rows * tc];
     let ranges = row_ranges(&ro, parts());
-    let mut d0 = 0;
-    while d0 < d {
-        let w = (d - d0).min(lanes);
-        pack(av, d0, w, lanes, &mut pa);
-        pack(bv, d0, w, lanes, &mut pb);
+    for d0 in (0..d).step_by(tc) {
+        let w = (d - d0).min(tc);
+        pack_panel(av, d0, w, tc, &mut pa);
+        pack_panel(bv, d0, w, tc, &mut pb);
         split_by_rows(&mut out, &ranges, |r| ro[r] as usize)
             .into_par_iter()
-            .for_each(|(r0, r1, chunk)| kernel(&ro, &ci, &pa, &pb, r0, r1, chunk));
-        d0 += lanes;
+            .for_each(|(r0, r1, chunk)| sddmm_rows(&ro, &ci, &pa, &pb, tc, tile, r0, r1, chunk));
     }
     let out = FlexFloat::from_data(TensorData::new(out, [nnz]));
     cast_back(out, dtype)

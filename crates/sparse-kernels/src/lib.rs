@@ -37,6 +37,8 @@ mod cube;
 mod error;
 mod layout;
 mod ops;
+#[cfg(feature = "flex")]
+mod simd;
 mod structure;
 
 pub use backend::{CsrIndices, SparseBackend};

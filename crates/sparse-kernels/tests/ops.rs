@@ -57,6 +57,10 @@ fn edge_shapes() {
         [17, 1, 70],
         [1, 33, 1],
         [33, 1, 1],
+        // Several 512-token chunks (the last one partial) and several column tiles of the
+        // CPU SDDMM; more than 64 tokens for the CPU adapter SpMM.
+        [20, 700, 1100],
+        [70, 40, 1030],
     ]
     .into_iter()
     .enumerate()

@@ -1,0 +1,362 @@
+//! The three inner loops of the CPU kernels, with an AVX-512 version picked at run time and a
+//! portable version for every other CPU: a blocked transpose (16x16 register transposes), a dot
+//! product (four FMA accumulators, one horizontal sum) and the SpMM row update
+//! (`acc += v · panel[col]` over a row's entries, 64 lanes in four registers).
+//!
+//! Every function checks its slice bounds once on entry; the AVX-512 bodies then use raw
+//! pointers inside those bounds. This is the only module of the crate with `unsafe` code.
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Whether the AVX-512 bodies can run (`is_x86_feature_detected!` caches the answer).
+#[inline]
+pub(crate) fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `dst[j · ds + i] = src[i · ss + j]` for `i < rows`, `j < cols`.
+///
+/// # Panics
+/// When a slice is too short for the shape and strides.
+pub(crate) fn transpose(
+    src: &[f32],
+    ss: usize,
+    dst: &mut [f32],
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(cols <= ss || rows == 1, "transpose: source stride");
+    assert!(rows <= ds || cols == 1, "transpose: destination stride");
+    assert!(
+        src.len() >= (rows - 1) * ss + cols,
+        "transpose: source length"
+    );
+    assert!(
+        dst.len() >= (cols - 1) * ds + rows,
+        "transpose: destination length"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available (checked above) and every access stays inside the
+        // bounds asserted above (see `transpose_avx512`).
+        unsafe { transpose_avx512(src, ss, dst, ds, rows, cols) };
+        return;
+    }
+    transpose_tiles(src, ss, dst, ds, 0, rows, 0, cols);
+}
+
+/// The portable transpose of `rows r0..r1`, `cols c0..c1`, in 16x16 tiles.
+#[allow(clippy::too_many_arguments)]
+fn transpose_tiles(
+    src: &[f32],
+    ss: usize,
+    dst: &mut [f32],
+    ds: usize,
+    r0: usize,
+    r1: usize,
+    c0: usize,
+    c1: usize,
+) {
+    for i0 in (r0..r1).step_by(16) {
+        let i1 = (i0 + 16).min(r1);
+        for j0 in (c0..c1).step_by(16) {
+            let j1 = (j0 + 16).min(c1);
+            for i in i0..i1 {
+                let row = &src[i * ss + j0..i * ss + j1];
+                for (j, v) in (j0..j1).zip(row) {
+                    dst[j * ds + i] = *v;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(
+    src: &[f32],
+    ss: usize,
+    dst: &mut [f32],
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
+    let (full_r, full_c) = (rows / 16 * 16, cols / 16 * 16);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for i0 in (0..full_r).step_by(16) {
+        for j0 in (0..full_c).step_by(16) {
+            // SAFETY: rows i0..i0+16 < rows and columns j0..j0+16 <= cols, so every load is
+            // inside `src` and every store inside `dst` (lengths asserted by the caller).
+            unsafe {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (k, v) in r.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(sp.add((i0 + k) * ss + j0));
+                }
+                let c = transpose16(r);
+                for (k, v) in c.iter().enumerate() {
+                    _mm512_storeu_ps(dp.add((j0 + k) * ds + i0), *v);
+                }
+            }
+        }
+    }
+    // Edges: the last rows % 16 rows and the last cols % 16 columns.
+    transpose_tiles(src, ss, dst, ds, full_r, rows, 0, cols);
+    transpose_tiles(src, ss, dst, ds, 0, full_r, full_c, cols);
+}
+
+/// Transposes 16 rows of 16 floats in registers: unpack pairs, then 4x4 blocks within 128-bit
+/// lanes, then the lanes themselves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for p in 0..8 {
+        t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+        t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+    }
+    // u[4q + m] holds, in 128-bit lane L, rows 4q..4q+4 of column 4L + m.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for q in 0..4 {
+        let (lo0, hi0, lo1, hi1) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+        u[4 * q] = _mm512_shuffle_ps::<0x44>(lo0, lo1);
+        u[4 * q + 1] = _mm512_shuffle_ps::<0xEE>(lo0, lo1);
+        u[4 * q + 2] = _mm512_shuffle_ps::<0x44>(hi0, hi1);
+        u[4 * q + 3] = _mm512_shuffle_ps::<0xEE>(hi0, hi1);
+    }
+    // v[m] / v[m + 4]: columns {m, m + 8} / {m + 4, m + 12} of rows 0..8; v[8 + ..]: rows 8..16.
+    let mut v = [_mm512_setzero_ps(); 16];
+    for m in 0..4 {
+        v[m] = _mm512_shuffle_f32x4::<0x88>(u[m], u[4 + m]);
+        v[4 + m] = _mm512_shuffle_f32x4::<0xDD>(u[m], u[4 + m]);
+        v[8 + m] = _mm512_shuffle_f32x4::<0x88>(u[8 + m], u[12 + m]);
+        v[12 + m] = _mm512_shuffle_f32x4::<0xDD>(u[8 + m], u[12 + m]);
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for m in 0..8 {
+        out[m] = _mm512_shuffle_f32x4::<0x88>(v[m], v[8 + m]);
+        out[8 + m] = _mm512_shuffle_f32x4::<0xDD>(v[m], v[8 + m]);
+    }
+    out
+}
+
+/// `Σ a[i] · b[i]`.
+///
+/// # Panics
+/// When the lengths differ.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available; `dot_avx512` reads `a` and `b` within their common
+        // length.
+        return unsafe { dot_avx512(a, b) };
+    }
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load reads 16 floats at offsets i..i+16 <= n of both slices.
+    unsafe {
+        while i + 64 <= n {
+            for (l, s) in acc.iter_mut().enumerate() {
+                let x = _mm512_loadu_ps(pa.add(i + 16 * l));
+                let y = _mm512_loadu_ps(pb.add(i + 16 * l));
+                *s = _mm512_fmadd_ps(x, y, *s);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            let x = _mm512_loadu_ps(pa.add(i));
+            let y = _mm512_loadu_ps(pb.add(i));
+            acc[0] = _mm512_fmadd_ps(x, y, acc[0]);
+            i += 16;
+        }
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let mut total = _mm512_reduce_add_ps(s);
+    for j in i..n {
+        total += a[j] * b[j];
+    }
+    total
+}
+
+/// `[Σ a·b0, Σ a·b1, Σ a·b2, Σ a·b3]`: four dot products sharing `a` (one load of `a` per
+/// four FMAs, four independent chains).
+///
+/// # Panics
+/// When the lengths differ.
+#[inline]
+pub(crate) fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    assert!(b.iter().all(|x| x.len() == a.len()), "dot4: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if avx512() && a.len().is_multiple_of(16) {
+        // SAFETY: AVX-512F is available; `dot4_avx512` reads 16 floats at offsets below the
+        // common length, a multiple of 16.
+        return unsafe { dot4_avx512(a, b) };
+    }
+    b.map(|x| dot(a, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_avx512(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let n = a.len();
+    let pa = a.as_ptr();
+    let pb = b.map(<[f32]>::as_ptr);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i + 16 <= n for every slice (n is a multiple of 16).
+        unsafe {
+            let x = _mm512_loadu_ps(pa.add(i));
+            for (s, p) in acc.iter_mut().zip(pb) {
+                *s = _mm512_fmadd_ps(x, _mm512_loadu_ps(p.add(i)), *s);
+            }
+        }
+        i += 16;
+    }
+    acc.map(|s| _mm512_reduce_add_ps(s))
+}
+
+/// Number of lanes [`spmm_row`] accumulates.
+pub(crate) const ROW_LANES: usize = 64;
+
+/// `acc[l] = Σ_k vals[k] · panel[cols[k] · 64 + l]` for `l < 64`.
+///
+/// # Panics
+/// When the lengths of `cols` and `vals` differ or a column's 64 lanes are outside `panel`.
+#[inline]
+pub(crate) fn spmm_row(cols: &[i32], vals: &[f32], panel: &[f32], acc: &mut [f32; ROW_LANES]) {
+    assert_eq!(cols.len(), vals.len(), "spmm_row: lengths differ");
+    let limit = panel.len() / ROW_LANES;
+    assert!(
+        cols.iter().all(|&c| c >= 0 && (c as usize) < limit),
+        "spmm_row: column outside the panel"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available and every column's 64 lanes are inside `panel`
+        // (asserted above).
+        unsafe { spmm_row_avx512(cols, vals, panel, acc) };
+        return;
+    }
+    acc.fill(0.0);
+    for (&c, &v) in cols.iter().zip(vals) {
+        let src = &panel[c as usize * ROW_LANES..(c as usize + 1) * ROW_LANES];
+        for (a, x) in acc.iter_mut().zip(src) {
+            *a = v.mul_add(*x, *a);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn spmm_row_avx512(cols: &[i32], vals: &[f32], panel: &[f32], acc: &mut [f32; ROW_LANES]) {
+    let p = panel.as_ptr();
+    // Two sets of four accumulators, for alternate entries: twice the independent FMA chains.
+    let mut r = [[_mm512_setzero_ps(); 4]; 2];
+    for (e, (&c, &v)) in cols.iter().zip(vals).enumerate() {
+        let vv = _mm512_set1_ps(v);
+        // SAFETY: `c · 64 + 64 <= panel.len()` (asserted by the caller).
+        unsafe {
+            let base = p.add(c as usize * ROW_LANES);
+            for (l, s) in r[e & 1].iter_mut().enumerate() {
+                *s = _mm512_fmadd_ps(vv, _mm512_loadu_ps(base.add(16 * l)), *s);
+            }
+        }
+    }
+    for (l, (x, y)) in r[0].iter().zip(&r[1]).enumerate() {
+        // SAFETY: `acc` has 64 floats.
+        unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(16 * l), _mm512_add_ps(*x, *y)) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: usize) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37).sin()).collect()
+    }
+
+    #[test]
+    fn transpose_matches_the_definition_for_edges_and_strides() {
+        for (rows, cols) in [(1, 1), (16, 16), (17, 33), (40, 16), (3, 70), (64, 48)] {
+            let (ss, ds) = (cols + 5, rows + 3);
+            let src = seq(rows * ss);
+            let mut dst = vec![f32::NAN; cols * ds];
+            transpose(&src, ss, &mut dst, ds, rows, cols);
+            for i in 0..rows {
+                for j in 0..cols {
+                    assert_eq!(dst[j * ds + i], src[i * ss + j], "{rows}x{cols} at {i},{j}");
+                }
+            }
+            // Padding between destination rows is untouched.
+            if ds > rows {
+                assert!(dst[rows].is_nan());
+            }
+        }
+    }
+
+    #[test]
+    fn dot_and_spmm_row_match_scalar_sums() {
+        for n in [0, 5, 16, 64, 100, 129] {
+            let (a, b) = (seq(n), seq(n + 3)[3..].to_vec());
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| (x * y) as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "n = {n}");
+        }
+        for n in [16, 48, 512, 20] {
+            let a = seq(n);
+            let bs: Vec<Vec<f32>> = (1..5).map(|o| seq(n + o)[o..].to_vec()).collect();
+            let got = dot4(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
+            for (g, b) in got.iter().zip(&bs) {
+                assert!((g - dot(&a, b)).abs() < 1e-4, "dot4, n = {n}");
+            }
+        }
+        let panel = seq(10 * ROW_LANES);
+        let (cols, vals) = ([3, 0, 9, 3], [0.5f32, -1.0, 2.0, 0.25]);
+        let mut acc = [f32::NAN; ROW_LANES];
+        spmm_row(&cols, &vals, &panel, &mut acc);
+        for (l, a) in acc.iter().enumerate() {
+            let want: f32 = cols
+                .iter()
+                .zip(vals)
+                .map(|(&c, v)| v * panel[c as usize * ROW_LANES + l])
+                .sum();
+            assert!((a - want).abs() < 1e-5, "lane {l}");
+        }
+    }
+}
