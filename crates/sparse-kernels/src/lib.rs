@@ -10,6 +10,9 @@
 //! - Backends through burn's `#[backend_extension]` ([`SparseBackend`]): multithreaded CPU
 //!   kernels for `Flex`, CubeCL kernels (the top-level `kernels/` folder) for every CubeCL
 //!   runtime (features `wgpu`, `cuda`), and hand-written backward passes for `Autodiff`.
+//! - [`grad_topk_probe`] ([`ProbeBackend`]): candidate scores for sparse reselection, the
+//!   top-`k` of `|dYᵀ·x|` computed block by block in a backward pass and sent to a
+//!   [`ProbeSink`], without a dense weight gradient.
 //!
 //! ```
 //! use burn::tensor::{Device, Tensor};
@@ -37,6 +40,7 @@ mod cube;
 mod error;
 mod layout;
 mod ops;
+mod probe;
 #[cfg(feature = "flex")]
 mod simd;
 mod structure;
@@ -47,4 +51,5 @@ pub use layout::{Csr, CsrLayout};
 pub use ops::{
     csr_add, csr_gather, csr_transpose, sddmm, sparse_linear, sparse_linear_fused, spmm, to_dense,
 };
+pub use probe::{ProbeBackend, ProbeResult, ProbeSink, default_probe_block, grad_topk_probe};
 pub use structure::{CsrStructure, MAX_INDEX};
