@@ -1,13 +1,17 @@
 //! The sparse delta of one weight: `k` values at unique flat indices, held as a CSR layout.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use burn::module::{Module, Param};
-use burn::tensor::module::{embedding, linear};
+use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::error::Result;
 use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError};
-use sparse_kernels::{Csr, CsrLayout, CsrStructure, sparse_linear, to_dense};
+use sparse_kernels::{
+    Csr, CsrLayout, CsrStructure, ProbeResult, ProbeSink, default_probe_block, grad_topk_probe,
+    sparse_linear, to_dense,
+};
 
 use crate::config::{InitDeltas, SftConfig};
 
@@ -22,17 +26,29 @@ use crate::config::{InitDeltas, SftConfig};
 ///   dense weight-shaped tensor and no `W + Δ`.
 /// - Weight path: `W + Δᵀ` (burn orientation) by a dense scatter.
 ///
-/// Two optional terms exist only while [`SftSelector`](crate::SftSelector) collects RigL
-/// statistics: `probe`, a zero `[in, out]` parameter whose gradient is the dense weight
-/// gradient (first step of a window only), and `candidate_values`, zero values on the
-/// candidate positions (`candidates`) whose gradient is the weight gradient sampled there by
-/// SDDMM (later steps of the window).
+/// Three optional terms exist only while [`SftSelector`](crate::SftSelector) collects RigL
+/// statistics, on the first step of a window (the candidate pool, top-`k` of `|dW|`):
+/// - activation path: `probe_anchor`, a zero `[1]` parameter, and `probe_sink`: the output gets
+///   [`grad_topk_probe`]`(x, anchor)`, a zero term whose backward pass computes
+///   `dW = dYᵀ·x` in blocks of `probe_block` rows and sends only its top-`k` to the sink. No
+///   weight-shaped tensor is formed; the anchor's gradient is zero.
+/// - weight path: `probe`, a zero `[in, out]` parameter added to the weight, whose gradient is
+///   the dense `dW`. There the delta enters through the weight, so autodiff forms the dense
+///   gradient of `W + Δ` on every step anyway, and the layer's input and output gradient,
+///   which a blockwise probe needs, are not visible to the adapter.
+///
+/// On the later steps of the window, `candidate_values` (zero values on the pool positions,
+/// `candidates`) get the weight gradient sampled there by SDDMM (activation path) or gathered
+/// from the weight's gradient (weight path).
 #[derive(Module, Debug)]
 pub struct SftAdapter {
     /// The delta values, `[k]`, CSR order of `layout`.
     pub delta_values: Param<Tensor<1>>,
-    /// Zero, `[in, out]`; only on the first step of a RigL window.
+    /// Zero, `[in, out]`; only on the first step of a RigL window, weight path.
     pub probe: Option<Param<Tensor<2>>>,
+    /// Zero, `[1]`; the tracked input of the blockwise probe; only on the first step of a RigL
+    /// window, activation path.
+    pub probe_anchor: Option<Param<Tensor<1>>>,
     /// Zero, `[candidates]`; only on later steps of a RigL window.
     pub candidate_values: Option<Param<Tensor<1>>>,
     /// The structure of `Δ`, `[out, in]`.
@@ -41,6 +57,12 @@ pub struct SftAdapter {
     /// The RigL candidate positions while they are sampled.
     #[module(skip)]
     pub candidates: Option<CsrLayout>,
+    /// Where the blockwise probe sends the candidate pool (with `probe_anchor`).
+    #[module(skip)]
+    pub probe_sink: Option<Arc<ProbeSink>>,
+    /// Rows of `dW` per block of the blockwise probe.
+    #[module(skip)]
+    pub probe_block: usize,
     /// The host weight's shape in burn orientation, `[in, out]`.
     #[module(skip)]
     pub base_shape: [usize; 2],
@@ -134,9 +156,12 @@ impl SftAdapter {
         Ok(Self {
             delta_values: Param::from_tensor(values_tensor(ordered, device)),
             probe: None,
+            probe_anchor: None,
             candidate_values: None,
             layout: CsrLayout::new(structure, device),
             candidates: None,
+            probe_sink: None,
+            probe_block: default_probe_block(inp),
             base_shape,
             device: device.clone(),
         })
@@ -204,8 +229,8 @@ impl SftAdapter {
         self.delta_values = peft_core::method::set_param(&self.delta_values, t);
     }
 
-    /// Add (`on`) or remove the dense gradient probe.
-    pub fn set_probe(&mut self, on: bool) {
+    /// Add (`on`) or remove the dense gradient probe (weight path).
+    pub fn set_dense_probe(&mut self, on: bool) {
         if on == self.probe.is_some() {
             return;
         }
@@ -213,6 +238,29 @@ impl SftAdapter {
             // `from_tensor` records `require_grad` (plain backends activate it later).
             Param::from_tensor(Tensor::<2>::zeros(self.base_shape, &self.device))
         });
+    }
+
+    /// Add (`on`) or remove the blockwise probe (activation path): from the next backward pass
+    /// on, the top-`k` of `|dW|` goes to a fresh sink, read with
+    /// [`take_probe`](Self::take_probe).
+    pub fn set_probe(&mut self, on: bool) {
+        if on == self.probe_anchor.is_some() {
+            return;
+        }
+        self.probe_anchor = on.then(|| Param::from_tensor(Tensor::<1>::zeros([1], &self.device)));
+        self.probe_sink = on.then(|| Arc::new(ProbeSink::new()));
+    }
+
+    /// Set the blockwise probe's block size (rows of the `[out, in]` gradient; the default is
+    /// [`default_probe_block`]`(in)`, about 4 MB of `f32`).
+    pub fn set_probe_block(&mut self, rows: usize) {
+        self.probe_block = rows.max(1);
+    }
+
+    /// What the blockwise probe collected since the last call: the pool (top-`k` of `|dW|`,
+    /// flat `[out, in]` indices, sorted) and the gradient there; see [`ProbeSink`].
+    pub fn take_probe(&self) -> Option<ProbeResult> {
+        self.probe_sink.as_ref()?.take()
     }
 
     /// Sample the weight gradient at `indices` (sorted flat indices) from the next backward
@@ -250,7 +298,7 @@ impl SftAdapter {
 impl Adapter for SftAdapter {
     type MergeState = ();
 
-    /// `scatter(Δ)ᵀ`, plus the probe and candidate terms while they exist.
+    /// `scatter(Δ)ᵀ`, plus the dense probe and candidate terms while they exist.
     fn weight_delta(&self, base: Tensor<2>) -> Tensor<2> {
         let mut delta = if self.num_deltas() > 0 {
             Self::dense(&self.csr())
@@ -283,8 +331,19 @@ impl Adapter for SftAdapter {
         if let (Some(layout), Some(v)) = (&self.candidates, &self.candidate_values) {
             result = result + sparse_linear(x.clone(), layout, v.val());
         }
-        if let Some(p) = &self.probe {
-            result = result + linear(x, p.val(), None);
+        if let (Some(anchor), Some(sink)) = (&self.probe_anchor, &self.probe_sink) {
+            let [inp, out] = self.base_shape;
+            let dims = result.dims();
+            let tokens = dims[..D - 1].iter().product();
+            let zeros = grad_topk_probe(
+                x.reshape([tokens, inp]),
+                anchor.val(),
+                out,
+                self.num_deltas(),
+                self.probe_block,
+                sink,
+            );
+            result = result + zeros.reshape(dims);
         }
         result
     }

@@ -11,7 +11,10 @@
 //!   [`SftConfig::allocate`] splits the budget across the targets as the reference does.
 //! - [`SftAdapter`]: on the activation path the delta runs on the CSR kernels of
 //!   `sparse-kernels` (SpMM forward, SDDMM gradient at the `k` indices): no `W + Δ` and no
-//!   dense weight gradient. On the weight-space path it is a dense scatter.
+//!   dense weight gradient, also when RigL needs candidate scores (the top-`k` of `|dW|` is
+//!   computed block by block in the backward pass by
+//!   [`grad_topk_probe`](sparse_kernels::grad_topk_probe)). On the weight-space path it is a
+//!   dense scatter, and RigL reads the dense weight gradient that autodiff forms there anyway.
 //! - [`SftSelector`], a training-step controller: the deltas' optimizer ([`SftAdamW`] with
 //!   per-entry step counts, or [`SftSm3`]; O(k) state), the [`SelectionSchedule`], RigL and SM3
 //!   drop-and-grow with state kept for retained entries, and state files for resumes.

@@ -5,15 +5,17 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, TensorData};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf;
-use peft_core::hosts::{self, HostView};
+use peft_core::hosts::{self, HostView, Placement};
 use peft_core::step::{Controller, StepInfo};
 use serde_json::{Map, Value, json};
+use sparse_kernels::ProbeSink;
 
 use crate::adapter::{SftAdapter, host_f32};
 use crate::config::{SelectionAlgorithm, SftConfig};
@@ -38,6 +40,8 @@ struct LayerRef {
     k: usize,
     values: ParamId,
     probe: Option<ParamId>,
+    anchor: Option<ParamId>,
+    sink: Option<Arc<ProbeSink>>,
     candidates: Option<ParamId>,
 }
 
@@ -49,6 +53,8 @@ fn layer_refs<M: Module>(model: &M, adapter: &str) -> Vec<LayerRef> {
             k: a.num_deltas(),
             values: a.delta_values.id,
             probe: a.probe.as_ref().map(|p| p.id),
+            anchor: a.probe_anchor.as_ref().map(|p| p.id),
+            sink: a.probe_sink.clone(),
             candidates: a.candidate_values.as_ref().map(|p| p.id),
         })
     })
@@ -75,11 +81,18 @@ pub struct SelectionReport {
 /// [`set_lr`](Self::set_lr) for a schedule), then reselects when the [`SelectionSchedule`] says
 /// so, then [`prepare`](Self::prepare)s the next step.
 ///
-/// RigL statistics: on the first step of a window each layer carries a zero probe whose
-/// gradient is the dense weight gradient `dW` (the reference computes it every step); its
-/// top-`k` of `|dW|` is the candidate pool (the reference's rule). On the other steps of the
-/// window the pool is sampled by SDDMM through zero candidate values, so a dense weight-shaped
-/// gradient exists on one step per `R`. Each step counts as one sample (`a = c`).
+/// RigL statistics: on the first step of a window the top-`k` of `|dW|` (the weight gradient)
+/// is the candidate pool (the reference's rule). On the activation path
+/// ([`PeftLinear`](peft_core::PeftLinear)) each layer carries a blockwise probe
+/// ([`grad_topk_probe`](sparse_kernels::grad_topk_probe)): its backward pass computes `dW` in
+/// blocks of rows (see [`set_probe_block`](Self::set_probe_block)) and keeps only the top-`k`,
+/// so no dense weight-shaped gradient is ever formed (the reference forms one per layer on
+/// every step). On the weight path the layer carries a zero dense probe whose gradient is `dW`
+/// (autodiff forms the dense gradient of the reparameterized weight on every step there
+/// anyway). On the other steps of the window the pool is sampled by SDDMM through zero
+/// candidate values. Each step counts as one sample (`a = c`); when a layer runs several times
+/// in one step's graph, the pool is the top-`k` of the first probe call to reach the backward
+/// pass and the sample is the step's whole gradient at the pool.
 ///
 /// Reselection keeps retained entries' values and optimizer state (they follow their index
 /// into the new CSR order), zeroes new entries and seeds their state: RigL as the reference
@@ -92,6 +105,7 @@ pub struct SftSelector {
     schedule: SelectionSchedule,
     optimizer: SftOptimizer,
     lr: f64,
+    probe_block: Option<usize>,
     step: usize,
     layers: BTreeMap<String, LayerState>,
     pending: BTreeMap<String, Vec<f32>>,
@@ -140,6 +154,7 @@ impl SftSelector {
             schedule: SelectionSchedule::new(config, total_steps),
             optimizer,
             lr: optimizer.lr(),
+            probe_block: None,
             step: 0,
             layers: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -160,6 +175,21 @@ impl SftSelector {
     /// Set the learning rate of the deltas (from the next update on).
     pub fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
+    }
+
+    /// Rows of the `[out, in]` weight gradient per block of the activation path's probe, for
+    /// every layer (from the next [`prepare`](Self::prepare) on). By default each layer uses
+    /// [`default_probe_block`](sparse_kernels::default_probe_block)`(in)`, about 4 MB of `f32`
+    /// per block. Peak memory of the probe is `O(rows · in + k)` per layer.
+    pub fn set_probe_block(&mut self, rows: usize) {
+        self.probe_block = Some(rows.max(1));
+    }
+
+    /// As [`set_probe_block`](Self::set_probe_block), by value.
+    #[must_use]
+    pub fn with_probe_block(mut self, rows: usize) -> Self {
+        self.set_probe_block(rows);
+        self
     }
 
     /// The index of the next step (peft-core's, from 0).
@@ -205,15 +235,16 @@ impl SftSelector {
         self.algorithm == SelectionAlgorithm::Rigl && self.schedule.collects(step_index + 1)
     }
 
-    /// Set the model up for the next step: probes on the first step of a RigL window,
-    /// candidate sampling on the later ones, neither otherwise. Call it once before the first
+    /// Set the model up for the next step: probes on the first step of a RigL window (blockwise
+    /// on the activation path, dense on the weight path), candidate sampling on the later ones,
+    /// neither otherwise. Call it once before the first
     /// step (and after loading a state); the selector calls it after every step.
     ///
     /// # Errors
     /// Inconsistent candidate pools.
     pub fn prepare<M: Module>(&self, mut model: M) -> Result<M> {
         let collecting = self.collecting(self.step);
-        let name = self.adapter.clone();
+        let (name, block) = (self.adapter.clone(), self.probe_block);
         let pools: BTreeMap<String, Vec<u64>> = self
             .layers
             .iter()
@@ -224,7 +255,13 @@ impl SftSelector {
                 return Ok(());
             };
             let pool = pools.get(&host.path).filter(|_| collecting);
-            a.set_probe(collecting && pool.is_none() && a.num_deltas() > 0);
+            let probe = collecting && pool.is_none() && a.num_deltas() > 0;
+            let activation = host.placement == Placement::Activation;
+            a.set_probe(probe && activation);
+            a.set_dense_probe(probe && !activation);
+            if let Some(rows) = block {
+                a.set_probe_block(rows);
+            }
             let same = match (pool, &a.candidates) {
                 (Some(p), Some(l)) => l.structure().flat_indices() == *p,
                 (None, None) => true,
@@ -571,20 +608,40 @@ impl<M: Module> Controller<M> for SftSelector {
                 self.pending.insert(layer.path.clone(), host_f32(g));
             }
             let probe = layer.probe.and_then(|id| grads.remove::<2>(id));
+            if let Some(id) = layer.anchor {
+                // Zero: the probe's result went to its sink.
+                grads.remove::<1>(id);
+            }
+            let scored = layer.sink.as_ref().and_then(|s| s.take());
             let sampled = layer.candidates.and_then(|id| grads.remove::<1>(id));
             if !collecting || layer.k == 0 {
                 continue;
             }
             let state = self.layers.entry(layer.path.clone()).or_default();
-            match (&mut state.candidates, probe, sampled) {
-                (None, Some(dw), _) => {
+            match (&mut state.candidates, probe, scored, sampled) {
+                (None, Some(dw), _, _) => {
                     // [in, out] (burn) -> [out, in] row-major (the indices' orientation).
                     let [i, o] = dw.dims();
                     let dw = host_f32(dw.transpose().reshape([i * o]));
                     state.candidates = Some(Candidates::from_dense(&dw, layer.k));
                 }
-                (Some(pool), _, Some(g)) => pool.add(&host_f32(g)),
-                (None, None, _) if layer.probe.is_none() && layer.candidates.is_none() => {
+                (None, None, Some(pool), _) => {
+                    // One sample per step: the step's gradient at the pool (several probe
+                    // calls in one graph add up in `sum`).
+                    let sum_sq = pool.sum.iter().map(|g| g * g).collect();
+                    state.candidates = Some(Candidates {
+                        indices: pool.indices,
+                        sum: pool.sum,
+                        sum_sq,
+                        count: 1,
+                    });
+                }
+                (Some(pool), _, _, Some(g)) => pool.add(&host_f32(g)),
+                (None, None, None, _)
+                    if layer.probe.is_none()
+                        && layer.anchor.is_none()
+                        && layer.candidates.is_none() =>
+                {
                     return Err(PeftError::Unsupported(format!(
                         "SFT adapter `{}`: step {} collects RigL statistics but `{}` has no \
                          probe; pass the model through SftSelector::prepare before the first step",

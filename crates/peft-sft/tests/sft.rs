@@ -26,11 +26,14 @@ struct Net<L> {
 }
 
 trait Layer: Module + burn::module::ModuleDisplay + Clone + std::fmt::Debug {
+    /// Whether the adapter works on activations (`PeftLinear`) or on the weight.
+    const ACTIVATION: bool;
     fn from_linear(l: Linear) -> Self;
     fn apply(&self, x: Tensor<2>) -> Tensor<2>;
 }
 
 impl Layer for Linear {
+    const ACTIVATION: bool = false;
     fn from_linear(l: Linear) -> Self {
         l
     }
@@ -40,6 +43,7 @@ impl Layer for Linear {
 }
 
 impl Layer for PeftLinear<SftAdapter> {
+    const ACTIVATION: bool = true;
     fn from_linear(l: Linear) -> Self {
         l.into()
     }
@@ -208,7 +212,8 @@ fn forward_and_delta_gradient_match_the_dense_formulas() {
         let [(xa, _), (xb, _)] = batch(0, &dev);
         for (l, (name, d_in, d_out)) in LAYERS.into_iter().enumerate() {
             let ad = adapter_of(&net, name);
-            assert!(ad.probe.is_none() && ad.candidate_values.is_none());
+            assert!(ad.probe.is_none() && ad.probe_anchor.is_none());
+            assert!(ad.candidate_values.is_none());
             let base = linear(d_in, d_out, l + 1, &dev);
             let mut dense = vec![0f32; d_in * d_out];
             for (i, v) in ad.indices().into_iter().zip(ad.values()) {
@@ -270,17 +275,26 @@ fn merge_then_unmerge_is_the_identity() {
     );
 }
 
-struct Run {
-    net: Act,
+struct Run<L> {
+    net: Net<L>,
     selector: Arc<Mutex<SftSelector>>,
-    stepper: Stepper<Act>,
+    stepper: Stepper<Net<L>>,
 }
 
-fn start(config: &SftConfig, total: usize, lr: f64) -> Run {
+fn start<L: Layer>(config: &SftConfig, total: usize, lr: f64) -> Run<L> {
+    start_with(config, total, lr, |s| s)
+}
+
+fn start_with<L: Layer>(
+    config: &SftConfig,
+    total: usize,
+    lr: f64,
+    setup: impl FnOnce(SftSelector) -> SftSelector,
+) -> Run<L> {
     let dev = device();
-    let config = config.allocate(&Act::new(&dev)).unwrap();
-    let model = SftModel::new(Act::new(&dev), config.clone()).unwrap();
-    let mut selector = SftSelector::new(&config, "default", total).unwrap();
+    let config = config.allocate(&Net::<L>::new(&dev)).unwrap();
+    let model = SftModel::new(Net::<L>::new(&dev), config.clone()).unwrap();
+    let mut selector = setup(SftSelector::new(&config, "default", total).unwrap());
     selector.set_lr(lr);
     let net = selector.prepare(model.model().clone()).unwrap();
     let selector = Arc::new(Mutex::new(selector));
@@ -292,7 +306,7 @@ fn start(config: &SftConfig, total: usize, lr: f64) -> Run {
     }
 }
 
-impl Run {
+impl<L: Layer> Run<L> {
     fn step(&mut self) {
         let dev = device();
         let i = self.stepper.step_index();
@@ -306,7 +320,7 @@ impl Run {
 }
 
 /// S1 after every step: unique, in range, constant count, sorted (CSR order).
-fn check_indices(net: &Act, k: &BTreeMap<String, usize>) {
+fn check_indices<L: Layer>(net: &Net<L>, k: &BTreeMap<String, usize>) {
     for (name, d_in, d_out) in LAYERS {
         let idx = adapter_of(net, name).indices();
         assert_eq!(idx.len(), k[name], "{name}: count");
@@ -326,14 +340,19 @@ fn rigl_config() -> SftConfig {
 }
 
 /// S1, S5–S10 for RigL at the reselection after update step 6 (p = 0.5·(1 − 6/20) = 0.35),
-/// with expectations computed from the dense gradients of the batches.
+/// with expectations computed from the dense gradients of the batches, on both attach paths.
 #[test]
 fn rigl_reselection_keeps_retained_state_and_seeds_new_slots() {
+    check_rigl_reselection::<PeftLinear<SftAdapter>>();
+    check_rigl_reselection::<Linear>();
+}
+
+fn check_rigl_reselection<L: Layer>() {
     let dev = device();
     let config = rigl_config();
-    let mut run = start(&config, 20, 0.05);
+    let mut run = start::<L>(&config, 20, 0.05);
     let k = config
-        .allocate(&Act::new(&dev))
+        .allocate(&Net::<L>::new(&dev))
         .unwrap()
         .num_deltas
         .unwrap();
@@ -342,7 +361,17 @@ fn rigl_reselection_keeps_retained_state_and_seeds_new_slots() {
     for step in 0..20 {
         let u = step + 1;
         let a = adapter_of(&run.net, "a");
-        probes_seen.push((a.probe.is_some(), a.candidate_values.is_some()));
+        // The blockwise probe on the activation path, the dense one on the weight path.
+        if L::ACTIVATION {
+            assert!(a.probe.is_none(), "no dense probe on the activation path");
+        } else {
+            assert!(
+                a.probe_anchor.is_none(),
+                "no blockwise probe on the weight path"
+            );
+        }
+        let probe = a.probe.is_some() || a.probe_anchor.is_some();
+        probes_seen.push((probe, a.candidate_values.is_some()));
         if u != 6 {
             run.step();
             check_indices(&run.net, &k);
@@ -474,11 +503,16 @@ fn rigl_reselection_keeps_retained_state_and_seeds_new_slots() {
 /// largest |Σg| (all of the pool, since k candidates fill k slots).
 #[test]
 fn the_first_selection_takes_the_whole_pool() {
+    check_first_selection::<PeftLinear<SftAdapter>>();
+    check_first_selection::<Linear>();
+}
+
+fn check_first_selection<L: Layer>() {
     let dev = device();
     let config = rigl_config();
-    let mut run = start(&config, 20, 0.0);
+    let mut run = start::<L>(&config, 20, 0.0);
     let k = config
-        .allocate(&Act::new(&dev))
+        .allocate(&Net::<L>::new(&dev))
         .unwrap()
         .num_deltas
         .unwrap();
@@ -494,18 +528,111 @@ fn the_first_selection_takes_the_whole_pool() {
     }
 }
 
+/// The pool of the first step of a window is the top-`k` of `|dW|` (ties: lower index), with
+/// `Σg = dW` and `Σg² = dW²` there and one sample, on both paths and for several probe block
+/// sizes (1 row, a non-divisor of the layers' `out`, the default).
+#[test]
+fn the_rigl_pool_is_the_dense_top_k() {
+    fn check<L: Layer>(block: Option<usize>) {
+        let dev = device();
+        let config = rigl_config();
+        let k = config
+            .allocate(&Net::<L>::new(&dev))
+            .unwrap()
+            .num_deltas
+            .unwrap();
+        let mut run = start_with::<L>(&config, 20, 0.05, |s| match block {
+            Some(rows) => s.with_probe_block(rows),
+            None => s,
+        });
+        run.step();
+        let sel = run.selector.lock().unwrap();
+        for (l, (name, _, _)) in LAYERS.into_iter().enumerate() {
+            let dw = dense_dw(l, 0, &dev);
+            let mut order: Vec<usize> = (0..dw.len()).collect();
+            order.sort_by(|&x, &y| dw[y].abs().total_cmp(&dw[x].abs()).then(x.cmp(&y)));
+            let mut top: Vec<usize> = order[..k[name]].to_vec();
+            top.sort();
+            let what = format!("{name}, activation {}, block {block:?}", L::ACTIVATION);
+            let pool = sel
+                .candidates(name)
+                .expect("a pool after the window's first step");
+            let want: Vec<u64> = top.iter().map(|&i| i as u64).collect();
+            assert_eq!(pool.indices, want, "{what}: indices");
+            let g: Vec<f32> = top.iter().map(|&i| dw[i]).collect();
+            close(&pool.sum, &g, 1e-6, &format!("{what}: Σg"));
+            let g2: Vec<f32> = g.iter().map(|g| g * g).collect();
+            close(&pool.sum_sq, &g2, 1e-6, &format!("{what}: Σg²"));
+            assert_eq!(pool.count, 1, "{what}: count");
+        }
+    }
+    for block in [None, Some(1), Some(3)] {
+        check::<PeftLinear<SftAdapter>>(block);
+        check::<Linear>(block);
+    }
+}
+
+/// The gradients of a collection step: on the activation path every gradient is 1-D (delta
+/// values, biases, the probes' zero anchors), i.e. no weight-shaped gradient exists; on the
+/// weight path the dense probe has one (`[in, out]`), which shows the check can see them.
+#[test]
+fn the_activation_path_forms_no_weight_shaped_gradient() {
+    struct Dims<'a>(&'a GradientsParams, Vec<Vec<usize>>);
+    impl burn::module::ModuleVisitor for Dims<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.get::<D>(p.id) {
+                self.1.push(g.dims().to_vec());
+            }
+        }
+    }
+    fn grads_dims<L: Layer>() -> Vec<Vec<usize>> {
+        let dev = device();
+        let run = start::<L>(&rigl_config(), 20, 0.05);
+        // Step index 0 opens a RigL window: the probes are on.
+        let a = adapter_of(&run.net, "a");
+        assert!(a.probe.is_some() || a.probe_anchor.is_some(), "collecting");
+        let grads = GradientsParams::from_grads(run.net.loss(0, &dev).backward(), &run.net);
+        let mut dims = Dims(&grads, Vec::new());
+        run.net.visit(&mut dims);
+        assert_eq!(
+            dims.1.len(),
+            grads.len(),
+            "every gradient belongs to a parameter"
+        );
+        dims.1
+    }
+    let activation = grads_dims::<PeftLinear<SftAdapter>>();
+    assert!(!activation.is_empty());
+    assert!(
+        activation.iter().all(|d| d.len() == 1),
+        "activation path: {activation:?}"
+    );
+    // Each layer's anchor has a (zero) gradient, of shape [1].
+    assert_eq!(activation.iter().filter(|d| *d == &[1]).count(), 2);
+    let weight = grads_dims::<Linear>();
+    assert!(
+        weight.contains(&vec![6, 4]) && weight.contains(&vec![5, 7]),
+        "weight path: {weight:?}"
+    );
+}
+
 /// S12: SM3 accumulators are the row/column maxima of ν, monotone; SM3 growth takes the
 /// largest `row·col` among inactive positions; S1, S5, S6 and retained values kept.
 #[test]
 fn sm3_accumulators_and_growth() {
+    check_sm3::<PeftLinear<SftAdapter>>();
+    check_sm3::<Linear>();
+}
+
+fn check_sm3<L: Layer>() {
     let dev = device();
     let config = SftConfig::new(0.3, targets())
         .with_selection(SelectionAlgorithm::Sm3)
         .with_steps(4, 2)
         .with_rate(RatePolicy::Cosine, 0.5);
-    let mut run = start(&config, 12, 0.01);
+    let mut run = start::<L>(&config, 12, 0.01);
     let k = config
-        .allocate(&Act::new(&dev))
+        .allocate(&Net::<L>::new(&dev))
         .unwrap()
         .num_deltas
         .unwrap();
@@ -526,8 +653,9 @@ fn sm3_accumulators_and_growth() {
                 (ad.indices(), ad.values())
             })
             .collect();
+        let a = adapter_of(&run.net, "a");
         assert!(
-            adapter_of(&run.net, "a").probe.is_none(),
+            a.probe.is_none() && a.probe_anchor.is_none(),
             "SM3 never probes"
         );
         run.step();
@@ -724,7 +852,7 @@ fn files_use_integer_indices_and_round_trip() {
     assert!(err.to_string().contains("sft_delta.indices"), "{err}");
 }
 
-fn params(net: &Act) -> Vec<Vec<f32>> {
+fn params<L: Layer>(net: &Net<L>) -> Vec<Vec<f32>> {
     struct V(Vec<Vec<f32>>);
     impl burn::module::ModuleVisitor for V {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
@@ -738,23 +866,28 @@ fn params(net: &Act) -> Vec<Vec<f32>> {
 }
 
 /// Stopping after step 5 (inside a window, with a candidate pool) and resuming from files
-/// ends exactly like the uninterrupted run, for both algorithms.
+/// ends exactly like the uninterrupted run, for both algorithms, on both attach paths.
 #[test]
 fn a_resumed_run_ends_like_an_uninterrupted_one() {
+    check_resume::<PeftLinear<SftAdapter>>();
+    check_resume::<Linear>();
+}
+
+fn check_resume<L: Layer>() {
     for algorithm in [SelectionAlgorithm::Rigl, SelectionAlgorithm::Sm3] {
         let dev = device();
         let config = rigl_config().with_selection(algorithm);
-        let mut full = start(&config, 20, 0.05);
+        let mut full = start::<L>(&config, 20, 0.05);
         for _ in 0..12 {
             full.step();
         }
-        let mut first = start(&config, 20, 0.05);
+        let mut first = start::<L>(&config, 20, 0.05);
         for _ in 0..5 {
             first.step();
         }
         let dir = tempfile::tempdir().unwrap();
-        let allocated = config.allocate(&Act::new(&dev)).unwrap();
-        let mut peft = SftModel::new(Act::new(&dev), allocated.clone()).unwrap();
+        let allocated = config.allocate(&Net::<L>::new(&dev)).unwrap();
+        let mut peft = SftModel::new(Net::<L>::new(&dev), allocated.clone()).unwrap();
         peft.map_model(|_| first.net.clone());
         peft.save_pretrained(dir.path(), &SaveOptions::default())
             .unwrap();
@@ -771,7 +904,8 @@ fn a_resumed_run_ends_like_an_uninterrupted_one() {
             ..Default::default()
         };
         let loaded =
-            SftModel::<Act>::from_pretrained(Act::new(&dev), dir.path(), &trainable).unwrap();
+            SftModel::<Net<L>>::from_pretrained(Net::<L>::new(&dev), dir.path(), &trainable)
+                .unwrap();
         let mut selector = SftSelector::new(&allocated, "default", 20).unwrap();
         selector
             .load_state(&dir.path().join("state"), &dev)
