@@ -66,13 +66,14 @@ fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> 
         device,
         ..
     } = &w;
-    let loaded_mib = memory_mib("VmRSS:");
+    let loaded_mib;
     let result = match variant {
         "lora" => {
             let model = LoraModel::new(
                 Bert::<PeftLinear<LoraAdapter>>::from_dir_with(dir, config, device)?,
                 LoraConfig::new(16, 32.0, targets()),
             )?;
+            loaded_mib = memory_mib("VmRSS:");
             let trainable = model.trainable_parameters().0;
             let mut model = model.into_model();
             let mut stepper = Stepper::new();
@@ -106,6 +107,7 @@ fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> 
                 .with_selection(algorithm)
                 .allocate(&bert)?;
             let model = SftModel::new(bert, sft.clone())?;
+            loaded_mib = memory_mib("VmRSS:");
             let trainable = model.trainable_parameters().0;
             // R = 20, S = 5: u = 1 probes, 2..5 sample candidates, 5 reselects, 6..20 plain.
             let total = 20 * (args.rounds + 2);
