@@ -1,7 +1,7 @@
 //! The three inner loops of the CPU kernels, with an AVX-512 version picked at run time and a
 //! portable version for every other CPU: a blocked transpose (16x16 register transposes), a dot
 //! product (four FMA accumulators, one horizontal sum) and the SpMM row update
-//! (`acc += v · panel[col]` over a row's entries, 64 lanes in four registers).
+//! (`acc += v · panel[col]` over a row's entries, up to 64 lanes in registers).
 //!
 //! Every function checks its slice bounds once on entry; the AVX-512 bodies then use raw
 //! pointers inside those bounds. This is the only module of the crate with `unsafe` code.
@@ -251,31 +251,34 @@ unsafe fn dot4_avx512(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     acc.map(|s| _mm512_reduce_add_ps(s))
 }
 
-/// Number of lanes [`spmm_row`] accumulates.
-pub(crate) const ROW_LANES: usize = 64;
-
-/// `acc[l] = Σ_k vals[k] · panel[cols[k] · 64 + l]` for `l < 64`.
+/// `acc[l] = Σ_k vals[k] · panel[cols[k] · L + l]` for `l < L` (`L` is 16, 32, 48 or 64).
 ///
 /// # Panics
-/// When the lengths of `cols` and `vals` differ or a column's 64 lanes are outside `panel`.
+/// When the lengths of `cols` and `vals` differ or a column's `L` lanes are outside `panel`.
 #[inline]
-pub(crate) fn spmm_row(cols: &[i32], vals: &[f32], panel: &[f32], acc: &mut [f32; ROW_LANES]) {
+pub(crate) fn spmm_row<const L: usize>(
+    cols: &[i32],
+    vals: &[f32],
+    panel: &[f32],
+    acc: &mut [f32; L],
+) {
+    assert!(L.is_multiple_of(16) && L <= 64, "spmm_row: 16 to 64 lanes");
     assert_eq!(cols.len(), vals.len(), "spmm_row: lengths differ");
-    let limit = panel.len() / ROW_LANES;
+    let limit = panel.len() / L;
     assert!(
         cols.iter().all(|&c| c >= 0 && (c as usize) < limit),
         "spmm_row: column outside the panel"
     );
     #[cfg(target_arch = "x86_64")]
     if avx512() {
-        // SAFETY: AVX-512F is available and every column's 64 lanes are inside `panel`
+        // SAFETY: AVX-512F is available and every column's `L` lanes are inside `panel`
         // (asserted above).
         unsafe { spmm_row_avx512(cols, vals, panel, acc) };
         return;
     }
     acc.fill(0.0);
     for (&c, &v) in cols.iter().zip(vals) {
-        let src = &panel[c as usize * ROW_LANES..(c as usize + 1) * ROW_LANES];
+        let src = &panel[c as usize * L..(c as usize + 1) * L];
         for (a, x) in acc.iter_mut().zip(src) {
             *a = v.mul_add(*x, *a);
         }
@@ -284,22 +287,27 @@ pub(crate) fn spmm_row(cols: &[i32], vals: &[f32], panel: &[f32], acc: &mut [f32
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn spmm_row_avx512(cols: &[i32], vals: &[f32], panel: &[f32], acc: &mut [f32; ROW_LANES]) {
+unsafe fn spmm_row_avx512<const L: usize>(
+    cols: &[i32],
+    vals: &[f32],
+    panel: &[f32],
+    acc: &mut [f32; L],
+) {
     let p = panel.as_ptr();
-    // Two sets of four accumulators, for alternate entries: twice the independent FMA chains.
+    // Two sets of accumulators, for alternate entries: twice the independent FMA chains.
     let mut r = [[_mm512_setzero_ps(); 4]; 2];
     for (e, (&c, &v)) in cols.iter().zip(vals).enumerate() {
         let vv = _mm512_set1_ps(v);
-        // SAFETY: `c · 64 + 64 <= panel.len()` (asserted by the caller).
+        // SAFETY: `c · L + L <= panel.len()` (asserted by the caller).
         unsafe {
-            let base = p.add(c as usize * ROW_LANES);
-            for (l, s) in r[e & 1].iter_mut().enumerate() {
+            let base = p.add(c as usize * L);
+            for (l, s) in r[e & 1].iter_mut().enumerate().take(L / 16) {
                 *s = _mm512_fmadd_ps(vv, _mm512_loadu_ps(base.add(16 * l)), *s);
             }
         }
     }
-    for (l, (x, y)) in r[0].iter().zip(&r[1]).enumerate() {
-        // SAFETY: `acc` has 64 floats.
+    for (l, (x, y)) in r[0].iter().zip(&r[1]).enumerate().take(L / 16) {
+        // SAFETY: `acc` has L >= 16 (l + 1) floats.
         unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(16 * l), _mm512_add_ps(*x, *y)) };
     }
 }
@@ -346,17 +354,23 @@ mod tests {
                 assert!((g - dot(&a, b)).abs() < 1e-4, "dot4, n = {n}");
             }
         }
-        let panel = seq(10 * ROW_LANES);
+        check_spmm_row::<16>();
+        check_spmm_row::<32>();
+        check_spmm_row::<64>();
+    }
+
+    fn check_spmm_row<const L: usize>() {
+        let panel = seq(10 * L);
         let (cols, vals) = ([3, 0, 9, 3], [0.5f32, -1.0, 2.0, 0.25]);
-        let mut acc = [f32::NAN; ROW_LANES];
+        let mut acc = [f32::NAN; L];
         spmm_row(&cols, &vals, &panel, &mut acc);
         for (l, a) in acc.iter().enumerate() {
             let want: f32 = cols
                 .iter()
                 .zip(vals)
-                .map(|(&c, v)| v * panel[c as usize * ROW_LANES + l])
+                .map(|(&c, v)| v * panel[c as usize * L + l])
                 .sum();
-            assert!((a - want).abs() < 1e-5, "lane {l}");
+            assert!((a - want).abs() < 1e-5, "{L} lanes, lane {l}");
         }
     }
 }
