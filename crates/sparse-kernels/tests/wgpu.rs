@@ -65,3 +65,36 @@ fn sparse_linear_gradients_on_wgpu() {
     assert_close(&dx, &want_dx, "dx");
     assert_close(&dv, &want_dv, "dvalues");
 }
+
+#[test]
+fn grad_topk_probe_on_wgpu_matches_the_cpu() {
+    use burn::tensor::Tensor;
+    use sparse_kernels::{ProbeResult, ProbeSink, grad_topk_probe};
+
+    let (tokens, inp, out, k) = (7, 9, 11, 20);
+    let mut rng = Lcg::new(11);
+    // Small integers: every dot product is exact in f32, so both devices agree bit for bit.
+    let mut ints =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| (rng.next_u32() % 7) as f32 - 3.0).collect() };
+    let batches: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
+        .map(|_| (ints(tokens * inp), ints(tokens * out)))
+        .collect();
+    let run = |d: &Device, block: usize| -> ProbeResult {
+        let sink = ProbeSink::new();
+        for (x, dy) in &batches {
+            let anchor = Tensor::<1>::zeros([1], d).require_grad();
+            let x = t2(x, [tokens, inp], d).transpose().transpose();
+            let y = grad_topk_probe(x, anchor.clone(), out, k, block, &sink);
+            assert_eq!(read(y.clone()), vec![0.0; tokens * out], "zero forward");
+            let grads = (y * t2(dy, [tokens, out], d)).sum().backward();
+            assert_eq!(read(anchor.grad(&grads).unwrap()), vec![0.0]);
+        }
+        sink.take().unwrap()
+    };
+    for block in [1, 3, out] {
+        let cpu = run(&Device::flex().autodiff(), block);
+        let gpu = run(&device().autodiff(), block);
+        assert_eq!(gpu, cpu, "block {block}");
+        assert_eq!((gpu.indices.len(), gpu.count), (k, 2));
+    }
+}
