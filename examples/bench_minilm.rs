@@ -21,13 +21,14 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Int, Tensor};
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Int, Tensor};
+use burn_peft_examples::bench::{BATCH, SEQ, Workload, adamw, median, targets};
 use clap::Parser;
-use peft_core::{ModuleSelector, PeftLinear};
+use peft_core::PeftLinear;
 use peft_lora::{LoraAdapter, LoraConfig, LoraModel};
 use peft_models::LinearLayer;
-use peft_models::bert::{Bert, BertConfig};
+use peft_models::bert::Bert;
 
 #[derive(Parser, Debug)]
 #[command(about = "MiniLM training-step and forward benchmark (burn-peft side)")]
@@ -49,9 +50,6 @@ struct Args {
     json: Option<PathBuf>,
 }
 
-const BATCH: usize = 16;
-const SEQ: usize = 128;
-
 struct Variant<L: LinearLayer> {
     model: Bert<L>,
     optim: ModuleOptimizer,
@@ -68,24 +66,13 @@ impl<L: LinearLayer> Variant<L> {
     }
 }
 
-fn adamw() -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_weight_decay(0.01)
-        .with_epsilon(1e-8)
-        .init()
-}
-
 fn lora() -> LoraConfig {
-    LoraConfig::new(
-        16,
-        32.0,
-        ModuleSelector::names(["query", "key", "value", "dense"]),
-    )
+    LoraConfig::new(16, 32.0, targets())
 }
 
 fn time(steps: usize, mut f: impl FnMut() -> f32) -> f64 {
     f(); // warm-up
-    let mut t: Vec<f64> = (0..steps)
+    let t: Vec<f64> = (0..steps)
         .map(|_| {
             let start = Instant::now();
             let v = f();
@@ -93,13 +80,7 @@ fn time(steps: usize, mut f: impl FnMut() -> f32) -> f64 {
             start.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    median(t)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -108,19 +89,13 @@ fn main() -> anyhow::Result<()> {
         args.rounds > 0 && args.steps > 0,
         "--rounds and --steps must be positive"
     );
-    let dir = match args.model {
-        Some(d) => d,
-        None => peft_models::minilm_dir()?,
-    };
-    let device = Device::default().autodiff();
-    let mut config = BertConfig::from_dir(&dir)?;
-    config.hidden_dropout_prob = 0.0;
-    // Deterministic ids in 1000..vocab (skipping special tokens), all positions attended.
-    let ids: Vec<i64> = (0..BATCH * SEQ)
-        .map(|i| 1000 + ((i as i64 * 7919 + 13) % (config.vocab_size as i64 - 1000)))
-        .collect();
-    let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([BATCH, SEQ]);
-    let mask = Tensor::<2, Int>::ones([BATCH, SEQ], &device);
+    let Workload {
+        dir,
+        config,
+        device,
+        ids,
+        mask,
+    } = Workload::load(args.model.clone())?;
 
     let mut full = Variant {
         model: Bert::<Linear>::from_dir_with(&dir, &config, &device)?,

@@ -1,4 +1,4 @@
-//! What the MiniLM training-step benchmarks (`bench_rosa`, `bench_sft`) share: the workload
+//! What the MiniLM benchmarks (`bench_minilm`, `bench_rosa`, `bench_sft`) share: the workload
 //! (all-MiniLM-L6-v2, batch 16 x 128 deterministic ids, dropout off), AdamW, the timed step and
 //! the memory and median readings.
 
