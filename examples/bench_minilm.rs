@@ -45,6 +45,9 @@ struct Args {
     /// Also time each op of a layer once (eval mode).
     #[arg(long)]
     breakdown: bool,
+    /// Run only these variants (comma-separated: full, activation, weight, eval); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -130,11 +133,14 @@ fn main() -> anyhow::Result<()> {
     let (eval_ids, eval_mask) = (ids.clone().inner(), mask.clone().inner());
 
     let (mut t_full, mut t_act, mut t_weight, mut t_eval) = (vec![], vec![], vec![], vec![]);
+    let on = |v: &str| args.only.is_empty() || args.only.iter().any(|o| o == v);
+    let timed =
+        |v: &str, f: &mut dyn FnMut() -> f32| if on(v) { time(args.steps, f) } else { f64::NAN };
     for round in 0..args.rounds {
-        t_full.push(time(args.steps, || full.step(&ids, &mask)));
-        t_act.push(time(args.steps, || act.step(&ids, &mask)));
-        t_weight.push(time(args.steps, || weight.step(&ids, &mask)));
-        t_eval.push(time(args.steps, || {
+        t_full.push(timed("full", &mut || full.step(&ids, &mask)));
+        t_act.push(timed("activation", &mut || act.step(&ids, &mask)));
+        t_weight.push(timed("weight", &mut || weight.step(&ids, &mask)));
+        t_eval.push(timed("eval", &mut || {
             eval_model
                 .forward(eval_ids.clone(), eval_mask.clone())
                 .slice([0..1, 0..1, 0..1])

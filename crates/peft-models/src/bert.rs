@@ -10,7 +10,7 @@ use burn::module::{
     Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor,
 };
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LinearConfig};
-use burn::tensor::activation::{gelu, relu, tanh};
+use burn::tensor::activation::{relu, tanh};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor};
@@ -18,6 +18,7 @@ use serde::Deserialize;
 
 use crate::checkpoint::{Checkpoint, read_config};
 use crate::error::{ModelError, Result};
+use crate::kernels::gelu;
 use crate::layers::{LayerNorm, LinearLayer};
 
 /// The fields of a Hugging Face BERT `config.json` this model uses.

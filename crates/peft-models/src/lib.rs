@@ -24,6 +24,7 @@ pub mod bert;
 mod cache;
 mod checkpoint;
 mod error;
+pub mod kernels;
 mod layers;
 pub mod llama;
 
