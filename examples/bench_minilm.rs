@@ -190,6 +190,16 @@ fn main() -> anyhow::Result<()> {
             );
             one(o.reshape([BATCH * heads * SEQ, h / heads]))
         });
+        let key_mask = Tensor::<2, Int>::ones([BATCH, SEQ], &inf).equal_elem(0);
+        let t_att_fused = time(args.steps, || {
+            let o = peft_models::kernels::attention(
+                q.clone(),
+                q.clone(),
+                q.clone(),
+                Some(key_mask.clone()),
+            );
+            one(o.reshape([BATCH * heads * SEQ, h / heads]))
+        });
         let ln = peft_models::LayerNorm::new(h, 1e-12, &inf);
         let t_ln = time(args.steps, || {
             one(ln.forward(x3.clone()).reshape([BATCH * SEQ, h]))
@@ -198,8 +208,9 @@ fn main() -> anyhow::Result<()> {
         let t_gelu = time(args.steps, || {
             one(burn::tensor::activation::gelu(wide.clone()))
         });
+        let t_gelu_fused = time(args.steps, || one(peft_models::kernels::gelu(wide.clone())));
         println!(
-            "per op, eval: linear 3-D {t_lin3:.1} ms, linear 2-D {t_lin2:.1} ms (h->ffn), attention {t_att:.1} ms, layer norm {t_ln:.1} ms, gelu {t_gelu:.1} ms"
+            "per op, eval: linear 3-D {t_lin3:.1} ms, linear 2-D {t_lin2:.1} ms (h->ffn), attention: burn {t_att:.1} ms, fused {t_att_fused:.1} ms, layer norm {t_ln:.1} ms, gelu: burn {t_gelu:.1} ms, fused {t_gelu_fused:.1} ms"
         );
     }
     // What limits us: exact GELU (forward + backward) on one FFN activation, times the layers.

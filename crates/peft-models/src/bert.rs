@@ -11,14 +11,12 @@ use burn::module::{
 };
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LinearConfig};
 use burn::tensor::activation::{relu, tanh};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::Deserialize;
 
 use crate::checkpoint::{Checkpoint, read_config};
 use crate::error::{ModelError, Result};
-use crate::kernels::gelu;
+use crate::kernels::{attention, gelu};
 use crate::layers::{LayerNorm, LinearLayer};
 
 /// The fields of a Hugging Face BERT `config.json` this model uses.
@@ -173,8 +171,7 @@ impl<L: LinearLayer> BertSelfAttention<L> {
         let q = split(self.query.forward(x.clone()));
         let k = split(self.key.forward(x.clone()));
         let v = split(self.value.forward(x));
-        let mask = mask.clone().expand([batch, heads, seq, seq]);
-        let context = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        let context = attention(q, k, v, Some(mask.clone().reshape([batch, seq])));
         context.swap_dims(1, 2).reshape([batch, seq, hidden])
     }
 }

@@ -12,7 +12,7 @@
 //! `Autodiff` (its backward pass calls [`GeluBackend::fast_gelu_backward`] of the inner backend).
 
 use burn::backend::{
-    Autodiff, Backend, Dispatch,
+    Autodiff, Backend, Dispatch, TensorMetadata,
     autodiff::{
         checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
         grads::Gradients,
@@ -21,7 +21,7 @@ use burn::backend::{
     backend_extension,
     tensor::FloatTensor,
 };
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Slice, Tensor};
 
 /// The extension behind [`gelu`]; use that function rather than this trait.
 #[backend_extension(
@@ -101,13 +101,213 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as GeluBackend>::fast_gelu(x.into_dispatch()))
 }
 
+/// The extension behind [`attention`]; use that function rather than this trait.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(feature = "cube"),
+    Fusion: cfg(feature = "cube"),
+    Autodiff
+)]
+pub trait AttentionBackend: Backend {
+    /// `softmax(q · kᵀ · scale + bias) · v` over the last dimension of the scores.
+    ///
+    /// # Shapes
+    /// - `q`: `[b, h, sq, d]`; `k`: `[b, h, sk, d]`; `v`: `[b, h, sk, dv]`; `bias`: `[b, sk]`
+    ///   (added to every query's scores); returns `[b, h, sq, dv]`.
+    #[fusion(default)]
+    fn fast_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        composed::forward::<Self>(q, k, v, bias, scale)
+    }
+
+    /// The gradients of [`fast_attention`](Self::fast_attention) for the output gradient
+    /// `grad`, flattened and concatenated: `[dq…, dk…, dv…]` (1-D, row-major each).
+    #[fusion(default)]
+    fn fast_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        composed::backward::<Self>(q, k, v, bias, grad, scale)
+    }
+}
+
+#[cfg(feature = "cube")]
+impl AttentionBackend for burn_cubecl::CubeBackend {}
+
+impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
+    fn fast_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
+            /// `q`, `k`, `v`, `bias`, `scale`: the probabilities are recomputed, not saved.
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                f64,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (q, k, v, bias, scale) = ops.state;
+                let shapes = [q.shape(), k.shape(), v.shape()];
+                let all = B::fast_attention_backward(q, k, v, bias, grad, scale);
+                let mut start = 0;
+                for (node, shape) in ops.parents.into_iter().zip(shapes) {
+                    let end = start + shape.num_elements();
+                    if let Some(node) = node {
+                        let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
+                        grads.register::<B>(node.id, B::float_reshape(part, shape));
+                    }
+                    start = end;
+                }
+            }
+        }
+
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (qp, kp, vp) = (
+                    q.primitive().clone(),
+                    k.primitive().clone(),
+                    v.primitive().clone(),
+                );
+                let bias = bias.into_primitive();
+                let out =
+                    B::fast_attention(qp.clone(), kp.clone(), vp.clone(), bias.clone(), scale);
+                prep.finish((qp, kp, vp, bias, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fast_attention(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                bias.into_primitive(),
+                scale,
+            )),
+        }
+    }
+}
+
+/// Scaled dot-product attention with a key padding mask: `softmax(q·kᵀ/√d + bias)·v`, where
+/// `bias[b, j]` is the most negative finite value where `key_mask[b, j]` is `true` (padding)
+/// and 0 elsewhere, as Hugging Face's BERT builds it (a fully masked row attends uniformly
+/// instead of giving NaN).
+///
+/// On flex it runs one task per (batch, head) pair: two small GEMMs and a vectorised softmax in
+/// the forward pass; in the backward pass the probabilities are recomputed rather than saved
+/// (`[b, h, sq, sk]` per layer less memory than burn's composed attention, which keeps them).
+///
+/// # Shapes
+/// - `q`: `[b, h, sq, d]`; `k`: `[b, h, sk, d]`; `v`: `[b, h, sk, dv]`; `key_mask`: `[b, sk]`;
+///   returns `[b, h, sq, dv]`.
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    key_mask: Option<Tensor<2, Bool>>,
+) -> Tensor<4> {
+    let [b, _, _, d] = q.dims();
+    let sk = k.dims()[2];
+    let bias = Tensor::<2>::zeros([b, sk], &q.device()).cast(q.dtype());
+    let bias = match key_mask {
+        Some(mask) => bias.mask_fill(mask, f32::MIN),
+        None => bias,
+    };
+    let scale = 1.0 / (d as f64).sqrt();
+    Tensor::from_dispatch(<Dispatch as AttentionBackend>::fast_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        bias.into_dispatch(),
+        scale,
+    ))
+}
+
+/// The attention from the backend's own ops (every backend but flex's f32 path).
+mod composed {
+    use burn::backend::{Backend, TensorMetadata, tensor::FloatTensor};
+    use burn::tensor::Shape;
+
+    fn probabilities<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        scale: f64,
+    ) -> FloatTensor<B> {
+        let [b, sk] = bias.shape().dims::<2>();
+        let scores = B::float_mul_scalar(B::float_matmul(q, B::float_transpose(k)), scale.into());
+        let scores = B::float_add(scores, B::float_reshape(bias, Shape::new([b, 1, 1, sk])));
+        let max = B::float_max_dim(scores.clone(), 3);
+        let e = B::float_exp(B::float_sub(scores, max));
+        let sum = B::float_sum_dim(e.clone(), 3);
+        B::float_div(e, sum)
+    }
+
+    pub(super) fn forward<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        scale: f64,
+    ) -> FloatTensor<B> {
+        B::float_matmul(probabilities::<B>(q, k, bias, scale), v)
+    }
+
+    pub(super) fn backward<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        scale: f64,
+    ) -> FloatTensor<B> {
+        let p = probabilities::<B>(q.clone(), k.clone(), bias, scale);
+        let dv = B::float_matmul(B::float_transpose(p.clone()), grad.clone());
+        let dp = B::float_matmul(grad, B::float_transpose(v));
+        let delta = B::float_sum_dim(B::float_mul(p.clone(), dp.clone()), 3);
+        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, delta)), scale.into());
+        let dq = B::float_matmul(ds.clone(), k);
+        let dk = B::float_matmul(B::float_transpose(ds), q);
+        let flat = |t: FloatTensor<B>| {
+            let n = t.shape().num_elements();
+            B::float_reshape(t, Shape::new([n]))
+        };
+        B::float_cat(vec![flat(dq), flat(dk), flat(dv)], 0)
+    }
+}
+
 #[cfg(feature = "flex")]
 mod flex {
     use burn::backend::{Flex, ops::ActivationOps, tensor::FloatTensor};
     use burn::tensor::{DType, TensorData};
     use rayon::prelude::*;
 
-    use super::GeluBackend;
+    use super::{AttentionBackend, GeluBackend};
 
     /// Elements per rayon task (64 KiB of f32).
     const CHUNK: usize = 1 << 14;
@@ -127,7 +327,7 @@ mod flex {
             {
                 buf[start..end]
                     .par_chunks_mut(CHUNK)
-                    .for_each(|c| kernels::gelu_in_place(c));
+                    .for_each(kernels::gelu_in_place);
                 return x;
             }
             let src = x.as_slice::<f32>().expect("a contiguous f32 tensor");
@@ -177,10 +377,243 @@ mod flex {
         }
     }
 
+    /// A rank-4 strided view: base pointer offset and strides, in elements.
+    #[derive(Clone, Copy)]
+    struct View4 {
+        offset: usize,
+        strides: [usize; 4],
+        dims: [usize; 4],
+    }
+
+    /// f32 with non-negative strides (copied otherwise), and its view.
+    fn view4(t: FloatTensor<Flex>) -> (FloatTensor<Flex>, View4) {
+        let t = if t.layout().strides().iter().all(|s| *s >= 0) {
+            t
+        } else {
+            t.to_contiguous()
+        };
+        let l = t.layout();
+        let s = l.strides();
+        let d = l.shape();
+        let view = View4 {
+            offset: l.start_offset(),
+            strides: [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize],
+            dims: [d[0], d[1], d[2], d[3]],
+        };
+        (t, view)
+    }
+
+    /// `dst[m×n] = beta · lhs[m×k] · rhs[k×n]` on one thread, every operand strided
+    /// (`(row stride, column stride)` in elements).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        (m, n, k): (usize, usize, usize),
+        dst: &mut [f32],
+        (dst_rs, dst_cs): (usize, usize),
+        lhs: &[f32],
+        (lhs_rs, lhs_cs): (usize, usize),
+        rhs: &[f32],
+        (rhs_rs, rhs_cs): (usize, usize),
+        beta: f32,
+    ) {
+        let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+            if rows == 0 || cols == 0 {
+                0
+            } else {
+                (rows - 1) * rs + (cols - 1) * cs + 1
+            }
+        };
+        assert!(last(m, n, dst_rs, dst_cs) <= dst.len());
+        assert!(last(m, k, lhs_rs, lhs_cs) <= lhs.len());
+        assert!(last(k, n, rhs_rs, rhs_cs) <= rhs.len());
+        // SAFETY: the three asserts keep every element gemm touches inside its slice; `dst`
+        // is borrowed mutably, so it aliases neither operand.
+        #[allow(unsafe_code)]
+        unsafe {
+            ::gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                dst_cs as isize,
+                dst_rs as isize,
+                false,
+                lhs.as_ptr(),
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs.as_ptr(),
+                rhs_cs as isize,
+                rhs_rs as isize,
+                0.0,
+                beta,
+                false,
+                false,
+                false,
+                ::gemm::Parallelism::None,
+            );
+        }
+    }
+
+    /// The slice of `data` from the start of matrix `(b, h)` of `v`.
+    fn at<'a>(data: &'a [f32], v: &View4, b: usize, h: usize) -> &'a [f32] {
+        &data[v.offset + b * v.strides[0] + h * v.strides[1]..]
+    }
+
+    /// `p = softmax(scale · q·kᵀ + bias)` for one (batch, head) pair.
+    #[allow(clippy::too_many_arguments)]
+    fn probabilities(
+        p: &mut [f32],
+        (qd, qv): (&[f32], &View4),
+        (kd, kv): (&[f32], &View4),
+        bias: &[f32],
+        (b, h): (usize, usize),
+        scale: f32,
+    ) {
+        let [_, _, sq, d] = qv.dims;
+        let sk = kv.dims[2];
+        gemm(
+            (sq, sk, d),
+            p,
+            (sk, 1),
+            at(qd, qv, b, h),
+            (qv.strides[2], qv.strides[3]),
+            at(kd, kv, b, h),
+            (kv.strides[3], kv.strides[2]),
+            scale,
+        );
+        kernels::softmax_rows(p, &bias[b * sk..(b + 1) * sk]);
+    }
+
+    fn all_f32(ts: &[&FloatTensor<Flex>]) -> bool {
+        ts.iter().all(|t| t.dtype() == DType::F32)
+    }
+
+    impl AttentionBackend for Flex {
+        fn fast_attention(
+            q: FloatTensor<Flex>,
+            k: FloatTensor<Flex>,
+            v: FloatTensor<Flex>,
+            bias: FloatTensor<Flex>,
+            scale: f64,
+        ) -> FloatTensor<Flex> {
+            if !all_f32(&[&q, &k, &v, &bias]) {
+                return super::composed::forward::<Flex>(q, k, v, bias, scale);
+            }
+            let ((q, qv), (k, kv), (v, vv)) = (view4(q), view4(k), view4(v));
+            let bias = bias.to_contiguous();
+            let bias = bias.as_slice::<f32>().expect("a contiguous f32 bias");
+            let [b, h, sq, _] = qv.dims;
+            let (sk, dv) = (kv.dims[2], vv.dims[3]);
+            let (qd, kd, vd) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
+            let mut out = vec![0.0f32; b * h * sq * dv];
+            if !out.is_empty() {
+                out.par_chunks_mut(sq * dv).enumerate().for_each(|(i, o)| {
+                    let (bi, hi) = (i / h, i % h);
+                    let mut p = vec![0.0f32; sq * sk];
+                    probabilities(&mut p, (qd, &qv), (kd, &kv), bias, (bi, hi), scale as f32);
+                    gemm(
+                        (sq, dv, sk),
+                        o,
+                        (dv, 1),
+                        &p,
+                        (sk, 1),
+                        at(vd, &vv, bi, hi),
+                        (vv.strides[2], vv.strides[3]),
+                        1.0,
+                    );
+                });
+            }
+            FloatTensor::<Flex>::from_data(TensorData::new(out, [b, h, sq, dv]))
+        }
+
+        fn fast_attention_backward(
+            q: FloatTensor<Flex>,
+            k: FloatTensor<Flex>,
+            v: FloatTensor<Flex>,
+            bias: FloatTensor<Flex>,
+            grad: FloatTensor<Flex>,
+            scale: f64,
+        ) -> FloatTensor<Flex> {
+            if !all_f32(&[&q, &k, &v, &bias, &grad]) {
+                return super::composed::backward::<Flex>(q, k, v, bias, grad, scale);
+            }
+            let ((q, qv), (k, kv), (v, vv), (g, gv)) = (view4(q), view4(k), view4(v), view4(grad));
+            let bias = bias.to_contiguous();
+            let bias = bias.as_slice::<f32>().expect("a contiguous f32 bias");
+            let [b, h, sq, d] = qv.dims;
+            let (sk, dv) = (kv.dims[2], vv.dims[3]);
+            let (qd, kd, vd, gd) = (
+                q.storage::<f32>(),
+                k.storage::<f32>(),
+                v.storage::<f32>(),
+                g.storage::<f32>(),
+            );
+            let n = b * h;
+            let mut out = vec![0.0f32; n * (sq * d + sk * d + sk * dv)];
+            let (dq, rest) = out.split_at_mut(n * sq * d);
+            let (dk, dvv) = rest.split_at_mut(n * sk * d);
+            let scale = scale as f32;
+            if n > 0 && sq > 0 && sk > 0 {
+                dq.par_chunks_mut((sq * d).max(1))
+                    .zip(dk.par_chunks_mut((sk * d).max(1)))
+                    .zip(dvv.par_chunks_mut((sk * dv).max(1)))
+                    .enumerate()
+                    .for_each(|(i, ((dq, dk), dv_out))| {
+                        let (bi, hi) = (i / h, i % h);
+                        let mut p = vec![0.0f32; sq * sk];
+                        let mut dp = vec![0.0f32; sq * sk];
+                        probabilities(&mut p, (qd, &qv), (kd, &kv), bias, (bi, hi), scale);
+                        let go = at(gd, &gv, bi, hi);
+                        let gs = (gv.strides[2], gv.strides[3]);
+                        // dP = dO · vᵀ
+                        gemm(
+                            (sq, sk, dv),
+                            &mut dp,
+                            (sk, 1),
+                            go,
+                            gs,
+                            at(vd, &vv, bi, hi),
+                            (vv.strides[3], vv.strides[2]),
+                            1.0,
+                        );
+                        // dv = Pᵀ · dO
+                        gemm((sk, dv, sq), dv_out, (dv, 1), &p, (1, sk), go, gs, 1.0);
+                        // dS = scale · P ∘ (dP − rowsum(P ∘ dP)), in dp
+                        kernels::softmax_backward_rows(&p, &mut dp, sk, scale);
+                        // dq = dS · k; dk = dSᵀ · q
+                        let ks = (kv.strides[2], kv.strides[3]);
+                        gemm(
+                            (sq, d, sk),
+                            dq,
+                            (d, 1),
+                            &dp,
+                            (sk, 1),
+                            at(kd, &kv, bi, hi),
+                            ks,
+                            1.0,
+                        );
+                        let qs = (qv.strides[2], qv.strides[3]);
+                        gemm(
+                            (sk, d, sq),
+                            dk,
+                            (d, 1),
+                            &dp,
+                            (1, sk),
+                            at(qd, &qv, bi, hi),
+                            qs,
+                            1.0,
+                        );
+                    });
+            }
+            let len = out.len();
+            FloatTensor::<Flex>::from_data(TensorData::new(out, [len]))
+        }
+    }
+
     /// The slice loops, compiled for AVX-512, AVX2+FMA and the baseline; the widest the CPU has
     /// runs.
     pub(crate) mod kernels {
-        use super::super::math::{gelu, gelu_grad};
+        use super::super::math::{exp_nonpositive, gelu, gelu_grad};
 
         macro_rules! dispatch {
             ($(fn $name:ident($($arg:ident : $ty:ty),*) $body:block)*) => {$(
@@ -238,6 +671,57 @@ mod flex {
                     *g *= gelu_grad(*x);
                 }
             }
+            fn softmax_rows(p: &mut [f32], bias: &[f32]) {
+                let cols = bias.len();
+                for row in p.chunks_exact_mut(cols) {
+                    for (x, b) in row.iter_mut().zip(bias) {
+                        *x += *b;
+                    }
+                    let max = lanes(row, f32::MIN, |acc, x| acc.max(x), f32::max);
+                    for x in row.iter_mut() {
+                        *x = exp_nonpositive(*x - max);
+                    }
+                    let inv = 1.0 / lanes(row, 0.0, |acc, x| acc + x, |a, b| a + b);
+                    for x in row.iter_mut() {
+                        *x *= inv;
+                    }
+                }
+            }
+            fn softmax_backward_rows(p: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
+                for (pr, dr) in p.chunks_exact(cols).zip(dp.chunks_exact_mut(cols)) {
+                    let mut acc = [0.0f32; 16];
+                    let (pc, dc) = (pr.chunks_exact(16), dr.chunks_exact(16));
+                    let mut delta = pc.remainder().iter().zip(dc.remainder()).map(|(a, b)| a * b).sum::<f32>();
+                    for (a, b) in pc.zip(dc) {
+                        for l in 0..16 {
+                            acc[l] += a[l] * b[l];
+                        }
+                    }
+                    delta += acc.iter().sum::<f32>();
+                    for (a, b) in pr.iter().zip(dr.iter_mut()) {
+                        *b = scale * a * (*b - delta);
+                    }
+                }
+            }
+        }
+
+        /// A reduction over 16 independent lanes (so that it vectorises), then across them.
+        #[inline(always)]
+        fn lanes(
+            xs: &[f32],
+            init: f32,
+            step: impl Fn(f32, f32) -> f32,
+            join: impl Fn(f32, f32) -> f32,
+        ) -> f32 {
+            let mut acc = [init; 16];
+            let chunks = xs.chunks_exact(16);
+            let tail = chunks.remainder().iter().fold(init, |a, x| step(a, *x));
+            for c in chunks {
+                for l in 0..16 {
+                    acc[l] = step(acc[l], c[l]);
+                }
+            }
+            acc.into_iter().fold(tail, join)
         }
     }
 }
@@ -259,7 +743,7 @@ mod math {
             * r
             + 1.666_666_5e-1)
             * r
-            + 5.000_000_1e-1;
+            + 0.5;
         let p = p * r * r + r + 1.0;
         // 2ⁿ from the integer left in m's mantissa.
         let e = (m.to_bits() as i32 - MAGIC.to_bits() as i32 + 127) << 23;

@@ -127,3 +127,176 @@ fn a_second_use_of_the_input_is_unaffected_by_the_in_place_path() {
     };
     assert!(max_abs(x.grad(&g).unwrap(), expected) < 2e-5);
 }
+
+mod attention {
+    use burn::tensor::module::attention as reference_attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor};
+    use peft_models::kernels::attention;
+
+    fn max_abs4(a: Tensor<4>, b: Tensor<4>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// `[b, sk]`, true at padding: sentence `i` keeps its first `sk - i` keys (at least one).
+    fn padding(b: usize, sk: usize, device: &Device) -> Tensor<2, Bool> {
+        let lens: Vec<i64> = (0..b).map(|i| (sk - (i % sk)) as i64).collect();
+        let lens = Tensor::<1, Int>::from_ints(lens.as_slice(), device).reshape([b, 1]);
+        let pos = Tensor::<1, Int>::arange(0..sk as i64, device).reshape([1, sk]);
+        pos.expand([b, sk]).greater_equal(lens.expand([b, sk]))
+    }
+
+    fn reference(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: Option<Tensor<2, Bool>>,
+    ) -> Tensor<4> {
+        let [b, h, sq, _] = q.dims();
+        let sk = k.dims()[2];
+        let mask = mask.map(|m| m.reshape([b, 1, 1, sk]).expand([b, h, sq, sk]));
+        reference_attention(q, k, v, mask, None, AttentionModuleOptions::default())
+    }
+
+    /// `[b, s, h, d]` activations viewed as `[b, h, s, d]`, as a model's heads are.
+    fn heads(b: usize, h: usize, s: usize, d: usize, device: &Device) -> Tensor<4> {
+        Tensor::<4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), device).swap_dims(1, 2)
+    }
+
+    #[test]
+    fn the_forward_equals_burns_attention_with_padding() {
+        let device = Device::flex();
+        for (b, h, sq, sk, d, dv) in [
+            (2, 3, 5, 5, 4, 4),
+            (3, 2, 7, 9, 8, 3),
+            (4, 12, 33, 33, 32, 32),
+        ] {
+            let (q, k, v) = (
+                heads(b, h, sq, d, &device),
+                heads(b, h, sk, d, &device),
+                heads(b, h, sk, dv, &device),
+            );
+            let mask = padding(b, sk, &device);
+            let out = attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()));
+            assert_eq!(out.dims(), [b, h, sq, dv]);
+            let expected = reference(q.clone(), k.clone(), v.clone(), Some(mask));
+            assert!(max_abs4(out, expected) < 1e-5);
+            // Contiguous inputs and no mask.
+            let (qc, kc, vc) = (
+                q.clone().add_scalar(0.0),
+                k.clone().add_scalar(0.0),
+                v.clone().add_scalar(0.0),
+            );
+            let out = attention(qc, kc, vc, None);
+            assert!(max_abs4(out, reference(q, k, v, None)) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_fully_masked_row_attends_uniformly() {
+        let device = Device::flex();
+        let (q, k, v) = (
+            heads(2, 2, 3, 4, &device),
+            heads(2, 2, 5, 4, &device),
+            heads(2, 2, 5, 4, &device),
+        );
+        let mask =
+            Tensor::<2, Int>::from_ints([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], &device).equal_elem(1);
+        let out = attention(q, k, v.clone(), Some(mask));
+        // Sentence 0: every key masked → the mean of the values, as Hugging Face gives.
+        let mean = v.clone().narrow(0, 0, 1).mean_dim(2).expand([1, 2, 3, 4]);
+        assert!(max_abs4(out.clone().narrow(0, 0, 1), mean) < 1e-5);
+        assert!(!out.is_nan().any().into_scalar::<bool>());
+    }
+
+    /// `Σ out · w` for fixed random `w`, and the gradients of q, k, v.
+    fn grads(fused: bool, f64_inputs: bool) -> Vec<Tensor<4>> {
+        let device = Device::flex().autodiff();
+        let inner = device.clone().inner();
+        let (b, h, sq, sk, d, dv) = (3, 2, 6, 7, 5, 4);
+        let seed = |dims: [usize; 4]| {
+            let data: Vec<f32> = (0..dims.iter().product::<usize>())
+                .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5)
+                .collect();
+            Tensor::<1>::from_floats(data.as_slice(), &inner).reshape(dims)
+        };
+        let leaves: Vec<Tensor<4>> = [[b, sq, h, d], [b, sk, h, d], [b, sk, h, dv]]
+            .into_iter()
+            .map(|dims| {
+                let t = Tensor::<4>::from_inner(seed(dims));
+                let t = if f64_inputs { t.cast(DType::F64) } else { t };
+                t.require_grad()
+            })
+            .collect();
+        let views: Vec<Tensor<4>> = leaves.iter().map(|t| t.clone().swap_dims(1, 2)).collect();
+        let mask = padding(b, sk, &device);
+        let (q, k, v) = (views[0].clone(), views[1].clone(), views[2].clone());
+        let out = if fused {
+            attention(q, k, v, Some(mask))
+        } else {
+            reference(q, k, v, Some(mask))
+        };
+        let w = Tensor::<4>::from_inner(seed([b, h, sq, dv]).sin());
+        let w = if f64_inputs { w.cast(DType::F64) } else { w };
+        let g = (out * w).sum().backward();
+        leaves
+            .iter()
+            .map(|t| t.grad(&g).expect("a gradient").cast(DType::F32))
+            .collect()
+    }
+
+    #[test]
+    fn the_gradients_equal_burns_autodiff_gradients() {
+        let expected = grads(false, false);
+        for (name, got) in [
+            ("flex f32 kernel", grads(true, false)),
+            ("composed f64", grads(true, true)),
+        ] {
+            for (g, e) in got.into_iter().zip(expected.iter()) {
+                let diff = max_abs4(g, e.clone());
+                assert!(diff < 2e-5, "{name}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_gradient_of_q_matches_finite_differences() {
+        let device = Device::flex();
+        let (q, k, v) = (
+            heads(1, 1, 3, 2, &device),
+            heads(1, 1, 4, 2, &device),
+            heads(1, 1, 4, 2, &device),
+        );
+        let mask = padding(1, 4, &device);
+        let loss = |q: Tensor<4>| {
+            let o = attention(q, k.clone(), v.clone(), Some(mask.clone()));
+            (o.clone() * o).sum().into_scalar::<f32>() as f64
+        };
+        let ad = Device::flex().autodiff();
+        let qa = Tensor::<4>::from_inner(q.clone()).require_grad();
+        let o = attention(
+            qa.clone(),
+            Tensor::from_inner(k.clone()),
+            Tensor::from_inner(v.clone()),
+            Some(padding(1, 4, &ad)),
+        );
+        let g = (o.clone() * o).sum().backward();
+        let grad = qa
+            .grad(&g)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let base = q.clone().into_data().try_to_vec::<f32>().unwrap();
+        for (i, gi) in grad.iter().enumerate() {
+            let h = 1e-2f32;
+            let shifted = |delta: f32| {
+                let mut x = base.clone();
+                x[i] += delta;
+                loss(Tensor::<1>::from_floats(x.as_slice(), &device).reshape([1, 1, 3, 2]))
+            };
+            let fd = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+            assert!((fd - *gi as f64).abs() < 2e-3, "entry {i}: {fd} vs {gi}");
+        }
+    }
+}
