@@ -209,26 +209,63 @@ fn main() -> anyhow::Result<()> {
             one(burn::tensor::activation::gelu(wide.clone()))
         });
         let t_gelu_fused = time(args.steps, || one(peft_models::kernels::gelu(wide.clone())));
+        // One FFN linear in training: frozen (dX only) against frozen + LoRA r=16 in
+        // activation space (dX, dA, dB), forward + backward.
+        let (d_in, d_out) = (h, config.intermediate_size);
+        let x = Tensor::<2>::ones([BATCH * SEQ, d_in], &device).mul_scalar(0.1);
+        let wf = Tensor::<2>::ones([d_in, d_out], &device).mul_scalar(0.01);
+        let g = Tensor::<2>::ones([BATCH * SEQ, d_out], &device).mul_scalar(0.001);
+        let a = Tensor::<2>::ones([d_in, 16], &device)
+            .mul_scalar(0.01)
+            .require_grad();
+        let b = Tensor::<2>::ones([16, d_out], &device)
+            .mul_scalar(0.01)
+            .require_grad();
+        let train = |lora: bool| {
+            let xv = x.clone().require_grad();
+            let mut y = burn::tensor::module::linear(xv.clone(), wf.clone(), None);
+            if lora {
+                let xa = burn::tensor::module::linear(xv.clone(), a.clone(), None) * 2.0;
+                y = y + burn::tensor::module::linear(xa, b.clone(), None);
+            }
+            let grads = (y * g.clone()).sum().backward();
+            xv.grad(&grads)
+                .map_or(f32::NAN, |t| t.slice([0..1, 0..1]).into_scalar::<f32>())
+        };
+        let t_frozen = time(args.steps, || train(false));
+        let t_lora = time(args.steps, || train(true));
+        println!(
+            "per op, training: linear h->ffn forward + backward: frozen {t_frozen:.1} ms, with LoRA r=16 {t_lora:.1} ms"
+        );
         println!(
             "per op, eval: linear 3-D {t_lin3:.1} ms, linear 2-D {t_lin2:.1} ms (h->ffn), attention: burn {t_att:.1} ms, fused {t_att_fused:.1} ms, layer norm {t_ln:.1} ms, gelu: burn {t_gelu:.1} ms, fused {t_gelu_fused:.1} ms"
         );
     }
-    // What limits us: exact GELU (forward + backward) on one FFN activation, times the layers.
-    let gelu_ms = time(args.steps, || {
-        let x = Tensor::<2>::ones([BATCH * SEQ, config.intermediate_size], &device)
-            .mul_scalar(0.3)
-            .require_grad();
-        let y = burn::tensor::activation::gelu(x.clone()).sum();
-        let g = y.backward();
-        x.grad(&g)
-            .map_or(f32::NAN, |g| g.slice([0..1, 0..1]).into_scalar::<f32>())
-    }) * config.num_hidden_layers as f64;
+    // Exact GELU forward + backward on one FFN activation, times the layers: burn's own op
+    // against the fused one the model uses.
+    let gelu_step = |fused: bool| {
+        time(args.steps, || {
+            let x = Tensor::<2>::ones([BATCH * SEQ, config.intermediate_size], &device)
+                .mul_scalar(0.3)
+                .require_grad();
+            let y = if fused {
+                peft_models::kernels::gelu(x.clone())
+            } else {
+                burn::tensor::activation::gelu(x.clone())
+            };
+            let g = y.sum().backward();
+            x.grad(&g)
+                .map_or(f32::NAN, |g| g.slice([0..1, 0..1]).into_scalar::<f32>())
+        }) * config.num_hidden_layers as f64
+    };
+    let (gelu_ms, fused_gelu_ms) = (gelu_step(false), gelu_step(true));
     println!(
-        "exact GELU forward + backward, all {} layers: {gelu_ms:.0} ms per step",
+        "exact GELU forward + backward, all {} layers: burn's {gelu_ms:.0} ms, fused {fused_gelu_ms:.0} ms per step",
         config.num_hidden_layers
     );
     let result = serde_json::json!({
         "gelu_fwd_bwd_all_layers_ms": gelu_ms,
+        "fused_gelu_fwd_bwd_all_layers_ms": fused_gelu_ms,
         "full_ft_ms": median(t_full),
         "lora_activation_ms": median(t_act),
         "lora_weight_ms": median(t_weight),

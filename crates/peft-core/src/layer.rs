@@ -47,7 +47,18 @@ impl<A: Adapter> PeftLinear<A> {
     /// # Shapes
     /// * `x`: `[..., d_in]`
     /// * returns `[..., d_out]`
+    ///
+    /// Inputs of rank 3 or more are flattened to `[rows, d_in]` first (free for contiguous
+    /// inputs): backends then run one large GEMM instead of one per leading index (flex packs
+    /// the weight once instead of once per batch entry).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        if D > 2 {
+            let dims = x.dims();
+            let y = self.forward(x.reshape([dims[..D - 1].iter().product(), dims[D - 1]]));
+            let mut out = dims;
+            out[D - 1] = y.dims()[1];
+            return y.reshape(out);
+        }
         let weight = self.weight.val();
         let bias = self.bias.as_ref().map(Param::val);
         let result = linear(x.clone(), weight.clone(), bias.clone());

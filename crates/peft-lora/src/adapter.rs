@@ -73,11 +73,13 @@ impl Adapter for LoraAdapter {
         result: Tensor<D>,
     ) -> Tensor<D> {
         let dropped = self.dropout.forward(x.clone());
+        // The scale goes on the rank-r intermediate, not on the [.., out] product: one pass
+        // over r columns instead of `out` in the forward and in the backward pass.
         let lora = linear(
-            linear(dropped.clone(), self.lora_a.val(), None),
+            linear(dropped.clone(), self.lora_a.val(), None) * self.scale,
             self.lora_b.val(),
             None,
-        ) * self.scale;
+        );
         let Some(m) = &self.magnitude else {
             return result + lora;
         };
@@ -109,7 +111,7 @@ impl Adapter for LoraAdapter {
         result: Tensor<3>,
     ) -> Tensor<3> {
         let rows = embedding(self.lora_a.val(), ids);
-        result + linear(rows, self.lora_b.val(), None) * self.scale
+        result + linear(rows * self.scale, self.lora_b.val(), None)
     }
 
     fn merge(&self, base: Tensor<2>) -> (Tensor<2>, Option<Tensor<2>>) {

@@ -21,7 +21,7 @@ use burn::backend::{
     backend_extension,
     tensor::FloatTensor,
 };
-use burn::tensor::{Bool, Slice, Tensor};
+use burn::tensor::{Bool, Shape, Slice, Tensor};
 
 /// The extension behind [`gelu`]; use that function rather than this trait.
 #[backend_extension(
@@ -126,7 +126,8 @@ pub trait AttentionBackend: Backend {
     }
 
     /// The gradients of [`fast_attention`](Self::fast_attention) for the output gradient
-    /// `grad`, flattened and concatenated: `[dq…, dk…, dv…]` (1-D, row-major each).
+    /// `grad`, flattened and concatenated: `[dq…, dk…, dv…]` (1-D), each in `[b, s, h, d]`
+    /// order (the heads' layout in the activations they came from).
     #[fusion(default)]
     fn fast_attention_backward(
         q: FloatTensor<Self>,
@@ -178,8 +179,11 @@ impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B
                 for (node, shape) in ops.parents.into_iter().zip(shapes) {
                     let end = start + shape.num_elements();
                     if let Some(node) = node {
+                        // Stored `[b, s, h, d]`: reshape, then view as `[b, h, s, d]`.
                         let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
-                        grads.register::<B>(node.id, B::float_reshape(part, shape));
+                        let stored = Shape::new([shape[0], shape[2], shape[1], shape[3]]);
+                        let part = B::float_reshape(part, stored);
+                        grads.register::<B>(node.id, B::float_swap_dims(part, 1, 2));
                     }
                     start = end;
                 }
@@ -295,7 +299,7 @@ mod composed {
         let dk = B::float_matmul(B::float_transpose(ds), q);
         let flat = |t: FloatTensor<B>| {
             let n = t.shape().num_elements();
-            B::float_reshape(t, Shape::new([n]))
+            B::float_reshape(B::float_swap_dims(t, 1, 2), Shape::new([n]))
         };
         B::float_cat(vec![flat(dq), flat(dk), flat(dv)], 0)
     }
@@ -489,6 +493,9 @@ mod flex {
     }
 
     impl AttentionBackend for Flex {
+        /// One task per batch entry, heads in turn; the output is written `[b, sq, h, dv]` in
+        /// memory (a transposed view is returned), so that merging the heads back into
+        /// `[b, sq, h·dv]` is free.
         fn fast_attention(
             q: FloatTensor<Flex>,
             k: FloatTensor<Flex>,
@@ -505,27 +512,38 @@ mod flex {
             let [b, h, sq, _] = qv.dims;
             let (sk, dv) = (kv.dims[2], vv.dims[3]);
             let (qd, kd, vd) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
-            let mut out = vec![0.0f32; b * h * sq * dv];
+            let mut out = vec![0.0f32; b * sq * h * dv];
             if !out.is_empty() {
-                out.par_chunks_mut(sq * dv).enumerate().for_each(|(i, o)| {
-                    let (bi, hi) = (i / h, i % h);
-                    let mut p = vec![0.0f32; sq * sk];
-                    probabilities(&mut p, (qd, &qv), (kd, &kv), bias, (bi, hi), scale as f32);
-                    gemm(
-                        (sq, dv, sk),
-                        o,
-                        (dv, 1),
-                        &p,
-                        (sk, 1),
-                        at(vd, &vv, bi, hi),
-                        (vv.strides[2], vv.strides[3]),
-                        1.0,
-                    );
-                });
+                out.par_chunks_mut(sq * h * dv)
+                    .enumerate()
+                    .for_each(|(bi, o)| {
+                        let mut p = vec![0.0f32; sq * sk];
+                        for hi in 0..h {
+                            probabilities(
+                                &mut p,
+                                (qd, &qv),
+                                (kd, &kv),
+                                bias,
+                                (bi, hi),
+                                scale as f32,
+                            );
+                            gemm(
+                                (sq, dv, sk),
+                                &mut o[hi * dv..],
+                                (h * dv, 1),
+                                &p,
+                                (sk, 1),
+                                at(vd, &vv, bi, hi),
+                                (vv.strides[2], vv.strides[3]),
+                                1.0,
+                            );
+                        }
+                    });
             }
-            FloatTensor::<Flex>::from_data(TensorData::new(out, [b, h, sq, dv]))
+            FloatTensor::<Flex>::from_data(TensorData::new(out, [b, sq, h, dv])).transpose(1, 2)
         }
 
+        /// One task per batch entry, heads in turn; each gradient is written `[b, s, h, d]`.
         fn fast_attention_backward(
             q: FloatTensor<Flex>,
             k: FloatTensor<Flex>,
@@ -548,61 +566,47 @@ mod flex {
                 v.storage::<f32>(),
                 g.storage::<f32>(),
             );
-            let n = b * h;
-            let mut out = vec![0.0f32; n * (sq * d + sk * d + sk * dv)];
-            let (dq, rest) = out.split_at_mut(n * sq * d);
-            let (dk, dvv) = rest.split_at_mut(n * sk * d);
+            let mut out = vec![0.0f32; b * h * (sq * d + sk * d + sk * dv)];
+            let (dq, rest) = out.split_at_mut(b * sq * h * d);
+            let (dk, dvv) = rest.split_at_mut(b * sk * h * d);
             let scale = scale as f32;
-            if n > 0 && sq > 0 && sk > 0 {
-                dq.par_chunks_mut((sq * d).max(1))
-                    .zip(dk.par_chunks_mut((sk * d).max(1)))
-                    .zip(dvv.par_chunks_mut((sk * dv).max(1)))
+            if b > 0 && h > 0 && sq > 0 && sk > 0 && d > 0 && dv > 0 {
+                dq.par_chunks_mut(sq * h * d)
+                    .zip(dk.par_chunks_mut(sk * h * d))
+                    .zip(dvv.par_chunks_mut(sk * h * dv))
                     .enumerate()
-                    .for_each(|(i, ((dq, dk), dv_out))| {
-                        let (bi, hi) = (i / h, i % h);
+                    .for_each(|(bi, ((dq, dk), dv_out))| {
                         let mut p = vec![0.0f32; sq * sk];
                         let mut dp = vec![0.0f32; sq * sk];
-                        probabilities(&mut p, (qd, &qv), (kd, &kv), bias, (bi, hi), scale);
-                        let go = at(gd, &gv, bi, hi);
-                        let gs = (gv.strides[2], gv.strides[3]);
-                        // dP = dO · vᵀ
-                        gemm(
-                            (sq, sk, dv),
-                            &mut dp,
-                            (sk, 1),
-                            go,
-                            gs,
-                            at(vd, &vv, bi, hi),
-                            (vv.strides[3], vv.strides[2]),
-                            1.0,
-                        );
-                        // dv = Pᵀ · dO
-                        gemm((sk, dv, sq), dv_out, (dv, 1), &p, (1, sk), go, gs, 1.0);
-                        // dS = scale · P ∘ (dP − rowsum(P ∘ dP)), in dp
-                        kernels::softmax_backward_rows(&p, &mut dp, sk, scale);
-                        // dq = dS · k; dk = dSᵀ · q
-                        let ks = (kv.strides[2], kv.strides[3]);
-                        gemm(
-                            (sq, d, sk),
-                            dq,
-                            (d, 1),
-                            &dp,
-                            (sk, 1),
-                            at(kd, &kv, bi, hi),
-                            ks,
-                            1.0,
-                        );
-                        let qs = (qv.strides[2], qv.strides[3]);
-                        gemm(
-                            (sk, d, sq),
-                            dk,
-                            (d, 1),
-                            &dp,
-                            (1, sk),
-                            at(qd, &qv, bi, hi),
-                            qs,
-                            1.0,
-                        );
+                        for hi in 0..h {
+                            probabilities(&mut p, (qd, &qv), (kd, &kv), bias, (bi, hi), scale);
+                            let go = at(gd, &gv, bi, hi);
+                            let gs = (gv.strides[2], gv.strides[3]);
+                            // dP = dO · vᵀ
+                            let vt = (vv.strides[3], vv.strides[2]);
+                            gemm(
+                                (sq, sk, dv),
+                                &mut dp,
+                                (sk, 1),
+                                go,
+                                gs,
+                                at(vd, &vv, bi, hi),
+                                vt,
+                                1.0,
+                            );
+                            // dv = Pᵀ · dO
+                            let dv_at = &mut dv_out[hi * dv..];
+                            gemm((sk, dv, sq), dv_at, (h * dv, 1), &p, (1, sk), go, gs, 1.0);
+                            // dS = scale · P ∘ (dP − rowsum(P ∘ dP)), in dp
+                            kernels::softmax_backward_rows(&p, &mut dp, sk, scale);
+                            // dq = dS · k; dk = dSᵀ · q
+                            let ks = (kv.strides[2], kv.strides[3]);
+                            let (kb, dq_at) = (at(kd, &kv, bi, hi), &mut dq[hi * d..]);
+                            gemm((sq, d, sk), dq_at, (h * d, 1), &dp, (sk, 1), kb, ks, 1.0);
+                            let qs = (qv.strides[2], qv.strides[3]);
+                            let (qb, dk_at) = (at(qd, &qv, bi, hi), &mut dk[hi * d..]);
+                            gemm((sk, d, sq), dk_at, (h * d, 1), &dp, (1, sk), qb, qs, 1.0);
+                        }
                     });
             }
             let len = out.len();
