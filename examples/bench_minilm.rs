@@ -232,6 +232,15 @@ fn main() -> anyhow::Result<()> {
             xv.grad(&grads)
                 .map_or(f32::NAN, |t| t.slice([0..1, 0..1]).into_scalar::<f32>())
         };
+        let ln_train = peft_models::LayerNorm::new(h, 1e-12, &device);
+        let t_ln_train = time(args.steps, || {
+            let xv = x.clone().require_grad();
+            let y = ln_train.forward(xv.clone());
+            let grads = (y * x.clone()).sum().backward();
+            xv.grad(&grads)
+                .map_or(f32::NAN, |t| t.slice([0..1, 0..1]).into_scalar::<f32>())
+        });
+        println!("per op, training: layer norm forward + backward {t_ln_train:.1} ms");
         let t_frozen = time(args.steps, || train(false));
         let t_lora = time(args.steps, || train(true));
         println!(

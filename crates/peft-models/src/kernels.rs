@@ -38,9 +38,21 @@ pub trait GeluBackend: Backend {
     }
 
     /// `grad · (Φ(x) + x · φ(x))`, the GELU's backward pass, elementwise.
+    ///
+    /// The default body composes it from `erf` and `exp`: burn's default `gelu_backward` (the
+    /// one `CubeBackend` uses) is the derivative of the tanh approximation, about 1e-3 off the
+    /// exact GELU's.
     #[fusion(default)]
     fn fast_gelu_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::gelu_backward(x, grad)
+        const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+        let scaled = Self::float_mul_scalar(x.clone(), std::f64::consts::FRAC_1_SQRT_2.into());
+        let cdf = Self::float_add_scalar(Self::float_erf(scaled), 1.0.into());
+        let cdf = Self::float_mul_scalar(cdf, 0.5.into());
+        let square = Self::float_mul(x.clone(), x.clone());
+        let pdf = Self::float_exp(Self::float_mul_scalar(square, (-0.5).into()));
+        let pdf = Self::float_mul_scalar(pdf, INV_SQRT_2PI.into());
+        let derivative = Self::float_add(cdf, Self::float_mul(x, pdf));
+        Self::float_mul(grad, derivative)
     }
 }
 
@@ -252,6 +264,182 @@ pub fn attention(
     ))
 }
 
+/// The extension behind [`layer_norm`]; use that function rather than this trait.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(feature = "cube"),
+    Fusion: cfg(feature = "cube"),
+    Autodiff
+)]
+pub trait LayerNormBackend: Backend {
+    /// `(x - mean) / sqrt(var + eps) · gamma + beta` over the last dimension.
+    ///
+    /// # Shapes
+    /// - `x`: `[..., d]`; `gamma`, `beta`: `[d]`; returns the shape of `x`.
+    #[fusion(default)]
+    fn fast_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        composed_norm::forward::<Self>(x, gamma, beta, eps)
+    }
+
+    /// The gradients of [`fast_layer_norm`](Self::fast_layer_norm) for the output gradient
+    /// `grad`, flattened and concatenated: `[dx…, dgamma…, dbeta…]` (1-D).
+    #[fusion(default)]
+    fn fast_layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        composed_norm::backward::<Self>(x, gamma, grad, eps)
+    }
+}
+
+#[cfg(feature = "cube")]
+impl LayerNormBackend for burn_cubecl::CubeBackend {}
+
+impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B, C> {
+    fn fast_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl<B: LayerNormBackend> Backward<B, 3> for LayerNormBackward {
+            /// `x`, `gamma`, `eps`: the statistics are recomputed, not saved.
+            type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, gamma, eps) = ops.state;
+                let (shape, d) = (x.shape(), gamma.shape()[0]);
+                let all = B::fast_layer_norm_backward(x, gamma, grad, eps);
+                let n = shape.num_elements();
+                let parts = [
+                    (0, n, shape),
+                    (n, n + d, Shape::new([d])),
+                    (n + d, n + 2 * d, Shape::new([d])),
+                ];
+                for (node, (start, end, shape)) in ops.parents.into_iter().zip(parts) {
+                    if let Some(node) = node {
+                        let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
+                        grads.register::<B>(node.id, B::float_reshape(part, shape));
+                    }
+                }
+            }
+        }
+
+        match LayerNormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (xp, gp) = (x.primitive().clone(), gamma.primitive().clone());
+                let out = B::fast_layer_norm(xp.clone(), gp.clone(), beta.into_primitive(), eps);
+                prep.finish((xp, gp, eps), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fast_layer_norm(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                eps,
+            )),
+        }
+    }
+}
+
+/// Layer normalisation over the last dimension, `(x - mean) / sqrt(var + eps) · gamma + beta`
+/// (biased variance, as `burn::tensor::module::layer_norm` and PyTorch), with a fused
+/// multithreaded forward and backward pass on flex.
+///
+/// # Shapes
+/// - `x`: `[..., d]`; `gamma`, `beta`: `[d]`; returns the shape of `x`.
+pub fn layer_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as LayerNormBackend>::fast_layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
+}
+
+/// The layer norm from the backend's own ops (every backend but flex's f32 path).
+mod composed_norm {
+    use burn::backend::{Backend, TensorMetadata, tensor::FloatTensor};
+    use burn::tensor::Shape;
+
+    /// `x` as `[rows, d]`, `x̂ = (x - mean) · rstd` and `rstd` (`[rows, 1]`).
+    fn normalised<B: Backend>(x: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, FloatTensor<B>) {
+        let shape = x.shape();
+        let d = shape[shape.num_dims() - 1];
+        let x = B::float_reshape(x, Shape::new([shape.num_elements() / d.max(1), d]));
+        let centred = B::float_sub(x.clone(), B::float_mean_dim(x, 1));
+        let var = B::float_mean_dim(B::float_mul(centred.clone(), centred.clone()), 1);
+        let rstd = B::float_recip(B::float_sqrt(B::float_add_scalar(var, eps.into())));
+        (B::float_mul(centred, rstd.clone()), rstd)
+    }
+
+    fn row<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
+        let d = t.shape()[0];
+        B::float_reshape(t, Shape::new([1, d]))
+    }
+
+    pub(super) fn forward<B: Backend>(
+        x: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+        beta: FloatTensor<B>,
+        eps: f64,
+    ) -> FloatTensor<B> {
+        let shape = x.shape();
+        let (xhat, _) = normalised::<B>(x, eps);
+        let y = B::float_add(B::float_mul(xhat, row::<B>(gamma)), row::<B>(beta));
+        B::float_reshape(y, shape)
+    }
+
+    pub(super) fn backward<B: Backend>(
+        x: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+        grad: FloatTensor<B>,
+        eps: f64,
+    ) -> FloatTensor<B> {
+        let (xhat, rstd) = normalised::<B>(x, eps);
+        let g = B::float_reshape(grad, xhat.shape());
+        let gg = B::float_mul(g.clone(), row::<B>(gamma));
+        let mean_gg = B::float_mean_dim(gg.clone(), 1);
+        let mean_ggx = B::float_mean_dim(B::float_mul(gg.clone(), xhat.clone()), 1);
+        let dx = B::float_sub(
+            B::float_sub(gg, mean_gg),
+            B::float_mul(xhat.clone(), mean_ggx),
+        );
+        let dx = B::float_mul(dx, rstd);
+        let dgamma = B::float_sum_dim(B::float_mul(g.clone(), xhat), 0);
+        let dbeta = B::float_sum_dim(g, 0);
+        let flat = |t: FloatTensor<B>| {
+            let n = t.shape().num_elements();
+            B::float_reshape(t, Shape::new([n]))
+        };
+        B::float_cat(vec![flat(dx), flat(dgamma), flat(dbeta)], 0)
+    }
+}
+
 /// The attention from the backend's own ops (every backend but flex's f32 path).
 mod composed {
     use burn::backend::{Backend, TensorMetadata, tensor::FloatTensor};
@@ -311,7 +499,7 @@ mod flex {
     use burn::tensor::{DType, TensorData};
     use rayon::prelude::*;
 
-    use super::{AttentionBackend, GeluBackend};
+    use super::{AttentionBackend, GeluBackend, LayerNormBackend};
 
     /// Elements per rayon task (64 KiB of f32).
     const CHUNK: usize = 1 << 14;
@@ -490,6 +678,78 @@ mod flex {
 
     fn all_f32(ts: &[&FloatTensor<Flex>]) -> bool {
         ts.iter().all(|t| t.dtype() == DType::F32)
+    }
+
+    /// Rows per rayon task of the layer norm.
+    const NORM_ROWS: usize = 32;
+
+    impl LayerNormBackend for Flex {
+        fn fast_layer_norm(
+            x: FloatTensor<Flex>,
+            gamma: FloatTensor<Flex>,
+            beta: FloatTensor<Flex>,
+            eps: f64,
+        ) -> FloatTensor<Flex> {
+            if !all_f32(&[&x, &gamma, &beta]) {
+                return super::composed_norm::forward::<Flex>(x, gamma, beta, eps);
+            }
+            let shape = x.layout().shape().clone();
+            let d = shape[shape.num_dims() - 1];
+            let x = x.to_contiguous();
+            let (gamma, beta) = (gamma.to_contiguous(), beta.to_contiguous());
+            let xs = x.as_slice::<f32>().expect("a contiguous f32 tensor");
+            let g = gamma.as_slice::<f32>().expect("a contiguous f32 gamma");
+            let b = beta.as_slice::<f32>().expect("a contiguous f32 beta");
+            let mut out = vec![0.0f32; xs.len()];
+            if d > 0 {
+                out.par_chunks_mut(d * NORM_ROWS)
+                    .zip(xs.par_chunks(d * NORM_ROWS))
+                    .for_each(|(o, x)| kernels::layer_norm_rows(x, o, g, b, eps as f32));
+            }
+            FloatTensor::<Flex>::from_data(TensorData::new(out, shape))
+        }
+
+        fn fast_layer_norm_backward(
+            x: FloatTensor<Flex>,
+            gamma: FloatTensor<Flex>,
+            grad: FloatTensor<Flex>,
+            eps: f64,
+        ) -> FloatTensor<Flex> {
+            if !all_f32(&[&x, &gamma, &grad]) || x.layout().shape() != grad.layout().shape() {
+                return super::composed_norm::backward::<Flex>(x, gamma, grad, eps);
+            }
+            let d = gamma.layout().shape()[0];
+            let (x, gamma, grad) = (
+                x.to_contiguous(),
+                gamma.to_contiguous(),
+                grad.to_contiguous(),
+            );
+            let xs = x.as_slice::<f32>().expect("a contiguous f32 tensor");
+            let g = gamma.as_slice::<f32>().expect("a contiguous f32 gamma");
+            let gs = grad.as_slice::<f32>().expect("a contiguous f32 gradient");
+            let n = xs.len();
+            let mut out = vec![0.0f32; n + 2 * d];
+            let (dx, params) = out.split_at_mut(n);
+            if d > 0 {
+                // Per-task partial sums of dgamma and dbeta, added up after.
+                let partials: Vec<Vec<f32>> = dx
+                    .par_chunks_mut(d * NORM_ROWS)
+                    .zip(xs.par_chunks(d * NORM_ROWS))
+                    .zip(gs.par_chunks(d * NORM_ROWS))
+                    .map(|((dx, x), gr)| {
+                        let mut p = vec![0.0f32; 2 * d];
+                        kernels::layer_norm_backward_rows(x, gr, g, eps as f32, dx, &mut p);
+                        p
+                    })
+                    .collect();
+                for p in partials {
+                    for (acc, v) in params.iter_mut().zip(p) {
+                        *acc += v;
+                    }
+                }
+            }
+            FloatTensor::<Flex>::from_data(TensorData::new(out, [n + 2 * d]))
+        }
     }
 
     impl AttentionBackend for Flex {
@@ -675,6 +935,59 @@ mod flex {
                     *g *= gelu_grad(*x);
                 }
             }
+            fn layer_norm_rows(x: &[f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+                let d = gamma.len();
+                for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+                    let (mean, rstd) = moments(xr, eps);
+                    for (((o, v), g), b) in yr.iter_mut().zip(xr).zip(gamma).zip(beta) {
+                        *o = (*v - mean) * rstd * g + b;
+                    }
+                }
+            }
+            fn layer_norm_backward_rows(
+                x: &[f32],
+                grad: &[f32],
+                gamma: &[f32],
+                eps: f32,
+                dx: &mut [f32],
+                params: &mut [f32]
+            ) {
+                let d = gamma.len();
+                let (dgamma, dbeta) = params.split_at_mut(d);
+                let rows = x.chunks_exact(d).zip(grad.chunks_exact(d)).zip(dx.chunks_exact_mut(d));
+                for ((xr, gr), dxr) in rows {
+                    let (mean, rstd) = moments(xr, eps);
+                    // dxr holds x̂ for now; gg = g·γ is recomputed in the second pass.
+                    for (o, v) in dxr.iter_mut().zip(xr) {
+                        *o = (*v - mean) * rstd;
+                    }
+                    let mut acc_g = [0.0f32; 16];
+                    let mut acc_gx = [0.0f32; 16];
+                    let (mut tail_g, mut tail_gx) = (0.0f32, 0.0f32);
+                    let full = d / 16 * 16;
+                    for c in (0..full).step_by(16) {
+                        for l in 0..16 {
+                            let gg = gr[c + l] * gamma[c + l];
+                            acc_g[l] += gg;
+                            acc_gx[l] += gg * dxr[c + l];
+                        }
+                    }
+                    for i in full..d {
+                        let gg = gr[i] * gamma[i];
+                        tail_g += gg;
+                        tail_gx += gg * dxr[i];
+                    }
+                    let inv_d = 1.0 / d as f32;
+                    let mean_g = (acc_g.iter().sum::<f32>() + tail_g) * inv_d;
+                    let mean_gx = (acc_gx.iter().sum::<f32>() + tail_gx) * inv_d;
+                    for i in 0..d {
+                        let xhat = dxr[i];
+                        dgamma[i] += gr[i] * xhat;
+                        dbeta[i] += gr[i];
+                        dxr[i] = (gr[i] * gamma[i] - mean_g - xhat * mean_gx) * rstd;
+                    }
+                }
+            }
             fn softmax_rows(p: &mut [f32], bias: &[f32]) {
                 let cols = bias.len();
                 for row in p.chunks_exact_mut(cols) {
@@ -707,6 +1020,15 @@ mod flex {
                     }
                 }
             }
+        }
+
+        /// The mean and `1 / sqrt(var + eps)` of a row (two passes, biased variance).
+        #[inline(always)]
+        fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+            let inv_d = 1.0 / x.len() as f32;
+            let mean = lanes(x, 0.0, |a, v| a + v, |a, b| a + b) * inv_d;
+            let var = lanes(x, 0.0, |a, v| a + (v - mean) * (v - mean), |a, b| a + b) * inv_d;
+            (mean, 1.0 / (var + eps).sqrt())
         }
 
         /// A reduction over 16 independent lanes (so that it vectorises), then across them.

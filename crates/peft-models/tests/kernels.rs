@@ -300,3 +300,81 @@ mod attention {
         }
     }
 }
+
+mod layer_norm {
+    use burn::tensor::module::layer_norm as reference_layer_norm;
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+    use peft_models::kernels::layer_norm;
+
+    fn max_abs<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    #[test]
+    fn the_forward_equals_burns_layer_norm() {
+        let device = Device::flex();
+        // d = 384 (BERT), 7 and 1 (remainders of the 16-lane loops), 40 rows (a ragged task).
+        for (rows, d) in [(40, 384), (3, 7), (5, 1), (0, 4)] {
+            let x = Tensor::<3>::random([rows, 2, d], Distribution::Normal(1.0, 3.0), &device);
+            let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &device);
+            let beta = Tensor::<1>::random([d], Distribution::Normal(0.0, 0.5), &device);
+            let y = layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-12);
+            assert_eq!(y.dims(), [rows, 2, d]);
+            if rows > 0 {
+                let expected = reference_layer_norm(x.clone(), gamma, Some(beta), 1e-12);
+                assert!(max_abs(y, expected) < 2e-5);
+            }
+        }
+    }
+
+    /// Gradients of `Σ layer_norm(x) · w` for x (through a transposed view), gamma and beta.
+    fn grads(fused: bool, f64_inputs: bool) -> Vec<Tensor<2>> {
+        let device = Device::flex().autodiff();
+        let (rows, d) = (70, 24);
+        let seed = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7919 + k * 31) % 1000) as f32 / 250.0 - 2.0))
+                .collect()
+        };
+        let cast = |t: Tensor<1>| if f64_inputs { t.cast(DType::F64) } else { t };
+        let x = cast(Tensor::<1>::from_floats(
+            seed(rows * d, 1).as_slice(),
+            &device,
+        ))
+        .reshape([d, rows])
+        .require_grad();
+        let gamma = cast(Tensor::<1>::from_floats(seed(d, 2).as_slice(), &device)).require_grad();
+        let beta = cast(Tensor::<1>::from_floats(seed(d, 3).as_slice(), &device)).require_grad();
+        let w = cast(Tensor::<1>::from_floats(
+            seed(rows * d, 4).as_slice(),
+            &device,
+        ))
+        .reshape([rows, d]);
+        let input = x.clone().transpose();
+        let y = if fused {
+            layer_norm(input, gamma.clone(), beta.clone(), 1e-5)
+        } else {
+            reference_layer_norm(input, gamma.clone(), Some(beta.clone()), 1e-5)
+        };
+        let g = (y * w).sum().backward();
+        vec![
+            x.grad(&g).unwrap().cast(DType::F32),
+            gamma.grad(&g).unwrap().cast(DType::F32).reshape([1, d]),
+            beta.grad(&g).unwrap().cast(DType::F32).reshape([1, d]),
+        ]
+    }
+
+    #[test]
+    fn the_gradients_equal_burns_autodiff_gradients() {
+        let expected = grads(false, false);
+        for (name, got) in [
+            ("flex f32 kernel", grads(true, false)),
+            ("composed f64", grads(true, true)),
+        ] {
+            for (i, (g, e)) in got.into_iter().zip(expected.iter()).enumerate() {
+                let diff = max_abs(g, e.clone());
+                assert!(diff < 1e-4, "{name}, gradient {i}: {diff}");
+            }
+        }
+    }
+}

@@ -1,10 +1,10 @@
-//! The fused GELU and attention on wgpu (a software adapter such as Mesa's lavapipe is enough):
+//! The fused GELU, attention and layer norm on wgpu (a software adapter such as Mesa's lavapipe is enough):
 //! there the extension's default bodies run, through `Fusion<CubeBackend>` and `Autodiff`; the
 //! results and gradients must equal flex's fused kernels.
 #![cfg(feature = "wgpu")]
 
 use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
-use peft_models::kernels::{attention, gelu};
+use peft_models::kernels::{attention, gelu, layer_norm};
 
 fn wgpu() -> Device {
     Device::wgpu(DeviceKind::DefaultDevice)
@@ -20,18 +20,27 @@ fn on(device: &Device, values: &[f32], dims: [usize; 4]) -> Tensor<4> {
     Tensor::<1>::from_floats(values, device).reshape(dims)
 }
 
-fn close(a: TensorData, b: TensorData, tol: f32) {
-    let (a, b) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+/// `|a - b| ≤ tol · (1 + |b|)` everywhere (the GPU sums in another order).
+fn close(what: &str, a: TensorData, b: TensorData, tol: f32) {
+    let (a, b) = (
+        a.try_to_vec::<f32>().unwrap(),
+        b.try_to_vec::<f32>().unwrap(),
+    );
     assert_eq!(a.len(), b.len());
     let worst = a
         .iter()
         .zip(&b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
         .fold(0.0f32, f32::max);
-    assert!(worst < tol, "max difference {worst}");
+    let largest = b.iter().fold(0.0f32, |m, y| m.max(y.abs()));
+    assert!(
+        worst < tol,
+        "{what}: relative difference {worst} (largest value {largest})"
+    );
 }
 
-/// Output, and the gradients of q, k, v of `Σ attention(q, k, v, mask) · w + Σ gelu(q) · q` on `device`.
+/// The attention output and the gradients of q, k, v, gamma and beta of
+/// `Σ attention(q, k, v, mask) · w + Σ gelu(q) · q + Σ layer_norm(k; gamma, beta) · v` on `device`.
 fn run(device: &Device) -> Vec<TensorData> {
     let (b, h, s, d) = (2, 3, 5, 4);
     let leaf = |seed| on(device, &data(b * s * h * d, seed), [b, s, h, d]).require_grad();
@@ -41,22 +50,28 @@ fn run(device: &Device) -> Vec<TensorData> {
         Tensor::<2, Int>::from_ints([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device).equal_elem(0);
     let out = attention(heads(&q), heads(&k), heads(&v), Some(mask));
     let w = on(device, &data(b * h * s * d, 4), [b, h, s, d]);
-    let loss = (out.clone() * w).sum() + (gelu(q.clone()) * q.clone()).sum();
+    let gamma = Tensor::<1>::from_floats(&data(d, 5)[..], device).require_grad();
+    let beta = Tensor::<1>::from_floats(&data(d, 6)[..], device).require_grad();
+    let normed = layer_norm(k.clone(), gamma.clone(), beta.clone(), 1e-5);
+    let loss =
+        (out.clone() * w).sum() + (gelu(q.clone()) * q.clone()).sum() + (normed * v.clone()).sum();
     let grads = loss.backward();
     let mut results = vec![out.inner().into_data()];
-    results.extend(
-        [q, k, v]
-            .iter()
-            .map(|t| t.grad(&grads).unwrap().into_data()),
-    );
+    for t in [q, k, v] {
+        results.push(t.grad(&grads).unwrap().into_data());
+    }
+    for t in [gamma, beta] {
+        results.push(t.grad(&grads).unwrap().into_data());
+    }
     results
 }
 
 #[test]
-fn gelu_and_attention_on_wgpu_match_flex() {
+fn gelu_attention_and_layer_norm_on_wgpu_match_flex() {
     let expected = run(&Device::flex().autodiff());
     let got = run(&wgpu().autodiff());
-    for (g, e) in got.into_iter().zip(expected) {
-        close(g, e, 1e-4);
+    let names = ["output", "dq", "dk", "dv", "dgamma", "dbeta"];
+    for ((g, e), name) in got.into_iter().zip(expected).zip(names) {
+        close(name, g, e, 1e-4);
     }
 }
