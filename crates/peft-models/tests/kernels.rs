@@ -333,7 +333,7 @@ mod layer_norm {
         let (rows, d) = (70, 24);
         let seed = |n: usize, k: usize| -> Vec<f32> {
             (0..n)
-                .map(|i| (((i * 7919 + k * 31) % 1000) as f32 / 250.0 - 2.0))
+                .map(|i| ((i * 7919 + k * 31) % 1000) as f32 / 250.0 - 2.0)
                 .collect()
         };
         let cast = |t: Tensor<1>| if f64_inputs { t.cast(DType::F64) } else { t };
