@@ -1,15 +1,24 @@
-//! Fused CPU kernels for the models' elementwise hot spots, as a burn backend extension.
+//! Fused kernels for the models' non-GEMM hot spots, as burn backend extensions: [`gelu`],
+//! [`attention`] (with a key padding mask) and [`layer_norm`].
 //!
-//! flex computes the exact (erf) GELU and its backward pass with one scalar `erf` and `exp` per
-//! element on one thread: about 16 ms for a `[2048, 1536]` forward on a 2-core Xeon, where
-//! PyTorch takes 1 ms (`docs/benchmarks.md`, "MiniLM against PyTorch"). [`gelu`] is the same
-//! function with a vectorisable `erf` (Abramowitz & Stegun 7.1.26, absolute error below
-//! 1.5e-7, 6e-7 after f32 rounding; the form PyTorch's own vectorised CPU `erf` uses) and `exp` (Cephes' polynomial),
-//! compiled for AVX-512 / AVX2+FMA when the CPU has them, over rayon chunks.
+//! Why: on flex, burn's exact GELU and its backward pass are one scalar `erf`/`exp` per element
+//! on one thread (20-27 ms for a `[2048, 1536]` forward on a 2-core Xeon, where PyTorch takes
+//! 1 ms), `attention` under autodiff is a composed fallback that keeps every score matrix, and
+//! `layer_norm` under autodiff is a chain of elementwise ops (`docs/benchmarks.md`, "MiniLM
+//! against PyTorch").
 //!
-//! Implementations: `Flex` (the kernels below), `CubeBackend` and its generated `Fusion`
-//! wrapper (default bodies: the backend's own `gelu`, which CubeCL already fuses), and
-//! `Autodiff` (its backward pass calls [`GeluBackend::fast_gelu_backward`] of the inner backend).
+//! - [`gelu`]: a vectorisable `erf` (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7,
+//!   6e-7 after f32 rounding; the form PyTorch's own vectorised CPU `erf` uses) and `exp`
+//!   (Cephes' polynomial), compiled for AVX-512 / AVX2+FMA / baseline and chosen at run time,
+//!   over rayon chunks.
+//! - [`attention`]: per batch entry and head, two strided GEMMs and a vectorised softmax; the
+//!   backward pass recomputes the probabilities.
+//! - [`layer_norm`]: forward and backward fused over rows.
+//!
+//! Implementations: `Flex` (the kernels in `mod flex`), `CubeBackend` and its generated
+//! `Fusion` wrapper (default bodies from the backend's own ops; flex uses them too for dtypes
+//! other than f32), and `Autodiff` (hand-written backward passes that call the inner backend's
+//! backward op).
 
 use burn::backend::{
     Autodiff, Backend, Dispatch, TensorMetadata,
