@@ -41,6 +41,19 @@ impl<A: Adapter> From<Linear> for PeftLinear<A> {
     }
 }
 
+/// `f` applied to `x` `[..., d_in]` viewed as `[rows, d_in]` (free for contiguous inputs), its
+/// `[rows, d_out]` result reshaped back to `[..., d_out]`.
+///
+/// Linear layers use it for inputs of rank 3 or more: backends then run one large GEMM instead
+/// of one per leading index (flex packs the weight once instead of once per batch entry).
+pub fn on_rows<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<D> {
+    let dims = x.dims();
+    let y = f(x.reshape([dims[..D - 1].iter().product(), dims[D - 1]]));
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
+}
+
 impl<A: Adapter> PeftLinear<A> {
     /// Apply the layer.
     ///
@@ -48,16 +61,10 @@ impl<A: Adapter> PeftLinear<A> {
     /// * `x`: `[..., d_in]`
     /// * returns `[..., d_out]`
     ///
-    /// Inputs of rank 3 or more are flattened to `[rows, d_in]` first (free for contiguous
-    /// inputs): backends then run one large GEMM instead of one per leading index (flex packs
-    /// the weight once instead of once per batch entry).
+    /// Inputs of rank 3 or more go through [`on_rows`] (one large GEMM).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         if D > 2 {
-            let dims = x.dims();
-            let y = self.forward(x.reshape([dims[..D - 1].iter().product(), dims[D - 1]]));
-            let mut out = dims;
-            out[D - 1] = y.dims()[1];
-            return y.reshape(out);
+            return on_rows(x, |rows| self.forward(rows));
         }
         let weight = self.weight.val();
         let bias = self.bias.as_ref().map(Param::val);

@@ -16,18 +16,12 @@ pub trait LinearLayer: Module + ModuleDisplay + From<Linear> {
 }
 
 impl LinearLayer for Linear {
-    /// `burn::nn::Linear`'s forward, on `[rows, d_in]` (inputs of rank 3 or more are flattened
-    /// first, as [`PeftLinear`] does, so that flex runs one GEMM rather than one per batch entry).
+    /// `burn::nn::Linear`'s forward; inputs of rank 3 or more go through
+    /// [`peft_core::layer::on_rows`], as in [`PeftLinear`] (one GEMM rather than one per batch
+    /// entry).
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         if D > 2 {
-            let dims = x.dims();
-            let y = Linear::forward(
-                self,
-                x.reshape([dims[..D - 1].iter().product(), dims[D - 1]]),
-            );
-            let mut out = dims;
-            out[D - 1] = y.dims()[1];
-            return y.reshape(out);
+            return peft_core::layer::on_rows(x, |rows| Linear::forward(self, rows));
         }
         Linear::forward(self, x)
     }

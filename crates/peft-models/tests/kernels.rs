@@ -163,6 +163,18 @@ mod attention {
         Tensor::<4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), device).swap_dims(1, 2)
     }
 
+    /// Random q `[b, h, sq, d]`, k `[b, h, sk, d]`, v `[b, h, sk, dv]`, as head views.
+    fn qkv(
+        (b, h, sq, sk, d, dv): (usize, usize, usize, usize, usize, usize),
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        (
+            heads(b, h, sq, d, device),
+            heads(b, h, sk, d, device),
+            heads(b, h, sk, dv, device),
+        )
+    }
+
     #[test]
     fn the_forward_equals_burns_attention_with_padding() {
         let device = Device::flex();
@@ -171,11 +183,7 @@ mod attention {
             (3, 2, 7, 9, 8, 3),
             (4, 12, 33, 33, 32, 32),
         ] {
-            let (q, k, v) = (
-                heads(b, h, sq, d, &device),
-                heads(b, h, sk, d, &device),
-                heads(b, h, sk, dv, &device),
-            );
+            let (q, k, v) = qkv((b, h, sq, sk, d, dv), &device);
             let mask = padding(b, sk, &device);
             let out = attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()));
             assert_eq!(out.dims(), [b, h, sq, dv]);
@@ -195,11 +203,7 @@ mod attention {
     #[test]
     fn a_fully_masked_row_attends_uniformly() {
         let device = Device::flex();
-        let (q, k, v) = (
-            heads(2, 2, 3, 4, &device),
-            heads(2, 2, 5, 4, &device),
-            heads(2, 2, 5, 4, &device),
-        );
+        let (q, k, v) = qkv((2, 2, 3, 5, 4, 4), &device);
         let mask =
             Tensor::<2, Int>::from_ints([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], &device).equal_elem(1);
         let out = attention(q, k, v.clone(), Some(mask));
@@ -262,11 +266,7 @@ mod attention {
     #[test]
     fn the_gradient_of_q_matches_finite_differences() {
         let device = Device::flex();
-        let (q, k, v) = (
-            heads(1, 1, 3, 2, &device),
-            heads(1, 1, 4, 2, &device),
-            heads(1, 1, 4, 2, &device),
-        );
+        let (q, k, v) = qkv((1, 1, 3, 4, 2, 2), &device);
         let mask = padding(1, 4, &device);
         let loss = |q: Tensor<4>| {
             let o = attention(q, k.clone(), v.clone(), Some(mask.clone()));
