@@ -63,9 +63,11 @@ fn nnz_shape(s: &CsrIndicesMetadata) -> Shape {
 /// ([`spmm`](crate::spmm), [`sddmm`](crate::sddmm), ...) rather than these.
 ///
 /// In every method, `s` is a CSR structure of shape `rows x cols`; `st` is the structure of its
-/// transpose and `perm` the permutation with `values_of_transpose = values[perm]`. `st` and `perm`
-/// are only read by the `Autodiff` implementation (to run the backward pass); the kernels ignore
-/// them.
+/// transpose, `perm` the permutation with `values_of_transpose = values[perm]` and `inverse` its
+/// inverse (`values = values_of_transpose[inverse]`). The `Autodiff` implementation reads them to
+/// run the backward pass (whose products with `Sᵀ` swap the two structures and the two
+/// permutations); the flex SpMM reads `st` and `perm` to walk `S` by columns; the CubeCL kernels
+/// ignore them.
 #[backend_extension(
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "cube"),
@@ -82,6 +84,7 @@ pub trait SparseBackend: Backend {
         #[extension_type] s: CsrIndices<Self>,
         #[extension_type] st: CsrIndices<Self>,
         perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
         values: FloatTensor<Self>,
         b: FloatTensor<Self>,
         rows: usize,
@@ -96,6 +99,7 @@ pub trait SparseBackend: Backend {
         #[extension_type] s: CsrIndices<Self>,
         #[extension_type] st: CsrIndices<Self>,
         perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
         a: FloatTensor<Self>,
         bt: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
@@ -135,6 +139,7 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
         s: CsrIndices<Self>,
         st: CsrIndices<Self>,
         perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
         values: FloatTensor<Self>,
         b: FloatTensor<Self>,
         rows: usize,
@@ -146,6 +151,7 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
             type State = (
                 CsrIndices<B>,
                 CsrIndices<B>,
+                IntTensor<B>,
                 IntTensor<B>,
                 FloatTensor<B>,
                 FloatTensor<B>,
@@ -159,18 +165,25 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
             ) {
                 let [node_values, node_b] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (s, st, perm, values, b) = ops.state;
+                let (s, st, perm, inverse, values, b) = ops.state;
                 let cols = b.shape()[0];
                 if let Some(node) = node_values {
                     // dvalues[k] = Σ_n grad[i_k, n] · b[j_k, n]
                     // (b is [cols, n]: it is already the `bt` operand of the SDDMM.)
-                    let dv = B::csr_sddmm(s.clone(), st.clone(), perm.clone(), grad.clone(), b);
+                    let dv = B::csr_sddmm(
+                        s.clone(),
+                        st.clone(),
+                        perm.clone(),
+                        inverse.clone(),
+                        grad.clone(),
+                        b,
+                    );
                     grads.register::<B>(node.id, dv);
                 }
                 if let Some(node) = node_b {
                     // db = Sᵀ · grad
                     let values_t = B::float_select(values, 0, perm.clone());
-                    let db = B::csr_spmm(st, s, perm, values_t, grad, cols);
+                    let db = B::csr_spmm(st, s, inverse, perm, values_t, grad, cols);
                     grads.register::<B>(node.id, db);
                 }
             }
@@ -188,16 +201,18 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
                     s.clone(),
                     st.clone(),
                     perm.clone(),
+                    inverse.clone(),
                     v.clone(),
                     bp.clone(),
                     rows,
                 );
-                prep.finish((s, st, perm, v, bp), out)
+                prep.finish((s, st, perm, inverse, v, bp), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::csr_spmm(
                 s,
                 st,
                 perm,
+                inverse,
                 values.into_primitive(),
                 b.into_primitive(),
                 rows,
@@ -209,6 +224,7 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
         s: CsrIndices<Self>,
         st: CsrIndices<Self>,
         perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
         a: FloatTensor<Self>,
         bt: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
@@ -219,6 +235,7 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
             type State = (
                 CsrIndices<B>,
                 CsrIndices<B>,
+                IntTensor<B>,
                 IntTensor<B>,
                 FloatTensor<B>,
                 FloatTensor<B>,
@@ -232,18 +249,25 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
             ) {
                 let [node_a, node_bt] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (s, st, perm, a, bt) = ops.state;
+                let (s, st, perm, inverse, a, bt) = ops.state;
                 let (rows, cols) = (a.shape()[0], bt.shape()[0]);
                 if let Some(node) = node_a {
                     // da = S(grad) · bt
-                    let da =
-                        B::csr_spmm(s.clone(), st.clone(), perm.clone(), grad.clone(), bt, rows);
+                    let da = B::csr_spmm(
+                        s.clone(),
+                        st.clone(),
+                        perm.clone(),
+                        inverse.clone(),
+                        grad.clone(),
+                        bt,
+                        rows,
+                    );
                     grads.register::<B>(node.id, da);
                 }
                 if let Some(node) = node_bt {
                     // dbt = S(grad)ᵀ · a
                     let grad_t = B::float_select(grad, 0, perm.clone());
-                    let dbt = B::csr_spmm(st, s, perm, grad_t, a, cols);
+                    let dbt = B::csr_spmm(st, s, inverse, perm, grad_t, a, cols);
                     grads.register::<B>(node.id, dbt);
                 }
             }
@@ -257,14 +281,21 @@ impl<B: SparseBackend, C: CheckpointStrategy> SparseBackend for Autodiff<B, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (ap, btp) = (a.primitive().clone(), bt.primitive().clone());
-                let out =
-                    B::csr_sddmm(s.clone(), st.clone(), perm.clone(), ap.clone(), btp.clone());
-                prep.finish((s, st, perm, ap, btp), out)
+                let out = B::csr_sddmm(
+                    s.clone(),
+                    st.clone(),
+                    perm.clone(),
+                    inverse.clone(),
+                    ap.clone(),
+                    btp.clone(),
+                );
+                prep.finish((s, st, perm, inverse, ap, btp), out)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::csr_sddmm(
                 s,
                 st,
                 perm,
+                inverse,
                 a.into_primitive(),
                 bt.into_primitive(),
             )),

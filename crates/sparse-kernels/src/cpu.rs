@@ -22,6 +22,8 @@ use burn::backend::{
 };
 use burn::tensor::{DType, FloatDType, TensorData};
 use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::backend::{CsrIndices, SparseBackend};
 use crate::simd;
@@ -187,6 +189,36 @@ fn row_ranges(ro: &[i32], parts: usize) -> Vec<(usize, usize)> {
     out
 }
 
+thread_local! {
+    /// Per-thread panel scratch of the CPU kernels, kept across calls (it grows to the largest
+    /// panel a thread has packed).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's scratch (contents unspecified). A nested call on
+/// the same thread gets a fresh buffer instead.
+/// The slice starts on a 64-byte boundary (whole cache lines for 16-float rows).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let aligned = |buf: &mut Vec<f32>| {
+        if buf.len() < len + 16 {
+            buf.resize(len + 16, 0.0);
+        }
+        let skip = buf.as_ptr().align_offset(64).min(15);
+        skip..skip + len
+    };
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            let range = aligned(&mut buf);
+            f(&mut buf[range])
+        }
+        Err(_) => {
+            let mut buf = Vec::new();
+            let range = aligned(&mut buf);
+            f(&mut buf[range])
+        }
+    })
+}
+
 fn parts() -> usize {
     rayon::current_num_threads() * 4
 }
@@ -294,7 +326,61 @@ fn spmm_tokens<const TC: usize>(
     out
 }
 
-fn spmm(s: &CsrIndices<Flex>, values: FlexFloat, b: FlexFloat, rows: usize) -> FlexFloat {
+/// The adapter SpMM `Cᵀ = x·Sᵀ` for `b = xᵀ` (a transposed view, `rs == 1`), in column order:
+/// rayon over blocks of 16 tokens; each block walks the columns of `x` (16x16 register
+/// transposes), adds every column's entries (`Sᵀ`'s CSR: `sto`, `sti`, values `vt`) to a
+/// `[rows][16]` accumulator in L1 (`simd::spmm_columns`) and transposes it into `Cᵀ`.
+fn spmm_token_columns(sto: &[i32], sti: &[i32], vt: &[f32], b: View<'_>, rows: usize) -> Vec<f32> {
+    const TB: usize = 16;
+    let cols = simd::Columns::new(sto, sti, vt, rows);
+    par_transposed_blocks(b.cols, rows, TB, |blk, w, acc| {
+        acc.fill(0.0);
+        let x = &b.data[b.offset + blk * TB * b.cs..];
+        simd::spmm_columns(x, b.cs, w, &cols, acc);
+    })
+}
+
+/// A row-major `[n, rows]` matrix produced in parallel blocks of `tb` of its rows:
+/// `block(b, w, acc)` fills `acc` (`[rows][tb]`, lane `t < w` for row `b·tb + t`), which is then
+/// transposed into place. Those transposes write every float, so the result is never
+/// zero-filled first (a 3 MB memset per call at the BERT shape).
+fn par_transposed_blocks(
+    n: usize,
+    rows: usize,
+    tb: usize,
+    block: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let len = n * rows;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(tb * rows)
+        .enumerate()
+        .for_each(|(blk, chunk)| {
+            let w = chunk.len() / rows;
+            with_scratch(tb * rows, |acc| {
+                block(blk, w, acc);
+                simd::transpose_uninit(acc, tb, chunk, rows, w);
+            });
+        });
+    // SAFETY: the chunks cover `0..len` and `transpose_uninit` initialised each one whole.
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(len)
+    };
+    out
+}
+
+fn spmm(
+    s: &CsrIndices<Flex>,
+    st: &CsrIndices<Flex>,
+    perm: &IntTensor<Flex>,
+    values: FlexFloat,
+    b: FlexFloat,
+    rows: usize,
+) -> FlexFloat {
     let (ro, ci) = (indices(&s.row_offsets), indices(&s.col_indices));
     assert_eq!(ro.len(), rows + 1, "csr_spmm: row_offsets length");
     let (values, _) = prepare(values);
@@ -308,8 +394,18 @@ fn spmm(s: &CsrIndices<Flex>, values: FlexFloat, b: FlexFloat, rows: usize) -> F
     let bv = view(&b);
     if bv.rs == 1 && bv.cs != 1 && n >= 16 {
         // Adapter case: B is a transposed view of a row-major x. Produce Cᵀ contiguous.
-        // Blocks of 64 tokens (32 and 16 measured no faster, also for 4096-wide inputs).
-        let ct = spmm_tokens::<64>(&ro, &ci, vals, bv, rows);
+        let (sto, sti, perm) = (
+            indices(&st.row_offsets),
+            indices(&st.col_indices),
+            indices(perm),
+        );
+        let ct = if sto.len() == bv.rows + 1 && perm.len() == vals.len() {
+            let vt: Vec<f32> = perm.iter().map(|&p| vals[p as usize]).collect();
+            spmm_token_columns(&sto, &sti, &vt, bv, rows)
+        } else {
+            // Blocks of 64 tokens (32 and 16 measured no faster, also for 4096-wide inputs).
+            spmm_tokens::<64>(&ro, &ci, vals, bv, rows)
+        };
         let ct = FlexFloat::from_data(TensorData::new(ct, [n, rows]));
         return cast_back(Flex::float_transpose(ct), dtype);
     }
@@ -330,36 +426,40 @@ fn spmm(s: &CsrIndices<Flex>, values: FlexFloat, b: FlexFloat, rows: usize) -> F
 // ---------------------------------------------------------------------------------------------
 // SDDMM
 
-/// `panel[i][t] = v[i, d0 + t]` for `t < w`, zero for `w <= t < tc`; rayon over row blocks.
+/// `panel[i][t] = v[i0 + i, d0 + t]` for `i < panel.len() / tc` and `t < w`, zero for
+/// `w <= t < tc`, on the calling thread.
+fn pack_rows(v: View<'_>, i0: usize, d0: usize, w: usize, tc: usize, panel: &mut [f32]) {
+    let h = panel.len() / tc;
+    if v.rs == 1 {
+        // v is a transposed view of a row-major [tokens, features] buffer.
+        let src = &v.data[v.offset + d0 * v.cs + i0..];
+        simd::transpose(src, v.cs, panel, tc, w, h);
+    } else {
+        for (i, line) in panel.chunks_exact_mut(tc).enumerate() {
+            let start = v.offset + (i0 + i) * v.rs + d0 * v.cs;
+            if v.cs == 1 {
+                line[..w].copy_from_slice(&v.data[start..start + w]);
+            } else {
+                for (t, x) in line[..w].iter_mut().enumerate() {
+                    *x = v.data[start + t * v.cs];
+                }
+            }
+        }
+    }
+    if w < tc {
+        for line in panel.chunks_exact_mut(tc) {
+            line[w..].fill(0.0);
+        }
+    }
+}
+
+/// [`pack_rows`] for the whole of `v`, rayon over blocks of rows.
 fn pack_panel(v: View<'_>, d0: usize, w: usize, tc: usize, panel: &mut [f32]) {
     const BLOCK: usize = 256;
     panel
         .par_chunks_mut(BLOCK * tc)
         .enumerate()
-        .for_each(|(p, chunk)| {
-            let (i0, h) = (p * BLOCK, chunk.len() / tc);
-            if v.rs == 1 {
-                // v is a transposed view of a row-major [tokens, features] buffer.
-                let src = &v.data[v.offset + d0 * v.cs + i0..];
-                simd::transpose(src, v.cs, chunk, tc, w, h);
-            } else {
-                for (i, line) in chunk.chunks_exact_mut(tc).enumerate() {
-                    let start = v.offset + (i0 + i) * v.rs + d0 * v.cs;
-                    if v.cs == 1 {
-                        line[..w].copy_from_slice(&v.data[start..start + w]);
-                    } else {
-                        for (t, x) in line[..w].iter_mut().enumerate() {
-                            *x = v.data[start + t * v.cs];
-                        }
-                    }
-                }
-            }
-            if w < tc {
-                for line in chunk.chunks_exact_mut(tc) {
-                    line[w..].fill(0.0);
-                }
-            }
-        });
+        .for_each(|(p, chunk)| pack_rows(v, p * BLOCK, d0, w, tc, chunk));
 }
 
 /// Adds to every entry of rows `r0..r1` the dot product of its two panel rows. The columns of
@@ -411,9 +511,8 @@ fn sddmm_rows(
 /// enough to amortise the horizontal sums, short enough that the panels stay small).
 const TOKEN_CHUNK: usize = 128;
 
-/// SDDMM `out[k] = Σ_t a[i_k, t] · bt[j_k, t]`: the contracted dimension is cut into chunks of
-/// [`TOKEN_CHUNK`]; per chunk both operands are transposed once into `[rows][chunk]` panels, then
-/// rayon over row ranges (balanced by entry count) adds one full-length dot product per entry.
+/// SDDMM `out[k] = Σ_t a[i_k, t] · bt[j_k, t]`, by [`sddmm_split_tokens`] when both operands'
+/// panels are small, by [`sddmm_shared_panels`] otherwise.
 fn sddmm(s: &CsrIndices<Flex>, a: FlexFloat, bt: FlexFloat) -> FlexFloat {
     let (ro, ci) = (indices(&s.row_offsets), indices(&s.col_indices));
     let nnz = ci.len();
@@ -423,26 +522,89 @@ fn sddmm(s: &CsrIndices<Flex>, a: FlexFloat, bt: FlexFloat) -> FlexFloat {
     assert_eq!(ro.len(), av.rows + 1, "csr_sddmm: a has {} rows", av.rows);
     assert_eq!(av.cols, bv.cols, "csr_sddmm: inner dimensions differ");
     let d = av.cols;
-    let mut out = vec![0f32; nnz];
     if nnz == 0 || d == 0 {
+        let out = vec![0f32; nnz];
         return cast_back(FlexFloat::from_data(TensorData::new(out, [nnz])), dtype);
     }
+    let out = if (av.rows + bv.rows) * SPLIT_CHUNK * 4 <= SPLIT_PANELS {
+        sddmm_split_tokens(&ro, &ci, av, bv)
+    } else {
+        sddmm_shared_panels(&ro, &ci, av, bv)
+    };
+    let out = FlexFloat::from_data(TensorData::new(out, [nnz]));
+    cast_back(out, dtype)
+}
+
+/// Contracted length per pass of [`sddmm_split_tokens`].
+const SPLIT_CHUNK: usize = 64;
+/// Largest panels (bytes, both operands) for which every thread packs its own chunk of tokens:
+/// two threads' panels then fit in this CPU's 2 MiB L2 with room to spare.
+const SPLIT_PANELS: usize = 1 << 20;
+
+/// SDDMM for small operands (a BERT layer, say): one rayon task per thread, each claiming
+/// chunks of [`SPLIT_CHUNK`] tokens, packing both operands' chunk into its own panels and adding
+/// every entry's partial dot product to its own copy of the output; the copies are summed at the
+/// end. No barrier per chunk, and the scratch panels are reused across calls.
+fn sddmm_split_tokens(ro: &[i32], ci: &[i32], av: View<'_>, bv: View<'_>) -> Vec<f32> {
+    let (m, n, d, nnz) = (av.rows, bv.rows, av.cols, ci.len());
+    let tc = SPLIT_CHUNK;
+    let chunks = d.div_ceil(tc);
+    let next = AtomicUsize::new(0);
+    let workers = rayon::current_num_threads().min(chunks);
+    (0..workers)
+        .into_par_iter()
+        .map(|_| {
+            // 16 partial sums per entry, summed once after the last chunk.
+            let mut lanes = vec![0f32; 16 * nnz];
+            with_scratch((m + n) * tc, |scratch| {
+                let (pa, pb) = scratch.split_at_mut(m * tc);
+                loop {
+                    let c = next.fetch_add(1, Ordering::Relaxed);
+                    if c >= chunks {
+                        break;
+                    }
+                    let (d0, w) = (c * tc, (d - c * tc).min(tc));
+                    pack_rows(av, 0, d0, w, tc, pa);
+                    pack_rows(bv, 0, d0, w, tc, pb);
+                    for (i, a) in pa.chunks_exact(tc).enumerate() {
+                        let (k0, k1) = (ro[i] as usize, ro[i + 1] as usize);
+                        simd::sddmm_lanes(a, &ci[k0..k1], pb, &mut lanes[16 * k0..16 * k1]);
+                    }
+                }
+            });
+            lanes
+                .chunks_exact(16)
+                .map(|l| l.iter().sum::<f32>())
+                .collect::<Vec<f32>>()
+        })
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .expect("at least one worker")
+}
+
+/// SDDMM for large operands (LLaMA-sized): the contracted dimension is cut into chunks of
+/// [`TOKEN_CHUNK`]; per chunk both operands are transposed once into shared `[rows][chunk]`
+/// panels, then rayon over row ranges (balanced by entry count) adds one dot product per entry.
+fn sddmm_shared_panels(ro: &[i32], ci: &[i32], av: View<'_>, bv: View<'_>) -> Vec<f32> {
+    let d = av.cols;
+    let mut out = vec![0f32; ci.len()];
     let tc = d.min(TOKEN_CHUNK).next_multiple_of(16);
     // Columns of S per tile: their `pb` rows take about 1 MiB (half of this CPU's L2).
     let tile = ((1 << 20) / (tc * 4)).max(16);
     let mut pa = vec![0f32; av.rows * tc];
     let mut pb = vec![0f32; bv.rows * tc];
-    let ranges = row_ranges(&ro, parts());
+    let ranges = row_ranges(ro, parts());
     for d0 in (0..d).step_by(tc) {
         let w = (d - d0).min(tc);
         pack_panel(av, d0, w, tc, &mut pa);
         pack_panel(bv, d0, w, tc, &mut pb);
         split_by_rows(&mut out, &ranges, |r| ro[r] as usize)
             .into_par_iter()
-            .for_each(|(r0, r1, chunk)| sddmm_rows(&ro, &ci, &pa, &pb, tc, tile, r0, r1, chunk));
+            .for_each(|(r0, r1, chunk)| sddmm_rows(ro, ci, &pa, &pb, tc, tile, r0, r1, chunk));
     }
-    let out = FlexFloat::from_data(TensorData::new(out, [nnz]));
-    cast_back(out, dtype)
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -503,19 +665,21 @@ fn csr_gather(s: &CsrIndices<Flex>, dense: FlexFloat) -> FlexFloat {
 impl SparseBackend for Flex {
     fn csr_spmm(
         s: CsrIndices<Self>,
-        _st: CsrIndices<Self>,
-        _perm: IntTensor<Self>,
+        st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        _inverse: IntTensor<Self>,
         values: FloatTensor<Self>,
         b: FloatTensor<Self>,
         rows: usize,
     ) -> FloatTensor<Self> {
-        spmm(&s, values, b, rows)
+        spmm(&s, &st, &perm, values, b, rows)
     }
 
     fn csr_sddmm(
         s: CsrIndices<Self>,
         _st: CsrIndices<Self>,
         _perm: IntTensor<Self>,
+        _inverse: IntTensor<Self>,
         a: FloatTensor<Self>,
         bt: FloatTensor<Self>,
     ) -> FloatTensor<Self> {

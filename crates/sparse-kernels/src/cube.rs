@@ -45,6 +45,7 @@ impl SparseBackend for CubeBackend {
         s: CsrIndices<Self>,
         _st: CsrIndices<Self>,
         _perm: IntTensor<Self>,
+        _inverse: IntTensor<Self>,
         values: FloatTensor<Self>,
         b: FloatTensor<Self>,
         rows: usize,
@@ -81,6 +82,7 @@ impl SparseBackend for CubeBackend {
         s: CsrIndices<Self>,
         _st: CsrIndices<Self>,
         _perm: IntTensor<Self>,
+        _inverse: IntTensor<Self>,
         a: FloatTensor<Self>,
         bt: FloatTensor<Self>,
     ) -> FloatTensor<Self> {

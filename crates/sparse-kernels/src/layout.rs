@@ -131,6 +131,10 @@ impl CsrLayout {
     pub(crate) fn perm_dispatch(&self) -> burn::backend::tensor::IntTensor<Dispatch> {
         self.perm.clone().into_dispatch()
     }
+
+    pub(crate) fn inverse_perm_dispatch(&self) -> burn::backend::tensor::IntTensor<Dispatch> {
+        self.inverse_perm.clone().into_dispatch()
+    }
 }
 
 /// A sparse matrix: a [`CsrLayout`] plus its values.

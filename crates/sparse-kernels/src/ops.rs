@@ -29,6 +29,7 @@ pub fn spmm(a: &Csr, b: Tensor<2>) -> Tensor<2> {
         layout.indices(),
         layout.transposed_indices(),
         layout.perm_dispatch(),
+        layout.inverse_perm_dispatch(),
         a.values.clone().into_dispatch(),
         b.into_dispatch(),
         m,
@@ -57,6 +58,7 @@ pub fn sddmm(layout: &CsrLayout, a: Tensor<2>, bt: Tensor<2>) -> Tensor<1> {
         layout.indices(),
         layout.transposed_indices(),
         layout.perm_dispatch(),
+        layout.inverse_perm_dispatch(),
         a.into_dispatch(),
         bt.into_dispatch(),
     ))

@@ -9,6 +9,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 /// Whether the AVX-512 bodies can run (`is_x86_feature_detected!` caches the answer).
 #[inline]
@@ -35,6 +36,39 @@ pub(crate) fn transpose(
     rows: usize,
     cols: usize,
 ) {
+    check_transpose(src, ss, dst.len(), ds, rows, cols);
+    // SAFETY: the bounds of `src` and `dst` are checked just above.
+    unsafe { transpose_ptr(src, ss, dst.as_mut_ptr(), ds, rows, cols) };
+}
+
+/// [`transpose`] into uninitialised memory that it fills whole: `dst[j · rows + i] = src[i · ss
+/// + j]`, so `dst` must hold exactly `rows · cols` floats. Returns `dst`, now initialised.
+///
+/// # Panics
+/// When `dst` does not hold `rows · cols` floats or `src` is too short.
+pub(crate) fn transpose_uninit<'a>(
+    src: &[f32],
+    ss: usize,
+    dst: &'a mut [MaybeUninit<f32>],
+    rows: usize,
+    cols: usize,
+) -> &'a mut [f32] {
+    assert_eq!(
+        dst.len(),
+        rows * cols,
+        "transpose_uninit: dst is not rows x cols"
+    );
+    check_transpose(src, ss, dst.len(), rows, rows, cols);
+    let p = dst.as_mut_ptr().cast::<f32>();
+    // SAFETY: bounds checked above; with `ds == rows` the transpose writes every one of the
+    // `rows · cols` floats of `dst`, so the returned slice is initialised.
+    unsafe {
+        transpose_ptr(src, ss, p, rows, rows, cols);
+        std::slice::from_raw_parts_mut(p, rows * cols)
+    }
+}
+
+fn check_transpose(src: &[f32], ss: usize, dst_len: usize, ds: usize, rows: usize, cols: usize) {
     if rows == 0 || cols == 0 {
         return;
     }
@@ -45,25 +79,44 @@ pub(crate) fn transpose(
         "transpose: source length"
     );
     assert!(
-        dst.len() >= (cols - 1) * ds + rows,
+        dst_len >= (cols - 1) * ds + rows,
         "transpose: destination length"
     );
+}
+
+/// # Safety
+/// `dst` is valid for writes at every `j · ds + i`, `i < rows`, `j < cols`, and the source
+/// bounds hold (`check_transpose`).
+unsafe fn transpose_ptr(
+    src: &[f32],
+    ss: usize,
+    dst: *mut f32,
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx512() {
-        // SAFETY: AVX-512F is available (checked above) and every access stays inside the
-        // bounds asserted above (see `transpose_avx512`).
+        // SAFETY: AVX-512F is available (checked above); bounds as the caller guarantees.
         unsafe { transpose_avx512(src, ss, dst, ds, rows, cols) };
         return;
     }
-    transpose_tiles(src, ss, dst, ds, 0, rows, 0, cols);
+    // SAFETY: as the caller guarantees.
+    unsafe { transpose_tiles(src, ss, dst, ds, 0, rows, 0, cols) };
 }
 
 /// The portable transpose of `rows r0..r1`, `cols c0..c1`, in 16x16 tiles.
+///
+/// # Safety
+/// As [`transpose_ptr`].
 #[allow(clippy::too_many_arguments)]
-fn transpose_tiles(
+unsafe fn transpose_tiles(
     src: &[f32],
     ss: usize,
-    dst: &mut [f32],
+    dst: *mut f32,
     ds: usize,
     r0: usize,
     r1: usize,
@@ -77,7 +130,8 @@ fn transpose_tiles(
             for i in i0..i1 {
                 let row = &src[i * ss + j0..i * ss + j1];
                 for (j, v) in (j0..j1).zip(row) {
-                    dst[j * ds + i] = *v;
+                    // SAFETY: i < rows and j < cols (the caller's bounds).
+                    unsafe { dst.add(j * ds + i).write(*v) };
                 }
             }
         }
@@ -89,17 +143,17 @@ fn transpose_tiles(
 unsafe fn transpose_avx512(
     src: &[f32],
     ss: usize,
-    dst: &mut [f32],
+    dst: *mut f32,
     ds: usize,
     rows: usize,
     cols: usize,
 ) {
     let (full_r, full_c) = (rows / 16 * 16, cols / 16 * 16);
-    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    let (sp, dp) = (src.as_ptr(), dst);
     for i0 in (0..full_r).step_by(16) {
         for j0 in (0..full_c).step_by(16) {
             // SAFETY: rows i0..i0+16 < rows and columns j0..j0+16 <= cols, so every load is
-            // inside `src` and every store inside `dst` (lengths asserted by the caller).
+            // inside `src` and every store inside `dst` (the caller's bounds).
             unsafe {
                 let mut r = [_mm512_setzero_ps(); 16];
                 for (k, v) in r.iter_mut().enumerate() {
@@ -113,8 +167,11 @@ unsafe fn transpose_avx512(
         }
     }
     // Edges: the last rows % 16 rows and the last cols % 16 columns.
-    transpose_tiles(src, ss, dst, ds, full_r, rows, 0, cols);
-    transpose_tiles(src, ss, dst, ds, 0, full_r, full_c, cols);
+    // SAFETY: the same bounds.
+    unsafe {
+        transpose_tiles(src, ss, dst, ds, full_r, rows, 0, cols);
+        transpose_tiles(src, ss, dst, ds, 0, full_r, full_c, cols);
+    }
 }
 
 /// Transposes 16 rows of 16 floats in registers: unpack pairs, then 4x4 blocks within 128-bit
@@ -249,6 +306,227 @@ unsafe fn dot4_avx512(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
         i += 16;
     }
     acc.map(|s| _mm512_reduce_add_ps(s))
+}
+
+/// The CSR of `Sᵀ` (column offsets, row of every entry, values) for [`spmm_columns`], checked
+/// once: every row index is below `rows` and the offsets cover exactly the entries.
+pub(crate) struct Columns<'a> {
+    offsets: &'a [i32],
+    rows_of: &'a [i32],
+    vals: &'a [f32],
+    rows: usize,
+}
+
+impl<'a> Columns<'a> {
+    /// # Panics
+    /// When the lengths disagree, the offsets are not non-decreasing from 0 to the entry count,
+    /// or a row index is outside `0..rows`.
+    pub(crate) fn new(
+        offsets: &'a [i32],
+        rows_of: &'a [i32],
+        vals: &'a [f32],
+        rows: usize,
+    ) -> Self {
+        assert!(
+            !offsets.is_empty() && offsets[0] == 0,
+            "Columns: offsets start at 0"
+        );
+        assert!(
+            offsets.windows(2).all(|p| p[0] <= p[1]),
+            "Columns: offsets decrease"
+        );
+        assert_eq!(rows_of.len(), vals.len(), "Columns: lengths differ");
+        assert_eq!(
+            offsets[offsets.len() - 1] as usize,
+            vals.len(),
+            "Columns: entry count"
+        );
+        assert!(
+            rows_of.iter().all(|&o| o >= 0 && (o as usize) < rows),
+            "Columns: row outside 0..rows"
+        );
+        Columns {
+            offsets,
+            rows_of,
+            vals,
+            rows,
+        }
+    }
+}
+
+/// One block of at most 16 tokens of the adapter SpMM `y = x·Sᵀ`, in column order: for every
+/// column `j` of `x`, `acc[o][l] += v · x[l, j]` for every entry `(o, v)` of column `j` of `S`.
+/// The block's 16x16 tiles of `x` are transposed in registers and never stored; `acc`
+/// (`16 · rows` floats) stays in L1. Lanes `w..16` of `acc` are left unspecified.
+///
+/// # Panics
+/// When `w > 16`, `x` is too short for `w` rows of the structure's column count at stride `xs`,
+/// or `acc` does not hold 16 floats per row.
+pub(crate) fn spmm_columns(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>, acc: &mut [f32]) {
+    let inner = cols.offsets.len() - 1;
+    assert!(w <= 16, "spmm_columns: at most 16 tokens");
+    assert_eq!(acc.len(), 16 * cols.rows, "spmm_columns: 16 lanes per row");
+    if w == 0 || inner == 0 {
+        return;
+    }
+    assert!(x.len() >= (w - 1) * xs + inner, "spmm_columns: x too short");
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available; the bounds of x and acc are asserted above, those of
+        // the structure by `Columns::new` (see `spmm_columns_avx512`).
+        unsafe { spmm_columns_avx512(x, xs, w, inner, cols, acc) };
+        return;
+    }
+    let mut col = [0f32; 16];
+    for j in 0..inner {
+        for (l, c) in col.iter_mut().enumerate().take(w) {
+            *c = x[l * xs + j];
+        }
+        for t in cols.offsets[j] as usize..cols.offsets[j + 1] as usize {
+            let (o, v) = (cols.rows_of[t] as usize, cols.vals[t]);
+            for (a, c) in acc[16 * o..16 * o + 16].iter_mut().zip(&col) {
+                *a = v.mul_add(*c, *a);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn spmm_columns_avx512(
+    x: &[f32],
+    xs: usize,
+    w: usize,
+    inner: usize,
+    cols: &Columns<'_>,
+    acc: &mut [f32],
+) {
+    let (xp, ap) = (x.as_ptr(), acc.as_mut_ptr());
+    let (col_offsets, ri, vp) = (cols.offsets, cols.rows_of.as_ptr(), cols.vals.as_ptr());
+    let full = inner / 16 * 16;
+    let mut edge = [0f32; 256];
+    for j0 in (0..inner).step_by(16) {
+        let jw = (inner - j0).min(16);
+        let tile = if w == 16 && j0 < full {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (l, v) in r.iter_mut().enumerate() {
+                // SAFETY: row l < w and columns j0..j0 + 16 <= inner are inside x.
+                *v = unsafe { _mm512_loadu_ps(xp.add(l * xs + j0)) };
+            }
+            transpose16(r)
+        } else {
+            // A partial tile: gather it through a zeroed buffer.
+            edge.fill(0.0);
+            for l in 0..w {
+                for jj in 0..jw {
+                    edge[jj * 16 + l] = x[l * xs + j0 + jj];
+                }
+            }
+            // SAFETY: edge holds 16 rows of 16 floats.
+            std::array::from_fn(|jj| unsafe { _mm512_loadu_ps(edge.as_ptr().add(16 * jj)) })
+        };
+        for (jj, c) in tile.iter().enumerate().take(jw) {
+            let (t0, t1) = (
+                col_offsets[j0 + jj] as usize,
+                col_offsets[j0 + jj + 1] as usize,
+            );
+            // SAFETY: t < vals.len() == rows_of.len() (the offsets end at the entry count) and
+            // every row index is below acc.len() / 16 (`Columns::new` and the caller). Entries
+            // of one column have distinct rows, so the paired loads see no pending store.
+            unsafe {
+                let mut t = t0;
+                while t + 2 <= t1 {
+                    let p0 = ap.add(16 * *ri.add(t) as usize);
+                    let p1 = ap.add(16 * *ri.add(t + 1) as usize);
+                    let (a0, a1) = (_mm512_loadu_ps(p0), _mm512_loadu_ps(p1));
+                    let v0 = _mm512_set1_ps(*vp.add(t));
+                    let v1 = _mm512_set1_ps(*vp.add(t + 1));
+                    _mm512_storeu_ps(p0, _mm512_fmadd_ps(v0, *c, a0));
+                    _mm512_storeu_ps(p1, _mm512_fmadd_ps(v1, *c, a1));
+                    t += 2;
+                }
+                if t < t1 {
+                    let p = ap.add(16 * *ri.add(t) as usize);
+                    let v = _mm512_set1_ps(*vp.add(t));
+                    _mm512_storeu_ps(p, _mm512_fmadd_ps(v, *c, _mm512_loadu_ps(p)));
+                }
+            }
+        }
+    }
+}
+
+/// `acc[e][l] += Σ_s a[16 s + l] · panel[cols[e] · tc + 16 s + l]` with `tc = a.len()`: one
+/// row's SDDMM entries over a chunk of `tc` tokens, kept as 16 partial sums per entry (summed
+/// once at the end by the caller, so no horizontal sum per chunk).
+///
+/// # Panics
+/// When `tc` is not a multiple of 16 (or above 128), `acc` does not hold 16 floats per entry,
+/// or a column's `tc` floats are outside `panel`.
+#[inline]
+pub(crate) fn sddmm_lanes(a: &[f32], cols: &[i32], panel: &[f32], acc: &mut [f32]) {
+    let tc = a.len();
+    assert!(
+        tc.is_multiple_of(16) && (16..=128).contains(&tc),
+        "sddmm_lanes: 16 to 128 tokens, a multiple of 16"
+    );
+    assert_eq!(
+        acc.len(),
+        16 * cols.len(),
+        "sddmm_lanes: 16 lanes per entry"
+    );
+    let limit = panel.len() / tc;
+    assert!(
+        cols.iter().all(|&c| c >= 0 && (c as usize) < limit),
+        "sddmm_lanes: column outside the panel"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: AVX-512F is available; every column's `tc` floats are inside `panel` and
+        // `acc` holds 16 floats per entry (asserted above).
+        unsafe { sddmm_lanes_avx512(a, cols, panel, acc) };
+        return;
+    }
+    for (&c, lanes) in cols.iter().zip(acc.chunks_exact_mut(16)) {
+        let row = &panel[c as usize * tc..(c as usize + 1) * tc];
+        for (x, y) in a.chunks_exact(16).zip(row.chunks_exact(16)) {
+            for l in 0..16 {
+                lanes[l] = x[l].mul_add(y[l], lanes[l]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sddmm_lanes_avx512(a: &[f32], cols: &[i32], panel: &[f32], acc: &mut [f32]) {
+    let tc = a.len();
+    let steps = tc / 16;
+    let (p, out) = (panel.as_ptr(), acc.as_mut_ptr());
+    let mut ra = [_mm512_setzero_ps(); 8];
+    for (s, r) in ra.iter_mut().enumerate().take(steps) {
+        // SAFETY: 16 (s + 1) <= tc = a.len().
+        *r = unsafe { _mm512_loadu_ps(a.as_ptr().add(16 * s)) };
+    }
+    for (e, &c) in cols.iter().enumerate() {
+        // SAFETY: `c · tc + tc <= panel.len()` and `16 e + 16 <= acc.len()` (asserted by the
+        // caller).
+        unsafe {
+            let base = p.add(c as usize * tc);
+            // Two chains per entry: the FMAs of one entry overlap with the next entry's.
+            let mut s0 = _mm512_loadu_ps(out.add(16 * e));
+            let mut s1 = _mm512_setzero_ps();
+            let mut s = 0;
+            while s + 2 <= steps {
+                s0 = _mm512_fmadd_ps(ra[s], _mm512_loadu_ps(base.add(16 * s)), s0);
+                s1 = _mm512_fmadd_ps(ra[s + 1], _mm512_loadu_ps(base.add(16 * s + 16)), s1);
+                s += 2;
+            }
+            if s < steps {
+                s0 = _mm512_fmadd_ps(ra[s], _mm512_loadu_ps(base.add(16 * s)), s0);
+            }
+            _mm512_storeu_ps(out.add(16 * e), _mm512_add_ps(s0, s1));
+        }
+    }
 }
 
 /// `acc[l] = Σ_k vals[k] · panel[cols[k] · L + l]` for `l < L` (`L` is 16, 32, 48 or 64).
