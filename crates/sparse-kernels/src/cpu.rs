@@ -7,13 +7,16 @@
 //!   each block of `LANES` columns of `B`, a row accumulates `values[k] · B[col[k], block]` in
 //!   registers. No packing is needed: the block of `B` stays in L2.
 //! - SpMM with `B = xᵀ` (a transposed view of a row-major activation `x`, the adapter case
-//!   `y = x·Sᵀ`): rayon over blocks of 64 tokens; each block transposes its tokens into a
-//!   `[cols][64]` panel with 16x16 register transposes, accumulates 16 rows of `S` at a time in
-//!   registers and transposes that tile straight into `y` (the contiguous `y`, not `yᵀ`).
-//! - SDDMM: the contracted dimension (tokens) is cut into chunks of 128; per chunk both operands
-//!   are transposed once into `[rows][128]` panels, then threads own disjoint ranges of rows
-//!   (hence of output entries) and walk the columns of `S` in tiles whose panel rows fit in L2,
-//!   one FMA dot product per entry (four entries sharing the loads of their row).
+//!   `y = x·Sᵀ`): rayon over blocks of 16 tokens; each block walks `S` by columns (the CSR of
+//!   `Sᵀ`), transposing 16x16 tiles of `x` in registers and adding each entry's `v · x[:, j]`
+//!   to a `[rows][16]` accumulator (L1-sized for BERT), then transposes it into `y` (the
+//!   contiguous `y`, not `yᵀ`), which is written without being zeroed first.
+//! - SDDMM, small operands: one task per thread, each claiming chunks of 64 tokens, packing them
+//!   into its own panels and keeping 16 partial sums per entry; the copies are added at the end.
+//! - SDDMM, large operands: the contracted dimension (tokens) is cut into chunks of 128; per
+//!   chunk both operands are transposed once into shared `[rows][128]` panels, then threads own
+//!   disjoint ranges of rows (hence of output entries) and walk the columns of `S` in tiles whose
+//!   panel rows fit in L2, one FMA dot product per entry (four entries sharing their row's loads).
 
 use burn::backend::{
     Flex, TensorMetadata,
@@ -329,7 +332,8 @@ fn spmm_tokens<const TC: usize>(
 /// The adapter SpMM `Cᵀ = x·Sᵀ` for `b = xᵀ` (a transposed view, `rs == 1`), in column order:
 /// rayon over blocks of 16 tokens; each block walks the columns of `x` (16x16 register
 /// transposes), adds every column's entries (`Sᵀ`'s CSR: `sto`, `sti`, values `vt`) to a
-/// `[rows][16]` accumulator in L1 (`simd::spmm_columns`) and transposes it into `Cᵀ`.
+/// `[rows][16]` accumulator (`simd::spmm_columns`; 24 KiB, in L1, for BERT's 384 rows; in L2
+/// for LLaMA's 4096) and transposes it into `Cᵀ`.
 fn spmm_token_columns(sto: &[i32], sti: &[i32], vt: &[f32], b: View<'_>, rows: usize) -> Vec<f32> {
     const TB: usize = 16;
     let cols = simd::Columns::new(sto, sti, vt, rows);
@@ -341,8 +345,8 @@ fn spmm_token_columns(sto: &[i32], sti: &[i32], vt: &[f32], b: View<'_>, rows: u
 }
 
 /// A row-major `[n, rows]` matrix produced in parallel blocks of `tb` of its rows:
-/// `block(b, w, acc)` fills `acc` (`[rows][tb]`, lane `t < w` for row `b·tb + t`), which is then
-/// transposed into place. Those transposes write every float, so the result is never
+/// `block(b, w, acc)` fills `acc` (`[rows][tb]`, lane `t < w` for row `b·tb + t`; thread
+/// scratch, 64-byte aligned), which is then transposed into place. Those transposes write every float, so the result is never
 /// zero-filled first (a 3 MB memset per call at the BERT shape).
 fn par_transposed_blocks(
     n: usize,

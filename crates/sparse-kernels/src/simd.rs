@@ -1,10 +1,12 @@
-//! The three inner loops of the CPU kernels, with an AVX-512 version picked at run time and a
-//! portable version for every other CPU: a blocked transpose (16x16 register transposes), a dot
-//! product (four FMA accumulators, one horizontal sum) and the SpMM row update
-//! (`acc += v · panel[col]` over a row's entries, up to 64 lanes in registers).
+//! The inner loops of the CPU kernels, with an AVX-512 version picked at run time and a
+//! portable version for every other CPU: a blocked transpose (16x16 register transposes, also
+//! into uninitialised memory), dot products (four FMA accumulators, one horizontal sum), the
+//! adapter SpMM's column walk (`spmm_columns`), the SDDMM's per-entry 16-lane partial sums
+//! (`sddmm_lanes`) and the row-order SpMM update (`acc += v · panel[col]`, up to 64 lanes).
 //!
-//! Every function checks its slice bounds once on entry; the AVX-512 bodies then use raw
-//! pointers inside those bounds. This is the only module of the crate with `unsafe` code.
+//! Every function checks its slice bounds once on entry (a structure's indices once per call,
+//! through `Columns::new`); the AVX-512 bodies then use raw pointers inside those bounds. This
+//! module holds the crate's `unsafe` code, besides one `Vec::set_len` in `cpu.rs`.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
@@ -14,6 +16,10 @@ use std::mem::MaybeUninit;
 /// Whether the AVX-512 bodies can run (`is_x86_feature_detected!` caches the answer).
 #[inline]
 pub(crate) fn avx512() -> bool {
+    #[cfg(test)]
+    if tests::PORTABLE.get() {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -309,18 +315,20 @@ unsafe fn dot4_avx512(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 }
 
 /// The CSR of `Sᵀ` (column offsets, row of every entry, values) for [`spmm_columns`], checked
-/// once: every row index is below `rows` and the offsets cover exactly the entries.
+/// once: the offsets cover exactly the entries and every column's rows are strictly increasing
+/// (hence distinct) and below `rows`.
 pub(crate) struct Columns<'a> {
     offsets: &'a [i32],
     rows_of: &'a [i32],
     vals: &'a [f32],
     rows: usize,
+    inner: usize,
 }
 
 impl<'a> Columns<'a> {
     /// # Panics
     /// When the lengths disagree, the offsets are not non-decreasing from 0 to the entry count,
-    /// or a row index is outside `0..rows`.
+    /// or a column's rows are not strictly increasing inside `0..rows`.
     pub(crate) fn new(
         offsets: &'a [i32],
         rows_of: &'a [i32],
@@ -341,15 +349,71 @@ impl<'a> Columns<'a> {
             vals.len(),
             "Columns: entry count"
         );
-        assert!(
-            rows_of.iter().all(|&o| o >= 0 && (o as usize) < rows),
-            "Columns: row outside 0..rows"
-        );
+        let inner = offsets.len() - 1;
+        for j in 0..inner {
+            let col = &rows_of[offsets[j] as usize..offsets[j + 1] as usize];
+            assert!(
+                col.iter().all(|&o| o >= 0 && (o as usize) < rows),
+                "Columns: row outside 0..rows"
+            );
+            assert!(
+                col.windows(2).all(|p| p[0] < p[1]),
+                "Columns: rows of a column not strictly increasing"
+            );
+        }
         Columns {
             offsets,
             rows_of,
             vals,
             rows,
+            inner,
+        }
+    }
+
+    /// Entries of column `j`.
+    fn range(&self, j: usize) -> (usize, usize) {
+        (self.offsets[j] as usize, self.offsets[j + 1] as usize)
+    }
+}
+
+/// `acc[o] = fma(v, col, acc[o])` for the entries `t0..t1`, two at a time (distinct rows, so
+/// the paired loads see no pending store).
+///
+/// # Safety
+/// AVX-512F is available, `t1 <= cols.vals.len()` and every row index is below
+/// `acc.len() / 16` where `ap` points at `acc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn column_update(cols: &Columns<'_>, t0: usize, t1: usize, c: __m512, ap: *mut f32) {
+    let (ri, vp) = (cols.rows_of.as_ptr(), cols.vals.as_ptr());
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        let mut t = t0;
+        while t + 2 <= t1 {
+            let p0 = ap.add(16 * *ri.add(t) as usize);
+            let p1 = ap.add(16 * *ri.add(t + 1) as usize);
+            let (a0, a1) = (_mm512_loadu_ps(p0), _mm512_loadu_ps(p1));
+            let v0 = _mm512_set1_ps(*vp.add(t));
+            let v1 = _mm512_set1_ps(*vp.add(t + 1));
+            _mm512_storeu_ps(p0, _mm512_fmadd_ps(v0, c, a0));
+            _mm512_storeu_ps(p1, _mm512_fmadd_ps(v1, c, a1));
+            t += 2;
+        }
+        if t < t1 {
+            let p = ap.add(16 * *ri.add(t) as usize);
+            let v = _mm512_set1_ps(*vp.add(t));
+            _mm512_storeu_ps(p, _mm512_fmadd_ps(v, c, _mm512_loadu_ps(p)));
+        }
+    }
+}
+
+/// The portable body of one column's update: `acc[o][l] += v · col[l]`.
+fn column_update_portable(cols: &Columns<'_>, t0: usize, t1: usize, col: &[f32], acc: &mut [f32]) {
+    for t in t0..t1 {
+        let (o, v) = (cols.rows_of[t] as usize, cols.vals[t]);
+        for (a, c) in acc[16 * o..16 * o + 16].iter_mut().zip(col) {
+            *a = v.mul_add(*c, *a);
         }
     }
 }
@@ -363,7 +427,7 @@ impl<'a> Columns<'a> {
 /// When `w > 16`, `x` is too short for `w` rows of the structure's column count at stride `xs`,
 /// or `acc` does not hold 16 floats per row.
 pub(crate) fn spmm_columns(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>, acc: &mut [f32]) {
-    let inner = cols.offsets.len() - 1;
+    let inner = cols.inner;
     assert!(w <= 16, "spmm_columns: at most 16 tokens");
     assert_eq!(acc.len(), 16 * cols.rows, "spmm_columns: 16 lanes per row");
     if w == 0 || inner == 0 {
@@ -374,7 +438,7 @@ pub(crate) fn spmm_columns(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>, a
     if avx512() {
         // SAFETY: AVX-512F is available; the bounds of x and acc are asserted above, those of
         // the structure by `Columns::new` (see `spmm_columns_avx512`).
-        unsafe { spmm_columns_avx512(x, xs, w, inner, cols, acc) };
+        unsafe { spmm_columns_avx512(x, xs, w, cols, acc) };
         return;
     }
     let mut col = [0f32; 16];
@@ -382,27 +446,16 @@ pub(crate) fn spmm_columns(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>, a
         for (l, c) in col.iter_mut().enumerate().take(w) {
             *c = x[l * xs + j];
         }
-        for t in cols.offsets[j] as usize..cols.offsets[j + 1] as usize {
-            let (o, v) = (cols.rows_of[t] as usize, cols.vals[t]);
-            for (a, c) in acc[16 * o..16 * o + 16].iter_mut().zip(&col) {
-                *a = v.mul_add(*c, *a);
-            }
-        }
+        let (t0, t1) = cols.range(j);
+        column_update_portable(cols, t0, t1, &col, acc);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn spmm_columns_avx512(
-    x: &[f32],
-    xs: usize,
-    w: usize,
-    inner: usize,
-    cols: &Columns<'_>,
-    acc: &mut [f32],
-) {
+unsafe fn spmm_columns_avx512(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>, acc: &mut [f32]) {
+    let inner = cols.inner;
     let (xp, ap) = (x.as_ptr(), acc.as_mut_ptr());
-    let (col_offsets, ri, vp) = (cols.offsets, cols.rows_of.as_ptr(), cols.vals.as_ptr());
     let full = inner / 16 * 16;
     let mut edge = [0f32; 256];
     for j0 in (0..inner).step_by(16) {
@@ -426,31 +479,10 @@ unsafe fn spmm_columns_avx512(
             std::array::from_fn(|jj| unsafe { _mm512_loadu_ps(edge.as_ptr().add(16 * jj)) })
         };
         for (jj, c) in tile.iter().enumerate().take(jw) {
-            let (t0, t1) = (
-                col_offsets[j0 + jj] as usize,
-                col_offsets[j0 + jj + 1] as usize,
-            );
-            // SAFETY: t < vals.len() == rows_of.len() (the offsets end at the entry count) and
-            // every row index is below acc.len() / 16 (`Columns::new` and the caller). Entries
-            // of one column have distinct rows, so the paired loads see no pending store.
-            unsafe {
-                let mut t = t0;
-                while t + 2 <= t1 {
-                    let p0 = ap.add(16 * *ri.add(t) as usize);
-                    let p1 = ap.add(16 * *ri.add(t + 1) as usize);
-                    let (a0, a1) = (_mm512_loadu_ps(p0), _mm512_loadu_ps(p1));
-                    let v0 = _mm512_set1_ps(*vp.add(t));
-                    let v1 = _mm512_set1_ps(*vp.add(t + 1));
-                    _mm512_storeu_ps(p0, _mm512_fmadd_ps(v0, *c, a0));
-                    _mm512_storeu_ps(p1, _mm512_fmadd_ps(v1, *c, a1));
-                    t += 2;
-                }
-                if t < t1 {
-                    let p = ap.add(16 * *ri.add(t) as usize);
-                    let v = _mm512_set1_ps(*vp.add(t));
-                    _mm512_storeu_ps(p, _mm512_fmadd_ps(v, *c, _mm512_loadu_ps(p)));
-                }
-            }
+            let (t0, t1) = cols.range(j0 + jj);
+            // SAFETY: the range and its rows were checked by `Columns::new`, acc's length by
+            // the caller.
+            unsafe { column_update(cols, t0, t1, *c, ap) };
         }
     }
 }
@@ -593,6 +625,135 @@ unsafe fn spmm_row_avx512<const L: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Set by [`both_paths`] to run the portable bodies on an AVX-512 machine.
+        pub(super) static PORTABLE: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Runs `check` with the AVX-512 bodies (where the CPU has them) and the portable ones.
+    fn both_paths(check: impl Fn(&str)) {
+        check("native");
+        PORTABLE.set(true);
+        check("portable");
+        PORTABLE.set(false);
+    }
+
+    /// A small deterministic structure: `(offsets, indices)` of `major` lines over `minor`
+    /// positions, some lines empty, sorted indices.
+    fn structure(major: usize, minor: usize, seed: usize) -> (Vec<i32>, Vec<i32>) {
+        let mut offsets = vec![0i32];
+        let mut idx = Vec::new();
+        for line in 0..major {
+            for p in 0..minor {
+                if (line * 31 + p * 17 + seed) % 7 < 2 {
+                    idx.push(p as i32);
+                }
+            }
+            offsets.push(idx.len() as i32);
+        }
+        (offsets, idx)
+    }
+
+    #[test]
+    fn transpose_uninit_fills_every_float() {
+        both_paths(|path| {
+            for (rows, cols) in [(1, 1), (16, 16), (17, 33), (40, 16), (3, 70), (384, 5)] {
+                let ss = cols + 2;
+                let src = seq(rows * ss);
+                let mut dst = vec![MaybeUninit::<f32>::uninit(); rows * cols];
+                let out = transpose_uninit(&src, ss, &mut dst, rows, cols);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        assert_eq!(out[j * rows + i], src[i * ss + j], "{path} {rows}x{cols}");
+                    }
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn spmm_columns_matches_a_scalar_sum() {
+        both_paths(|path| {
+            for (rows, inner, w) in [
+                (1, 1, 1),
+                (5, 16, 16),
+                (7, 17, 16),
+                (33, 40, 5),
+                (20, 48, 16),
+            ] {
+                let (offsets, rows_of) = structure(inner, rows, inner + w);
+                let vals = seq(rows_of.len() + 1)[1..].to_vec();
+                let xs = inner + 3;
+                let x = seq(w * xs + 7);
+                let start = seq(16 * rows);
+                let mut acc = start.clone();
+                let cols = Columns::new(&offsets, &rows_of, &vals, rows);
+                spmm_columns(&x, xs, w, &cols, &mut acc);
+                for o in 0..rows {
+                    for l in 0..w {
+                        let mut want = start[16 * o + l];
+                        for j in 0..inner {
+                            for t in offsets[j] as usize..offsets[j + 1] as usize {
+                                if rows_of[t] as usize == o {
+                                    want += vals[t] * x[l * xs + j];
+                                }
+                            }
+                        }
+                        let got = acc[16 * o + l];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "{path} {rows}x{inner} w {w}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        });
+    }
+
+    #[test]
+    #[should_panic(expected = "row outside")]
+    fn columns_reject_a_row_outside_the_accumulator() {
+        Columns::new(&[0, 1], &[3], &[1.0], 3);
+    }
+
+    #[test]
+    #[should_panic(expected = "not strictly increasing")]
+    fn columns_reject_a_repeated_row() {
+        // Two entries of one column on the same row would race in the paired update.
+        Columns::new(&[0, 2], &[1, 1], &[1.0, 2.0], 3);
+    }
+
+    #[test]
+    fn sddmm_lanes_match_dot_products() {
+        both_paths(|path| {
+            for tc in [16, 48, 128] {
+                let (n, rows) = (9, 3);
+                let (offsets, cols) = structure(rows, n, tc);
+                let panel = seq(n * tc + 5)[5..].to_vec();
+                let a_all = seq(rows * tc);
+                let start = seq(16 * cols.len() + 2)[2..].to_vec();
+                let mut acc = start.clone();
+                for i in 0..rows {
+                    let (k0, k1) = (offsets[i] as usize, offsets[i + 1] as usize);
+                    let a = &a_all[i * tc..(i + 1) * tc];
+                    sddmm_lanes(a, &cols[k0..k1], &panel, &mut acc[16 * k0..16 * k1]);
+                }
+                for i in 0..rows {
+                    for k in offsets[i] as usize..offsets[i + 1] as usize {
+                        let c = cols[k] as usize;
+                        let want: f32 = start[16 * k..16 * k + 16].iter().sum::<f32>()
+                            + (0..tc)
+                                .map(|t| a_all[i * tc + t] * panel[c * tc + t])
+                                .sum::<f32>();
+                        let got: f32 = acc[16 * k..16 * k + 16].iter().sum();
+                        assert!((got - want).abs() < 1e-4, "{path} tc {tc}: {got} vs {want}");
+                    }
+                }
+            }
+        });
+    }
 
     fn seq(n: usize) -> Vec<f32> {
         (0..n).map(|i| (i as f32 * 0.37).sin()).collect()
@@ -600,41 +761,45 @@ mod tests {
 
     #[test]
     fn transpose_matches_the_definition_for_edges_and_strides() {
-        for (rows, cols) in [(1, 1), (16, 16), (17, 33), (40, 16), (3, 70), (64, 48)] {
-            let (ss, ds) = (cols + 5, rows + 3);
-            let src = seq(rows * ss);
-            let mut dst = vec![f32::NAN; cols * ds];
-            transpose(&src, ss, &mut dst, ds, rows, cols);
-            for i in 0..rows {
-                for j in 0..cols {
-                    assert_eq!(dst[j * ds + i], src[i * ss + j], "{rows}x{cols} at {i},{j}");
+        both_paths(|_| {
+            for (rows, cols) in [(1, 1), (16, 16), (17, 33), (40, 16), (3, 70), (64, 48)] {
+                let (ss, ds) = (cols + 5, rows + 3);
+                let src = seq(rows * ss);
+                let mut dst = vec![f32::NAN; cols * ds];
+                transpose(&src, ss, &mut dst, ds, rows, cols);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        assert_eq!(dst[j * ds + i], src[i * ss + j], "{rows}x{cols} at {i},{j}");
+                    }
+                }
+                // Padding between destination rows is untouched.
+                if ds > rows {
+                    assert!(dst[rows].is_nan());
                 }
             }
-            // Padding between destination rows is untouched.
-            if ds > rows {
-                assert!(dst[rows].is_nan());
-            }
-        }
+        });
     }
 
     #[test]
     fn dot_and_spmm_row_match_scalar_sums() {
-        for n in [0, 5, 16, 64, 100, 129] {
-            let (a, b) = (seq(n), seq(n + 3)[3..].to_vec());
-            let want: f64 = a.iter().zip(&b).map(|(x, y)| (x * y) as f64).sum();
-            assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "n = {n}");
-        }
-        for n in [16, 48, 512, 20] {
-            let a = seq(n);
-            let bs: Vec<Vec<f32>> = (1..5).map(|o| seq(n + o)[o..].to_vec()).collect();
-            let got = dot4(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
-            for (g, b) in got.iter().zip(&bs) {
-                assert!((g - dot(&a, b)).abs() < 1e-4, "dot4, n = {n}");
+        both_paths(|_| {
+            for n in [0, 5, 16, 64, 100, 129] {
+                let (a, b) = (seq(n), seq(n + 3)[3..].to_vec());
+                let want: f64 = a.iter().zip(&b).map(|(x, y)| (x * y) as f64).sum();
+                assert!((dot(&a, &b) as f64 - want).abs() < 1e-4, "n = {n}");
             }
-        }
-        check_spmm_row::<16>();
-        check_spmm_row::<32>();
-        check_spmm_row::<64>();
+            for n in [16, 48, 512, 20] {
+                let a = seq(n);
+                let bs: Vec<Vec<f32>> = (1..5).map(|o| seq(n + o)[o..].to_vec()).collect();
+                let got = dot4(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
+                for (g, b) in got.iter().zip(&bs) {
+                    assert!((g - dot(&a, b)).abs() < 1e-4, "dot4, n = {n}");
+                }
+            }
+            check_spmm_row::<16>();
+            check_spmm_row::<32>();
+            check_spmm_row::<64>();
+        });
     }
 
     fn check_spmm_row<const L: usize>() {

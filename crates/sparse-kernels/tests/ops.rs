@@ -61,6 +61,8 @@ fn edge_shapes() {
         // CPU SDDMM; more than 64 tokens for the CPU adapter SpMM.
         [20, 700, 1100],
         [70, 40, 1030],
+        // Panels above 1 MiB: the CPU SDDMM's shared-panel path, with a partial last chunk.
+        [20, 4200, 300],
     ]
     .into_iter()
     .enumerate()
