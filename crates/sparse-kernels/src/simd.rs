@@ -487,6 +487,14 @@ unsafe fn spmm_columns_avx512(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>
     }
 }
 
+/// Panics unless every column index selects one of the panel's `lines`.
+fn check_panel_columns(cols: &[i32], lines: usize, op: &str) {
+    assert!(
+        cols.iter().all(|&c| c >= 0 && (c as usize) < lines),
+        "{op}: column outside the panel"
+    );
+}
+
 /// `acc[e][l] += Σ_s a[16 s + l] · panel[cols[e] · tc + 16 s + l]` with `tc = a.len()`: one
 /// row's SDDMM entries over a chunk of `tc` tokens, kept as 16 partial sums per entry (summed
 /// once at the end by the caller, so no horizontal sum per chunk).
@@ -506,11 +514,7 @@ pub(crate) fn sddmm_lanes(a: &[f32], cols: &[i32], panel: &[f32], acc: &mut [f32
         16 * cols.len(),
         "sddmm_lanes: 16 lanes per entry"
     );
-    let limit = panel.len() / tc;
-    assert!(
-        cols.iter().all(|&c| c >= 0 && (c as usize) < limit),
-        "sddmm_lanes: column outside the panel"
-    );
+    check_panel_columns(cols, panel.len() / tc, "sddmm_lanes");
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is available; every column's `tc` floats are inside `panel` and
@@ -574,11 +578,7 @@ pub(crate) fn spmm_row<const L: usize>(
 ) {
     assert!(L.is_multiple_of(16) && L <= 64, "spmm_row: 16 to 64 lanes");
     assert_eq!(cols.len(), vals.len(), "spmm_row: lengths differ");
-    let limit = panel.len() / L;
-    assert!(
-        cols.iter().all(|&c| c >= 0 && (c as usize) < limit),
-        "spmm_row: column outside the panel"
-    );
+    check_panel_columns(cols, panel.len() / L, "spmm_row");
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is available and every column's `L` lanes are inside `panel`
