@@ -198,9 +198,9 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` on `len` floats of this thread's scratch (contents unspecified). A nested call on
-/// the same thread gets a fresh buffer instead.
-/// The slice starts on a 64-byte boundary (whole cache lines for 16-float rows).
+/// Runs `f` on `len` floats of this thread's scratch (contents unspecified), starting on a
+/// 64-byte boundary (whole cache lines for 16-float rows). A nested call on the same thread gets
+/// a fresh buffer instead.
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let aligned = |buf: &mut Vec<f32>| {
         if buf.len() < len + 16 {
@@ -289,46 +289,6 @@ multiversion! {
     }
 }
 
-/// The adapter SpMM `Cᵀ = (S·xᵀ)ᵀ = x·Sᵀ` for `b = xᵀ` (a transposed view, `rs == 1`):
-/// rayon over blocks of `TC` tokens. Each block transposes its tokens of `x` into a
-/// `[cols][TC]` panel (16x16 register transposes), accumulates 16 output rows at a time in
-/// registers (`simd::spmm_row`) and transposes that `[16][TC]` tile into `Cᵀ`.
-fn spmm_tokens<const TC: usize>(
-    ro: &[i32],
-    ci: &[i32],
-    vals: &[f32],
-    b: View<'_>,
-    rows: usize,
-) -> Vec<f32> {
-    let (inner, n) = (b.rows, b.cols);
-    let mut out = vec![0f32; n * rows];
-    out.par_chunks_mut(TC * rows).enumerate().for_each_init(
-        || (vec![0f32; inner * TC], vec![[0f32; TC]; 16]),
-        |(panel, tile), (blk, chunk)| {
-            let t0 = blk * TC;
-            let w = (n - t0).min(TC);
-            // panel[c][t] = x[t0 + t][c] = b[c, t0 + t].
-            let src = &b.data[b.offset + t0 * b.cs..];
-            simd::transpose(src, b.cs, panel, TC, w, inner);
-            if w < TC {
-                for line in panel.chunks_exact_mut(TC) {
-                    line[w..].fill(0.0);
-                }
-            }
-            for o0 in (0..rows).step_by(16) {
-                let h = (rows - o0).min(16);
-                for (o, acc) in (o0..o0 + h).zip(tile.iter_mut()) {
-                    let (k0, k1) = (ro[o] as usize, ro[o + 1] as usize);
-                    simd::spmm_row(&ci[k0..k1], &vals[k0..k1], panel, acc);
-                }
-                // chunk[t][o] = tile[o - o0][t].
-                simd::transpose(tile.as_flattened(), TC, &mut chunk[o0..], rows, h, w);
-            }
-        },
-    );
-    out
-}
-
 /// The adapter SpMM `Cᵀ = x·Sᵀ` for `b = xᵀ` (a transposed view, `rs == 1`), in column order:
 /// rayon over blocks of 16 tokens; each block walks the columns of `x` (16x16 register
 /// transposes), adds every column's entries (`Sᵀ`'s CSR: `sto`, `sti`, values `vt`) to a
@@ -346,8 +306,8 @@ fn spmm_token_columns(sto: &[i32], sti: &[i32], vt: &[f32], b: View<'_>, rows: u
 
 /// A row-major `[n, rows]` matrix produced in parallel blocks of `tb` of its rows:
 /// `block(b, w, acc)` fills `acc` (`[rows][tb]`, lane `t < w` for row `b·tb + t`; thread
-/// scratch, 64-byte aligned), which is then transposed into place. Those transposes write every float, so the result is never
-/// zero-filled first (a 3 MB memset per call at the BERT shape).
+/// scratch, 64-byte aligned), which is then transposed into place. Those transposes write every
+/// float, so the result is never zero-filled first (a 3 MB memset per call at the BERT shape).
 fn par_transposed_blocks(
     n: usize,
     rows: usize,
@@ -403,13 +363,14 @@ fn spmm(
             indices(&st.col_indices),
             indices(perm),
         );
-        let ct = if sto.len() == bv.rows + 1 && perm.len() == vals.len() {
-            let vt: Vec<f32> = perm.iter().map(|&p| vals[p as usize]).collect();
-            spmm_token_columns(&sto, &sti, &vt, bv, rows)
-        } else {
-            // Blocks of 64 tokens (32 and 16 measured no faster, also for 4096-wide inputs).
-            spmm_tokens::<64>(&ro, &ci, vals, bv, rows)
-        };
+        assert_eq!(
+            sto.len(),
+            bv.rows + 1,
+            "csr_spmm: st is not the transpose of s"
+        );
+        assert_eq!(perm.len(), vals.len(), "csr_spmm: perm length");
+        let vt: Vec<f32> = perm.iter().map(|&p| vals[p as usize]).collect();
+        let ct = spmm_token_columns(&sto, &sti, &vt, bv, rows);
         let ct = FlexFloat::from_data(TensorData::new(ct, [n, rows]));
         return cast_back(Flex::float_transpose(ct), dtype);
     }

@@ -1,8 +1,8 @@
 //! The inner loops of the CPU kernels, with an AVX-512 version picked at run time and a
 //! portable version for every other CPU: a blocked transpose (16x16 register transposes, also
 //! into uninitialised memory), dot products (four FMA accumulators, one horizontal sum), the
-//! adapter SpMM's column walk (`spmm_columns`), the SDDMM's per-entry 16-lane partial sums
-//! (`sddmm_lanes`) and the row-order SpMM update (`acc += v · panel[col]`, up to 64 lanes).
+//! adapter SpMM's column walk (`spmm_columns`) and the SDDMM's per-entry 16-lane partial sums
+//! (`sddmm_lanes`).
 //!
 //! Every function checks its slice bounds once on entry (a structure's indices once per call,
 //! through `Columns::new`); the AVX-512 bodies then use raw pointers inside those bounds. This
@@ -322,7 +322,6 @@ pub(crate) struct Columns<'a> {
     rows_of: &'a [i32],
     vals: &'a [f32],
     rows: usize,
-    inner: usize,
 }
 
 impl<'a> Columns<'a> {
@@ -366,8 +365,12 @@ impl<'a> Columns<'a> {
             rows_of,
             vals,
             rows,
-            inner,
         }
+    }
+
+    /// Number of columns.
+    fn inner(&self) -> usize {
+        self.offsets.len() - 1
     }
 
     /// Entries of column `j`.
@@ -408,16 +411,6 @@ unsafe fn column_update(cols: &Columns<'_>, t0: usize, t1: usize, c: __m512, ap:
     }
 }
 
-/// The portable body of one column's update: `acc[o][l] += v · col[l]`.
-fn column_update_portable(cols: &Columns<'_>, t0: usize, t1: usize, col: &[f32], acc: &mut [f32]) {
-    for t in t0..t1 {
-        let (o, v) = (cols.rows_of[t] as usize, cols.vals[t]);
-        for (a, c) in acc[16 * o..16 * o + 16].iter_mut().zip(col) {
-            *a = v.mul_add(*c, *a);
-        }
-    }
-}
-
 /// One block of at most 16 tokens of the adapter SpMM `y = x·Sᵀ`, in column order: for every
 /// column `j` of `x`, `acc[o][l] += v · x[l, j]` for every entry `(o, v)` of column `j` of `S`.
 /// The block's 16x16 tiles of `x` are transposed in registers and never stored; `acc`
@@ -427,7 +420,7 @@ fn column_update_portable(cols: &Columns<'_>, t0: usize, t1: usize, col: &[f32],
 /// When `w > 16`, `x` is too short for `w` rows of the structure's column count at stride `xs`,
 /// or `acc` does not hold 16 floats per row.
 pub(crate) fn spmm_columns(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>, acc: &mut [f32]) {
-    let inner = cols.inner;
+    let inner = cols.inner();
     assert!(w <= 16, "spmm_columns: at most 16 tokens");
     assert_eq!(acc.len(), 16 * cols.rows, "spmm_columns: 16 lanes per row");
     if w == 0 || inner == 0 {
@@ -447,14 +440,19 @@ pub(crate) fn spmm_columns(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>, a
             *c = x[l * xs + j];
         }
         let (t0, t1) = cols.range(j);
-        column_update_portable(cols, t0, t1, &col, acc);
+        for t in t0..t1 {
+            let (o, v) = (cols.rows_of[t] as usize, cols.vals[t]);
+            for (a, c) in acc[16 * o..16 * o + 16].iter_mut().zip(&col) {
+                *a = v.mul_add(*c, *a);
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn spmm_columns_avx512(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>, acc: &mut [f32]) {
-    let inner = cols.inner;
+    let inner = cols.inner();
     let (xp, ap) = (x.as_ptr(), acc.as_mut_ptr());
     let full = inner / 16 * 16;
     let mut edge = [0f32; 256];
@@ -487,14 +485,6 @@ unsafe fn spmm_columns_avx512(x: &[f32], xs: usize, w: usize, cols: &Columns<'_>
     }
 }
 
-/// Panics unless every column index selects one of the panel's `lines`.
-fn check_panel_columns(cols: &[i32], lines: usize, op: &str) {
-    assert!(
-        cols.iter().all(|&c| c >= 0 && (c as usize) < lines),
-        "{op}: column outside the panel"
-    );
-}
-
 /// `acc[e][l] += Σ_s a[16 s + l] · panel[cols[e] · tc + 16 s + l]` with `tc = a.len()`: one
 /// row's SDDMM entries over a chunk of `tc` tokens, kept as 16 partial sums per entry (summed
 /// once at the end by the caller, so no horizontal sum per chunk).
@@ -514,7 +504,11 @@ pub(crate) fn sddmm_lanes(a: &[f32], cols: &[i32], panel: &[f32], acc: &mut [f32
         16 * cols.len(),
         "sddmm_lanes: 16 lanes per entry"
     );
-    check_panel_columns(cols, panel.len() / tc, "sddmm_lanes");
+    let lines = panel.len() / tc;
+    assert!(
+        cols.iter().all(|&c| c >= 0 && (c as usize) < lines),
+        "sddmm_lanes: column outside the panel"
+    );
     #[cfg(target_arch = "x86_64")]
     if avx512() {
         // SAFETY: AVX-512F is available; every column's `tc` floats are inside `panel` and
@@ -562,63 +556,6 @@ unsafe fn sddmm_lanes_avx512(a: &[f32], cols: &[i32], panel: &[f32], acc: &mut [
             }
             _mm512_storeu_ps(out.add(16 * e), _mm512_add_ps(s0, s1));
         }
-    }
-}
-
-/// `acc[l] = Σ_k vals[k] · panel[cols[k] · L + l]` for `l < L` (`L` is 16, 32, 48 or 64).
-///
-/// # Panics
-/// When the lengths of `cols` and `vals` differ or a column's `L` lanes are outside `panel`.
-#[inline]
-pub(crate) fn spmm_row<const L: usize>(
-    cols: &[i32],
-    vals: &[f32],
-    panel: &[f32],
-    acc: &mut [f32; L],
-) {
-    assert!(L.is_multiple_of(16) && L <= 64, "spmm_row: 16 to 64 lanes");
-    assert_eq!(cols.len(), vals.len(), "spmm_row: lengths differ");
-    check_panel_columns(cols, panel.len() / L, "spmm_row");
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F is available and every column's `L` lanes are inside `panel`
-        // (asserted above).
-        unsafe { spmm_row_avx512(cols, vals, panel, acc) };
-        return;
-    }
-    acc.fill(0.0);
-    for (&c, &v) in cols.iter().zip(vals) {
-        let src = &panel[c as usize * L..(c as usize + 1) * L];
-        for (a, x) in acc.iter_mut().zip(src) {
-            *a = v.mul_add(*x, *a);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn spmm_row_avx512<const L: usize>(
-    cols: &[i32],
-    vals: &[f32],
-    panel: &[f32],
-    acc: &mut [f32; L],
-) {
-    let p = panel.as_ptr();
-    // Two sets of accumulators, for alternate entries: twice the independent FMA chains.
-    let mut r = [[_mm512_setzero_ps(); 4]; 2];
-    for (e, (&c, &v)) in cols.iter().zip(vals).enumerate() {
-        let vv = _mm512_set1_ps(v);
-        // SAFETY: `c · L + L <= panel.len()` (asserted by the caller).
-        unsafe {
-            let base = p.add(c as usize * L);
-            for (l, s) in r[e & 1].iter_mut().enumerate().take(L / 16) {
-                *s = _mm512_fmadd_ps(vv, _mm512_loadu_ps(base.add(16 * l)), *s);
-            }
-        }
-    }
-    for (l, (x, y)) in r[0].iter().zip(&r[1]).enumerate().take(L / 16) {
-        // SAFETY: `acc` has L >= 16 (l + 1) floats.
-        unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(16 * l), _mm512_add_ps(*x, *y)) };
     }
 }
 
@@ -781,7 +718,7 @@ mod tests {
     }
 
     #[test]
-    fn dot_and_spmm_row_match_scalar_sums() {
+    fn dot_products_match_scalar_sums() {
         both_paths(|_| {
             for n in [0, 5, 16, 64, 100, 129] {
                 let (a, b) = (seq(n), seq(n + 3)[3..].to_vec());
@@ -796,24 +733,6 @@ mod tests {
                     assert!((g - dot(&a, b)).abs() < 1e-4, "dot4, n = {n}");
                 }
             }
-            check_spmm_row::<16>();
-            check_spmm_row::<32>();
-            check_spmm_row::<64>();
         });
-    }
-
-    fn check_spmm_row<const L: usize>() {
-        let panel = seq(10 * L);
-        let (cols, vals) = ([3, 0, 9, 3], [0.5f32, -1.0, 2.0, 0.25]);
-        let mut acc = [f32::NAN; L];
-        spmm_row(&cols, &vals, &panel, &mut acc);
-        for (l, a) in acc.iter().enumerate() {
-            let want: f32 = cols
-                .iter()
-                .zip(vals)
-                .map(|(&c, v)| v * panel[c as usize * L + l])
-                .sum();
-            assert!((a - want).abs() < 1e-5, "{L} lanes, lane {l}");
-        }
     }
 }
