@@ -2,9 +2,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{Distribution, Int, Tensor};
 use peft_core::error::Result;
+use peft_core::kernels::linear;
 use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError, Placement};
 use peft_lora::InitLoraWeights;
 

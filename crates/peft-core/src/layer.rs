@@ -5,11 +5,12 @@ use burn::module::{
     Param,
 };
 use burn::nn::{Embedding, Linear};
-use burn::tensor::module::{embedding, linear};
+use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::adapter::Adapter;
 use crate::hook::visit_host;
+use crate::kernels::linear;
 use crate::slot::AdapterSlot;
 
 /// A linear layer that carries adapters and computes `x·W + b + Σ delta(x)`.

@@ -20,6 +20,7 @@ pub mod hf;
 mod hook;
 pub mod hosts;
 pub mod io;
+pub mod kernels;
 pub mod layer;
 #[cfg(feature = "learner")]
 pub mod learner;

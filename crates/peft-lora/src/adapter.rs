@@ -2,9 +2,10 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::module::{embedding, linear};
+use burn::tensor::module::embedding;
 use burn::tensor::{Distribution, Int, Tensor};
 use peft_core::error::Result;
+use peft_core::kernels::linear;
 use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError, Placement};
 
 use crate::config::{InitLoraWeights, LoraConfig};

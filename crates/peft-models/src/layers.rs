@@ -16,14 +16,11 @@ pub trait LinearLayer: Module + ModuleDisplay + From<Linear> {
 }
 
 impl LinearLayer for Linear {
-    /// `burn::nn::Linear`'s forward; inputs of rank 3 or more go through
-    /// [`peft_core::layer::on_rows`], as in [`PeftLinear`] (one GEMM rather than one per batch
-    /// entry).
+    /// `burn::nn::Linear`'s forward through [`peft_core::kernels::linear`], as in
+    /// [`PeftLinear`]: one 2-D product over the rows of any input (one GEMM rather than one per
+    /// batch entry), fast on flex.
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if D > 2 {
-            return peft_core::layer::on_rows(x, |rows| Linear::forward(self, rows));
-        }
-        Linear::forward(self, x)
+        peft_core::kernels::linear(x, self.weight.val(), self.bias.as_ref().map(Param::val))
     }
 }
 

@@ -1,6 +1,6 @@
-//! The fused GELU, attention and layer norm on wgpu (a software adapter such as Mesa's lavapipe is enough):
-//! there the extension's default bodies run, through `Fusion<CubeBackend>` and `Autodiff`; the
-//! results and gradients must equal flex's fused kernels.
+//! The fused GELU, attention and layer norm, and peft-core's linear product, on wgpu (a software
+//! adapter such as Mesa's lavapipe is enough): there the extensions' default bodies run, through
+//! `Fusion<CubeBackend>` and `Autodiff`; the results and gradients must equal flex's kernels.
 #![cfg(feature = "wgpu")]
 
 use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
@@ -39,8 +39,9 @@ fn close(what: &str, a: TensorData, b: TensorData, tol: f32) {
     );
 }
 
-/// The attention output and the gradients of q, k, v, gamma and beta of
-/// `Σ attention(q, k, v, mask) · w + Σ gelu(q) · q + Σ layer_norm(k; gamma, beta) · v` on `device`.
+/// The attention output and the gradients of q, k, v, gamma, beta, W and c of
+/// `Σ attention(q, k, v, mask) · w + Σ gelu(q) · q + Σ layer_norm(k; gamma, beta) · v
+///  + Σ linear(v; W, c) · u` on `device`.
 fn run(device: &Device) -> Vec<TensorData> {
     let (b, h, s, d) = (2, 3, 5, 4);
     let leaf = |seed| on(device, &data(b * s * h * d, seed), [b, s, h, d]).require_grad();
@@ -53,24 +54,35 @@ fn run(device: &Device) -> Vec<TensorData> {
     let gamma = Tensor::<1>::from_floats(&data(d, 5)[..], device).require_grad();
     let beta = Tensor::<1>::from_floats(&data(d, 6)[..], device).require_grad();
     let normed = layer_norm(k.clone(), gamma.clone(), beta.clone(), 1e-5);
-    let loss =
-        (out.clone() * w).sum() + (gelu(q.clone()) * q.clone()).sum() + (normed * v.clone()).sum();
+    let weight = Tensor::<1>::from_floats(&data(h * d * 6, 7)[..], device)
+        .reshape([h * d, 6])
+        .require_grad();
+    let bias = Tensor::<1>::from_floats(&data(6, 8)[..], device).require_grad();
+    let rows = v.clone().reshape([b * s, h * d]);
+    let projected = peft_core::kernels::linear(rows, weight.clone(), Some(bias.clone()));
+    let u = Tensor::<1>::from_floats(&data(b * s * 6, 9)[..], device).reshape([b * s, 6]);
+    let loss = (out.clone() * w).sum()
+        + (gelu(q.clone()) * q.clone()).sum()
+        + (normed * v.clone()).sum()
+        + (projected * u).sum();
     let grads = loss.backward();
     let mut results = vec![out.inner().into_data()];
     for t in [q, k, v] {
         results.push(t.grad(&grads).unwrap().into_data());
     }
-    for t in [gamma, beta] {
+    for t in [gamma, beta, bias] {
         results.push(t.grad(&grads).unwrap().into_data());
     }
+    results.push(weight.grad(&grads).unwrap().into_data());
     results
 }
 
 #[test]
-fn gelu_attention_and_layer_norm_on_wgpu_match_flex() {
+fn gelu_attention_layer_norm_and_linear_on_wgpu_match_flex() {
     let expected = run(&Device::flex().autodiff());
     let got = run(&wgpu().autodiff());
-    let names = ["output", "dq", "dk", "dv", "dgamma", "dbeta"];
+    let names = ["output", "dq", "dk", "dv", "dgamma", "dbeta", "dc", "dW"];
+    assert_eq!((got.len(), expected.len()), (names.len(), names.len()));
     for ((g, e), name) in got.into_iter().zip(expected).zip(names) {
         close(name, g, e, 1e-4);
     }

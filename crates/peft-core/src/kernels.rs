@@ -1,0 +1,588 @@
+//! The linear-layer product as a burn backend extension: [`linear`].
+//!
+//! Why: on flex, `burn::tensor::module::linear` is a `matmul` followed by a separate bias add,
+//! and every `matmul` output is allocated zeroed and then copied once more to realign it (a
+//! `memset` and a `memmove` of each output, about 10 % of a MiniLM LoRA step); gemm's own
+//! threads also scale poorly on these shapes (`docs/benchmarks.md`, "MiniLM against PyTorch").
+//!
+//! On flex (f32), [`linear`] writes the product straight into an uninitialised output, starts
+//! from the bias instead of adding it afterwards, and splits a large product into one block of
+//! rows per thread, each a single-threaded gemm call. The backward pass uses the same product for
+//! `dx = g·Wᵀ` and `dW = xᵀ·g` (transposed views, no copies) and a column sum for the bias.
+//! Other backends and dtypes run burn's own ops.
+
+use burn::backend::{
+    Autodiff, Backend, Dispatch, TensorMetadata,
+    autodiff::{
+        checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+        grads::Gradients,
+        ops::{Backward, Ops, OpsKind},
+    },
+    backend_extension,
+    tensor::FloatTensor,
+};
+use burn::tensor::{DType, Shape, Tensor};
+
+/// The extension behind [`linear`]; use that function rather than this trait.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(feature = "cube"),
+    Fusion: cfg(feature = "cube"),
+    Autodiff
+)]
+pub trait LinearBackend: Backend {
+    /// `lhs · rhs` for 2-D operands (`[m, k] · [k, n]`); either may be a strided view.
+    #[fusion(default)]
+    fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+
+    /// `x · weight + bias` for a 2-D `x` (`[m, k] · [k, n] + [n]`).
+    #[fusion(default)]
+    fn fast_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let n = bias.shape()[0];
+        let product = Self::float_matmul(x, weight);
+        Self::float_add(product, Self::float_reshape(bias, Shape::new([1, n])))
+    }
+}
+
+#[cfg(feature = "cube")]
+impl LinearBackend for burn_cubecl::CubeBackend {}
+
+/// The gradients of `lhs · rhs` (+ bias): `g·rhsᵀ` and `lhsᵀ·g`, each computed only for a
+/// tracked parent, from the operand it needs.
+fn matmul_grads<B: LinearBackend>(
+    [lhs_node, rhs_node]: [Option<burn::backend::autodiff::NodeId>; 2],
+    (lhs, rhs): (Option<FloatTensor<B>>, Option<FloatTensor<B>>),
+    grad: &FloatTensor<B>,
+    grads: &mut Gradients,
+) {
+    if let (Some(node), Some(rhs)) = (lhs_node, rhs) {
+        grads.register::<B>(node, B::fast_matmul(grad.clone(), B::float_transpose(rhs)));
+    }
+    if let (Some(node), Some(lhs)) = (rhs_node, lhs) {
+        grads.register::<B>(node, B::fast_matmul(B::float_transpose(lhs), grad.clone()));
+    }
+}
+
+/// What the backward pass keeps: `lhs` when `rhs` needs a gradient and vice versa.
+type Operands<B> = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
+    fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct MatmulBackward;
+
+        impl<B: LinearBackend> Backward<B, 2> for MatmulBackward {
+            type State = Operands<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [l, r] = ops.parents;
+                matmul_grads::<B>([l.map(|n| n.id), r.map(|n| n.id)], ops.state, &grad, grads);
+            }
+        }
+
+        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+        match MatmulBackward
+            .prepare::<C>([lhs.node(), rhs.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (l, r) = (lhs.into_primitive(), rhs.into_primitive());
+                let state = (
+                    rhs_tracked.then(|| l.clone()),
+                    lhs_tracked.then(|| r.clone()),
+                );
+                prep.finish(state, B::fast_matmul(l, r))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fast_matmul(lhs.into_primitive(), rhs.into_primitive()))
+            }
+        }
+    }
+
+    fn fast_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearBackward;
+
+        impl<B: LinearBackend> Backward<B, 3> for LinearBackward {
+            type State = Operands<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [x, w, b] = ops.parents;
+                matmul_grads::<B>([x.map(|n| n.id), w.map(|n| n.id)], ops.state, &grad, grads);
+                if let Some(node) = b {
+                    let n = grad.shape()[1];
+                    let sum = B::float_sum_dim(grad, 0);
+                    grads.register::<B>(node.id, B::float_reshape(sum, Shape::new([n])));
+                }
+            }
+        }
+
+        let (x_tracked, w_tracked) = (x.is_tracked(), weight.is_tracked());
+        match LinearBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w) = (x.into_primitive(), weight.into_primitive());
+                let state = (w_tracked.then(|| x.clone()), x_tracked.then(|| w.clone()));
+                prep.finish(state, B::fast_linear(x, w, bias.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fast_linear(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+            )),
+        }
+    }
+}
+
+/// `x · weight + bias`, as `burn::tensor::module::linear` computes it (`weight` is `[d_in,
+/// d_out]`), with a fast product on flex: no zeroed-then-copied output, the bias as the
+/// product's starting value, and a good gemm orientation for narrow outputs (see the module
+/// documentation). Differentiable on `Autodiff` devices; inputs of rank 3 or more run as one
+/// 2-D product over their rows.
+///
+/// # Shapes
+/// * `x`: `[..., d_in]`; `weight`: `[d_in, d_out]`; `bias`: `[d_out]`; returns `[..., d_out]`.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// let device = Device::flex();
+/// let x = Tensor::<3>::from_floats([[[1.0, 2.0], [3.0, 4.0]]], &device);
+/// let w = Tensor::<2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], &device);
+/// let b = Tensor::<1>::from_floats([0.5, 0.0, 1.0], &device);
+/// let y = peft_core::kernels::linear(x.clone(), w.clone(), Some(b.clone()));
+/// let reference = burn::tensor::module::linear(x, w, Some(b));
+/// let diff = (y - reference).abs().max().into_scalar::<f32>();
+/// assert!(diff < 1e-6);
+/// ```
+pub fn linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    if matches!(weight.dtype(), DType::QFloat(_)) {
+        // A quantized weight keeps burn's quantized product.
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    // flex copies a non-contiguous tensor on any reshape, even to its own shape.
+    let x = if D == 2 {
+        Tensor::<2>::from_dispatch(x.into_dispatch())
+    } else {
+        x.reshape([rows, d_in])
+    };
+    let x = x.into_dispatch();
+    let y = match bias {
+        Some(b) => {
+            <Dispatch as LinearBackend>::fast_linear(x, weight.into_dispatch(), b.into_dispatch())
+        }
+        None => <Dispatch as LinearBackend>::fast_matmul(x, weight.into_dispatch()),
+    };
+    let y = Tensor::<2>::from_dispatch(y);
+    if D == 2 {
+        return Tensor::from_dispatch(y.into_dispatch());
+    }
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::{
+        Flex,
+        ops::{FloatTensorOps, ModuleOps},
+        tensor::FloatTensor,
+    };
+    use burn::tensor::{DType, Shape, TensorData};
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+
+    use super::LinearBackend;
+
+    /// Products of at least this many multiply-adds use gemm's threads (flex's own threshold).
+    const PARALLEL_WORK: usize = 192 * 192 * 192;
+
+    /// Products with at least this many output columns are split into row blocks.
+    const SPLIT_COLUMNS: usize = 64;
+
+    impl LinearBackend for Flex {
+        fn fast_matmul(lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> FloatTensor<Flex> {
+            if !supported(&[&lhs, &rhs]) {
+                return Flex::float_matmul(lhs, rhs);
+            }
+            product(lhs, rhs, None)
+        }
+
+        fn fast_linear(
+            x: FloatTensor<Flex>,
+            weight: FloatTensor<Flex>,
+            bias: FloatTensor<Flex>,
+        ) -> FloatTensor<Flex> {
+            if !supported(&[&x, &weight]) || bias.dtype() != DType::F32 {
+                return Flex::linear(x, weight, Some(bias));
+            }
+            product(x, weight, Some(bias))
+        }
+    }
+
+    /// 2-D f32 operands.
+    fn supported(ts: &[&FloatTensor<Flex>]) -> bool {
+        ts.iter()
+            .all(|t| t.dtype() == DType::F32 && t.layout().shape().num_dims() == 2)
+    }
+
+    /// A 2-D operand with non-negative strides (copied otherwise): the tensor, its element
+    /// offset and its `(row, column)` strides.
+    fn operand(t: FloatTensor<Flex>) -> (FloatTensor<Flex>, usize, [usize; 2]) {
+        let t = if t.layout().strides().iter().all(|s| *s >= 0) {
+            t
+        } else {
+            t.to_contiguous()
+        };
+        let s = t.layout().strides();
+        let (offset, strides) = (t.layout().start_offset(), [s[0] as usize, s[1] as usize]);
+        (t, offset, strides)
+    }
+
+    /// `lhs · rhs (+ bias)` into a new row-major `[m, n]` tensor.
+    fn product(
+        lhs: FloatTensor<Flex>,
+        rhs: FloatTensor<Flex>,
+        bias: Option<FloatTensor<Flex>>,
+    ) -> FloatTensor<Flex> {
+        let (m, k) = (lhs.layout().shape()[0], lhs.layout().shape()[1]);
+        let n = rhs.layout().shape()[1];
+        assert_eq!(
+            rhs.layout().shape()[0],
+            k,
+            "linear: inner dimensions differ ({m}x{k} · {}x{n})",
+            rhs.layout().shape()[0]
+        );
+        let bias = bias.map(|b| b.to_contiguous());
+        let bias = bias
+            .as_ref()
+            .map(|b| b.as_slice::<f32>().expect("a contiguous f32 bias"));
+        if let Some(b) = bias {
+            assert_eq!(
+                b.len(),
+                n,
+                "linear: bias has {} entries for {n} outputs",
+                b.len()
+            );
+        }
+        let (lhs, lhs_off, lhs_s) = operand(lhs);
+        let (rhs, rhs_off, rhs_s) = operand(rhs);
+        let lhs = Matrix {
+            data: &lhs.storage::<f32>()[lhs_off..],
+            strides: lhs_s,
+        };
+
+        let rhs = Matrix {
+            data: &rhs.storage::<f32>()[rhs_off..],
+            strides: rhs_s,
+        };
+        assert!(
+            lhs.fits(m, k) && rhs.fits(k, n),
+            "linear: operand view out of bounds"
+        );
+        let len = m * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        // Row blocks, one per thread for large products: each runs gemm on one thread against
+        // its own rows (gemm's own threads scale worse on these shapes, `docs/benchmarks.md`).
+        let threads = if m * n * k >= PARALLEL_WORK {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        // Narrow outputs (LoRA's rank-r products) are not split: one gemm block of 16 columns
+        // and a long `k` ran 10x slower on one thread than whole on gemm's threads
+        // (`[384, 2048] · [2048, 16]`: 3.9 ms against 0.4 ms).
+        let block = if n >= SPLIT_COLUMNS {
+            m.div_ceil(threads).next_multiple_of(16).max(1)
+        } else {
+            m.max(1)
+        };
+        // Not split (too few rows, as LoRA's 16-row `B` gradient, or a narrow output): gemm's
+        // own threads instead.
+        let parallelism = if threads > 1 && block >= m {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        out.spare_capacity_mut()[..len]
+            .par_chunks_mut((block * n).max(1))
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let rows = chunk.len() / n.max(1);
+                let lhs = lhs.rows(i * block);
+                block_product((rows, n, k), chunk, (lhs, rhs), bias, parallelism);
+            });
+        // SAFETY: the blocks cover all `m·n` elements and each was initialised above.
+        #[allow(unsafe_code)]
+        unsafe {
+            out.set_len(len)
+        };
+        FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([m, n])))
+    }
+
+    /// A strided view into a storage slice.
+    #[derive(Clone, Copy)]
+    struct Matrix<'a> {
+        data: &'a [f32],
+        /// `(row, column)` strides in elements.
+        strides: [usize; 2],
+    }
+
+    impl Matrix<'_> {
+        /// Whether every element of a `rows x cols` view lies inside the slice.
+        fn fits(&self, rows: usize, cols: usize) -> bool {
+            rows == 0
+                || cols == 0
+                || (rows - 1) * self.strides[0] + (cols - 1) * self.strides[1] < self.data.len()
+        }
+
+        /// The view from row `first` on (empty past the end).
+        fn rows(self, first: usize) -> Self {
+            let start = (first * self.strides[0]).min(self.data.len());
+            Self {
+                data: &self.data[start..],
+                strides: self.strides,
+            }
+        }
+    }
+
+    /// `lhs · rhs (+ bias)` for an `m x n` block (on this thread unless `parallelism` says
+    /// otherwise), written row-major into `dst` (exactly `m·n` elements, uninitialised). The
+    /// operands must hold the `m x k` and `k x n` views (`Matrix::fits`).
+    fn block_product(
+        (m, n, k): (usize, usize, usize),
+        dst: &mut [MaybeUninit<f32>],
+        (lhs, rhs): (Matrix<'_>, Matrix<'_>),
+        bias: Option<&[f32]>,
+        parallelism: gemm::Parallelism,
+    ) {
+        assert!(dst.len() == m * n && lhs.fits(m, k) && rhs.fits(k, n));
+        match bias {
+            // Every row starts as the bias.
+            Some(b) => {
+                for row in dst.chunks_mut(n.max(1)) {
+                    row.iter_mut().zip(b).for_each(|(d, v)| {
+                        d.write(*v);
+                    });
+                }
+            }
+            None if k == 0 => dst.iter_mut().for_each(|d| {
+                d.write(0.0);
+            }),
+            None => {}
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        let read_dst = bias.is_some();
+        // SAFETY: the assert keeps every operand element gemm reads inside its slice and `dst`
+        // holds exactly the `m·n` elements gemm writes (row-major); `dst` is borrowed
+        // mutably, so it aliases neither operand. With a bias every element was initialised
+        // above; without one gemm does not read `dst` (`read_dst` false) and writes each element
+        // (k > 0).
+        #[allow(unsafe_code)]
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr().cast::<f32>(),
+                1,
+                n as isize,
+                read_dst,
+                lhs.data.as_ptr(),
+                lhs.strides[1] as isize,
+                lhs.strides[0] as isize,
+                rhs.data.as_ptr(),
+                rhs.strides[1] as isize,
+                rhs.strides[0] as isize,
+                if read_dst { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    use super::linear;
+
+    /// `|a - b|` relative to `b`'s largest magnitude (at least 1).
+    fn rel_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        let scale = b.clone().abs().max().into_scalar::<f32>().max(1.0);
+        (a - b).abs().max().into_scalar::<f32>() / scale
+    }
+
+    fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+    }
+
+    /// `(m, k, n)`: single elements, gemm tails, narrow outputs (LoRA's rank), wide ones, and
+    /// products above the threading threshold (split into row blocks, or with too few rows to
+    /// split).
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (5, 7, 3),
+        (300, 40, 16),
+        (16, 300, 200),
+        (70, 33, 63),
+        (40, 384, 64),
+        (512, 384, 48),
+        (300, 200, 150),
+        (16, 2048, 256),
+    ];
+
+    #[test]
+    fn the_forward_equals_burns_linear_for_plain_and_strided_operands() {
+        let device = Device::flex();
+        for (m, k, n) in SHAPES {
+            let x = random([m, k], &device);
+            let w = random([k, n], &device);
+            let b = random([n], &device);
+            for bias in [None, Some(b.clone())] {
+                let expected = burn::tensor::module::linear(x.clone(), w.clone(), bias.clone());
+                let plain = linear(x.clone(), w.clone(), bias.clone());
+                assert_eq!(plain.dims(), [m, n]);
+                assert!(rel_diff(plain, expected.clone()) < 1e-5, "{m}x{k}x{n}");
+                // Transposed views of both operands, as the backward pass passes them.
+                let xt = x.clone().transpose().contiguous_copy().transpose();
+                let wt = w.clone().transpose().contiguous_copy().transpose();
+                let strided = linear(xt, wt, bias.clone());
+                assert!(rel_diff(strided, expected) < 1e-5, "{m}x{k}x{n} strided");
+            }
+        }
+    }
+
+    trait ContiguousCopy {
+        fn contiguous_copy(self) -> Self;
+    }
+
+    impl ContiguousCopy for Tensor<2> {
+        /// A new contiguous tensor with the same values (its transpose is then a strided view).
+        fn contiguous_copy(self) -> Self {
+            let device = self.device();
+            Tensor::from_data(self.into_data(), &device)
+        }
+    }
+
+    #[test]
+    fn rank_three_inputs_run_over_their_rows_and_an_empty_inner_dimension_gives_the_bias() {
+        let device = Device::flex();
+        let x = random([3, 5, 8], &device);
+        let w = random([8, 20], &device);
+        let b = random([20], &device);
+        let expected = burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone()));
+        let y = linear(x, w, Some(b.clone()));
+        assert_eq!(y.dims(), [3, 5, 20]);
+        assert!(rel_diff(y, expected) < 1e-5);
+
+        let empty = linear(
+            Tensor::<2>::zeros([4, 0], &device),
+            Tensor::zeros([0, 20], &device),
+            Some(b.clone()),
+        );
+        let rows: Tensor<2> = b.reshape([1, 20]).repeat_dim(0, 4);
+        assert_eq!(rel_diff(empty, rows), 0.0);
+        let zeros = linear(
+            Tensor::<2>::zeros([4, 0], &device),
+            Tensor::zeros([0, 20], &device),
+            None,
+        );
+        assert_eq!(zeros.abs().sum().into_scalar::<f32>(), 0.0);
+    }
+
+    #[test]
+    fn gradients_equal_burns_autodiff_for_every_tracked_operand() {
+        let device = Device::flex().autodiff();
+        for (m, k, n) in SHAPES {
+            let inner = device.clone().inner();
+            let (x, w, b) = (
+                random([m, k], &inner),
+                random([k, n], &inner),
+                random([n], &inner),
+            );
+            let upstream = Tensor::<2>::from_inner(random([m, n], &inner));
+            // (x tracked, weight tracked, with bias): a frozen base weight, LoRA factors, full
+            // fine-tuning.
+            for (x_tracked, w_tracked, with_bias) in [
+                (true, false, true),
+                (true, true, false),
+                (false, true, true),
+                (true, true, true),
+            ] {
+                let run = |fast: bool| {
+                    let track = |t: Tensor<2>, on: bool| {
+                        let t = Tensor::<2>::from_inner(t);
+                        if on { t.require_grad() } else { t }
+                    };
+                    let (xv, wv) = (track(x.clone(), x_tracked), track(w.clone(), w_tracked));
+                    let bv = with_bias.then(|| Tensor::<1>::from_inner(b.clone()).require_grad());
+                    let y = if fast {
+                        linear(xv.clone(), wv.clone(), bv.clone())
+                    } else {
+                        burn::tensor::module::linear(xv.clone(), wv.clone(), bv.clone())
+                    };
+                    let grads = (y * upstream.clone()).sum().backward();
+                    (
+                        xv.grad(&grads),
+                        wv.grad(&grads),
+                        bv.and_then(|b| b.grad(&grads)),
+                    )
+                };
+                let (fast, reference) = (run(true), run(false));
+                let case = format!("{m}x{k}x{n} x:{x_tracked} w:{w_tracked} bias:{with_bias}");
+                assert_eq!(fast.0.is_some(), x_tracked, "{case}");
+                assert_eq!(fast.1.is_some(), w_tracked, "{case}");
+                assert_eq!(fast.2.is_some(), with_bias, "{case}");
+                if let (Some(a), Some(b)) = (fast.0, reference.0) {
+                    assert!(rel_diff(a, b) < 1e-5, "dx {case}");
+                }
+                if let (Some(a), Some(b)) = (fast.1, reference.1) {
+                    assert!(rel_diff(a, b) < 1e-5, "dW {case}");
+                }
+                if let (Some(a), Some(b)) = (fast.2, reference.2) {
+                    assert!(rel_diff(a, b) < 1e-5, "db {case}");
+                }
+            }
+        }
+    }
+}
