@@ -192,7 +192,8 @@ pub fn linear<const D: usize>(
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product();
-    // flex copies a non-contiguous tensor on any reshape, even to its own shape.
+    // flex copies a non-contiguous tensor on any reshape, even to its own shape, one strided
+    // element at a time (3.5 ms for the `[384, 2048]` transposed view `xᵀ`).
     let x = if D == 2 {
         Tensor::<2>::from_dispatch(x.into_dispatch())
     } else {
@@ -229,9 +230,6 @@ mod flex {
 
     /// Products of at least this many multiply-adds use gemm's threads (flex's own threshold).
     const PARALLEL_WORK: usize = 192 * 192 * 192;
-
-    /// Products with at least this many output columns are split into row blocks.
-    const SPLIT_COLUMNS: usize = 64;
 
     impl LinearBackend for Flex {
         fn fast_matmul(lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> FloatTensor<Flex> {
@@ -304,7 +302,6 @@ mod flex {
             data: &lhs.storage::<f32>()[lhs_off..],
             strides: lhs_s,
         };
-
         let rhs = Matrix {
             data: &rhs.storage::<f32>()[rhs_off..],
             strides: rhs_s,
@@ -322,16 +319,8 @@ mod flex {
         } else {
             1
         };
-        // Narrow outputs (LoRA's rank-r products) are not split: one gemm block of 16 columns
-        // and a long `k` ran 10x slower on one thread than whole on gemm's threads
-        // (`[384, 2048] · [2048, 16]`: 3.9 ms against 0.4 ms).
-        let block = if n >= SPLIT_COLUMNS {
-            m.div_ceil(threads).next_multiple_of(16).max(1)
-        } else {
-            m.max(1)
-        };
-        // Not split (too few rows, as LoRA's 16-row `B` gradient, or a narrow output): gemm's
-        // own threads instead.
+        let block = m.div_ceil(threads).next_multiple_of(16).max(1);
+        // Too few rows to split (LoRA's 16-row `B` gradient): gemm's own threads instead.
         let parallelism = if threads > 1 && block >= m {
             gemm::Parallelism::Rayon(0)
         } else {
