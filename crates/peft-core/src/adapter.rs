@@ -1,7 +1,7 @@
 //! The per-layer math every method implements once, shared by both attach paths.
 
 use burn::module::Module;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::target::LayerKind;
 
@@ -41,6 +41,18 @@ pub trait Adapter: Module + Sync + 'static {
         bias: Option<&Tensor<1>>,
         result: Tensor<D>,
     ) -> Tensor<D>;
+
+    /// When this adapter's contribution to a linear layer is exactly `scale · x · a · b` for an
+    /// input on `device` (plain LoRA: no DoRA, no active dropout), its factors `(a, b, scale)`
+    /// (`a`: `[d_in, r]`, `b`: `[r, d_out]`).
+    ///
+    /// A [`PeftLinear`](crate::PeftLinear) whose only applied adapter answers this runs the
+    /// base product and the adapter term as one fused op ([`crate::kernels::lora_linear`])
+    /// instead of [`forward_linear`](Adapter::forward_linear). The default is `None`.
+    fn low_rank_factors(&self, device: &Device) -> Option<(Tensor<2>, Tensor<2>, f64)> {
+        let _ = device;
+        None
+    }
 
     /// Add this adapter's contribution to an embedding lookup.
     ///

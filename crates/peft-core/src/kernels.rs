@@ -16,7 +16,7 @@ use burn::backend::{
     autodiff::{
         checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
         grads::Gradients,
-        ops::{Backward, Ops, OpsKind},
+        ops::{Backward, Ops, OpsKind, OpsPrep},
     },
     backend_extension,
     tensor::FloatTensor,
@@ -47,6 +47,63 @@ pub trait LinearBackend: Backend {
         let n = bias.shape()[0];
         let product = Self::float_matmul(x, weight);
         Self::float_add(product, Self::float_reshape(bias, Shape::new([1, n])))
+    }
+
+    /// `x · weight + h · b` for 2-D operands: a product plus a low-rank term (`h`: `[m, r]`,
+    /// `b`: `[r, n]`), summed into one output.
+    #[fusion(default)]
+    fn fast_matmul_low_rank(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::float_add(Self::float_matmul(x, weight), Self::float_matmul(h, b))
+    }
+
+    /// `x · weight + bias + h · b`: [`fast_matmul_low_rank`](Self::fast_matmul_low_rank) with a
+    /// bias.
+    #[fusion(default)]
+    fn fast_linear_low_rank(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let n = bias.shape()[0];
+        let product = Self::fast_matmul_low_rank(x, weight, h, b);
+        Self::float_add(product, Self::float_reshape(bias, Shape::new([1, n])))
+    }
+
+    /// `x · weight + scale · (x · a) · b` for 2-D operands: a linear layer with a LoRA term
+    /// (`a`: `[k, r]`, `b`: `[r, n]`). On `Autodiff` one op whose backward pass sums both input
+    /// gradients in one product (see [`lora_linear`]).
+    #[fusion(default)]
+    fn fast_lora_matmul(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let h = Self::float_mul_scalar(Self::fast_matmul(x.clone(), a), scale.into());
+        Self::fast_matmul_low_rank(x, weight, h, b)
+    }
+
+    /// `x · weight + bias + scale · (x · a) · b`: [`fast_lora_matmul`](Self::fast_lora_matmul)
+    /// with a bias.
+    #[fusion(default)]
+    fn fast_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let h = Self::float_mul_scalar(Self::fast_matmul(x.clone(), a), scale.into());
+        Self::fast_linear_low_rank(x, weight, bias, h, b)
     }
 }
 
@@ -158,6 +215,126 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
             )),
         }
     }
+
+    fn fast_lora_matmul(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let tracked = [&x, &weight, &a, &b].map(|t| t.is_tracked());
+        let prep = LoraBackward.prepare::<C>([x.node(), weight.node(), a.node(), b.node()]);
+        let inputs = [x, weight, a, b].map(|t| t.into_primitive());
+        finish_lora(prep, tracked, inputs, None, scale)
+    }
+
+    fn fast_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let tracked = [&x, &weight, &a, &b].map(|t| t.is_tracked());
+        let nodes = [x.node(), weight.node(), a.node(), b.node(), bias.node()];
+        let prep = LoraBackward.prepare::<C>(nodes);
+        let inputs = [x, weight, a, b].map(|t| t.into_primitive());
+        finish_lora(prep, tracked, inputs, Some(bias.into_primitive()), scale)
+    }
+}
+
+/// The backward step of [`LinearBackend::fast_lora_matmul`] and
+/// [`fast_lora_linear`](LinearBackend::fast_lora_linear) on `Autodiff`; its parents are
+/// `[x, weight, a, b]`, then the bias if there is one.
+#[derive(Debug)]
+struct LoraBackward;
+
+/// What [`LoraBackward`] keeps, each only when a gradient needs it: `x` (for `dA`, `dW`),
+/// `weight` and `a` (for `dx`), `b` (for `dA`, `dx`), `h = scale · x·a` (for `dB`).
+#[derive(Clone, Debug)]
+struct LoraState<T> {
+    x: Option<T>,
+    weight: Option<T>,
+    a: Option<T>,
+    b: Option<T>,
+    h: Option<T>,
+    scale: f64,
+}
+
+impl<B: LinearBackend, const N: usize> Backward<B, N> for LoraBackward {
+    type State = LoraState<FloatTensor<B>>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let ids = ops.parents.map(|p| p.map(|n| n.id));
+        let node = |i: usize| ids.get(i).copied().flatten();
+        let s = ops.state;
+        // `scale · g·bᵀ`, `[m, r]`: what `dA` and `dx` share.
+        let gb = s.b.map(|b| {
+            let gb = B::fast_matmul(grad.clone(), B::float_transpose(b));
+            B::float_mul_scalar(gb, s.scale.into())
+        });
+        if let (Some(id), Some(x), Some(gb)) = (node(2), &s.x, &gb) {
+            grads.register::<B>(
+                id,
+                B::fast_matmul(B::float_transpose(x.clone()), gb.clone()),
+            );
+        }
+        if let (Some(id), Some(h)) = (node(3), s.h) {
+            grads.register::<B>(id, B::fast_matmul(B::float_transpose(h), grad.clone()));
+        }
+        if let (Some(id), Some(x)) = (node(1), s.x) {
+            grads.register::<B>(id, B::fast_matmul(B::float_transpose(x), grad.clone()));
+        }
+        if let Some(id) = node(4) {
+            let n = grad.shape()[1];
+            let sum = B::float_sum_dim(grad.clone(), 0);
+            grads.register::<B>(id, B::float_reshape(sum, Shape::new([n])));
+        }
+        // dx = g·Wᵀ + (scale · g·bᵀ)·aᵀ, as one product.
+        if let (Some(id), Some(w), Some(a), Some(gb)) = (node(0), s.weight, s.a, gb) {
+            let t = |t| B::float_transpose(t);
+            grads.register::<B>(id, B::fast_matmul_low_rank(grad, t(w), gb, t(a)));
+        }
+    }
+}
+
+/// Run the LoRA product on the inner backend and record it, keeping what the
+/// tracked inputs' gradients need (`tracked` and `inputs` in the order `x, weight, a, b`).
+fn finish_lora<B: LinearBackend, C: CheckpointStrategy, const N: usize>(
+    prep: OpsPrep<LoraBackward, B, LoraState<FloatTensor<B>>, C, N>,
+    [x_t, w_t, a_t, b_t]: [bool; 4],
+    [x, weight, a, b]: [FloatTensor<B>; 4],
+    bias: Option<FloatTensor<B>>,
+    scale: f64,
+) -> FloatTensor<Autodiff<B, C>> {
+    let prep = match prep.compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep,
+        OpsKind::UnTracked(prep) => {
+            return prep.finish(match bias {
+                Some(bias) => B::fast_lora_linear(x, weight, bias, a, b, scale),
+                None => B::fast_lora_matmul(x, weight, a, b, scale),
+            });
+        }
+    };
+    let h = B::float_mul_scalar(B::fast_matmul(x.clone(), a.clone()), scale.into());
+    let state = LoraState {
+        x: (a_t || w_t).then(|| x.clone()),
+        weight: x_t.then(|| weight.clone()),
+        a: x_t.then(|| a.clone()),
+        b: (x_t || a_t).then(|| b.clone()),
+        h: b_t.then(|| h.clone()),
+        scale,
+    };
+    prep.finish(
+        state,
+        match bias {
+            Some(bias) => B::fast_linear_low_rank(x, weight, bias, h, b),
+            None => B::fast_matmul_low_rank(x, weight, h, b),
+        },
+    )
 }
 
 /// `x · weight + bias`, as `burn::tensor::module::linear` computes it (`weight` is `[d_in,
@@ -189,6 +366,80 @@ pub fn linear<const D: usize>(
         // A quantized weight keeps burn's quantized product.
         return burn::tensor::module::linear(x, weight, bias);
     }
+    on_rows(x, |x| {
+        let y = match bias {
+            Some(b) => <Dispatch as LinearBackend>::fast_linear(
+                x,
+                weight.into_dispatch(),
+                b.into_dispatch(),
+            ),
+            None => <Dispatch as LinearBackend>::fast_matmul(x, weight.into_dispatch()),
+        };
+        Tensor::<2>::from_dispatch(y)
+    })
+}
+
+/// `x · weight + bias + scale · (x · a) · b`: a linear layer with a LoRA term, as
+/// `linear(x, weight, bias) + linear(linear(x, a, None) * scale, b, None)` computes it, in one
+/// differentiable op.
+///
+/// The LoRA term is added to each block of output rows right after the base product (no
+/// separate `[.., d_out]` tensor and add), and the backward pass computes the input gradient
+/// `g·weightᵀ + (scale · g·bᵀ)·aᵀ` as one product, where the composed ops make two `[.., d_in]`
+/// gradients and add them. Only tracked operands get gradients, from what the forward pass
+/// kept for them (a frozen `weight` keeps no `x`).
+///
+/// # Shapes
+/// * `x`: `[..., d_in]`; `weight`: `[d_in, d_out]`; `bias`: `[d_out]`; `a`: `[d_in, r]`; `b`:
+///   `[r, d_out]`; returns `[..., d_out]`.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use burn::tensor::module::linear;
+/// let device = Device::flex();
+/// let x = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &device);
+/// let w = Tensor::<2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], &device);
+/// let (a, b) = (Tensor::<2>::ones([2, 1], &device), Tensor::<2>::ones([1, 3], &device));
+/// let y = peft_core::kernels::lora_linear(x.clone(), w.clone(), None, a.clone(), b.clone(), 0.5);
+/// let reference = linear(x.clone(), w, None) + linear(linear(x, a, None) * 0.5, b, None);
+/// let diff = (y - reference).abs().max().into_scalar::<f32>();
+/// assert!(diff < 1e-6);
+/// ```
+pub fn lora_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    scale: f64,
+) -> Tensor<D> {
+    if matches!(weight.dtype(), DType::QFloat(_)) {
+        let base = burn::tensor::module::linear(x.clone(), weight, bias);
+        return base + linear(linear(x, a, None) * scale, b, None);
+    }
+    on_rows(x, |x| {
+        let (w, a, b) = (weight.into_dispatch(), a.into_dispatch(), b.into_dispatch());
+        let y = match bias {
+            Some(bias) => <Dispatch as LinearBackend>::fast_lora_linear(
+                x,
+                w,
+                bias.into_dispatch(),
+                a,
+                b,
+                scale,
+            ),
+            None => <Dispatch as LinearBackend>::fast_lora_matmul(x, w, a, b, scale),
+        };
+        Tensor::<2>::from_dispatch(y)
+    })
+}
+
+/// `f` over the rows of `x` (`[..., d_in]` as a 2-D dispatch tensor), reshaped back to `[...,
+/// d_out]`.
+fn on_rows<const D: usize>(
+    x: Tensor<D>,
+    f: impl FnOnce(FloatTensor<Dispatch>) -> Tensor<2>,
+) -> Tensor<D> {
     let dims = x.dims();
     let d_in = dims[D - 1];
     let rows = dims[..D - 1].iter().product();
@@ -199,14 +450,7 @@ pub fn linear<const D: usize>(
     } else {
         x.reshape([rows, d_in])
     };
-    let x = x.into_dispatch();
-    let y = match bias {
-        Some(b) => {
-            <Dispatch as LinearBackend>::fast_linear(x, weight.into_dispatch(), b.into_dispatch())
-        }
-        None => <Dispatch as LinearBackend>::fast_matmul(x, weight.into_dispatch()),
-    };
-    let y = Tensor::<2>::from_dispatch(y);
+    let y = f(x.into_dispatch());
     if D == 2 {
         return Tensor::from_dispatch(y.into_dispatch());
     }
@@ -236,7 +480,7 @@ mod flex {
             if !supported(&[&lhs, &rhs]) {
                 return Flex::float_matmul(lhs, rhs);
             }
-            product(lhs, rhs, None)
+            product(lhs, rhs, None, None)
         }
 
         fn fast_linear(
@@ -247,7 +491,34 @@ mod flex {
             if !supported(&[&x, &weight]) || bias.dtype() != DType::F32 {
                 return Flex::linear(x, weight, Some(bias));
             }
-            product(x, weight, Some(bias))
+            product(x, weight, Some(bias), None)
+        }
+
+        fn fast_matmul_low_rank(
+            x: FloatTensor<Flex>,
+            weight: FloatTensor<Flex>,
+            h: FloatTensor<Flex>,
+            b: FloatTensor<Flex>,
+        ) -> FloatTensor<Flex> {
+            if !supported(&[&x, &weight, &h, &b]) {
+                let product = Flex::float_matmul(x, weight);
+                return Flex::float_add(product, Flex::float_matmul(h, b));
+            }
+            product(x, weight, None, Some((h, b)))
+        }
+
+        fn fast_linear_low_rank(
+            x: FloatTensor<Flex>,
+            weight: FloatTensor<Flex>,
+            bias: FloatTensor<Flex>,
+            h: FloatTensor<Flex>,
+            b: FloatTensor<Flex>,
+        ) -> FloatTensor<Flex> {
+            if !supported(&[&x, &weight, &h, &b]) || bias.dtype() != DType::F32 {
+                let product = Flex::linear(x, weight, Some(bias));
+                return Flex::float_add(product, Flex::float_matmul(h, b));
+            }
+            product(x, weight, Some(bias), Some((h, b)))
         }
     }
 
@@ -270,11 +541,13 @@ mod flex {
         (t, offset, strides)
     }
 
-    /// `lhs · rhs (+ bias)` into a new row-major `[m, n]` tensor.
+    /// `lhs · rhs (+ bias) (+ h · b)` into a new row-major `[m, n]` tensor, `low_rank` being
+    /// `(h, b)`: each block of rows gets its low-rank term while it is still in cache.
     fn product(
         lhs: FloatTensor<Flex>,
         rhs: FloatTensor<Flex>,
         bias: Option<FloatTensor<Flex>>,
+        low_rank: Option<(FloatTensor<Flex>, FloatTensor<Flex>)>,
     ) -> FloatTensor<Flex> {
         let (m, k) = (lhs.layout().shape()[0], lhs.layout().shape()[1]);
         let n = rhs.layout().shape()[1];
@@ -310,6 +583,33 @@ mod flex {
             lhs.fits(m, k) && rhs.fits(k, n),
             "linear: operand view out of bounds"
         );
+        let low_rank = low_rank.map(|(h, b)| {
+            let r = h.layout().shape()[1];
+            assert!(
+                h.layout().shape()[0] == m && b.layout().shape().dims::<2>() == [r, n],
+                "linear: low-rank term {:?} · {:?} for a {m}x{n} output",
+                h.layout().shape(),
+                b.layout().shape()
+            );
+            (operand(h), operand(b), r)
+        });
+        let low_rank = low_rank
+            .as_ref()
+            .map(|((h, h_off, h_s), (b, b_off, b_s), r)| {
+                let h = Matrix {
+                    data: &h.storage::<f32>()[*h_off..],
+                    strides: *h_s,
+                };
+                let b = Matrix {
+                    data: &b.storage::<f32>()[*b_off..],
+                    strides: *b_s,
+                };
+                assert!(
+                    h.fits(m, *r) && b.fits(*r, n),
+                    "linear: low-rank view out of bounds"
+                );
+                (h, b, *r)
+            });
         let len = m * n;
         let mut out: Vec<f32> = Vec::with_capacity(len);
         // Row blocks, one per thread for large products: each runs gemm on one thread against
@@ -332,7 +632,8 @@ mod flex {
             .for_each(|(i, chunk)| {
                 let rows = chunk.len() / n.max(1);
                 let lhs = lhs.rows(i * block);
-                block_product((rows, n, k), chunk, (lhs, rhs), bias, parallelism);
+                let low_rank = low_rank.map(|(h, b, r)| (h.rows(i * block), b, r));
+                block_product((rows, n, k), chunk, (lhs, rhs), bias, low_rank, parallelism);
             });
         // SAFETY: the blocks cover all `m·n` elements and each was initialised above.
         #[allow(unsafe_code)]
@@ -368,14 +669,15 @@ mod flex {
         }
     }
 
-    /// `lhs · rhs (+ bias)` for an `m x n` block (on this thread unless `parallelism` says
-    /// otherwise), written row-major into `dst` (exactly `m·n` elements, uninitialised). The
-    /// operands must hold the `m x k` and `k x n` views (`Matrix::fits`).
+    /// `lhs · rhs (+ bias) (+ h · b)` for an `m x n` block (on this thread unless `parallelism`
+    /// says otherwise), written row-major into `dst` (exactly `m·n` elements, uninitialised).
+    /// The operands must hold the `m x k`, `k x n`, `m x r` and `r x n` views (`Matrix::fits`).
     fn block_product(
         (m, n, k): (usize, usize, usize),
         dst: &mut [MaybeUninit<f32>],
         (lhs, rhs): (Matrix<'_>, Matrix<'_>),
         bias: Option<&[f32]>,
+        low_rank: Option<(Matrix<'_>, Matrix<'_>, usize)>,
         parallelism: gemm::Parallelism,
     ) {
         assert!(dst.len() == m * n && lhs.fits(m, k) && rhs.fits(k, n));
@@ -393,22 +695,53 @@ mod flex {
             }),
             None => {}
         }
-        if m == 0 || n == 0 || k == 0 {
+        if m == 0 || n == 0 {
             return;
         }
-        let read_dst = bias.is_some();
-        // SAFETY: the assert keeps every operand element gemm reads inside its slice and `dst`
-        // holds exactly the `m·n` elements gemm writes (row-major); `dst` is borrowed
-        // mutably, so it aliases neither operand. With a bias every element was initialised
-        // above; without one gemm does not read `dst` (`read_dst` false) and writes each element
-        // (k > 0).
-        #[allow(unsafe_code)]
+        let dst = dst.as_mut_ptr().cast::<f32>();
+        if k > 0 {
+            // SAFETY: the assert keeps both operand views inside their slices and `dst` holds
+            // the `m·n` elements. With a bias every element was initialised above; without one
+            // gemm does not read `dst` (`read_dst` false) and writes each element (k > 0).
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm_into(dst, (m, n, k), (lhs, rhs), bias.is_some(), parallelism);
+            }
+        }
+        // Every element is initialised now: by the bias, the zeros (k = 0) or the product.
+        if let Some((h, b, r)) = low_rank
+            && r > 0
+        {
+            assert!(h.fits(m, r) && b.fits(r, n));
+            // SAFETY: as above, with every element of `dst` initialised for `read_dst`.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm_into(dst, (m, n, r), (h, b), true, parallelism);
+            }
+        }
+    }
+
+    /// `dst = lhs · rhs`, or `dst += lhs · rhs` with `read_dst`, for a row-major `m x n` `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `m·n` writes (and reads with `read_dst`, initialised), alias
+    /// neither operand, and `lhs`, `rhs` must hold their `m x k`, `k x n` views.
+    #[allow(unsafe_code)]
+    unsafe fn gemm_into(
+        dst: *mut f32,
+        (m, n, k): (usize, usize, usize),
+        (lhs, rhs): (Matrix<'_>, Matrix<'_>),
+        read_dst: bool,
+        parallelism: gemm::Parallelism,
+    ) {
+        debug_assert!(lhs.fits(m, k) && rhs.fits(k, n));
+        // SAFETY: the caller's contract.
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                dst.as_mut_ptr().cast::<f32>(),
+                dst,
                 1,
                 n as isize,
                 read_dst,
@@ -433,7 +766,7 @@ mod flex {
 mod tests {
     use burn::tensor::{Device, Distribution, Tensor};
 
-    use super::linear;
+    use super::{linear, lora_linear};
 
     /// `|a - b|` relative to `b`'s largest magnitude (at least 1).
     fn rel_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
@@ -570,6 +903,153 @@ mod tests {
                 }
                 if let (Some(a), Some(b)) = (fast.2, reference.2) {
                     assert!(rel_diff(a, b) < 1e-5, "db {case}");
+                }
+            }
+        }
+    }
+
+    /// `linear(x, w, bias) + linear(linear(x, a) * scale, b)` from burn's own ops.
+    fn composed_lora<const D: usize>(
+        x: Tensor<D>,
+        w: Tensor<2>,
+        bias: Option<Tensor<1>>,
+        (a, b, scale): (Tensor<2>, Tensor<2>, f64),
+    ) -> Tensor<D> {
+        use burn::tensor::module::linear;
+        linear(x.clone(), w, bias) + linear(linear(x, a, None) * scale, b, None)
+    }
+
+    /// `(m, k, n, r)`: the linear shapes above with a few ranks, and a split product with its
+    /// rank-16 term.
+    const LORA_SHAPES: [(usize, usize, usize, usize); 6] = [
+        (1, 1, 1, 1),
+        (5, 7, 3, 2),
+        (70, 33, 63, 4),
+        (300, 200, 150, 16),
+        (512, 384, 48, 8),
+        (16, 2048, 256, 16),
+    ];
+
+    #[test]
+    fn lora_linear_equals_the_composed_ops_for_plain_strided_and_rank_three_inputs() {
+        let device = Device::flex();
+        for (m, k, n, r) in LORA_SHAPES {
+            let (x, w, bias) = (
+                random([m, k], &device),
+                random([k, n], &device),
+                random([n], &device),
+            );
+            let (a, b) = (random([k, r], &device), random([r, n], &device));
+            for bias in [None, Some(bias)] {
+                let expected = composed_lora(
+                    x.clone(),
+                    w.clone(),
+                    bias.clone(),
+                    (a.clone(), b.clone(), 0.7),
+                );
+                let y = lora_linear(
+                    x.clone(),
+                    w.clone(),
+                    bias.clone(),
+                    a.clone(),
+                    b.clone(),
+                    0.7,
+                );
+                assert_eq!(y.dims(), [m, n]);
+                assert!(rel_diff(y, expected.clone()) < 1e-5, "{m}x{k}x{n} r{r}");
+                let t = |t: &Tensor<2>| t.clone().transpose().contiguous_copy().transpose();
+                let y = lora_linear(t(&x), t(&w), bias.clone(), t(&a), t(&b), 0.7);
+                assert!(rel_diff(y, expected) < 1e-5, "{m}x{k}x{n} r{r} strided");
+            }
+        }
+        let x = random([3, 5, 8], &device);
+        let (w, bias) = (random([8, 20], &device), random([20], &device));
+        let (a, b) = (random([8, 4], &device), random([4, 20], &device));
+        let expected = composed_lora(
+            x.clone(),
+            w.clone(),
+            Some(bias.clone()),
+            (a.clone(), b.clone(), 2.0),
+        );
+        let y = lora_linear(x, w, Some(bias), a, b, 2.0);
+        assert_eq!(y.dims(), [3, 5, 20]);
+        assert!(rel_diff(y, expected) < 1e-5);
+        // An empty inner dimension leaves the bias (the LoRA term is empty too).
+        let (x, w) = (
+            Tensor::<2>::zeros([4, 0], &device),
+            Tensor::zeros([0, 6], &device),
+        );
+        let (a, b) = (Tensor::zeros([0, 2], &device), random([2, 6], &device));
+        let bias = random([6], &device);
+        let y = lora_linear(x, w, Some(bias.clone()), a, b, 1.0);
+        assert_eq!(rel_diff(y, bias.reshape([1, 6]).repeat_dim(0, 4)), 0.0);
+    }
+
+    #[test]
+    fn lora_linear_gradients_equal_burns_autodiff_for_every_tracked_operand() {
+        let device = Device::flex().autodiff();
+        let inner = device.clone().inner();
+        for (m, k, n, r) in LORA_SHAPES {
+            let (x, w, bias) = (
+                random([m, k], &inner),
+                random([k, n], &inner),
+                random([n], &inner),
+            );
+            let (a, b) = (random([k, r], &inner), random([r, n], &inner));
+            let upstream = Tensor::<2>::from_inner(random([m, n], &inner));
+            // (x, weight, a, b, bias) tracked: a LoRA layer (the first one with a frozen input),
+            // full fine-tuning on top of LoRA, a frozen `a`, and no bias.
+            for tracked in [
+                [true, false, true, true, true],
+                [false, false, true, true, true],
+                [true, true, true, true, true],
+                [true, false, false, true, false],
+                [true, false, true, false, false],
+            ] {
+                let run = |fast: bool| {
+                    let track = |t: &Tensor<2>, on: bool| {
+                        let t = Tensor::<2>::from_inner(t.clone());
+                        if on { t.require_grad() } else { t }
+                    };
+                    let (xv, wv) = (track(&x, tracked[0]), track(&w, tracked[1]));
+                    let (av, bv) = (track(&a, tracked[2]), track(&b, tracked[3]));
+                    let biasv =
+                        tracked[4].then(|| Tensor::<1>::from_inner(bias.clone()).require_grad());
+                    let y = if fast {
+                        lora_linear(
+                            xv.clone(),
+                            wv.clone(),
+                            biasv.clone(),
+                            av.clone(),
+                            bv.clone(),
+                            1.5,
+                        )
+                    } else {
+                        composed_lora(
+                            xv.clone(),
+                            wv.clone(),
+                            biasv.clone(),
+                            (av.clone(), bv.clone(), 1.5),
+                        )
+                    };
+                    let grads = (y * upstream.clone()).sum().backward();
+                    let g2 = |t: &Tensor<2>| t.grad(&grads);
+                    (
+                        [g2(&xv), g2(&wv), g2(&av), g2(&bv)],
+                        biasv.and_then(|t| t.grad(&grads)),
+                    )
+                };
+                let ((fast, fast_bias), (reference, reference_bias)) = (run(true), run(false));
+                let case = format!("{m}x{k}x{n} r{r} tracked {tracked:?}");
+                for (i, (f, e)) in fast.into_iter().zip(reference).enumerate() {
+                    assert_eq!(f.is_some(), tracked[i], "operand {i}: {case}");
+                    if let (Some(f), Some(e)) = (f, e) {
+                        assert!(rel_diff(f, e) < 1e-4, "operand {i}: {case}");
+                    }
+                }
+                assert_eq!(fast_bias.is_some(), tracked[4], "{case}");
+                if let (Some(f), Some(e)) = (fast_bias, reference_bias) {
+                    assert!(rel_diff(f, e) < 1e-5, "bias: {case}");
                 }
             }
         }

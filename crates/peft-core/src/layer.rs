@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor};
 
 use crate::adapter::Adapter;
 use crate::hook::visit_host;
-use crate::kernels::linear;
+use crate::kernels::{linear, lora_linear};
 use crate::slot::AdapterSlot;
 
 /// A linear layer that carries adapters and computes `x·W + b + Σ delta(x)`.
@@ -69,6 +69,9 @@ impl<A: Adapter> PeftLinear<A> {
         }
         let weight = self.weight.val();
         let bias = self.bias.as_ref().map(Param::val);
+        if let Some((a, b, scale)) = self.adapters.single_low_rank(&x.device()) {
+            return lora_linear(x, weight, bias, a, b, scale);
+        }
         let result = linear(x.clone(), weight.clone(), bias.clone());
         if self.adapters.is_empty() {
             return result;

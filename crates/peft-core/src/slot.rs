@@ -162,6 +162,17 @@ impl<A: Adapter> AdapterSlot<A> {
         result
     }
 
+    /// The factors of the only applied adapter, if there is exactly one and its contribution
+    /// is a plain low-rank product ([`Adapter::low_rank_factors`]).
+    pub fn single_low_rank(&self, device: &Device) -> Option<(Tensor<2>, Tensor<2>, f64)> {
+        let mut applied = self.applied();
+        let only = applied.next()?;
+        if applied.next().is_some() {
+            return None;
+        }
+        only.low_rank_factors(device)
+    }
+
     /// Add the active, unmerged adapters' contributions to an embedding lookup.
     pub fn forward_embedding(
         &self,

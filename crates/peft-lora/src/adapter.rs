@@ -3,7 +3,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::embedding;
-use burn::tensor::{Distribution, Int, Tensor};
+use burn::tensor::{Device, Distribution, Int, Tensor};
 use peft_core::error::Result;
 use peft_core::kernels::linear;
 use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError, Placement};
@@ -103,6 +103,12 @@ impl Adapter for LoraAdapter {
             linear(dropped, weight.clone(), None)
         };
         result + (f.clone() - 1.0) * base_result + f * lora
+    }
+
+    fn low_rank_factors(&self, device: &Device) -> Option<(Tensor<2>, Tensor<2>, f64)> {
+        let dropout_off = self.dropout.prob == 0.0 || !device.is_autodiff();
+        (self.magnitude.is_none() && dropout_off)
+            .then(|| (self.lora_a.val(), self.lora_b.val(), self.scale))
     }
 
     fn forward_embedding(
