@@ -22,5 +22,7 @@ rows = [("full fine-tuning step", b["full_ft_ms"], t["full_ft_ms"]),
         ("eval forward", b["eval_forward_ms"], t["eval_forward_ms"])]
 print(f"\n{'':40} {'burn ms':>9} {'torch ms':>9} {'ratio':>6}")
 for name, x, y in rows:
+    if x is None or y is None:  # a variant left out with --only
+        continue
     print(f"{name:40} {x:9.0f} {y:9.0f} {x / y:6.2f}")
 PY

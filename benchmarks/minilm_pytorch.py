@@ -2,6 +2,7 @@
 """PyTorch + PEFT side of the MiniLM benchmark (the Rust side is examples/bench_minilm.rs).
 
     python benchmarks/minilm_pytorch.py --model DIR [--threads 2] [--rounds 3] [--steps 5] [--json OUT]
+    python benchmarks/minilm_pytorch.py --model DIR --profile   # where PEFT's LoRA step spends its time
 
 Same workload as the Rust side: all-MiniLM-L6-v2 `BertModel`, batch 16 x 128 tokens (the same
 deterministic ids, no padding), loss mean(last_hidden_state^2), AdamW (lr 1e-4, weight decay
@@ -52,6 +53,23 @@ def timed(steps: int, f) -> float:
     return times[len(times) // 2]
 
 
+def profile(step, steps: int) -> None:
+    """Self CPU time per op of `steps` LoRA steps, with the GEMM share (mm, addmm, bmm) per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(f"per step: {total / steps / 1e3:.0f} ms, GEMMs (mm, addmm, bmm) {gemm / steps / 1e3:.0f} ms "
+          f"({100 * gemm / total:.0f} %)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -59,6 +77,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true", help="profile the PEFT LoRA step by op and exit")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     full = load(a.model)
@@ -77,6 +96,9 @@ def main() -> None:
             return evaluator(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0, 0].item()
 
     f_full, f_lora = step_fn(full, ids, mask), step_fn(lora, ids, mask)
+    if a.profile:
+        profile(f_lora, a.steps)
+        return
     res = {"full_ft_ms": [], "peft_lora_ms": [], "eval_forward_ms": []}
     for r in range(a.rounds):
         res["full_ft_ms"].append(timed(a.steps, f_full))

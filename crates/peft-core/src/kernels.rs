@@ -475,6 +475,10 @@ mod flex {
     /// Products of at least this many multiply-adds use gemm's threads (flex's own threshold).
     const PARALLEL_WORK: usize = 192 * 192 * 192;
 
+    /// Inner-dimension length per thread from which a product with too few rows to split runs
+    /// as partial products over slices of it ([`inner_split`]).
+    const INNER_SPLIT: usize = 256;
+
     impl LinearBackend for Flex {
         fn fast_matmul(lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> FloatTensor<Flex> {
             if !supported(&[&lhs, &rhs]) {
@@ -620,8 +624,30 @@ mod flex {
             1
         };
         let block = m.div_ceil(threads).next_multiple_of(16).max(1);
-        // Too few rows to split (LoRA's 16-row `B` gradient): gemm's own threads instead.
-        let parallelism = if threads > 1 && block >= m {
+        let few_rows = threads > 1 && block >= m;
+        if few_rows && k >= INNER_SPLIT * threads {
+            // Too few rows to split but a long inner dimension (LoRA's `B` gradient `hᵀ·g`, 16
+            // rows deep in tokens): one slice of the inner dimension per thread.
+            let mut out = inner_split((m, n, k), (lhs, rhs), bias, threads);
+            if let Some((h, b, r)) = low_rank
+                && m * n * r > 0
+            {
+                // SAFETY: `out` holds the `m·n` initialised outputs; `fits` was checked above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    gemm_into(
+                        out.as_mut_ptr(),
+                        (m, n, r),
+                        (h, b),
+                        true,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            return FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([m, n])));
+        }
+        // Too few rows to split and a short inner dimension: gemm's own threads.
+        let parallelism = if few_rows {
             gemm::Parallelism::Rayon(0)
         } else {
             gemm::Parallelism::None
@@ -643,6 +669,51 @@ mod flex {
         FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([m, n])))
     }
 
+    /// `lhs · rhs (+ bias)` as `threads` partial products over slices of the inner dimension,
+    /// each on its own thread, then summed: for products with few rows and a long inner
+    /// dimension, where row blocks cannot split the work.
+    fn inner_split(
+        (m, n, k): (usize, usize, usize),
+        (lhs, rhs): (Matrix<'_>, Matrix<'_>),
+        bias: Option<&[f32]>,
+        threads: usize,
+    ) -> Vec<f32> {
+        let depth = k.div_ceil(threads);
+        let mut partials: Vec<Vec<f32>> = (0..threads)
+            .into_par_iter()
+            .map(|t| {
+                let (first, len) = (t * depth, depth.min(k - (t * depth).min(k)));
+                let mut part = Vec::with_capacity(m * n);
+                let (lhs, rhs) = (lhs.cols(first), rhs.rows(first));
+                let dst = &mut part.spare_capacity_mut()[..m * n];
+                block_product(
+                    (m, n, len),
+                    dst,
+                    (lhs, rhs),
+                    None,
+                    None,
+                    gemm::Parallelism::None,
+                );
+                // SAFETY: `block_product` initialised all `m·n` elements.
+                #[allow(unsafe_code)]
+                unsafe {
+                    part.set_len(m * n)
+                };
+                part
+            })
+            .collect();
+        let mut out = partials.swap_remove(0);
+        for part in &partials {
+            out.iter_mut().zip(part).for_each(|(o, p)| *o += p);
+        }
+        if let Some(b) = bias {
+            for row in out.chunks_mut(n.max(1)) {
+                row.iter_mut().zip(b).for_each(|(o, v)| *o += v);
+            }
+        }
+        out
+    }
+
     /// A strided view into a storage slice.
     #[derive(Clone, Copy)]
     struct Matrix<'a> {
@@ -657,6 +728,15 @@ mod flex {
             rows == 0
                 || cols == 0
                 || (rows - 1) * self.strides[0] + (cols - 1) * self.strides[1] < self.data.len()
+        }
+
+        /// The view from column `first` on (empty past the end).
+        fn cols(self, first: usize) -> Self {
+            let start = (first * self.strides[1]).min(self.data.len());
+            Self {
+                data: &self.data[start..],
+                strides: self.strides,
+            }
         }
 
         /// The view from row `first` on (empty past the end).
