@@ -21,7 +21,7 @@ use burn::backend::{
     backend_extension,
     tensor::FloatTensor,
 };
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{DType, Shape, Slice, Tensor};
 
 /// The extension behind [`linear`]; use that function rather than this trait.
 #[backend_extension(
@@ -91,6 +91,21 @@ pub trait LinearBackend: Backend {
         Self::fast_matmul_low_rank(x, weight, h, b)
     }
 
+    /// The LoRA op's low-rank gradients for the output gradient `g` (`[m, n]`), from its input
+    /// `x` (`[m, k]`), `h = scale · x·a` (`[m, r]`) and `b` (`[r, n]`): `gb = scale · g·bᵀ`
+    /// (`[m, r]`, what the input gradient needs too), `da = xᵀ·gb` (`[k, r]`) and `db = hᵀ·g`
+    /// (`[r, n]`), flattened and concatenated (1-D).
+    #[fusion(default)]
+    fn fast_lora_grads(
+        g: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        composed_lora_grads::<Self>(g, x, h, b, scale)
+    }
+
     /// `x · weight + bias + scale · (x · a) · b`: [`fast_lora_matmul`](Self::fast_lora_matmul)
     /// with a bias.
     #[fusion(default)]
@@ -109,6 +124,25 @@ pub trait LinearBackend: Backend {
 
 #[cfg(feature = "cube")]
 impl LinearBackend for burn_cubecl::CubeBackend {}
+
+/// [`LinearBackend::fast_lora_grads`] from three products.
+fn composed_lora_grads<B: LinearBackend>(
+    g: FloatTensor<B>,
+    x: FloatTensor<B>,
+    h: FloatTensor<B>,
+    b: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let gb = B::fast_matmul(g.clone(), B::float_transpose(b));
+    let gb = B::float_mul_scalar(gb, scale.into());
+    let da = B::fast_matmul(B::float_transpose(x), gb.clone());
+    let db = B::fast_matmul(B::float_transpose(h), g);
+    let flat = |t: FloatTensor<B>| {
+        let n = t.shape().num_elements();
+        B::float_reshape(t, Shape::new([n]))
+    };
+    B::float_cat(vec![flat(gb), flat(da), flat(db)], 0)
+}
 
 /// The gradients of `lhs · rhs` (+ bias): `g·rhsᵀ` and `lhsᵀ·g`, each computed only for a
 /// tracked parent, from the operand it needs.
@@ -272,19 +306,35 @@ impl<B: LinearBackend, const N: usize> Backward<B, N> for LoraBackward {
         let node = |i: usize| ids.get(i).copied().flatten();
         let s = ops.state;
         // `scale · g·bᵀ`, `[m, r]`: what `dA` and `dx` share.
-        let gb = s.b.map(|b| {
-            let gb = B::fast_matmul(grad.clone(), B::float_transpose(b));
-            B::float_mul_scalar(gb, s.scale.into())
-        });
-        if let (Some(id), Some(x), Some(gb)) = (node(2), &s.x, &gb) {
-            grads.register::<B>(
-                id,
-                B::fast_matmul(B::float_transpose(x.clone()), gb.clone()),
-            );
-        }
-        if let (Some(id), Some(h)) = (node(3), s.h) {
-            grads.register::<B>(id, B::fast_matmul(B::float_transpose(h), grad.clone()));
-        }
+        let gb = match (node(2), node(3), &s.x, s.h, s.b) {
+            // Both factors tracked: the three low-rank products in one pass over `g` and `x`.
+            (Some(a_id), Some(b_id), Some(x), Some(h), Some(b)) => {
+                let ([m, r], k, n) = (h.shape().dims(), x.shape()[1], grad.shape()[1]);
+                let all = B::fast_lora_grads(grad.clone(), x.clone(), h, b, s.scale);
+                let part = |start: usize, shape: [usize; 2]| {
+                    let end = start + shape[0] * shape[1];
+                    let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
+                    B::float_reshape(part, Shape::new(shape))
+                };
+                grads.register::<B>(a_id, part(m * r, [k, r]));
+                grads.register::<B>(b_id, part(m * r + k * r, [r, n]));
+                Some(part(0, [m, r]))
+            }
+            (a_id, b_id, _, h, b) => {
+                let gb = b.map(|b| {
+                    let gb = B::fast_matmul(grad.clone(), B::float_transpose(b));
+                    B::float_mul_scalar(gb, s.scale.into())
+                });
+                if let (Some(id), Some(x), Some(gb)) = (a_id, &s.x, &gb) {
+                    let da = B::fast_matmul(B::float_transpose(x.clone()), gb.clone());
+                    grads.register::<B>(id, da);
+                }
+                if let (Some(id), Some(h)) = (b_id, h) {
+                    grads.register::<B>(id, B::fast_matmul(B::float_transpose(h), grad.clone()));
+                }
+                gb
+            }
+        };
         if let (Some(id), Some(x)) = (node(1), s.x) {
             grads.register::<B>(id, B::fast_matmul(B::float_transpose(x), grad.clone()));
         }
@@ -498,6 +548,20 @@ mod flex {
             product(x, weight, Some(bias), None)
         }
 
+        fn fast_lora_grads(
+            g: FloatTensor<Flex>,
+            x: FloatTensor<Flex>,
+            h: FloatTensor<Flex>,
+            b: FloatTensor<Flex>,
+            scale: f64,
+        ) -> FloatTensor<Flex> {
+            let rank = h.layout().shape().dims::<2>()[1];
+            if !supported(&[&g, &x, &h, &b]) || !rows::available(rank) {
+                return super::composed_lora_grads::<Flex>(g, x, h, b, scale);
+            }
+            lora_grads(g, x, h, b, scale as f32)
+        }
+
         fn fast_matmul_low_rank(
             x: FloatTensor<Flex>,
             weight: FloatTensor<Flex>,
@@ -667,6 +731,219 @@ mod flex {
             out.set_len(len)
         };
         FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([m, n])))
+    }
+
+    /// [`LinearBackend::fast_lora_grads`] in one pass over the rows of `g` and `x`, one block
+    /// of rows per thread: each row's `gb` is formed from `g`'s row while that row also
+    /// updates the thread's `hᵀ·g`, then `x`'s row updates its `xᵀ·gb`; the threads' partial
+    /// sums are added at the end. Three separate products read `g` twice and `x` once more,
+    /// each through gemm's packing for a 16-wide output.
+    fn lora_grads(
+        g: FloatTensor<Flex>,
+        x: FloatTensor<Flex>,
+        h: FloatTensor<Flex>,
+        b: FloatTensor<Flex>,
+        scale: f32,
+    ) -> FloatTensor<Flex> {
+        let contiguous = |t: FloatTensor<Flex>| {
+            if t.is_contiguous() {
+                t
+            } else {
+                t.to_contiguous()
+            }
+        };
+        let [m, n] = g.layout().shape().dims::<2>();
+        let [_, k] = x.layout().shape().dims::<2>();
+        let [_, r] = h.layout().shape().dims::<2>();
+        assert!(
+            x.layout().shape().dims::<2>()[0] == m
+                && h.layout().shape().dims::<2>()[0] == m
+                && b.layout().shape().dims::<2>() == [r, n],
+            "lora grads: g {:?}, x {:?}, h {:?}, b {:?}",
+            g.layout().shape(),
+            x.layout().shape(),
+            h.layout().shape(),
+            b.layout().shape()
+        );
+        let (g, x, h) = (contiguous(g), contiguous(x), contiguous(h));
+        // bᵀ, `[n, r]` row-major: one `r`-wide row per output column.
+        let bt = Flex::float_transpose(b).to_contiguous();
+        fn slice(t: &FloatTensor<Flex>) -> &[f32] {
+            t.as_slice::<f32>().expect("a contiguous f32 tensor")
+        }
+        let (gs, xs, hs, bts) = (slice(&g), slice(&x), slice(&h), slice(&bt));
+        let mut out = vec![0.0f32; m * r + k * r + r * n];
+        let (gb, rest) = out.split_at_mut(m * r);
+        let block = m
+            .div_ceil(rayon::current_num_threads())
+            .next_multiple_of(4)
+            .max(4);
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = gb
+            .par_chunks_mut(block * r)
+            .enumerate()
+            .map(|(i, gb)| {
+                let (first, count) = (i * block, gb.len() / r);
+                let (mut dbt, mut da) = (vec![0.0f32; n * r], vec![0.0f32; k * r]);
+                let rows = rows::Rows {
+                    g: &gs[first * n..(first + count) * n],
+                    x: &xs[first * k..(first + count) * k],
+                    h: &hs[first * r..(first + count) * r],
+                };
+                rows::lora_grads(rows, bts, scale, gb, &mut dbt, &mut da);
+                (dbt, da)
+            })
+            .collect();
+        let (da, db) = rest.split_at_mut(k * r);
+        for (dbt, part) in &partials {
+            da.iter_mut().zip(part).for_each(|(o, v)| *o += v);
+            // db[l][j] += dbt[j][l]
+            for (j, row) in dbt.chunks_exact(r).enumerate() {
+                for (l, v) in row.iter().enumerate() {
+                    db[l * n + j] += v;
+                }
+            }
+        }
+        let len = out.len();
+        FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([len])))
+    }
+
+    /// The row loop of [`lora_grads`]: AVX-512 for rank 16, one 16-lane register per row of
+    /// `h`, `gb`, `bᵀ`, `hᵀ·g` and `xᵀ·gb`. Other ranks and CPUs take the three products.
+    mod rows {
+        /// Rows per register block: each `bᵀ`, `hᵀ·g` and `xᵀ·gb` row is loaded once for this
+        /// many rows' updates (`2·GROUP + 4` of the 32 vector registers).
+        const GROUP: usize = 8;
+
+        /// Whether this CPU runs the kernel for `rank`.
+        pub(super) fn available(rank: usize) -> bool {
+            #[cfg(target_arch = "x86_64")]
+            {
+                rank == 16 && std::arch::is_x86_feature_detected!("avx512f")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = rank;
+                false
+            }
+        }
+
+        /// One thread's rows of `g` (`[rows, n]`), `x` (`[rows, k]`) and `h` (`[rows, 16]`).
+        #[derive(Clone, Copy)]
+        pub(super) struct Rows<'a> {
+            pub g: &'a [f32],
+            pub x: &'a [f32],
+            pub h: &'a [f32],
+        }
+
+        /// `gb = scale · g·bᵀ` for these rows (written), `dbt += gᵀ·h` (`[n, 16]`), `da +=
+        /// xᵀ·gb` (`[k, 16]`); `bt` is `bᵀ`, `[n, 16]`. Only where [`available`] says so.
+        pub(super) fn lora_grads(
+            rows: Rows<'_>,
+            bt: &[f32],
+            scale: f32,
+            gb: &mut [f32],
+            dbt: &mut [f32],
+            da: &mut [f32],
+        ) {
+            assert!(
+                available(16),
+                "the rank-16 LoRA gradient kernel needs AVX-512"
+            );
+            #[cfg(target_arch = "x86_64")]
+            {
+                let (bt, _) = bt.as_chunks::<16>();
+                let (dbt, _) = dbt.as_chunks_mut::<16>();
+                let (da, _) = da.as_chunks_mut::<16>();
+                let (gb, _) = gb.as_chunks_mut::<16>();
+                let (h, _) = rows.h.as_chunks::<16>();
+                let (n, k) = (bt.len(), da.len());
+                assert!(
+                    dbt.len() == n && rows.g.len() >= gb.len() * n && rows.x.len() >= gb.len() * k
+                );
+                let mut first = 0;
+                while first < gb.len() {
+                    let group = (gb.len() - first).min(GROUP);
+                    let g = |t: usize| &rows.g[(first + t) * n..][..n];
+                    let x = |t: usize| &rows.x[(first + t) * k..][..k];
+                    if group == GROUP {
+                        let (gs, xs) = (std::array::from_fn(g), std::array::from_fn(x));
+                        let hs = std::array::from_fn(|t| h[first + t]);
+                        // SAFETY: `available` checked AVX-512 above.
+                        #[allow(unsafe_code)]
+                        let out = unsafe { block::<GROUP>(gs, xs, hs, bt, scale, dbt, da) };
+                        gb[first..first + GROUP].copy_from_slice(&out);
+                    } else {
+                        for t in 0..group {
+                            // SAFETY: as above.
+                            #[allow(unsafe_code)]
+                            let [out] = unsafe {
+                                block::<1>([g(t)], [x(t)], [h[first + t]], bt, scale, dbt, da)
+                            };
+                            gb[first + t] = out;
+                        }
+                    }
+                    first += group;
+                }
+            }
+        }
+
+        /// `Q` rows (`g`, `x` each at least `n`, `k` long): their `scale · g·bᵀ` rows
+        /// (returned), `dbt += gᵀ·h`, `da += xᵀ·gb`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        #[allow(unsafe_code)]
+        fn block<const Q: usize>(
+            g: [&[f32]; Q],
+            x: [&[f32]; Q],
+            h: [[f32; 16]; Q],
+            bt: &[[f32; 16]],
+            scale: f32,
+            dbt: &mut [[f32; 16]],
+            da: &mut [[f32; 16]],
+        ) -> [[f32; 16]; Q] {
+            use std::arch::x86_64::{
+                __m512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps,
+                _mm512_setzero_ps, _mm512_storeu_ps,
+            };
+            let (n, k) = (bt.len(), da.len());
+            assert!(
+                dbt.len() == n && g.iter().all(|r| r.len() >= n) && x.iter().all(|r| r.len() >= k)
+            );
+            // SAFETY: every load and store is of a 16-float row of `bt`, `dbt`, `da`, `h` or the
+            // returned rows, or a single element of `g`/`x` below `n`/`k` (asserted above).
+            unsafe {
+                let hv: [__m512; Q] = std::array::from_fn(|t| _mm512_loadu_ps(h[t].as_ptr()));
+                let mut acc = [_mm512_setzero_ps(); Q];
+                for j in 0..n {
+                    let b = _mm512_loadu_ps(bt.get_unchecked(j).as_ptr());
+                    let row = dbt.get_unchecked_mut(j).as_mut_ptr();
+                    let mut d = _mm512_loadu_ps(row);
+                    for t in 0..Q {
+                        let v = _mm512_set1_ps(*g[t].get_unchecked(j));
+                        acc[t] = _mm512_fmadd_ps(v, b, acc[t]);
+                        d = _mm512_fmadd_ps(v, hv[t], d);
+                    }
+                    _mm512_storeu_ps(row, d);
+                }
+                let s = _mm512_set1_ps(scale);
+                for a in &mut acc {
+                    *a = _mm512_mul_ps(*a, s);
+                }
+                for c in 0..k {
+                    let row = da.get_unchecked_mut(c).as_mut_ptr();
+                    let mut d = _mm512_loadu_ps(row);
+                    for t in 0..Q {
+                        d = _mm512_fmadd_ps(_mm512_set1_ps(*x[t].get_unchecked(c)), acc[t], d);
+                    }
+                    _mm512_storeu_ps(row, d);
+                }
+                std::array::from_fn(|t| {
+                    let mut out = [0.0f32; 16];
+                    _mm512_storeu_ps(out.as_mut_ptr(), acc[t]);
+                    out
+                })
+            }
+        }
     }
 
     /// `lhs · rhs (+ bias)` as `threads` partial products over slices of the inner dimension,
@@ -999,15 +1276,19 @@ mod tests {
         linear(x.clone(), w, bias) + linear(linear(x, a, None) * scale, b, None)
     }
 
-    /// `(m, k, n, r)`: the linear shapes above with a few ranks, and a split product with its
-    /// rank-16 term.
-    const LORA_SHAPES: [(usize, usize, usize, usize); 6] = [
+    /// `(m, k, n, r)`: the linear shapes above with a few ranks, a split product with its
+    /// rank-16 term, and the fused gradient kernel's ranks (8, 16, 32, 64) with row counts
+    /// that leave a thread fewer than four rows.
+    const LORA_SHAPES: [(usize, usize, usize, usize); 9] = [
         (1, 1, 1, 1),
         (5, 7, 3, 2),
         (70, 33, 63, 4),
         (300, 200, 150, 16),
         (512, 384, 48, 8),
         (16, 2048, 256, 16),
+        (7, 33, 20, 16),
+        (45, 70, 90, 32),
+        (9, 10, 11, 64),
     ];
 
     #[test]
