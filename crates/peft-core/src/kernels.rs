@@ -1041,10 +1041,8 @@ mod flex {
         match bias {
             // Every row starts as the bias.
             Some(b) => {
-                for row in dst.chunks_mut(n.max(1)) {
-                    row.iter_mut().zip(b).for_each(|(d, v)| {
-                        d.write(*v);
-                    });
+                for row in dst.chunks_exact_mut(n.max(1)) {
+                    row.write_copy_of_slice(b);
                 }
             }
             None if k == 0 => dst.iter_mut().for_each(|d| {
