@@ -1,6 +1,7 @@
-//! The fused GELU, attention and layer norm, and peft-core's linear product, on wgpu (a software
-//! adapter such as Mesa's lavapipe is enough): there the extensions' default bodies run, through
-//! `Fusion<CubeBackend>` and `Autodiff`; the results and gradients must equal flex's kernels.
+//! The fused GELU, attention and layer norm, and peft-core's linear and LoRA products, on wgpu
+//! (a software adapter such as Mesa's lavapipe is enough): there the extensions' default bodies
+//! run, through `Fusion<CubeBackend>` and `Autodiff`; the results and gradients must equal
+//! flex's kernels.
 #![cfg(feature = "wgpu")]
 
 use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
@@ -82,6 +83,49 @@ fn gelu_attention_layer_norm_and_linear_on_wgpu_match_flex() {
     let expected = run(&Device::flex().autodiff());
     let got = run(&wgpu().autodiff());
     let names = ["output", "dq", "dk", "dv", "dgamma", "dbeta", "dc", "dW"];
+    assert_eq!((got.len(), expected.len()), (names.len(), names.len()));
+    for ((g, e), name) in got.into_iter().zip(expected).zip(names) {
+        close(name, g, e, 1e-4);
+    }
+}
+
+/// `lora_linear`'s output (with and without a bias) and the gradients of `x`, `a`, `b` and the
+/// bias under a frozen weight, at rank 16 (flex's fused gradient kernel where AVX-512 exists).
+fn run_lora(device: &Device) -> Vec<TensorData> {
+    let (m, k, n, r) = (10, 12, 6, 16);
+    let matrix = |rows: usize, cols: usize, seed: usize| {
+        Tensor::<1>::from_floats(&data(rows * cols, seed)[..], device).reshape([rows, cols])
+    };
+    let x = matrix(m, k, 11).require_grad();
+    let w = matrix(k, n, 12);
+    let a = matrix(k, r, 13).mul_scalar(0.1).require_grad();
+    let b = matrix(r, n, 14).mul_scalar(0.1).require_grad();
+    let bias = Tensor::<1>::from_floats(&data(n, 15)[..], device).require_grad();
+    let u = matrix(m, n, 16);
+    let with_bias = peft_core::kernels::lora_linear(
+        x.clone(),
+        w.clone(),
+        Some(bias.clone()),
+        a.clone(),
+        b.clone(),
+        1.5,
+    );
+    let without = peft_core::kernels::lora_linear(x.clone(), w, None, a.clone(), b.clone(), 0.5);
+    let loss = (with_bias.clone() * u.clone()).sum() + (without.clone() * u).sum();
+    let grads = loss.backward();
+    let mut results = vec![with_bias.inner().into_data(), without.inner().into_data()];
+    for t in [x, a, b] {
+        results.push(t.grad(&grads).unwrap().into_data());
+    }
+    results.push(bias.grad(&grads).unwrap().into_data());
+    results
+}
+
+#[test]
+fn lora_linear_on_wgpu_matches_flex() {
+    let expected = run_lora(&Device::flex().autodiff());
+    let got = run_lora(&wgpu().autodiff());
+    let names = ["output", "output without bias", "dx", "da", "db", "dbias"];
     assert_eq!((got.len(), expected.len()), (names.len(), names.len()));
     for ((g, e), name) in got.into_iter().zip(expected).zip(names) {
         close(name, g, e, 1e-4);
