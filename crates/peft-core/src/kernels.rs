@@ -144,63 +144,78 @@ fn composed_lora_grads<B: LinearBackend>(
     B::float_cat(vec![flat(gb), flat(da), flat(db)], 0)
 }
 
-/// The gradients of `lhs · rhs` (+ bias): `g·rhsᵀ` and `lhsᵀ·g`, each computed only for a
-/// tracked parent, from the operand it needs.
-fn matmul_grads<B: LinearBackend>(
-    [lhs_node, rhs_node]: [Option<burn::backend::autodiff::NodeId>; 2],
-    (lhs, rhs): (Option<FloatTensor<B>>, Option<FloatTensor<B>>),
-    grad: &FloatTensor<B>,
-    grads: &mut Gradients,
-) {
-    if let (Some(node), Some(rhs)) = (lhs_node, rhs) {
-        grads.register::<B>(node, B::fast_matmul(grad.clone(), B::float_transpose(rhs)));
-    }
-    if let (Some(node), Some(lhs)) = (rhs_node, lhs) {
-        grads.register::<B>(node, B::fast_matmul(B::float_transpose(lhs), grad.clone()));
+/// The backward step of [`LinearBackend::fast_matmul`] (parents `[lhs, rhs]`) and
+/// [`fast_linear`](LinearBackend::fast_linear) (`[x, weight, bias]`) on `Autodiff`: `g·rhsᵀ`
+/// and `lhsᵀ·g`, each only for a tracked parent, from the operand it needs; the bias gradient
+/// as a column sum.
+#[derive(Debug)]
+struct ProductBackward;
+
+/// What [`ProductBackward`] keeps: `lhs` when `rhs` needs a gradient and vice versa.
+type Operands<B> = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+
+impl<B: LinearBackend, const N: usize> Backward<B, N> for ProductBackward {
+    type State = Operands<B>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let ids = ops.parents.map(|p| p.map(|n| n.id));
+        let node = |i: usize| ids.get(i).copied().flatten();
+        let (lhs, rhs) = ops.state;
+        if let (Some(id), Some(rhs)) = (node(0), rhs) {
+            grads.register::<B>(id, B::fast_matmul(grad.clone(), B::float_transpose(rhs)));
+        }
+        if let (Some(id), Some(lhs)) = (node(1), lhs) {
+            grads.register::<B>(id, B::fast_matmul(B::float_transpose(lhs), grad.clone()));
+        }
+        register_bias_grad::<B>(node(2), grad, grads);
     }
 }
 
-/// What the backward pass keeps: `lhs` when `rhs` needs a gradient and vice versa.
-type Operands<B> = (Option<FloatTensor<B>>, Option<FloatTensor<B>>);
+/// The gradient of a bias added to every row of an output whose gradient is `grad` (`[m, n]`):
+/// its column sum, registered for `node` if the bias is tracked.
+fn register_bias_grad<B: LinearBackend>(
+    node: Option<burn::backend::autodiff::NodeId>,
+    grad: FloatTensor<B>,
+    grads: &mut Gradients,
+) {
+    if let Some(id) = node {
+        let n = grad.shape()[1];
+        let sum = B::float_sum_dim(grad, 0);
+        grads.register::<B>(id, B::float_reshape(sum, Shape::new([n])));
+    }
+}
+
+/// Run `lhs · rhs (+ bias)` on the inner backend and record it, keeping `lhs` only if `rhs`
+/// is tracked and vice versa.
+fn finish_product<B: LinearBackend, C: CheckpointStrategy, const N: usize>(
+    prep: OpsPrep<ProductBackward, B, Operands<B>, C, N>,
+    [lhs_tracked, rhs_tracked]: [bool; 2],
+    [lhs, rhs]: [FloatTensor<B>; 2],
+    bias: Option<FloatTensor<B>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let run = |lhs, rhs| match bias {
+        Some(bias) => B::fast_linear(lhs, rhs, bias),
+        None => B::fast_matmul(lhs, rhs),
+    };
+    match prep.compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let state = (
+                rhs_tracked.then(|| lhs.clone()),
+                lhs_tracked.then(|| rhs.clone()),
+            );
+            prep.finish(state, run(lhs, rhs))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(run(lhs, rhs)),
+    }
+}
 
 impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
     fn fast_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct MatmulBackward;
-
-        impl<B: LinearBackend> Backward<B, 2> for MatmulBackward {
-            type State = Operands<B>;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 2>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let grad = grads.consume::<B>(&ops.node);
-                let [l, r] = ops.parents;
-                matmul_grads::<B>([l.map(|n| n.id), r.map(|n| n.id)], ops.state, &grad, grads);
-            }
-        }
-
-        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-        match MatmulBackward
-            .prepare::<C>([lhs.node(), rhs.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (l, r) = (lhs.into_primitive(), rhs.into_primitive());
-                let state = (
-                    rhs_tracked.then(|| l.clone()),
-                    lhs_tracked.then(|| r.clone()),
-                );
-                prep.finish(state, B::fast_matmul(l, r))
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::fast_matmul(lhs.into_primitive(), rhs.into_primitive()))
-            }
-        }
+        let tracked = [&lhs, &rhs].map(|t| t.is_tracked());
+        let prep = ProductBackward.prepare::<C>([lhs.node(), rhs.node()]);
+        let inputs = [lhs, rhs].map(|t| t.into_primitive());
+        finish_product(prep, tracked, inputs, None)
     }
 
     fn fast_linear(
@@ -208,46 +223,10 @@ impl<B: LinearBackend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct LinearBackward;
-
-        impl<B: LinearBackend> Backward<B, 3> for LinearBackward {
-            type State = Operands<B>;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let grad = grads.consume::<B>(&ops.node);
-                let [x, w, b] = ops.parents;
-                matmul_grads::<B>([x.map(|n| n.id), w.map(|n| n.id)], ops.state, &grad, grads);
-                if let Some(node) = b {
-                    let n = grad.shape()[1];
-                    let sum = B::float_sum_dim(grad, 0);
-                    grads.register::<B>(node.id, B::float_reshape(sum, Shape::new([n])));
-                }
-            }
-        }
-
-        let (x_tracked, w_tracked) = (x.is_tracked(), weight.is_tracked());
-        match LinearBackward
-            .prepare::<C>([x.node(), weight.node(), bias.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (x, w) = (x.into_primitive(), weight.into_primitive());
-                let state = (w_tracked.then(|| x.clone()), x_tracked.then(|| w.clone()));
-                prep.finish(state, B::fast_linear(x, w, bias.into_primitive()))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::fast_linear(
-                x.into_primitive(),
-                weight.into_primitive(),
-                bias.into_primitive(),
-            )),
-        }
+        let tracked = [&x, &weight].map(|t| t.is_tracked());
+        let prep = ProductBackward.prepare::<C>([x.node(), weight.node(), bias.node()]);
+        let inputs = [x, weight].map(|t| t.into_primitive());
+        finish_product(prep, tracked, inputs, Some(bias.into_primitive()))
     }
 
     fn fast_lora_matmul(
@@ -338,11 +317,7 @@ impl<B: LinearBackend, const N: usize> Backward<B, N> for LoraBackward {
         if let (Some(id), Some(x)) = (node(1), s.x) {
             grads.register::<B>(id, B::fast_matmul(B::float_transpose(x), grad.clone()));
         }
-        if let Some(id) = node(4) {
-            let n = grad.shape()[1];
-            let sum = B::float_sum_dim(grad.clone(), 0);
-            grads.register::<B>(id, B::float_reshape(sum, Shape::new([n])));
-        }
+        register_bias_grad::<B>(node(4), grad.clone(), grads);
         // dx = g·Wᵀ + (scale · g·bᵀ)·aᵀ, as one product.
         if let (Some(id), Some(w), Some(a), Some(gb)) = (node(0), s.weight, s.a, gb) {
             let t = |t| B::float_transpose(t);
@@ -389,8 +364,7 @@ fn finish_lora<B: LinearBackend, C: CheckpointStrategy, const N: usize>(
 
 /// `x · weight + bias`, as `burn::tensor::module::linear` computes it (`weight` is `[d_in,
 /// d_out]`), with a fast product on flex: no zeroed-then-copied output, the bias as the
-/// product's starting value, and a good gemm orientation for narrow outputs (see the module
-/// documentation). Differentiable on `Autodiff` devices; inputs of rank 3 or more run as one
+/// product's starting value, and one block of rows per thread (see the module documentation). Differentiable on `Autodiff` devices; inputs of rank 3 or more run as one
 /// 2-D product over their rows.
 ///
 /// # Shapes
