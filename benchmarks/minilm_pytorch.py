@@ -68,6 +68,17 @@ def profile(step, steps: int) -> None:
     gemm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
     print(f"per step: {total / steps / 1e3:.0f} ms, GEMMs (mm, addmm, bmm) {gemm / steps / 1e3:.0f} ms "
           f"({100 * gemm / total:.0f} %)")
+    # The step's three dense product shapes alone (2048 tokens), median of 20 runs each; the Rust
+    # side's are in `cargo bench -p peft-core --bench linear`.
+    for m, k, n in [(BATCH * SEQ, 384, 1536), (BATCH * SEQ, 1536, 384), (BATCH * SEQ, 384, 384)]:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        t = sorted(times)[len(times) // 2]
+        print(f"[{m}, {k}] x [{k}, {n}]: {t * 1e3:.2f} ms, {2 * m * k * n / t / 1e9:.0f} GFLOP/s")
 
 
 def main() -> None:
