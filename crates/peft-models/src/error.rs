@@ -48,6 +48,17 @@ pub enum ModelError {
         /// The dtype found.
         dtype: String,
     },
+    /// A GGUF file that cannot be read (see [`crate::gguf::GgufError`]).
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+    /// A tokenizer or chat template that cannot be built, loaded or applied.
+    #[error("{source_name}: {message}")]
+    Tokenizer {
+        /// Where the tokenizer came from (a file, or a GGUF file's metadata).
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
     /// Reading a file failed (I/O, safetensors or JSON format).
     #[error(transparent)]
     Peft(#[from] peft_core::PeftError),

@@ -28,11 +28,12 @@ pub mod bert;
 mod cache;
 mod checkpoint;
 mod error;
+pub mod gguf;
 pub mod kernels;
 mod layers;
 pub mod llama;
 
-pub use cache::{MINILM_DIR_ENV, cache_dir, minilm_dir};
-pub use checkpoint::Checkpoint;
+pub use cache::{MINILM_DIR_ENV, SMOLLM2_ENV, cache_dir, minilm_dir, smollm2_path};
+pub use checkpoint::{Checkpoint, InMemory, TensorSource};
 pub use error::{ModelError, Result};
 pub use layers::{LayerNorm, LinearLayer, RmsNorm};
