@@ -1,0 +1,258 @@
+//! `burn-peft generate`: text generation with a causal LM (LLaMA family), streamed to stdout.
+//!
+//! Only the generated text goes to stdout, printed piece by piece as tokens are chosen (a
+//! character split across tokens is held back until it is complete); a final newline is added
+//! only when stdout is a terminal. Loading, token counts and speeds go to stderr.
+//!
+//! The prompt is checked (tokens inside the model's vocabulary, fitting its context) before
+//! the weights are loaded.
+
+use std::io::{IsTerminal, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use burn::tensor::Device;
+use peft_models::LinearLayer;
+use peft_models::chat::ChatMessage;
+use peft_models::generate::{Generation, GenerationConfig, StopReason, generate};
+use peft_models::llama::{Llama, LlamaConfig};
+use peft_models::tokenizer::ModelTokenizer;
+
+use crate::model::{self, LlamaJob, ModelSource};
+
+/// End-of-turn markers of common chat templates; with `--chat`, those that are special tokens
+/// of the model's tokenizer stop generation too.
+const END_OF_TURN: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|end_of_turn|>",
+];
+
+/// Options of `burn-peft generate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    /// The model: a `.gguf` file, or a Hugging Face LLaMA folder with `tokenizer.json`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt (the user message with `--chat`).
+    #[arg(long)]
+    pub prompt: String,
+    /// Render the prompt through the model's chat template as a user message, with the
+    /// generation prompt of the assistant's turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message before the user's (with `--chat`).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`): LoRA (with
+    /// rsLoRA, DoRA, patterns), AdaLoRA or RoSA, as Python PEFT saves them.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Merge the adapter into the base weights before generating.
+    #[arg(long, requires = "adapter")]
+    pub merge: bool,
+    /// The most tokens to generate (generation also stops at the end-of-sequence token and at
+    /// the end of the model's context).
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sample with this temperature (0 means greedy). Without any of `--temperature`,
+    /// `--top-p` and `--top-k`, decoding is greedy.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Sample from the smallest set of most likely tokens whose probabilities reach this mass,
+    /// in (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Sample among the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Seed of the sampler (the same seed and options give the same text).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Run `burn-peft generate`.
+///
+/// # Errors
+/// Bad model, tokenizer, adapter, options or prompt (named); a failed write to stdout.
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    let source = model::detect(&args.model)?;
+    if let ModelSource::HfBert(dir) = &source {
+        bail!(
+            "{}: a BERT encoder cannot generate text; generate needs a causal language model \
+             (LLaMA family, a .gguf file or a folder with model_type `llama`)",
+            dir.display()
+        );
+    }
+    let mut config = GenerationConfig::new(args.max_new_tokens).with_seed(args.seed);
+    if let Some(t) = args.temperature {
+        config = config.with_temperature(t);
+    }
+    if let Some(p) = args.top_p {
+        config = config.with_top_p(p);
+    }
+    if let Some(k) = args.top_k {
+        config = config.with_top_k(k);
+    }
+    config.validate().context("invalid generation options")?;
+
+    let tokenizer = model::load_tokenizer(&source)?;
+    let prompt = prompt_ids(args, &tokenizer)?;
+    let model_config = model::llama_config(&source)?;
+    check_prompt(&prompt, &model_config)?;
+    if let Some(eos) = tokenizer.eos_token_id() {
+        config = config.with_eos(eos);
+    }
+    if args.chat {
+        let stops = END_OF_TURN
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .filter(|&id| tokenizer.is_special(id));
+        config = config.with_stop_tokens(stops);
+    }
+
+    let device = Device::default();
+    let start = Instant::now();
+    let spinner = model::spinner(format!("loading {}", source.path().display()));
+    let mut on_loaded = || {
+        spinner.finish_and_clear();
+        eprintln!(
+            "loaded {} in {:.2} s",
+            source.path().display(),
+            start.elapsed().as_secs_f64()
+        );
+    };
+    let job = Generate {
+        prompt: &prompt,
+        config: &config,
+        tokenizer: &tokenizer,
+        loaded: &mut on_loaded,
+    };
+    let out = model::with_llama(&source, args.adapter.as_deref(), args.merge, &device, job);
+    spinner.finish_and_clear();
+    let out = out?;
+    report(&out);
+    Ok(())
+}
+
+/// The prompt's token ids: the chat template's rendering (with `--chat`, special tokens come
+/// from the template), else the text with the tokenizer's own special tokens (BOS) added.
+fn prompt_ids(args: &GenerateArgs, tokenizer: &ModelTokenizer) -> anyhow::Result<Vec<u32>> {
+    let ids = if args.chat {
+        let template = tokenizer
+            .chat_template()
+            .context("--chat needs the model's chat template")?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::system(system.clone()));
+        }
+        messages.push(ChatMessage::user(args.prompt.clone()));
+        let text = template
+            .render(&messages, true)
+            .context("rendering the chat template")?;
+        tokenizer
+            .encode(&text, false)
+            .context("tokenizing the chat prompt")?
+    } else {
+        tokenizer
+            .encode(&args.prompt, true)
+            .context("tokenizing the prompt")?
+    };
+    ensure!(!ids.is_empty(), "the prompt is empty (it has no tokens)");
+    Ok(ids)
+}
+
+/// The prompt against the model: ids inside its vocabulary (a tokenizer that does not belong to
+/// the model gives larger ones) and fitting its context.
+fn check_prompt(prompt: &[u32], config: &LlamaConfig) -> anyhow::Result<()> {
+    let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+    model::check_ids(&ids, config.vocab_size, "the prompt")
+        .context("the tokenizer does not match the model")?;
+    let context = config.max_position_embeddings;
+    ensure!(
+        prompt.len() < context,
+        "the prompt is too long: {} tokens, but the model's context holds {context} positions \
+         (and at least one is needed for a new token)",
+        prompt.len()
+    );
+    Ok(())
+}
+
+/// The generation job: run [`generate`] and stream the text to stdout.
+struct Generate<'a> {
+    prompt: &'a [u32],
+    config: &'a GenerationConfig,
+    tokenizer: &'a ModelTokenizer,
+    /// Called once the model is loaded, before the prefill.
+    loaded: &'a mut dyn FnMut(),
+}
+
+impl LlamaJob for Generate<'_> {
+    type Output = Generation;
+
+    fn run<L: LinearLayer>(self, model: Llama<L>, _: &LlamaConfig) -> anyhow::Result<Generation> {
+        (self.loaded)();
+        let mut decoder = self.tokenizer.stream_decoder(true);
+        let stdout = std::io::stdout();
+        let mut stdout = stdout.lock();
+        let mut failure: Option<anyhow::Error> = None;
+        let out = generate(&model, self.prompt, self.config, |id| {
+            let piece = decoder.step(id).context("decoding a generated token");
+            let written = piece.and_then(|text| match text {
+                Some(text) => stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|()| stdout.flush())
+                    .context("writing to stdout"),
+                None => Ok(()),
+            });
+            match written {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failure = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })
+        .context("generating")?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if let Some(rest) = decoder.flush().context("decoding the generated tokens")? {
+            stdout
+                .write_all(rest.as_bytes())
+                .context("writing to stdout")?;
+        }
+        if std::io::stdout().is_terminal() {
+            writeln!(stdout).context("writing to stdout")?;
+        }
+        stdout.flush().context("writing to stdout")?;
+        Ok(out)
+    }
+}
+
+/// Token counts and speeds on stderr.
+fn report(out: &Generation) {
+    let stop = match out.stop {
+        StopReason::Eos => "end of sequence".to_string(),
+        StopReason::StopToken(id) => format!("stop token {id}"),
+        StopReason::MaxNewTokens => "--max-new-tokens reached".to_string(),
+        StopReason::ContextFull => "context full".to_string(),
+        StopReason::Callback => "output closed".to_string(),
+    };
+    eprintln!(
+        "prompt tokens: {}, generated tokens: {} (stopped: {stop})",
+        out.prompt_tokens,
+        out.tokens.len()
+    );
+    eprintln!(
+        "prefill: {:.1} tokens/s ({:.3} s), decode: {:.1} tokens/s ({:.3} s)",
+        out.prefill_tokens_per_s(),
+        out.prefill_time.as_secs_f64(),
+        out.decode_tokens_per_s(),
+        out.decode_time.as_secs_f64()
+    );
+}

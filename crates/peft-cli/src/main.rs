@@ -1,0 +1,73 @@
+//! `burn-peft`: run, generate with and tokenize for BERT and LLaMA-family models (a GGUF file
+//! or a Hugging Face folder), with PEFT adapters attached or merged.
+//!
+//! Each subcommand lives in its own module; [`model`] detects and loads models for all of them.
+//! Errors are printed on stderr as one line (`error: ...` with their causes) and the program
+//! exits with status 1.
+
+mod forward;
+mod generate;
+mod model;
+mod tokenize;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Command line of `burn-peft`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "burn-peft",
+    version,
+    about = "Run, generate with and tokenize for models with PEFT adapters"
+)]
+struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One forward pass over token ids from a safetensors file: `logits` (causal LM) or
+    /// `last_hidden_state` (BERT) written to another.
+    Forward(forward::ForwardArgs),
+    /// Generate text from a prompt with a causal LM; only the generated text goes to stdout.
+    Generate(generate::GenerateArgs),
+    /// Print the token ids of a text (space-separated, no special tokens added).
+    Tokenize(tokenize::TokenizeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Forward(args) => forward::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `e` and its causes on one line, joined by `: `, leaving out a cause that the message before
+/// it already ends with (some errors print their source in their own message too).
+fn describe(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
