@@ -1,6 +1,9 @@
-//! Reading Hugging Face `model.safetensors` checkpoints into burn modules.
+//! Reading Hugging Face checkpoints into burn modules: single-file or sharded safetensors,
+//! memory-mapped and converted to f32 one tensor at a time, behind the [`TensorSource`] trait
+//! that other formats (GGUF) implement too.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
@@ -25,7 +28,7 @@ pub trait TensorSource: Send + Sync {
     fn read(&self, name: &str) -> Result<TensorData>;
 }
 
-/// A source holding tensors already in memory (what [`Checkpoint::open`] reads).
+/// A source holding tensors already in memory (tests, converted weights).
 pub struct InMemory(pub BTreeMap<String, TensorData>);
 
 impl TensorSource for InMemory {
@@ -55,22 +58,24 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Read every tensor of `file` (f16/bf16/f64 converted to f32).
+    /// Open a safetensors file through a memory map ([`Safetensors::open`]); tensors are
+    /// converted to f32 (from f16, bf16 or f64) one at a time when the model reads them.
     ///
     /// # Errors
-    /// Missing or unreadable file, invalid safetensors.
+    /// Missing or unreadable file, invalid safetensors header.
     pub fn open(file: &Path) -> Result<Self> {
-        if !file.is_file() {
-            return Err(ModelError::NotFound {
-                what: "checkpoint".into(),
-                path: file.into(),
-                hint: "expected a Hugging Face `model.safetensors`".into(),
-            });
-        }
-        Ok(Self::from_source(
-            file,
-            Box::new(InMemory(peft_core::hf::read_tensors(file)?)),
-        ))
+        Ok(Self::from_source(file, Box::new(Safetensors::open(file)?)))
+    }
+
+    /// Open the weights of a Hugging Face model folder: `model.safetensors`, else the shards
+    /// listed by `model.safetensors.index.json` ([`Safetensors::open_dir`]).
+    ///
+    /// # Errors
+    /// As [`Safetensors::open_dir`].
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let source = Safetensors::open_dir(dir)?;
+        let file = source.origin().to_path_buf();
+        Ok(Self::from_source(&file, Box::new(source)))
     }
 
     /// A checkpoint over any tensor source; `file` names it in errors.
@@ -230,5 +235,253 @@ pub(crate) fn read_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<
     serde_json::from_str(&text).map_err(|e| ModelError::Config {
         file,
         message: e.to_string(),
+    })
+}
+
+/// The name of a single-file Hugging Face checkpoint.
+pub const SAFETENSORS_FILE: &str = "model.safetensors";
+/// The name of the index of a sharded Hugging Face checkpoint.
+pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+
+/// One memory-mapped safetensors file: its map and where its data section starts.
+struct MappedFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    data_start: usize,
+}
+
+/// Where one tensor lies: its file, dtype, shape and byte range inside the data section.
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    range: (usize, usize),
+}
+
+/// Map `file` read-only.
+#[allow(unsafe_code)]
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = File::open(path).map_err(|e| peft_core::PeftError::io(path, e))?;
+    // SAFETY: the map is read-only and private to this process. Its bytes are only read through
+    // slices that stay inside the map. Changing the file while it is mapped (which this crate
+    // never does) would change what those slices read, not their validity as memory.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| peft_core::PeftError::io(path, e).into())
+}
+
+/// Safetensors files (one, or the shards of a sharded checkpoint) read through memory maps:
+/// only the headers are parsed when opening; [`TensorSource::read`] converts one tensor to f32
+/// (from F32, F16, BF16 or F64) straight from the mapped bytes, so no copy of a whole file is
+/// made in memory.
+pub struct Safetensors {
+    origin: PathBuf,
+    files: Vec<MappedFile>,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Safetensors {
+    /// Map one safetensors file and parse its header.
+    ///
+    /// # Errors
+    /// [`ModelError::NotFound`] for a missing file; an I/O or safetensors error (named with the
+    /// file) for an unreadable one or a damaged header.
+    pub fn open(file: &Path) -> Result<Self> {
+        if !file.is_file() {
+            return Err(ModelError::NotFound {
+                what: "checkpoint".into(),
+                path: file.into(),
+                hint: "expected a Hugging Face `model.safetensors`".into(),
+            });
+        }
+        let mut source = Self {
+            origin: file.into(),
+            files: Vec::new(),
+            entries: BTreeMap::new(),
+        };
+        source.add_file(file, None)?;
+        Ok(source)
+    }
+
+    /// Map every shard named by a `model.safetensors.index.json` (its `weight_map`, tensor name
+    /// to shard file, resolved next to the index).
+    ///
+    /// # Errors
+    /// A missing or invalid index, a missing shard, or a tensor the index puts in a shard that
+    /// does not hold it.
+    pub fn open_sharded(index: &Path) -> Result<Self> {
+        let json = peft_core::hf::read_json(index)?;
+        let bad = |message: String| ModelError::Config {
+            file: index.into(),
+            message,
+        };
+        let map = json
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (name, shard) in map {
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| bad(format!("weight_map.{name} is not a file name")))?;
+            shards.entry(shard).or_default().push(name);
+        }
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut source = Self {
+            origin: index.into(),
+            files: Vec::new(),
+            entries: BTreeMap::new(),
+        };
+        for (shard, names) in shards {
+            let path = dir.join(shard);
+            if !path.is_file() {
+                return Err(ModelError::NotFound {
+                    what: "checkpoint shard".into(),
+                    path,
+                    hint: format!("listed in {}", index.display()),
+                });
+            }
+            source.add_file(&path, Some(&names))?;
+        }
+        Ok(source)
+    }
+
+    /// Open a Hugging Face model folder's weights: `model.safetensors` if present, else
+    /// `model.safetensors.index.json` and its shards.
+    ///
+    /// # Errors
+    /// [`ModelError::NotFound`] when the folder has neither; otherwise as [`Safetensors::open`]
+    /// and [`Safetensors::open_sharded`].
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join(SAFETENSORS_FILE);
+        let index = dir.join(SAFETENSORS_INDEX);
+        if single.is_file() {
+            Self::open(&single)
+        } else if index.is_file() {
+            Self::open_sharded(&index)
+        } else {
+            Err(ModelError::NotFound {
+                what: "checkpoint".into(),
+                path: single,
+                hint: format!(
+                    "expected a Hugging Face `{SAFETENSORS_FILE}` or `{SAFETENSORS_INDEX}` with \
+                     its shards"
+                ),
+            })
+        }
+    }
+
+    /// The file this source was opened from (the single file, or the index).
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// The number of mapped files (1, or the number of shards).
+    pub fn num_files(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Map `path` and add its tensors (only `only`, when given: the ones an index assigns it).
+    fn add_file(&mut self, path: &Path, only: Option<&[&str]>) -> Result<()> {
+        let map = map_file(path)?;
+        let bad = |message: String| peft_core::PeftError::Safetensors {
+            file: path.into(),
+            message,
+        };
+        let (header, metadata) =
+            safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| bad(e.to_string()))?;
+        let data_start = 8 + header;
+        let data_len = map.len().saturating_sub(data_start);
+        let file = self.files.len();
+        let tensors = metadata.tensors();
+        if let Some(missing) =
+            only.and_then(|names| names.iter().find(|n| !tensors.contains_key(**n)))
+        {
+            return Err(ModelError::MissingTensor {
+                file: path.into(),
+                key: (*missing).into(),
+            });
+        }
+        for (name, info) in tensors {
+            if only.is_some_and(|names| !names.contains(&name.as_str())) {
+                continue;
+            }
+            let (start, end) = info.data_offsets;
+            if start > end || end > data_len {
+                return Err(bad(format!(
+                    "tensor `{name}` lies outside the file ({start}..{end} of {data_len} bytes)"
+                ))
+                .into());
+            }
+            self.entries.insert(
+                name,
+                Entry {
+                    file,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    range: (start, end),
+                },
+            );
+        }
+        self.files.push(MappedFile {
+            path: path.into(),
+            map,
+            data_start,
+        });
+        Ok(())
+    }
+}
+
+impl TensorSource for Safetensors {
+    fn names(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.entries.get(name).map(|e| e.shape.clone())
+    }
+
+    fn read(&self, name: &str) -> Result<TensorData> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                file: self.origin.clone(),
+                key: name.into(),
+            })?;
+        let file = &self.files[entry.file];
+        let bytes = &file.map[file.data_start + entry.range.0..file.data_start + entry.range.1];
+        let values = to_f32(bytes, entry.dtype).ok_or_else(|| {
+            ModelError::from(peft_core::PeftError::UnsupportedDtype {
+                key: name.into(),
+                dtype: format!("{:?} (in {})", entry.dtype, file.path.display()),
+            })
+        })?;
+        let n: usize = entry.shape.iter().product();
+        if values.len() != n {
+            return Err(peft_core::PeftError::Safetensors {
+                file: file.path.clone(),
+                message: format!(
+                    "tensor `{name}` has {} values for shape {:?}",
+                    values.len(),
+                    entry.shape
+                ),
+            }
+            .into());
+        }
+        Ok(TensorData::new(values, entry.shape.clone()))
+    }
+}
+
+/// Little-endian `bytes` of a float dtype as f32 values; `None` for other dtypes.
+fn to_f32(bytes: &[u8], dtype: safetensors::Dtype) -> Option<Vec<f32>> {
+    use safetensors::Dtype;
+    let convert = |size: usize, f: fn(&[u8]) -> f32| bytes.chunks_exact(size).map(f).collect();
+    Some(match dtype {
+        Dtype::F32 => convert(4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        Dtype::F16 => convert(2, |c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        Dtype::BF16 => convert(2, |c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        Dtype::F64 => convert(8, |c| {
+            f64::from_le_bytes(c.try_into().expect("chunks of 8 bytes")) as f32
+        }),
+        _ => return None,
     })
 }

@@ -59,6 +59,49 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// A token id outside the model's vocabulary.
+    #[error("token id {id} is outside the vocabulary (ids 0..{vocab_size})")]
+    TokenOutOfVocab {
+        /// The id.
+        id: i64,
+        /// The vocabulary size.
+        vocab_size: usize,
+    },
+    /// A prompt that does not fit the context of generation.
+    #[error(
+        "the prompt has {prompt_len} tokens but the context holds {context}; shorten the \
+         prompt or raise the context limit"
+    )]
+    PromptTooLong {
+        /// Tokens in the prompt.
+        prompt_len: usize,
+        /// The context limit.
+        context: usize,
+    },
+    /// A key/value cache too small for the positions given.
+    #[error("the key/value cache holds {capacity} positions but {needed} are needed")]
+    CacheFull {
+        /// Positions that would be held.
+        needed: usize,
+        /// The cache's capacity.
+        capacity: usize,
+    },
+    /// A key/value cache used with another batch size than it was made for.
+    #[error("the key/value cache was made for batch size {expected}, not {found}")]
+    CacheBatch {
+        /// The cache's batch size.
+        expected: usize,
+        /// The batch size given.
+        found: usize,
+    },
+    /// A generation or loss setting or input that cannot be used.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidInput {
+        /// The option or argument.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Reading a file failed (I/O, safetensors or JSON format).
     #[error(transparent)]
     Peft(#[from] peft_core::PeftError),

@@ -28,12 +28,16 @@ pub mod bert;
 mod cache;
 mod checkpoint;
 mod error;
+pub mod generate;
 pub mod gguf;
 pub mod kernels;
 mod layers;
 pub mod llama;
+pub mod loss;
 
 pub use cache::{MINILM_DIR_ENV, SMOLLM2_ENV, cache_dir, minilm_dir, smollm2_path};
-pub use checkpoint::{Checkpoint, InMemory, TensorSource};
+pub use checkpoint::{
+    Checkpoint, InMemory, SAFETENSORS_FILE, SAFETENSORS_INDEX, Safetensors, TensorSource,
+};
 pub use error::{ModelError, Result};
 pub use layers::{LayerNorm, LinearLayer, RmsNorm};

@@ -33,7 +33,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LinearConfig};
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -47,10 +47,11 @@ use crate::layers::{LinearLayer, RmsNorm};
 /// A validated LLaMA configuration, read from a Hugging Face `config.json`
 /// ([`LlamaConfig::from_dir`]) or built in code ([`LlamaConfig::new`]).
 ///
-/// `config.json` is read as Transformers 4 and 5 write it: the rotary base comes from
-/// `rope_parameters.rope_theta` (Transformers 5), else `rope_theta`, else 10000. Only the default
-/// rotary embedding is supported; `rope_scaling` / `rope_parameters` of another `rope_type`
-/// (`linear`, `dynamic`, `llama3`, `yarn`, ...) and `partial_rotary_factor` ≠ 1 are refused.
+/// `config.json` is read as Transformers 4 and 5 write it: the rotary parameters are a non-empty
+/// `rope_scaling` (the older name, which Transformers 5 still prefers when present), else
+/// `rope_parameters`; the rotary base is their `rope_theta`, else the top-level `rope_theta`,
+/// else 10000. The `default`, `linear` and `llama3` rotary types are supported ([`RopeScaling`]);
+/// other types (`dynamic`, `yarn`, `longrope`, ...) and `partial_rotary_factor` ≠ 1 are refused.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
     /// Vocabulary size.
@@ -71,7 +72,10 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// Rotary embedding base.
     pub rope_theta: f64,
-    /// Context length the model was trained for (informational; not enforced).
+    /// Rotary frequency scaling (`rope_type` `linear` or `llama3`), none by default.
+    pub rope_scaling: RopeScaling,
+    /// Context length the model was trained for: the default context limit of generation
+    /// ([`crate::generate::GenerationConfig::max_context`]).
     pub max_position_embeddings: usize,
     /// Whether the LM head is the transposed token embedding.
     pub tie_word_embeddings: bool,
@@ -106,6 +110,8 @@ struct WireConfig {
     #[serde(default = "default_positions")]
     max_position_embeddings: usize,
     #[serde(default)]
+    original_max_position_embeddings: Option<usize>,
+    #[serde(default)]
     tie_word_embeddings: bool,
     #[serde(default)]
     attention_bias: bool,
@@ -127,45 +133,108 @@ fn default_act() -> String {
 
 const DEFAULT_THETA: f64 = 10000.0;
 
-impl WireConfig {
-    /// The rotary base, refusing every rotary variant but the default one.
-    fn rope_theta(&self) -> std::result::Result<f64, String> {
-        let mut theta = self.rope_theta;
-        for (field, params) in [
-            ("rope_scaling", &self.rope_scaling),
-            ("rope_parameters", &self.rope_parameters),
-        ] {
-            let Some(params) = params.as_ref().filter(|p| !p.is_null()) else {
-                continue;
-            };
-            let Some(map) = params.as_object() else {
-                return Err(format!("`{field}` must be an object, found {params}"));
-            };
-            let kind = map
-                .get("rope_type")
-                .or_else(|| map.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            if kind != "default" {
-                return Err(format!(
-                    "{field}.rope_type `{kind}` is not supported (only `default` rotary \
-                     embeddings, without scaling)"
-                ));
-            }
-            if let Some(f) = map.get("partial_rotary_factor").and_then(Value::as_f64)
-                && f != 1.0
-            {
-                return Err(format!(
-                    "{field}.partial_rotary_factor {f} is not supported (only 1.0)"
-                ));
-            }
-            if let Some(t) = map.get("rope_theta") {
-                theta =
-                    Some(t.as_f64().ok_or_else(|| {
-                        format!("{field}.rope_theta must be a number, found {t}")
-                    })?);
+/// The rotary frequency scaling of a LLaMA model, as Transformers' `modeling_rope_utils.py`
+/// computes it from `rope_parameters` (or `rope_scaling`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type` `default`: `inv_freq[i] = 1 / theta^(2i / head_dim)`.
+    #[default]
+    None,
+    /// `rope_type` `linear`: every inverse frequency divided by `factor` (positions
+    /// interpolated).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// `rope_type` `llama3` (Llama 3.1): long wavelengths divided by `factor`, short ones kept,
+    /// the ones between interpolated smoothly.
+    Llama3 {
+        /// The divisor of the long wavelengths.
+        factor: f64,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context length of pre-training.
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// The inverse frequencies `[head_dim / 2]` for rotary base `theta`, computed in f32 in the
+    /// order of Transformers' `_compute_default_rope_parameters`,
+    /// `_compute_linear_scaling_rope_parameters` and `_compute_llama3_parameters`.
+    pub fn inv_freq(&self, theta: f64, head_dim: usize) -> Vec<f32> {
+        let base =
+            (0..head_dim / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32));
+        match *self {
+            Self::None => base.collect(),
+            Self::Linear { factor } => base.map(|f| f / factor as f32).collect(),
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = original_max_position_embeddings as f64;
+                let low_wavelen = (old / low_freq_factor) as f32;
+                let high_wavelen = (old / high_freq_factor) as f32;
+                let factor = factor as f32;
+                base.map(|f| {
+                    let wavelen = (2.0 * std::f64::consts::PI) as f32 / f;
+                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    if wavelen < high_wavelen || wavelen > low_wavelen {
+                        scaled
+                    } else {
+                        let smooth = (old as f32 / wavelen - low_freq_factor as f32)
+                            / (high_freq_factor - low_freq_factor) as f32;
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    }
+                })
+                .collect()
             }
         }
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("rope scaling `{name}` {v} must be positive"))
+            }
+        };
+        match *self {
+            Self::None => Ok(()),
+            Self::Linear { factor } => positive("factor", factor),
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("factor", factor)?;
+                positive("low_freq_factor", low_freq_factor)?;
+                positive("high_freq_factor", high_freq_factor)?;
+                positive(
+                    "original_max_position_embeddings",
+                    original_max_position_embeddings as f64,
+                )?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(format!(
+                        "rope scaling high_freq_factor {high_freq_factor} must exceed \
+                         low_freq_factor {low_freq_factor}"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl WireConfig {
+    /// The rotary base and scaling, refusing the rotary variants not implemented here.
+    fn rope(&self) -> std::result::Result<(f64, RopeScaling), String> {
         if let Some(f) = self.partial_rotary_factor
             && f != 1.0
         {
@@ -173,7 +242,80 @@ impl WireConfig {
                 "partial_rotary_factor {f} is not supported (only 1.0)"
             ));
         }
-        Ok(theta.unwrap_or(DEFAULT_THETA))
+        let present = |v: &Option<Value>| {
+            v.as_ref()
+                .filter(|v| !v.is_null() && v.as_object().is_none_or(|m| !m.is_empty()))
+                .cloned()
+        };
+        // Transformers 5 (`RotaryEmbeddingConfigMixin`): `rope_scaling or rope_parameters`.
+        let (field, params) = match (present(&self.rope_scaling), present(&self.rope_parameters)) {
+            (Some(p), _) => ("rope_scaling", p),
+            (None, Some(p)) => ("rope_parameters", p),
+            (None, None) => {
+                return Ok((self.rope_theta.unwrap_or(DEFAULT_THETA), RopeScaling::None));
+            }
+        };
+        let Some(map) = params.as_object() else {
+            return Err(format!("`{field}` must be an object, found {params}"));
+        };
+        let kind = map
+            .get("rope_type")
+            .or_else(|| map.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if let Some(f) = map.get("partial_rotary_factor").and_then(Value::as_f64)
+            && f != 1.0
+        {
+            return Err(format!(
+                "{field}.partial_rotary_factor {f} is not supported (only 1.0)"
+            ));
+        }
+        let theta = match map.get("rope_theta").filter(|t| !t.is_null()) {
+            Some(t) => t
+                .as_f64()
+                .ok_or_else(|| format!("{field}.rope_theta must be a number, found {t}"))?,
+            None => self.rope_theta.unwrap_or(DEFAULT_THETA),
+        };
+        let number = |key: &str| {
+            map.get(key).and_then(Value::as_f64).ok_or_else(|| {
+                format!("{field}.{key} (a number) is required for rope_type `{kind}`")
+            })
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: number("factor")?,
+            },
+            "llama3" => {
+                // As `standardize_rope_params`: a top-level value wins, else the one in the
+                // parameters, else `max_position_embeddings`.
+                let original = match self.original_max_position_embeddings {
+                    Some(n) => n,
+                    None => match map.get("original_max_position_embeddings") {
+                        Some(v) => v.as_u64().ok_or_else(|| {
+                            format!(
+                                "{field}.original_max_position_embeddings must be a positive \
+                                 integer, found {v}"
+                            )
+                        })? as usize,
+                        None => self.max_position_embeddings,
+                    },
+                };
+                RopeScaling::Llama3 {
+                    factor: number("factor")?,
+                    low_freq_factor: number("low_freq_factor")?,
+                    high_freq_factor: number("high_freq_factor")?,
+                    original_max_position_embeddings: original,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "{field}.rope_type `{other}` is not supported (`default`, `linear` and \
+                     `llama3` are)"
+                ));
+            }
+        };
+        Ok((theta, scaling))
     }
 
     fn resolve(self) -> std::result::Result<LlamaConfig, String> {
@@ -183,7 +325,7 @@ impl WireConfig {
                 self.hidden_act
             ));
         }
-        let rope_theta = self.rope_theta()?;
+        let (rope_theta, rope_scaling) = self.rope()?;
         let heads = self.num_attention_heads;
         if heads == 0 {
             return Err("num_attention_heads must be positive".into());
@@ -209,6 +351,7 @@ impl WireConfig {
             head_dim,
             rms_norm_eps: self.rms_norm_eps,
             rope_theta,
+            rope_scaling,
             max_position_embeddings: self.max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings,
             attention_bias: self.attention_bias,
@@ -221,8 +364,9 @@ impl WireConfig {
 
 impl LlamaConfig {
     /// A configuration with the given sizes: multi-head attention (as many key/value heads as
-    /// query heads), `head_dim = hidden_size / num_attention_heads`, eps 1e-6, rotary base 10000,
-    /// 2048 positions, untied head, no biases. Adjust the public fields as needed.
+    /// query heads), `head_dim = hidden_size / num_attention_heads`, eps 1e-6, rotary base 10000
+    /// without scaling, 2048 positions, untied head, no biases. Adjust the public fields as
+    /// needed.
     pub fn new(
         vocab_size: usize,
         hidden_size: usize,
@@ -240,6 +384,7 @@ impl LlamaConfig {
             head_dim: hidden_size / num_attention_heads.max(1),
             rms_norm_eps: default_eps(),
             rope_theta: DEFAULT_THETA,
+            rope_scaling: RopeScaling::None,
             max_position_embeddings: default_positions(),
             tie_word_embeddings: false,
             attention_bias: false,
@@ -304,7 +449,7 @@ impl LlamaConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(format!("rope_theta {} must be positive", self.rope_theta));
         }
-        Ok(())
+        self.rope_scaling.check()
     }
 }
 
@@ -331,7 +476,7 @@ pub struct LlamaAttention<L: LinearLayer> {
     pub head_dim: usize,
 }
 
-/// The rotary tables of one forward pass: `cos` and `sin`, `[1, 1, seq, head_dim]`.
+/// The rotary tables of a run of positions: `cos` and `sin`, `[1, 1, seq, head_dim]`.
 #[derive(Clone, Debug)]
 pub struct Rotary {
     cos: Tensor<4>,
@@ -340,20 +485,26 @@ pub struct Rotary {
 
 impl Rotary {
     /// The tables for positions `0..seq` as Hugging Face's `LlamaRotaryEmbedding` computes them
-    /// (in f32): `inv_freq[i] = 1 / theta^(2i / head_dim)`, angles `pos · inv_freq` repeated
-    /// over both halves of the head.
+    /// (in f32) without scaling: `inv_freq[i] = 1 / theta^(2i / head_dim)`, angles
+    /// `pos · inv_freq` repeated over both halves of the head.
     pub fn new(seq: usize, head_dim: usize, theta: f64, device: &Device) -> Self {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        Self::from_inv_freq(&RopeScaling::None.inv_freq(theta, head_dim), 0, seq, device)
+    }
+
+    /// The tables for positions `start..start + seq` from inverse frequencies `[head_dim / 2]`
+    /// (see [`RopeScaling::inv_freq`]).
+    pub fn from_inv_freq(inv_freq: &[f32], start: usize, seq: usize, device: &Device) -> Self {
+        let head_dim = 2 * inv_freq.len();
         let mut cos = Vec::with_capacity(seq * head_dim);
         let mut sin = Vec::with_capacity(seq * head_dim);
-        for pos in 0..seq {
-            for j in 0..head_dim {
-                let angle = pos as f32 * inv_freq[j % half];
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+        for pos in start..start + seq {
+            // Both halves of the head use the same angles (`cat(freqs, freqs)`).
+            for _ in 0..2 {
+                for f in inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
             }
         }
         let table = |v: Vec<f32>| {
@@ -366,6 +517,27 @@ impl Rotary {
         }
     }
 
+    /// The number of positions.
+    pub fn len(&self) -> usize {
+        self.cos.dims()[2]
+    }
+
+    /// Whether the tables cover no position.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tables of positions `start..start + len` of these tables (views, no copy).
+    ///
+    /// # Panics
+    /// If the range is outside the tables.
+    pub fn narrow(&self, start: usize, len: usize) -> Self {
+        Self {
+            cos: self.cos.clone().narrow(2, start, len),
+            sin: self.sin.clone().narrow(2, start, len),
+        }
+    }
+
     /// Rotate `x` `[batch, heads, seq, head_dim]`: `x · cos + rotate_half(x) · sin`, where
     /// `rotate_half([x1, x2]) = [-x2, x1]`.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
@@ -375,6 +547,78 @@ impl Rotary {
         let x2 = x.clone().narrow(3, half, half);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * self.cos.clone() + rotated * self.sin.clone()
+    }
+}
+
+/// The keys and values of earlier positions, for decoding one token at a time without running
+/// the whole sequence again.
+///
+/// Each layer keeps `[batch, kv_heads, capacity, head_dim]` keys (after rotary) and values,
+/// allocated once for the whole capacity and written in place position by position (grouped
+/// -query attention keeps the key/value heads, never the repeated query heads). The rotary
+/// tables of every position up to the capacity are computed once too. Make one with
+/// [`Llama::new_cache`]; [`Llama::forward_cached`] appends to it.
+#[derive(Debug)]
+pub struct KvCache {
+    keys: Vec<Option<Tensor<4>>>,
+    values: Vec<Option<Tensor<4>>>,
+    rotary: Rotary,
+    len: usize,
+    batch: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl KvCache {
+    /// The number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The number of positions the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.rotary.len()
+    }
+
+    /// The batch size the cache was made for.
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    /// Forget every position (the buffers are kept for reuse).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Write `k`, `v` `[batch, kv_heads, n, head_dim]` of layer `layer` at positions
+    /// `len..len + n` and return that layer's keys and values of positions `0..len + n`.
+    fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let n = k.dims()[2];
+        let (start, end) = (self.len, self.len + n);
+        let ranges = [
+            0..self.batch,
+            0..self.kv_heads,
+            start..end,
+            0..self.head_dim,
+        ];
+        let write = |slot: &mut Option<Tensor<4>>, x: Tensor<4>| {
+            // The buffer is uniquely owned here, so the write happens in place.
+            let buffer = slot
+                .take()
+                .expect("a cache buffer is put back after each write")
+                .slice_assign(ranges.clone(), x);
+            let prefix = buffer.clone().narrow(2, 0, end);
+            *slot = Some(buffer);
+            prefix
+        };
+        let keys = write(&mut self.keys[layer], k);
+        let values = write(&mut self.values[layer], v);
+        (keys, values)
     }
 }
 
@@ -415,6 +659,54 @@ impl<L: LinearLayer> LlamaAttention<L> {
         let context = attention(q, repeat(k), repeat(v), mask, None, options);
         self.o_proj
             .forward(context.swap_dims(1, 2).reshape([batch, seq, heads * d]))
+    }
+
+    /// Causal attention of the `n` new positions `x` `[batch, n, hidden]` over the cached ones
+    /// and themselves; `rotary` holds the tables of the new positions. The new keys and values
+    /// are appended to layer `layer` of `cache` (whose length is not advanced here).
+    ///
+    /// The query heads sharing a key/value head are stacked as rows of one product
+    /// (`[batch, kv_heads, group · n, head_dim]` against `[batch, kv_heads, len, head_dim]`), so
+    /// the cached keys and values are never repeated.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        rotary: &Rotary,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<3> {
+        let [batch, n, _] = x.dims();
+        let (heads, kv_heads, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = heads / kv_heads;
+        let split = |t: Tensor<3>, h: usize| t.reshape([batch, n, h, d]).swap_dims(1, 2);
+        let q = rotary.apply(split(self.q_proj.forward(x.clone()), heads));
+        let k = rotary.apply(split(self.k_proj.forward(x.clone()), kv_heads));
+        let v = split(self.v_proj.forward(x), kv_heads);
+        let offset = cache.len;
+        let (keys, values) = cache.append(layer, k, v);
+        let total = offset + n;
+        let q = q.reshape([batch, kv_heads, group * n, d]) * (1.0 / (d as f64).sqrt());
+        let mut scores = q.matmul(keys.swap_dims(2, 3));
+        if n > 1 {
+            // Row r of a group is query position offset + r % n; it sees keys 0..=that.
+            let mask: Vec<bool> = (0..group * n)
+                .flat_map(|r| (0..total).map(move |j| j > offset + r % n))
+                .collect();
+            let mask = Tensor::<2, burn::tensor::Bool>::from_data(
+                TensorData::new(mask, [group * n, total]),
+                &scores.device(),
+            )
+            .reshape([1, 1, group * n, total])
+            .expand([batch, kv_heads, group * n, total]);
+            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+        }
+        let context = softmax(scores, 3).matmul(values);
+        self.o_proj.forward(
+            context
+                .reshape([batch, heads, n, d])
+                .swap_dims(1, 2)
+                .reshape([batch, n, heads * d]),
+        )
     }
 }
 
@@ -464,6 +756,25 @@ impl<L: LinearLayer> LlamaDecoderLayer<L> {
                 .forward(self.input_layernorm.forward(x), rotary, padding);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
+
+    /// As [`LlamaDecoderLayer::forward`] for new positions attending to the cache (see
+    /// [`LlamaAttention::forward_cached`]).
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        rotary: &Rotary,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Tensor<3> {
+        let attn = self.self_attn.forward_cached(
+            self.input_layernorm.forward(x.clone()),
+            rotary,
+            cache,
+            layer,
+        );
+        let h = x + attn;
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
 }
 
 /// Hugging Face's `LlamaModel`: embeddings, decoder layers and the final norm (`model`).
@@ -478,6 +789,12 @@ pub struct LlamaModel<L: LinearLayer> {
     /// Rotary embedding base.
     #[module(skip)]
     pub rope_theta: f64,
+    /// Rotary frequency scaling.
+    #[module(skip)]
+    pub rope_scaling: RopeScaling,
+    /// The context length the model was trained for (the default context of generation).
+    #[module(skip)]
+    pub max_position_embeddings: usize,
 }
 
 impl<L: LinearLayer> LlamaModel<L> {
@@ -492,13 +809,55 @@ impl<L: LinearLayer> LlamaModel<L> {
         let [_, seq] = input_ids.dims();
         let device = input_ids.device();
         let padding = attention_mask.map(|m| m.equal_elem(0));
-        let head_dim = self.layers.first().map_or(2, |l| l.self_attn.head_dim);
-        let rotary = Rotary::new(seq, head_dim, self.rope_theta, &device);
+        let rotary = Rotary::from_inv_freq(&self.inv_freq(), 0, seq, &device);
         let mut x = self.embed_tokens.forward(input_ids);
         for layer in &self.layers {
             x = layer.forward(x, &rotary, padding.as_ref());
         }
         self.norm.forward(x)
+    }
+
+    /// The size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.layers.first().map_or(2, |l| l.self_attn.head_dim)
+    }
+
+    /// The rotary inverse frequencies `[head_dim / 2]` (base and scaling applied).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        self.rope_scaling.inv_freq(self.rope_theta, self.head_dim())
+    }
+
+    /// The normalised hidden state `[batch, n, hidden]` of `n` new positions after the ones in
+    /// `cache`, which grows by `n`. Ids are not checked here (see [`Llama::forward_cached`]).
+    ///
+    /// # Errors
+    /// [`ModelError::CacheFull`] when the new positions do not fit, [`ModelError::CacheBatch`]
+    /// for another batch size than the cache's.
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<2, Int>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        let [batch, n] = input_ids.dims();
+        if batch != cache.batch {
+            return Err(ModelError::CacheBatch {
+                expected: cache.batch,
+                found: batch,
+            });
+        }
+        if cache.len + n > cache.capacity() {
+            return Err(ModelError::CacheFull {
+                needed: cache.len + n,
+                capacity: cache.capacity(),
+            });
+        }
+        let rotary = cache.rotary.narrow(cache.len, n);
+        let mut x = self.embed_tokens.forward(input_ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward_cached(x, &rotary, cache, i);
+        }
+        cache.len += n;
+        Ok(self.norm.forward(x))
     }
 }
 
@@ -554,20 +913,24 @@ impl<L: LinearLayer> Llama<L> {
                 layers,
                 norm: RmsNorm::new(h, config.rms_norm_eps, device),
                 rope_theta: config.rope_theta,
+                rope_scaling: config.rope_scaling.clone(),
+                max_position_embeddings: config.max_position_embeddings,
             },
             lm_head: (!config.tie_word_embeddings).then(|| linear(h, config.vocab_size, false)),
         }
     }
 
-    /// Load a Hugging Face `LlamaForCausalLM` folder (`config.json` + `model.safetensors`).
-    /// With tied embeddings, `lm_head.weight` may be absent from the checkpoint and is ignored
-    /// when present (the head is the token embedding, as in Transformers).
+    /// Load a Hugging Face `LlamaForCausalLM` folder: `config.json` and `model.safetensors`, or
+    /// `model.safetensors.index.json` and its shards (F32, F16 or BF16, memory-mapped and
+    /// converted to f32 one tensor at a time; see [`Checkpoint::open_dir`]). With tied
+    /// embeddings, `lm_head.weight` may be absent from the checkpoint and is ignored when
+    /// present (the head is the token embedding, as in Transformers).
     ///
     /// # Errors
     /// Missing files, an unsupported config, or a missing or misshapen tensor (named).
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<(Self, LlamaConfig)> {
         let config = LlamaConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
+        let ckpt = Checkpoint::open_dir(dir)?;
         Ok((Self::load(&config, &ckpt, device)?, config))
     }
 
@@ -624,6 +987,8 @@ impl<L: LinearLayer> Llama<L> {
             layers,
             norm: ckpt.rms_norm("model.norm", h, eps, device)?,
             rope_theta: config.rope_theta,
+            rope_scaling: config.rope_scaling.clone(),
+            max_position_embeddings: config.max_position_embeddings,
         };
         let lm_head = if config.tie_word_embeddings {
             None
@@ -640,7 +1005,79 @@ impl<L: LinearLayer> Llama<L> {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
     ) -> Tensor<3> {
-        let hidden = self.model.forward(input_ids, attention_mask);
+        self.head(self.model.forward(input_ids, attention_mask))
+    }
+
+    /// The vocabulary size (rows of the token embedding).
+    pub fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.weight.dims()[0]
+    }
+
+    /// An empty key/value cache for `batch` sequences of up to `capacity` positions, on the
+    /// model's device, with the rotary tables of those positions computed once.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let device = self.model.embed_tokens.weight.device();
+        let (kv_heads, head_dim) = self
+            .model
+            .layers
+            .first()
+            .map_or((1, 2), |l| (l.self_attn.num_kv_heads, l.self_attn.head_dim));
+        let buffer = || {
+            Some(Tensor::<4>::zeros(
+                [batch, kv_heads, capacity, head_dim],
+                &device,
+            ))
+        };
+        let layers = self.model.layers.len();
+        KvCache {
+            keys: (0..layers).map(|_| buffer()).collect(),
+            values: (0..layers).map(|_| buffer()).collect(),
+            rotary: Rotary::from_inv_freq(&self.model.inv_freq(), 0, capacity, &device),
+            len: 0,
+            batch,
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    /// The logits `[batch, n, vocab]` of `n` new tokens `input_ids` `[batch, n]` that follow the
+    /// positions held by `cache` (a prompt's prefill, or one token per decoding step); the new
+    /// keys and values are appended to `cache`. Equal to the last `n` positions of
+    /// [`Llama::forward`] over the whole sequence.
+    ///
+    /// # Errors
+    /// [`ModelError::TokenOutOfVocab`] for an id outside the vocabulary,
+    /// [`ModelError::CacheFull`] when the cache cannot hold the new positions,
+    /// [`ModelError::CacheBatch`] for another batch size than the cache's. The cache is
+    /// unchanged then.
+    pub fn forward_cached(
+        &self,
+        input_ids: Tensor<2, Int>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        check_ids(&input_ids, self.vocab_size())?;
+        Ok(self.head(self.model.forward_cached(input_ids, cache)?))
+    }
+
+    /// As [`Llama::forward_cached`], but only the logits `[batch, vocab]` of the last new
+    /// position (what generation needs: the LM head runs on one row per sequence).
+    ///
+    /// # Errors
+    /// As [`Llama::forward_cached`].
+    pub fn forward_cached_last(
+        &self,
+        input_ids: Tensor<2, Int>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<2>> {
+        check_ids(&input_ids, self.vocab_size())?;
+        let hidden = self.model.forward_cached(input_ids, cache)?;
+        let [batch, n, _] = hidden.dims();
+        let last = hidden.narrow(1, n - 1, 1);
+        Ok(self.head(last).reshape([batch, self.vocab_size()]))
+    }
+
+    /// The LM head on hidden states `[batch, seq, hidden]`.
+    fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
@@ -653,5 +1090,17 @@ impl<L: LinearLayer> Llama<L> {
                     .reshape([batch, seq, vocab])
             }
         }
+    }
+}
+
+/// Check every id of `ids` is in `0..vocab_size`.
+fn check_ids(ids: &Tensor<2, Int>, vocab_size: usize) -> Result<()> {
+    let data = ids.to_data();
+    match data
+        .iter::<i64>()
+        .find(|&id| id < 0 || id as usize >= vocab_size)
+    {
+        Some(id) => Err(ModelError::TokenOutOfVocab { id, vocab_size }),
+        None => Ok(()),
     }
 }

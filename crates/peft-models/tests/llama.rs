@@ -14,8 +14,9 @@ use burn::nn::Linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::{PeftLinear, hf};
 use peft_lora::{LoadOptions, LoraAdapter, LoraModel};
-use peft_models::llama::{Llama, LlamaConfig};
-use peft_models::{LinearLayer, ModelError};
+use peft_models::llama::{Llama, LlamaConfig, RopeScaling};
+use peft_models::loss::{IGNORE_INDEX, causal_lm_loss};
+use peft_models::{Checkpoint, LinearLayer, ModelError, Safetensors, TensorSource};
 
 const TOL: f32 = 1e-4;
 
@@ -349,13 +350,29 @@ fn unsupported_configs_are_refused_with_the_reason() {
         ("hidden_act", json!("gelu"), "hidden_act `gelu`"),
         (
             "rope_parameters",
-            json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}),
-            "rope_type `llama3`",
+            json!({"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}),
+            "rope_type `yarn`",
         ),
         (
             "rope_scaling",
-            json!({"type": "linear", "factor": 2.0}),
-            "rope_type `linear`",
+            json!({"type": "dynamic", "factor": 2.0}),
+            "rope_type `dynamic`",
+        ),
+        (
+            "rope_parameters",
+            json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}),
+            "low_freq_factor (a number) is required",
+        ),
+        (
+            "rope_scaling",
+            json!({"type": "linear"}),
+            "factor (a number) is required",
+        ),
+        (
+            "rope_parameters",
+            json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                   "high_freq_factor": 1.0}),
+            "must exceed low_freq_factor",
         ),
         ("partial_rotary_factor", json!(0.5), "partial_rotary_factor"),
         (
@@ -450,4 +467,362 @@ fn new_refuses_an_inconsistent_config() {
     let mut config = LlamaConfig::new(40, 16, 24, 1, 4);
     config.num_key_value_heads = 3;
     let _ = Plain::new(&config, &Device::flex());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sharded bf16 folder of `make_llama_generation_fixtures.py`: GQA, head_dim 16 != hidden /
+// heads, attention biases, llama3 rotary scaling.
+
+fn sharded_expected() -> BTreeMap<String, TensorData> {
+    hf::read_tensors(&fixture("sharded_bf16/expected.safetensors")).unwrap()
+}
+
+fn tensor<const D: usize>(data: &TensorData) -> Tensor<D> {
+    Tensor::from_data(data.clone(), &Device::flex())
+}
+
+fn int_tensor(data: &TensorData) -> Tensor<2, Int> {
+    Tensor::from_data(data.clone(), &Device::flex())
+}
+
+fn check_sharded<L: LinearLayer>(label: &str) {
+    let exp = sharded_expected();
+    let (model, config) = load::<L>("sharded_bf16");
+    assert_eq!(
+        config.rope_scaling,
+        RopeScaling::Llama3 {
+            factor: 4.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32,
+        }
+    );
+    assert!(config.attention_bias && !config.mlp_bias);
+    assert_eq!((config.num_key_value_heads, config.head_dim), (2, 16));
+    let (ids, mask) = (
+        int_tensor(&exp["input_ids"]),
+        int_tensor(&exp["attention_mask"]),
+    );
+    assert_close(
+        &format!("sharded bf16 {label} masked"),
+        &model.forward(ids.clone(), Some(mask)),
+        &tensor(&exp["logits"]),
+    );
+    assert_close(
+        &format!("sharded bf16 {label} no mask"),
+        &model.forward(ids, None),
+        &tensor(&exp["logits_nomask"]),
+    );
+}
+
+#[test]
+fn sharded_bf16_folder_matches_transformers() {
+    let dir = fixture("sharded_bf16");
+    assert!(!dir.join("model.safetensors").exists());
+    let source = Safetensors::open_dir(&dir).unwrap();
+    assert_eq!(source.num_files(), 4, "one map per shard");
+    assert!(source.origin().ends_with("model.safetensors.index.json"));
+    assert_eq!(source.names().len(), 29);
+    check_sharded::<Linear>("Linear");
+    check_sharded::<PeftLinear<LoraAdapter>>("PeftLinear");
+}
+
+#[test]
+fn safetensors_dtypes_are_converted_to_f32() {
+    use safetensors::{Dtype, tensor::TensorView};
+    let values = [1.5f32, -2.25, 0.0, 65504.0, 3.0e-5, -0.1];
+    let f16: Vec<u8> = values
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let bf16: Vec<u8> = values
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    let f32s: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let i64s: Vec<u8> = [1i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        (
+            "half",
+            TensorView::new(Dtype::F16, vec![2, 3], &f16).unwrap(),
+        ),
+        (
+            "brain",
+            TensorView::new(Dtype::BF16, vec![3, 2], &bf16).unwrap(),
+        ),
+        (
+            "single",
+            TensorView::new(Dtype::F32, vec![6], &f32s).unwrap(),
+        ),
+        ("ints", TensorView::new(Dtype::I64, vec![2], &i64s).unwrap()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.safetensors");
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let source = Safetensors::open(&file).unwrap();
+    let read = |name: &str| -> Vec<f32> { source.read(name).unwrap().iter::<f32>().collect() };
+    let expect = |convert: fn(f32) -> f32| values.iter().map(|v| convert(*v)).collect::<Vec<_>>();
+    assert_eq!(read("half"), expect(|v| half::f16::from_f32(v).to_f32()));
+    assert_eq!(read("brain"), expect(|v| half::bf16::from_f32(v).to_f32()));
+    assert_eq!(read("single"), values.to_vec());
+    assert_eq!(source.shape("brain"), Some(vec![3, 2]));
+    assert_eq!(source.read("brain").unwrap().shape().to_vec(), vec![3, 2]);
+    assert!(matches!(
+        source.read("ints"),
+        Err(ModelError::Peft(
+            peft_core::PeftError::UnsupportedDtype { .. }
+        ))
+    ));
+    assert!(matches!(
+        source.read("nope"),
+        Err(ModelError::MissingTensor { .. })
+    ));
+    // A damaged file is refused when opened, naming the file.
+    std::fs::write(
+        dir.path().join("bad.safetensors"),
+        b"\x10\0\0\0\0\0\0\0{not json",
+    )
+    .unwrap();
+    let err = Safetensors::open(&dir.path().join("bad.safetensors"))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("bad.safetensors"), "{err}");
+    // A shard named by the index but missing is NotFound.
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("sharded_bf16/model.safetensors.index.json"),
+        scratch.path().join("model.safetensors.index.json"),
+    )
+    .unwrap();
+    assert!(matches!(
+        Safetensors::open_dir(scratch.path()),
+        Err(ModelError::NotFound { .. })
+    ));
+    // A folder with no weights at all.
+    assert!(matches!(
+        Checkpoint::open_dir(dir.path().join("empty").as_path()),
+        Err(ModelError::NotFound { .. })
+    ));
+}
+
+fn assert_freqs(label: &str, ours: &[f32], theirs: &TensorData) {
+    let theirs: Vec<f32> = theirs.iter::<f32>().collect();
+    assert_eq!(ours.len(), theirs.len(), "{label}");
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs(),
+            "{label}: inv_freq[{i}] = {a}, transformers {b}"
+        );
+    }
+}
+
+#[test]
+fn rope_scaling_matches_transformers() {
+    let exp = sharded_expected();
+    let config = LlamaConfig::from_dir(&fixture("sharded_bf16")).unwrap();
+    let llama3 = config
+        .rope_scaling
+        .inv_freq(config.rope_theta, config.head_dim);
+    assert_freqs("llama3", &llama3, &exp["inv_freq_llama3"]);
+    let plain = RopeScaling::None.inv_freq(config.rope_theta, config.head_dim);
+    assert!(plain[0] == llama3[0] && plain[1] != llama3[1] && plain[7] != llama3[7]);
+
+    // Linear scaling, written the Transformers 4 way (`rope_scaling` with `type`).
+    let mut json = hf::read_json(&fixture("sharded_bf16/config.json")).unwrap();
+    json.remove("rope_parameters");
+    json.insert("rope_theta".into(), serde_json::json!(10000.0));
+    json.insert(
+        "rope_scaling".into(),
+        serde_json::json!({"type": "linear", "factor": 2.5}),
+    );
+    let linear = parse(&json).unwrap();
+    assert_eq!(linear.rope_scaling, RopeScaling::Linear { factor: 2.5 });
+    assert_freqs(
+        "linear",
+        &linear
+            .rope_scaling
+            .inv_freq(linear.rope_theta, linear.head_dim),
+        &exp["inv_freq_linear"],
+    );
+    // A top-level original_max_position_embeddings wins over the parameters' (Transformers'
+    // standardize_rope_params); without either, max_position_embeddings is used.
+    let mut json = hf::read_json(&fixture("sharded_bf16/config.json")).unwrap();
+    json.insert(
+        "original_max_position_embeddings".into(),
+        serde_json::json!(16),
+    );
+    let original = |c: LlamaConfig| match c.rope_scaling {
+        RopeScaling::Llama3 {
+            original_max_position_embeddings,
+            ..
+        } => original_max_position_embeddings,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(original(parse(&json).unwrap()), 16);
+    json.remove("original_max_position_embeddings");
+    json["rope_parameters"]
+        .as_object_mut()
+        .unwrap()
+        .remove("original_max_position_embeddings");
+    assert_eq!(original(parse(&json).unwrap()), 128);
+}
+
+/// Decoding with the key/value cache (a prefill, then one token at a time) gives the logits of
+/// a full forward over the whole sequence, on GQA with llama3 rotary (sharded) and on a single
+/// key/value head with a tied head and biases (tied), for a batch of two.
+#[test]
+fn cached_decoding_equals_full_forward() {
+    for base in ["sharded_bf16", "tied"] {
+        let (model, config) = load::<PeftLinear<LoraAdapter>>(base);
+        let device = Device::flex();
+        let seq = 11;
+        let data: Vec<i64> = (0..2 * seq)
+            .map(|i| ((i * 37 + 5) % config.vocab_size) as i64)
+            .collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(data, [2, seq]), &device);
+        let full = model.forward(ids.clone(), None);
+        let mut cache = model.new_cache(2, 16);
+        let prefill = 4;
+        let first = model
+            .forward_cached(ids.clone().slice([0..2, 0..prefill]), &mut cache)
+            .unwrap();
+        assert_close(
+            &format!("{base} prefill"),
+            &first,
+            &full.clone().slice([0..2, 0..prefill]),
+        );
+        for t in prefill..seq {
+            let step = ids.clone().slice([0..2, t..t + 1]);
+            let logits = if t % 2 == 0 {
+                model.forward_cached(step, &mut cache).unwrap()
+            } else {
+                let last = model.forward_cached_last(step, &mut cache).unwrap();
+                last.unsqueeze_dim(1)
+            };
+            assert_close(
+                &format!("{base} step {t}"),
+                &logits,
+                &full.clone().slice([0..2, t..t + 1]),
+            );
+        }
+        assert_eq!((cache.len(), cache.capacity()), (seq, 16));
+        // A cleared cache starts again at position 0 (a two-token prefill this time).
+        cache.clear();
+        let again = model
+            .forward_cached(ids.clone().slice([0..2, 0..2]), &mut cache)
+            .unwrap();
+        assert_close(
+            &format!("{base} after clear"),
+            &again,
+            &full.slice([0..2, 0..2]),
+        );
+        assert!(matches!(
+            model.forward_cached(ids.slice([0..1, 0..1]), &mut cache),
+            Err(ModelError::CacheBatch {
+                expected: 2,
+                found: 1
+            })
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The causal-LM loss against Transformers' `ForCausalLMLoss` and the model's `labels=` loss.
+
+#[test]
+fn causal_lm_loss_matches_transformers() {
+    let exp = sharded_expected();
+    let loss = causal_lm_loss(tensor(&exp["ce_logits"]), int_tensor(&exp["ce_labels"])).unwrap();
+    let ours = loss.into_scalar::<f32>();
+    let theirs = exp["ce_loss"].iter::<f32>().next().unwrap();
+    println!("ce loss: ours {ours}, transformers {theirs}");
+    assert!(
+        (ours - theirs).abs() <= 1e-5 * theirs.abs(),
+        "{ours} vs {theirs}"
+    );
+
+    // The model's loss with prompt and padding labels masked.
+    let (model, _) = load::<Linear>("sharded_bf16");
+    let logits = model.forward(
+        int_tensor(&exp["input_ids"]),
+        Some(int_tensor(&exp["attention_mask"])),
+    );
+    let ours = causal_lm_loss(logits, int_tensor(&exp["loss_labels"]))
+        .unwrap()
+        .into_scalar::<f32>();
+    let theirs = exp["model_loss"].iter::<f32>().next().unwrap();
+    println!("model loss: ours {ours}, transformers {theirs}");
+    assert!((ours - theirs).abs() <= 1e-4, "{ours} vs {theirs}");
+}
+
+#[test]
+fn causal_lm_loss_gradient_matches_torch() {
+    let exp = sharded_expected();
+    let device = Device::flex().autodiff();
+    let logits = Tensor::<3>::from_data(exp["ce_logits"].clone(), &device).require_grad();
+    let labels = Tensor::<2, Int>::from_data(exp["ce_labels"].clone(), &device);
+    let loss = causal_lm_loss(logits.clone(), labels).unwrap();
+    let grads = loss.backward();
+    let grad = logits.grad(&grads).unwrap();
+    let theirs = tensor::<3>(&exp["ce_grad"]);
+    let diff = (grad.clone().inner() - theirs)
+        .abs()
+        .max()
+        .into_scalar::<f32>();
+    println!("loss gradient: max |diff| = {diff:.3e}");
+    assert!(diff < 1e-6, "{diff}");
+    // Ignored positions and the last position (which predicts nothing) get no gradient.
+    let g = grad.inner();
+    let zero_rows = [
+        (0usize, 0usize),
+        (1, 2),
+        (1, 3),
+        (2, 4),
+        (0, 5),
+        (1, 5),
+        (2, 5),
+    ];
+    for (b, t) in zero_rows {
+        let row = g
+            .clone()
+            .slice([b..b + 1, t..t + 1])
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert_eq!(row, 0.0, "row ({b}, {t})");
+    }
+}
+
+#[test]
+fn causal_lm_loss_is_stable_and_checks_its_inputs() {
+    let device = Device::flex();
+    // Logits of 1e4 would overflow exp() without the max subtraction.
+    let logits = Tensor::<3>::from_floats([[[1.0e4, 0.0, -1.0e4], [0.0, 1.0e4, 0.0]]], &device);
+    // Position 0 predicts label 1 of the row; the last position predicts nothing.
+    let labels = Tensor::<2, Int>::from_ints([[7, 0]], &device);
+    let loss = causal_lm_loss(logits.clone(), labels)
+        .unwrap()
+        .into_scalar::<f32>();
+    assert!(loss.is_finite() && loss.abs() < 1e-6, "{loss}");
+    let labels = Tensor::<2, Int>::from_ints([[0, 2]], &device);
+    let loss = causal_lm_loss(logits.clone(), labels)
+        .unwrap()
+        .into_scalar::<f32>();
+    assert!((loss - 2.0e4).abs() < 1.0, "{loss}");
+    let err = |labels: Tensor<2, Int>| causal_lm_loss(logits.clone(), labels).unwrap_err();
+    assert!(matches!(
+        err(Tensor::from_ints([[0, IGNORE_INDEX]], &device)),
+        ModelError::InvalidInput { .. }
+    ));
+    assert!(matches!(
+        err(Tensor::from_ints([[0, 3]], &device)),
+        ModelError::TokenOutOfVocab {
+            id: 3,
+            vocab_size: 3
+        }
+    ));
+    assert!(matches!(
+        err(Tensor::from_ints([[0, 1, 2]], &device)),
+        ModelError::InvalidInput { .. }
+    ));
 }
