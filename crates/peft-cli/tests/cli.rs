@@ -354,3 +354,272 @@ fn bad_forward_inputs_are_refused_with_the_reason() {
         &["query", "matched no module"],
     );
 }
+
+/// The tiny sharded bf16 LLaMA of `fixtures/llama/sharded_bf16` (vocab 128, 128 positions)
+/// copied into `dir` with a word-level `tokenizer.json` whose token `t<i>` is id `i` (plus
+/// `big`, id 128, beyond the model's vocabulary, and `<unk>`), so that text maps to known ids.
+fn tiny_llama_with_tokenizer(dir: &Path) -> PathBuf {
+    let src = fixtures().join("llama/sharded_bf16");
+    let model = dir.join("tiny-llama");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut vocab = serde_json::Map::new();
+    for i in 0..128u32 {
+        vocab.insert(format!("t{i}"), i.into());
+    }
+    vocab.insert("big".into(), 128.into());
+    vocab.insert("<unk>".into(), 129.into());
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    model
+}
+
+/// The ids of `key` in the sharded model's expected file, as the tiny tokenizer's text.
+fn tiny_text(key: &str) -> String {
+    let file = fixtures().join("llama/sharded_bf16/expected.safetensors");
+    let ids = read(&file)
+        .remove(key)
+        .unwrap()
+        .try_to_vec::<i64>()
+        .unwrap();
+    ids.iter()
+        .map(|i| format!("t{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
+
+#[test]
+fn generate_on_a_tiny_llama_matches_transformers_greedy_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama_with_tokenizer(dir.path());
+    let prompt = tiny_text("prompt");
+    let tokenize = burn_peft(["tokenize", "--model"].map(Into::into).into_iter().chain([
+        model.as_os_str().to_owned(),
+        "--text".into(),
+        prompt.clone().into(),
+    ]));
+    assert_ok(&tokenize, "tokenize");
+    let want_ids = tiny_text("prompt").replace('t', "");
+    assert_eq!(stdout(&tokenize), format!("{want_ids}\n"));
+
+    let generate = |extra: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "generate".into(),
+            "--model".into(),
+            model.as_os_str().to_owned(),
+            "--prompt".into(),
+            prompt.clone().into(),
+            "--max-new-tokens".into(),
+            "20".into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        burn_peft(args)
+    };
+    // Greedy: stdout holds exactly the 20 generated tokens' text (transformers' ids), the counts
+    // and speeds are on stderr.
+    let out = generate(&[]);
+    assert_ok(&out, "generate");
+    assert_eq!(stdout(&out), tiny_text("greedy"));
+    let err = stderr(&out);
+    for needle in [
+        "prompt tokens: 5",
+        "generated tokens: 20",
+        "prefill",
+        "decode",
+        "tokens/s",
+    ] {
+        assert!(err.contains(needle), "`{needle}` not in stderr:\n{err}");
+    }
+    // With PEFT's LoRA adapter, unmerged and merged.
+    let lora = fixtures().join("llama/sharded_bf16/lora");
+    let lora = lora.to_str().unwrap();
+    for extra in [&["--adapter", lora][..], &["--adapter", lora, "--merge"]] {
+        let out = generate(extra);
+        assert_ok(&out, &format!("generate {extra:?}"));
+        assert_eq!(stdout(&out), tiny_text("greedy_lora"), "{extra:?}");
+    }
+    // Seeded sampling repeats itself.
+    let sampling = [
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "7",
+    ];
+    let first = generate(&sampling);
+    assert_ok(&first, "sampling");
+    assert_eq!(stdout(&first), stdout(&generate(&sampling)), "same seed");
+    assert_eq!(stdout(&first).split(' ').count(), 20);
+}
+
+#[test]
+fn bad_generate_and_tokenize_inputs_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_llama_with_tokenizer(dir.path());
+    let run = |args: &[&str]| {
+        let out = burn_peft(
+            [args[0], "--model", model.to_str().unwrap()]
+                .iter()
+                .chain(&args[1..]),
+        );
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
+        out
+    };
+    assert_refused(
+        &run(&["generate", "--prompt", "t1 big t2"]),
+        "prompt id outside the model's vocabulary",
+        &["token id 128", "vocabulary"],
+    );
+    let long = vec!["t1"; 128].join(" ");
+    assert_refused(
+        &run(&["generate", "--prompt", &long]),
+        "prompt longer than the context",
+        &["too long", "128"],
+    );
+    assert_refused(
+        &run(&["generate", "--prompt", "t1", "--chat"]),
+        "no chat template",
+        &["chat template"],
+    );
+    assert_refused(
+        &run(&["generate", "--prompt", "t1", "--top-p", "1.5"]),
+        "bad option",
+        &["top_p"],
+    );
+    assert_refused(
+        &run(&["generate", "--prompt", ""]),
+        "empty prompt",
+        &["empty"],
+    );
+    let no_tokenizer = fixtures().join("llama/untied");
+    for command in ["tokenize", "generate"] {
+        let out = burn_peft([
+            command,
+            "--model",
+            no_tokenizer.to_str().unwrap(),
+            if command == "tokenize" {
+                "--text"
+            } else {
+                "--prompt"
+            },
+            "hello",
+        ]);
+        assert_refused(&out, "missing tokenizer", &["tokenizer.json", "untied"]);
+    }
+    let bert = fixtures().join("bert/model");
+    let out = burn_peft([
+        "generate",
+        "--model",
+        bert.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_refused(&out, "generate with BERT", &["BERT", "causal"]);
+}
+
+/// The SmolLM2-135M-Instruct GGUF file (fetched by `python3 scripts/fetch_smollm2.py`); the
+/// test fails with that hint when it is missing.
+fn smollm2() -> PathBuf {
+    peft_models::smollm2_path().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Transformers' greedy chat generations (`fixtures/smollm2/generation.json`).
+fn smollm2_chats() -> Vec<serde_json::Value> {
+    let file = fixtures().join("smollm2/generation.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["chats"].as_array().unwrap().clone()
+}
+
+fn ids_line(ids: &serde_json::Value) -> String {
+    let ids: Vec<String> = ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap().to_string())
+        .collect();
+    ids.join(" ")
+}
+
+#[test]
+fn tokenize_smollm2_matches_transformers_chat_ids() {
+    let model = smollm2();
+    // The second committed chat as SmolLM2's template renders it (ChatML); special tokens
+    // written in the text are matched whole.
+    let chat = &smollm2_chats()[1];
+    let messages = chat["messages"].as_array().unwrap();
+    let mut text = String::new();
+    for m in messages {
+        let (role, content) = (m["role"].as_str().unwrap(), m["content"].as_str().unwrap());
+        text.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+    }
+    text.push_str("<|im_start|>assistant\n");
+    let out = burn_peft([
+        "tokenize".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--text".as_ref(),
+        text.as_ref(),
+    ]);
+    assert_ok(&out, "tokenize");
+    assert_eq!(stdout(&out), format!("{}\n", ids_line(&chat["prompt_ids"])));
+}
+
+#[test]
+fn generate_smollm2_chat_streams_only_the_answer() {
+    let model = smollm2();
+    let chat = &smollm2_chats()[1];
+    let messages = chat["messages"].as_array().unwrap();
+    let (system, user) = (&messages[0], &messages[1]);
+    assert_eq!(
+        (system["role"].as_str(), user["role"].as_str()),
+        (Some("system"), Some("user"))
+    );
+    let out = burn_peft([
+        "generate".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--chat".as_ref(),
+        "--system".as_ref(),
+        system["content"].as_str().unwrap().as_ref(),
+        "--prompt".as_ref(),
+        user["content"].as_str().unwrap().as_ref(),
+        "--max-new-tokens".as_ref(),
+        "16".as_ref(),
+    ]);
+    assert_ok(&out, "generate");
+    // Transformers' greedy answer ends with the end-of-sequence token (not printed).
+    assert_eq!(stdout(&out), chat["base_text"].as_str().unwrap());
+    let err = stderr(&out);
+    let prompt_len = chat["prompt_ids"].as_array().unwrap().len();
+    let generated = chat["base_ids"].as_array().unwrap().len();
+    for needle in [
+        format!("prompt tokens: {prompt_len}"),
+        format!("generated tokens: {generated}"),
+        "end of sequence".into(),
+    ] {
+        assert!(err.contains(&needle), "`{needle}` not in stderr:\n{err}");
+    }
+}
