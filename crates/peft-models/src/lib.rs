@@ -26,6 +26,7 @@
 
 pub mod bert;
 mod cache;
+pub mod chat;
 mod checkpoint;
 mod error;
 pub mod generate;
@@ -34,6 +35,7 @@ pub mod kernels;
 mod layers;
 pub mod llama;
 pub mod loss;
+pub mod tokenizer;
 
 pub use cache::{MINILM_DIR_ENV, SMOLLM2_ENV, cache_dir, minilm_dir, smollm2_path};
 pub use checkpoint::{
