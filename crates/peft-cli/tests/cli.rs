@@ -564,7 +564,7 @@ fn ids_line(ids: &serde_json::Value) -> String {
 }
 
 #[test]
-fn tokenize_smollm2_matches_transformers_chat_ids() {
+fn tokenize_smollm2_matches_transformers_ids() {
     let model = smollm2();
     // The second committed chat as SmolLM2's template renders it (ChatML); special tokens
     // written in the text are matched whole.
@@ -585,6 +585,33 @@ fn tokenize_smollm2_matches_transformers_chat_ids() {
     ]);
     assert_ok(&out, "tokenize");
     assert_eq!(stdout(&out), format!("{}\n", ids_line(&chat["prompt_ids"])));
+
+    // Lines of the tokenizer corpus (`fixtures/tokenizer/smollm2.json`, transformers' ids):
+    // emoji with joiners and flags, numbers, special tokens in the text.
+    let file = fixtures().join("tokenizer/smollm2.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let corpus = json["encode"].as_array().unwrap();
+    for needle in ["emoji:", "numbers 1234567", "<|im_start|>user"] {
+        let line = corpus
+            .iter()
+            .find(|l| l["text"].as_str().unwrap().starts_with(needle))
+            .unwrap_or_else(|| panic!("no corpus line starting with {needle}"));
+        let text = line["text"].as_str().unwrap();
+        let out = burn_peft([
+            "tokenize".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--text".as_ref(),
+            text.as_ref(),
+        ]);
+        assert_ok(&out, text);
+        assert_eq!(
+            stdout(&out),
+            format!("{}\n", ids_line(&line["ids"])),
+            "{text:?}"
+        );
+    }
 }
 
 #[test]
