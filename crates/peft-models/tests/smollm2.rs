@@ -1,0 +1,218 @@
+//! SmolLM2-135M-Instruct end to end against transformers + PEFT 0.21.2 (fixtures written by
+//! `fixtures/make_smollm2_fixtures.py`): a LoRA adapter that Python PEFT saved for the
+//! transformers model loaded from the same GGUF file gives the same logits here, unmerged and
+//! merged; the chat template renders the same prompt ids; greedy chat generation of 24 tokens
+//! gives transformers' tokens, without and with the adapter.
+//!
+//! The model is `peft_models::smollm2_path()`, fetched by `python3 scripts/fetch_smollm2.py`: a
+//! missing model fails these tests (CI fetches it first).
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use peft_core::{PeftLinear, hf};
+use peft_lora::{LoadOptions, LoraAdapter, LoraModel};
+use peft_models::chat::ChatMessage;
+use peft_models::generate::{GenerationConfig, StopReason, generate};
+use peft_models::gguf::{GgufFile, load_llama};
+use peft_models::llama::Llama;
+use peft_models::tokenizer::ModelTokenizer;
+use serde::Deserialize;
+
+/// Logits tolerance against transformers' float32 model (the bound).
+const TOL: f32 = 2e-3;
+
+type Fast = Llama<PeftLinear<LoraAdapter>>;
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/smollm2")
+        .join(path)
+}
+
+fn model_path() -> PathBuf {
+    peft_models::smollm2_path().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn base() -> Fast {
+    load_llama::<PeftLinear<LoraAdapter>>(model_path(), &Device::flex())
+        .unwrap()
+        .0
+}
+
+fn with_adapter() -> LoraModel<Fast> {
+    LoraModel::from_pretrained(base(), &fixture("lora_qv"), &LoadOptions::default()).unwrap()
+}
+
+fn tokenizer() -> ModelTokenizer {
+    let file = GgufFile::open(model_path()).unwrap();
+    ModelTokenizer::from_gguf_metadata(file.metadata(), "SmolLM2").unwrap()
+}
+
+struct Expected(BTreeMap<String, TensorData>);
+
+impl Expected {
+    fn load() -> Self {
+        Self(hf::read_tensors(&fixture("expected.safetensors")).unwrap())
+    }
+    fn ints<const D: usize>(&self, key: &str) -> Tensor<D, Int> {
+        Tensor::from_data(self.0[key].clone(), &Device::flex())
+    }
+    fn vec_i64(&self, key: &str) -> Vec<i64> {
+        self.0[key].clone().convert::<i64>().try_to_vec().unwrap()
+    }
+    fn vec_f32(&self, key: &str) -> Vec<f32> {
+        self.0[key].try_to_vec().unwrap()
+    }
+}
+
+/// Compare `logits` `[2, S, vocab]` with PEFT's at the fixture's vocabulary columns, at every
+/// non-padding position, and the argmax over the whole vocabulary.
+fn check_logits(label: &str, logits: Tensor<3>, exp: &Expected) {
+    let [batch, seq, vocab] = logits.dims();
+    let mask = exp.vec_i64("attention_mask");
+    let columns = exp.vec_i64("columns");
+    let theirs = exp.vec_f32("adapter_logits_subset");
+    let argmax = exp.vec_i64("adapter_argmax");
+    let ours_argmax = logits
+        .clone()
+        .argmax(2)
+        .into_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .unwrap();
+    let ours = logits.into_data().try_to_vec::<f32>().unwrap();
+    let mut worst = 0.0f32;
+    let mut checked = 0;
+    for row in 0..batch * seq {
+        if mask[row] == 0 {
+            continue;
+        }
+        for (j, &c) in columns.iter().enumerate() {
+            let d = (ours[row * vocab + c as usize] - theirs[row * columns.len() + j]).abs();
+            worst = worst.max(d);
+        }
+        assert_eq!(
+            ours_argmax[row], argmax[row],
+            "{label}: argmax differs at row {row}"
+        );
+        checked += 1;
+    }
+    println!("{label}: max |diff| {worst:.2e} over {checked} positions");
+    assert!(checked >= 12, "{label}: too few positions compared");
+    assert!(worst <= TOL, "{label}: logits differ by {worst} (> {TOL})");
+}
+
+#[test]
+fn python_peft_adapter_gives_peft_logits_unmerged_and_merged() {
+    let exp = Expected::load();
+    let ids = exp.ints::<2>("input_ids");
+    let mask = exp.ints::<2>("attention_mask");
+    let peft = with_adapter();
+    check_logits(
+        "unmerged",
+        peft.model().forward(ids.clone(), Some(mask.clone())),
+        &exp,
+    );
+    let merged = peft.merge_and_unload(true).unwrap();
+    check_logits("merged", merged.forward(ids, Some(mask)), &exp);
+}
+
+#[derive(Deserialize)]
+struct Chat {
+    messages: Vec<Message>,
+    prompt_ids: Vec<u32>,
+    base_ids: Vec<u32>,
+    base_text: String,
+    adapter_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+struct Generations {
+    max_new_tokens: usize,
+    eos_token_id: u32,
+    chats: Vec<Chat>,
+}
+
+fn generations() -> Generations {
+    serde_json::from_str(&std::fs::read_to_string(fixture("generation.json")).unwrap()).unwrap()
+}
+
+/// Greedy generation as transformers' `generate(do_sample=False)`: stops at the end-of-sequence
+/// id, which is part of the returned tokens.
+fn greedy(model: &Fast, prompt: &[u32], max_new: usize, eos: u32) -> Vec<u32> {
+    let config = GenerationConfig::new(max_new).with_eos(eos);
+    let mut streamed = Vec::new();
+    let out = generate(model, prompt, &config, |t| {
+        streamed.push(t);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    // The callback sees every token but the final stop token.
+    let shown = match out.stop {
+        StopReason::Eos => &out.tokens[..out.tokens.len() - 1],
+        _ => &out.tokens[..],
+    };
+    assert_eq!(streamed, shown, "the callback saw every token");
+    out.tokens
+}
+
+#[test]
+fn chat_template_and_greedy_generation_match_transformers() {
+    let gens = generations();
+    let tok = tokenizer();
+    let template = tok.chat_template().unwrap();
+    let model = base();
+    for (i, chat) in gens.chats.iter().enumerate() {
+        let messages: Vec<ChatMessage> = chat
+            .messages
+            .iter()
+            .map(|m| ChatMessage::new(&m.role, &m.content))
+            .collect();
+        let text = template.render(&messages, true).unwrap();
+        let ids = tok.encode(&text, false).unwrap();
+        assert_eq!(ids, chat.prompt_ids, "chat {i}: prompt ids");
+        let out = greedy(&model, &ids, gens.max_new_tokens, gens.eos_token_id);
+        assert_eq!(out, chat.base_ids, "chat {i}: generated ids");
+        assert_eq!(
+            tok.decode(&out, true).unwrap(),
+            chat.base_text,
+            "chat {i}: text"
+        );
+    }
+}
+
+#[test]
+fn greedy_generation_with_the_adapter_matches_peft_unmerged_and_merged() {
+    let gens = generations();
+    let peft = with_adapter();
+    // The adapter must change at least one answer, or this test would not see it.
+    assert!(gens.chats.iter().any(|c| c.adapter_ids != c.base_ids));
+    for (i, chat) in gens.chats.iter().enumerate() {
+        let out = greedy(
+            peft.model(),
+            &chat.prompt_ids,
+            gens.max_new_tokens,
+            gens.eos_token_id,
+        );
+        assert_eq!(out, chat.adapter_ids, "chat {i}: unmerged");
+    }
+    let merged = peft.merge_and_unload(true).unwrap();
+    for (i, chat) in gens.chats.iter().enumerate() {
+        let out = greedy(
+            &merged,
+            &chat.prompt_ids,
+            gens.max_new_tokens,
+            gens.eos_token_id,
+        );
+        assert_eq!(out, chat.adapter_ids, "chat {i}: merged");
+    }
+}
