@@ -650,3 +650,43 @@ fn generate_smollm2_chat_streams_only_the_answer() {
         assert!(err.contains(&needle), "`{needle}` not in stderr:\n{err}");
     }
 }
+
+#[test]
+fn forward_smollm2_gguf_with_a_peft_adapter_matches_peft() {
+    let model = smollm2();
+    let smol = fixtures().join("smollm2");
+    // `input_ids` / `attention_mask` [2, 12] (row 1 padded) and PEFT's logits at 512 columns.
+    let expected = read(&smol.join("expected.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("logits.safetensors");
+    let out = burn_peft([
+        "forward".as_ref(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--input".as_ref(),
+        smol.join("expected.safetensors").as_os_str(),
+        "--output".as_ref(),
+        out_file.as_os_str(),
+        "--adapter".as_ref(),
+        smol.join("lora_qv").as_os_str(),
+    ]);
+    assert_ok(&out, "forward smollm2 + lora_qv");
+    let (shape, logits) = floats(&out_file, "logits");
+    let [batch, seq] = [2, 12];
+    assert_eq!(shape, [batch, seq, 49152]);
+    let vocab = shape[2];
+    let ints = |key: &str| expected[key].try_to_vec::<i64>().unwrap();
+    let (mask, columns) = (ints("attention_mask"), ints("columns"));
+    let theirs = expected["adapter_logits_subset"]
+        .try_to_vec::<f32>()
+        .unwrap();
+    let mut worst = 0.0f32;
+    for row in (0..batch * seq).filter(|&r| mask[r] == 1) {
+        for (j, &c) in columns.iter().enumerate() {
+            let ours = logits[row * vocab + c as usize];
+            worst = worst.max((ours - theirs[row * columns.len() + j]).abs());
+        }
+    }
+    // Transformers ran the same dequantized weights in float32 (peft-models' own bound).
+    assert!(worst <= 2e-3, "logits differ from PEFT's by {worst}");
+}
