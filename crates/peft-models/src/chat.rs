@@ -66,7 +66,7 @@ impl ChatMessage {
 
 /// A compiled chat template with the variables it is rendered with besides the conversation
 /// (the special tokens, from [`crate::tokenizer::ModelTokenizer::chat_template`]).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,

@@ -340,9 +340,8 @@ impl ModelTokenizer {
         // Tokens are stored in GPT-2's byte alphabet; one spelled otherwise is respelled byte by
         // byte, as transformers does.
         let table = byte_to_char();
-        let in_alphabet = in_byte_alphabet;
         let spelled = |token: &str| -> String {
-            if token.chars().all(in_alphabet) {
+            if token.chars().all(in_byte_alphabet) {
                 token.to_string()
             } else {
                 token.bytes().map(|b| table[b as usize]).collect()
@@ -386,7 +385,9 @@ impl ModelTokenizer {
             let control = tokens
                 .iter()
                 .zip(types)
-                .filter(|&(token, &ty)| ty == TOKEN_TYPE_CONTROL && token.chars().all(in_alphabet))
+                .filter(|&(token, &ty)| {
+                    ty == TOKEN_TYPE_CONTROL && token.chars().all(in_byte_alphabet)
+                })
                 .map(|(token, _)| AddedToken::from(*token, true).normalized(false));
             inner
                 .add_special_tokens(control.collect::<Vec<_>>())
