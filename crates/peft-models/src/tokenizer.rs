@@ -441,6 +441,18 @@ impl ModelTokenizer {
         })
     }
 
+    /// Reads a GGUF file's metadata and builds its tokenizer (see
+    /// [`from_gguf_metadata`](Self::from_gguf_metadata)); errors name the file.
+    ///
+    /// # Errors
+    /// [`ModelError::Gguf`] when the file cannot be read as GGUF; [`ModelError::Tokenizer`] as
+    /// for [`from_gguf_metadata`](Self::from_gguf_metadata).
+    pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = crate::gguf::GgufFile::open(path)?;
+        Self::from_gguf_metadata(file.metadata(), path.display().to_string())
+    }
+
     /// Loads a Hugging Face tokenizer folder: `tokenizer.json`, and when present
     /// `tokenizer_config.json` (`bos_token`, `eos_token`, `pad_token`, `unk_token`,
     /// `add_bos_token`, `add_eos_token`, `chat_template`) and `chat_template.jinja` (where

@@ -149,6 +149,21 @@ fn smollm2_special_tokens_match_transformers() {
     }
     assert!(tok.is_special(5), "<file_sep> (control) is special");
     assert!(!tok.is_special(100), "an ordinary token is not special");
+
+    // Straight from the file: the same tokenizer, named after the file.
+    let path = peft_models::smollm2_path().unwrap_or_else(|e| panic!("{e}"));
+    let from_file = ModelTokenizer::from_gguf(&path).unwrap();
+    assert_eq!(from_file.source_name(), path.display().to_string());
+    let line = text(&corpus()[1]["text"]);
+    assert_eq!(
+        from_file.encode(line, false).unwrap(),
+        tok.encode(line, false).unwrap()
+    );
+    let missing = path.with_extension("missing.gguf");
+    assert!(matches!(
+        ModelTokenizer::from_gguf(&missing),
+        Err(ModelError::Gguf(_))
+    ));
 }
 
 #[test]
