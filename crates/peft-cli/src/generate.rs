@@ -197,20 +197,20 @@ impl LlamaJob for Generate<'_> {
     fn run<L: LinearLayer>(self, model: Llama<L>, _: &LlamaConfig) -> anyhow::Result<Generation> {
         (self.loaded)();
         let mut decoder = self.tokenizer.stream_decoder(true);
-        let stdout = std::io::stdout();
-        let mut stdout = stdout.lock();
+        let mut stdout = Output {
+            out: std::io::stdout().lock(),
+            closed: false,
+        };
         let mut failure: Option<anyhow::Error> = None;
         let out = generate(&model, self.prompt, self.config, |id| {
-            let piece = decoder.step(id).context("decoding a generated token");
-            let written = piece.and_then(|text| match text {
-                Some(text) => stdout
-                    .write_all(text.as_bytes())
-                    .and_then(|()| stdout.flush())
-                    .context("writing to stdout"),
-                None => Ok(()),
-            });
+            let written = match decoder.step(id).context("decoding a generated token") {
+                Ok(Some(text)) => stdout.write(&text),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
             match written {
-                Ok(()) => ControlFlow::Continue(()),
+                Ok(()) if !stdout.closed => ControlFlow::Continue(()),
+                Ok(()) => ControlFlow::Break(()),
                 Err(e) => {
                     failure = Some(e);
                     ControlFlow::Break(())
@@ -222,15 +222,42 @@ impl LlamaJob for Generate<'_> {
             return Err(e);
         }
         if let Some(rest) = decoder.flush().context("decoding the generated tokens")? {
-            stdout
-                .write_all(rest.as_bytes())
-                .context("writing to stdout")?;
+            stdout.write(&rest)?;
         }
         if std::io::stdout().is_terminal() {
-            writeln!(stdout).context("writing to stdout")?;
+            stdout.write("\n")?;
         }
-        stdout.flush().context("writing to stdout")?;
         Ok(out)
+    }
+}
+
+/// Locked stdout that notes when its reader went away (a closed pipe ends generation quietly,
+/// as when the output is piped into `head`).
+struct Output {
+    out: std::io::StdoutLock<'static>,
+    closed: bool,
+}
+
+impl Output {
+    /// Write and flush `text`, unless the reader has gone.
+    ///
+    /// # Errors
+    /// Write errors other than a closed pipe.
+    fn write(&mut self, text: &str) -> anyhow::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        match self
+            .out
+            .write_all(text.as_bytes())
+            .and_then(|()| self.out.flush())
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            other => other.context("writing to stdout"),
+        }
     }
 }
 
@@ -248,6 +275,9 @@ fn report(out: &Generation) {
         out.prompt_tokens,
         out.tokens.len()
     );
+    if out.tokens.is_empty() {
+        return;
+    }
     eprintln!(
         "prefill: {:.1} tokens/s ({:.3} s), decode: {:.1} tokens/s ({:.3} s)",
         out.prefill_tokens_per_s(),
