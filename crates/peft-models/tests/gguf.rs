@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use burn::nn::Linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use peft_models::ModelError;
 use peft_models::TensorSource;
 use peft_models::gguf::{
     DequantizeError, GgmlType, GgufError, GgufFile, GgufTensors, GgufValue, dequantize,
     llama_config, load_llama,
 };
-use peft_models::ModelError;
 use safetensors::SafeTensors;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -92,7 +92,11 @@ fn check_blocks(st: &SafeTensors, key: &str, ty: GgmlType) {
     }
     // All blocks at once gives the same.
     let all = dequantize(ty, &raw).unwrap();
-    assert!(all.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(
+        all.iter()
+            .zip(&expected)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
 }
 
 #[test]
@@ -105,7 +109,10 @@ fn dequantize_matches_python_gguf_bit_for_bit() {
     // The fixtures hold the awkward values: NaNs (signalling ones too), infinities, subnormals.
     let f16 = f32s(&st, "F16.deq");
     assert!(f16.iter().any(|v| v.is_nan()) && f16.iter().any(|v| v.is_infinite()));
-    assert!(f16.iter().any(|v| v.to_bits() == 0x7f80_2000), "a signalling NaN kept as is");
+    assert!(
+        f16.iter().any(|v| v.to_bits() == 0x7f80_2000),
+        "a signalling NaN kept as is"
+    );
 }
 
 #[test]
@@ -118,13 +125,29 @@ fn dequantize_real_smollm2_blocks_bit_for_bit() {
 
 #[test]
 fn dequantize_errors_name_the_type() {
-    for ty in [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::IQ4_NL, GgmlType::I32, GgmlType::Q8_K] {
+    for ty in [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::IQ4_NL,
+        GgmlType::I32,
+        GgmlType::Q8_K,
+    ] {
         let err = dequantize(ty, &vec![0; ty.type_size()]).unwrap_err();
         assert_eq!(err, DequantizeError::Unsupported(ty));
         assert!(err.to_string().contains(ty.name()), "{err}");
     }
     let err = dequantize(GgmlType::Q4_K, &[0; 145]).unwrap_err();
-    assert!(matches!(err, DequantizeError::Length { len: 145, type_size: 144, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            DequantizeError::Length {
+                len: 145,
+                type_size: 144,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,7 +239,7 @@ impl Gguf {
 
     fn bytes(&self) -> Vec<u8> {
         let pad = |b: &mut Vec<u8>| {
-            while b.len() as u64 % self.alignment != 0 {
+            while !(b.len() as u64).is_multiple_of(self.alignment) {
                 b.push(0);
             }
         };
@@ -318,7 +341,10 @@ fn open_bytes_err(bytes: &[u8]) -> GgufError {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "bad.gguf", bytes);
     let err = GgufFile::open(&path).expect_err("a malformed file must not open");
-    assert!(err.to_string().contains("bad.gguf"), "error names the file: {err}");
+    assert!(
+        err.to_string().contains("bad.gguf"),
+        "error names the file: {err}"
+    );
     err
 }
 
@@ -372,10 +398,16 @@ fn reads_metadata_and_tensors_of_versions_2_and_3() {
             let names: Vec<_> = f.tensors().iter().map(|t| t.name.as_str()).collect();
             assert_eq!(names, ["a", "q", "h"]);
             let a = f.tensor_info("a").unwrap();
-            assert_eq!((a.ggml_type, a.dims.clone(), a.shape()), (GgmlType::F32, vec![3, 2], vec![2, 3]));
+            assert_eq!(
+                (a.ggml_type, a.dims.clone(), a.shape()),
+                (GgmlType::F32, vec![3, 2], vec![2, 3])
+            );
             assert_eq!(f.dequantize("a").unwrap(), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
             let q = f.tensor_info("q").unwrap();
-            assert_eq!((q.ggml_type, q.n_elements(), q.n_bytes()), (GgmlType::Q8_0, 64, 68));
+            assert_eq!(
+                (q.ggml_type, q.n_elements(), q.n_bytes()),
+                (GgmlType::Q8_0, 64, 68)
+            );
             assert_eq!(q.offset % alignment, 0);
             let raw = f.tensor_bytes("q").unwrap();
             assert_eq!(raw.len(), 68);
@@ -397,20 +429,47 @@ fn typed_getters_name_the_key_and_the_expected_type() {
     let dir = tempfile::tempdir().unwrap();
     let f = GgufFile::open(small().write(dir.path(), "s.gguf")).unwrap();
     let cases: [(GgufError, &str, &str); 5] = [
-        (f.get_u64("test.neg").unwrap_err(), "test.neg", "non-negative integer"),
-        (f.get_f64("test.count").unwrap_err(), "test.count", "a float"),
-        (f.get_str("test.words").unwrap_err(), "test.words", "a string"),
+        (
+            f.get_u64("test.neg").unwrap_err(),
+            "test.neg",
+            "non-negative integer",
+        ),
+        (
+            f.get_f64("test.count").unwrap_err(),
+            "test.count",
+            "a float",
+        ),
+        (
+            f.get_str("test.words").unwrap_err(),
+            "test.words",
+            "a string",
+        ),
         (f.get_bool("test.eps").unwrap_err(), "test.eps", "a boolean"),
-        (f.get_array("general.architecture").unwrap_err(), "general.architecture", "an array"),
+        (
+            f.get_array("general.architecture").unwrap_err(),
+            "general.architecture",
+            "an array",
+        ),
     ];
     for (err, key, expected) in cases {
         assert!(matches!(err, GgufError::WrongValueType { .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(msg.contains(key) && msg.contains(expected) && msg.contains("s.gguf"), "{msg}");
+        assert!(
+            msg.contains(key) && msg.contains(expected) && msg.contains("s.gguf"),
+            "{msg}"
+        );
     }
-    assert!(f.get_u64("test.neg").unwrap_err().to_string().contains("INT32 -3"));
+    assert!(
+        f.get_u64("test.neg")
+            .unwrap_err()
+            .to_string()
+            .contains("INT32 -3")
+    );
     let err = f.get_usize("no.such.key").unwrap_err();
-    assert!(matches!(&err, GgufError::MissingKey { key, .. } if key == "no.such.key"), "{err:?}");
+    assert!(
+        matches!(&err, GgufError::MissingKey { key, .. } if key == "no.such.key"),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -418,7 +477,10 @@ fn bad_magic_and_unsupported_versions() {
     let mut g = small();
     g.magic = *b"GGML";
     let err = open_err(&g);
-    assert!(matches!(&err, GgufError::BadMagic { found, .. } if found == b"GGML"), "{err:?}");
+    assert!(
+        matches!(&err, GgufError::BadMagic { found, .. } if found == b"GGML"),
+        "{err:?}"
+    );
     assert!(matches!(open_bytes_err(b"GG"), GgufError::BadMagic { .. }));
     assert!(matches!(open_bytes_err(b""), GgufError::BadMagic { .. }));
     for version in [1, 4, 3u32.swap_bytes()] {
@@ -439,12 +501,25 @@ fn truncated_files() {
     // tensor info. (A file cut so short that the counts of the header claim more than its
     // whole length is `AbsurdCount`; every cut here leaves room for them.)
     let at = |pat: &[u8]| bytes.windows(pat.len()).position(|w| w == pat).unwrap();
-    let info_start = at(b"\x01\0\0\0\0\0\0\0a");
+    // Tensor `a`'s info: name length 1, "a", 2 dimensions, 3 and 2 (after the metadata).
+    let info_start = at(b"\x01\0\0\0\0\0\0\0a\x02\0\0\0\x03\0\0\0\0\0\0\0\x02");
     let words = at(b"test.words");
     let nested = at(b"test.nested");
-    for cut in [6, 10, 20, words + 4, words + 30, nested + 20, info_start + 12, info_start + 20] {
+    for cut in [
+        6,
+        10,
+        20,
+        words + 4,
+        words + 30,
+        nested + 20,
+        info_start + 12,
+        info_start + 20,
+    ] {
         let err = open_bytes_err(&bytes[..cut]);
-        assert!(matches!(err, GgufError::Truncated { .. }), "cut at {cut}: {err:?}");
+        assert!(
+            matches!(err, GgufError::Truncated { .. }),
+            "cut at {cut}: {err:?}"
+        );
     }
     // A cut inside a fixed-size field is `Truncated`, naming what was read.
     let err = open_bytes_err(&bytes[..20]);
@@ -453,7 +528,10 @@ fn truncated_files() {
         "{err:?}"
     );
     let err = open_bytes_err(&bytes[..info_start + 20]);
-    assert!(matches!(&err, GgufError::Truncated { what, .. } if what.contains("`a`")), "{err:?}");
+    assert!(
+        matches!(&err, GgufError::Truncated { what, .. } if what.contains("`a`")),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -542,7 +620,10 @@ fn absurd_counts_and_lengths() {
     assert!(what(&g).contains("test.s"));
     let mut bytes = small().bytes();
     bytes[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes()); // the first key's length
-    assert!(matches!(open_bytes_err(&bytes), GgufError::AbsurdCount { .. }));
+    assert!(matches!(
+        open_bytes_err(&bytes),
+        GgufError::AbsurdCount { .. }
+    ));
 }
 
 #[test]
@@ -550,7 +631,10 @@ fn duplicate_names_and_other_format_errors() {
     let mut g = small();
     g.tensors[2].name = "a".into();
     let err = open_err(&g);
-    assert!(matches!(&err, GgufError::DuplicateTensor { name, .. } if name == "a"), "{err:?}");
+    assert!(
+        matches!(&err, GgufError::DuplicateTensor { name, .. } if name == "a"),
+        "{err:?}"
+    );
     let g = small().kv("test.count", kv_u32(8));
     assert!(matches!(open_err(&g), GgufError::DuplicateKey { key, .. } if key == "test.count"));
     let g = small().kv("test.weird", Kv(13, vec![0; 8]));
@@ -599,8 +683,16 @@ fn tiny_llama(untied: bool) -> Gguf {
         )
         .tensor(t_f32("token_embd.weight", &[8, 5], &ramp(40, 0.7)))
         .tensor(t_f32("blk.0.attn_norm.weight", &[8], &ramp(8, 1.1)))
-        .tensor(t_f32("blk.0.attn_q.weight", &[8, 8], &(0..64).map(|v| v as f32).collect::<Vec<_>>()))
-        .tensor(t_f32("blk.0.attn_k.weight", &[8, 4], &(0..32).map(|v| v as f32).collect::<Vec<_>>()))
+        .tensor(t_f32(
+            "blk.0.attn_q.weight",
+            &[8, 8],
+            &(0..64).map(|v| v as f32).collect::<Vec<_>>(),
+        ))
+        .tensor(t_f32(
+            "blk.0.attn_k.weight",
+            &[8, 4],
+            &(0..32).map(|v| v as f32).collect::<Vec<_>>(),
+        ))
         .tensor(t_f32("blk.0.attn_v.weight", &[8, 4], &ramp(32, 0.3)))
         .tensor(t_f32("blk.0.attn_output.weight", &[8, 8], &ramp(64, 0.2)))
         .tensor(t_f32("blk.0.ffn_gate.weight", &[8, 12], &ramp(96, 0.5)))
@@ -617,8 +709,9 @@ fn tiny_llama(untied: bool) -> Gguf {
 #[test]
 fn tensor_source_maps_names_reverses_dims_and_unpermutes_q_k() {
     let dir = tempfile::tempdir().unwrap();
-    let src = GgufTensors::new(GgufFile::open(tiny_llama(true).write(dir.path(), "l.gguf")).unwrap())
-        .unwrap();
+    let src =
+        GgufTensors::new(GgufFile::open(tiny_llama(true).write(dir.path(), "l.gguf")).unwrap())
+            .unwrap();
     let names = src.names();
     for n in [
         "model.embed_tokens.weight",
@@ -637,8 +730,14 @@ fn tensor_source_maps_names_reverses_dims_and_unpermutes_q_k() {
         assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
     }
     assert_eq!(names.len(), 12);
-    assert_eq!(src.shape("model.layers.0.mlp.down_proj.weight"), Some(vec![8, 12]));
-    assert_eq!(src.shape("model.layers.0.mlp.up_proj.weight"), Some(vec![12, 8]));
+    assert_eq!(
+        src.shape("model.layers.0.mlp.down_proj.weight"),
+        Some(vec![8, 12])
+    );
+    assert_eq!(
+        src.shape("model.layers.0.mlp.up_proj.weight"),
+        Some(vec![12, 8])
+    );
     assert_eq!(src.shape("blk.0.ffn_up.weight"), None);
 
     // Q: 2 heads of 4 rows; GGUF row 2i + j of a head is Hugging Face row j·2 + i.
@@ -649,14 +748,20 @@ fn tensor_source_maps_names_reverses_dims_and_unpermutes_q_k() {
     let q_rows: Vec<f32> = (0..8).map(|r| row(&q, r) / 8.0).collect();
     assert_eq!(q_rows, [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
     // K has one KV head of 4 rows.
-    let k = src.read("model.layers.0.self_attn.k_proj.weight").unwrap().try_to_vec::<f32>().unwrap();
+    let k = src
+        .read("model.layers.0.self_attn.k_proj.weight")
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap();
     let k_rows: Vec<f32> = (0..4).map(|r| row(&k, r) / 8.0).collect();
     assert_eq!(k_rows, [0.0, 2.0, 1.0, 3.0]);
     // Other tensors keep their rows.
     let v = src.read("model.layers.0.self_attn.v_proj.weight").unwrap();
     let gguf_v = src.file().dequantize("blk.0.attn_v.weight").unwrap();
     assert_eq!(v.try_to_vec::<f32>().unwrap(), gguf_v);
-    let err = src.read("model.layers.1.self_attn.q_proj.weight").unwrap_err();
+    let err = src
+        .read("model.layers.1.self_attn.q_proj.weight")
+        .unwrap_err();
     assert!(matches!(err, ModelError::MissingTensor { .. }), "{err:?}");
 }
 
@@ -666,10 +771,18 @@ fn llama_config_from_metadata() {
     let f = GgufFile::open(tiny_llama(false).write(dir.path(), "tied.gguf")).unwrap();
     let c = llama_config(&f).unwrap();
     assert_eq!(
-        (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers
+        ),
         (5, 8, 12, 1)
     );
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (2, 1, 4));
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (2, 1, 4)
+    );
     assert_eq!((c.rope_theta, c.max_position_embeddings), (500.0, 64));
     assert_eq!(c.rms_norm_eps, f64::from(1e-5f32));
     assert!(c.tie_word_embeddings && !c.attention_bias && !c.mlp_bias);
@@ -704,7 +817,12 @@ fn load_tiny_llama_tied_and_untied() {
         let v = logits.into_data().try_to_vec::<f32>().unwrap();
         assert!(v.iter().all(|x| x.is_finite()));
         // The q_proj weight is the un-permuted one (burn stores the transpose).
-        let q = model.model.layers[0].self_attn.q_proj.weight.val().transpose();
+        let q = model.model.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .val()
+            .transpose();
         let q = q.into_data().try_to_vec::<f32>().unwrap();
         assert_eq!(q[8], 16.0, "row 1 of q_proj is GGUF row 2");
     }
@@ -734,12 +852,22 @@ fn smollm2_from_gguf_matches_transformers_logits() {
     let (model, config) = load_llama::<Linear>(&path, &device).unwrap();
     // Informational (the process's peak resident set, shared with the other tests when they run
     // in parallel): loading should peak near the f32 weights (135M · 4 bytes ≈ 540 MB).
-    println!("peak RSS before loading {rss_before:?} KiB, after {:?} KiB", peak_rss_kib());
+    println!(
+        "peak RSS before loading {rss_before:?} KiB, after {:?} KiB",
+        peak_rss_kib()
+    );
     assert_eq!(
-        (config.vocab_size, config.hidden_size, config.num_hidden_layers),
+        (
+            config.vocab_size,
+            config.hidden_size,
+            config.num_hidden_layers
+        ),
         (49152, 576, 30)
     );
-    assert_eq!((config.num_attention_heads, config.num_key_value_heads), (9, 3));
+    assert_eq!(
+        (config.num_attention_heads, config.num_key_value_heads),
+        (9, 3)
+    );
     assert!(config.tie_word_embeddings);
     let ids_t = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, seq]), &device);
     let mask_t = Tensor::<2, Int>::from_data(TensorData::new(mask.clone(), [batch, seq]), &device);
@@ -761,9 +889,16 @@ fn smollm2_from_gguf_matches_transformers_logits() {
             let got_argmax = row
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc })
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |acc, (i, &v)| if v > acc.1 { (i, v) } else { acc },
+                )
                 .0;
-            assert_eq!(got_argmax as i64, argmax[b * seq + t], "argmax at ({b}, {t})");
+            assert_eq!(
+                got_argmax as i64,
+                argmax[b * seq + t],
+                "argmax at ({b}, {t})"
+            );
             let p = b * seq + t;
             for (k, &c) in cols.iter().enumerate() {
                 let d = (row[c as usize] - want_cols[p * n_cols + k]).abs();

@@ -18,7 +18,9 @@ use super::GgmlType;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DequantizeError {
     /// A type [`dequantize`] does not handle.
-    #[error("dequantizing ggml type {0} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are)")]
+    #[error(
+        "dequantizing ggml type {0} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K are)"
+    )]
     Unsupported(GgmlType),
     /// A byte length that is not a whole number of blocks.
     #[error("{len} bytes is not a whole number of {ggml_type} blocks of {type_size} bytes")]
@@ -76,8 +78,11 @@ pub(super) fn dequantize_into(
     Ok(())
 }
 
+/// Decodes one block (its bytes) into its values.
+type Decoder = fn(&[u8], &mut [f32]);
+
 /// The decoder of one block of `ggml_type`.
-fn decoder(ggml_type: GgmlType) -> Result<fn(&[u8], &mut [f32]), DequantizeError> {
+fn decoder(ggml_type: GgmlType) -> Result<Decoder, DequantizeError> {
     Ok(match ggml_type {
         GgmlType::F32 => |b, o| o[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         GgmlType::F16 => |b, o| o[0] = f16_to_f32(u16::from_le_bytes([b[0], b[1]])),

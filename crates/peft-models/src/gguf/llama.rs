@@ -67,8 +67,7 @@ impl GgufTensors {
     /// A `llama` file without a usable `llama.attention.head_count`, or two GGUF names mapping
     /// to one Hugging Face name.
     pub fn new(file: GgufFile) -> std::result::Result<Self, GgufError> {
-        let heads = if file.get("general.architecture").and_then(|v| v.as_str()) == Some("llama")
-        {
+        let heads = if file.get("general.architecture").and_then(|v| v.as_str()) == Some("llama") {
             let n = file.get_usize("llama.attention.head_count")?;
             let kv = match file.get("llama.attention.head_count_kv") {
                 Some(_) => file.get_usize("llama.attention.head_count_kv")?,
@@ -84,10 +83,7 @@ impl GgufTensors {
             if let Some(other) = names.insert(hf.clone(), t.name.clone()) {
                 return Err(GgufError::Format {
                     file: file.path().into(),
-                    message: format!(
-                        "tensors `{other}` and `{}` both map to `{hf}`",
-                        t.name
-                    ),
+                    message: format!("tensors `{other}` and `{}` both map to `{hf}`", t.name),
                 });
             }
         }
@@ -318,22 +314,47 @@ mod tests {
     fn names_map_to_hugging_face() {
         let cases = [
             ("token_embd.weight", "model.embed_tokens.weight"),
-            ("blk.12.attn_q.weight", "model.layers.12.self_attn.q_proj.weight"),
+            (
+                "blk.12.attn_q.weight",
+                "model.layers.12.self_attn.q_proj.weight",
+            ),
             ("blk.0.attn_k.bias", "model.layers.0.self_attn.k_proj.bias"),
-            ("blk.1.attn_v.weight", "model.layers.1.self_attn.v_proj.weight"),
-            ("blk.1.attn_output.weight", "model.layers.1.self_attn.o_proj.weight"),
-            ("blk.2.ffn_gate.weight", "model.layers.2.mlp.gate_proj.weight"),
+            (
+                "blk.1.attn_v.weight",
+                "model.layers.1.self_attn.v_proj.weight",
+            ),
+            (
+                "blk.1.attn_output.weight",
+                "model.layers.1.self_attn.o_proj.weight",
+            ),
+            (
+                "blk.2.ffn_gate.weight",
+                "model.layers.2.mlp.gate_proj.weight",
+            ),
             ("blk.2.ffn_up.bias", "model.layers.2.mlp.up_proj.bias"),
-            ("blk.2.ffn_down.weight", "model.layers.2.mlp.down_proj.weight"),
-            ("blk.3.attn_norm.weight", "model.layers.3.input_layernorm.weight"),
-            ("blk.3.ffn_norm.weight", "model.layers.3.post_attention_layernorm.weight"),
+            (
+                "blk.2.ffn_down.weight",
+                "model.layers.2.mlp.down_proj.weight",
+            ),
+            (
+                "blk.3.attn_norm.weight",
+                "model.layers.3.input_layernorm.weight",
+            ),
+            (
+                "blk.3.ffn_norm.weight",
+                "model.layers.3.post_attention_layernorm.weight",
+            ),
             ("output_norm.weight", "model.norm.weight"),
             ("output.weight", "lm_head.weight"),
         ];
         for (gguf, hf) in cases {
             assert_eq!(gguf_to_hf_name(gguf).as_deref(), Some(hf), "{gguf}");
         }
-        for other in ["rope_freqs.weight", "blk.x.attn_q.weight", "blk.0.attn_q.scale"] {
+        for other in [
+            "rope_freqs.weight",
+            "blk.x.attn_q.weight",
+            "blk.0.attn_q.scale",
+        ] {
             assert_eq!(gguf_to_hf_name(other), None, "{other}");
         }
     }
@@ -349,7 +370,10 @@ mod tests {
             for r in 0..6 {
                 let dst = h * 6 + (r % 2) * 3 + r / 2;
                 let src = h * 6 + r;
-                assert_eq!(hf[dst * cols..dst * cols + cols], gguf[src * cols..src * cols + cols]);
+                assert_eq!(
+                    hf[dst * cols..dst * cols + cols],
+                    gguf[src * cols..src * cols + cols]
+                );
             }
         }
         assert!(unpermute_rows(&mut hf, rows, cols, 5).is_err());

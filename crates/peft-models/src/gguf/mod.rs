@@ -154,7 +154,9 @@ pub enum GgufError {
         found: Vec<u8>,
     },
     /// A GGUF version other than 2 or 3 (or a big-endian file).
-    #[error("{file}: unsupported GGUF version {version} (versions 2 and 3, little-endian, are read)")]
+    #[error(
+        "{file}: unsupported GGUF version {version} (versions 2 and 3, little-endian, are read)"
+    )]
     UnsupportedVersion {
         /// The file.
         file: PathBuf,
