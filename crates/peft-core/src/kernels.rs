@@ -503,6 +503,15 @@ mod flex {
     /// as partial products over slices of it ([`inner_split`]).
     const INNER_SPLIT: usize = 256;
 
+    /// Products of at most this many rows, below the threading threshold, whose right-hand side
+    /// has at least [`COLUMN_SPLIT_WEIGHT`] elements run as one block of output columns per
+    /// thread ([`column_split`]): a decoding step's `[1, d_in] · [d_in, d_out]` is bound by
+    /// reading the weight, which one core alone cannot read at the memory's full rate.
+    const COLUMN_SPLIT_ROWS: usize = 8;
+
+    /// See [`COLUMN_SPLIT_ROWS`]: 128 Ki elements (512 KB of f32 weight).
+    const COLUMN_SPLIT_WEIGHT: usize = 1 << 17;
+
     impl LinearBackend for Flex {
         fn fast_matmul(lhs: FloatTensor<Flex>, rhs: FloatTensor<Flex>) -> FloatTensor<Flex> {
             if !supported(&[&lhs, &rhs]) {
@@ -661,6 +670,11 @@ mod flex {
         } else {
             1
         };
+        let cores = rayon::current_num_threads();
+        if threads == 1 && cores > 1 && m <= COLUMN_SPLIT_ROWS && k * n >= COLUMN_SPLIT_WEIGHT {
+            let out = column_split((m, n, k), (lhs, rhs), bias, low_rank, cores);
+            return FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([m, n])));
+        }
         let block = m.div_ceil(threads).next_multiple_of(16).max(1);
         let few_rows = threads > 1 && block >= m;
         if few_rows && k >= INNER_SPLIT * threads {
@@ -965,6 +979,49 @@ mod flex {
         out
     }
 
+    /// `lhs · rhs (+ bias) (+ h · b)` for a product with a few rows and a large right-hand side:
+    /// one block of output columns per thread (each reads only its columns of `rhs`), then the
+    /// blocks' rows laid side by side (a copy of the few output rows).
+    fn column_split(
+        (m, n, k): (usize, usize, usize),
+        (lhs, rhs): (Matrix<'_>, Matrix<'_>),
+        bias: Option<&[f32]>,
+        low_rank: Option<(Matrix<'_>, Matrix<'_>, usize)>,
+        threads: usize,
+    ) -> Vec<f32> {
+        let width = n.div_ceil(threads).next_multiple_of(16);
+        let blocks: Vec<Vec<f32>> = (0..n.div_ceil(width))
+            .into_par_iter()
+            .map(|t| {
+                let first = t * width;
+                let cols = width.min(n - first);
+                let mut part = Vec::with_capacity(m * cols);
+                block_product(
+                    (m, cols, k),
+                    &mut part.spare_capacity_mut()[..m * cols],
+                    (lhs, rhs.cols(first)),
+                    bias.map(|b| &b[first..first + cols]),
+                    low_rank.map(|(h, b, r)| (h, b.cols(first), r)),
+                    gemm::Parallelism::None,
+                );
+                // SAFETY: `block_product` initialised all `m·cols` elements.
+                #[allow(unsafe_code)]
+                unsafe {
+                    part.set_len(m * cols)
+                };
+                part
+            })
+            .collect();
+        let mut out = Vec::with_capacity(m * n);
+        for row in 0..m {
+            for part in &blocks {
+                let cols = part.len() / m;
+                out.extend_from_slice(&part[row * cols..(row + 1) * cols]);
+            }
+        }
+        out
+    }
+
     /// A strided view into a storage slice.
     #[derive(Clone, Copy)]
     struct Matrix<'a> {
@@ -1107,10 +1164,11 @@ mod tests {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
     }
 
-    /// `(m, k, n)`: single elements, gemm tails, narrow outputs (LoRA's rank), wide ones, and
+    /// `(m, k, n)`: single elements, gemm tails, narrow outputs (LoRA's rank), wide ones,
     /// products above the threading threshold (split into row blocks, or with too few rows to
-    /// split).
-    const SHAPES: [(usize, usize, usize); 9] = [
+    /// split), and decoding-step products split by output columns (one row, and a few rows with
+    /// a width that leaves the last block short).
+    const SHAPES: [(usize, usize, usize); 11] = [
         (1, 1, 1),
         (5, 7, 3),
         (300, 40, 16),
@@ -1120,6 +1178,8 @@ mod tests {
         (512, 384, 48),
         (300, 200, 150),
         (16, 2048, 256),
+        (1, 576, 1536),
+        (3, 400, 350),
     ];
 
     #[test]
@@ -1250,8 +1310,8 @@ mod tests {
 
     /// `(m, k, n, r)`: the linear shapes above with a few ranks, a split product with its
     /// rank-16 term, and the fused gradient kernel's ranks (8, 16, 32, 64) with row counts
-    /// that leave a thread fewer than four rows.
-    const LORA_SHAPES: [(usize, usize, usize, usize); 9] = [
+    /// that leave a thread fewer than four rows, and a two-row decoding step split by columns.
+    const LORA_SHAPES: [(usize, usize, usize, usize); 10] = [
         (1, 1, 1, 1),
         (5, 7, 3, 2),
         (70, 33, 63, 4),
@@ -1261,6 +1321,7 @@ mod tests {
         (7, 33, 20, 16),
         (45, 70, 90, 32),
         (9, 10, 11, 64),
+        (2, 576, 1000, 8),
     ];
 
     #[test]
