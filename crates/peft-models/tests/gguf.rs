@@ -136,6 +136,26 @@ fn dequantize_errors_name_the_type() {
         assert_eq!(err, DequantizeError::Unsupported(ty));
         assert!(err.to_string().contains(ty.name()), "{err}");
     }
+    // Through a file: the packed bytes are there, dequantizing names the tensor and the type.
+    let g = small().tensor(T {
+        name: "k2".into(),
+        dims: vec![256],
+        ty: GgmlType::Q2_K.id(),
+        data: vec![7; 84],
+        offset: None,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let f = GgufFile::open(g.write(dir.path(), "q2k.gguf")).unwrap();
+    assert_eq!(f.tensor_bytes("k2").unwrap(), &[7; 84][..]);
+    let err = f.dequantize("k2").unwrap_err();
+    assert!(
+        matches!(&err, GgufError::Dequantize { tensor, source: DequantizeError::Unsupported(GgmlType::Q2_K), .. } if tensor == "k2"),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("Q2_K") && err.to_string().contains("k2"),
+        "{err}"
+    );
     let err = dequantize(GgmlType::Q4_K, &[0; 145]).unwrap_err();
     assert!(
         matches!(
