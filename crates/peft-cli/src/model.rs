@@ -107,11 +107,8 @@ pub fn detect(path: &Path) -> anyhow::Result<ModelSource> {
 /// unreadable tokenizer.
 pub fn load_tokenizer(source: &ModelSource) -> anyhow::Result<ModelTokenizer> {
     match source {
-        ModelSource::Gguf(file) => {
-            let gguf = open_gguf(file)?;
-            ModelTokenizer::from_gguf_metadata(gguf.metadata(), file.display().to_string())
-                .with_context(|| format!("reading the tokenizer of {}", file.display()))
-        }
+        ModelSource::Gguf(file) => ModelTokenizer::from_gguf(file)
+            .with_context(|| format!("reading the tokenizer of {}", file.display())),
         ModelSource::HfLlama(dir) | ModelSource::HfBert(dir) => {
             ensure!(
                 dir.join("tokenizer.json").is_file(),
