@@ -2,7 +2,8 @@
 //! `fixtures/make_smollm2_fixtures.py`): a LoRA adapter that Python PEFT saved for the
 //! transformers model loaded from the same GGUF file gives the same logits here, unmerged and
 //! merged; the chat template renders the same prompt ids; greedy chat generation of 24 tokens
-//! gives transformers' tokens, without and with the adapter.
+//! gives transformers' tokens, without and with the adapter; and a few LoRA steps on the real
+//! model teach it an answer while its base weights stay bit-identical.
 //!
 //! The model is `peft_models::smollm2_path()`, fetched by `python3 scripts/fetch_smollm2.py`: a
 //! missing model fails these tests (CI fetches it first).
@@ -11,13 +12,17 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use peft_core::{PeftLinear, hf};
-use peft_lora::{LoadOptions, LoraAdapter, LoraModel};
+use peft_core::step::Stepper;
+use peft_core::{ModuleSelector, PeftLinear, hf};
+use peft_lora::{LoadOptions, LoraAdapter, LoraConfig, LoraModel};
 use peft_models::chat::ChatMessage;
 use peft_models::generate::{GenerationConfig, StopReason, generate};
 use peft_models::gguf::{GgufFile, load_llama};
 use peft_models::llama::Llama;
+use peft_models::loss::{IGNORE_INDEX, causal_lm_loss};
 use peft_models::tokenizer::ModelTokenizer;
 use serde::Deserialize;
 
@@ -215,4 +220,90 @@ fn greedy_generation_with_the_adapter_matches_peft_unmerged_and_merged() {
         );
         assert_eq!(out, chat.adapter_ids, "chat {i}: merged");
     }
+}
+
+/// Every float parameter by module path.
+fn parameters<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
+    struct Collect(Vec<String>, BTreeMap<String, TensorData>);
+    impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.1.insert(self.0.join("."), param.val().to_data());
+        }
+    }
+    let mut c = Collect(Vec::new(), BTreeMap::new());
+    model.visit(&mut c);
+    c.1
+}
+
+/// LoRA (r 8, alpha 16) on `q_proj`/`v_proj` of SmolLM2, trained on one chat whose answer the
+/// model would not give: the loss on the answer tokens (prompt masked with the ignore index)
+/// falls, only adapter parameters change, and greedy chat generation then gives the answer.
+#[test]
+fn lora_steps_on_smollm2_teach_an_answer_and_leave_the_base_unchanged() {
+    let device = Device::flex().autodiff();
+    let tok = tokenizer();
+    let template = tok.chat_template().unwrap();
+    let question = [ChatMessage::user("What is the secret word?")];
+    let prompt = tok
+        .encode(&template.render(&question, true).unwrap(), false)
+        .unwrap();
+    let answer = tok.encode("The secret word is pineapple.", false).unwrap();
+    let eos = tok.eos_token_id().unwrap();
+    let mut target = answer.clone();
+    target.push(eos);
+    let sequence: Vec<i64> = prompt.iter().chain(&target).map(|&t| t.into()).collect();
+    let n = sequence.len();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(sequence.clone(), [1, n]), &device);
+    let mut labels = sequence;
+    labels[..prompt.len()].fill(IGNORE_INDEX);
+    let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, [1, n]), &device);
+
+    let base = load_llama::<PeftLinear<LoraAdapter>>(model_path(), &device)
+        .unwrap()
+        .0;
+    let config = LoraConfig::new(8, 16.0, ModuleSelector::names(["q_proj", "v_proj"]));
+    let mut model = LoraModel::new(base, config).unwrap().into_model();
+    let before = parameters(&model);
+    let answer_before = greedy(&model, &prompt, target.len(), eos);
+    assert_ne!(answer_before, target, "the model knew the answer already");
+
+    let mut optim = AdamWConfig::new().init();
+    let mut stepper = Stepper::new();
+    let mut losses = Vec::new();
+    for _ in 0..8 {
+        let loss = causal_lm_loss(model.forward(input.clone(), None), labels.clone()).unwrap();
+        losses.push(loss.clone().into_scalar::<f32>());
+        model = stepper.step(model, &mut optim, 3e-3, loss).unwrap();
+    }
+    println!("loss per step: {losses:?}");
+    assert!(
+        *losses.last().unwrap() < 0.2 * losses[0],
+        "the loss falls clearly: {losses:?}"
+    );
+
+    let after = parameters(&model);
+    let mut adapted = 0;
+    for (path, old) in &before {
+        let new = &after[path];
+        if path.contains(".peft.") {
+            adapted += usize::from(new != old);
+        } else {
+            assert!(
+                new.as_bytes() == old.as_bytes(),
+                "base parameter {path} changed"
+            );
+        }
+    }
+    assert_eq!(
+        adapted,
+        2 * 2 * 30,
+        "every A and B of 30 layers' q_proj and v_proj trained"
+    );
+    assert_eq!(greedy(&model, &prompt, target.len(), eos), target);
 }
