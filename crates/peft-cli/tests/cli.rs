@@ -9,8 +9,12 @@ use std::process::{Command, Output};
 
 use burn::tensor::TensorData;
 
-/// Transformers and PEFT computed the expected outputs in float32 with other kernels.
-const TOL: f32 = 1e-4;
+/// Largest difference from Transformers + PEFT (float32, other kernels) for BERT's hidden
+/// states.
+const BERT_TOL: f32 = 1e-5;
+/// Largest difference for the LLaMA logits (a merged all-linear adapter rounds differently by
+/// about 1.3e-5), as in peft-models' own LLaMA tests.
+const LLAMA_TOL: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft-models/fixtures")
@@ -77,13 +81,13 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `burn-peft forward` on `model` (+ `adapter`, `--merge`) with `input`; the output's `key`
-/// compared to `expected`'s `expected_key`. Returns the output values.
+/// compared to `expected`'s `expected_key` to `tol`. Returns the output values.
 fn check_forward(
     model: &Path,
     input: &Path,
     adapter: Option<&Path>,
     merge: bool,
-    key: &str,
+    (key, tol): (&str, f32),
     expected: (&Path, &str),
 ) -> Vec<f32> {
     let dir = tempfile::tempdir().unwrap();
@@ -112,7 +116,7 @@ fn check_forward(
     let (want_shape, want) = floats(expected.0, expected.1);
     assert_eq!(shape, want_shape, "{what}: shape of `{key}`");
     let diff = max_abs_diff(&ours, &want);
-    assert!(diff <= TOL, "{what}: `{key}` differs by {diff} (> {TOL})");
+    assert!(diff <= tol, "{what}: `{key}` differs by {diff} (> {tol})");
     // Nothing but the output file is left behind (no temporary file).
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(names.len(), 1, "{what}: files left: {names:?}");
@@ -129,7 +133,7 @@ fn forward_bert_matches_transformers_and_peft() {
         &input,
         None,
         false,
-        key,
+        (key, BERT_TOL),
         (&bert.join("expected.safetensors"), key),
     );
     for (adapter, merge) in [("lora_rslora", false), ("dora", true), ("adalora", false)] {
@@ -139,7 +143,7 @@ fn forward_bert_matches_transformers_and_peft() {
             &input,
             Some(&bert.join(adapter)),
             merge,
-            key,
+            (key, BERT_TOL),
             (&expected, key),
         );
         assert!(
@@ -155,7 +159,14 @@ fn forward_llama_matches_transformers_and_peft() {
     let untied = llama.join("untied");
     // The expected files hold the inputs too (`input_ids`, `attention_mask`, row 1 padded).
     let input = untied.join("expected.safetensors");
-    let base = check_forward(&untied, &input, None, false, "logits", (&input, "logits"));
+    let base = check_forward(
+        &untied,
+        &input,
+        None,
+        false,
+        ("logits", LLAMA_TOL),
+        (&input, "logits"),
+    );
     for (adapter, merge) in [("lora_qv", false), ("lora_qv", true)] {
         let expected = untied.join(adapter).join("expected.safetensors");
         let ours = check_forward(
@@ -163,7 +174,7 @@ fn forward_llama_matches_transformers_and_peft() {
             &input,
             Some(&untied.join(adapter)),
             merge,
-            "logits",
+            ("logits", LLAMA_TOL),
             (&expected, "logits"),
         );
         assert!(
@@ -179,7 +190,7 @@ fn forward_llama_matches_transformers_and_peft() {
         &input,
         Some(&tied.join("rslora_all_linear")),
         true,
-        "logits",
+        ("logits", LLAMA_TOL),
         (
             &tied.join("rslora_all_linear/expected.safetensors"),
             "logits",
