@@ -1081,13 +1081,10 @@ impl<L: LinearLayer> Llama<L> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
-                let [batch, seq, h] = hidden.dims();
+                // The transposed table is a strided view: `kernels::linear` reads it in place
+                // (a matmul would copy the whole table to a contiguous buffer on every call).
                 let table = self.model.embed_tokens.weight.val();
-                let vocab = table.dims()[0];
-                hidden
-                    .reshape([batch * seq, h])
-                    .matmul(table.transpose())
-                    .reshape([batch, seq, vocab])
+                peft_core::kernels::linear(hidden, table.transpose(), None)
             }
         }
     }
