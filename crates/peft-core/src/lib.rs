@@ -42,4 +42,8 @@ pub use method::{BiasMode, Method, TakeTensor};
 pub use model::{AdapterEntry, PeftModel};
 pub use reparam::WeightSlot;
 pub use slot::AdapterSlot;
-pub use target::{Candidate, LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetSpec};
+pub use step::{Controller, StepInfo, Stepper, Tuned};
+pub use target::{
+    Candidate, LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetSpec,
+    default_target_modules,
+};
