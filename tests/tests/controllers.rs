@@ -151,10 +151,16 @@ fn every_method_trains_through_its_own_stepper_and_refuses_a_bare_one() {
                 let kept: usize = pattern.values().flatten().filter(|k| **k).count();
                 assert_eq!(pattern.len(), 6);
                 assert!(kept <= 12 && kept > 0, "adalora: {kept} triplets kept");
-                for (_, _, a) in adapters_of::<_, AdaLoraAdapter>(t.model(), "default") {
-                    let e: Vec<f32> = a.lora_e.val().into_data().try_to_vec::<f32>().unwrap();
-                    assert!(e.iter().filter(|v| **v == 0.0).count() >= 1);
-                }
+                // The dropped triplets' singular values are zero in the model (the budget is
+                // global: a matrix may keep all four).
+                let zeros: usize = adapters_of::<_, AdaLoraAdapter>(t.model(), "default")
+                    .iter()
+                    .map(|(_, _, a)| {
+                        let e = a.lora_e.val().into_data().try_to_vec::<f32>().unwrap();
+                        e.iter().filter(|v| **v == 0.0).count()
+                    })
+                    .sum();
+                assert!(zeros >= 24 - kept, "adalora: {zeros} zeroed, {kept} kept");
             }
         },
     );
@@ -350,4 +356,102 @@ fn train_grads_is_refused_without_the_controller_too() {
     assert!(
         matches!(result, Err(PeftError::MissingController { ref adapter, .. }) if adapter == "default")
     );
+}
+
+/// Train `peft` with `stepper` for the steps `from..to` (plain SGD: no optimizer state).
+fn steps<A: Adapter, C: Method<Adapter = A>>(
+    peft: &mut PeftModel<Activation<A>, C>,
+    stepper: &mut Stepper<Activation<A>>,
+    n: usize,
+) {
+    let mut optim = SgdConfig::new().init();
+    for _ in 0..n {
+        let l = peft.loss();
+        stepper.train(peft, &mut optim, 1e-2, l).unwrap();
+    }
+}
+
+/// Stop after `stop` of `total` steps (adapter files + the stepper's controller state), resume
+/// on a fresh base, finish: the adapters equal those of a run that did not stop, bit for bit
+/// (`tol = 0`) or within `tol`.
+fn resume_equals_not_stopping<A: Adapter, C: Method<Adapter = A>>(
+    label: &str,
+    config: C,
+    total: usize,
+    stop: usize,
+    tol: f32,
+) {
+    let dev = device();
+    let adapters =
+        |p: &PeftModel<Activation<A>, C>| hosts::read_params(p.model(), |k| k.contains(".peft."));
+
+    // Both runs start from the same adapters (their initial values are random).
+    let mut straight = peft(config);
+    let mut first = straight.clone();
+    let mut stepper = straight.stepper(total).unwrap();
+    steps(&mut straight, &mut stepper, total);
+
+    let mut stepper = first.stepper(total).unwrap();
+    steps(&mut first, &mut stepper, stop);
+    let dir = tempfile::tempdir().unwrap();
+    first
+        .save_pretrained(dir.path(), &peft_core::SaveOptions::default())
+        .unwrap();
+    stepper.save_state(&dir.path().join("state")).unwrap();
+    drop((first, stepper));
+
+    let options = peft_core::LoadOptions {
+        is_trainable: true,
+        ..Default::default()
+    };
+    let base = TinyModel::from_torch(&random_torch_weights(3, &dev), &dev);
+    let mut resumed =
+        PeftModel::<Activation<A>, C>::from_pretrained(base, dir.path(), &options).unwrap();
+    let mut stepper = resumed.stepper(total).unwrap();
+    stepper
+        .resume(&mut resumed, &dir.path().join("state"), &dev)
+        .unwrap();
+    assert_eq!(stepper.step_index(), stop, "{label}");
+    steps(&mut resumed, &mut stepper, total - stop);
+
+    let (a, b) = (adapters(&straight), adapters(&resumed));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{label}"
+    );
+    for (k, v) in &a {
+        let (x, y): (Vec<f32>, Vec<f32>) = (v.iter().collect(), b[k].iter().collect());
+        let diff = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(
+            same || diff <= tol,
+            "{label}: {k} differs after the resume by {diff}"
+        );
+    }
+}
+
+#[test]
+fn resuming_from_adapter_files_and_stepper_state_equals_not_stopping() {
+    // RoSA: stopped in the warm-up (the restart values come from the state) and after the masks.
+    let rosa = RosaConfig::new(4, 0.1, 8.0, targets()).with_schedule("wl2");
+    resume_equals_not_stopping("rosa warm-up", rosa.clone(), 6, 1, 0.0);
+    // After the masks the resumed adapter's sparse layout is the one read from the file, and
+    // the results agree to 5e-10, not to the bit (open: which kernel orders the sums otherwise).
+    resume_equals_not_stopping("rosa masks", rosa, 6, 4, 1e-8);
+    // SFT: stopped inside a RigL window (candidate pool in the state) and between windows.
+    let sft = SftConfig::new(0.1, targets()).with_steps(4, 2);
+    resume_equals_not_stopping("sft window", sft.clone(), 8, 1, 0.0);
+    resume_equals_not_stopping("sft", sft, 8, 3, 0.0);
+    // AdaLoRA: stopped before the first masking (a saved adapter is truncated to the rank
+    // pattern, as PEFT's, so later stops do not resume the untruncated matrices).
+    let ada = AdaLoraConfig::new(targets(), 8)
+        .with_ranks(4, 2)
+        .with_schedule(2, 2, 1);
+    // Agrees to 1e-12, not to the bit (open: where the order of a sum differs).
+    resume_equals_not_stopping("adalora", ada, 8, 2, 1e-8);
 }

@@ -389,6 +389,27 @@ impl<M: Module> Stepper<M> {
         crate::hf::write_json(&dir.join(STATE_JSON), &map)
     }
 
+    /// Resume a run: [`load_state`](Self::load_state), then prepare `tuned`'s model for the
+    /// next step again (the controllers' probes, masks and trainability of that step). Build
+    /// the stepper with the model's `stepper(total_steps)` first, from the restored adapters.
+    ///
+    /// # Errors
+    /// As [`load_state`](Self::load_state), or a controller's `prepare` error.
+    pub fn resume<T: Tuned<M>>(
+        &mut self,
+        tuned: &mut T,
+        dir: &Path,
+        device: &Device,
+    ) -> Result<()> {
+        self.load_state(dir, device)?;
+        let mut model = tuned.tuned_model().clone();
+        for c in &mut self.controllers {
+            model = c.prepare(model)?;
+        }
+        tuned.set_tuned_model(model);
+        Ok(())
+    }
+
     /// Restore a state written by [`save_state`](Self::save_state) into a stepper built the
     /// same way (same model, same configs).
     ///
