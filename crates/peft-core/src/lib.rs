@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod config;
 pub mod error;
 pub mod hf;
 mod hook;
@@ -33,6 +34,7 @@ pub mod step;
 pub mod target;
 
 pub use adapter::Adapter;
+pub use config::{CommonFieldsMut, PeftConfig};
 pub use error::{PeftError, Result};
 pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};

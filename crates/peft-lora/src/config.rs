@@ -425,6 +425,8 @@ impl LoraConfig {
     }
 }
 
+peft_core::impl_peft_config!(LoraConfig);
+
 #[cfg(test)]
 mod tests {
     use super::*;

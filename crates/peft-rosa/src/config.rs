@@ -731,6 +731,8 @@ impl RosaConfig {
     }
 }
 
+peft_core::impl_peft_config!(RosaConfig);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -65,8 +65,9 @@ pub use config::{
 pub use masks::RosaMasks;
 /// What a user of this crate touches from peft-core, so that one dependency is enough.
 pub use peft_core::{
-    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftEmbedding,
-    PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned, default_target_modules,
+    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftConfig,
+    PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
+    default_target_modules,
 };
 pub use peft_core::{BiasMode, Result};
 pub use recipe::{generate_masks, restart_with_masks, two_phase};

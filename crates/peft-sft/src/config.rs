@@ -432,6 +432,8 @@ impl SftConfig {
     }
 }
 
+peft_core::impl_peft_config!(SftConfig);
+
 #[cfg(test)]
 mod tests {
     use super::*;
