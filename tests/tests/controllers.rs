@@ -50,16 +50,15 @@ fn peft<A: Adapter, C: Method<Adapter = A>>(config: C) -> PeftModel<Activation<A
 }
 
 /// Train `make()` for `steps` steps through its own stepper, calling `check(step, model)` before
-/// the first (step 0) and after each; then check that a bare stepper is refused (or not, when no controller is needed).
-fn drive<M: Module, T: Tuned<M>>(
+/// the first (step 0) and after each; then check that a bare stepper is refused (or not, when
+/// no controller is needed).
+fn drive<M: Module, T: Tuned<M> + HasLoss>(
     label: &str,
     make: impl Fn() -> T,
     steps: usize,
     needs_controller: bool,
     mut check: impl FnMut(usize, &T),
-) where
-    T: HasLoss,
-{
+) {
     let mut tuned = make();
     let mut stepper = tuned.stepper(steps).unwrap();
     check(0, &tuned);
