@@ -15,7 +15,8 @@
 //!    groups is the most frequent in a sequence), then frozen. Task B uses the same tokens with
 //!    a different grouping, so the base model is near chance on it.
 //! 3. **LoRA fine-tuning.** [`LoraModel::new`] attaches rank-8 adapters to the layers named in the
-//!    config and freezes everything else; [`Stepper`] + AdamW train only the adapters.
+//!    config and freezes everything else; `peft.stepper(steps)` (the method's controllers, none
+//!    for LoRA) and AdamW train only the adapters.
 //! 4. **PEFT files.** [`LoraModel::save_pretrained`] writes `adapter_config.json` and
 //!    `adapter_model.safetensors`, the files Hugging Face PEFT reads and writes;
 //!    [`LoraModel::from_pretrained`] loads them onto a freshly loaded copy of the base, and the
@@ -29,7 +30,7 @@ use anyhow::{Context, ensure};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Embedding, EmbeddingConfig, LinearConfig};
-use burn::optim::AdamWConfig;
+use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::Parser;
@@ -222,23 +223,23 @@ impl SplitMix64 {
 
 const BATCH: usize = 64;
 
-/// Train `model` for `steps` AdamW steps on `data`, showing the running loss; returns the
-/// trained model and its final running loss.
+/// AdamW with PyTorch's defaults (burn's own defaults are eps 1e-5, weight decay 1e-4).
+fn adamw() -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init()
+}
+
+/// Train `model` for `steps` steps on `data` with `step(model, loss)` (one optimizer step),
+/// showing the running loss; returns the trained model and its final running loss.
 fn train(
     model: Classifier,
     data: &Dataset,
     steps: usize,
-    lr: f64,
     what: &str,
+    mut step: impl FnMut(Classifier, Tensor<1>) -> anyhow::Result<Classifier>,
 ) -> anyhow::Result<(Classifier, f64)> {
-    // AdamW with PyTorch's defaults (burn's own defaults are eps 1e-5, weight decay 1e-4).
-    let mut optim = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init();
-    // The stepper runs a PEFT method's controllers around the optimizer; LoRA has none, but
-    // using it keeps the loop unchanged for methods that do (AdaLoRA, RoSA, …).
-    let mut stepper = Stepper::new();
     let loss_fn = CrossEntropyLossConfig::new().init(&data.ids.device());
     let progress = ProgressBar::new(steps as u64).with_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos:>4}/{len} {msg} ({elapsed})")?
@@ -256,7 +257,7 @@ fn train(
         } else {
             0.95 * running_loss + 0.05 * value
         };
-        model = stepper.step(model, &mut optim, lr, loss)?;
+        model = step(model, loss)?;
         progress.set_message(format!("loss {running_loss:.4}"));
         progress.inc(1);
     }
@@ -329,7 +330,15 @@ fn main() -> anyhow::Result<()> {
     // 1. Pre-train the base model on task A (full fine-tuning), then freeze it.
     println!("1. Pre-training the base model on task A (all parameters train)");
     let t = Instant::now();
-    let (base, loss) = train(Classifier::new(&device), &task_a, 400, 3e-3, "pre-train")?;
+    // Full training of a plain model: the low-level step, no PEFT method involved.
+    let (mut stepper, mut optim) = (Stepper::new(), adamw());
+    let (base, loss) = train(
+        Classifier::new(&device),
+        &task_a,
+        400,
+        "pre-train",
+        |m, loss| Ok(stepper.step(m, &mut optim, 3e-3, loss)?),
+    )?;
     // Freezing is optional here: `LoraModel` freezes every non-adapter parameter itself.
     let base = base.no_grad();
     println!(
@@ -357,7 +366,7 @@ fn main() -> anyhow::Result<()> {
         ModuleSelector::names(["q_proj", "v_proj", "up_proj", "down_proj", "head"]),
     )
     .with_dropout(0.05);
-    let peft = LoraModel::new(base, config)?;
+    let mut peft = LoraModel::new(base, config)?;
     let (trainable, total) = peft.trainable_parameters();
     println!(
         "   trainable params: {trainable} || all params: {total} || trainable%: {:.2}",
@@ -370,7 +379,21 @@ fn main() -> anyhow::Result<()> {
     );
 
     let t = Instant::now();
-    let (trained, loss) = train(peft.model().clone(), &task_b, args.steps, args.lr, "LoRA")?;
+    // The method's stepper: with any other method (AdaLoRA, RoSA, SFT) only the config above
+    // changes; `stepper` brings its controllers and `train` passes the one learning rate.
+    let mut stepper = peft.stepper(args.steps)?;
+    let mut optim = adamw();
+    let (trained, loss) = train(
+        peft.model().clone(),
+        &task_b,
+        args.steps,
+        "LoRA",
+        |m, loss| {
+            peft.map_model(|_| m);
+            stepper.train(&mut peft, &mut optim, args.lr, loss)?;
+            Ok(peft.model().clone())
+        },
+    )?;
     let peft = peft.with_model(trained);
     let after = accuracy(peft.model(), &task_b_eval);
     println!(

@@ -7,17 +7,15 @@
 //! encoder already knows about the words.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, ensure};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::step::Stepper;
 use peft_core::{Method, ModuleSelector, PeftLinear, PeftModel, SaveOptions};
 use peft_lora::LoraConfig;
 use peft_models::LinearLayer;
@@ -521,22 +519,16 @@ fn adapters(
     test_set: &Dataset,
     device: &Device,
 ) -> anyhow::Result<Report> {
-    let lr = args.lr.unwrap_or(2e-3);
     let steps = train_set.len().div_ceil(args.batch) * args.epochs;
     let sets = (train_set, test_set);
+    let pooler = || ModuleSelector::regex(r"^bert\.pooler\..*");
+    // Only the configs differ: every method trains through `peft.stepper(steps)`, which holds
+    // its controllers (AdaLoRA's allocator, RoSA's scheduler with the warm-up / masks / restart
+    // recipe, SFT's selector).
     match args.method {
-        MethodArg::Lora => train_peft(
-            lora_config(args),
-            |_| Ok(Stepper::new()),
-            lr,
-            args,
-            dir,
-            sets,
-            device,
-            |_| Ok(()),
-        ),
+        MethodArg::Lora => train_peft(lora_config(args), args, dir, sets, device),
         MethodArg::Rosa | MethodArg::Spa => {
-            use peft_rosa::{RosaConfig, generate_masks, restart_with_masks};
+            use peft_rosa::RosaConfig;
             let (rank, schedule) = match args.method {
                 MethodArg::Rosa => (args.rank, format!("wl{}", args.rosa_warmup)),
                 _ => (0, "spa_only".to_string()),
@@ -544,31 +536,11 @@ fn adapters(
             let config = RosaConfig::new(rank, args.density, args.alpha, all_linear())
                 .with_schedule(&schedule)
                 .with_modules_to_save(["classifier"])
-                .with_exclude(ModuleSelector::regex(r"^bert\.pooler\..*"));
-            let prepare = |peft: &mut PeftModel<_, RosaConfig>| {
-                // Phase 1 on a copy: the warm-up and the collection step give the masks.
-                let start = Instant::now();
-                let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
-                let masks = generate_masks(peft, "default", &mut optim, lr, |m, step| {
-                    step_loss(m, train_set, args, step, device)
-                })?;
-                if !args.quiet {
-                    println!(
-                        "RoSA masks: {} entries in {} layers from {} warm-up + 1 collection steps ({:.1} s)",
-                        masks.nnz(),
-                        masks.len(),
-                        if rank == 0 { 0 } else { args.rosa_warmup },
-                        start.elapsed().as_secs_f64()
-                    );
-                }
-                // Phase 2: the initial adapters plus the masks, both parts training.
-                let scheduler = restart_with_masks(peft, "default", masks)?;
-                Ok(Stepper::new().with(scheduler))
-            };
-            train_peft(config, prepare, lr, args, dir, sets, device, |_| Ok(()))
+                .with_exclude(pooler());
+            train_peft(config, args, dir, sets, device)
         }
         MethodArg::Sft => {
-            use peft_sft::{SelectionAlgorithm, SftConfig, SftSelector};
+            use peft_sft::{SelectionAlgorithm, SftConfig};
             let bert = BertConfig::from_dir(dir)?;
             let (h, i) = (bert.hidden_size, bert.intermediate_size);
             // Every encoder linear layer (the pooler excluded), as LoRA's targets.
@@ -596,29 +568,12 @@ fn adapters(
                 .with_selection(algorithm)
                 .with_steps(r, s)
                 .with_seed(args.seed)
-                .with_modules_to_save(["classifier"]);
-            let config = SftConfig {
-                exclude_modules: Some(ModuleSelector::regex(r"^bert\.pooler\..*")),
-                ..config
-            };
-            let mut selector = SftSelector::new(&config, "default", steps)?;
-            selector.set_lr(lr);
-            // The zero gradient probes of the first RigL window are not trainable entries of
-            // the adapter: count before they are added.
-            let counted = std::cell::Cell::new((0, 0));
-            let prepare =
-                |peft: &mut PeftModel<PeftClassifier<peft_sft::SftAdapter>, SftConfig>| {
-                    counted.set(peft.trainable_parameters());
-                    let net = selector.prepare(peft.model().clone())?;
-                    peft.map_model(|_| net);
-                    Ok(Stepper::new().with(selector))
-                };
-            let mut report = train_peft(config, prepare, lr, args, dir, sets, device, |_| Ok(()))?;
-            report.trainable = counted.get();
-            Ok(report)
+                .with_modules_to_save(["classifier"])
+                .with_exclude(pooler());
+            train_peft(config, args, dir, sets, device)
         }
         _ => {
-            use peft_adalora::{AdaLoraConfig, RankAllocator};
+            use peft_adalora::AdaLoraConfig;
             let mut ada = AdaLoraConfig::new(all_linear(), steps)
                 .with_ranks(args.rank, (args.rank / 2).max(1))
                 .with_schedule(steps / 10, steps / 5, 2)
@@ -626,23 +581,8 @@ fn adapters(
             ada.lora = ada
                 .lora
                 .with_modules_to_save(["classifier"])
-                .with_exclude(ModuleSelector::regex(r"^bert\.pooler\..*"));
-            let allocator = Arc::new(Mutex::new(RankAllocator::new(&ada, "default")?));
-            let stepper = Stepper::new().with(allocator.clone());
-            // The final rank pattern goes into the saved config (PEFT truncates by it on save).
-            train_peft(
-                ada,
-                |_| Ok(stepper),
-                lr,
-                args,
-                dir,
-                sets,
-                device,
-                |peft| {
-                    let allocator = allocator.lock().expect("allocator lock");
-                    Ok(allocator.write_rank_pattern(peft)?)
-                },
-            )
+                .with_exclude(pooler());
+            train_peft(ada, args, dir, sets, device)
         }
     }
 }
@@ -650,30 +590,25 @@ fn adapters(
 /// The activation-space classifier of adapter type `A`.
 type PeftClassifier<A> = Classifier<PeftLinear<A>>;
 
-/// Train an adapter method `C` on the activation-space BERT: attach, `prepare` (returns the
-/// stepper with the method's controllers), train, run `finish` on the trained model, save in
-/// PEFT format when asked.
-#[allow(clippy::too_many_arguments)]
+/// Train an adapter method `C` on the activation-space BERT, the same code for every method:
+/// attach, take the method's stepper, train, save in PEFT format when asked (AdaLoRA's rank
+/// pattern is already in the config).
 fn train_peft<C: Method>(
     config: C,
-    prepare: impl FnOnce(
-        &mut PeftModel<PeftClassifier<C::Adapter>, C>,
-    ) -> anyhow::Result<Stepper<PeftClassifier<C::Adapter>>>,
-    lr: f64,
     args: &Args,
     dir: &Path,
     (train_set, test_set): (&Dataset, &Dataset),
     device: &Device,
-    finish: impl FnOnce(&mut PeftModel<Classifier<PeftLinear<C::Adapter>>, C>) -> anyhow::Result<()>,
 ) -> anyhow::Result<Report> {
+    let lr = args.lr.unwrap_or(2e-3);
+    let steps = train_set.len().div_ceil(args.batch) * args.epochs;
     let (bert, bert_config) = encoder::<PeftLinear<C::Adapter>>(args, dir, device)?;
-    let model = Classifier {
+    let model: PeftClassifier<C::Adapter> = Classifier {
         classifier: head(bert_config.hidden_size, args.seed, device),
         bert,
     };
     let mut peft = PeftModel::new(model, config)?;
-    let mut stepper = prepare(&mut peft)?;
-    let trainable = peft.trainable_parameters();
+    let mut stepper = peft.stepper(steps)?;
     let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
     let (model, mut report) = train(
         peft.model().clone(),
@@ -681,11 +616,16 @@ fn train_peft<C: Method>(
         test_set,
         args,
         device,
-        |m, loss| Ok(stepper.step(m, &mut optim, lr, loss)?),
+        |m, loss| {
+            peft.map_model(|_| m);
+            stepper.train(&mut peft, &mut optim, lr, loss)?;
+            Ok(peft.model().clone())
+        },
     )?;
     peft.map_model(|_| model);
-    report.trainable = trainable;
-    finish(&mut peft)?;
+    // Counted after training: RoSA's sparse part exists once its masks are generated, and no
+    // gradient probe of SFT's is left then.
+    report.trainable = peft.trainable_parameters();
     if let Some(out) = &args.out {
         peft.save_pretrained(out, &SaveOptions::default())?;
     }
@@ -699,7 +639,8 @@ fn selective(
     test_set: &Dataset,
     device: &Device,
 ) -> anyhow::Result<Report> {
-    use peft_selective::{SelectiveConfig, SelectiveOptimizer};
+    use peft_core::Tuned;
+    use peft_selective::{SelectiveConfig, SelectiveModel};
     let lr = args.lr.unwrap_or(1e-3);
     let (bert, config) = encoder::<Linear>(args, dir, device)?;
     let model = Classifier {
@@ -724,23 +665,26 @@ fn selective(
         _ => SelectiveConfig::bitfit(),
     }
     .with_choose_all_regex(r"^classifier\.")?;
-    let mut optim = SelectiveOptimizer::new(
-        &model,
-        selective,
-        AdamWConfig::new().with_weight_decay(0.0).build(),
-    )?;
     let total = peft_core::hosts::parameters(&model)
         .iter()
         .map(|(_, _, n)| n)
         .sum();
+    let mut tuned = SelectiveModel::new(model, selective);
+    let mut stepper =
+        tuned.stepper_with(steps, AdamWConfig::new().with_weight_decay(0.0).build())?;
+    // The module optimizer sees no gradient: the selection owns them.
+    let mut optim = AdamWConfig::new().init();
+    let model = tuned.model().clone();
     let (model, mut report) = train(model, train_set, test_set, args, device, |m, loss| {
-        let grads = GradientsParams::from_grads(loss.backward(), &m);
-        Ok(optim.step(lr, m, grads)?)
+        tuned.set_tuned_model(m);
+        stepper.train(&mut tuned, &mut optim, lr, loss)?;
+        Ok(tuned.model().clone())
     })?;
-    report.trainable = (optim.budget_used(), total);
+    tuned.set_tuned_model(model);
+    report.trainable = (tuned.budget_used(), total);
     if let Some(out) = &args.out {
-        optim
-            .summary(&model)?
+        tuned
+            .summary()?
             .save(out)
             .with_context(|| format!("saving the summary to {}", out.display()))?;
     }

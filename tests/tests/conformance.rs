@@ -12,7 +12,6 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_adalora::AdaLoraConfig;
 use peft_conformance::{TinyModel, max_diff, random_torch_weights, token_ids};
-use peft_core::step::Stepper;
 use peft_core::{
     Adapter, Method, ModuleSelector, PeftEmbedding, PeftError, PeftLinear, PeftModel, hosts,
 };
@@ -333,14 +332,13 @@ fn check_case<M: Case, C: Conformance>(label: &str, config: &C) {
     // Training changes only adapter parameters (and changes them).
     let mut train = PeftModel::new(base.clone(), config.perturbed()).unwrap();
     let mut optim = SgdConfig::new().init();
-    let mut stepper = Stepper::new();
+    // The method's own stepper (its controllers prepared on the model: probes included).
+    let mut stepper = train.stepper(3).unwrap();
     let params = hosts::parameters(train.model());
     let before = param_values(train.model());
     for _ in 0..3 {
-        let model = train.model().clone();
-        let loss = model.run(&dev).powi_scalar(2).mean().reshape([1]);
-        let next = stepper.step(model, &mut optim, 1e-4, loss).unwrap();
-        train.map_model(|_| next);
+        let loss = train.model().run(&dev).powi_scalar(2).mean().reshape([1]);
+        stepper.train(&mut train, &mut optim, 1e-4, loss).unwrap();
     }
     assert_eq!(stepper.step_index(), 3);
     let after = param_values(train.model());

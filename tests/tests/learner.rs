@@ -7,12 +7,14 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor};
 use burn::train::Learner;
+use peft_adalora::{AdaLoraConfig, AdaLoraModel};
+use peft_conformance::WeightModel;
 use peft_conformance::{
     ActivationModel, Batch, CLASSES, TinyModel, random_torch_weights, token_ids,
 };
 use peft_core::learner::Controlled;
 use peft_core::step::{Controller, StepInfo, Stepper};
-use peft_core::{ModuleSelector, hosts};
+use peft_core::{ModuleSelector, PeftError, hosts};
 use peft_lora::{LoraConfig, LoraModel};
 
 /// Records the order of calls and what it saw.
@@ -90,4 +92,90 @@ fn learner_runs_controllers_around_each_optimizer_step() {
         }
     }
     assert_eq!(moved_adapters, 8);
+}
+
+/// Fails from step `from` on.
+struct Failing {
+    from: usize,
+}
+
+impl<M: Module> Controller<M> for Failing {
+    fn after_optimizer(&mut self, info: StepInfo, model: M) -> peft_core::Result<M> {
+        if info.step >= self.from {
+            return Err(PeftError::Unsupported(format!(
+                "failed at step {}",
+                info.step
+            )));
+        }
+        Ok(model)
+    }
+}
+
+fn batch(device: &Device) -> Batch {
+    Batch {
+        ids: token_ids(device),
+        targets: Tensor::random([2, 5, CLASSES], Distribution::Normal(0.0, 1.0), device),
+    }
+}
+
+#[test]
+fn a_controller_error_in_a_learner_is_an_error_not_a_panic() {
+    let device = Device::flex().autodiff();
+    let base: ActivationModel = TinyModel::from_torch(&random_torch_weights(2, &device), &device);
+    let config = LoraConfig::new(4, 8.0, ModuleSelector::names(["q_proj", "v_proj"]));
+    let peft = LoraModel::new(base, config).unwrap();
+    let interrupter = burn::train::Interrupter::new();
+    let model = Controlled::new(
+        peft.model().clone(),
+        Stepper::new().with(Failing { from: 1 }),
+    )
+    .with_interrupter(interrupter.clone());
+    let mut learner = Learner::new(model, AdamWConfig::new().init(), 1e-2);
+    learner.lr_step();
+    let batch = batch(&device);
+    let mut after_first = None;
+    for step in 0..3 {
+        let out = learner.train_step(batch.clone());
+        learner.optimizer_step(out.grads);
+        let params = hosts::read_params(&learner.model().into_inner(), |p| p.contains(".peft."));
+        match step {
+            0 => after_first = Some(params),
+            // The failed step and the ones after it change nothing.
+            _ => assert_eq!(Some(params), after_first, "step {step}"),
+        }
+    }
+    assert!(interrupter.should_stop(), "the run is stopped");
+    let trained = learner.model();
+    assert_eq!(trained.step_index(), 1);
+    let err = trained.error().expect("the error is kept");
+    assert!(err.to_string().contains("failed at step 1"), "{err}");
+}
+
+#[test]
+fn adalora_in_a_learner_allocates_and_writes_its_rank_pattern() {
+    let device = Device::flex().autodiff();
+    let base: WeightModel = TinyModel::from_torch(&random_torch_weights(2, &device), &device);
+    let config = AdaLoraConfig::new(ModuleSelector::names(["q_proj", "v_proj"]), 6)
+        .with_ranks(4, 2)
+        .with_schedule(1, 2, 1);
+    let mut peft = AdaLoraModel::new(base, config).unwrap();
+    let model = peft.controlled(6).unwrap();
+    let mut learner = Learner::new(model, AdamWConfig::new().init(), 1e-2);
+    learner.lr_step();
+    let batch = batch(&device);
+    for _ in 0..6 {
+        let out = learner.train_step(batch.clone());
+        learner.optimizer_step(out.grads);
+    }
+    let trained = learner.model();
+    assert!(trained.error().is_none());
+    peft.set_controlled(trained);
+    let pattern = peft.adapters()["default"]
+        .config
+        .rank_pattern
+        .clone()
+        .unwrap();
+    let kept: usize = pattern.values().flatten().filter(|k| **k).count();
+    // 4 matrices, target_r 2: at most 8 of 16 triplets.
+    assert!(kept <= 8, "{kept}");
 }

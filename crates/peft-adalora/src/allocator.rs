@@ -5,7 +5,9 @@
 //! it works the same inside burn-train's `Learner`) and keeps the gradients; after the step it
 //! updates the importance EMAs with the new parameters and those gradients, and masks singular
 //! values to the budget, exactly as PEFT's `update_and_allocate(global_step)` does when called
-//! after `optimizer.step()`.
+//! after `optimizer.step()`. After every step of [`Stepper::train`](peft_core::Stepper::train)
+//! it writes the current rank pattern into the adapter's config, so a save at any point
+//! truncates to it as PEFT does.
 
 use std::collections::BTreeMap;
 
@@ -331,7 +333,29 @@ impl RankAllocator {
     }
 }
 
+const STATE_FILE: &str = "adalora_allocator.json";
+
 impl<M: Module> Controller<M> for RankAllocator {
+    fn adapter(&self) -> Option<String> {
+        Some(self.adapter.clone())
+    }
+
+    fn update_config(&self, config: &mut dyn std::any::Any) {
+        if let Some(config) = config.downcast_mut::<AdaLoraConfig>()
+            && self.state.rank_pattern.is_some()
+        {
+            config.rank_pattern = self.state.rank_pattern.clone();
+        }
+    }
+
+    fn save_state(&self, dir: &std::path::Path) -> Result<()> {
+        RankAllocator::save_state(self, &dir.join(STATE_FILE))
+    }
+
+    fn load_state(&mut self, dir: &std::path::Path, _device: &burn::tensor::Device) -> Result<()> {
+        RankAllocator::load_state(self, &dir.join(STATE_FILE))
+    }
+
     fn before_optimizer(
         &mut self,
         info: StepInfo,

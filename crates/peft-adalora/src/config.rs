@@ -308,3 +308,10 @@ impl AdaLoraConfig {
         Ok((config, rank_pattern))
     }
 }
+
+/// The common fields are LoRA's (`AdaLoraConfig::lora`).
+impl peft_core::PeftConfig for AdaLoraConfig {
+    fn common_mut(&mut self) -> peft_core::CommonFieldsMut<'_> {
+        peft_core::PeftConfig::common_mut(&mut self.lora)
+    }
+}

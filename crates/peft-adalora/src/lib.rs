@@ -6,18 +6,15 @@
 //! singular values on PEFT's cubic schedule. The orthogonality regularizer is added by the same
 //! controller, so it cannot be forgotten.
 //!
-//! A complete training loop: attach, train with the allocator in the step, write the final
-//! rank pattern into the config, save in PEFT's format (truncated to the kept ranks).
+//! A complete training loop: attach, take the model's stepper (it holds the allocator), train,
+//! save in PEFT's format (truncated to the kept ranks: the rank pattern is written into the
+//! config after every step, as PEFT's `update_and_allocate` does).
 //!
 //! ```
-//! use std::sync::{Arc, Mutex};
-//!
 //! use burn::nn::{Linear, LinearConfig};
 //! use burn::optim::AdamWConfig;
 //! use burn::tensor::{Device, Distribution, Tensor};
-//! use peft_adalora::{AdaLoraConfig, AdaLoraModel, RankAllocator, SaveOptions};
-//! use peft_core::ModuleSelector;
-//! use peft_core::step::Stepper;
+//! use peft_adalora::{AdaLoraConfig, AdaLoraModel, ModuleSelector, SaveOptions, Stepper};
 //!
 //! #[derive(burn::module::Module, Debug)]
 //! struct Mlp {
@@ -34,28 +31,28 @@
 //! let config = AdaLoraConfig::new(ModuleSelector::names(["up", "down"]), total_steps)
 //!     .with_ranks(6, 2) // init_r 6, on average 2 kept at the end
 //!     .with_schedule(2, 5, 2); // tinit, tfinal, deltaT
-//! let mut peft = AdaLoraModel::new(model, config.clone())?;
+//! let mut peft = AdaLoraModel::new(model, config)?;
 //!
 //! // The allocator (and the orthogonality regularizer) run inside every step.
-//! let allocator = Arc::new(Mutex::new(RankAllocator::new(&config, "default")?));
-//! let mut stepper = Stepper::new().with(allocator.clone());
+//! let mut stepper = peft.stepper(total_steps)?;
 //! let mut optim = AdamWConfig::new().init();
 //! let x = Tensor::<2>::random([8, 16], Distribution::Normal(0.0, 1.0), &device);
 //! for _ in 0..total_steps {
-//!     let model = peft.model().clone();
-//!     let y = model.down.forward(model.up.forward(x.clone()));
-//!     let loss = (y - 1.0).powi_scalar(2).mean();
-//!     let next = stepper.step(model, &mut optim, 1e-2, loss)?;
-//!     peft.map_model(|_| next);
+//!     let m = peft.model();
+//!     let loss = (m.down.forward(m.up.forward(x.clone())) - 1.0).powi_scalar(2).mean();
+//!     stepper.train(&mut peft, &mut optim, 1e-2, loss)?;
 //! }
-//!
-//! let allocator = allocator.lock().unwrap();
-//! let kept: usize = allocator.rank_pattern().unwrap().values().flatten().filter(|k| **k).count();
-//! assert!(kept <= 4); // target_r 2 x 2 matrices
-//! allocator.write_rank_pattern(&mut peft)?;
+//! let pattern = peft.adapters()["default"].config.rank_pattern.clone().unwrap();
+//! assert!(pattern.values().flatten().filter(|k| **k).count() <= 4); // target_r 2 x 2 matrices
 //! let dir = tempfile::tempdir().unwrap();
 //! peft.save_pretrained(dir.path(), &SaveOptions::default())?;
-//! # Ok::<(), peft_core::PeftError>(())
+//!
+//! // Without the allocator, training is refused.
+//! let m = peft.model();
+//! let loss = (m.down.forward(m.up.forward(x)) - 1.0).powi_scalar(2).mean();
+//! let refused = Stepper::new().train(&mut peft, &mut optim, 1e-2, loss);
+//! assert!(matches!(refused, Err(peft_adalora::PeftError::MissingController { .. })));
+//! # Ok::<(), peft_adalora::PeftError>(())
 //! ```
 #![warn(missing_docs)]
 
@@ -67,7 +64,13 @@ mod method;
 pub use adapter::AdaLoraAdapter;
 pub use allocator::{AllocatorState, RankAllocator, budget_schedule, orthogonality};
 pub use config::AdaLoraConfig;
-pub use peft_core::{LoadOptions, SaveOptions};
+/// What a user of this crate touches from peft-core, so that one dependency is enough.
+pub use peft_core::{
+    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftConfig,
+    PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
+    default_target_modules,
+};
+pub use peft_core::{BiasMode, Result};
 
 /// A burn model carrying AdaLoRA adapters: [`PeftModel`](peft_core::PeftModel) with
 /// [`AdaLoraConfig`] as its method.

@@ -37,6 +37,22 @@ impl Method for AdaLoraConfig {
         AdaLoraConfig::validate(self)
     }
 
+    fn needs_controller(&self) -> bool {
+        true
+    }
+
+    /// The [`RankAllocator`](crate::RankAllocator) (with the orthogonality regularizer), on the
+    /// config's own `total_step` schedule (`total_steps` is not used: PEFT's AdaLoRA config
+    /// carries it).
+    fn controllers<M: burn::module::Module>(
+        &self,
+        adapter: &str,
+        total_steps: usize,
+    ) -> Result<Vec<Box<dyn peft_core::Controller<M>>>> {
+        let _ = total_steps;
+        Ok(vec![Box::new(crate::RankAllocator::new(self, adapter)?)])
+    }
+
     fn target_spec(&self) -> Result<TargetSpec> {
         AdaLoraConfig::target_spec(self)
     }

@@ -464,7 +464,7 @@ fn orthogonality_gradient_is_added_to_the_adapter_gradients() {
     let mut allocator = RankAllocator::new(&config, "default").unwrap();
     peft_core::step::Controller::before_optimizer(
         &mut allocator,
-        peft_core::step::StepInfo { step: 0 },
+        peft_core::step::StepInfo { step: 0, lr: 0.0 },
         &model,
         &mut with_reg,
     )
@@ -677,7 +677,7 @@ fn allocator_replays_peft_rank_patterns_and_masked_values() {
             grads.register(a.lora_e.id, Tensor::<2>::from_inner(g("gE")).reshape([r]));
             grads.register(a.lora_b.id, Tensor::<2>::from_inner(g("gB")).transpose());
         }
-        let info = StepInfo { step: t };
+        let info = StepInfo { step: t, lr: 0.0 };
         allocator
             .before_optimizer(info, &model, &mut grads)
             .unwrap();
@@ -783,7 +783,7 @@ fn budget_that_does_not_shrink_and_all_zero_scores_are_defined() {
     let mut allocator = RankAllocator::new(&config, "default").unwrap();
     let mut model = peft.model().clone();
     for t in 0..5 {
-        let info = StepInfo { step: t };
+        let info = StepInfo { step: t, lr: 0.0 };
         allocator
             .before_optimizer(info, &model, &mut GradientsParams::new())
             .unwrap();

@@ -98,6 +98,18 @@ pub enum PeftError {
         /// The first module where it was detected.
         module: String,
     },
+    /// An adapter whose method needs a training-time controller is trained by a stepper that
+    /// has none for it.
+    #[error(
+        "adapter `{adapter}` ({method}) needs its controller to train; build the stepper with \
+         `PeftModel::stepper(total_steps)` instead of `Stepper::new()`"
+    )]
+    MissingController {
+        /// The adapter without controller.
+        adapter: String,
+        /// Its method's `peft_type`.
+        method: String,
+    },
     /// The operation is not available for this kind of layer or adapter.
     #[error("{0}")]
     Unsupported(String),

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+pub mod config;
 pub mod error;
 pub mod hf;
 mod hook;
@@ -33,6 +34,7 @@ pub mod step;
 pub mod target;
 
 pub use adapter::Adapter;
+pub use config::{CommonFieldsMut, PeftConfig};
 pub use error::{PeftError, Result};
 pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};
@@ -42,4 +44,8 @@ pub use method::{BiasMode, Method, TakeTensor};
 pub use model::{AdapterEntry, PeftModel};
 pub use reparam::WeightSlot;
 pub use slot::AdapterSlot;
-pub use target::{Candidate, LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetSpec};
+pub use step::{Controller, StepInfo, Stepper, Tuned};
+pub use target::{
+    Candidate, LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetSpec,
+    default_target_modules,
+};

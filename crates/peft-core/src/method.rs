@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::path::Path;
 
-use burn::module::Param;
+use burn::module::{Module, Param};
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -17,6 +17,7 @@ use crate::adapter::Adapter;
 use crate::error::Result;
 use crate::hf::KeyMap;
 use crate::hosts::{Created, LayerInfo};
+use crate::step::Controller;
 use crate::target::{LayerKind, TargetSpec};
 
 /// Which base biases train with the adapter (PEFT's `bias`).
@@ -50,6 +51,29 @@ pub trait Method: Clone + Debug + Send + Sync + 'static {
 
     /// `peft_type` in `adapter_config.json` (`"LORA"`, `"ADALORA"`, …).
     const PEFT_TYPE: &'static str;
+
+    /// Whether an adapter of this config cannot train without its controllers
+    /// ([`controllers`](Self::controllers) returns some). A stepper without them is refused by
+    /// [`Stepper::train`](crate::step::Stepper::train) with
+    /// [`PeftError::MissingController`](crate::PeftError::MissingController).
+    fn needs_controller(&self) -> bool {
+        false
+    }
+
+    /// The training-time controllers of adapter `adapter` for a run of `total_steps` optimizer
+    /// steps, in run order (none for plain LoRA). [`PeftModel::stepper`](crate::PeftModel::stepper)
+    /// collects them for every trained adapter.
+    ///
+    /// # Errors
+    /// A config that cannot train (e.g. a RoSA adapter without `schedule`).
+    fn controllers<M: Module>(
+        &self,
+        adapter: &str,
+        total_steps: usize,
+    ) -> Result<Vec<Box<dyn Controller<M>>>> {
+        let _ = (adapter, total_steps);
+        Ok(Vec::new())
+    }
 
     /// Check every field.
     ///

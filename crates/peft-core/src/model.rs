@@ -9,6 +9,7 @@ use crate::error::{PeftError, Result};
 use crate::hosts::{self, HostView};
 use crate::method::{BiasMode, Method};
 use crate::modules_to_save::SavedModules;
+use crate::step::{Controller, Stepper, Tuned};
 
 /// One adapter known to a [`PeftModel`].
 #[derive(Clone, Debug)]
@@ -302,6 +303,40 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         self
     }
 
+    /// The adapters that train: active, enabled, not in inference mode.
+    pub fn trained_adapters(&self) -> Vec<String> {
+        if !self.enabled {
+            return Vec::new();
+        }
+        self.active
+            .iter()
+            .filter(|n| !self.adapters[*n].config.inference_mode())
+            .cloned()
+            .collect()
+    }
+
+    /// The step runner for a run of `total_steps` optimizer steps: every controller the
+    /// trained adapters' methods need ([`Method::controllers`]), built from their configs and
+    /// prepared on the model (which this call updates: probes, known masks, trainability).
+    /// Train with [`Stepper::train`].
+    ///
+    /// # Errors
+    /// A config that cannot train, or a controller's `prepare` error (the model is unchanged).
+    pub fn stepper(&mut self, total_steps: usize) -> Result<Stepper<M>> {
+        let mut stepper = Stepper::new();
+        let mut model = self.model.clone();
+        for name in self.trained_adapters() {
+            for c in self.adapters[&name]
+                .config
+                .controllers::<M>(&name, total_steps)?
+            {
+                model = stepper.push_prepared(c, model)?;
+            }
+        }
+        self.model = model;
+        Ok(stepper)
+    }
+
     /// `(trainable, total)` parameter counts, like PEFT's `get_nb_trainable_parameters`.
     pub fn trainable_parameters(&self) -> (usize, usize) {
         hosts::parameters(&self.model)
@@ -358,6 +393,41 @@ impl<M: Module, C: Method> PeftModel<M, C> {
             }
             Some(false)
         });
+    }
+}
+
+impl<M: Module, C: Method> Tuned<M> for PeftModel<M, C> {
+    fn stepper(&mut self, total_steps: usize) -> Result<Stepper<M>> {
+        PeftModel::stepper(self, total_steps)
+    }
+
+    fn tuned_model(&self) -> &M {
+        &self.model
+    }
+
+    fn set_tuned_model(&mut self, model: M) {
+        self.model = model;
+    }
+
+    fn check_controllers(&self, served: &[String]) -> Result<()> {
+        for name in self.trained_adapters() {
+            let config = &self.adapters[&name].config;
+            if config.needs_controller() && !served.contains(&name) {
+                return Err(PeftError::MissingController {
+                    adapter: name,
+                    method: C::PEFT_TYPE.into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn update_configs(&mut self, controllers: &[Box<dyn Controller<M>>]) {
+        for c in controllers {
+            if let Some(entry) = c.adapter().and_then(|n| self.adapters.get_mut(&n)) {
+                c.update_config(&mut entry.config);
+            }
+        }
     }
 }
 

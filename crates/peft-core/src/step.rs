@@ -1,26 +1,48 @@
 //! The training step: forward and backward are the user's, then controllers and the optimizer
 //! run in a fixed order, so no method-specific call can be forgotten.
 //!
+//! A [`PeftModel`](crate::PeftModel) builds its runner in one call,
+//! [`PeftModel::stepper`](crate::PeftModel::stepper): every controller its active adapters need
+//! (AdaLoRA's allocator, RoSA's scheduler, SFT's selector, …), built from the configs it holds and
+//! already [`prepare`](Controller::prepare)d on the model. [`Stepper::train`] then runs one step
+//! on the `PeftModel`; it refuses to start (a [`PeftError::MissingController`]) when an adapter
+//! that needs a controller has none in the runner.
+//!
 //! Order of one step (after `loss.backward()`):
 //! 1. every controller's [`before_optimizer`](Controller::before_optimizer), in registration
-//!    order, sees and may edit the gradients (RoSA mask generation, ID3 unmasking, SFT
-//!    reselection statistics);
-//! 2. the optimizer updates the parameters;
+//!    order, sees and may edit the gradients (RoSA gradient collection, ID3 unmasking, SFT
+//!    taking its deltas' gradients);
+//! 2. the optimizer updates the parameters it still has gradients for;
 //! 3. every controller's [`after_optimizer`](Controller::after_optimizer) sees the updated model
-//!    and may change it (AdaLoRA rank allocation, masking).
+//!    and may change it (AdaLoRA rank allocation, RoSA mask generation and restart, SFT's delta
+//!    update and reselection);
+//! 4. with [`Stepper::train`], every controller writes what it decided into its adapter's config
+//!    ([`update_config`](Controller::update_config): AdaLoRA's rank pattern), so a save after
+//!    any step is what PEFT would save.
+//!
+//! The learning rate of the step reaches every controller in [`StepInfo::lr`], so anything a
+//! controller trains itself (SFT deltas, selective entries) follows the same schedule as the
+//! module optimizer.
+
+use std::any::Any;
+use std::path::Path;
 
 use burn::module::Module;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::{Gradients, Tensor};
+use burn::tensor::{Device, Gradients, Tensor};
+use serde_json::json;
 
-use crate::error::Result;
+use crate::error::{PeftError, Result};
 
 /// Where a step is in the run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepInfo {
     /// Index of this optimizer step, starting at 0.
     pub step: usize,
+    /// The step's learning rate (the base rate of a per-group
+    /// [`ModuleLearningRate`]), for everything a controller trains itself.
+    pub lr: f64,
 }
 
 /// A training-time controller of a PEFT method.
@@ -28,6 +50,19 @@ pub struct StepInfo {
 /// Controllers are deterministic functions of the gradients and parameters they see, so replicas
 /// of a data-parallel run that see the same (all-reduced) gradients stay in agreement.
 pub trait Controller<M>: Send {
+    /// The adapter this controller serves, if any (a method's controller always names one).
+    fn adapter(&self) -> Option<String> {
+        None
+    }
+
+    /// Set the model up before the first step (probes, trainability, known masks).
+    ///
+    /// # Errors
+    /// Method-specific.
+    fn prepare(&mut self, model: M) -> Result<M> {
+        Ok(model)
+    }
+
     /// Inspect or edit the gradients before the optimizer step.
     ///
     /// # Errors
@@ -50,33 +85,115 @@ pub trait Controller<M>: Send {
         let _ = info;
         Ok(model)
     }
+
+    /// Write what the controller decided into its adapter's config (a `&mut` of the method's
+    /// config type; other types are left alone). Called after every step by
+    /// [`Stepper::train`].
+    fn update_config(&self, config: &mut dyn Any) {
+        let _ = config;
+    }
+
+    /// Whether the run should stop now (RoSA's `terminate_after_mask_generation`).
+    fn should_stop(&self) -> bool {
+        false
+    }
+
+    /// Save the controller's state into `dir` (which exists and is its own).
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        let _ = dir;
+        Ok(())
+    }
+
+    /// Restore a state written by [`save_state`](Self::save_state); tensors go to `device`.
+    ///
+    /// # Errors
+    /// Missing or malformed files.
+    fn load_state(&mut self, dir: &Path, device: &Device) -> Result<()> {
+        let _ = (dir, device);
+        Ok(())
+    }
+}
+
+fn lock<C>(c: &std::sync::Mutex<C>) -> std::sync::MutexGuard<'_, C> {
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A shared controller: the stepper runs it while its owner keeps a handle, e.g. to read or
 /// save its state between steps.
 impl<M, C: Controller<M>> Controller<M> for std::sync::Arc<std::sync::Mutex<C>> {
+    fn adapter(&self) -> Option<String> {
+        lock(self).adapter()
+    }
+
+    fn prepare(&mut self, model: M) -> Result<M> {
+        lock(self).prepare(model)
+    }
+
     fn before_optimizer(
         &mut self,
         info: StepInfo,
         model: &M,
         grads: &mut GradientsParams,
     ) -> Result<()> {
-        self.lock()
-            .expect("a controller panicked")
-            .before_optimizer(info, model, grads)
+        lock(self).before_optimizer(info, model, grads)
     }
 
     fn after_optimizer(&mut self, info: StepInfo, model: M) -> Result<M> {
-        self.lock()
-            .expect("a controller panicked")
-            .after_optimizer(info, model)
+        lock(self).after_optimizer(info, model)
     }
+
+    fn update_config(&self, config: &mut dyn Any) {
+        lock(self).update_config(config);
+    }
+
+    fn should_stop(&self) -> bool {
+        lock(self).should_stop()
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        lock(self).save_state(dir)
+    }
+
+    fn load_state(&mut self, dir: &Path, device: &Device) -> Result<()> {
+        lock(self).load_state(dir, device)
+    }
+}
+
+/// A model trained through a [`Stepper`] with its method's checks: a
+/// [`PeftModel`](crate::PeftModel), or a selective model of peft-selective.
+pub trait Tuned<M> {
+    /// The step runner with every controller the trained adapters need, for a run of
+    /// `total_steps` optimizer steps (the one call that replaces per-method wiring).
+    ///
+    /// # Errors
+    /// A config that cannot train, or a controller's `prepare` error.
+    fn stepper(&mut self, total_steps: usize) -> Result<Stepper<M>>;
+
+    /// The model as trained.
+    fn tuned_model(&self) -> &M;
+
+    /// Replace the trained model after a step.
+    fn set_tuned_model(&mut self, model: M);
+
+    /// Check that `served` (the adapters that have a controller) covers every trained adapter
+    /// whose method needs one.
+    ///
+    /// # Errors
+    /// [`PeftError::MissingController`].
+    fn check_controllers(&self, served: &[String]) -> Result<()>;
+
+    /// Let the controllers write their decisions into the configs (after every step).
+    fn update_configs(&mut self, controllers: &[Box<dyn Controller<M>>]);
 }
 
 /// Runs controllers and the optimizer in the documented order and counts steps.
 pub struct Stepper<M> {
     controllers: Vec<Box<dyn Controller<M>>>,
     step: usize,
+    checked: bool,
 }
 
 impl<M> std::fmt::Debug for Stepper<M> {
@@ -93,20 +210,48 @@ impl<M> Default for Stepper<M> {
         Self {
             controllers: Vec::new(),
             step: 0,
+            checked: false,
         }
     }
 }
 
+const STATE_JSON: &str = "stepper.json";
+
 impl<M: Module> Stepper<M> {
-    /// A stepper without controllers (plain LoRA needs none).
+    /// A stepper without controllers, for plain models or hand-built controller lists. A
+    /// `PeftModel` gives one with its method's controllers: [`PeftModel::stepper`](crate::PeftModel::stepper).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Add a controller; controllers run in the order they were added.
+    /// Add a controller; controllers run in the order they were added. It is not
+    /// [`prepare`](Controller::prepare)d: see [`push_prepared`](Self::push_prepared).
     pub fn with(mut self, controller: impl Controller<M> + 'static) -> Self {
         self.controllers.push(Box::new(controller));
         self
+    }
+
+    /// Prepare `controller` on `model` and add it; returns the prepared model.
+    ///
+    /// # Errors
+    /// The controller's `prepare` error (nothing is added then).
+    pub fn push_prepared(&mut self, mut controller: Box<dyn Controller<M>>, model: M) -> Result<M> {
+        let model = controller.prepare(model)?;
+        self.controllers.push(controller);
+        Ok(model)
+    }
+
+    /// The controllers, in run order.
+    pub fn controllers(&self) -> &[Box<dyn Controller<M>>] {
+        &self.controllers
+    }
+
+    /// The adapters that have a controller in this stepper.
+    pub fn served_adapters(&self) -> Vec<String> {
+        self.controllers
+            .iter()
+            .filter_map(|c| c.adapter())
+            .collect()
     }
 
     /// The index of the next step.
@@ -119,7 +264,16 @@ impl<M: Module> Stepper<M> {
         self.step = step;
     }
 
+    /// Whether a controller asks to stop the run (e.g. RoSA's
+    /// `terminate_after_mask_generation` once the masks are saved).
+    pub fn should_stop(&self) -> bool {
+        self.controllers.iter().any(|c| c.should_stop())
+    }
+
     /// Run controllers and the optimizer on gradients already computed.
+    ///
+    /// This is the low-level step on a bare model: it checks nothing about methods. Train a
+    /// `PeftModel` with [`train`](Self::train) / [`train_grads`](Self::train_grads).
     ///
     /// # Errors
     /// A controller's error; the step counter does not advance then.
@@ -130,7 +284,11 @@ impl<M: Module> Stepper<M> {
         lr: impl Into<ModuleLearningRate>,
         mut grads: GradientsParams,
     ) -> Result<M> {
-        let info = StepInfo { step: self.step };
+        let lr = lr.into();
+        let info = StepInfo {
+            step: self.step,
+            lr: lr.base(),
+        };
         for c in &mut self.controllers {
             c.before_optimizer(info, &model, &mut grads)?;
         }
@@ -142,7 +300,8 @@ impl<M: Module> Stepper<M> {
         Ok(model)
     }
 
-    /// One full step from a scalar loss: backward, controllers, optimizer.
+    /// One full step from a scalar loss on a bare model: backward, controllers, optimizer
+    /// (see [`optimize`](Self::optimize)).
     ///
     /// # Errors
     /// A controller's error.
@@ -156,5 +315,131 @@ impl<M: Module> Stepper<M> {
         let grads: Gradients = loss.backward();
         let grads = GradientsParams::from_grads(grads, &model);
         self.optimize(model, optim, lr, grads)
+    }
+
+    /// Check, once, that every trained adapter of `tuned` whose method needs a controller has
+    /// one here.
+    ///
+    /// # Errors
+    /// [`PeftError::MissingController`].
+    pub fn check<T: Tuned<M>>(&mut self, tuned: &T) -> Result<()> {
+        if !self.checked {
+            tuned.check_controllers(&self.served_adapters())?;
+            self.checked = true;
+        }
+        Ok(())
+    }
+
+    /// One training step of a [`PeftModel`](crate::PeftModel) (or any [`Tuned`] model) from
+    /// its loss: backward, controllers, optimizer, config updates. `lr` is the step's learning
+    /// rate (a number or what a burn LR scheduler's `step()` returns); it reaches the module
+    /// optimizer and every controller.
+    ///
+    /// # Errors
+    /// [`PeftError::MissingController`] on the first step when an adapter lacks its
+    /// controller; a controller's error (the model is unchanged then).
+    pub fn train<T: Tuned<M>>(
+        &mut self,
+        tuned: &mut T,
+        optim: &mut ModuleOptimizer,
+        lr: impl Into<ModuleLearningRate>,
+        loss: Tensor<1>,
+    ) -> Result<()> {
+        self.check(tuned)?;
+        let grads = GradientsParams::from_grads(loss.backward(), tuned.tuned_model());
+        self.train_grads(tuned, optim, lr, grads)
+    }
+
+    /// As [`train`](Self::train), from gradients already computed (gradient accumulation).
+    ///
+    /// # Errors
+    /// As [`train`](Self::train).
+    pub fn train_grads<T: Tuned<M>>(
+        &mut self,
+        tuned: &mut T,
+        optim: &mut ModuleOptimizer,
+        lr: impl Into<ModuleLearningRate>,
+        grads: GradientsParams,
+    ) -> Result<()> {
+        self.check(tuned)?;
+        let model = self.optimize(tuned.tuned_model().clone(), optim, lr, grads)?;
+        tuned.set_tuned_model(model);
+        tuned.update_configs(&self.controllers);
+        Ok(())
+    }
+
+    /// Save the step index and every controller's state into `dir` (created if needed):
+    /// `stepper.json` and one folder `controller-<i>` per controller.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save_state(&self, dir: &Path) -> Result<()> {
+        for (i, c) in self.controllers.iter().enumerate() {
+            let sub = dir.join(format!("controller-{i}"));
+            std::fs::create_dir_all(&sub).map_err(|source| PeftError::Io {
+                path: sub.clone(),
+                source,
+            })?;
+            c.save_state(&sub)?;
+        }
+        let state = json!({ "step": self.step, "controllers": self.controllers.len() });
+        let serde_json::Value::Object(map) = state else {
+            unreachable!("an object literal")
+        };
+        crate::hf::write_json(&dir.join(STATE_JSON), &map)
+    }
+
+    /// Resume a run: [`load_state`](Self::load_state), then prepare `tuned`'s model for the
+    /// next step again (the controllers' probes, masks and trainability of that step). Build
+    /// the stepper with the model's `stepper(total_steps)` first, from the restored adapters.
+    ///
+    /// # Errors
+    /// As [`load_state`](Self::load_state), or a controller's `prepare` error.
+    pub fn resume<T: Tuned<M>>(
+        &mut self,
+        tuned: &mut T,
+        dir: &Path,
+        device: &Device,
+    ) -> Result<()> {
+        self.load_state(dir, device)?;
+        let mut model = tuned.tuned_model().clone();
+        for c in &mut self.controllers {
+            model = c.prepare(model)?;
+        }
+        tuned.set_tuned_model(model);
+        Ok(())
+    }
+
+    /// Restore a state written by [`save_state`](Self::save_state) into a stepper built the
+    /// same way (same model, same configs).
+    ///
+    /// # Errors
+    /// Missing or malformed files, or a different number of controllers.
+    pub fn load_state(&mut self, dir: &Path, device: &Device) -> Result<()> {
+        let file = dir.join(STATE_JSON);
+        let state = crate::hf::read_json(&file)?;
+        let bad = |reason: String| PeftError::InvalidConfig {
+            field: file.display().to_string(),
+            reason,
+        };
+        let step = state
+            .get("step")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| bad("no `step`".into()))? as usize;
+        let n = state
+            .get("controllers")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| bad("no `controllers`".into()))? as usize;
+        if n != self.controllers.len() {
+            return Err(bad(format!(
+                "the state has {n} controllers, this stepper {}",
+                self.controllers.len()
+            )));
+        }
+        for (i, c) in self.controllers.iter_mut().enumerate() {
+            c.load_state(&dir.join(format!("controller-{i}")), device)?;
+        }
+        self.step = step;
+        Ok(())
     }
 }

@@ -8,7 +8,13 @@
 //! * `target_modules` as a list matches a key that equals an entry or ends with `"." + entry`;
 //!   entries are not regular expressions.
 //! * `target_modules` as a string is a regular expression that must match the whole key, except
-//!   `"all-linear"` (any case), which selects every linear layer.
+//!   `"all-linear"` (any case), which selects every linear layer except the output layer: a
+//!   module named `lm_head` (the output embeddings of every causal LM), and with
+//!   `task_type = "SEQ_CLS"` the classification heads `classifier` and `score`, as PEFT's
+//!   `_maybe_include_all_linear_layers`.
+//! * `target_modules` unset: [`default_target_modules`] gives PEFT's per-architecture default
+//!   for a model type (LLaMA: `q_proj`, `v_proj`; BERT: `query`, `value`); without one,
+//!   selection fails with [`PeftError::TargetNotFound`] listing every candidate.
 //! * `exclude_modules` uses the same two forms and wins over `target_modules`.
 //! * `modules_to_save` modules never get an adapter.
 //! * `layers_to_transform` (list targets only) keeps keys whose first numbered segment, or the
@@ -128,6 +134,7 @@ pub struct TargetSpec {
     layers_to_transform: Option<LayerIndices>,
     layers_pattern: Vec<Regex>,
     described: String,
+    seq_cls: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -188,6 +195,8 @@ pub struct TargetFields<'a> {
     pub layers_to_transform: Option<&'a LayerIndices>,
     /// `layers_pattern`.
     pub layers_pattern: Option<&'a LayersPattern>,
+    /// `task_type` (`"SEQ_CLS"` keeps the classification head out of `"all-linear"`).
+    pub task_type: Option<&'a str>,
 }
 
 impl TargetSpec {
@@ -242,6 +251,7 @@ impl TargetSpec {
                 .target_modules
                 .map(ModuleSelector::describe)
                 .unwrap_or_else(|| "None".into()),
+            seq_cls: fields.task_type == Some("SEQ_CLS"),
         })
     }
 
@@ -260,7 +270,7 @@ impl TargetSpec {
         let Some(target) = &self.target else {
             return false;
         };
-        if !target.matches(candidate) {
+        if !target.matches(candidate) || self.is_output_layer(candidate) {
             return false;
         }
         match (&self.layers_to_transform, target) {
@@ -269,6 +279,13 @@ impl TargetSpec {
                 .is_some_and(|i| indices.contains(i)),
             _ => true,
         }
+    }
+
+    /// Whether `"all-linear"` leaves `candidate` out as the model's output layer.
+    fn is_output_layer(&self, candidate: &Candidate) -> bool {
+        let last = candidate.path.rsplit('.').next().unwrap_or_default();
+        matches!(self.target, Some(Compiled::AllLinear))
+            && (last == "lm_head" || (self.seq_cls && (last == "classifier" || last == "score")))
     }
 
     fn layer_index(&self, key: &str) -> Option<usize> {
@@ -324,6 +341,27 @@ pub fn pattern_key<'k>(
     Ok(None)
 }
 
+/// PEFT's default `target_modules` for a model type (`config.json`'s `model_type`), from its
+/// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`, for the architectures burn-peft's
+/// models implement or resemble. `None` for an unknown type: then name the targets.
+///
+/// A model crate applies it where `target_modules` is unset (peft-models keys it by its
+/// config's `model_type`).
+pub fn default_target_modules(model_type: &str) -> Option<ModuleSelector> {
+    let names: &[&str] = match model_type {
+        "llama" | "mistral" | "mixtral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "phi3"
+        | "smollm" | "olmo" => &["q_proj", "v_proj"],
+        "bert" | "roberta" | "xlm-roberta" | "electra" | "deberta" | "deberta-v2" => {
+            &["query", "value"]
+        }
+        "distilbert" => &["q_lin", "v_lin"],
+        "gpt2" => &["c_attn"],
+        "t5" | "mt5" => &["q", "v"],
+        _ => return None,
+    };
+    Some(ModuleSelector::names(names.iter().copied()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +398,44 @@ mod tests {
         assert!(s.matches(&lin("layers.0.attn.q_proj")));
         assert!(!s.matches(&lin("layers.0.attn.q_proj2")));
         assert!(!s.matches(&lin("q_proj")));
+    }
+
+    #[test]
+    fn all_linear_leaves_the_output_layer_out() {
+        let all = ModuleSelector::all_linear();
+        let s = spec(all.clone());
+        assert!(s.matches(&lin("model.layers.0.mlp.down_proj")));
+        assert!(!s.matches(&lin("lm_head")));
+        assert!(s.matches(&lin("classifier")));
+        let cls = TargetSpec::new(TargetFields {
+            target_modules: Some(&all),
+            task_type: Some("SEQ_CLS"),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!cls.matches(&lin("classifier")) && !cls.matches(&lin("score")));
+        assert!(cls.matches(&lin("bert.encoder.layer.0.attention.self.query")));
+    }
+
+    #[test]
+    fn default_targets_follow_peft_mapping() {
+        assert_eq!(
+            default_target_modules("llama"),
+            Some(ModuleSelector::names(["q_proj", "v_proj"]))
+        );
+        assert_eq!(
+            default_target_modules("bert"),
+            Some(ModuleSelector::names(["query", "value"]))
+        );
+        assert_eq!(default_target_modules("my-own-model"), None);
+        // Unset targets select nothing; the error lists every candidate.
+        let s = TargetSpec::new(TargetFields::default()).unwrap();
+        match s.select(&[lin("a.q"), lin("a.v")]) {
+            Err(PeftError::TargetNotFound { available, .. }) => {
+                assert_eq!(available, ["a.q", "a.v"])
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -374,6 +374,7 @@ impl LoraConfig {
             modules_to_save: self.modules_to_save.as_deref().unwrap_or(&[]),
             layers_to_transform: self.layers_to_transform.as_ref(),
             layers_pattern: self.layers_pattern.as_ref(),
+            task_type: self.task_type.as_deref(),
         })
     }
 
@@ -423,6 +424,8 @@ impl LoraConfig {
         map
     }
 }
+
+peft_core::impl_peft_config!(LoraConfig);
 
 #[cfg(test)]
 mod tests {

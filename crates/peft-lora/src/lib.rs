@@ -35,7 +35,12 @@ pub mod weighted;
 
 pub use adapter::LoraAdapter;
 pub use config::{BiasMode, InitLoraWeights, LoraConfig};
-pub use peft_core::{AdapterEntry, LoadOptions, SaveOptions};
+/// What a user of this crate touches from peft-core, so that one dependency is enough.
+pub use peft_core::{
+    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftConfig,
+    PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
+    default_target_modules,
+};
 pub use weighted::{Combination, WeightedAdapters};
 
 /// A burn model carrying LoRA adapters: [`PeftModel`](peft_core::PeftModel) with

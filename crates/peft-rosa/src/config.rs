@@ -657,6 +657,7 @@ impl RosaConfig {
             modules_to_save: self.modules_to_save.as_deref().unwrap_or(&[]),
             layers_to_transform: self.layers_to_transform.as_ref(),
             layers_pattern: self.layers_pattern.as_ref(),
+            task_type: self.task_type.as_deref(),
         })
     }
 
@@ -729,6 +730,8 @@ impl RosaConfig {
         map
     }
 }
+
+peft_core::impl_peft_config!(RosaConfig);
 
 #[cfg(test)]
 mod tests {

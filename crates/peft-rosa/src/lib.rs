@@ -14,8 +14,9 @@
 //! - [`RosaScheduler`], a training-step controller: the schedule (`default`, `wl<N>`,
 //!   `spa_only`, `lora_only`), gradient collection through zero probes (the frozen base never
 //!   becomes trainable), per-layer top-k masks, state for resumes.
-//! - [`generate_masks`], [`restart_with_masks`], [`two_phase`]: the paper's recipe in one
-//!   process. [`RosaMasks`] saves and loads masks by exact module path.
+//! - `RosaModel::stepper(total_steps)` gives the scheduler; with a `wl<N>` schedule it runs the
+//!   paper's recipe (warm-up, masks, restart of the factors) inside one run.
+//!   [`generate_masks`], [`restart_with_masks`], [`two_phase`] keep the reference's two-run form. [`RosaMasks`] saves and loads masks by exact module path.
 //!
 //! ```
 //! use burn::module::Module;
@@ -62,10 +63,13 @@ pub use config::{
     Agenda, GradAccMode, InitRosaWeights, InitialMasks, RosaConfig, Schedule, Segment,
 };
 pub use masks::RosaMasks;
+/// What a user of this crate touches from peft-core, so that one dependency is enough.
 pub use peft_core::{
-    BiasMode, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftError, Result,
-    SaveOptions,
+    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftConfig,
+    PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
+    default_target_modules,
 };
+pub use peft_core::{BiasMode, Result};
 pub use recipe::{generate_masks, restart_with_masks, two_phase};
 pub use scheduler::{RosaScheduler, install_masks};
 

@@ -65,6 +65,29 @@ impl Method for RosaConfig {
         RosaConfig::validate(self)
     }
 
+    fn needs_controller(&self) -> bool {
+        true
+    }
+
+    /// The [`RosaScheduler`](crate::RosaScheduler), running the paper's recipe in one run:
+    /// with a `wl<N>` schedule (`N > 0`) and no known masks, the LoRA warm-up and gradient
+    /// collection give the masks, then the adapters restart from their initial values with
+    /// the masks (see [`RosaScheduler::with_restart`](crate::RosaScheduler::with_restart)).
+    fn controllers<M: burn::module::Module>(
+        &self,
+        adapter: &str,
+        total_steps: usize,
+    ) -> Result<Vec<Box<dyn peft_core::Controller<M>>>> {
+        let _ = total_steps;
+        let warm = matches!(
+            self.parsed_schedule()?,
+            Some(crate::Schedule::Warmup(n)) if n > 0
+        );
+        let scheduler =
+            crate::RosaScheduler::new(self, adapter)?.with_restart(warm && !self.masks_known());
+        Ok(vec![Box::new(scheduler)])
+    }
+
     fn target_spec(&self) -> Result<TargetSpec> {
         RosaConfig::target_spec(self)
     }

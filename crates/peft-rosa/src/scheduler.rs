@@ -21,6 +21,7 @@ use crate::masks::RosaMasks;
 const STATE_JSON: &str = "rosa_scheduler.json";
 const STATE_TENSORS: &str = "rosa_scheduler.safetensors";
 const STATE_MASKS: &str = "rosa_masks.safetensors";
+const STATE_INITIAL: &str = "rosa_initial.safetensors";
 
 /// The running mean of one layer's gradient statistic.
 #[derive(Clone, Debug)]
@@ -49,6 +50,10 @@ struct Collected {
 ///   entries of `|statistic|` (the layer's own `d`, after `density_pattern`), sets the masks
 ///   with zero values (the outputs do not change), saves them to `mask_save_path` if set, and
 ///   drops the statistics and probes. From then on no dense weight-shaped gradient is formed.
+/// - With [`with_restart`](Self::with_restart) (what [`PeftModel::stepper`](peft_core::PeftModel::stepper)
+///   builds for a `wl<N>` schedule), the LoRA factors then restart from the values they had
+///   before the first step, as new parameters (so the optimizer keeps no state from the
+///   warm-up): the paper's two-phase recipe inside one run.
 #[derive(Clone, Debug)]
 pub struct RosaScheduler {
     adapter: String,
@@ -61,6 +66,9 @@ pub struct RosaScheduler {
     observed: bool,
     masks: Option<RosaMasks>,
     generated: bool,
+    restart: bool,
+    /// The LoRA factors before the first step (`[a, b]` per layer path), for the restart.
+    initial: BTreeMap<String, [TensorData; 2]>,
 }
 
 /// What the scheduler needs to know of one adapted layer.
@@ -114,7 +122,61 @@ impl RosaScheduler {
             observed: false,
             masks: known.map(|m| (*m).clone()),
             generated: false,
+            restart: false,
+            initial: BTreeMap::new(),
         })
+    }
+
+    /// Restart the LoRA factors from their values at the start of the run once the masks are
+    /// generated, with fresh parameter ids (no optimizer state carries over): the paper's
+    /// `wl<N>` warm-up, masks, restart recipe in one run. The values are recorded by
+    /// [`Controller::prepare`].
+    #[must_use]
+    pub fn with_restart(mut self, on: bool) -> Self {
+        self.restart = on;
+        self
+    }
+
+    /// Whether the LoRA factors restart after mask generation.
+    pub fn restarts(&self) -> bool {
+        self.restart
+    }
+
+    fn record_initial<M: Module>(&mut self, model: &M) {
+        let name = self.adapter.clone();
+        self.initial = hosts::collect(model, move |host: &HostView<'_, RosaAdapter>| {
+            let a = host.slot.get(&name)?;
+            let (la, lb) = (a.lora_a.as_ref()?, a.lora_b.as_ref()?);
+            Some((
+                host.path.clone(),
+                [la.val().into_data(), lb.val().into_data()],
+            ))
+        })
+        .into_iter()
+        .collect();
+    }
+
+    fn restore_initial<M: Module>(&self, mut model: M) -> Result<M> {
+        let name = self.adapter.clone();
+        let initial = self.initial.clone();
+        hosts::for_each(&mut model, move |host: HostView<'_, RosaAdapter>| {
+            let Some(a) = host.slot.get_mut(&name) else {
+                return Ok(());
+            };
+            let Some([ia, ib]) = initial.get(&host.path) else {
+                return Ok(());
+            };
+            let fresh = |p: &Option<burn::module::Param<Tensor<2>>>, data: &TensorData| {
+                p.as_ref().map(|p| {
+                    let t = Tensor::<2>::from_data(data.clone(), &p.device());
+                    burn::module::Param::from_tensor(t).set_require_grad(p.is_require_grad())
+                })
+            };
+            a.lora_a = fresh(&a.lora_a, ia);
+            a.lora_b = fresh(&a.lora_b, ib);
+            Ok(())
+        })?;
+        Ok(model)
     }
 
     /// The agenda of step `step`.
@@ -315,6 +377,12 @@ impl RosaScheduler {
             counts.insert(path.clone(), Value::from(c.count));
         }
         hf::write_tensors(&dir.join(STATE_TENSORS), &tensors)?;
+        let mut initial = BTreeMap::new();
+        for (path, [a, b]) in &self.initial {
+            initial.insert(format!("{path}.lora_a"), a.clone());
+            initial.insert(format!("{path}.lora_b"), b.clone());
+        }
+        hf::write_tensors(&dir.join(STATE_INITIAL), &initial)?;
         if let Some(masks) = &self.masks {
             masks.save(&dir.join(STATE_MASKS))?;
         }
@@ -323,6 +391,8 @@ impl RosaScheduler {
             "step": self.step,
             "generated": self.generated,
             "has_masks": self.masks.is_some(),
+            "restart": self.restart,
+            "initial": self.initial.keys().collect::<Vec<_>>(),
             "counts": counts,
         });
         let Value::Object(map) = state else {
@@ -393,6 +463,28 @@ impl RosaScheduler {
         } else {
             None
         };
+        let mut initial = BTreeMap::new();
+        if let Some(paths) = state.get("initial").and_then(Value::as_array) {
+            let file = dir.join(STATE_INITIAL);
+            let mut tensors = hf::read_tensors(&file)?;
+            for path in paths.iter().filter_map(Value::as_str) {
+                let mut take = |suffix: &str| {
+                    let key = format!("{path}.{suffix}");
+                    tensors
+                        .remove(&key)
+                        .ok_or_else(|| PeftError::MissingTensor {
+                            file: file.clone(),
+                            key,
+                        })
+                };
+                initial.insert(path.to_string(), [take("lora_a")?, take("lora_b")?]);
+            }
+        }
+        self.restart = state
+            .get("restart")
+            .and_then(Value::as_bool)
+            .unwrap_or(self.restart);
+        self.initial = initial;
         self.step = step;
         self.generated = generated;
         self.collected = collected;
@@ -439,6 +531,29 @@ pub fn install_masks<M: Module>(
 }
 
 impl<M: Module> Controller<M> for RosaScheduler {
+    fn adapter(&self) -> Option<String> {
+        Some(self.adapter.clone())
+    }
+
+    fn prepare(&mut self, model: M) -> Result<M> {
+        if self.restart && self.masks.is_none() && self.initial.is_empty() {
+            self.record_initial(&model);
+        }
+        RosaScheduler::prepare(self, model)
+    }
+
+    fn should_stop(&self) -> bool {
+        RosaScheduler::should_stop(self)
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        RosaScheduler::save_state(self, dir)
+    }
+
+    fn load_state(&mut self, dir: &Path, device: &Device) -> Result<()> {
+        RosaScheduler::load_state(self, dir, device)
+    }
+
     fn before_optimizer(
         &mut self,
         info: StepInfo,
@@ -464,7 +579,7 @@ impl<M: Module> Controller<M> for RosaScheduler {
         Ok(())
     }
 
-    fn after_optimizer(&mut self, info: StepInfo, model: M) -> Result<M> {
+    fn after_optimizer(&mut self, info: StepInfo, mut model: M) -> Result<M> {
         self.observed = false;
         let next = info.step + 1;
         if self.collecting(info.step) && !self.agenda(next).grad_collection {
@@ -475,6 +590,10 @@ impl<M: Module> Controller<M> for RosaScheduler {
             self.masks = Some(masks);
             self.generated = true;
             self.collected.clear();
+            if self.restart {
+                model = self.restore_initial(model)?;
+                self.initial.clear();
+            }
         }
         self.step = next;
         self.prepare(model)

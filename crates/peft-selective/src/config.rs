@@ -19,7 +19,7 @@ pub struct Id3Config {
 
 /// Which entries a selective optimizer trains.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Method {
+pub enum Selection {
     /// ID3: unmask `u(t) = B_eff / T + [t < B_eff % T]` entries of highest D3 at each step `t`.
     Id3(Id3Config),
     /// PaFI: the budget's smallest-magnitude entries, chosen once at construction.
@@ -32,13 +32,13 @@ pub enum Method {
     },
 }
 
-impl Method {
+impl Selection {
     /// The method's name in files (`id3`, `pafi`, `bitfit`).
     pub fn name(&self) -> &'static str {
         match self {
-            Method::Id3(_) => "id3",
-            Method::Pafi => "pafi",
-            Method::BitFit { .. } => "bitfit",
+            Selection::Id3(_) => "id3",
+            Selection::Pafi => "pafi",
+            Selection::BitFit { .. } => "bitfit",
         }
     }
 }
@@ -51,7 +51,7 @@ impl Method {
 #[derive(Clone, Debug)]
 pub struct SelectiveConfig {
     /// The selection method.
-    pub method: Method,
+    pub method: Selection,
     /// Total number of trained entries, `choose_all` parameters included. Required by ID3 and
     /// PaFI; optional for BitFit (then it is only checked, never used to cut a bias short).
     pub budget: Option<usize>,
@@ -66,7 +66,7 @@ impl SelectiveConfig {
     /// ID3 with `budget` entries unmasked over `max_steps` steps (`eps = 1e-8`, `exp = 1`).
     pub fn id3(budget: usize, max_steps: usize) -> Self {
         Self::new(
-            Method::Id3(Id3Config {
+            Selection::Id3(Id3Config {
                 max_steps,
                 eps: 1e-8,
                 exp: 1.0,
@@ -77,16 +77,16 @@ impl SelectiveConfig {
 
     /// PaFI with the `budget` smallest-magnitude entries.
     pub fn pafi(budget: usize) -> Self {
-        Self::new(Method::Pafi, Some(budget))
+        Self::new(Selection::Pafi, Some(budget))
     }
 
     /// BitFit over `.bias` parameters, with no budget.
     pub fn bitfit() -> Self {
-        Self::new(Method::BitFit { all_1d: false }, None)
+        Self::new(Selection::BitFit { all_1d: false }, None)
     }
 
     /// A configuration from its parts.
-    pub fn new(method: Method, budget: Option<usize>) -> Self {
+    pub fn new(method: Selection, budget: Option<usize>) -> Self {
         Self {
             method,
             budget,
@@ -97,7 +97,7 @@ impl SelectiveConfig {
 
     /// Set ID3's `eps` (ignored by other methods).
     pub fn with_eps(mut self, eps: f64) -> Self {
-        if let Method::Id3(c) = &mut self.method {
+        if let Selection::Id3(c) = &mut self.method {
             c.eps = eps;
         }
         self
@@ -105,7 +105,7 @@ impl SelectiveConfig {
 
     /// Set ID3's `exp` (ignored by other methods).
     pub fn with_exp(mut self, exp: f64) -> Self {
-        if let Method::Id3(c) = &mut self.method {
+        if let Selection::Id3(c) = &mut self.method {
             c.exp = exp;
         }
         self
@@ -113,7 +113,7 @@ impl SelectiveConfig {
 
     /// Set BitFit's `all_1d` (ignored by other methods).
     pub fn with_all_1d(mut self, all_1d: bool) -> Self {
-        if let Method::BitFit { all_1d: a } = &mut self.method {
+        if let Selection::BitFit { all_1d: a } = &mut self.method {
             *a = all_1d;
         }
         self
@@ -154,7 +154,7 @@ impl SelectiveConfig {
     /// `exp` not finite.
     pub fn validate(&self) -> Result<()> {
         match (&self.method, self.budget) {
-            (Method::Id3(_) | Method::Pafi, None) => {
+            (Selection::Id3(_) | Selection::Pafi, None) => {
                 return Err(SelectiveError::config(
                     "budget",
                     format!("{} needs a budget", self.method.name()),
@@ -165,7 +165,7 @@ impl SelectiveConfig {
             }
             _ => {}
         }
-        if let Method::Id3(c) = &self.method {
+        if let Selection::Id3(c) = &self.method {
             if c.max_steps == 0 {
                 return Err(SelectiveError::config("max_steps", "must be at least 1"));
             }

@@ -55,6 +55,8 @@
 pub mod config;
 mod controller;
 pub mod error;
+mod flat_state;
+mod format;
 pub mod optimizer;
 mod params;
 pub mod schedule;
@@ -62,8 +64,14 @@ mod select;
 pub mod state;
 pub mod summary;
 
-pub use config::{Id3Config, Method, SelectiveConfig};
+pub use config::{Id3Config, Selection, SelectiveConfig};
+pub use controller::{SELECTIVE_ADAPTER, SelectiveModel};
 pub use error::{Result, SelectiveError};
 pub use optimizer::{MemoryReport, SelectiveOptimizer};
 pub use schedule::UnmaskSchedule;
 pub use summary::{Summary, SummaryEntry};
+
+/// What a user of this crate touches from peft-core, so that one dependency is enough.
+pub use peft_core::{
+    LoadOptions, ModuleSelector, PeftError, PeftLinear, SaveOptions, Stepper, Tuned,
+};

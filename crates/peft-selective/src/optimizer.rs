@@ -28,14 +28,15 @@ use std::collections::{HashMap, HashSet};
 
 use burn::module::Module;
 use burn::optim::{GradientsParams, LearningRate, Optimizer};
-use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor};
 
-use crate::config::{Method, SelectiveConfig};
+use crate::config::{Selection, SelectiveConfig};
 use crate::error::{Result, SelectiveError};
+use crate::flat_state;
+use crate::format::index_tensor;
 use crate::params::{self, Snapshot};
 use crate::schedule::UnmaskSchedule;
 use crate::select::{self, global_top};
-use crate::state;
 
 /// One trainable parameter the optimizer knows.
 #[derive(Clone)]
@@ -106,7 +107,6 @@ pub struct SelectiveOptimizer<O: Optimizer> {
     pub(crate) state: Option<O::State<1>>,
     pub(crate) step: usize,
     pub(crate) device: Device,
-    pub(crate) controller_lr: LearningRate,
     pub(crate) pending: Option<GradientsParams>,
 }
 
@@ -154,7 +154,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
             }
         }
         let available: usize = trainable.iter().map(|p| numel(&p.shape)).sum();
-        if let Method::BitFit { all_1d } = config.method {
+        if let Selection::BitFit { all_1d } = config.method {
             let mut any = false;
             for (i, p) in trainable.iter().enumerate() {
                 let bias = p.path == "bias" || p.path.ends_with(".bias");
@@ -223,10 +223,9 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
             state: None,
             step: 0,
             device,
-            controller_lr: 1e-3,
             pending: None,
         };
-        if this.config.method == Method::Pafi {
+        if this.config.method == Selection::Pafi {
             let scores = this
                 .candidates()
                 .map(|i| (i, snapshot(&snaps, i).value.clone().abs().neg()))
@@ -287,7 +286,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
 
     /// ID3: choose this step's entries from the D3 metric of the current gradients.
     fn unmask(&mut self, snaps: &[Option<Snapshot>]) -> Result<()> {
-        let Method::Id3(c) = &self.config.method else {
+        let Selection::Id3(c) = &self.config.method else {
             return Ok(());
         };
         let schedule = UnmaskSchedule::new(self.budget - self.fixed, c.max_steps);
@@ -334,7 +333,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
         }
         if let Some(s) = self.state.take() {
             let new: Vec<usize> = self.params.iter().map(Tracked::count).collect();
-            self.state = Some(state::grow::<O>(s, &old, &new, &self.device)?);
+            self.state = Some(flat_state::grow::<O>(s, &old, &new, &self.device)?);
         }
         Ok(())
     }
@@ -431,7 +430,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
     }
 
     /// The selection method.
-    pub fn method(&self) -> &Method {
+    pub fn method(&self) -> &Selection {
         &self.config.method
     }
 
@@ -487,8 +486,11 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
 
     /// Exact memory the selection costs: the wrapped optimizer's state and the indices.
     pub fn memory(&self) -> MemoryReport {
-        let (state_entries, state_bytes) =
-            self.state.as_ref().map(state::size::<O>).unwrap_or((0, 0));
+        let (state_entries, state_bytes) = self
+            .state
+            .as_ref()
+            .map(flat_state::size::<O>)
+            .unwrap_or((0, 0));
         MemoryReport {
             state_entries,
             state_bytes,
@@ -516,12 +518,6 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
     pub fn restore_trainability<M: Module>(&self, model: M) -> M {
         peft_core::hosts::set_trainable(model, |path| self.lookup.get(path).map(|_| true))
     }
-
-    /// Set the learning rate used when the optimizer runs as a
-    /// [`Controller`](peft_core::step::Controller) inside a `Stepper`.
-    pub fn set_learning_rate(&mut self, lr: LearningRate) {
-        self.controller_lr = lr;
-    }
 }
 
 fn numel(shape: &[usize]) -> usize {
@@ -532,8 +528,4 @@ fn snapshot(snaps: &[Option<Snapshot>], i: usize) -> &Snapshot {
     snaps[i]
         .as_ref()
         .expect("snapshots of tracked parameters are checked before use")
-}
-
-pub(crate) fn index_tensor(chosen: &[i64], device: &Device) -> Tensor<1, Int> {
-    Tensor::from_data(TensorData::new(chosen.to_vec(), [chosen.len()]), device)
 }

@@ -9,71 +9,25 @@
 //!   optimizer's scalar state (e.g. Adam's step counter), and a total that must match the tensors
 //!   (so a torn save is detected instead of silently loaded).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::optim::{Optimizer, RecordState, StateSink, StateSource};
 use burn::store::burn_pack::Scalar;
-use burn::tensor::{Device, TensorData};
+use burn::tensor::TensorData;
 use peft_core::hf;
 use serde_json::{Map, Value, json};
 
 use crate::error::{Result, SelectiveError};
-use crate::optimizer::{SelectiveOptimizer, index_tensor};
-use crate::summary::json_shape;
+use crate::flat_state::PREFIX;
+use crate::format::{check_indices, index_tensor, json_shape};
+use crate::optimizer::SelectiveOptimizer;
 
 /// File name of the checkpoint tensors.
 pub const STATE_TENSORS: &str = "selective_state.safetensors";
 /// File name of the checkpoint metadata.
 pub const STATE_JSON: &str = "selective_state.json";
 const FORMAT: &str = "peft-selective-state";
-const PREFIX: &str = "state";
-
-/// Insert zero state for new entries: parameter `i`'s segment grows from `old[i]` to `new[i]`
-/// entries, the new ones after the old ones.
-pub(crate) fn grow<O: Optimizer>(
-    state: O::State<1>,
-    old: &[usize],
-    new: &[usize],
-    device: &Device,
-) -> Result<O::State<1>> {
-    let mut sink = StateSink::default();
-    state.state_flatten(PREFIX, &mut sink);
-    let k_old: usize = old.iter().sum();
-    let k_new: usize = new.iter().sum();
-    let mut src = StateSource::new(sink.scalars.into_iter().collect());
-    for (name, data) in sink.tensors {
-        let shape = data.shape().to_vec();
-        if shape != [k_old] {
-            return Err(SelectiveError::UnsupportedOptimizerState { name, shape });
-        }
-        let dtype = data.dtype();
-        let values: Vec<f32> = data.iter::<f32>().collect();
-        let mut out = Vec::with_capacity(k_new);
-        let mut at = 0;
-        for (&o, &n) in old.iter().zip(new) {
-            out.extend_from_slice(&values[at..at + o]);
-            out.resize(out.len() + (n - o), 0.0);
-            at += o;
-        }
-        src.insert_tensor(name, TensorData::new(out, [k_new]).convert_dtype(dtype));
-    }
-    O::State::<1>::state_unflatten(PREFIX, &mut src, device).ok_or_else(|| {
-        SelectiveError::UnsupportedOptimizerState {
-            name: PREFIX.into(),
-            shape: vec![k_new],
-        }
-    })
-}
-
-/// Values and bytes held by a state.
-pub(crate) fn size<O: Optimizer>(state: &O::State<1>) -> (usize, usize) {
-    let mut sink = StateSink::default();
-    state.state_flatten(PREFIX, &mut sink);
-    sink.tensors.iter().fold((0, 0), |(n, b), (_, d)| {
-        (n + d.num_elements(), b + d.as_bytes().len())
-    })
-}
 
 fn scalar_to_json(s: Scalar) -> Value {
     match s {
@@ -305,18 +259,4 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
         self.step = step;
         Ok(())
     }
-}
-
-/// Indices must be unique and within the parameter.
-pub(crate) fn check_indices(indices: &[i64], numel: usize) -> std::result::Result<(), String> {
-    let mut seen = HashSet::with_capacity(indices.len());
-    for &j in indices {
-        if j < 0 || j as usize >= numel {
-            return Err(format!("index {j} is outside 0..{numel}"));
-        }
-        if !seen.insert(j) {
-            return Err(format!("index {j} appears twice"));
-        }
-    }
-    Ok(())
 }

@@ -22,9 +22,9 @@ use peft_core::{hf, hosts};
 use serde_json::{Map, Value, json};
 
 use crate::error::{Result, SelectiveError};
+use crate::format::{check_indices, json_shape};
 use crate::optimizer::SelectiveOptimizer;
 use crate::params;
-use crate::state::check_indices;
 
 /// File name of the summary's tensors.
 pub const SUMMARY_TENSORS: &str = "adapter_model.safetensors";
@@ -82,7 +82,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
             } else {
                 let mut sorted = p.chosen.clone();
                 sorted.sort_unstable();
-                let idx: Tensor<1, Int> = crate::optimizer::index_tensor(&sorted, &self.device);
+                let idx: Tensor<1, Int> = crate::format::index_tensor(&sorted, &self.device);
                 (Some(sorted), s.value.select(0, idx))
             };
             out.insert(
@@ -285,14 +285,4 @@ impl Summary {
         debug_assert!(missing.is_empty(), "paths were checked above: {missing:?}");
         Ok(model)
     }
-}
-
-/// The `shape` list of a parameter entry in the JSON files (summary and optimizer state).
-pub(crate) fn json_shape(entry: &Value) -> Option<Vec<usize>> {
-    entry.get("shape").and_then(Value::as_array).map(|a| {
-        a.iter()
-            .filter_map(Value::as_u64)
-            .map(|v| v as usize)
-            .collect()
-    })
 }

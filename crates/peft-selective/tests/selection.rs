@@ -293,7 +293,7 @@ fn bad_configs_are_clear_errors() {
         matches!(e, SelectiveError::BudgetTooLarge { budget, available } if budget == total + 1 && available == total),
         "{e}"
     );
-    let e = new(SelectiveConfig::new(peft_selective::Method::Pafi, None));
+    let e = new(SelectiveConfig::new(peft_selective::Selection::Pafi, None));
     assert!(
         matches!(
             e,

@@ -227,6 +227,12 @@ impl SftConfig {
         self
     }
 
+    /// Set `exclude_modules`.
+    pub fn with_exclude(mut self, e: ModuleSelector) -> Self {
+        self.exclude_modules = Some(e);
+        self
+    }
+
     /// Read `dir/adapter_config.json`.
     ///
     /// # Errors
@@ -309,6 +315,7 @@ impl SftConfig {
             modules_to_save: self.modules_to_save.as_deref().unwrap_or(&[]),
             layers_to_transform: self.layers_to_transform.as_ref(),
             layers_pattern: self.layers_pattern.as_ref(),
+            task_type: self.task_type.as_deref(),
         })
     }
 
@@ -424,6 +431,8 @@ impl SftConfig {
         map
     }
 }
+
+peft_core::impl_peft_config!(SftConfig);
 
 #[cfg(test)]
 mod tests {

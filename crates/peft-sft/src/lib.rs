@@ -20,16 +20,14 @@
 //!   drop-and-grow with state kept for retained entries, and state files for resumes.
 //!
 //! ```
-//! use burn::module::Module;
 //! use burn::nn::LinearConfig;
 //! use burn::optim::SgdConfig;
 //! use burn::tensor::{Device, Tensor};
-//! use peft_core::{ModuleSelector, PeftLinear, step::Stepper};
-//! use peft_sft::{SftConfig, SftModel, SftSelector};
+//! use peft_sft::{ModuleSelector, PeftLinear, SftAdapter, SftConfig, SftModel};
 //!
-//! #[derive(Module, Debug)]
+//! #[derive(burn::module::Module, Debug)]
 //! struct Net {
-//!     proj: PeftLinear<peft_sft::SftAdapter>,
+//!     proj: PeftLinear<SftAdapter>,
 //! }
 //!
 //! let device = Device::flex().autodiff();
@@ -37,20 +35,20 @@
 //! // A quarter of all 36 parameters (weight and bias): 9 deltas in the weight; reselect every
 //! // 4 steps after 2 steps of RigL statistics.
 //! let config = SftConfig::new(0.25, ModuleSelector::names(["proj"])).with_steps(4, 2);
-//! let config = config.allocate(&net).unwrap();
-//! let mut model = SftModel::new(net, config.clone()).unwrap();
-//! let selector = SftSelector::new(&config, "default", 10).unwrap();
-//! let mut net = selector.prepare(model.model().clone()).unwrap();
-//! let mut stepper = Stepper::new().with(selector);
+//! let config = config.allocate(&net)?;
+//! let mut model = SftModel::new(net, config)?;
+//! // The selector (the deltas' optimizer and the reselection) comes with the stepper; the
+//! // deltas train at the step's learning rate.
+//! let mut stepper = model.stepper(10)?;
 //! let mut optim = SgdConfig::new().init();
 //! let x = Tensor::<2>::ones([3, 8], &device);
 //! for _ in 0..6 {
-//!     let loss = net.proj.forward(x.clone()).powi_scalar(2).mean().reshape([1]);
-//!     net = stepper.step(net, &mut optim, 0.1, loss).unwrap();
+//!     let loss = model.model().proj.forward(x.clone()).powi_scalar(2).mean();
+//!     stepper.train(&mut model, &mut optim, 0.1, loss)?;
 //! }
-//! let adapter = net.proj.adapters.get("default").unwrap();
+//! let adapter = model.model().proj.adapters.get("default").unwrap();
 //! assert_eq!(adapter.num_deltas(), 9);
-//! model.map_model(|_| net);
+//! # Ok::<(), peft_sft::PeftError>(())
 //! ```
 #![warn(missing_docs)]
 
@@ -66,10 +64,13 @@ pub use adapter::{SftAdapter, random_indices};
 pub use config::{InitDeltas, RatePolicy, SelectionAlgorithm, SftConfig};
 pub use method::{INDICES_KEY, VALUES_KEY};
 pub use optimizer::{AdamState, SftAdamW, SftOptimizer, SftSm3, Sm3State};
+/// What a user of this crate touches from peft-core, so that one dependency is enough.
 pub use peft_core::{
-    BiasMode, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftError, Result,
-    SaveOptions,
+    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftConfig,
+    PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
+    default_target_modules,
 };
+pub use peft_core::{BiasMode, Result};
 pub use schedule::SelectionSchedule;
 pub use selection::{Candidates, Replacement, rigl_plan, sm3_plan, smallest};
 pub use selector::{SelectionReport, SftSelector};

@@ -30,6 +30,24 @@ impl Method for SftConfig {
 
     const PEFT_TYPE: &'static str = "SFT";
 
+    fn needs_controller(&self) -> bool {
+        true
+    }
+
+    /// The [`SftSelector`](crate::SftSelector) with the reference's optimizer of the selection
+    /// algorithm, on a schedule of `total_steps` update steps.
+    fn controllers<M: burn::module::Module>(
+        &self,
+        adapter: &str,
+        total_steps: usize,
+    ) -> Result<Vec<Box<dyn peft_core::Controller<M>>>> {
+        Ok(vec![Box::new(crate::SftSelector::new(
+            self,
+            adapter,
+            total_steps,
+        )?)])
+    }
+
     fn validate(&self) -> Result<()> {
         SftConfig::validate(self)
     }

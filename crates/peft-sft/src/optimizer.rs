@@ -1,6 +1,9 @@
 //! The SFT optimizers over one delta vector: [`SftAdamW`] and [`SftSm3`], with O(k) state
 //! (plus SM3's `rows + cols` accumulators), on the host (spec §3.7).
 //!
+//! Neither holds a learning rate: the selector passes the step's (the one given to
+//! [`Stepper::train`](peft_core::Stepper::train), so a burn LR scheduler drives the deltas too).
+//!
 //! They step the `k` values of one layer given their gradient. Entries are in the adapter's
 //! CSR order (row-major flat index order); the selector permutes the state when a
 //! reselection changes the structure.
@@ -19,13 +22,11 @@ use serde::{Deserialize, Serialize};
 /// [`AdamState::seed`]).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SftAdamW {
-    /// Learning rate (1e-3).
-    pub lr: f64,
     /// β1 (0.9).
     pub beta1: f64,
     /// β2 (0.999).
     pub beta2: f64,
-    /// ε (1e-6).
+    /// ε (1e-8, the default the reference's trainer passes: `TrainingArguments.adam_epsilon`).
     pub eps: f64,
     /// Decoupled weight decay towards the pretrained weights (0).
     pub weight_decay: f64,
@@ -34,10 +35,9 @@ pub struct SftAdamW {
 impl Default for SftAdamW {
     fn default() -> Self {
         Self {
-            lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
-            eps: 1e-6,
+            eps: 1e-8,
             weight_decay: 0.0,
         }
     }
@@ -124,8 +124,6 @@ impl SftAdamW {
 /// buffer (only with `μ > 0`) is `[k]`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SftSm3 {
-    /// Learning rate (0.1).
-    pub lr: f64,
     /// μ (0).
     pub momentum: f64,
     /// ε (1e-8).
@@ -137,7 +135,6 @@ pub struct SftSm3 {
 impl Default for SftSm3 {
     fn default() -> Self {
         Self {
-            lr: 0.1,
             momentum: 0.0,
             eps: 1e-8,
             weight_decay: 0.0,
@@ -231,16 +228,6 @@ pub enum SftOptimizer {
     AdamW(SftAdamW),
     /// For SM3 selection.
     Sm3(SftSm3),
-}
-
-impl SftOptimizer {
-    /// The configured learning rate.
-    pub fn lr(&self) -> f64 {
-        match self {
-            Self::AdamW(o) => o.lr,
-            Self::Sm3(o) => o.lr,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -77,8 +77,8 @@ pub struct SelectionReport {
 /// `SftTrainer`): `before_optimizer` takes the deltas' gradients out of the
 /// [`GradientsParams`] (the module optimizer never sees them and keeps no state for them; it
 /// still steps every other trainable parameter: biases, `modules_to_save`), and
-/// `after_optimizer` updates the deltas at [`lr`](Self::lr) (set it with
-/// [`set_lr`](Self::set_lr) for a schedule), then reselects when the [`SelectionSchedule`] says
+/// `after_optimizer` updates the deltas at the step's learning rate ([`StepInfo::lr`], the one
+/// every other trained value gets), then reselects when the [`SelectionSchedule`] says
 /// so, then [`prepare`](Self::prepare)s the next step.
 ///
 /// RigL statistics: on the first step of a window the top-`k` of `|dW|` (the weight gradient)
@@ -104,7 +104,6 @@ pub struct SftSelector {
     algorithm: SelectionAlgorithm,
     schedule: SelectionSchedule,
     optimizer: SftOptimizer,
-    lr: f64,
     probe_block: Option<usize>,
     step: usize,
     layers: BTreeMap<String, LayerState>,
@@ -153,7 +152,6 @@ impl SftSelector {
             algorithm: config.selection_algorithm,
             schedule: SelectionSchedule::new(config, total_steps),
             optimizer,
-            lr: optimizer.lr(),
             probe_block: None,
             step: 0,
             layers: BTreeMap::new(),
@@ -165,16 +163,6 @@ impl SftSelector {
     /// The schedule.
     pub fn schedule(&self) -> &SelectionSchedule {
         &self.schedule
-    }
-
-    /// The learning rate of the deltas.
-    pub fn lr(&self) -> f64 {
-        self.lr
-    }
-
-    /// Set the learning rate of the deltas (from the next update on).
-    pub fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
     }
 
     /// Rows of the `[out, in]` weight gradient per block of the activation path's probe, for
@@ -276,11 +264,11 @@ impl SftSelector {
     }
 
     /// Apply the pending gradients with the SFT optimizer.
-    fn update<M: Module>(&mut self, mut model: M) -> Result<M> {
+    fn update<M: Module>(&mut self, mut model: M, lr: f64) -> Result<M> {
         let name = self.adapter.clone();
         let pending = std::mem::take(&mut self.pending);
         let layers = Rc::new(RefCell::new(std::mem::take(&mut self.layers)));
-        let (optimizer, lr) = (self.optimizer, self.lr);
+        let optimizer = self.optimizer;
         let shared = layers.clone();
         let result = hosts::for_each(&mut model, move |host: HostView<'_, SftAdapter>| {
             let Some(a) = host.slot.get_mut(&name) else {
@@ -376,7 +364,7 @@ impl SftSelector {
         Ok(model)
     }
 
-    /// Save the state (step, learning rate, optimizer state, candidate pools) to `dir` for a
+    /// Save the state (step, optimizer state, candidate pools) to `dir` for a
     /// resume. The deltas themselves are saved with the adapter (`save_pretrained`).
     ///
     /// # Errors
@@ -422,7 +410,6 @@ impl SftSelector {
         let state = json!({
             "adapter": self.adapter,
             "step": self.step,
-            "lr": self.lr,
             "algorithm": self.algorithm,
             "optimizer": self.optimizer,
             "layers": layers,
@@ -469,10 +456,6 @@ impl SftSelector {
             .get("step")
             .and_then(Value::as_u64)
             .ok_or_else(|| bad("no `step`".into()))? as usize;
-        let lr = state
-            .get("lr")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| bad("no `lr`".into()))?;
         let entries = state
             .get("layers")
             .and_then(Value::as_object)
@@ -526,7 +509,6 @@ impl SftSelector {
             layers.insert(path.clone(), l);
         }
         self.step = step;
-        self.lr = lr;
         self.optimizer = optimizer;
         self.layers = layers;
         self.pending.clear();
@@ -595,6 +577,22 @@ fn apply_plan(
 }
 
 impl<M: Module> Controller<M> for SftSelector {
+    fn adapter(&self) -> Option<String> {
+        Some(self.adapter.clone())
+    }
+
+    fn prepare(&mut self, model: M) -> Result<M> {
+        SftSelector::prepare(self, model)
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        SftSelector::save_state(self, dir)
+    }
+
+    fn load_state(&mut self, dir: &Path, device: &Device) -> Result<()> {
+        SftSelector::load_state(self, dir, device)
+    }
+
     fn before_optimizer(
         &mut self,
         info: StepInfo,
@@ -656,7 +654,7 @@ impl<M: Module> Controller<M> for SftSelector {
     }
 
     fn after_optimizer(&mut self, info: StepInfo, model: M) -> Result<M> {
-        let mut model = self.update(model)?;
+        let mut model = self.update(model, info.lr)?;
         let u = info.step + 1;
         if let Some(p) = self.schedule.selection(u) {
             model = self.reselect(model, u, p)?;

@@ -279,6 +279,7 @@ struct Run<L> {
     net: Net<L>,
     selector: Arc<Mutex<SftSelector>>,
     stepper: Stepper<Net<L>>,
+    lr: f64,
 }
 
 fn start<L: Layer>(config: &SftConfig, total: usize, lr: f64) -> Run<L> {
@@ -294,8 +295,7 @@ fn start_with<L: Layer>(
     let dev = device();
     let config = config.allocate(&Net::<L>::new(&dev)).unwrap();
     let model = SftModel::new(Net::<L>::new(&dev), config.clone()).unwrap();
-    let mut selector = setup(SftSelector::new(&config, "default", total).unwrap());
-    selector.set_lr(lr);
+    let selector = setup(SftSelector::new(&config, "default", total).unwrap());
     let net = selector.prepare(model.model().clone()).unwrap();
     let selector = Arc::new(Mutex::new(selector));
     let stepper = Stepper::new().with(selector.clone());
@@ -303,6 +303,7 @@ fn start_with<L: Layer>(
         net,
         selector,
         stepper,
+        lr,
     }
 }
 
@@ -314,7 +315,7 @@ impl<L: Layer> Run<L> {
         let mut optim = SgdConfig::new().init();
         self.net = self
             .stepper
-            .step(self.net.clone(), &mut optim, 0.1, loss)
+            .step(self.net.clone(), &mut optim, self.lr, loss)
             .unwrap();
     }
 }
@@ -745,7 +746,6 @@ fn check_sm3<L: Layer>() {
 #[test]
 fn adamw_update_equals_the_formula() {
     let o = SftAdamW {
-        lr: 0.0,
         beta1: 0.8,
         beta2: 0.99,
         eps: 1e-3,
@@ -897,6 +897,7 @@ fn check_resume<L: Layer>() {
             .unwrap()
             .save_state(&dir.path().join("state"))
             .unwrap();
+        let first_lr = first.lr;
         drop(first);
 
         let trainable = LoadOptions {
@@ -919,6 +920,7 @@ fn check_resume<L: Layer>() {
             net,
             selector,
             stepper,
+            lr: first_lr,
         };
         for _ in 5..12 {
             resumed.step();
