@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail, ensure};
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use anyhow::{Context, bail};
+use burn::tensor::{Device, Int, Tensor};
 use peft_core::{LoadOptions, Method, PeftLinear, PeftModel};
 use peft_models::bert::{Bert, BertConfig};
 
@@ -38,7 +38,13 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let device = Device::default();
     let config = BertConfig::from_dir(&args.model)?;
-    let (ids, mask) = read_inputs(&args.input, &config, &device)?;
+    let inputs = peft_cli::model::read_inputs(
+        &args.input,
+        config.vocab_size,
+        config.max_position_embeddings,
+        &device,
+    )?;
+    let (ids, mask) = (inputs.ids, inputs.mask);
     let hidden = match &args.adapter {
         None => {
             let bert = Bert::<burn::nn::Linear>::from_dir_with(&args.model, &config, &device)?;
@@ -94,71 +100,4 @@ fn peft_type(adapter: &Path) -> anyhow::Result<String> {
         .and_then(|v| v.as_str())
         .map(str::to_string)
         .with_context(|| format!("{}: no `peft_type`", file.display()))
-}
-
-/// Read `input_ids` and `attention_mask` and check them against the model.
-fn read_inputs(
-    file: &Path,
-    config: &BertConfig,
-    device: &Device,
-) -> anyhow::Result<(Tensor<2, Int>, Tensor<2, Int>)> {
-    let mut tensors = peft_core::hf::read_tensors(file)?;
-    let mut take = |key: &str| -> anyhow::Result<TensorData> {
-        let data = tensors.remove(key).with_context(|| {
-            format!(
-                "{}: no tensor `{key}` (need input_ids and attention_mask)",
-                file.display()
-            )
-        })?;
-        ensure!(
-            data.dtype() == DType::I64,
-            "{}: `{key}` is {:?}, expected an integer tensor (int64)",
-            file.display(),
-            data.dtype()
-        );
-        ensure!(
-            data.shape().len() == 2,
-            "{}: `{key}` has shape {:?}, expected [batch, seq]",
-            file.display(),
-            data.shape()
-        );
-        Ok(data)
-    };
-    let ids = take("input_ids")?;
-    let mask = take("attention_mask")?;
-    ensure!(
-        ids.shape() == mask.shape(),
-        "{}: input_ids {:?} and attention_mask {:?} differ in shape",
-        file.display(),
-        ids.shape(),
-        mask.shape()
-    );
-    let seq = ids.shape()[1];
-    ensure!(
-        seq <= config.max_position_embeddings,
-        "{}: sequence length {seq} exceeds max_position_embeddings {}",
-        file.display(),
-        config.max_position_embeddings
-    );
-    let ids_v = ids.try_to_vec::<i64>().unwrap_or_default();
-    if let Some(bad) = ids_v
-        .iter()
-        .find(|&&t| t < 0 || t as usize >= config.vocab_size)
-    {
-        bail!(
-            "{}: token id {bad} is outside the vocabulary (0..{})",
-            file.display(),
-            config.vocab_size
-        );
-    }
-    let mask_v = mask.try_to_vec::<i64>().unwrap_or_default();
-    ensure!(
-        mask_v.iter().all(|&m| m == 0 || m == 1),
-        "{}: attention_mask must hold only 0 and 1",
-        file.display()
-    );
-    Ok((
-        Tensor::from_data(ids, device),
-        Tensor::from_data(mask, device),
-    ))
 }

@@ -1,14 +1,11 @@
 //! `burn-peft`: run, generate with and tokenize for BERT and LLaMA-family models (a GGUF file
 //! or a Hugging Face folder), with PEFT adapters attached or merged.
 //!
-//! Each subcommand lives in its own module; [`model`] detects and loads models for all of them.
-//! Errors are printed on stderr as one line (`error: ...` with their causes) and the program
-//! exits with status 1.
+//! Each subcommand lives in its own module of the `peft_cli` library; `model` detects and loads
+//! models for all of them. Errors are printed on stderr as one line (`error: ...` with their
+//! causes) and the program exits with status 1.
 
-mod forward;
-mod generate;
-mod model;
-mod tokenize;
+use peft_cli::{forward, generate, tokenize};
 
 use std::process::ExitCode;
 
