@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleVisitor, Param};
+mod common;
+
 use burn::nn::Linear;
 use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::parameters;
 use peft_core::step::Stepper;
 use peft_core::{ModuleSelector, PeftLinear, hf};
 use peft_lora::{Combination, LoadOptions, LoraAdapter, LoraConfig, LoraModel, WeightedAdapters};
@@ -267,25 +269,6 @@ fn bad_inputs_are_typed_errors() {
         cache.is_empty(),
         "a refused step leaves the cache unchanged"
     );
-}
-
-/// Every float parameter by module path.
-fn parameters<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
-    struct Collect(Vec<String>, BTreeMap<String, TensorData>);
-    impl ModuleVisitor for Collect {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.0.push(name.into());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.1.insert(self.0.join("."), param.val().to_data());
-        }
-    }
-    let mut c = Collect(Vec::new(), BTreeMap::new());
-    model.visit(&mut c);
-    c.1
 }
 
 /// LoRA (r 4, alpha 8) on every projection of the tiny model learns to continue a prompt with a

@@ -12,9 +12,11 @@ use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleVisitor, Param};
+mod common;
+
 use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::parameters;
 use peft_core::step::Stepper;
 use peft_core::{ModuleSelector, PeftLinear, hf};
 use peft_lora::{LoadOptions, LoraAdapter, LoraConfig, LoraModel};
@@ -220,25 +222,6 @@ fn greedy_generation_with_the_adapter_matches_peft_unmerged_and_merged() {
         );
         assert_eq!(out, chat.adapter_ids, "chat {i}: merged");
     }
-}
-
-/// Every float parameter by module path.
-fn parameters<M: Module>(model: &M) -> BTreeMap<String, TensorData> {
-    struct Collect(Vec<String>, BTreeMap<String, TensorData>);
-    impl ModuleVisitor for Collect {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.0.push(name.into());
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.0.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.1.insert(self.0.join("."), param.val().to_data());
-        }
-    }
-    let mut c = Collect(Vec::new(), BTreeMap::new());
-    model.visit(&mut c);
-    c.1
 }
 
 /// LoRA (r 8, alpha 16) on `q_proj`/`v_proj` of SmolLM2, trained on one chat whose answer the
