@@ -82,6 +82,33 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// `burn-peft forward` on `model` (+ `adapter`, `--merge`) with `input`; the output's `key`
 /// compared to `expected`'s `expected_key` to `tol`. Returns the output values.
+/// The arguments of `burn-peft forward` on `model` and `input`, writing `output`.
+fn forward_args(
+    model: &Path,
+    input: &Path,
+    output: &Path,
+    adapter: Option<&Path>,
+    merge: bool,
+) -> Vec<std::ffi::OsString> {
+    let mut args = vec![
+        "forward".into(),
+        "--model".into(),
+        model.as_os_str().to_owned(),
+        "--input".into(),
+        input.as_os_str().to_owned(),
+        "--output".into(),
+        output.as_os_str().to_owned(),
+    ];
+    if let Some(a) = adapter {
+        args.push("--adapter".into());
+        args.push(a.as_os_str().to_owned());
+    }
+    if merge {
+        args.push("--merge".into());
+    }
+    args
+}
+
 fn check_forward(
     model: &Path,
     input: &Path,
@@ -92,22 +119,7 @@ fn check_forward(
 ) -> Vec<f32> {
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("out.safetensors");
-    let mut args = vec![
-        "forward".into(),
-        "--model".into(),
-        model.as_os_str().to_owned(),
-        "--input".into(),
-        input.as_os_str().to_owned(),
-        "--output".into(),
-        out_file.as_os_str().to_owned(),
-    ];
-    if let Some(a) = adapter {
-        args.push("--adapter".into());
-        args.push(a.as_os_str().to_owned());
-    }
-    if merge {
-        args.push("--merge".into());
-    }
+    let args = forward_args(model, input, &out_file, adapter, merge);
     let what = format!("forward {} {adapter:?} merge={merge}", model.display());
     let out = burn_peft(&args);
     assert_ok(&out, &what);
@@ -217,20 +229,7 @@ fn bad_forward_inputs_are_refused_with_the_reason() {
     let good_input = untied.join("expected.safetensors");
     let out_file = tmp.join("out.safetensors");
     let forward = |model: &Path, input: &Path, adapter: Option<&Path>| {
-        let mut args = vec![
-            "forward".into(),
-            "--model".into(),
-            model.as_os_str().to_owned(),
-            "--input".into(),
-            input.as_os_str().to_owned(),
-            "--output".into(),
-            out_file.as_os_str().to_owned(),
-        ];
-        if let Some(a) = adapter {
-            args.push("--adapter".into());
-            args.push(a.as_os_str().to_owned());
-        }
-        let out = burn_peft(&args);
+        let out = burn_peft(forward_args(model, input, &out_file, adapter, false));
         assert!(!out_file.exists(), "an output was written for bad input");
         out
     };
