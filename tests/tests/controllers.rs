@@ -40,13 +40,17 @@ fn loss<P: peft_conformance::Proj, E: peft_conformance::Emb>(m: &TinyModel<P, E>
         .reshape([1])
 }
 
-fn peft<A: Adapter, C: Method<Adapter = A>>(config: C) -> PeftModel<Activation<A>, C> {
+/// The tiny model with its weights stored contiguously (as loaded from a file; its own
+/// constructor keeps transposed views, which a saved and reloaded model no longer has, and a
+/// product over a strided operand may sum in another order: the resume tests compare bits).
+fn base<A: Adapter>() -> Activation<A> {
     let dev = device();
-    PeftModel::new(
-        TinyModel::from_torch(&random_torch_weights(3, &dev), &dev),
-        config,
-    )
-    .unwrap()
+    let model: Activation<A> = TinyModel::from_torch(&random_torch_weights(3, &dev), &dev);
+    model.clone().load_record(model.into_record())
+}
+
+fn peft<A: Adapter, C: Method<Adapter = A>>(config: C) -> PeftModel<Activation<A>, C> {
+    PeftModel::new(base(), config).unwrap()
 }
 
 /// Train `make()` for `steps` steps through its own stepper, calling `check(step, model)` before
@@ -403,7 +407,7 @@ fn resume_equals_not_stopping<A: Adapter, C: Method<Adapter = A>>(
         is_trainable: true,
         ..Default::default()
     };
-    let base = TinyModel::from_torch(&random_torch_weights(3, &dev), &dev);
+    let base = base();
     let mut resumed =
         PeftModel::<Activation<A>, C>::from_pretrained(base, dir.path(), &options).unwrap();
     let mut stepper = resumed.stepper(total).unwrap();
@@ -439,9 +443,8 @@ fn resuming_from_adapter_files_and_stepper_state_equals_not_stopping() {
     // RoSA: stopped in the warm-up (the restart values come from the state) and after the masks.
     let rosa = RosaConfig::new(4, 0.1, 8.0, targets()).with_schedule("wl2");
     resume_equals_not_stopping("rosa warm-up", rosa.clone(), 6, 1, 0.0);
-    // After the masks the resumed adapter's sparse layout is the one read from the file, and
-    // the results agree to 5e-10, not to the bit (open: which kernel orders the sums otherwise).
-    resume_equals_not_stopping("rosa masks", rosa, 6, 4, 1e-8);
+    // After the masks: the resumed adapter's sparse layout is the one read from the file.
+    resume_equals_not_stopping("rosa masks", rosa, 6, 4, 0.0);
     // SFT: stopped inside a RigL window (candidate pool in the state) and between windows.
     let sft = SftConfig::new(0.1, targets()).with_steps(4, 2);
     resume_equals_not_stopping("sft window", sft.clone(), 8, 1, 0.0);
@@ -451,6 +454,5 @@ fn resuming_from_adapter_files_and_stepper_state_equals_not_stopping() {
     let ada = AdaLoraConfig::new(targets(), 8)
         .with_ranks(4, 2)
         .with_schedule(2, 2, 1);
-    // Agrees to 1e-12, not to the bit (open: where the order of a sum differs).
-    resume_equals_not_stopping("adalora", ada, 8, 2, 1e-8);
+    resume_equals_not_stopping("adalora", ada, 8, 2, 0.0);
 }

@@ -169,7 +169,7 @@ impl Method for AdaLoraConfig {
         let b = take("lora_B", &[cols, r])?;
         adapter.lora_a = set_param(
             &adapter.lora_a,
-            Tensor::<2>::from_data(a, &device).transpose(),
+            peft_core::method::transposed_from_data(a, &device),
         );
         adapter.lora_e = set_param(
             &adapter.lora_e,
@@ -177,7 +177,7 @@ impl Method for AdaLoraConfig {
         );
         adapter.lora_b = set_param(
             &adapter.lora_b,
-            Tensor::<2>::from_data(b, &device).transpose(),
+            peft_core::method::transposed_from_data(b, &device),
         );
         Ok(())
     }

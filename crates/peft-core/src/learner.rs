@@ -10,22 +10,36 @@
 //! it was), is kept for [`Controlled::error`], later steps do nothing, and the training run is
 //! stopped through the burn-train [`Interrupter`] given with
 //! [`with_interrupter`](Controlled::with_interrupter). It never panics.
+//!
+//! **Checkpoints.** The controllers' state is part of the model's record: [`Module::into_record`]
+//! of a `Controlled` adds it (the [`Stepper::save_state`] folder, packed into two integer
+//! tensors under `peft_state.`), and [`Module::try_load_record`] restores it, prepares the model
+//! for the next step (RoSA's masks, SFT's delta positions: the structure a freshly built model
+//! lacks) and only then loads the parameters. So burn-train's own checkpointing
+//! (`SupervisedTraining::with_default_checkpointers`) saves everything a resume needs, and
+//! `SupervisedTraining::checkpoint(epoch)` resumes where the run stopped. A state that does not
+//! fit the stepper (another method or config) is an error: returned by `try_load_record`, or,
+//! once an interrupter is set (burn-train's `load_model` panics on an error), kept for
+//! [`Controlled::error`] with the run stopped and nothing loaded.
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use burn::module::{
     Content, Devices, DisplaySettings, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper,
-    ModuleVisitor,
+    ModuleVisitor, Param, ParamId,
 };
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::Device;
+use burn::store::{ModuleRecord, RecordError};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::{InferenceStep, Interrupter, TrainOutput, TrainStep};
 
 use crate::error::{PeftError, Result};
 use crate::method::Method;
 use crate::model::PeftModel;
-use crate::step::Stepper;
+use crate::step::{Stepper, Tuned};
 
 /// A model for burn-train's `Learner` whose optimizer step runs PEFT controllers.
 ///
@@ -85,6 +99,236 @@ impl<M: Module> Module for Controlled<M> {
         mapper.exit_module("model", "Struct:Controlled");
         this
     }
+
+    /// The model's parameters and the controllers' state (see the module docs).
+    fn into_record(self) -> ModuleRecord {
+        let device = self.model.devices().into_iter().next();
+        let state = self.stepper.lock().stepper.pack_state();
+        match (state, device) {
+            (Ok(bytes), Some(device)) => Recorded {
+                model: self.model,
+                state: Some(StateRecord::new(&bytes, &device)),
+            }
+            .into_record(),
+            (state, _) => {
+                if let Err(e) = state {
+                    self.stepper.fail(e);
+                }
+                Recorded {
+                    model: self.model,
+                    state: None,
+                }
+                .into_record()
+            }
+        }
+    }
+
+    /// Restore the controllers' state, prepare the model for it, then load the parameters
+    /// (see the module docs).
+    fn try_load_record(self, record: ModuleRecord) -> Result<Self, RecordError> {
+        let Some(device) = self.model.devices().into_iter().next() else {
+            return Ok(self);
+        };
+        let restored = StateRecord::read(&record, &device).and_then(|bytes| {
+            let model = self.model.clone();
+            self.stepper
+                .lock()
+                .stepper
+                .restore_packed(model, &bytes, &device)
+                .map_err(|e| RecordError::Validation(format!("PEFT controller state: {e}")))
+        });
+        let prepared = match restored {
+            Ok(model) => model,
+            Err(e) => {
+                let mut shared = self.stepper.lock();
+                let Some(interrupter) = shared.interrupter.clone() else {
+                    return Err(e);
+                };
+                interrupter.stop(Some(&e.to_string()));
+                shared.error = Some(PeftError::Unsupported(e.to_string()));
+                drop(shared);
+                return Ok(self);
+            }
+        };
+        let words = prepared_words(&record, &device)?;
+        let loaded = Recorded {
+            model: prepared,
+            state: Some(StateRecord::zeros(words, &device)),
+        }
+        .try_load_record(record)?;
+        Ok(Self {
+            model: loaded.model,
+            stepper: self.stepper,
+        })
+    }
+}
+
+/// The controllers' state in a record: its length in bytes, and the bytes four to an `i32`
+/// (little-endian).
+#[derive(Module, Debug)]
+struct StateRecord {
+    len: Param<Tensor<1, Int>>,
+    bytes: Param<Tensor<1, Int>>,
+}
+
+/// The record layout of a [`Controlled`] model: `model.*` and `peft_state.*` (without a state
+/// when it could not be written).
+#[derive(Clone, Debug)]
+struct Recorded<M> {
+    model: M,
+    state: Option<StateRecord>,
+}
+
+impl<M: Module> Recorded<M> {
+    fn with(self, f: impl FnOnce(M) -> M) -> Self {
+        Self {
+            model: f(self.model),
+            state: self.state,
+        }
+    }
+}
+
+impl<M: Module> Module for Recorded<M> {
+    fn collect_devices(&self, devices: Devices) -> Devices {
+        self.model.collect_devices(devices)
+    }
+
+    fn fork(self, device: &Device) -> Self {
+        self.with(|m| m.fork(device))
+    }
+
+    fn to_device(self, device: &Device) -> Self {
+        self.with(|m| m.to_device(device))
+    }
+
+    fn train(self) -> Self {
+        self.with(Module::train)
+    }
+
+    fn valid(&self) -> Self {
+        self.clone().with(|m| m.valid())
+    }
+
+    fn materialize(self) -> Self {
+        self.with(Module::materialize)
+    }
+
+    fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
+        visitor.enter_module("model", "Struct:Controlled");
+        self.model.visit(visitor);
+        visitor.exit_module("model", "Struct:Controlled");
+        if let Some(state) = &self.state {
+            visitor.enter_module("peft_state", "Struct:StateRecord");
+            state.visit(visitor);
+            visitor.exit_module("peft_state", "Struct:StateRecord");
+        }
+    }
+
+    fn map<Mp: ModuleMapper>(self, mapper: &mut Mp) -> Self {
+        mapper.enter_module("model", "Struct:Controlled");
+        let model = self.model.map(mapper);
+        mapper.exit_module("model", "Struct:Controlled");
+        let state = self.state.map(|state| {
+            mapper.enter_module("peft_state", "Struct:StateRecord");
+            let state = state.map(mapper);
+            mapper.exit_module("peft_state", "Struct:StateRecord");
+            state
+        });
+        Self { model, state }
+    }
+}
+
+/// Reads `peft_state.len` alone.
+#[derive(Module, Debug)]
+struct LenProbe {
+    peft_state: LenOnly,
+}
+
+#[derive(Module, Debug)]
+struct LenOnly {
+    len: Param<Tensor<1, Int>>,
+}
+
+/// Reads `peft_state.*` alone.
+#[derive(Module, Debug)]
+struct StateProbe {
+    peft_state: StateRecord,
+}
+
+fn int_param(values: Vec<i32>, device: &Device) -> Param<Tensor<1, Int>> {
+    let n = values.len();
+    Param::initialized(
+        ParamId::new(),
+        Tensor::<1, Int>::from_data(TensorData::new(values, [n]), device),
+    )
+}
+
+impl StateRecord {
+    fn new(bytes: &[u8], device: &Device) -> Self {
+        let words = bytes
+            .chunks(4)
+            .map(|c| {
+                let mut w = [0u8; 4];
+                w[..c.len()].copy_from_slice(c);
+                i32::from_le_bytes(w)
+            })
+            .collect();
+        // i32 holds the length: a state is far below 2 GiB (it is O(trainable parameters)).
+        let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+        Self {
+            len: int_param(vec![len], device),
+            bytes: int_param(words, device),
+        }
+    }
+
+    fn zeros(words: usize, device: &Device) -> Self {
+        Self {
+            len: int_param(vec![-1], device),
+            bytes: int_param(vec![0; words], device),
+        }
+    }
+
+    /// The state bytes in `record`.
+    fn read(record: &ModuleRecord, device: &Device) -> Result<Vec<u8>, RecordError> {
+        let words = prepared_words(record, device)?;
+        let probe = StateProbe {
+            peft_state: Self::zeros(words, device),
+        }
+        .try_load_record(record.clone().allow_partial(true).allow_unused(true))?;
+        let len = first_int(&probe.peft_state.len);
+        let mut bytes: Vec<u8> = probe
+            .peft_state
+            .bytes
+            .val()
+            .into_data()
+            .iter::<i64>()
+            .flat_map(|w| (w as i32).to_le_bytes())
+            .collect();
+        bytes.truncate(usize::try_from(len).unwrap_or(0));
+        Ok(bytes)
+    }
+}
+
+fn first_int(p: &Param<Tensor<1, Int>>) -> i64 {
+    p.val().into_data().iter::<i64>().next().unwrap_or(-1)
+}
+
+/// The number of `i32` words of the state in `record`, or an error naming what is missing.
+fn prepared_words(record: &ModuleRecord, device: &Device) -> Result<usize, RecordError> {
+    let probe = LenProbe {
+        peft_state: LenOnly {
+            len: int_param(vec![-1], device),
+        },
+    }
+    .try_load_record(record.clone().allow_partial(true).allow_unused(true))?;
+    let len = first_int(&probe.peft_state.len);
+    usize::try_from(len).map(|n| n.div_ceil(4)).map_err(|_| {
+        RecordError::Validation(
+            "the record has no PEFT controller state (`peft_state`): it was not written by a \
+             `Controlled` model"
+                .into(),
+        )
+    })
 }
 
 impl<M: Module + ModuleDisplay> ModuleDisplayDefault for Controlled<M> {
@@ -116,6 +360,124 @@ impl<M> SharedStepper<M> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keep `e` (the first error wins) and stop the run.
+    fn fail(&self, e: PeftError) {
+        let mut shared = self.lock();
+        if let Some(i) = &shared.interrupter {
+            i.stop(Some(&format!("PEFT controller failed: {e}")));
+        }
+        shared.error.get_or_insert(e);
+    }
+}
+
+/// A folder of its own under the system's temporary folder, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "burn-peft-state-{}-{n}",
+            std::process::id()
+        ));
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| PeftError::io(&path, e))?;
+        }
+        std::fs::create_dir_all(&path).map_err(|e| PeftError::io(&path, e))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const PACK_MAGIC: &[u8] = b"burn-peft-state-1\n";
+
+/// Every file under `dir` (sorted relative paths): `u32` path length, path, `u64` length, bytes.
+fn pack(dir: &Path) -> Result<Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+        let entries = std::fs::read_dir(dir).map_err(|e| PeftError::io(dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| PeftError::io(dir, e))?.path();
+            if path.is_dir() {
+                walk(root, &path, files)?;
+            } else {
+                files.push(path.strip_prefix(root).unwrap_or(&path).to_path_buf());
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files)?;
+    files.sort();
+    let mut out = PACK_MAGIC.to_vec();
+    for rel in files {
+        let name = rel.to_string_lossy().replace('\\', "/");
+        let path = dir.join(&rel);
+        let data = std::fs::read(&path).map_err(|e| PeftError::io(&path, e))?;
+        out.extend((name.len() as u32).to_le_bytes());
+        out.extend(name.as_bytes());
+        out.extend((data.len() as u64).to_le_bytes());
+        out.extend(data);
+    }
+    Ok(out)
+}
+
+/// Write the files of a [`pack`] into `dir`.
+fn unpack(bytes: &[u8], dir: &Path) -> Result<()> {
+    let bad = |reason: &str| PeftError::InvalidConfig {
+        field: "peft_state".into(),
+        reason: format!("malformed controller state in the record: {reason}"),
+    };
+    let rest = bytes
+        .strip_prefix(PACK_MAGIC)
+        .ok_or_else(|| bad("no header"))?;
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8]> {
+        let end = at.checked_add(n).ok_or_else(|| bad("length"))?;
+        let part = rest.get(at..end).ok_or_else(|| bad("truncated"))?;
+        at += n;
+        Ok(part)
+    };
+    let mut left = rest.len();
+    while left > 0 {
+        let n = u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad("length"))?) as usize;
+        let name = std::str::from_utf8(take(n)?).map_err(|_| bad("file name"))?;
+        let len = u64::from_le_bytes(take(8)?.try_into().map_err(|_| bad("length"))?);
+        let len = usize::try_from(len).map_err(|_| bad("length"))?;
+        let data = take(len)?;
+        if name.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+            return Err(bad("file name"));
+        }
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| PeftError::io(parent, e))?;
+        }
+        std::fs::write(&path, data).map_err(|e| PeftError::io(&path, e))?;
+        left -= 4 + n + 8 + len;
+    }
+    Ok(())
+}
+
+impl<M: Module> Stepper<M> {
+    /// [`save_state`](Stepper::save_state) as bytes.
+    fn pack_state(&self) -> Result<Vec<u8>> {
+        let dir = TempDir::new()?;
+        self.save_state(&dir.0)?;
+        pack(&dir.0)
+    }
+
+    /// [`restore`](Stepper::restore) from [`pack_state`](Self::pack_state)'s bytes.
+    fn restore_packed(&mut self, model: M, bytes: &[u8], device: &Device) -> Result<M> {
+        let dir = TempDir::new()?;
+        unpack(bytes, &dir.0)?;
+        self.restore(model, &dir.0, device)
     }
 }
 
@@ -225,6 +587,29 @@ impl<M: Module + InferenceStep> InferenceStep for Controlled<M> {
     }
 }
 
+/// The model for burn-train's `Learner` of any trained model (a `PeftModel`, peft-selective's
+/// `SelectiveModel`): its controllers ([`Tuned::stepper`]`(total_steps)`) in the optimizer step,
+/// checked once here.
+///
+/// # Errors
+/// As [`Tuned::stepper`], or a missing controller.
+pub fn controlled<M: Module, T: Tuned<M>>(
+    tuned: &mut T,
+    total_steps: usize,
+) -> Result<Controlled<M>> {
+    let mut stepper = tuned.stepper(total_steps)?;
+    stepper.check(tuned)?;
+    Ok(Controlled::new(tuned.tuned_model().clone(), stepper))
+}
+
+/// Take the trained model back from a [`Controlled`] (after burn-train's `launch`), with the
+/// controllers' decisions written into the configs (AdaLoRA's rank pattern), as
+/// [`Stepper::train`] does after each step.
+pub fn set_controlled<M: Module, T: Tuned<M>>(tuned: &mut T, trained: Controlled<M>) {
+    trained.with_stepper(|s| tuned.update_configs(s.controllers()));
+    tuned.set_tuned_model(trained.into_inner());
+}
+
 impl<M: Module, C: Method> PeftModel<M, C> {
     /// The model for burn-train's `Learner`, with the method's controllers in its optimizer
     /// step ([`stepper`](Self::stepper)`(total_steps)`), checked once here.
@@ -232,17 +617,13 @@ impl<M: Module, C: Method> PeftModel<M, C> {
     /// # Errors
     /// As [`stepper`](Self::stepper).
     pub fn controlled(&mut self, total_steps: usize) -> Result<Controlled<M>> {
-        let mut stepper = self.stepper(total_steps)?;
-        stepper.check(self)?;
-        Ok(Controlled::new(self.model().clone(), stepper))
+        controlled(self, total_steps)
     }
 
     /// Take the trained model back from a [`Controlled`] (after burn-train's `launch`), with
     /// the controllers' decisions written into the configs (AdaLoRA's rank pattern), as
     /// [`Stepper::train`] does after each step.
     pub fn set_controlled(&mut self, trained: Controlled<M>) {
-        trained.with_stepper(|s| crate::step::Tuned::update_configs(self, s.controllers()));
-        let model = trained.into_inner();
-        self.map_model(|_| model);
+        set_controlled(self, trained);
     }
 }

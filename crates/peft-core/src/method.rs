@@ -9,7 +9,7 @@ use std::fmt::Debug;
 use std::path::Path;
 
 use burn::module::{Module, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -38,6 +38,22 @@ pub enum BiasMode {
 pub fn set_param<const D: usize>(param: &Param<Tensor<D>>, value: Tensor<D>) -> Param<Tensor<D>> {
     let require_grad = param.is_require_grad();
     param.clone().map(|_| value.set_require_grad(require_grad))
+}
+
+/// The transpose of a `[rows, cols]` matrix read from a file (PEFT stores `lora_A.weight` as
+/// `[r, in]`, burn keeps `[in, r]`), stored contiguously: a transposed view would make the
+/// products that read it sum in another order than after a save and reload (and than in the
+/// run that wrote the file), so a resumed run would no longer equal one that did not stop.
+pub fn transposed_from_data(data: TensorData, device: &Device) -> Tensor<2> {
+    let (rows, cols) = (data.shape()[0], data.shape()[1]);
+    let values: Vec<f32> = data.convert::<f32>().to_vec().unwrap_or_default();
+    let mut out = vec![0.0f32; values.len()];
+    for (i, row) in values.chunks(cols.max(1)).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            out[j * rows + i] = *v;
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [cols, rows]), device)
 }
 
 /// Takes a tensor from a file by its key suffix, checking its shape

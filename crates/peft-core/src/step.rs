@@ -401,13 +401,23 @@ impl<M: Module> Stepper<M> {
         dir: &Path,
         device: &Device,
     ) -> Result<()> {
+        let model = self.restore(tuned.tuned_model().clone(), dir, device)?;
+        tuned.set_tuned_model(model);
+        Ok(())
+    }
+
+    /// [`load_state`](Self::load_state), then every controller prepares `model` for the next
+    /// step (the structure its state implies: RoSA's masks, SFT's delta positions and
+    /// candidate pool; probes and trainability).
+    ///
+    /// # Errors
+    /// As [`load_state`](Self::load_state), or a controller's `prepare` error.
+    pub fn restore(&mut self, mut model: M, dir: &Path, device: &Device) -> Result<M> {
         self.load_state(dir, device)?;
-        let mut model = tuned.tuned_model().clone();
         for c in &mut self.controllers {
             model = c.prepare(model)?;
         }
-        tuned.set_tuned_model(model);
-        Ok(())
+        Ok(model)
     }
 
     /// Restore a state written by [`save_state`](Self::save_state) into a stepper built the

@@ -111,11 +111,11 @@ impl Method for LoraConfig {
         let device = adapter.lora_a.device();
         adapter.lora_a = set_param(
             &adapter.lora_a,
-            Tensor::<2>::from_data(a, &device).transpose(),
+            peft_core::method::transposed_from_data(a, &device),
         );
         adapter.lora_b = set_param(
             &adapter.lora_b,
-            Tensor::<2>::from_data(b, &device).transpose(),
+            peft_core::method::transposed_from_data(b, &device),
         );
         if let Some(m) = &adapter.magnitude {
             let data = take("lora_magnitude_vector", &[cols])?;

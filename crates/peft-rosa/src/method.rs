@@ -196,11 +196,11 @@ impl Method for RosaConfig {
             let db = take(kb, &[cols, r])?;
             adapter.lora_a = Some(set_param(
                 a,
-                Tensor::<2>::from_data(da, &device).transpose(),
+                peft_core::method::transposed_from_data(da, &device),
             ));
             adapter.lora_b = Some(set_param(
                 b,
-                Tensor::<2>::from_data(db, &device).transpose(),
+                peft_core::method::transposed_from_data(db, &device),
             ));
         }
         if adapter.nnz == 0 {

@@ -109,6 +109,9 @@ pub struct SftSelector {
     layers: BTreeMap<String, LayerState>,
     pending: BTreeMap<String, Vec<f32>>,
     reports: BTreeMap<String, SelectionReport>,
+    /// Each layer's delta positions (sorted flat `[out, in]` indices) as last seen or set: part
+    /// of the saved state, so a resume onto a freshly initialised model gets them back.
+    positions: BTreeMap<String, Vec<u64>>,
 }
 
 impl SftSelector {
@@ -157,6 +160,7 @@ impl SftSelector {
             layers: BTreeMap::new(),
             pending: BTreeMap::new(),
             reports: BTreeMap::new(),
+            positions: BTreeMap::new(),
         })
     }
 
@@ -406,6 +410,13 @@ impl SftSelector {
                 }),
             );
         }
+        for (path, p) in &self.positions {
+            let idx: Vec<i64> = p.iter().map(|&i| i as i64).collect();
+            tensors.insert(
+                format!("{path}.positions"),
+                TensorData::new(idx, [p.len()]),
+            );
+        }
         hf::write_tensors(&dir.join(STATE_TENSORS), &tensors)?;
         let state = json!({
             "adapter": self.adapter,
@@ -413,6 +424,7 @@ impl SftSelector {
             "algorithm": self.algorithm,
             "optimizer": self.optimizer,
             "layers": layers,
+            "positions": self.positions.keys().collect::<Vec<_>>(),
         });
         let Value::Object(map) = state else {
             unreachable!("an object literal")
@@ -420,9 +432,10 @@ impl SftSelector {
         hf::write_json(&dir.join(STATE_JSON), &map)
     }
 
-    /// Restore a state written by [`save_state`](Self::save_state). Then
-    /// [`prepare`](Self::prepare) the resumed model (its deltas loaded with
-    /// `from_pretrained`) and set the stepper's step index to [`step_index`](Self::step_index).
+    /// Restore a state written by [`save_state`](Self::save_state). Then prepare the resumed
+    /// model through the [`Controller`] (it gets the saved delta positions back, so a freshly
+    /// initialised model works as well as one loaded with `from_pretrained`) and set the
+    /// stepper's step index to [`step_index`](Self::step_index).
     ///
     /// # Errors
     /// Missing or inconsistent files, or a state of another adapter or algorithm.
@@ -473,6 +486,28 @@ impl SftSelector {
         let floats = |d: TensorData| -> Vec<f32> {
             d.convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
         };
+        let indices = |d: TensorData| -> Result<Vec<u64>> {
+            Ok(d.convert::<i64>()
+                .try_into_vec::<i64>()
+                .map_err(|e| bad(format!("{e:?}")))?
+                .into_iter()
+                .map(|i| i as u64)
+                .collect())
+        };
+        // Absent in states written before the positions were part of it (those resume from
+        // adapter files, which hold the positions).
+        let mut positions = BTreeMap::new();
+        for path in state
+            .get("positions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let path = path
+                .as_str()
+                .ok_or_else(|| bad("`positions` holds a non-string".into()))?;
+            positions.insert(path.to_string(), indices(take(path, "positions")?)?);
+        }
         let mut layers = BTreeMap::new();
         for (path, entry) in entries {
             let flag = |k: &str| entry.get(k).and_then(Value::as_bool).unwrap_or(false);
@@ -492,15 +527,8 @@ impl SftSelector {
                 });
             }
             if let Some(count) = entry.get("candidates").and_then(Value::as_u64) {
-                let indices = take(path, "cand_indices")?
-                    .convert::<i64>()
-                    .try_into_vec::<i64>()
-                    .map_err(|e| bad(format!("{e:?}")))?
-                    .into_iter()
-                    .map(|i| i as u64)
-                    .collect();
                 l.candidates = Some(Candidates {
-                    indices,
+                    indices: indices(take(path, "cand_indices")?)?,
                     sum: floats(take(path, "cand_sum")?),
                     sum_sq: floats(take(path, "cand_sum_sq")?),
                     count: count as usize,
@@ -511,8 +539,36 @@ impl SftSelector {
         self.step = step;
         self.optimizer = optimizer;
         self.layers = layers;
+        self.positions = positions;
         self.pending.clear();
         Ok(())
+    }
+
+    /// Give every layer the delta positions this selector knows (from a loaded state) where
+    /// they differ, with zero values (the checkpoint's values are loaded next), then record
+    /// the model's positions as known.
+    fn sync_positions<M: Module>(&mut self, mut model: M) -> Result<M> {
+        let (name, known) = (self.adapter.clone(), std::mem::take(&mut self.positions));
+        hosts::for_each(&mut model, move |host: HostView<'_, SftAdapter>| {
+            if let Some(a) = host.slot.get_mut(&name)
+                && let Some(p) = known.get(&host.path)
+                && *p != a.indices()
+            {
+                a.set_delta(p, vec![0.0; p.len()])?;
+            }
+            Ok(())
+        })?;
+        self.record_positions(&model);
+        Ok(model)
+    }
+
+    fn record_positions<M: Module>(&mut self, model: &M) {
+        let name = self.adapter.clone();
+        self.positions = hosts::collect(model, move |host: &HostView<'_, SftAdapter>| {
+            Some((host.path.clone(), host.slot.get(&name)?.indices()))
+        })
+        .into_iter()
+        .collect();
     }
 }
 
@@ -582,6 +638,7 @@ impl<M: Module> Controller<M> for SftSelector {
     }
 
     fn prepare(&mut self, model: M) -> Result<M> {
+        let model = self.sync_positions(model)?;
         SftSelector::prepare(self, model)
     }
 
@@ -658,6 +715,7 @@ impl<M: Module> Controller<M> for SftSelector {
         let u = info.step + 1;
         if let Some(p) = self.schedule.selection(u) {
             model = self.reselect(model, u, p)?;
+            self.record_positions(&model);
         }
         self.step = info.step + 1;
         self.prepare(model)
