@@ -108,6 +108,7 @@ impl<M: Module> Module for Controlled<M> {
             (Ok(bytes), Some(device)) => Recorded {
                 model: self.model,
                 state: Some(StateRecord::new(&bytes, &device)),
+                keep_frozen_base: false,
             }
             .into_record(),
             (state, _) => {
@@ -117,6 +118,7 @@ impl<M: Module> Module for Controlled<M> {
                 Recorded {
                     model: self.model,
                     state: None,
+                    keep_frozen_base: false,
                 }
                 .into_record()
             }
@@ -154,8 +156,9 @@ impl<M: Module> Module for Controlled<M> {
         let loaded = Recorded {
             model: prepared,
             state: Some(StateRecord::zeros(words, &device)),
+            keep_frozen_base: true,
         }
-        .try_load_record(record)?;
+        .try_load_record(record.allow_unused(true))?;
         Ok(Self {
             model: loaded.model,
             stepper: self.stepper,
@@ -177,14 +180,72 @@ struct StateRecord {
 struct Recorded<M> {
     model: M,
     state: Option<StateRecord>,
+    /// When mapped (a record loaded), leave the frozen base parameters as they are: no
+    /// optimizer or controller changes them, and the model's own copies keep the layout it
+    /// built them with (a transposed view of a file's `[out, in]` weight, which the products
+    /// read as such: a record would bring them back contiguous, summing in another order and
+    /// at another speed). Adapter parameters (under `peft`) are always loaded: a controller
+    /// may have set them while they were frozen (RoSA's restart).
+    keep_frozen_base: bool,
 }
 
 impl<M: Module> Recorded<M> {
     fn with(self, f: impl FnOnce(M) -> M) -> Self {
         Self {
             model: f(self.model),
-            state: self.state,
+            ..self
         }
+    }
+}
+
+/// Passes the trainable and adapter parameters on to the record's mapper and keeps the
+/// frozen base parameters (see [`Recorded::keep_frozen_base`]).
+struct KeepFrozenBase<'a, Mp> {
+    inner: &'a mut Mp,
+    path: Vec<String>,
+}
+
+impl<Mp> KeepFrozenBase<'_, Mp> {
+    /// Whether to keep `param` as it is: a base parameter known to be frozen (on a device
+    /// without autodiff nothing is known to be trainable, and everything is loaded).
+    fn keeps<const D: usize>(&self, param: &Param<Tensor<D>>) -> bool {
+        param.is_autodiff()
+            && !param.is_require_grad()
+            && !self.path.iter().any(|p| p == "peft")
+    }
+}
+
+impl<Mp: ModuleMapper> ModuleMapper for KeepFrozenBase<'_, Mp> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.into());
+        self.inner.enter_module(name, container_type);
+    }
+
+    fn exit_module(&mut self, name: &str, container_type: &str) {
+        self.path.pop();
+        self.inner.exit_module(name, container_type);
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.keeps(&param) {
+            return param;
+        }
+        self.inner.map_float(param)
+    }
+
+    fn map_int<const D: usize>(&mut self, param: Param<Tensor<D, Int>>) -> Param<Tensor<D, Int>> {
+        self.inner.map_int(param)
+    }
+
+    fn map_bool<const D: usize>(
+        &mut self,
+        param: Param<Tensor<D, burn::tensor::Bool>>,
+    ) -> Param<Tensor<D, burn::tensor::Bool>> {
+        self.inner.map_bool(param)
+    }
+
+    fn map_flag(&mut self, flag: Param<burn::module::Flag>) -> Param<burn::module::Flag> {
+        self.inner.map_flag(flag)
     }
 }
 
@@ -226,7 +287,14 @@ impl<M: Module> Module for Recorded<M> {
 
     fn map<Mp: ModuleMapper>(self, mapper: &mut Mp) -> Self {
         mapper.enter_module("model", "Struct:Controlled");
-        let model = self.model.map(mapper);
+        let model = if self.keep_frozen_base {
+            self.model.map(&mut KeepFrozenBase {
+                inner: &mut *mapper,
+                path: Vec::new(),
+            })
+        } else {
+            self.model.map(mapper)
+        };
         mapper.exit_module("model", "Struct:Controlled");
         let state = self.state.map(|state| {
             mapper.enter_module("peft_state", "Struct:StateRecord");
@@ -234,7 +302,11 @@ impl<M: Module> Module for Recorded<M> {
             mapper.exit_module("peft_state", "Struct:StateRecord");
             state
         });
-        Self { model, state }
+        Self {
+            model,
+            state,
+            keep_frozen_base: self.keep_frozen_base,
+        }
     }
 }
 
