@@ -16,7 +16,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::{Method, ModuleSelector, PeftLinear, PeftModel, SaveOptions};
+use peft_core::{Method, ModuleSelector, PeftLinear, PeftModel, SaveOptions, Tuned};
 use peft_lora::LoraConfig;
 use peft_models::LinearLayer;
 use peft_models::bert::{Bert, BertConfig, mean_pool};
@@ -179,6 +179,7 @@ const TEST_TEMPLATES: [&str; 3] = [
 ];
 
 /// Tokenised sentences with their topic.
+#[derive(Clone, Debug)]
 pub struct Dataset {
     ids: Vec<Vec<i64>>,
     labels: Vec<i64>,
@@ -226,7 +227,7 @@ impl Dataset {
     }
 
     /// The sentences `idx`, right-padded with 0: (input ids, attention mask, labels).
-    fn batch(
+    pub fn batch(
         &self,
         idx: &[usize],
         device: &Device,
@@ -270,7 +271,7 @@ impl<L: LinearLayer> Classifier<L> {
 }
 
 /// Accuracy of `model` on `data` (no gradients).
-fn accuracy<L: LinearLayer>(model: &Classifier<L>, data: &Dataset, device: &Device) -> f32 {
+pub fn accuracy<L: LinearLayer>(model: &Classifier<L>, data: &Dataset, device: &Device) -> f32 {
     let model = model.valid();
     let inference = device.clone().inner();
     let mut correct = 0;
@@ -284,7 +285,7 @@ fn accuracy<L: LinearLayer>(model: &Classifier<L>, data: &Dataset, device: &Devi
 }
 
 /// A deterministic permutation of `0..n` (SplitMix64-driven Fisher–Yates).
-fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     let mut state = seed;
     let mut next = || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -469,20 +470,35 @@ pub fn run_with(
     dir: &Path,
     tokenize: &dyn Fn(&str) -> anyhow::Result<Vec<i64>>,
 ) -> anyhow::Result<Report> {
+    run_with_trainer(args, dir, tokenize, &Loop)
+}
+
+/// [`run_with`], trained by `trainer`.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with_trainer(
+    args: &Args,
+    dir: &Path,
+    tokenize: &dyn Fn(&str) -> anyhow::Result<Vec<i64>>,
+    trainer: &impl Trainer,
+) -> anyhow::Result<Report> {
     ensure!(
         args.batch > 0 && args.epochs > 0,
         "--batch and --epochs must be positive"
     );
     let device = Device::default().autodiff();
+    // The adapters' random initial values follow the seed too.
+    device.seed(args.seed);
     let (train_set, test_set) = Dataset::topic_task(tokenize)?;
     let mut report = match args.method {
         MethodArg::Lora
         | MethodArg::Adalora
         | MethodArg::Rosa
         | MethodArg::Spa
-        | MethodArg::Sft => adapters(args, dir, &train_set, &test_set, &device)?,
+        | MethodArg::Sft => adapters(args, dir, &train_set, &test_set, &device, trainer)?,
         MethodArg::Id3 | MethodArg::Pafi | MethodArg::Bitfit => {
-            selective(args, dir, &train_set, &test_set, &device)?
+            selective(args, dir, &train_set, &test_set, &device, trainer)?
         }
     };
     report.step_ms = (report.step_ms * 10.0).round() / 10.0;
@@ -518,6 +534,7 @@ fn adapters(
     train_set: &Dataset,
     test_set: &Dataset,
     device: &Device,
+    trainer: &impl Trainer,
 ) -> anyhow::Result<Report> {
     let steps = train_set.len().div_ceil(args.batch) * args.epochs;
     let sets = (train_set, test_set);
@@ -526,7 +543,7 @@ fn adapters(
     // its controllers (AdaLoRA's allocator, RoSA's scheduler with the warm-up / masks / restart
     // recipe, SFT's selector).
     match args.method {
-        MethodArg::Lora => train_peft(lora_config(args), args, dir, sets, device),
+        MethodArg::Lora => train_peft(lora_config(args), args, dir, sets, device, trainer),
         MethodArg::Rosa | MethodArg::Spa => {
             use peft_rosa::RosaConfig;
             let (rank, schedule) = match args.method {
@@ -537,7 +554,7 @@ fn adapters(
                 .with_schedule(&schedule)
                 .with_modules_to_save(["classifier"])
                 .with_exclude(pooler());
-            train_peft(config, args, dir, sets, device)
+            train_peft(config, args, dir, sets, device, trainer)
         }
         MethodArg::Sft => {
             use peft_sft::{SelectionAlgorithm, SftConfig};
@@ -570,7 +587,7 @@ fn adapters(
                 .with_seed(args.seed)
                 .with_modules_to_save(["classifier"])
                 .with_exclude(pooler());
-            train_peft(config, args, dir, sets, device)
+            train_peft(config, args, dir, sets, device, trainer)
         }
         _ => {
             use peft_adalora::AdaLoraConfig;
@@ -582,13 +599,58 @@ fn adapters(
                 .lora
                 .with_modules_to_save(["classifier"])
                 .with_exclude(pooler());
-            train_peft(ada, args, dir, sets, device)
+            train_peft(ada, args, dir, sets, device, trainer)
         }
     }
 }
 
 /// The activation-space classifier of adapter type `A`.
 type PeftClassifier<A> = Classifier<PeftLinear<A>>;
+
+/// What trains a model once its method is configured, the same for every method: the loop of
+/// this example ([`Loop`]) or burn-train's runner ([`crate::supervised`]).
+pub trait Trainer {
+    /// Train `tuned` (a `PeftModel` or a `SelectiveModel`) for `steps` optimizer steps at `lr`
+    /// on the training set; the report's `trainable` is left to the caller.
+    ///
+    /// # Errors
+    /// The method's or the runner's.
+    fn train<L: LinearLayer + 'static, T: Tuned<Classifier<L>>>(
+        &self,
+        tuned: &mut T,
+        steps: usize,
+        lr: f64,
+        sets: (&Dataset, &Dataset),
+        args: &Args,
+        device: &Device,
+    ) -> anyhow::Result<Report>;
+}
+
+/// The example's own loop: the method's stepper (`tuned.stepper(steps)`) after each backward.
+pub struct Loop;
+
+impl Trainer for Loop {
+    fn train<L: LinearLayer + 'static, T: Tuned<Classifier<L>>>(
+        &self,
+        tuned: &mut T,
+        steps: usize,
+        lr: f64,
+        (train_set, test_set): (&Dataset, &Dataset),
+        args: &Args,
+        device: &Device,
+    ) -> anyhow::Result<Report> {
+        let mut stepper = tuned.stepper(steps)?;
+        let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
+        let model = tuned.tuned_model().clone();
+        let (model, report) = train(model, train_set, test_set, args, device, |m, loss| {
+            tuned.set_tuned_model(m);
+            stepper.train(tuned, &mut optim, lr, loss)?;
+            Ok(tuned.tuned_model().clone())
+        })?;
+        tuned.set_tuned_model(model);
+        Ok(report)
+    }
+}
 
 /// Train an adapter method `C` on the activation-space BERT, the same code for every method:
 /// attach, take the method's stepper, train, save in PEFT format when asked (AdaLoRA's rank
@@ -597,32 +659,19 @@ fn train_peft<C: Method>(
     config: C,
     args: &Args,
     dir: &Path,
-    (train_set, test_set): (&Dataset, &Dataset),
+    sets: (&Dataset, &Dataset),
     device: &Device,
+    trainer: &impl Trainer,
 ) -> anyhow::Result<Report> {
     let lr = args.lr.unwrap_or(2e-3);
-    let steps = train_set.len().div_ceil(args.batch) * args.epochs;
+    let steps = sets.0.len().div_ceil(args.batch) * args.epochs;
     let (bert, bert_config) = encoder::<PeftLinear<C::Adapter>>(args, dir, device)?;
     let model: PeftClassifier<C::Adapter> = Classifier {
         classifier: head(bert_config.hidden_size, args.seed, device),
         bert,
     };
     let mut peft = PeftModel::new(model, config)?;
-    let mut stepper = peft.stepper(steps)?;
-    let mut optim = AdamWConfig::new().with_weight_decay(0.01).init();
-    let (model, mut report) = train(
-        peft.model().clone(),
-        train_set,
-        test_set,
-        args,
-        device,
-        |m, loss| {
-            peft.map_model(|_| m);
-            stepper.train(&mut peft, &mut optim, lr, loss)?;
-            Ok(peft.model().clone())
-        },
-    )?;
-    peft.map_model(|_| model);
+    let mut report = trainer.train(&mut peft, steps, lr, sets, args, device)?;
     // Counted after training: RoSA's sparse part exists once its masks are generated, and no
     // gradient probe of SFT's is left then.
     report.trainable = peft.trainable_parameters();
@@ -638,8 +687,8 @@ fn selective(
     train_set: &Dataset,
     test_set: &Dataset,
     device: &Device,
+    trainer: &impl Trainer,
 ) -> anyhow::Result<Report> {
-    use peft_core::Tuned;
     use peft_selective::{SelectiveConfig, SelectiveModel};
     let lr = args.lr.unwrap_or(1e-3);
     let (bert, config) = encoder::<Linear>(args, dir, device)?;
@@ -669,18 +718,10 @@ fn selective(
         .iter()
         .map(|(_, _, n)| n)
         .sum();
+    // The selection trains its entries with AdamW without weight decay (as the toolkit); the
+    // module optimizer sees no gradient.
     let mut tuned = SelectiveModel::new(model, selective);
-    let mut stepper =
-        tuned.stepper_with(steps, AdamWConfig::new().with_weight_decay(0.0).build())?;
-    // The module optimizer sees no gradient: the selection owns them.
-    let mut optim = AdamWConfig::new().init();
-    let model = tuned.model().clone();
-    let (model, mut report) = train(model, train_set, test_set, args, device, |m, loss| {
-        tuned.set_tuned_model(m);
-        stepper.train(&mut tuned, &mut optim, lr, loss)?;
-        Ok(tuned.model().clone())
-    })?;
-    tuned.set_tuned_model(model);
+    let mut report = trainer.train(&mut tuned, steps, lr, (train_set, test_set), args, device)?;
     report.trainable = (tuned.budget_used(), total);
     if let Some(out) = &args.out {
         tuned

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bert_forward;
 pub mod finetune;
+pub mod supervised;
 
 /// The Rust blocks of `README.md`, compiled and run as doctests.
 #[doc = include_str!("../../README.md")]

@@ -55,9 +55,15 @@ impl Batcher<usize, Batch> for ItemBatcher {
 
 /// Train `model` with `SupervisedTraining` in `dir` up to epoch `epochs`, from the checkpoint
 /// of epoch `from` if given.
-fn supervised<M>(model: Controlled<M>, dir: &Path, epochs: usize, from: Option<usize>) -> Controlled<M>
+fn supervised<M>(
+    model: Controlled<M>,
+    dir: &Path,
+    epochs: usize,
+    from: Option<usize>,
+) -> Controlled<M>
 where
-    M: Module + TrainStep<Input = Batch, Output = burn::train::RegressionOutput>
+    M: Module
+        + TrainStep<Input = Batch, Output = burn::train::RegressionOutput>
         + InferenceStep<Input = Batch, Output = burn::train::RegressionOutput>
         + burn::module::ModuleDisplay
         + 'static,
@@ -78,7 +84,9 @@ where
         training = training.checkpoint(epoch);
     }
     let model = model.with_interrupter(training.interrupter());
-    let scheduler = LinearLrSchedulerConfig::new(1e-2, 1e-3, STEPS).init().unwrap();
+    let scheduler = LinearLrSchedulerConfig::new(1e-2, 1e-3, STEPS)
+        .init()
+        .unwrap();
     let optim = AdamWConfig::new().with_epsilon(1e-8).init();
     let result = training.launch(Learner::new(model, optim, scheduler));
     assert!(result.error.is_none(), "{:?}", result.error);
@@ -99,7 +107,8 @@ fn bits<M: Module>(model: &M) -> Vec<(String, Vec<u32>)> {
 /// wrapper.
 fn straight_and_resumed<M, T>(label: &str, built: T) -> (Controlled<M>, T)
 where
-    M: Module + TrainStep<Input = Batch, Output = burn::train::RegressionOutput>
+    M: Module
+        + TrainStep<Input = Batch, Output = burn::train::RegressionOutput>
         + InferenceStep<Input = Batch, Output = burn::train::RegressionOutput>
         + burn::module::ModuleDisplay
         + 'static,
@@ -129,15 +138,28 @@ where
     drop((first, half));
 
     let mut fresh = build();
-    let resumed = supervised(controlled(&mut fresh, STEPS).unwrap(), &stopped, EPOCHS, Some(2));
+    let resumed = supervised(
+        controlled(&mut fresh, STEPS).unwrap(),
+        &stopped,
+        EPOCHS,
+        Some(2),
+    );
     assert!(resumed.error().is_none(), "{label}");
-    assert_eq!(resumed.step_index(), STEPS, "{label}: the step index came back");
+    assert_eq!(
+        resumed.step_index(),
+        STEPS,
+        "{label}: the step index came back"
+    );
 
     let (a, b) = (bits(&straight.model), bits(&resumed.model));
     assert_eq!(a.len(), b.len(), "{label}");
     for ((ka, va), (kb, vb)) in a.iter().zip(&b) {
         assert_eq!(ka, kb, "{label}");
-        let d = va.iter().zip(vb).map(|(x, y)| (f32::from_bits(*x) - f32::from_bits(*y)).abs()).fold(0.0f32, f32::max);
+        let d = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| (f32::from_bits(*x) - f32::from_bits(*y)).abs())
+            .fold(0.0f32, f32::max);
         assert!(va == vb, "{label}: {ka} differs after the resume by {d}");
     }
     set_controlled(&mut tuned, straight.clone());
@@ -181,10 +203,18 @@ fn adapter_values<M: Module>(model: &M, suffix: &str) -> Vec<f32> {
 fn lora_resumes_from_a_burn_train_checkpoint_bit_for_bit() {
     let (trained, _) = straight_and_resumed(
         "lora",
-        LoraModel::new(activation_base::<LoraAdapter>(), LoraConfig::new(4, 8.0, targets())).unwrap(),
+        LoraModel::new(
+            activation_base::<LoraAdapter>(),
+            LoraConfig::new(4, 8.0, targets()),
+        )
+        .unwrap(),
     );
     // The adapters trained: lora_B left zero.
-    assert!(adapter_values(&trained.model, "lora_b").iter().any(|v| *v != 0.0));
+    assert!(
+        adapter_values(&trained.model, "lora_b")
+            .iter()
+            .any(|v| *v != 0.0)
+    );
 }
 
 #[test]
@@ -193,8 +223,13 @@ fn adalora_resumes_from_a_burn_train_checkpoint_bit_for_bit() {
     let config = AdaLoraConfig::new(targets(), STEPS)
         .with_ranks(4, 2)
         .with_schedule(3, 4, 1);
-    let (_, peft) = straight_and_resumed("adalora", AdaLoraModel::new(weight_base(), config).unwrap());
-    let pattern = peft.adapters()["default"].config.rank_pattern.clone().unwrap();
+    let (_, peft) =
+        straight_and_resumed("adalora", AdaLoraModel::new(weight_base(), config).unwrap());
+    let pattern = peft.adapters()["default"]
+        .config
+        .rank_pattern
+        .clone()
+        .unwrap();
     let kept: usize = pattern.values().flatten().filter(|k| **k).count();
     // 6 matrices (2 layers x 3 targets) at target_r 2: the budget is 12 of 24 triplets.
     assert_eq!(kept, 12, "{pattern:?}");
@@ -205,7 +240,10 @@ fn rosa_resumes_from_a_burn_train_checkpoint_bit_for_bit() {
     // LoRA warm-up for 6 steps, masks, restart: the stop at step 8 is after the masks, so the
     // resumed model gets its sparse structure from the checkpoint.
     let config = RosaConfig::new(4, 0.1, 8.0, targets()).with_schedule("wl6");
-    let (trained, _) = straight_and_resumed("rosa", RosaModel::new(activation_base::<RosaAdapter>(), config).unwrap());
+    let (trained, _) = straight_and_resumed(
+        "rosa",
+        RosaModel::new(activation_base::<RosaAdapter>(), config).unwrap(),
+    );
     let spa = adapter_values(&trained.model, "spa_values");
     assert!(!spa.is_empty(), "masks were generated");
     assert!(spa.iter().any(|v| *v != 0.0), "the sparse values trained");
@@ -216,7 +254,10 @@ fn sft_resumes_from_a_burn_train_checkpoint_bit_for_bit() {
     // Reselection every 3 steps (RigL windows of 2): the stop at step 8 is inside a window,
     // after two reselections changed the delta positions.
     let config = SftConfig::new(0.1, targets()).with_steps(3, 2);
-    let (trained, _) = straight_and_resumed("sft", SftModel::new(activation_base::<SftAdapter>(), config).unwrap());
+    let (trained, _) = straight_and_resumed(
+        "sft",
+        SftModel::new(activation_base::<SftAdapter>(), config).unwrap(),
+    );
     assert!(
         adapter_values(&trained.model, "delta_values")
             .iter()
@@ -236,17 +277,28 @@ fn id3_resumes_from_a_burn_train_checkpoint_bit_for_bit() {
 #[test]
 fn a_checkpoint_of_another_method_stops_the_resume_with_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let mut lora = LoraModel::new(activation_base::<LoraAdapter>(), LoraConfig::new(4, 8.0, targets())).unwrap();
+    let mut lora = LoraModel::new(
+        activation_base::<LoraAdapter>(),
+        LoraConfig::new(4, 8.0, targets()),
+    )
+    .unwrap();
     supervised(lora.controlled(STEPS).unwrap(), dir.path(), 1, None);
 
     // The record's stepper state has no controller; SFT's stepper has one.
-    let mut sft = SftModel::new(activation_base::<SftAdapter>(), SftConfig::new(0.1, targets())).unwrap();
+    let mut sft = SftModel::new(
+        activation_base::<SftAdapter>(),
+        SftConfig::new(0.1, targets()),
+    )
+    .unwrap();
     let model = sft.controlled(STEPS).unwrap();
     let before = bits(&model.model);
     let resumed = supervised(model, dir.path(), EPOCHS, Some(1));
     let err = resumed.error().expect("the error is kept");
     assert!(err.to_string().contains("controllers"), "{err}");
     assert_eq!(resumed.step_index(), 0, "no step ran");
-    assert_eq!(bits(&resumed.model), before, "nothing was loaded or trained");
+    assert_eq!(
+        bits(&resumed.model),
+        before,
+        "nothing was loaded or trained"
+    );
 }
-

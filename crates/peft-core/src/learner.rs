@@ -158,7 +158,9 @@ impl<M: Module> Module for Controlled<M> {
             state: Some(StateRecord::zeros(words, &device)),
             keep_frozen_base: true,
         }
-        .try_load_record(record.allow_unused(true))?;
+        // Partial: a zero probe the restored controller set up for the next step (SFT's
+        // blockwise probe anchor) may be absent from the record; it is created, not trained.
+        .try_load_record(record.allow_unused(true).allow_partial(true))?;
         Ok(Self {
             model: loaded.model,
             stepper: self.stepper,
@@ -209,9 +211,7 @@ impl<Mp> KeepFrozenBase<'_, Mp> {
     /// Whether to keep `param` as it is: a base parameter known to be frozen (on a device
     /// without autodiff nothing is known to be trainable, and everything is loaded).
     fn keeps<const D: usize>(&self, param: &Param<Tensor<D>>) -> bool {
-        param.is_autodiff()
-            && !param.is_require_grad()
-            && !self.path.iter().any(|p| p == "peft")
+        param.is_autodiff() && !param.is_require_grad() && !self.path.iter().any(|p| p == "peft")
     }
 }
 
@@ -451,10 +451,7 @@ impl TempDir {
     fn new() -> Result<Self> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "burn-peft-state-{}-{n}",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("burn-peft-state-{}-{n}", std::process::id()));
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(|e| PeftError::io(&path, e))?;
         }
@@ -524,7 +521,10 @@ fn unpack(bytes: &[u8], dir: &Path) -> Result<()> {
         let len = u64::from_le_bytes(take(8)?.try_into().map_err(|_| bad("length"))?);
         let len = usize::try_from(len).map_err(|_| bad("length"))?;
         let data = take(len)?;
-        if name.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+        if name
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+        {
             return Err(bad("file name"));
         }
         let path = dir.join(name);

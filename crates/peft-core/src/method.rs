@@ -46,7 +46,7 @@ pub fn set_param<const D: usize>(param: &Param<Tensor<D>>, value: Tensor<D>) -> 
 /// run that wrote the file), so a resumed run would no longer equal one that did not stop.
 pub fn transposed_from_data(data: TensorData, device: &Device) -> Tensor<2> {
     let (rows, cols) = (data.shape()[0], data.shape()[1]);
-    let values: Vec<f32> = data.convert::<f32>().to_vec().unwrap_or_default();
+    let values: Vec<f32> = data.convert::<f32>().try_to_vec().unwrap_or_default();
     let mut out = vec![0.0f32; values.len()];
     for (i, row) in values.chunks(cols.max(1)).enumerate() {
         for (j, v) in row.iter().enumerate() {

@@ -412,10 +412,7 @@ impl SftSelector {
         }
         for (path, p) in &self.positions {
             let idx: Vec<i64> = p.iter().map(|&i| i as i64).collect();
-            tensors.insert(
-                format!("{path}.positions"),
-                TensorData::new(idx, [p.len()]),
-            );
+            tensors.insert(format!("{path}.positions"), TensorData::new(idx, [p.len()]));
         }
         hf::write_tensors(&dir.join(STATE_TENSORS), &tensors)?;
         let state = json!({
