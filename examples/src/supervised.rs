@@ -40,6 +40,10 @@ pub struct SupervisedArgs {
     /// Continue from burn-train's checkpoint of this epoch in `--run-dir`.
     #[arg(long)]
     pub resume: Option<usize>,
+    /// End the run after this epoch, as if it had been interrupted there (the schedules still
+    /// plan for `--epochs`; continue later with `--resume`).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
 }
 
 /// A batch of sentences: input ids and attention mask `[batch, seq]`, topics `[batch]`.
@@ -101,6 +105,8 @@ pub struct BurnTrain {
     pub dir: PathBuf,
     /// The epoch to resume from.
     pub resume: Option<usize>,
+    /// The epoch to stop after (default: the last).
+    pub stop_after: Option<usize>,
 }
 
 /// Mean training loss of `model` over `data` (no gradients).
@@ -144,7 +150,7 @@ impl Trainer for BurnTrain {
             .metric_valid_numeric(AccuracyMetric::new())
             .with_default_checkpointers()
             .with_application_logger(None)
-            .num_epochs(args.epochs);
+            .num_epochs(self.stop_after.unwrap_or(args.epochs).min(args.epochs));
         if args.quiet {
             training = training.renderer(Box::new(CliMetricsRenderer::new()));
         }
@@ -219,6 +225,7 @@ pub fn run_with(
     let trainer = BurnTrain {
         dir: run_dir,
         resume: args.resume,
+        stop_after: args.stop_after,
     };
     finetune::run_with_trainer(&args.run, dir, tokenize, &trainer)
 }

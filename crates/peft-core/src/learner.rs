@@ -131,16 +131,11 @@ impl<M: Module> Module for Controlled<M> {
         let Some(device) = self.model.devices().into_iter().next() else {
             return Ok(self);
         };
-        let restored = StateRecord::read(&record, &device).and_then(|bytes| {
-            let model = self.model.clone();
-            self.stepper
-                .lock()
-                .stepper
-                .restore_packed(model, &bytes, &device)
-                .map_err(|e| RecordError::Validation(format!("PEFT controller state: {e}")))
-        });
-        let prepared = match restored {
-            Ok(model) => model,
+        match self.load(record, &device) {
+            Ok(model) => Ok(Self {
+                model,
+                stepper: self.stepper,
+            }),
             Err(e) => {
                 let mut shared = self.stepper.lock();
                 let Some(interrupter) = shared.interrupter.clone() else {
@@ -149,22 +144,32 @@ impl<M: Module> Module for Controlled<M> {
                 interrupter.stop(Some(&e.to_string()));
                 shared.error = Some(PeftError::Unsupported(e.to_string()));
                 drop(shared);
-                return Ok(self);
+                Ok(self)
             }
-        };
-        let words = prepared_words(&record, &device)?;
+        }
+    }
+}
+
+impl<M: Module> Controlled<M> {
+    /// The model of `record`: the stepper restored from its state, the model prepared for it,
+    /// then its parameters loaded. After an error the stepper may hold the record's state:
+    /// the run cannot go on (see the module docs).
+    fn load(&self, record: ModuleRecord, device: &Device) -> Result<M, RecordError> {
+        let bytes = StateRecord::read(&record, device)?;
+        let prepared = self
+            .stepper
+            .lock()
+            .stepper
+            .restore_packed(self.model.clone(), &bytes, device)
+            .map_err(|e| RecordError::Validation(format!("PEFT controller state: {e}")))?;
+        let words = prepared_words(&record, device)?;
         let loaded = Recorded {
             model: prepared,
-            state: Some(StateRecord::zeros(words, &device)),
+            state: Some(StateRecord::zeros(words, device)),
             keep_frozen_base: true,
         }
-        // Partial: a zero probe the restored controller set up for the next step (SFT's
-        // blockwise probe anchor) may be absent from the record; it is created, not trained.
-        .try_load_record(record.allow_unused(true).allow_partial(true))?;
-        Ok(Self {
-            model: loaded.model,
-            stepper: self.stepper,
-        })
+        .try_load_record(record.allow_unused(true))?;
+        Ok(loaded.model)
     }
 }
 
