@@ -236,7 +236,7 @@ fn multiple_adapters_and_weighted_combinations_match_peft() {
 /// Configs written by burn-peft and checked in PEFT by `make_peft_fixtures.py verify`.
 fn burn_cases() -> Vec<(&'static str, peft_lora::LoraConfig)> {
     use peft_core::{LayerIndices, LayersPattern, ModuleSelector};
-    use peft_lora::{BiasMode, LoraConfig};
+    use peft_lora::{BiasMode, LoraConfig, PeftConfig};
     vec![
         (
             "rslora_embedding",

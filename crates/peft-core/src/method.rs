@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::adapter::Adapter;
+use crate::config::PeftConfig;
 use crate::error::Result;
 use crate::hf::KeyMap;
 use crate::hosts::{Created, LayerInfo};
@@ -29,7 +30,9 @@ pub enum BiasMode {
     None,
     /// Every bias of the model trains and is saved.
     All,
-    /// The biases of adapted layers train and are saved.
+    /// The biases of adapted layers train and are saved (`lora_only`; RoSA's name for it,
+    /// `rosa_only`, is read as the same).
+    #[serde(alias = "rosa_only")]
     LoraOnly,
 }
 
@@ -44,8 +47,10 @@ pub fn set_param<const D: usize>(param: &Param<Tensor<D>>, value: Tensor<D>) -> 
 /// (see [`Method::load_tensors`]).
 pub type TakeTensor<'a> = dyn FnMut(&str, &[usize]) -> Result<TensorData> + 'a;
 
-/// A PEFT method, implemented by its configuration type.
-pub trait Method: Clone + Debug + Send + Sync + 'static {
+/// A PEFT method, implemented by its configuration type. The common fields (targets, bias,
+/// `modules_to_save`, inference mode) come from the config's
+/// [`PeftConfigBase`](crate::PeftConfigBase).
+pub trait Method: PeftConfig + Clone + Debug + Send + Sync + 'static {
     /// The per-layer adapter the method attaches.
     type Adapter: Adapter + Clone;
 
@@ -85,23 +90,29 @@ pub trait Method: Clone + Debug + Send + Sync + 'static {
     ///
     /// # Errors
     /// Invalid regular expressions or field combinations.
-    fn target_spec(&self) -> Result<TargetSpec>;
+    fn target_spec(&self) -> Result<TargetSpec> {
+        self.base().target_spec()
+    }
 
     /// Which base biases train.
     fn bias(&self) -> BiasMode {
-        BiasMode::None
+        self.base().bias
     }
 
     /// Whether the config names `modules_to_save`.
     fn has_modules_to_save(&self) -> bool {
-        false
+        self.base().modules_to_save.is_some()
     }
 
     /// An adapter in inference mode stays frozen when active.
-    fn inference_mode(&self) -> bool;
+    fn inference_mode(&self) -> bool {
+        self.base().inference_mode
+    }
 
     /// Set [`inference_mode`](Self::inference_mode).
-    fn set_inference_mode(&mut self, on: bool);
+    fn set_inference_mode(&mut self, on: bool) {
+        self.base_mut().inference_mode = on;
+    }
 
     /// A fresh adapter for one matched layer (and, for inits such as PiSSA, its new base).
     ///

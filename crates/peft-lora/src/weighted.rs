@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use burn::module::Param;
 use burn::nn::DropoutConfig;
 use burn::tensor::Tensor;
-use peft_core::ModuleSelector;
+use peft_core::{ModuleSelector, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::hosts::{self, Created, HostView};
 
@@ -105,11 +105,14 @@ impl<M: burn::module::Module> WeightedAdapters for LoraModel<M> {
             use_rslora: false,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
-            target_modules: Some(ModuleSelector::names(factors.keys().cloned())),
-            layers_to_transform: None,
-            layers_pattern: None,
-            modules_to_save: None,
-            bias: peft_core::BiasMode::None,
+            base: PeftConfigBase {
+                target_modules: Some(ModuleSelector::names(factors.keys().cloned())),
+                layers_to_transform: None,
+                layers_pattern: None,
+                modules_to_save: None,
+                bias: peft_core::BiasMode::None,
+                ..first.base.clone()
+            },
             ..first.clone()
         };
         // Layers whose combined rank differs from the largest get their own rank.

@@ -10,7 +10,7 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_core::hosts::{self, HostView};
 use peft_core::step::Stepper;
-use peft_core::{BiasMode, ModuleSelector, PeftLinear};
+use peft_core::{BiasMode, ModuleSelector, PeftConfig, PeftLinear};
 use peft_rosa::{
     GradAccMode, InitRosaWeights, LoadOptions, RosaAdapter, RosaConfig, RosaMasks, RosaModel,
     RosaScheduler, SaveOptions, generate_masks, install_masks, restart_with_masks, two_phase,
