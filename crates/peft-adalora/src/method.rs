@@ -53,11 +53,6 @@ impl Method for AdaLoraConfig {
         Ok(vec![Box::new(crate::RankAllocator::new(self, adapter)?)])
     }
 
-
-
-
-
-
     /// `init_r` triplets, or as many as `rank_pattern` keeps for the layer when it is set
     /// (an adapter loaded from a file, as PEFT's `resize_modules_by_rank_pattern`).
     fn create(&self, info: &LayerInfo) -> Result<Created<AdaLoraAdapter>> {

@@ -153,7 +153,10 @@ pub(crate) fn create(config: &LoraConfig, info: &LayerInfo) -> Result<Created<Lo
     let device = info.base.device();
     let [rows, cols] = info.base.dims();
     let kind = info.candidate.kind;
-    if info.placement == Placement::Weight && config.lora_dropout > 0.0 && !config.base.inference_mode {
+    if info.placement == Placement::Weight
+        && config.lora_dropout > 0.0
+        && !config.base.inference_mode
+    {
         return Err(PeftError::unsupported_field(
             "lora_dropout",
             config.lora_dropout,

@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
+use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf;
 pub use peft_core::method::BiasMode;
-use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::target::{ModuleSelector, TargetSpec, pattern_key};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

@@ -32,11 +32,6 @@ impl Method for LoraConfig {
         LoraConfig::validate(self)
     }
 
-
-
-
-
-
     fn create(&self, info: &LayerInfo) -> Result<Created<LoraAdapter>> {
         create(self, info)
     }

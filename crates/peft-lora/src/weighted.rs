@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use burn::module::Param;
 use burn::nn::DropoutConfig;
 use burn::tensor::Tensor;
-use peft_core::{ModuleSelector, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::hosts::{self, Created, HostView};
+use peft_core::{ModuleSelector, PeftConfigBase};
 
 use crate::LoraModel;
 use crate::adapter::LoraAdapter;

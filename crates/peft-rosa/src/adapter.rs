@@ -214,7 +214,10 @@ pub(crate) fn create(config: &RosaConfig, info: &LayerInfo) -> Result<Created<Ro
     let base_shape = info.base.dims();
     let [rows, cols] = base_shape;
     let kind = info.candidate.kind;
-    if info.placement == Placement::Weight && config.lora_dropout > 0.0 && !config.base.inference_mode {
+    if info.placement == Placement::Weight
+        && config.lora_dropout > 0.0
+        && !config.base.inference_mode
+    {
         return Err(PeftError::unsupported_field(
             "lora_dropout",
             config.lora_dropout,

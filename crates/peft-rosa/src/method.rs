@@ -88,11 +88,6 @@ impl Method for RosaConfig {
         Ok(vec![Box::new(scheduler)])
     }
 
-
-
-
-
-
     fn create(&self, info: &LayerInfo) -> Result<Created<RosaAdapter>> {
         create(self, info)
     }

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::Module;
+use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf;
 use peft_core::hosts;
-use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::target::{LayerKind, ModuleSelector, TargetSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

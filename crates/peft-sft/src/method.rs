@@ -52,11 +52,6 @@ impl Method for SftConfig {
         SftConfig::validate(self)
     }
 
-
-
-
-
-
     fn create(&self, info: &LayerInfo) -> Result<Created<SftAdapter>> {
         create(self, info)
     }
