@@ -40,7 +40,7 @@ pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};
 pub use io::{LoadOptions, SaveOptions};
 pub use layer::{PeftEmbedding, PeftLinear};
-pub use method::{BiasMode, Method, TakeTensor};
+pub use method::{AdapterFactory, BiasMode, Method, TakeTensor};
 pub use model::{AdapterEntry, PeftModel};
 pub use reparam::WeightSlot;
 pub use slot::AdapterSlot;

@@ -47,6 +47,9 @@ pub fn set_param<const D: usize>(param: &Param<Tensor<D>>, value: Tensor<D>) -> 
 /// (see [`Method::load_tensors`]).
 pub type TakeTensor<'a> = dyn FnMut(&str, &[usize]) -> Result<TensorData> + 'a;
 
+/// Creates the adapter of each layer one attach selects (see [`Method::factory`]).
+pub type AdapterFactory<A> = Box<dyn FnMut(&LayerInfo) -> Result<Created<A>>>;
+
 /// A PEFT method, implemented by its configuration type. The common fields (targets, bias,
 /// `modules_to_save`, inference mode) come from the config's
 /// [`PeftConfigBase`](crate::PeftConfigBase).
@@ -119,6 +122,18 @@ pub trait Method: PeftConfig + Clone + Debug + Send + Sync + 'static {
     /// # Errors
     /// A layer the method cannot adapt, or an invalid per-layer setting.
     fn create(&self, info: &LayerInfo) -> Result<Created<Self::Adapter>>;
+
+    /// The factory of one attach ([`PeftModel::add_adapter`](crate::PeftModel::add_adapter)),
+    /// called once, then once per selected layer. The default calls [`create`](Self::create);
+    /// a method whose new adapters start from a file the config names (RoSA's
+    /// `mask_load_path`) reads it here, once per attach.
+    ///
+    /// # Errors
+    /// A file the config names cannot be read.
+    fn factory(&self) -> Result<AdapterFactory<Self::Adapter>> {
+        let config = self.clone();
+        Ok(Box::new(move |info| config.create(info)))
+    }
 
     /// The config as PEFT writes it in `adapter_config.json` (every field).
     fn to_json(&self, key_map: &KeyMap) -> Map<String, Value>;

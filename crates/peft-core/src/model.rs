@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use burn::module::Module;
 
 use crate::error::{PeftError, Result};
-use crate::hosts::{self, HostView};
+use crate::hosts::{self, Created, HostView, LayerInfo};
 use crate::method::{BiasMode, Method};
 use crate::modules_to_save::SavedModules;
 use crate::step::{Controller, Stepper, Tuned};
@@ -72,6 +72,22 @@ impl<M: Module, C: Method> PeftModel<M, C> {
     /// `bias != "none"`.
     pub fn add_adapter(&mut self, name: &str, config: C) -> Result<()> {
         config.validate()?;
+        let factory = config.factory()?;
+        self.add_adapter_with(name, config, factory)
+    }
+
+    /// [`add_adapter`](Self::add_adapter) with the adapter of each selected layer made by
+    /// `create` instead of the config's [`Method::factory`]: for adapters whose start a method
+    /// knows beyond its config (combinations of existing adapters, such as LoRA's weighted
+    /// adapters; RoSA masks given in-process).
+    ///
+    /// # Errors
+    /// As [`add_adapter`](Self::add_adapter), and whatever `create` returns.
+    pub fn add_adapter_with<F>(&mut self, name: &str, config: C, create: F) -> Result<()>
+    where
+        F: FnMut(&LayerInfo) -> Result<Created<C::Adapter>> + 'static,
+    {
+        config.validate()?;
         if self.adapters.contains_key(name) {
             return Err(PeftError::DuplicateAdapter { name: name.into() });
         }
@@ -87,39 +103,12 @@ impl<M: Module, C: Method> PeftModel<M, C> {
             });
         }
         let spec = config.target_spec()?;
-        let cfg = config.clone();
         let mut model = self.model.clone();
-        let layers = hosts::attach(&mut model, name, &spec, move |info| cfg.create(info))?;
+        let layers = hosts::attach(&mut model, name, &spec, create)?;
         self.model = model;
         if config.has_modules_to_save() {
             self.saved.register(&self.model, name, &spec);
         }
-        self.adapters
-            .insert(name.to_string(), AdapterEntry { config, layers });
-        self.refresh_trainable();
-        Ok(())
-    }
-
-    /// Attach adapter `name` with adapters prepared by `create(layer path)` on the layers
-    /// `config` selects (for combinations of existing adapters, such as LoRA's weighted
-    /// adapters). Inactive until [`set_adapter`](Self::set_adapter).
-    ///
-    /// # Errors
-    /// An invalid config, a taken name, or targets that match nothing.
-    pub fn attach_prepared<F>(&mut self, name: &str, config: C, mut create: F) -> Result<()>
-    where
-        F: FnMut(&str) -> crate::Created<C::Adapter> + 'static,
-    {
-        config.validate()?;
-        if self.adapters.contains_key(name) {
-            return Err(PeftError::DuplicateAdapter { name: name.into() });
-        }
-        let spec = config.target_spec()?;
-        let mut model = self.model.clone();
-        let layers = hosts::attach(&mut model, name, &spec, move |info| {
-            Ok(create(&info.candidate.path))
-        })?;
-        self.model = model;
         self.adapters
             .insert(name.to_string(), AdapterEntry { config, layers });
         self.refresh_trainable();

@@ -123,12 +123,12 @@ impl<M: burn::module::Module> WeightedAdapters for LoraModel<M> {
             }
         }
         let dropout = config.lora_dropout;
-        self.attach_prepared(name, config, move |path| {
+        self.add_adapter_with(name, config, move |info| {
             let (_, a, b) = factors
-                .get(path)
+                .get(&info.candidate.path)
                 .cloned()
                 .expect("selected layer has factors");
-            Created {
+            Ok(Created {
                 adapter: LoraAdapter {
                     lora_a: Param::from_tensor(a),
                     lora_b: Param::from_tensor(b),
@@ -137,7 +137,7 @@ impl<M: burn::module::Module> WeightedAdapters for LoraModel<M> {
                     scale: 1.0,
                 },
                 new_base: None,
-            }
+            })
         })
     }
 }

@@ -2,7 +2,6 @@
 //! schedule grammar.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 
 use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
@@ -165,18 +164,6 @@ impl Schedule {
     }
 }
 
-/// Where the sparse masks of new adapters come from (not part of the file format).
-#[derive(Clone, Debug, Default)]
-pub enum InitialMasks {
-    /// None: the sparse adapter waits for mask generation (or `mask_load_path`).
-    #[default]
-    None,
-    /// These masks, by module path (the two-phase recipe hands its masks over this way).
-    Given(Arc<RosaMasks>),
-    /// Uniformly random masks from this seed: for tests and random-mask ablations.
-    Random(u64),
-}
-
 fn default_r() -> usize {
     8
 }
@@ -283,11 +270,6 @@ pub struct RosaConfig {
     /// Every other field of the file, kept in order and written back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
-    /// Masks for new adapters (in-process only).
-    #[serde(skip)]
-    pub initial_masks: InitialMasks,
-    #[serde(skip)]
-    loaded_masks: Arc<OnceLock<std::result::Result<Arc<RosaMasks>, String>>>,
 }
 
 fn number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -392,22 +374,11 @@ impl RosaConfig {
         self
     }
 
-    /// Set `mask_load_path`.
+    /// Set `mask_load_path`: new adapters start with these masks (read once per attach), and
+    /// no step collects gradients. Masks known in-process are given when attaching instead
+    /// ([`MaskedAdapters`](crate::MaskedAdapters)).
     pub fn with_mask_load_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.mask_load_path = Some(path.into());
-        self.loaded_masks = Arc::default();
-        self
-    }
-
-    /// New adapters take their masks from `masks` (no gradient collection then).
-    pub fn with_masks(mut self, masks: RosaMasks) -> Self {
-        self.initial_masks = InitialMasks::Given(Arc::new(masks));
-        self
-    }
-
-    /// New adapters get uniformly random masks drawn from `seed` (tests, ablations).
-    pub fn with_random_masks(mut self, seed: u64) -> Self {
-        self.initial_masks = InitialMasks::Random(seed);
         self
     }
 
@@ -438,11 +409,6 @@ impl RosaConfig {
     /// An unknown schedule name.
     pub fn parsed_schedule(&self) -> Result<Option<Schedule>> {
         self.schedule.as_deref().map(Schedule::parse).transpose()
-    }
-
-    /// Whether the masks are known before training (given, random, or `mask_load_path`).
-    pub fn masks_known(&self) -> bool {
-        !matches!(self.initial_masks, InitialMasks::None) || self.mask_load_path.is_some()
     }
 
     /// Check every field.
@@ -610,29 +576,20 @@ impl RosaConfig {
         }
     }
 
-    /// The masks new adapters start with, if any (`mask_load_path` is read once).
+    /// The masks of the `mask_load_path` file, if the config names one.
     ///
     /// # Errors
     /// The masks file cannot be read.
-    pub(crate) fn known_masks(&self) -> Result<Option<Arc<RosaMasks>>> {
-        if let InitialMasks::Given(m) = &self.initial_masks {
-            return Ok(Some(m.clone()));
-        }
-        let Some(path) = &self.mask_load_path else {
-            return Ok(None);
-        };
-        self.loaded_masks
-            .get_or_init(|| {
-                RosaMasks::load(path)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string())
+    pub(crate) fn file_masks(&self) -> Result<Option<RosaMasks>> {
+        self.mask_load_path
+            .as_deref()
+            .map(|path| {
+                RosaMasks::load(path).map_err(|e| PeftError::InvalidConfig {
+                    field: "mask_load_path".into(),
+                    reason: e.to_string(),
+                })
             })
-            .clone()
-            .map(Some)
-            .map_err(|reason| PeftError::InvalidConfig {
-                field: "mask_load_path".into(),
-                reason,
-            })
+            .transpose()
     }
 
     /// The JSON object written to `adapter_config.json` (every field, `inference_mode: true`).

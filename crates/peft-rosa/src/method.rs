@@ -16,12 +16,13 @@ use peft_core::error::{PeftError, Result};
 use peft_core::hf::KeyMap;
 use peft_core::method::{Method, TakeTensor, set_param};
 use peft_core::target::LayerKind;
-use peft_core::{Created, LayerInfo};
+use peft_core::{AdapterFactory, Created, LayerInfo};
 use serde_json::{Map, Value};
 use sparse_kernels::CsrStructure;
 
 use crate::adapter::{RosaAdapter, create};
-use crate::config::{InitRosaWeights, InitialMasks, RosaConfig};
+use crate::config::{InitRosaWeights, RosaConfig};
+use crate::initial::InitialMasks;
 
 fn factor_keys(kind: LayerKind) -> (&'static str, &'static str) {
     match kind {
@@ -83,13 +84,22 @@ impl Method for RosaConfig {
             self.parsed_schedule()?,
             Some(crate::Schedule::Warmup(n)) if n > 0
         );
-        let scheduler =
-            crate::RosaScheduler::new(self, adapter)?.with_restart(warm && !self.masks_known());
+        let scheduler = crate::RosaScheduler::new(self, adapter)?
+            .with_restart(warm && self.mask_load_path.is_none());
         Ok(vec![Box::new(scheduler)])
     }
 
+    /// One adapter, its mask from `mask_load_path` if set (the file is read on every call:
+    /// attaching goes through [`factory`](Self::factory), which reads it once).
     fn create(&self, info: &LayerInfo) -> Result<Created<RosaAdapter>> {
-        create(self, info)
+        create(self, info, &self.initial_masks()?)
+    }
+
+    /// Reads `mask_load_path`, if set, once for all the layers of the attach.
+    fn factory(&self) -> Result<AdapterFactory<RosaAdapter>> {
+        let masks = self.initial_masks()?;
+        let config = self.clone();
+        Ok(Box::new(move |info| create(&config, info, &masks)))
     }
 
     fn to_json(&self, _key_map: &KeyMap) -> Map<String, Value> {
@@ -110,7 +120,6 @@ impl Method for RosaConfig {
     fn for_loading(&self) -> Self {
         let mut config = self.clone();
         config.init_lora_weights = InitRosaWeights::Default;
-        config.initial_masks = InitialMasks::None;
         config.mask_load_path = None;
         config
     }
@@ -226,4 +235,13 @@ impl Method for RosaConfig {
 
 fn spa_rows(adapter: &RosaAdapter) -> usize {
     RosaAdapter::spa_shape(adapter.kind, adapter.base_shape)[0]
+}
+
+impl RosaConfig {
+    /// The masks new adapters start with: the `mask_load_path` file, or none.
+    fn initial_masks(&self) -> Result<InitialMasks> {
+        Ok(self
+            .file_masks()?
+            .map_or(InitialMasks::None, InitialMasks::Given))
+    }
 }
