@@ -46,6 +46,6 @@ pub use reparam::WeightSlot;
 pub use slot::AdapterSlot;
 pub use step::{Controller, StepInfo, Stepper, Tuned};
 pub use target::{
-    Candidate, LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetSpec,
+    Candidate, LayerIndices, LayerKind, LayersPattern, ModelType, ModuleSelector, TargetSpec,
     default_target_modules,
 };

@@ -10,6 +10,7 @@ use crate::hosts::{self, Created, HostView, LayerInfo};
 use crate::method::{BiasMode, Method};
 use crate::modules_to_save::SavedModules;
 use crate::step::{Controller, Stepper, Tuned};
+use crate::target::ModelType;
 
 /// One adapter known to a [`PeftModel`].
 #[derive(Clone, Debug)]
@@ -52,6 +53,39 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         this.add_adapter("default", config)?;
         this.set_adapter(&["default"])?;
         Ok(this)
+    }
+
+    /// [`new`](Self::new) for a model that knows its type ([`ModelType`]): an unset
+    /// `target_modules` takes PEFT's default for it (LLaMA: `q_proj`, `v_proj`; BERT: `query`,
+    /// `value`), as PEFT's `get_peft_model` does.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new): a type without a default and unset targets give
+    /// [`PeftError::TargetNotFound`] listing every candidate.
+    pub fn new_typed(model: M, config: C) -> Result<Self>
+    where
+        M: ModelType,
+    {
+        let mut this = Self::empty(model);
+        this.add_adapter_typed("default", config)?;
+        this.set_adapter(&["default"])?;
+        Ok(this)
+    }
+
+    /// [`add_adapter`](Self::add_adapter) for a model that knows its type: an unset
+    /// `target_modules` takes PEFT's default for it (see [`new_typed`](Self::new_typed)).
+    ///
+    /// # Errors
+    /// As [`add_adapter`](Self::add_adapter).
+    pub fn add_adapter_typed(&mut self, name: &str, config: C) -> Result<()>
+    where
+        M: ModelType,
+    {
+        let config = match self.model.model_type() {
+            Some(model_type) => config.with_default_targets(model_type),
+            None => config,
+        };
+        self.add_adapter(name, config)
     }
 
     /// Wrap `model` without any adapter.
