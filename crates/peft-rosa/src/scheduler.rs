@@ -506,7 +506,7 @@ impl RosaScheduler {
         // Masks held but not generated were known from the start: no collection segment.
         self.segments = self
             .schedule
-            .segments(self.num_grads, !(has_masks && !generated));
+            .segments(self.num_grads, !has_masks || generated);
         self.step = step;
         self.generated = generated;
         self.collected = collected;
