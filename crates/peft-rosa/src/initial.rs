@@ -29,6 +29,27 @@ pub enum InitialMasks {
     Random(u64),
 }
 
+impl InitialMasks {
+    /// The masks `config` names: its `mask_load_path` file, or none.
+    ///
+    /// # Errors
+    /// The masks file cannot be read.
+    pub(crate) fn of_config(config: &RosaConfig) -> Result<Self> {
+        Ok(config.file_masks()?.map_or(Self::None, Self::Given))
+    }
+
+    /// These masks, or where none are given, those `config` names.
+    fn or_config(self, config: &RosaConfig) -> Result<Self> {
+        match self {
+            Self::Given(_) => Ok(self),
+            other => match Self::of_config(config)? {
+                Self::None => Ok(other),
+                file => Ok(file),
+            },
+        }
+    }
+}
+
 /// Attaching RoSA adapters whose masks are known in-process (implemented by
 /// [`RosaModel`](crate::RosaModel)).
 pub trait MaskedAdapters<M>: Sized {
@@ -65,11 +86,7 @@ impl<M: Module> MaskedAdapters<M> for PeftModel<M, RosaConfig> {
         masks: InitialMasks,
     ) -> Result<()> {
         config.validate()?;
-        let masks = match (masks, config.file_masks()?) {
-            (given @ InitialMasks::Given(_), _) => given,
-            (_, Some(file)) => InitialMasks::Given(file),
-            (other, None) => other,
-        };
+        let masks = masks.or_config(&config)?;
         let for_layers = config.clone();
         self.add_adapter_with(name, config, move |info| create(&for_layers, info, &masks))
     }

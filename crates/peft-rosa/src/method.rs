@@ -92,12 +92,12 @@ impl Method for RosaConfig {
     /// One adapter, its mask from `mask_load_path` if set (the file is read on every call:
     /// attaching goes through [`factory`](Self::factory), which reads it once).
     fn create(&self, info: &LayerInfo) -> Result<Created<RosaAdapter>> {
-        create(self, info, &self.initial_masks()?)
+        create(self, info, &InitialMasks::of_config(self)?)
     }
 
     /// Reads `mask_load_path`, if set, once for all the layers of the attach.
     fn factory(&self) -> Result<AdapterFactory<RosaAdapter>> {
-        let masks = self.initial_masks()?;
+        let masks = InitialMasks::of_config(self)?;
         let config = self.clone();
         Ok(Box::new(move |info| create(&config, info, &masks)))
     }
@@ -235,13 +235,4 @@ impl Method for RosaConfig {
 
 fn spa_rows(adapter: &RosaAdapter) -> usize {
     RosaAdapter::spa_shape(adapter.kind, adapter.base_shape)[0]
-}
-
-impl RosaConfig {
-    /// The masks new adapters start with: the `mask_load_path` file, or none.
-    fn initial_masks(&self) -> Result<InitialMasks> {
-        Ok(self
-            .file_masks()?
-            .map_or(InitialMasks::None, InitialMasks::Given))
-    }
 }
