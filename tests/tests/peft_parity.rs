@@ -373,6 +373,12 @@ fn burn_saved_adapters_are_the_files_peft_verified() {
             hf::read_json(&committed.join(hf::CONFIG_FILE)).unwrap(),
             "{case}: adapter_config.json"
         );
+        let text = |d: &std::path::Path| std::fs::read_to_string(d.join(hf::CONFIG_FILE)).unwrap();
+        assert_eq!(
+            text(&dir),
+            text(&committed),
+            "{case}: adapter_config.json byte for byte"
+        );
         let expected = hf::read_tensors(&committed.join("expected.safetensors")).unwrap();
         let expected: Tensor<3> = Tensor::from_data(expected["output"].clone(), &device);
         if let Err(d) = close(&output, &expected) {
