@@ -171,3 +171,29 @@ fn rosa_names_its_bias_rosa_only() {
     let lora = LoraConfig::new(4, 8.0, ModuleSelector::names(["q"])).with_bias(BiasMode::LoraOnly);
     assert_eq!(lora.to_json(&KeyMap::default())["bias"], "lora_only");
 }
+
+/// Every `adapter_config.json` Python PEFT wrote for the fixtures parses into the base plus
+/// LoRA's own fields and `extra`, and is written back JSON-equal.
+#[test]
+fn python_peft_configs_round_trip() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let file = entry.unwrap().path().join("adapter_config.json");
+        if !file.exists() {
+            continue;
+        }
+        let map = peft_core::hf::read_json(&file).unwrap();
+        let config =
+            <LoraConfig as Method>::from_json(map.clone(), &file, &KeyMap::default()).unwrap();
+        assert!(config.base.inference_mode, "{}", file.display());
+        assert_eq!(
+            Value::Object(config.to_json(&KeyMap::default())),
+            Value::Object(map),
+            "{}",
+            file.display()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 10, "{seen} fixture configs");
+}
