@@ -107,7 +107,7 @@ fn run_variant(args: &Args, variant: &str) -> anyhow::Result<serde_json::Value> 
                 rosa.clone(),
             )?;
             loaded_mib = memory_mib("VmRSS:");
-            let scheduler = RosaScheduler::new(&rosa, "default")?;
+            let mut scheduler = RosaScheduler::new(&rosa, "default")?;
             let net = scheduler.prepare(model.model().clone())?;
             let mut stepper = Stepper::new().with(scheduler);
             let mut optim = adamw();

@@ -16,7 +16,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::AdamWConfig;
 use burn::tensor::{Device, Int, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use peft_core::{Method, ModuleSelector, PeftLinear, PeftModel, SaveOptions, Tuned};
+use peft_core::{Method, ModuleSelector, PeftConfig, PeftLinear, PeftModel, SaveOptions, Tuned};
 use peft_lora::LoraConfig;
 use peft_models::LinearLayer;
 use peft_models::bert::{Bert, BertConfig, mean_pool};
@@ -591,12 +591,10 @@ fn adapters(
         }
         _ => {
             use peft_adalora::AdaLoraConfig;
-            let mut ada = AdaLoraConfig::new(all_linear(), steps)
+            let ada = AdaLoraConfig::new(all_linear(), steps)
                 .with_ranks(args.rank, (args.rank / 2).max(1))
                 .with_schedule(steps / 10, steps / 5, 2)
-                .with_alpha(args.alpha);
-            ada.lora = ada
-                .lora
+                .with_alpha(args.alpha)
                 .with_modules_to_save(["classifier"])
                 .with_exclude(pooler());
             train_peft(ada, args, dir, sets, device, trainer)

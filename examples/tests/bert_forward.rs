@@ -198,7 +198,9 @@ fn the_binary_exits_non_zero_on_bad_input() {
 fn rosa_adapters_run_unmerged_and_merged_like_the_library() {
     use peft_core::{ModuleSelector, PeftLinear, SaveOptions};
     use peft_models::bert::Bert;
-    use peft_rosa::{InitRosaWeights, RosaAdapter, RosaConfig, RosaModel};
+    use peft_rosa::{
+        InitRosaWeights, InitialMasks, MaskedAdapters, RosaAdapter, RosaConfig, RosaModel,
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let device = burn::tensor::Device::flex();
@@ -212,9 +214,8 @@ fn rosa_adapters_run_unmerged_and_merged_like_the_library() {
         8.0,
         ModuleSelector::names(["query", "value", "dense"]),
     )
-    .with_init(InitRosaWeights::Random)
-    .with_random_masks(5);
-    let model = RosaModel::new(bert, config).unwrap();
+    .with_init(InitRosaWeights::Random);
+    let model = RosaModel::new_with_masks(bert, config, InitialMasks::Random(5)).unwrap();
     let adapter_dir = dir.path().join("rosa");
     model
         .save_pretrained(&adapter_dir, &SaveOptions::default())

@@ -16,7 +16,7 @@ use peft_core::{
     Adapter, Method, ModuleSelector, PeftEmbedding, PeftError, PeftLinear, PeftModel, hosts,
 };
 use peft_lora::{InitLoraWeights, LoadOptions, LoraConfig, SaveOptions};
-use peft_rosa::{InitRosaWeights, RosaConfig};
+use peft_rosa::{InitRosaWeights, InitialMasks, MaskedAdapters, RosaConfig};
 use peft_sft::{InitDeltas, SftConfig};
 
 type Weight = TinyModel<Linear, Embedding>;
@@ -26,6 +26,10 @@ type Activation<A> = TinyModel<PeftLinear<A>, PeftEmbedding<A>>;
 trait Conformance: Method {
     /// The same config with a non-trivial initial adapter (not an identity).
     fn perturbed(&self) -> Self;
+    /// Add adapter `name` with the [`perturbed`](Self::perturbed) config.
+    fn add_perturbed<M: Module>(&self, peft: &mut PeftModel<M, Self>, name: &str) {
+        peft.add_adapter(name, self.perturbed()).unwrap();
+    }
     /// Whether merged deltas add up exactly (DoRA's do not).
     fn merges_add(&self) -> bool {
         true
@@ -48,12 +52,23 @@ impl Conformance for AdaLoraConfig {
 }
 
 impl Conformance for RosaConfig {
-    /// Random factors, random masks (seeded by module path) and random sparse values.
+    /// Random factors and sparse values.
     fn perturbed(&self) -> Self {
-        self.clone()
-            .with_init(InitRosaWeights::Random)
-            .with_random_masks(7)
+        self.clone().with_init(InitRosaWeights::Random)
     }
+    /// Random masks (seeded by module path) as well, given in-process.
+    fn add_perturbed<M: Module>(&self, peft: &mut PeftModel<M, Self>, name: &str) {
+        peft.add_adapter_with_masks(name, self.perturbed(), InitialMasks::Random(7))
+            .unwrap();
+    }
+}
+
+/// `base` with the perturbed adapter `"default"`, active.
+fn perturbed<M: Module, C: Conformance>(base: M, config: &C) -> PeftModel<M, C> {
+    let mut peft = PeftModel::empty(base);
+    config.add_perturbed(&mut peft, "default");
+    peft.set_adapter(&["default"]).unwrap();
+    peft
 }
 
 fn rosa_cases() -> Vec<(&'static str, RosaConfig)> {
@@ -195,7 +210,7 @@ fn check_case<M: Case, C: Conformance>(label: &str, config: &C) {
     );
 
     // Non-trivial adapter from here on.
-    let mut peft = PeftModel::new(base.clone(), config.perturbed()).unwrap();
+    let mut peft = perturbed(base.clone(), config);
     let out = peft.model().run(&dev);
     assert!(
         max_diff(&out, &base_out) > 1e-3,
@@ -267,8 +282,8 @@ fn check_case<M: Case, C: Conformance>(label: &str, config: &C) {
     );
 
     // Safe merge refuses NaN and changes nothing.
-    let mut broken = PeftModel::new(base.clone(), config.perturbed()).unwrap();
-    broken.add_adapter("nan", config.perturbed()).unwrap();
+    let mut broken = perturbed(base.clone(), config);
+    config.add_perturbed(&mut broken, "nan");
     let good_out = broken.model().run(&dev);
     poison(&mut broken, "nan");
     broken.set_adapter(&["default", "nan"]).unwrap();
@@ -289,8 +304,8 @@ fn check_case<M: Case, C: Conformance>(label: &str, config: &C) {
     );
 
     // Two adapters active == the sum of their deltas.
-    let mut two = PeftModel::new(base.clone(), config.perturbed()).unwrap();
-    two.add_adapter("other", config.perturbed()).unwrap();
+    let mut two = perturbed(base.clone(), config);
+    config.add_perturbed(&mut two, "other");
     let out_a = two.model().run(&dev);
     two.set_adapter(&["other"]).unwrap();
     let out_b = two.model().run(&dev);
@@ -330,7 +345,7 @@ fn check_case<M: Case, C: Conformance>(label: &str, config: &C) {
     );
 
     // Training changes only adapter parameters (and changes them).
-    let mut train = PeftModel::new(base.clone(), config.perturbed()).unwrap();
+    let mut train = perturbed(base.clone(), config);
     let mut optim = SgdConfig::new().init();
     // The method's own stepper (its controllers prepared on the model: probes included).
     let mut stepper = train.stepper(3).unwrap();
@@ -479,7 +494,7 @@ fn check_paths<A: Adapter, C: Conformance<Adapter = A>>(label: &str, config: &C)
     let dev = device();
     {
         // The same adapter values on both paths: saved from one, loaded into the other.
-        let w = PeftModel::new(Weight::build(3, &dev), config.perturbed()).unwrap();
+        let w = perturbed(Weight::build(3, &dev), config);
         let dir = tempfile::tempdir().unwrap();
         w.save_pretrained(dir.path(), &SaveOptions::default())
             .unwrap();

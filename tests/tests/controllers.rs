@@ -21,7 +21,7 @@ use peft_core::{
     Adapter, Method, ModuleSelector, PeftEmbedding, PeftError, PeftLinear, PeftModel, hosts,
 };
 use peft_lora::LoraConfig;
-use peft_rosa::{RosaAdapter, RosaConfig};
+use peft_rosa::{InitialMasks, MaskedAdapters, RosaAdapter, RosaConfig};
 use peft_selective::{SelectiveConfig, SelectiveModel};
 use peft_sft::{SftAdapter, SftConfig};
 
@@ -451,4 +451,48 @@ fn resuming_from_adapter_files_and_stepper_state_equals_not_stopping() {
         .with_ranks(4, 2)
         .with_schedule(2, 2, 1);
     resume_equals_not_stopping("adalora", ada, 8, 2, 0.0);
+}
+
+/// RoSA masks given when attaching (runtime state, not in the config) are known to the stepper
+/// the model gives: a `wl2` run then trains LoRA alone for two steps and both parts from step
+/// 2, with no collection step, no new masks and no restart of the factors.
+#[test]
+fn rosa_masks_given_when_attaching_skip_collection_and_restart() {
+    let dev = device();
+    let config = RosaConfig::new(4, 0.1, 8.0, targets()).with_schedule("wl2");
+    let base = TinyModel::from_torch(&random_torch_weights(3, &dev), &dev);
+    let mut peft: PeftModel<Activation<RosaAdapter>, _> =
+        PeftModel::new_with_masks(base, config, InitialMasks::Random(11)).unwrap();
+    let spa = |a: &RosaAdapter| -> Vec<f32> {
+        let values = a.spa_values.as_ref().unwrap().val();
+        values.into_data().try_to_vec::<f32>().unwrap()
+    };
+    let start = adapters_of::<_, RosaAdapter>(peft.model(), "default");
+    assert!(!start.is_empty());
+    let mut stepper = peft.stepper(3).unwrap();
+    let mut optim = SgdConfig::new().init();
+    for step in 0..3 {
+        let l = peft.loss();
+        stepper.train(&mut peft, &mut optim, 1e-2, l).unwrap();
+        let now = adapters_of::<_, RosaAdapter>(peft.model(), "default");
+        for ((path, _, a0), (_, _, a)) in start.iter().zip(&now) {
+            assert!(a.probe.is_none(), "{path}: no gradient collection");
+            assert_eq!(
+                a.spa_csr().unwrap().layout.structure(),
+                a0.spa_csr().unwrap().layout.structure(),
+                "{path}: the given masks stay"
+            );
+            assert_ne!(
+                a.lora_b.as_ref().unwrap().val().into_data(),
+                a0.lora_b.as_ref().unwrap().val().into_data(),
+                "{path}: no restart after step {step}"
+            );
+            let trained = spa(a).iter().any(|v| *v != 0.0);
+            assert_eq!(
+                trained,
+                step == 2,
+                "{path}: sparse values train from step 2"
+            );
+        }
+    }
 }

@@ -236,7 +236,7 @@ fn multiple_adapters_and_weighted_combinations_match_peft() {
 /// Configs written by burn-peft and checked in PEFT by `make_peft_fixtures.py verify`.
 fn burn_cases() -> Vec<(&'static str, peft_lora::LoraConfig)> {
     use peft_core::{LayerIndices, LayersPattern, ModuleSelector};
-    use peft_lora::{BiasMode, LoraConfig};
+    use peft_lora::{BiasMode, LoraConfig, PeftConfig};
     vec![
         (
             "rslora_embedding",
@@ -372,6 +372,12 @@ fn burn_saved_adapters_are_the_files_peft_verified() {
             hf::read_json(&dir.join(hf::CONFIG_FILE)).unwrap(),
             hf::read_json(&committed.join(hf::CONFIG_FILE)).unwrap(),
             "{case}: adapter_config.json"
+        );
+        let text = |d: &std::path::Path| std::fs::read_to_string(d.join(hf::CONFIG_FILE)).unwrap();
+        assert_eq!(
+            text(&dir),
+            text(&committed),
+            "{case}: adapter_config.json byte for byte"
         );
         let expected = hf::read_tensors(&committed.join("expected.safetensors")).unwrap();
         let expected: Tensor<3> = Tensor::from_data(expected["output"].clone(), &device);

@@ -113,7 +113,7 @@ pub(crate) fn create(
         ));
     }
     let lora = &config.lora;
-    if info.placement == Placement::Weight && lora.lora_dropout > 0.0 && !lora.inference_mode {
+    if info.placement == Placement::Weight && lora.lora_dropout > 0.0 && !lora.base.inference_mode {
         return Err(PeftError::unsupported_field(
             "lora_dropout",
             lora.lora_dropout,

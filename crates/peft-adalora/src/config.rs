@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::target::{ModuleSelector, TargetSpec};
 use peft_lora::{InitLoraWeights, LoraConfig};
@@ -309,9 +310,13 @@ impl AdaLoraConfig {
     }
 }
 
-/// The common fields are LoRA's (`AdaLoraConfig::lora`).
-impl peft_core::PeftConfig for AdaLoraConfig {
-    fn common_mut(&mut self) -> peft_core::CommonFieldsMut<'_> {
-        peft_core::PeftConfig::common_mut(&mut self.lora)
+/// The common fields are LoRA's (`AdaLoraConfig::lora.base`).
+impl PeftConfig for AdaLoraConfig {
+    fn base(&self) -> &PeftConfigBase {
+        &self.lora.base
+    }
+
+    fn base_mut(&mut self) -> &mut PeftConfigBase {
+        &mut self.lora.base
     }
 }

@@ -9,8 +9,8 @@ use burn::tensor::{Tensor, TensorData};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf::KeyMap;
 use peft_core::io::transpose_data;
-use peft_core::method::{BiasMode, Method, TakeTensor, set_param};
-use peft_core::target::{LayerKind, TargetSpec};
+use peft_core::method::{Method, TakeTensor, set_param};
+use peft_core::target::LayerKind;
 use peft_core::{Created, LayerInfo};
 use serde_json::{Map, Value};
 
@@ -51,26 +51,6 @@ impl Method for AdaLoraConfig {
     ) -> Result<Vec<Box<dyn peft_core::Controller<M>>>> {
         let _ = total_steps;
         Ok(vec![Box::new(crate::RankAllocator::new(self, adapter)?)])
-    }
-
-    fn target_spec(&self) -> Result<TargetSpec> {
-        AdaLoraConfig::target_spec(self)
-    }
-
-    fn bias(&self) -> BiasMode {
-        self.lora.bias
-    }
-
-    fn has_modules_to_save(&self) -> bool {
-        self.lora.modules_to_save.is_some()
-    }
-
-    fn inference_mode(&self) -> bool {
-        self.lora.inference_mode
-    }
-
-    fn set_inference_mode(&mut self, on: bool) {
-        self.lora.inference_mode = on;
     }
 
     /// `init_r` triplets, or as many as `rank_pattern` keeps for the layer when it is set

@@ -34,18 +34,18 @@ pub mod step;
 pub mod target;
 
 pub use adapter::Adapter;
-pub use config::{CommonFieldsMut, PeftConfig};
+pub use config::{PeftConfig, PeftConfigBase};
 pub use error::{PeftError, Result};
 pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};
 pub use io::{LoadOptions, SaveOptions};
 pub use layer::{PeftEmbedding, PeftLinear};
-pub use method::{BiasMode, Method, TakeTensor};
+pub use method::{AdapterFactory, BiasMode, Method, TakeTensor};
 pub use model::{AdapterEntry, PeftModel};
 pub use reparam::WeightSlot;
 pub use slot::AdapterSlot;
 pub use step::{Controller, StepInfo, Stepper, Tuned};
 pub use target::{
-    Candidate, LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetSpec,
+    Candidate, LayerIndices, LayerKind, LayersPattern, ModelType, ModuleSelector, TargetSpec,
     default_target_modules,
 };

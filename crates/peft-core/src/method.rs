@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::adapter::Adapter;
+use crate::config::PeftConfig;
 use crate::error::Result;
 use crate::hf::KeyMap;
 use crate::hosts::{Created, LayerInfo};
@@ -29,7 +30,9 @@ pub enum BiasMode {
     None,
     /// Every bias of the model trains and is saved.
     All,
-    /// The biases of adapted layers train and are saved.
+    /// The biases of adapted layers train and are saved (`lora_only`; RoSA's name for it,
+    /// `rosa_only`, is read as the same).
+    #[serde(alias = "rosa_only")]
     LoraOnly,
 }
 
@@ -60,8 +63,13 @@ pub fn transposed_from_data(data: TensorData, device: &Device) -> Tensor<2> {
 /// (see [`Method::load_tensors`]).
 pub type TakeTensor<'a> = dyn FnMut(&str, &[usize]) -> Result<TensorData> + 'a;
 
-/// A PEFT method, implemented by its configuration type.
-pub trait Method: Clone + Debug + Send + Sync + 'static {
+/// Creates the adapter of each layer one attach selects (see [`Method::factory`]).
+pub type AdapterFactory<A> = Box<dyn FnMut(&LayerInfo) -> Result<Created<A>>>;
+
+/// A PEFT method, implemented by its configuration type. The common fields (targets, bias,
+/// `modules_to_save`, inference mode) come from the config's
+/// [`PeftConfigBase`](crate::PeftConfigBase).
+pub trait Method: PeftConfig + Clone + Debug + Send + Sync + 'static {
     /// The per-layer adapter the method attaches.
     type Adapter: Adapter + Clone;
 
@@ -101,29 +109,47 @@ pub trait Method: Clone + Debug + Send + Sync + 'static {
     ///
     /// # Errors
     /// Invalid regular expressions or field combinations.
-    fn target_spec(&self) -> Result<TargetSpec>;
+    fn target_spec(&self) -> Result<TargetSpec> {
+        self.base().target_spec()
+    }
 
     /// Which base biases train.
     fn bias(&self) -> BiasMode {
-        BiasMode::None
+        self.base().bias
     }
 
     /// Whether the config names `modules_to_save`.
     fn has_modules_to_save(&self) -> bool {
-        false
+        self.base().modules_to_save.is_some()
     }
 
     /// An adapter in inference mode stays frozen when active.
-    fn inference_mode(&self) -> bool;
+    fn inference_mode(&self) -> bool {
+        self.base().inference_mode
+    }
 
     /// Set [`inference_mode`](Self::inference_mode).
-    fn set_inference_mode(&mut self, on: bool);
+    fn set_inference_mode(&mut self, on: bool) {
+        self.base_mut().inference_mode = on;
+    }
 
     /// A fresh adapter for one matched layer (and, for inits such as PiSSA, its new base).
     ///
     /// # Errors
     /// A layer the method cannot adapt, or an invalid per-layer setting.
     fn create(&self, info: &LayerInfo) -> Result<Created<Self::Adapter>>;
+
+    /// The factory of one attach ([`PeftModel::add_adapter`](crate::PeftModel::add_adapter)),
+    /// called once, then once per selected layer. The default calls [`create`](Self::create);
+    /// a method whose new adapters start from a file the config names (RoSA's
+    /// `mask_load_path`) reads it here, once per attach.
+    ///
+    /// # Errors
+    /// A file the config names cannot be read.
+    fn factory(&self) -> Result<AdapterFactory<Self::Adapter>> {
+        let config = self.clone();
+        Ok(Box::new(move |info| config.create(info)))
+    }
 
     /// The config as PEFT writes it in `adapter_config.json` (every field).
     fn to_json(&self, key_map: &KeyMap) -> Map<String, Value>;

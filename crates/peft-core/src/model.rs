@@ -6,10 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use burn::module::Module;
 
 use crate::error::{PeftError, Result};
-use crate::hosts::{self, HostView};
+use crate::hosts::{self, Created, HostView, LayerInfo};
 use crate::method::{BiasMode, Method};
 use crate::modules_to_save::SavedModules;
 use crate::step::{Controller, Stepper, Tuned};
+use crate::target::ModelType;
 
 /// One adapter known to a [`PeftModel`].
 #[derive(Clone, Debug)]
@@ -54,6 +55,39 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         Ok(this)
     }
 
+    /// [`new`](Self::new) for a model that knows its type ([`ModelType`]): an unset
+    /// `target_modules` takes PEFT's default for it (LLaMA: `q_proj`, `v_proj`; BERT: `query`,
+    /// `value`), as PEFT's `get_peft_model` does.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new): a type without a default and unset targets give
+    /// [`PeftError::TargetNotFound`] listing every candidate.
+    pub fn new_typed(model: M, config: C) -> Result<Self>
+    where
+        M: ModelType,
+    {
+        let mut this = Self::empty(model);
+        this.add_adapter_typed("default", config)?;
+        this.set_adapter(&["default"])?;
+        Ok(this)
+    }
+
+    /// [`add_adapter`](Self::add_adapter) for a model that knows its type: an unset
+    /// `target_modules` takes PEFT's default for it (see [`new_typed`](Self::new_typed)).
+    ///
+    /// # Errors
+    /// As [`add_adapter`](Self::add_adapter).
+    pub fn add_adapter_typed(&mut self, name: &str, config: C) -> Result<()>
+    where
+        M: ModelType,
+    {
+        let config = match self.model.model_type() {
+            Some(model_type) => config.with_default_targets(model_type),
+            None => config,
+        };
+        self.add_adapter(name, config)
+    }
+
     /// Wrap `model` without any adapter.
     pub fn empty(model: M) -> Self {
         Self {
@@ -72,6 +106,22 @@ impl<M: Module, C: Method> PeftModel<M, C> {
     /// `bias != "none"`.
     pub fn add_adapter(&mut self, name: &str, config: C) -> Result<()> {
         config.validate()?;
+        let factory = config.factory()?;
+        self.add_adapter_with(name, config, factory)
+    }
+
+    /// [`add_adapter`](Self::add_adapter) with the adapter of each selected layer made by
+    /// `create` instead of the config's [`Method::factory`]: for adapters whose start a method
+    /// knows beyond its config (combinations of existing adapters, such as LoRA's weighted
+    /// adapters; RoSA masks given in-process).
+    ///
+    /// # Errors
+    /// As [`add_adapter`](Self::add_adapter), and whatever `create` returns.
+    pub fn add_adapter_with<F>(&mut self, name: &str, config: C, create: F) -> Result<()>
+    where
+        F: FnMut(&LayerInfo) -> Result<Created<C::Adapter>> + 'static,
+    {
+        config.validate()?;
         if self.adapters.contains_key(name) {
             return Err(PeftError::DuplicateAdapter { name: name.into() });
         }
@@ -87,39 +137,12 @@ impl<M: Module, C: Method> PeftModel<M, C> {
             });
         }
         let spec = config.target_spec()?;
-        let cfg = config.clone();
         let mut model = self.model.clone();
-        let layers = hosts::attach(&mut model, name, &spec, move |info| cfg.create(info))?;
+        let layers = hosts::attach(&mut model, name, &spec, create)?;
         self.model = model;
         if config.has_modules_to_save() {
             self.saved.register(&self.model, name, &spec);
         }
-        self.adapters
-            .insert(name.to_string(), AdapterEntry { config, layers });
-        self.refresh_trainable();
-        Ok(())
-    }
-
-    /// Attach adapter `name` with adapters prepared by `create(layer path)` on the layers
-    /// `config` selects (for combinations of existing adapters, such as LoRA's weighted
-    /// adapters). Inactive until [`set_adapter`](Self::set_adapter).
-    ///
-    /// # Errors
-    /// An invalid config, a taken name, or targets that match nothing.
-    pub fn attach_prepared<F>(&mut self, name: &str, config: C, mut create: F) -> Result<()>
-    where
-        F: FnMut(&str) -> crate::Created<C::Adapter> + 'static,
-    {
-        config.validate()?;
-        if self.adapters.contains_key(name) {
-            return Err(PeftError::DuplicateAdapter { name: name.into() });
-        }
-        let spec = config.target_spec()?;
-        let mut model = self.model.clone();
-        let layers = hosts::attach(&mut model, name, &spec, move |info| {
-            Ok(create(&info.candidate.path))
-        })?;
-        self.model = model;
         self.adapters
             .insert(name.to_string(), AdapterEntry { config, layers });
         self.refresh_trainable();

@@ -13,8 +13,10 @@
 //!   `task_type = "SEQ_CLS"` the classification heads `classifier` and `score`, as PEFT's
 //!   `_maybe_include_all_linear_layers`.
 //! * `target_modules` unset: [`default_target_modules`] gives PEFT's per-architecture default
-//!   for a model type (LLaMA: `q_proj`, `v_proj`; BERT: `query`, `value`); without one,
-//!   selection fails with [`PeftError::TargetNotFound`] listing every candidate.
+//!   for a model type (LLaMA: `q_proj`, `v_proj`; BERT: `query`, `value`), applied by
+//!   [`PeftModel::new_typed`](crate::PeftModel::new_typed) to a model that knows its type
+//!   ([`ModelType`]); without one, selection fails with [`PeftError::TargetNotFound`] listing
+//!   every candidate.
 //! * `exclude_modules` uses the same two forms and wins over `target_modules`.
 //! * `modules_to_save` modules never get an adapter.
 //! * `layers_to_transform` (list targets only) keeps keys whose first numbered segment, or the
@@ -250,7 +252,11 @@ impl TargetSpec {
             described: fields
                 .target_modules
                 .map(ModuleSelector::describe)
-                .unwrap_or_else(|| "None".into()),
+                .unwrap_or_else(|| {
+                    "None (unset, and no default without the model's type: name the targets, \
+                     or attach a `ModelType` model with `PeftModel::new_typed`)"
+                        .into()
+                }),
             seq_cls: fields.task_type == Some("SEQ_CLS"),
         })
     }
@@ -341,12 +347,21 @@ pub fn pattern_key<'k>(
     Ok(None)
 }
 
+/// A model that knows its architecture: `config.json`'s `model_type`, the key of
+/// [`default_target_modules`]. [`PeftModel::new_typed`](crate::PeftModel::new_typed) reads it to
+/// fill an unset `target_modules`, as PEFT's `get_peft_model` does (peft-models' LLaMA and
+/// BERT implement it; so can any model).
+pub trait ModelType {
+    /// The model type (`"llama"`, `"bert"`, …), or `None` when unknown.
+    fn model_type(&self) -> Option<&str>;
+}
+
 /// PEFT's default `target_modules` for a model type (`config.json`'s `model_type`), from its
 /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`, for the architectures burn-peft's
 /// models implement or resemble. `None` for an unknown type: then name the targets.
 ///
-/// A model crate applies it where `target_modules` is unset (peft-models keys it by its
-/// config's `model_type`).
+/// [`PeftModel::new_typed`](crate::PeftModel::new_typed) applies it where `target_modules` is
+/// unset, for a model that implements [`ModelType`].
 pub fn default_target_modules(model_type: &str) -> Option<ModuleSelector> {
     let names: &[&str] = match model_type {
         "llama" | "mistral" | "mixtral" | "qwen2" | "qwen3" | "gemma" | "gemma2" | "phi3"

@@ -153,7 +153,10 @@ pub(crate) fn create(config: &LoraConfig, info: &LayerInfo) -> Result<Created<Lo
     let device = info.base.device();
     let [rows, cols] = info.base.dims();
     let kind = info.candidate.kind;
-    if info.placement == Placement::Weight && config.lora_dropout > 0.0 && !config.inference_mode {
+    if info.placement == Placement::Weight
+        && config.lora_dropout > 0.0
+        && !config.base.inference_mode
+    {
         return Err(PeftError::unsupported_field(
             "lora_dropout",
             config.lora_dropout,
@@ -391,7 +394,7 @@ mod tests {
             "{err}"
         );
         let mut inference = config;
-        inference.inference_mode = true;
+        inference.base.inference_mode = true;
         assert!(create(&inference, &i).is_ok());
     }
 

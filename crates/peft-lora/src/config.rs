@@ -2,12 +2,11 @@
 
 use std::path::Path;
 
+use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf;
 pub use peft_core::method::BiasMode;
-use peft_core::target::{
-    LayerIndices, LayersPattern, ModuleSelector, TargetFields, TargetSpec, pattern_key,
-};
+use peft_core::target::{ModuleSelector, TargetSpec, pattern_key};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -58,9 +57,6 @@ fn default_alpha() -> f64 {
 fn default_init() -> InitLoraWeights {
     InitLoraWeights::Default
 }
-fn default_bias() -> BiasMode {
-    BiasMode::None
-}
 fn default_peft_type() -> String {
     "LORA".into()
 }
@@ -84,33 +80,15 @@ pub struct LoraConfig {
     /// Dropout probability on the adapter input (activation-space layers only).
     #[serde(default)]
     pub lora_dropout: f64,
-    /// Which modules get an adapter.
-    #[serde(default)]
-    pub target_modules: Option<ModuleSelector>,
-    /// Modules never adapted.
-    #[serde(default)]
-    pub exclude_modules: Option<ModuleSelector>,
     /// Must be `false`: burn layers store `[d_in, d_out]` and are handled natively.
     #[serde(default)]
     pub fan_in_fan_out: bool,
-    /// Which base biases train.
-    #[serde(default = "default_bias")]
-    pub bias: BiasMode,
     /// rsLoRA: `s = lora_alpha / √r`.
     #[serde(default)]
     pub use_rslora: bool,
-    /// Modules fully trained and saved with the adapter.
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
     /// Initialization of the factors.
     #[serde(default = "default_init")]
     pub init_lora_weights: InitLoraWeights,
-    /// Only adapt these layer indices.
-    #[serde(default)]
-    pub layers_to_transform: Option<LayerIndices>,
-    /// Name of the layer list that `layers_to_transform` indexes.
-    #[serde(default)]
-    pub layers_pattern: Option<LayersPattern>,
     /// Per-module rank (pattern -> r), first match in order wins.
     #[serde(default)]
     pub rank_pattern: Map<String, Value>,
@@ -123,15 +101,9 @@ pub struct LoraConfig {
     /// A bias on `lora_B` (not supported: must be `false`).
     #[serde(default)]
     pub lora_bias: bool,
-    /// Whether the adapter was saved for inference (PEFT always writes `true`).
-    #[serde(default)]
-    pub inference_mode: bool,
-    /// PEFT task type, kept as is.
-    #[serde(default)]
-    pub task_type: Option<String>,
-    /// Base model name or path, kept as is.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
+    /// PEFT's common fields (targets, `bias`, `modules_to_save`, layer filter, …).
+    #[serde(flatten)]
+    pub base: PeftConfigBase,
     /// Every other field of the file, kept in order and written back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -169,7 +141,6 @@ const OFF_FIELDS: &[&str] = &[
 const PASSIVE_FIELDS: &[&str] = &[
     "peft_version",
     "auto_mapping",
-    "revision",
     "megatron_core",
     "qalora_group_size",
 ];
@@ -195,7 +166,10 @@ impl LoraConfig {
         Self {
             r,
             lora_alpha,
-            target_modules: Some(target_modules),
+            base: PeftConfigBase {
+                target_modules: Some(target_modules),
+                ..PeftConfigBase::default()
+            },
             ..Self::default()
         }
     }
@@ -221,31 +195,6 @@ impl LoraConfig {
     /// Set `init_lora_weights`.
     pub fn with_init(mut self, init: InitLoraWeights) -> Self {
         self.init_lora_weights = init;
-        self
-    }
-
-    /// Set `bias`.
-    pub fn with_bias(mut self, bias: BiasMode) -> Self {
-        self.bias = bias;
-        self
-    }
-
-    /// Set `modules_to_save`.
-    pub fn with_modules_to_save<S: Into<String>>(mut self, m: impl IntoIterator<Item = S>) -> Self {
-        self.modules_to_save = Some(m.into_iter().map(Into::into).collect());
-        self
-    }
-
-    /// Set `exclude_modules`.
-    pub fn with_exclude(mut self, e: ModuleSelector) -> Self {
-        self.exclude_modules = Some(e);
-        self
-    }
-
-    /// Set `layers_to_transform` and `layers_pattern`.
-    pub fn with_layers(mut self, idx: LayerIndices, pattern: Option<LayersPattern>) -> Self {
-        self.layers_to_transform = Some(idx);
-        self.layers_pattern = pattern;
         self
     }
 
@@ -368,14 +317,7 @@ impl LoraConfig {
     /// # Errors
     /// Invalid regular expressions or field combinations.
     pub fn target_spec(&self) -> Result<TargetSpec> {
-        TargetSpec::new(TargetFields {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            modules_to_save: self.modules_to_save.as_deref().unwrap_or(&[]),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            task_type: self.task_type.as_deref(),
-        })
+        self.base.target_spec()
     }
 
     /// Rank and alpha of the module at `path`, after `rank_pattern` / `alpha_pattern`.
@@ -416,7 +358,6 @@ impl LoraConfig {
             });
         }
         map.entry("peft_version").or_insert(Value::from("0.21.2"));
-        map.entry("revision").or_insert(Value::Null);
         map.entry("megatron_core")
             .or_insert(Value::from("megatron.core"));
         map.entry("qalora_group_size").or_insert(Value::from(16));
@@ -425,7 +366,15 @@ impl LoraConfig {
     }
 }
 
-peft_core::impl_peft_config!(LoraConfig);
+impl PeftConfig for LoraConfig {
+    fn base(&self) -> &PeftConfigBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut PeftConfigBase {
+        &mut self.base
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -37,8 +37,8 @@ pub use adapter::LoraAdapter;
 pub use config::{BiasMode, InitLoraWeights, LoraConfig};
 /// What a user of this crate touches from peft-core, so that one dependency is enough.
 pub use peft_core::{
-    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftConfig,
-    PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
+    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModelType, ModuleSelector, PeftConfig,
+    PeftConfigBase, PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
     default_target_modules,
 };
 pub use weighted::{Combination, WeightedAdapters};

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use burn::module::Param;
 use burn::nn::DropoutConfig;
 use burn::tensor::Tensor;
-use peft_core::ModuleSelector;
 use peft_core::error::{PeftError, Result};
 use peft_core::hosts::{self, Created, HostView};
+use peft_core::{ModuleSelector, PeftConfigBase};
 
 use crate::LoraModel;
 use crate::adapter::LoraAdapter;
@@ -105,11 +105,14 @@ impl<M: burn::module::Module> WeightedAdapters for LoraModel<M> {
             use_rslora: false,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
-            target_modules: Some(ModuleSelector::names(factors.keys().cloned())),
-            layers_to_transform: None,
-            layers_pattern: None,
-            modules_to_save: None,
-            bias: peft_core::BiasMode::None,
+            base: PeftConfigBase {
+                target_modules: Some(ModuleSelector::names(factors.keys().cloned())),
+                layers_to_transform: None,
+                layers_pattern: None,
+                modules_to_save: None,
+                bias: peft_core::BiasMode::None,
+                ..first.base.clone()
+            },
             ..first.clone()
         };
         // Layers whose combined rank differs from the largest get their own rank.
@@ -120,12 +123,12 @@ impl<M: burn::module::Module> WeightedAdapters for LoraModel<M> {
             }
         }
         let dropout = config.lora_dropout;
-        self.attach_prepared(name, config, move |path| {
+        self.add_adapter_with(name, config, move |info| {
             let (_, a, b) = factors
-                .get(path)
+                .get(&info.candidate.path)
                 .cloned()
                 .expect("selected layer has factors");
-            Created {
+            Ok(Created {
                 adapter: LoraAdapter {
                     lora_a: Param::from_tensor(a),
                     lora_b: Param::from_tensor(b),
@@ -134,7 +137,7 @@ impl<M: burn::module::Module> WeightedAdapters for LoraModel<M> {
                     scale: 1.0,
                 },
                 new_base: None,
-            }
+            })
         })
     }
 }

@@ -12,6 +12,7 @@ use burn::module::{
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LinearConfig};
 use burn::tensor::activation::{relu, tanh};
 use burn::tensor::{Bool, Device, Int, Tensor};
+use peft_core::ModelType;
 use serde::Deserialize;
 
 use crate::checkpoint::{Checkpoint, read_config};
@@ -346,6 +347,13 @@ pub struct Bert<L: LinearLayer> {
     pub encoder: BertEncoder<L>,
     /// Pooler, when the checkpoint has one.
     pub pooler: Option<BertPooler<L>>,
+}
+
+/// `"bert"`: PEFT's default targets are `query` and `value`.
+impl<L: LinearLayer> ModelType for Bert<L> {
+    fn model_type(&self) -> Option<&str> {
+        Some("bert")
+    }
 }
 
 impl<L: LinearLayer> Bert<L> {

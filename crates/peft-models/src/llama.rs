@@ -37,6 +37,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use peft_core::ModelType;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -869,6 +870,21 @@ pub struct Llama<L: LinearLayer> {
     /// The untied LM head `hidden -> vocab` (`lm_head`); `None` when the head is the
     /// transposed token embedding.
     pub lm_head: Option<L>,
+}
+
+/// `"llama"`: every LLaMA-architecture checkpoint this model loads (Mistral, Qwen2, SmolLM, …)
+/// has PEFT's LLaMA default targets, `q_proj` and `v_proj`.
+impl<L: LinearLayer> ModelType for Llama<L> {
+    fn model_type(&self) -> Option<&str> {
+        Some("llama")
+    }
+}
+
+/// `"llama"`, as [`Llama`] (the decoder alone has the same projections).
+impl<L: LinearLayer> ModelType for LlamaModel<L> {
+    fn model_type(&self) -> Option<&str> {
+        Some("llama")
+    }
 }
 
 impl<L: LinearLayer> Llama<L> {

@@ -9,7 +9,8 @@ use peft_core::kernels::linear;
 use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError, Placement};
 use sparse_kernels::{Csr, CsrLayout, CsrStructure, sparse_linear, to_dense};
 
-use crate::config::{InitRosaWeights, InitialMasks, RosaConfig};
+use crate::config::{InitRosaWeights, RosaConfig};
+use crate::initial::InitialMasks;
 use crate::masks::random_structure;
 
 /// RoSA on one layer: `ΔW = s·A·B + Sᵀ` in burn orientation.
@@ -203,18 +204,25 @@ impl Adapter for RosaAdapter {
     }
 }
 
-/// Create the adapter `config` asks for on one layer.
+/// Create the adapter `config` asks for on one layer, its mask from `masks`.
 ///
 /// # Errors
-/// Dropout in weight space, or a given mask that does not fit the layer.
-pub(crate) fn create(config: &RosaConfig, info: &LayerInfo) -> Result<Created<RosaAdapter>> {
+/// Dropout in weight space, or given masks that lack the layer or do not fit it.
+pub(crate) fn create(
+    config: &RosaConfig,
+    info: &LayerInfo,
+    masks: &InitialMasks,
+) -> Result<Created<RosaAdapter>> {
     let path = &info.candidate.path;
     let (r, alpha, d) = config.layer_settings(path)?;
     let device = info.base.device();
     let base_shape = info.base.dims();
     let [rows, cols] = base_shape;
     let kind = info.candidate.kind;
-    if info.placement == Placement::Weight && config.lora_dropout > 0.0 && !config.inference_mode {
+    if info.placement == Placement::Weight
+        && config.lora_dropout > 0.0
+        && !config.base.inference_mode
+    {
         return Err(PeftError::unsupported_field(
             "lora_dropout",
             config.lora_dropout,
@@ -269,8 +277,8 @@ pub(crate) fn create(config: &RosaConfig, info: &LayerInfo) -> Result<Created<Ro
     };
     if nnz > 0 {
         let [sr, sc] = RosaAdapter::spa_shape(kind, base_shape);
-        let structure = match (&config.initial_masks, config.known_masks()?) {
-            (_, Some(masks)) => Some(masks.get(path).cloned().ok_or_else(|| {
+        let structure = match masks {
+            InitialMasks::Given(masks) => Some(masks.get(path).cloned().ok_or_else(|| {
                 PeftError::InvalidConfig {
                     field: "masks".into(),
                     reason: format!(
@@ -280,8 +288,8 @@ pub(crate) fn create(config: &RosaConfig, info: &LayerInfo) -> Result<Created<Ro
                     ),
                 }
             })?),
-            (InitialMasks::Random(seed), None) => Some(random_structure(path, sr, sc, nnz, *seed)),
-            _ => None,
+            InitialMasks::Random(seed) => Some(random_structure(path, sr, sc, nnz, *seed)),
+            InitialMasks::None => None,
         };
         if let Some(structure) = structure {
             let values = if init == InitRosaWeights::Random {

@@ -2,14 +2,12 @@
 //! schedule grammar.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 
+use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf;
 use peft_core::method::BiasMode;
-use peft_core::target::{
-    LayerIndices, LayersPattern, ModuleSelector, TargetFields, TargetSpec, pattern_key,
-};
+use peft_core::target::{ModuleSelector, TargetSpec, pattern_key};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -58,39 +56,6 @@ pub enum GradAccMode {
     MeanSquared,
     /// The running mean of the weight gradient; the mask takes its largest magnitudes.
     Mean,
-}
-
-/// RoSA's `bias`: `none`, `all` or `rosa_only` (the biases of adapted layers).
-fn bias_to_str(b: &BiasMode) -> &'static str {
-    match b {
-        BiasMode::None => "none",
-        BiasMode::All => "all",
-        BiasMode::LoraOnly => "rosa_only",
-    }
-}
-
-mod rosa_bias {
-    use super::*;
-
-    pub fn serialize<S: serde::Serializer>(
-        b: &BiasMode,
-        s: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(bias_to_str(b))
-    }
-
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> std::result::Result<BiasMode, D::Error> {
-        match String::deserialize(d)?.as_str() {
-            "none" => Ok(BiasMode::None),
-            "all" => Ok(BiasMode::All),
-            "rosa_only" | "lora_only" => Ok(BiasMode::LoraOnly),
-            other => Err(serde::de::Error::custom(format!(
-                "bias = {other:?} is not one of \"none\", \"all\", \"rosa_only\""
-            ))),
-        }
-    }
 }
 
 /// What a step of training does (an agenda of the schedule, spec §1.6).
@@ -199,18 +164,6 @@ impl Schedule {
     }
 }
 
-/// Where the sparse masks of new adapters come from (not part of the file format).
-#[derive(Clone, Debug, Default)]
-pub enum InitialMasks {
-    /// None: the sparse adapter waits for mask generation (or `mask_load_path`).
-    #[default]
-    None,
-    /// These masks, by module path (the two-phase recipe hands its masks over this way).
-    Given(Arc<RosaMasks>),
-    /// Uniformly random masks from this seed: for tests and random-mask ablations.
-    Random(u64),
-}
-
 fn default_r() -> usize {
     8
 }
@@ -259,12 +212,6 @@ pub struct RosaConfig {
     /// Density of the sparse adapter: `int(d · rows · cols)` entries per layer; 0 means none.
     #[serde(default = "default_d")]
     pub d: f64,
-    /// Which modules get an adapter.
-    #[serde(default)]
-    pub target_modules: Option<ModuleSelector>,
-    /// Modules never adapted.
-    #[serde(default)]
-    pub exclude_modules: Option<ModuleSelector>,
     /// Scaling numerator: `s = lora_alpha / r` (or `/ √r` with rsLoRA); 1 when `r = 0`.
     #[serde(default = "default_alpha", serialize_with = "number")]
     pub lora_alpha: f64,
@@ -301,24 +248,12 @@ pub struct RosaConfig {
     /// Must be `false`.
     #[serde(default)]
     pub fan_in_fan_out: bool,
-    /// Which base biases train: `none`, `all`, `rosa_only`.
-    #[serde(default, with = "rosa_bias")]
-    pub bias: BiasMode,
     /// rsLoRA scaling.
     #[serde(default)]
     pub use_rslora: bool,
-    /// Modules fully trained and saved with the adapter.
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
     /// Initialization.
     #[serde(default = "default_init")]
     pub init_lora_weights: InitRosaWeights,
-    /// Only adapt these layer indices.
-    #[serde(default)]
-    pub layers_to_transform: Option<LayerIndices>,
-    /// Name of the layer list that `layers_to_transform` indexes.
-    #[serde(default)]
-    pub layers_pattern: Option<LayersPattern>,
     /// Per-module rank (pattern -> r).
     #[serde(default)]
     pub rank_pattern: Map<String, Value>,
@@ -328,23 +263,13 @@ pub struct RosaConfig {
     /// Per-module alpha (pattern -> alpha).
     #[serde(default)]
     pub alpha_pattern: Map<String, Value>,
-    /// Whether the adapter was saved for inference.
-    #[serde(default)]
-    pub inference_mode: bool,
-    /// PEFT task type, kept as is.
-    #[serde(default)]
-    pub task_type: Option<String>,
-    /// Base model name or path, kept as is.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
+    /// PEFT's common fields (targets, `modules_to_save`, layer filter, …); `bias` is written
+    /// as RoSA names it: `none`, `all`, `rosa_only` (the biases of adapted layers).
+    #[serde(flatten)]
+    pub base: PeftConfigBase,
     /// Every other field of the file, kept in order and written back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
-    /// Masks for new adapters (in-process only).
-    #[serde(skip)]
-    pub initial_masks: InitialMasks,
-    #[serde(skip)]
-    loaded_masks: Arc<OnceLock<std::result::Result<Arc<RosaMasks>, String>>>,
 }
 
 fn number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -380,7 +305,10 @@ impl RosaConfig {
             r,
             d,
             lora_alpha,
-            target_modules: Some(target_modules),
+            base: PeftConfigBase {
+                target_modules: Some(target_modules),
+                ..PeftConfigBase::default()
+            },
             schedule: Some("default".into()),
             ..Self::default()
         }
@@ -422,24 +350,6 @@ impl RosaConfig {
         self
     }
 
-    /// Set `bias`.
-    pub fn with_bias(mut self, bias: BiasMode) -> Self {
-        self.bias = bias;
-        self
-    }
-
-    /// Set `modules_to_save`.
-    pub fn with_modules_to_save<S: Into<String>>(mut self, m: impl IntoIterator<Item = S>) -> Self {
-        self.modules_to_save = Some(m.into_iter().map(Into::into).collect());
-        self
-    }
-
-    /// Set `exclude_modules`.
-    pub fn with_exclude(mut self, e: ModuleSelector) -> Self {
-        self.exclude_modules = Some(e);
-        self
-    }
-
     /// Add a `rank_pattern` entry.
     pub fn with_rank_pattern(mut self, key: &str, r: usize) -> Self {
         self.rank_pattern.insert(key.into(), Value::from(r));
@@ -464,22 +374,11 @@ impl RosaConfig {
         self
     }
 
-    /// Set `mask_load_path`.
+    /// Set `mask_load_path`: new adapters start with these masks (read once per attach), and
+    /// no step collects gradients. Masks known in-process are given when attaching instead
+    /// ([`MaskedAdapters`](crate::MaskedAdapters)).
     pub fn with_mask_load_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.mask_load_path = Some(path.into());
-        self.loaded_masks = Arc::default();
-        self
-    }
-
-    /// New adapters take their masks from `masks` (no gradient collection then).
-    pub fn with_masks(mut self, masks: RosaMasks) -> Self {
-        self.initial_masks = InitialMasks::Given(Arc::new(masks));
-        self
-    }
-
-    /// New adapters get uniformly random masks drawn from `seed` (tests, ablations).
-    pub fn with_random_masks(mut self, seed: u64) -> Self {
-        self.initial_masks = InitialMasks::Random(seed);
         self
     }
 
@@ -499,7 +398,7 @@ impl RosaConfig {
             .map(String::as_str)
             .filter(|k| {
                 !OFF_FIELDS.contains(k)
-                    && !["peft_version", "revision", "megatron_core", "auto_mapping"].contains(k)
+                    && !["peft_version", "megatron_core", "auto_mapping"].contains(k)
             })
             .collect()
     }
@@ -510,11 +409,6 @@ impl RosaConfig {
     /// An unknown schedule name.
     pub fn parsed_schedule(&self) -> Result<Option<Schedule>> {
         self.schedule.as_deref().map(Schedule::parse).transpose()
-    }
-
-    /// Whether the masks are known before training (given, random, or `mask_load_path`).
-    pub fn masks_known(&self) -> bool {
-        !matches!(self.initial_masks, InitialMasks::None) || self.mask_load_path.is_some()
     }
 
     /// Check every field.
@@ -651,14 +545,7 @@ impl RosaConfig {
     /// # Errors
     /// Invalid regular expressions or field combinations.
     pub fn target_spec(&self) -> Result<TargetSpec> {
-        TargetSpec::new(TargetFields {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            modules_to_save: self.modules_to_save.as_deref().unwrap_or(&[]),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            task_type: self.task_type.as_deref(),
-        })
+        self.base.target_spec()
     }
 
     /// Rank, alpha and density of the module at `path`, after the patterns.
@@ -689,29 +576,20 @@ impl RosaConfig {
         }
     }
 
-    /// The masks new adapters start with, if any (`mask_load_path` is read once).
+    /// The masks of the `mask_load_path` file, if the config names one.
     ///
     /// # Errors
     /// The masks file cannot be read.
-    pub(crate) fn known_masks(&self) -> Result<Option<Arc<RosaMasks>>> {
-        if let InitialMasks::Given(m) = &self.initial_masks {
-            return Ok(Some(m.clone()));
-        }
-        let Some(path) = &self.mask_load_path else {
-            return Ok(None);
-        };
-        self.loaded_masks
-            .get_or_init(|| {
-                RosaMasks::load(path)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string())
+    pub(crate) fn file_masks(&self) -> Result<Option<RosaMasks>> {
+        self.mask_load_path
+            .as_deref()
+            .map(|path| {
+                RosaMasks::load(path).map_err(|e| PeftError::InvalidConfig {
+                    field: "mask_load_path".into(),
+                    reason: e.to_string(),
+                })
             })
-            .clone()
-            .map(Some)
-            .map_err(|reason| PeftError::InvalidConfig {
-                field: "mask_load_path".into(),
-                reason,
-            })
+            .transpose()
     }
 
     /// The JSON object written to `adapter_config.json` (every field, `inference_mode: true`).
@@ -721,17 +599,27 @@ impl RosaConfig {
             _ => unreachable!("a struct serializes to an object"),
         };
         map.insert("inference_mode".into(), Value::Bool(true));
+        if self.base.bias == BiasMode::LoraOnly {
+            map.insert("bias".into(), Value::from("rosa_only"));
+        }
         map.entry("megatron_config").or_insert(Value::Null);
         map.entry("megatron_core")
             .or_insert(Value::from("megatron.core"));
         map.entry("loftq_config")
             .or_insert(Value::Object(Map::new()));
-        map.entry("revision").or_insert(Value::Null);
         map
     }
 }
 
-peft_core::impl_peft_config!(RosaConfig);
+impl PeftConfig for RosaConfig {
+    fn base(&self) -> &PeftConfigBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut PeftConfigBase {
+        &mut self.base
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -754,7 +642,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.r, c.d, c.lora_alpha), (4, 0.01, 16.0));
-        assert_eq!(c.bias, BiasMode::LoraOnly);
+        assert_eq!(c.base.bias, BiasMode::LoraOnly);
         assert_eq!(c.parsed_schedule().unwrap(), Some(Schedule::Warmup(64)));
         assert_eq!(c.spa_num_grads, 1);
         assert_eq!(c.grad_acc_mode, GradAccMode::MeanSquared);

@@ -16,7 +16,9 @@
 //!   becomes trainable), per-layer top-k masks, state for resumes.
 //! - `RosaModel::stepper(total_steps)` gives the scheduler; with a `wl<N>` schedule it runs the
 //!   paper's recipe (warm-up, masks, restart of the factors) inside one run.
-//!   [`generate_masks`], [`restart_with_masks`], [`two_phase`] keep the reference's two-run form. [`RosaMasks`] saves and loads masks by exact module path.
+//!   [`generate_masks`], [`restart_with_masks`], [`two_phase`] keep the reference's two-run
+//!   form. [`RosaMasks`] saves and loads masks by exact module path; masks known in-process
+//!   are given when attaching ([`MaskedAdapters`], [`InitialMasks`]), never in the config.
 //!
 //! ```
 //! use burn::module::Module;
@@ -36,7 +38,7 @@
 //! // Rank 2, density 25 %: 8 sparse entries; one step of LoRA with gradient collection.
 //! let config = RosaConfig::new(2, 0.25, 4.0, ModuleSelector::names(["proj"]));
 //! let mut model = RosaModel::new(net, config.clone()).unwrap();
-//! let scheduler = RosaScheduler::new(&config, "default").unwrap();
+//! let mut scheduler = RosaScheduler::new(&config, "default").unwrap();
 //! let mut net = scheduler.prepare(model.model().clone()).unwrap();
 //! let mut stepper = Stepper::new().with(scheduler);
 //! let mut optim = SgdConfig::new().init();
@@ -53,20 +55,20 @@
 
 mod adapter;
 mod config;
+mod initial;
 mod masks;
 mod method;
 mod recipe;
 mod scheduler;
 
 pub use adapter::RosaAdapter;
-pub use config::{
-    Agenda, GradAccMode, InitRosaWeights, InitialMasks, RosaConfig, Schedule, Segment,
-};
+pub use config::{Agenda, GradAccMode, InitRosaWeights, RosaConfig, Schedule, Segment};
+pub use initial::{InitialMasks, MaskedAdapters};
 pub use masks::RosaMasks;
 /// What a user of this crate touches from peft-core, so that one dependency is enough.
 pub use peft_core::{
-    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftConfig,
-    PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
+    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModelType, ModuleSelector, PeftConfig,
+    PeftConfigBase, PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
     default_target_modules,
 };
 pub use peft_core::{BiasMode, Result};

@@ -14,14 +14,15 @@ use std::path::Path;
 use burn::tensor::{Tensor, TensorData};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf::KeyMap;
-use peft_core::method::{BiasMode, Method, TakeTensor, set_param};
-use peft_core::target::{LayerKind, TargetSpec};
-use peft_core::{Created, LayerInfo};
+use peft_core::method::{Method, TakeTensor, set_param};
+use peft_core::target::LayerKind;
+use peft_core::{AdapterFactory, Created, LayerInfo};
 use serde_json::{Map, Value};
 use sparse_kernels::CsrStructure;
 
 use crate::adapter::{RosaAdapter, create};
-use crate::config::{InitRosaWeights, InitialMasks, RosaConfig};
+use crate::config::{InitRosaWeights, RosaConfig};
+use crate::initial::InitialMasks;
 
 fn factor_keys(kind: LayerKind) -> (&'static str, &'static str) {
     match kind {
@@ -83,33 +84,22 @@ impl Method for RosaConfig {
             self.parsed_schedule()?,
             Some(crate::Schedule::Warmup(n)) if n > 0
         );
-        let scheduler =
-            crate::RosaScheduler::new(self, adapter)?.with_restart(warm && !self.masks_known());
+        let scheduler = crate::RosaScheduler::new(self, adapter)?
+            .with_restart(warm && self.mask_load_path.is_none());
         Ok(vec![Box::new(scheduler)])
     }
 
-    fn target_spec(&self) -> Result<TargetSpec> {
-        RosaConfig::target_spec(self)
-    }
-
-    fn bias(&self) -> BiasMode {
-        self.bias
-    }
-
-    fn has_modules_to_save(&self) -> bool {
-        self.modules_to_save.is_some()
-    }
-
-    fn inference_mode(&self) -> bool {
-        self.inference_mode
-    }
-
-    fn set_inference_mode(&mut self, on: bool) {
-        self.inference_mode = on;
-    }
-
+    /// One adapter, its mask from `mask_load_path` if set (the file is read on every call:
+    /// attaching goes through [`factory`](Self::factory), which reads it once).
     fn create(&self, info: &LayerInfo) -> Result<Created<RosaAdapter>> {
-        create(self, info)
+        create(self, info, &InitialMasks::of_config(self)?)
+    }
+
+    /// Reads `mask_load_path`, if set, once for all the layers of the attach.
+    fn factory(&self) -> Result<AdapterFactory<RosaAdapter>> {
+        let masks = InitialMasks::of_config(self)?;
+        let config = self.clone();
+        Ok(Box::new(move |info| create(&config, info, &masks)))
     }
 
     fn to_json(&self, _key_map: &KeyMap) -> Map<String, Value> {
@@ -130,7 +120,6 @@ impl Method for RosaConfig {
     fn for_loading(&self) -> Self {
         let mut config = self.clone();
         config.init_lora_weights = InitRosaWeights::Default;
-        config.initial_masks = InitialMasks::None;
         config.mask_load_path = None;
         config
     }

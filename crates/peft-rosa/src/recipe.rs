@@ -16,7 +16,7 @@ use peft_core::PeftModel;
 use peft_core::error::{PeftError, Result};
 use peft_core::step::Stepper;
 
-use crate::config::{InitialMasks, RosaConfig};
+use crate::config::RosaConfig;
 use crate::masks::RosaMasks;
 use crate::scheduler::{RosaScheduler, install_masks};
 
@@ -36,7 +36,8 @@ pub fn generate_masks<M: Module>(
     mut loss: impl FnMut(&M, usize) -> Tensor<1>,
 ) -> Result<RosaMasks> {
     let config = config_of(model, adapter)?;
-    let scheduler = RosaScheduler::new(&config, adapter)?;
+    let mut scheduler = RosaScheduler::new(&config, adapter)?;
+    let mut m = scheduler.prepare(model.model().clone())?;
     if !scheduler.collects() {
         return Err(PeftError::InvalidConfig {
             field: "schedule".into(),
@@ -47,7 +48,6 @@ pub fn generate_masks<M: Module>(
             ),
         });
     }
-    let mut m = scheduler.prepare(model.model().clone())?;
     let scheduler = Arc::new(Mutex::new(scheduler));
     let mut stepper = Stepper::new().with(scheduler.clone());
     loop {
@@ -62,8 +62,9 @@ pub fn generate_masks<M: Module>(
 }
 
 /// Phase 2: put `masks` into adapter `adapter` of `model` (zero values, so the function does
-/// not change), make its config's schedule `default` with these masks (no second collection),
-/// and return the scheduler to train with. Use a fresh optimizer.
+/// not change), make its config's schedule `default` (the masks in the model are known to
+/// every scheduler built for it: no second collection), and return the scheduler to train
+/// with. Use a fresh optimizer.
 ///
 /// # Errors
 /// An unknown adapter, or masks that do not fit the adapted layers.
@@ -74,11 +75,10 @@ pub fn restart_with_masks<M: Module>(
 ) -> Result<RosaScheduler> {
     let mut config = config_of(model, adapter)?;
     config.schedule = Some("default".into());
-    config.initial_masks = InitialMasks::Given(Arc::new(masks.clone()));
     config.mask_load_path = None;
     config.mask_save_path = None;
     config.terminate_after_mask_generation = false;
-    let scheduler = RosaScheduler::new(&config, adapter)?;
+    let mut scheduler = RosaScheduler::new(&config, adapter)?;
     let inner = install_masks(model.model().clone(), adapter, &masks, true)?;
     let inner = scheduler.prepare(inner)?;
     *model.config_mut(adapter)? = config;

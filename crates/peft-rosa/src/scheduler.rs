@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use sparse_kernels::CsrStructure;
 
 use crate::adapter::RosaAdapter;
-use crate::config::{Agenda, GradAccMode, RosaConfig, Segment};
+use crate::config::{Agenda, GradAccMode, RosaConfig, Schedule, Segment};
 use crate::masks::RosaMasks;
 
 const STATE_JSON: &str = "rosa_scheduler.json";
@@ -57,6 +57,8 @@ struct Collected {
 #[derive(Clone, Debug)]
 pub struct RosaScheduler {
     adapter: String,
+    schedule: Schedule,
+    num_grads: usize,
     segments: Vec<Segment>,
     mode: GradAccMode,
     mask_save_path: Option<PathBuf>,
@@ -96,7 +98,10 @@ fn layer_refs<M: Module>(model: &M, adapter: &str) -> Vec<LayerRef> {
 }
 
 impl RosaScheduler {
-    /// A scheduler for adapter `adapter` configured by `config`.
+    /// A scheduler for adapter `adapter` configured by `config`. The masks are known from the
+    /// start when `config` names a `mask_load_path`, or when every sparse layer of the adapter
+    /// already has one at the first [`prepare`](Self::prepare) (masks given in-process, see
+    /// [`MaskedAdapters`](crate::MaskedAdapters)): then no step collects gradients.
     ///
     /// # Errors
     /// An invalid config, no `schedule`, or an unreadable `mask_load_path`.
@@ -110,17 +115,19 @@ impl RosaScheduler {
                     "must be set to train (\"default\", \"wl<N>\", \"spa_only\" or \"lora_only\")"
                         .into(),
             })?;
-        let known = config.known_masks()?;
+        let known = config.file_masks()?;
         Ok(Self {
             adapter: adapter.into(),
-            segments: schedule.segments(config.spa_num_grads, !config.masks_known()),
+            schedule,
+            num_grads: config.spa_num_grads,
+            segments: schedule.segments(config.spa_num_grads, known.is_none()),
             mode: config.grad_acc_mode,
             mask_save_path: config.mask_save_path.clone(),
             terminate: config.terminate_after_mask_generation,
             step: 0,
             collected: BTreeMap::new(),
             observed: false,
-            masks: known.map(|m| (*m).clone()),
+            masks: known,
             generated: false,
             restart: false,
             initial: BTreeMap::new(),
@@ -237,11 +244,22 @@ impl RosaScheduler {
     }
 
     /// Set the model up for the next step: masks the scheduler knows are installed where
-    /// missing, probes are added or removed, and the agenda's trainability applied.
+    /// missing, probes are added or removed, and the agenda's trainability applied. Before the
+    /// first step, masks the model already has in every sparse layer become the known masks
+    /// (no gradient collection, no restart).
     ///
     /// # Errors
     /// A known mask that does not fit its layer, or a layer without a mask.
-    pub fn prepare<M: Module>(&self, mut model: M) -> Result<M> {
+    pub fn prepare<M: Module>(&mut self, mut model: M) -> Result<M> {
+        if self.step == 0
+            && self.masks.is_none()
+            && !self.generated
+            && let Some(masks) = model_masks(&model, &self.adapter)
+        {
+            self.segments = self.schedule.segments(self.num_grads, false);
+            self.masks = Some(masks);
+            self.restart = false;
+        }
         let agenda = self.agenda(self.step);
         if let Some(masks) = &self.masks {
             model = install_masks(model, &self.adapter, masks, agenda.spa)?;
@@ -485,6 +503,10 @@ impl RosaScheduler {
             .and_then(Value::as_bool)
             .unwrap_or(self.restart);
         self.initial = initial;
+        // Masks held but not generated were known from the start: no collection segment.
+        self.segments = self
+            .schedule
+            .segments(self.num_grads, !has_masks || generated);
         self.step = step;
         self.generated = generated;
         self.collected = collected;
@@ -492,6 +514,27 @@ impl RosaScheduler {
         self.observed = false;
         Ok(())
     }
+}
+
+/// The masks of adapter `adapter` in `model` when every layer with a sparse budget has one
+/// (and there is at least one such layer).
+fn model_masks<M: Module>(model: &M, adapter: &str) -> Option<RosaMasks> {
+    let name = adapter.to_string();
+    let layers = hosts::collect(model, move |host: &HostView<'_, RosaAdapter>| {
+        let a = host.slot.get(&name).filter(|a| a.nnz > 0)?;
+        Some((
+            host.path.clone(),
+            a.spa.as_ref().map(|l| l.structure().clone()),
+        ))
+    });
+    if layers.is_empty() {
+        return None;
+    }
+    let mut masks = RosaMasks::new();
+    for (path, structure) in layers {
+        masks.insert(path, structure?);
+    }
+    Some(masks)
 }
 
 /// Set the masks of adapter `adapter` in every layer that has a sparse budget and no mask yet,
@@ -536,10 +579,11 @@ impl<M: Module> Controller<M> for RosaScheduler {
     }
 
     fn prepare(&mut self, model: M) -> Result<M> {
+        let model = RosaScheduler::prepare(self, model)?;
         if self.restart && self.masks.is_none() && self.initial.is_empty() {
             self.record_initial(&model);
         }
-        RosaScheduler::prepare(self, model)
+        Ok(model)
     }
 
     fn should_stop(&self) -> bool {

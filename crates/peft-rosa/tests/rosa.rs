@@ -10,10 +10,11 @@ use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_core::hosts::{self, HostView};
 use peft_core::step::Stepper;
-use peft_core::{BiasMode, ModuleSelector, PeftLinear};
+use peft_core::{BiasMode, ModuleSelector, PeftConfig, PeftLinear};
 use peft_rosa::{
-    GradAccMode, InitRosaWeights, LoadOptions, RosaAdapter, RosaConfig, RosaMasks, RosaModel,
-    RosaScheduler, SaveOptions, generate_masks, install_masks, restart_with_masks, two_phase,
+    GradAccMode, InitRosaWeights, InitialMasks, LoadOptions, MaskedAdapters, RosaAdapter,
+    RosaConfig, RosaMasks, RosaModel, RosaScheduler, SaveOptions, generate_masks, install_masks,
+    restart_with_masks, two_phase,
 };
 
 /// Two independent layers, so each one's weight gradient has a closed form under a linear
@@ -155,12 +156,12 @@ fn dense_s(adapter: &RosaAdapter) -> Tensor<2> {
 #[test]
 fn layer_output_and_all_four_gradients_match_the_dense_formulas() {
     let dev = device();
-    let config = config()
-        .with_init(InitRosaWeights::Random)
-        .with_random_masks(3);
+    let config = config().with_init(InitRosaWeights::Random);
+    let random = || InitialMasks::Random(3);
     for weight_space in [false, true] {
         let (out, grads, x, adapter, w_read) = if weight_space {
-            let model = RosaModel::new(Weight::new(&dev), config.clone()).unwrap();
+            let model =
+                RosaModel::new_with_masks(Weight::new(&dev), config.clone(), random()).unwrap();
             let net = model.model().clone();
             let x = tensor([T, 6], 7, 2.0, &dev).require_grad();
             let y = net.a.forward(x.clone());
@@ -169,7 +170,8 @@ fn layer_output_and_all_four_gradients_match_the_dense_formulas() {
             let adapter = adapter_of(&net, "a");
             (y, grads, x, adapter, net.a.weight.val())
         } else {
-            let model = RosaModel::new(Act::new(&dev), config.clone()).unwrap();
+            let model =
+                RosaModel::new_with_masks(Act::new(&dev), config.clone(), random()).unwrap();
             let net = model.model().clone();
             let x = tensor([T, 6], 7, 2.0, &dev).require_grad();
             let y = net.a.forward(x.clone());
@@ -305,7 +307,7 @@ fn new_model(config: &RosaConfig) -> RosaModel<Act> {
 fn run_schedule(config: &RosaConfig, steps: usize) -> (Act, Arc<Mutex<RosaScheduler>>) {
     let dev = device();
     let model = new_model(config);
-    let scheduler = RosaScheduler::new(config, "default").unwrap();
+    let mut scheduler = RosaScheduler::new(config, "default").unwrap();
     let mut net = scheduler.prepare(model.model().clone()).unwrap();
     let scheduler = Arc::new(Mutex::new(scheduler));
     let mut stepper = Stepper::new().with(scheduler.clone());
@@ -456,7 +458,7 @@ fn the_agenda_sets_what_trains_at_every_step() {
     // both. Biases keep training throughout (the reference freezes them every step).
     let config = config().with_schedule("wl2").with_bias(BiasMode::All);
     let model = RosaModel::new(Act::new(&dev), config.clone()).unwrap();
-    let scheduler = RosaScheduler::new(&config, "default").unwrap();
+    let mut scheduler = RosaScheduler::new(&config, "default").unwrap();
     let agenda: Vec<_> = (0..5).map(|t| scheduler.agenda(t)).collect();
     assert_eq!(
         agenda
@@ -664,19 +666,16 @@ fn masks_files_match_modules_exactly() {
     for (path, s) in masks.iter() {
         other.insert(format!("encoder.{path}"), s.clone());
     }
-    let err = RosaModel::new(Act::new(&dev), config_with(other))
-        .unwrap_err()
-        .to_string();
+    let err =
+        RosaModel::new_with_masks(Act::new(&dev), crate::config(), InitialMasks::Given(other))
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("no mask for `a`"), "{err}");
     let err = install_masks(Act::new(&dev), "default", &RosaMasks::new(), true);
     assert!(
         err.is_ok(),
         "a model without RoSA adapters has nothing to install"
     );
-}
-
-fn config_with(masks: RosaMasks) -> RosaConfig {
-    config().with_masks(masks)
 }
 
 fn params(net: &Act) -> Vec<Vec<f32>> {

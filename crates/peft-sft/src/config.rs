@@ -5,13 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::module::Module;
+use peft_core::config::{PeftConfig, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::hf;
 use peft_core::hosts;
-use peft_core::method::BiasMode;
-use peft_core::target::{
-    LayerIndices, LayerKind, LayersPattern, ModuleSelector, TargetFields, TargetSpec,
-};
+use peft_core::target::{LayerKind, ModuleSelector, TargetSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -117,33 +115,10 @@ pub struct SftConfig {
     /// `float32`, `bfloat16` or `float16` (kept; deltas are `f32`).
     #[serde(default = "default_dtype")]
     pub dtype: String,
-    /// Which modules get a delta.
-    #[serde(default)]
-    pub target_modules: Option<ModuleSelector>,
-    /// Modules never adapted.
-    #[serde(default)]
-    pub exclude_modules: Option<ModuleSelector>,
-    /// Modules fully trained and saved with the adapter.
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
-    /// Only adapt these layer indices.
-    #[serde(default)]
-    pub layers_to_transform: Option<LayerIndices>,
-    /// Name of the layer list that `layers_to_transform` indexes.
-    #[serde(default)]
-    pub layers_pattern: Option<LayersPattern>,
-    /// Which base biases train (`none`, `all`, `lora_only` = biases of adapted layers).
-    #[serde(default)]
-    pub bias: BiasMode,
-    /// Whether the adapter was saved for inference.
-    #[serde(default)]
-    pub inference_mode: bool,
-    /// PEFT task type, kept as is.
-    #[serde(default)]
-    pub task_type: Option<String>,
-    /// Base model name or path, kept as is.
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
+    /// PEFT's common fields (targets, `bias` with `lora_only` = biases of adapted layers,
+    /// `modules_to_save`, layer filter, …).
+    #[serde(flatten)]
+    pub base: PeftConfigBase,
     /// Every other field of the file, kept in order and written back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -166,7 +141,10 @@ impl SftConfig {
     pub fn new(density: f64, target_modules: ModuleSelector) -> Self {
         Self {
             density,
-            target_modules: Some(target_modules),
+            base: PeftConfigBase {
+                target_modules: Some(target_modules),
+                ..PeftConfigBase::default()
+            },
             ..Self::default()
         }
     }
@@ -212,24 +190,6 @@ impl SftConfig {
     /// Set the initial values of new adapters.
     pub fn with_init(mut self, init: InitDeltas) -> Self {
         self.init_deltas = init;
-        self
-    }
-
-    /// Set `bias`.
-    pub fn with_bias(mut self, bias: BiasMode) -> Self {
-        self.bias = bias;
-        self
-    }
-
-    /// Set `modules_to_save`.
-    pub fn with_modules_to_save<S: Into<String>>(mut self, m: impl IntoIterator<Item = S>) -> Self {
-        self.modules_to_save = Some(m.into_iter().map(Into::into).collect());
-        self
-    }
-
-    /// Set `exclude_modules`.
-    pub fn with_exclude(mut self, e: ModuleSelector) -> Self {
-        self.exclude_modules = Some(e);
         self
     }
 
@@ -309,14 +269,7 @@ impl SftConfig {
     /// # Errors
     /// Invalid regular expressions or field combinations.
     pub fn target_spec(&self) -> Result<TargetSpec> {
-        TargetSpec::new(TargetFields {
-            target_modules: self.target_modules.as_ref(),
-            exclude_modules: self.exclude_modules.as_ref(),
-            modules_to_save: self.modules_to_save.as_deref().unwrap_or(&[]),
-            layers_to_transform: self.layers_to_transform.as_ref(),
-            layers_pattern: self.layers_pattern.as_ref(),
-            task_type: self.task_type.as_deref(),
-        })
+        self.base.target_spec()
     }
 
     /// The number of deltas of the layer at `path` with `numel` weights, when `num_deltas`
@@ -409,7 +362,7 @@ impl SftConfig {
         self.extra
             .keys()
             .map(String::as_str)
-            .filter(|k| !["peft_version", "revision", "auto_mapping"].contains(k))
+            .filter(|k| !["peft_version", "auto_mapping"].contains(k))
             .collect()
     }
 
@@ -427,12 +380,19 @@ impl SftConfig {
             _ => unreachable!("a struct serializes to an object"),
         };
         map.insert("inference_mode".into(), Value::Bool(true));
-        map.entry("revision").or_insert(Value::Null);
         map
     }
 }
 
-peft_core::impl_peft_config!(SftConfig);
+impl PeftConfig for SftConfig {
+    fn base(&self) -> &PeftConfigBase {
+        &self.base
+    }
+
+    fn base_mut(&mut self) -> &mut PeftConfigBase {
+        &mut self.base
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -66,8 +66,8 @@ pub use method::{INDICES_KEY, VALUES_KEY};
 pub use optimizer::{AdamState, SftAdamW, SftOptimizer, SftSm3, Sm3State};
 /// What a user of this crate touches from peft-core, so that one dependency is enough.
 pub use peft_core::{
-    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModuleSelector, PeftConfig,
-    PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
+    AdapterEntry, LayerIndices, LayersPattern, LoadOptions, ModelType, ModuleSelector, PeftConfig,
+    PeftConfigBase, PeftEmbedding, PeftError, PeftLinear, PeftModel, SaveOptions, Stepper, Tuned,
     default_target_modules,
 };
 pub use peft_core::{BiasMode, Result};

@@ -12,8 +12,8 @@ use std::path::Path;
 use burn::tensor::TensorData;
 use peft_core::error::{PeftError, Result};
 use peft_core::hf::KeyMap;
-use peft_core::method::{BiasMode, Method, TakeTensor};
-use peft_core::target::{LayerKind, TargetSpec};
+use peft_core::method::{Method, TakeTensor};
+use peft_core::target::LayerKind;
 use peft_core::{Created, LayerInfo};
 use serde_json::{Map, Value};
 
@@ -50,26 +50,6 @@ impl Method for SftConfig {
 
     fn validate(&self) -> Result<()> {
         SftConfig::validate(self)
-    }
-
-    fn target_spec(&self) -> Result<TargetSpec> {
-        SftConfig::target_spec(self)
-    }
-
-    fn bias(&self) -> BiasMode {
-        self.bias
-    }
-
-    fn has_modules_to_save(&self) -> bool {
-        self.modules_to_save.is_some()
-    }
-
-    fn inference_mode(&self) -> bool {
-        self.inference_mode
-    }
-
-    fn set_inference_mode(&mut self, on: bool) {
-        self.inference_mode = on;
     }
 
     fn create(&self, info: &LayerInfo) -> Result<Created<SftAdapter>> {
