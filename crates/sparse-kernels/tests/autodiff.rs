@@ -140,8 +140,8 @@ fn fused_form_with_frozen_base() {
     let want_dx = matmul(&r, &transpose(&w, inp, out), tokens, out, inp)
         .plus(&matmul(&r, &dense, tokens, out, inp));
     assert_close(&read(x.grad(&grads).unwrap()), &want_dx, "dx");
-    let want_dv = matmul(&transpose(&r, tokens, out), &x_data, out, tokens, inp)
-        .sample(&s.flat_indices());
+    let want_dv =
+        matmul(&transpose(&r, tokens, out), &x_data, out, tokens, inp).sample(&s.flat_indices());
     assert_close(&read(v.grad(&grads).unwrap()), &want_dv, "dvalues");
     let want_db = matmul(&vec![1.0; tokens], &r, 1, tokens, out);
     assert_close(&read(bias.grad(&grads).unwrap()), &want_db, "dbias");
@@ -204,15 +204,27 @@ fn primitive_gradients_match_dense_formulas() {
         + (to_dense(&a) * t2(&r2, [m, k], &d)).sum();
     let grads = loss.backward();
     let twice: Vec<f32> = sample(&r2).iter().map(|x| 2.0 * x).collect();
-    assert_close(&read(v.grad(&grads).unwrap()), &exact(&twice), "csr_add dvalues");
-    assert_close(&read(dt.grad(&grads).unwrap()), &exact(&r2), "csr_add ddense");
+    assert_close(
+        &read(v.grad(&grads).unwrap()),
+        &exact(&twice),
+        "csr_add dvalues",
+    );
+    assert_close(
+        &read(dt.grad(&grads).unwrap()),
+        &exact(&r2),
+        "csr_add ddense",
+    );
 
     // gather: loss = Σ r ⊙ gather(D): dD = dense(r).
     let dt = t2(&base, [m, k], &d).require_grad();
     let grads = (csr_gather(&layout, dt.clone()) * t1(&rv, &d))
         .sum()
         .backward();
-    assert_close(&read(dt.grad(&grads).unwrap()), &exact(&sr), "gather ddense");
+    assert_close(
+        &read(dt.grad(&grads).unwrap()),
+        &exact(&sr),
+        "gather ddense",
+    );
 
     // transpose: values of the transpose are a permutation of the values.
     let v = t1(&values, &d).require_grad();
@@ -225,5 +237,9 @@ fn primitive_gradients_match_dense_formulas() {
     for (pos, &p) in perm.iter().enumerate() {
         want[p as usize] = rt[pos];
     }
-    assert_close(&read(v.grad(&grads).unwrap()), &exact(&want), "transpose dvalues");
+    assert_close(
+        &read(v.grad(&grads).unwrap()),
+        &exact(&want),
+        "transpose dvalues",
+    );
 }

@@ -317,9 +317,7 @@ fn tolerance_catches_a_dropped_term_and_bf16_products() {
     let mutated: Vec<f32> = (0..m * n)
         .map(|e| {
             let (i, j) = (e / n, e % n);
-            (0..k)
-                .map(|p| bf16(small[i * k + p] * b[p * n + j]))
-                .sum()
+            (0..k).map(|p| bf16(small[i * k + p] * b[p * n + j])).sum()
         })
         .collect();
     assert!(first_violation(&want.f32(), &want, |_, mag| tolerance(mag)).is_none());

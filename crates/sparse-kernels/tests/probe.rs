@@ -272,7 +272,11 @@ fn the_other_gradients_are_unchanged() {
     assert_close(&got.sum, &Reference::exact(&want.1), "pool values");
     let dw_torch = transpose(&dw0, inp, out);
     let at: Vec<f32> = got.indices.iter().map(|&i| dw_torch[i as usize]).collect();
-    assert_close(&got.sum, &Reference::exact(&at), "pool values = autodiff's dW");
+    assert_close(
+        &got.sum,
+        &Reference::exact(&at),
+        "pool values = autodiff's dW",
+    );
 }
 
 #[test]

@@ -93,7 +93,12 @@ impl Reference {
     pub fn plus(&self, other: &Reference) -> Reference {
         assert_eq!(self.value.len(), other.value.len());
         Self {
-            value: self.value.iter().zip(&other.value).map(|(a, b)| a + b).collect(),
+            value: self
+                .value
+                .iter()
+                .zip(&other.value)
+                .map(|(a, b)| a + b)
+                .collect(),
             magnitude: (self.magnitude.iter().zip(&other.magnitude))
                 .map(|(a, b)| a + b)
                 .collect(),
@@ -171,7 +176,8 @@ pub fn first_violation(
         .zip(want.value.iter().zip(&want.magnitude))
         .enumerate()
         .map(|(i, (&g, (&w, &m)))| (i, g, w, bound(w, m)))
-        .find(|&(_, g, w, tol)| !((g as f64 - w).abs() <= tol))
+        // A NaN error is a violation too.
+        .find(|&(_, g, w, tol)| (g as f64 - w).abs().is_nan() || (g as f64 - w).abs() > tol)
 }
 
 #[track_caller]
