@@ -334,7 +334,10 @@ struct Verified {
 impl Verified {
     fn load(case_dir: &std::path::Path) -> Self {
         let record = hf::read_json(&case_dir.join("verified.json")).unwrap_or_else(|e| {
-            panic!("{}: no verification record ({e}); run verify", case_dir.display())
+            panic!(
+                "{}: no verification record ({e}); run verify",
+                case_dir.display()
+            )
         });
         let sha256 = record["sha256"]
             .as_object()

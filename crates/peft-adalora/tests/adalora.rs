@@ -723,7 +723,10 @@ fn replay_peft_run(run: &str, config: &AdaLoraConfig) {
                 .to_owned()
                 .try_to_vec::<f32>()
                 .unwrap();
-            assert_eq!(ours, theirs, "{run} step {t}, {path}: lora_E after the allocator");
+            assert_eq!(
+                ours, theirs,
+                "{run} step {t}, {path}: lora_E after the allocator"
+            );
             masked_somewhere |= ours.contains(&0.0);
         }
     }
@@ -812,10 +815,9 @@ fn peft_saved_adapter_loads_with_peft_outputs_including_a_rank_zero_module() {
         }
     }
     // PEFT's output with our file is our output, before saving and after loading it back.
-    let theirs = peft_core::hf::read_tensors(
-        &burn_dir.join(record["peft_outputs"].as_str().unwrap()),
-    )
-    .unwrap();
+    let theirs =
+        peft_core::hf::read_tensors(&burn_dir.join(record["peft_outputs"].as_str().unwrap()))
+            .unwrap();
     assert_eq!(theirs["input"], io["input"]);
     let peft_output = tensor2(&theirs["output"], &dev);
     assert!(max_diff(out, peft_output.clone()) < 1e-5);

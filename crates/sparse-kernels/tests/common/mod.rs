@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use burn::tensor::{Device, Tensor, TensorData};
+pub use sparse_kernels::cpu_body::for_each_cpu_body;
 use sparse_kernels::{
     Csr, CsrLayout, CsrStructure, csr_add, csr_gather, csr_transpose, sddmm, sparse_linear,
     sparse_linear_fused, spmm, to_dense,
@@ -215,96 +216,100 @@ pub fn with_layout(data: &[f32], [r, c]: [usize; 2], layout: Layout, device: &De
     }
 }
 
-/// Checks every op on one random case against the dense reference.
+/// Checks every op on one random case against the dense reference, with the dense operands in
+/// each of `layouts`, on every CPU body this machine supports (references computed once).
 pub fn check_all_ops(
     device: &Device,
     seed: u64,
     [m, k, n]: [usize; 3],
     density: f32,
-    layout_kind: Layout,
+    layouts: &[Layout],
 ) {
     let mut rng = Lcg::new(seed);
     let (s, values) = random_sparse(&mut rng, m, k, density);
     let dense_a = dense_of(&s, &values);
-    let layout = CsrLayout::new(s.clone(), device);
-    let a = Csr::new(layout.clone(), t1(&values, device)).unwrap();
-
-    // spmm: A [m,k] · B [k,n]
+    let flat = s.flat_indices();
+    let (d, t) = (n, n);
     let b = rng.vec(k * n);
-    let got = read(spmm(&a, with_layout(&b, [k, n], layout_kind, device)));
-    assert_close(&got, &matmul(&dense_a, &b, m, k, n), "spmm");
-
-    // sddmm: (P [m,d] · Q[k,d]ᵀ) sampled on A's structure
-    let d = n;
     let p = rng.vec(m * d);
     let q = rng.vec(k * d);
-    let want = matmul(&p, &transpose(&q, k, d), m, d, k).sample(&s.flat_indices());
-    let got = read(sddmm(
-        &layout,
-        with_layout(&p, [m, d], layout_kind, device),
-        with_layout(&q, [k, d], layout_kind, device),
-    ));
-    assert_close(&got, &want, "sddmm");
-
-    // csr_add, to_dense, gather
     let base = rng.vec(m * k);
-    let got = read(csr_add(&a, with_layout(&base, [m, k], layout_kind, device)));
-    let want = Reference::exact(&base).plus(&Reference::exact(&dense_a));
-    assert_close(&got, &want, "csr_add");
-    assert_close(&read(to_dense(&a)), &Reference::exact(&dense_a), "to_dense");
-    let got = read(csr_gather(
-        &layout,
-        with_layout(&base, [m, k], layout_kind, device),
-    ));
-    let want = Reference::exact(&base).sample(&s.flat_indices());
-    assert_close(&got, &want, "csr_gather");
-
-    // transpose keeps every entry, explicit zeros included
-    let (at, perm) = csr_transpose(&a);
-    assert_eq!(at.layout.nnz(), s.nnz(), "transpose nnz");
-    assert_eq!(at.shape(), [k, m]);
-    assert_close(
-        &read(at.to_dense()),
-        &Reference::exact(&transpose(&dense_a, m, k)),
-        "transpose",
-    );
-    let perm: Vec<i64> = perm.into_data().convert::<i64>().try_into_vec().unwrap();
-    let (st, host_perm) = s.transpose();
-    assert_eq!(
-        perm,
-        host_perm.iter().map(|&p| p as i64).collect::<Vec<_>>()
-    );
-    assert_eq!(at.layout.structure(), &st);
-
-    // sparse_linear: y = x·Aᵀ with x [t, k] (A as [out = m, in = k])
-    let t = n;
     let x = rng.vec(t * k);
-    let got = read(sparse_linear(
-        with_layout(&x, [t, k], layout_kind, device),
-        &layout,
-        t1(&values, device),
-    ));
-    assert_close(
-        &got,
-        &matmul(&x, &transpose(&dense_a, m, k), t, k, m),
-        "sparse_linear",
-    );
-
-    // fused: y = x·(W + A)ᵀ + bias with W given as [in, out]
     let w = rng.vec(k * m);
     let bias = rng.vec(m);
-    let got = read(sparse_linear_fused(
-        t2(&x, [t, k], device),
-        t2(&w, [k, m], device),
-        Some(t1(&bias, device)),
-        &layout,
-        t1(&values, device),
-    ));
+    let a_t = transpose(&dense_a, m, k);
+    let want_spmm = matmul(&dense_a, &b, m, k, n);
+    let want_sddmm = matmul(&p, &transpose(&q, k, d), m, d, k).sample(&flat);
+    let want_add = Reference::exact(&base).plus(&Reference::exact(&dense_a));
+    let want_linear = matmul(&x, &a_t, t, k, m);
     let bias_rows: Vec<f32> = (0..t * m).map(|i| bias[i % m]).collect();
-    let want = matmul(&x, &w, t, k, m)
-        .plus(&matmul(&x, &transpose(&dense_a, m, k), t, k, m))
+    let want_fused = matmul(&x, &w, t, k, m)
+        .plus(&want_linear)
         .plus(&Reference::exact(&bias_rows));
-    assert_close(&got, &want, "sparse_linear_fused");
+    let (st, host_perm) = s.transpose();
+
+    for_each_cpu_body(|body| {
+        for &layout_kind in layouts {
+            let what = |op: &str| format!("{body:?} body, {layout_kind:?}, {op}");
+            let layout = CsrLayout::new(s.clone(), device);
+            let a = Csr::new(layout.clone(), t1(&values, device)).unwrap();
+
+            // spmm: A [m,k] · B [k,n]
+            let got = read(spmm(&a, with_layout(&b, [k, n], layout_kind, device)));
+            assert_close(&got, &want_spmm, &what("spmm"));
+
+            // sddmm: (P [m,d] · Q[k,d]ᵀ) sampled on A's structure
+            let got = read(sddmm(
+                &layout,
+                with_layout(&p, [m, d], layout_kind, device),
+                with_layout(&q, [k, d], layout_kind, device),
+            ));
+            assert_close(&got, &want_sddmm, &what("sddmm"));
+
+            // csr_add, to_dense, gather
+            let got = read(csr_add(&a, with_layout(&base, [m, k], layout_kind, device)));
+            assert_close(&got, &want_add, &what("csr_add"));
+            let dense = Reference::exact(&dense_a);
+            assert_close(&read(to_dense(&a)), &dense, &what("to_dense"));
+            let got = read(csr_gather(
+                &layout,
+                with_layout(&base, [m, k], layout_kind, device),
+            ));
+            let want = Reference::exact(&base).sample(&flat);
+            assert_close(&got, &want, &what("csr_gather"));
+
+            // transpose keeps every entry, explicit zeros included
+            let (at, perm) = csr_transpose(&a);
+            assert_eq!(at.layout.nnz(), s.nnz(), "transpose nnz");
+            assert_eq!(at.shape(), [k, m]);
+            let want = Reference::exact(&a_t);
+            assert_close(&read(at.to_dense()), &want, &what("transpose"));
+            let perm: Vec<i64> = perm.into_data().convert::<i64>().try_into_vec().unwrap();
+            assert_eq!(
+                perm,
+                host_perm.iter().map(|&p| p as i64).collect::<Vec<_>>()
+            );
+            assert_eq!(at.layout.structure(), &st);
+
+            // sparse_linear: y = x·Aᵀ with x [t, k] (A as [out = m, in = k])
+            let got = read(sparse_linear(
+                with_layout(&x, [t, k], layout_kind, device),
+                &layout,
+                t1(&values, device),
+            ));
+            assert_close(&got, &want_linear, &what("sparse_linear"));
+
+            // fused: y = x·(W + A)ᵀ + bias with W given as [in, out]
+            let got = read(sparse_linear_fused(
+                t2(&x, [t, k], device),
+                t2(&w, [k, m], device),
+                Some(t1(&bias, device)),
+                &layout,
+                t1(&values, device),
+            ));
+            assert_close(&got, &want_fused, &what("sparse_linear_fused"));
+        }
+    });
 }
 
 /// Gradients of `loss = Σ y²` with `y = x·Sᵀ` by the dense formula:
