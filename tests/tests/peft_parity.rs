@@ -220,11 +220,27 @@ fn check_weighted<M: Run + Build>(label: &str) {
             panic!("{label}: our {ours} mix differs from PEFT's by {d}");
         }
     }
-    // cat is exact: equal to both sources active with weights folded in.
+    // cat is exact: with weights 1 the concatenated adapter is both sources active together
+    // (PEFT's `output_both`), up to rounding.
+    peft.add_weighted_adapter(
+        &["default", "peft_other"],
+        &[1.0, 1.0],
+        "cat_ones",
+        Combination::Cat,
+    )
+    .unwrap();
+    peft.set_adapter(&["cat_ones"]).unwrap();
+    if let Err(d) = close(&peft.model().run(&exp.ids), &expect("output_both")) {
+        panic!("{label}: cat with weights 1 differs from both adapters active by {d}");
+    }
+    // One weight per adapter: a mismatch is a config error naming `weights`.
     let err = peft
         .add_weighted_adapter(&["default"], &[1.0, 2.0], "bad", Combination::Cat)
         .unwrap_err();
-    assert!(err.to_string().contains("weight"), "{err}");
+    assert!(
+        matches!(&err, peft_core::PeftError::InvalidConfig { field, .. } if field == "weights"),
+        "{err:?}"
+    );
 }
 
 #[test]

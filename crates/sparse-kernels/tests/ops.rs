@@ -95,10 +95,17 @@ fn explicit_zeros_are_entries() {
     let a = Csr::zeros(layout.clone());
     let (at, _) = sparse_kernels::csr_transpose(&a);
     assert_eq!(at.layout.nnz(), 3);
-    // The gradient reaches every entry even though all values are zero.
     let x = t2(&[1.0, 2.0], [1, 2], &d);
     let y = sparse_linear(x, &layout, a.values.clone());
     assert_eq!(read(y), vec![0.0, 0.0]);
+    // The gradient reaches every entry even though all values are zero: dS[o, i] = x[i] for
+    // the entries (0, 0), (1, 0), (1, 1).
+    let ad = Device::flex().autodiff();
+    let layout = CsrLayout::new(layout.structure().clone(), &ad);
+    let values = t1(&[0.0; 3], &ad).require_grad();
+    let y = sparse_linear(t2(&[1.0, 2.0], [1, 2], &ad), &layout, values.clone());
+    let grads = y.sum().backward();
+    assert_eq!(read(values.grad(&grads).unwrap()), vec![1.0, 1.0, 2.0]);
 }
 
 #[test]

@@ -279,8 +279,10 @@ fn the_other_gradients_are_unchanged() {
     );
 }
 
+/// Ids are unique, and a backward pass for a dropped sink reaches no other sink (the dropped
+/// sink's own slot is observed in `probe.rs`'s unit test).
 #[test]
-fn a_dropped_sink_receives_nothing_and_ids_are_unique() {
+fn a_dropped_sink_reaches_no_other_sink_and_ids_are_unique() {
     let d = device();
     let (a, b) = (ProbeSink::new(), ProbeSink::new());
     assert_ne!(a.id(), b.id());
