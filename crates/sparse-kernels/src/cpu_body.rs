@@ -72,15 +72,24 @@ impl CpuBody {
     }
 }
 
+thread_local! {
+    /// Whether this thread is inside [`with_cpu_body`] (a nested call would wait on itself).
+    static FORCING_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `f` with every dispatching kernel limited to `body`, process-wide (worker threads
 /// included); calls from several threads run one at a time.
 ///
 /// # Panics
-/// When this CPU cannot run `body`.
+/// When this CPU cannot run `body`, or when called inside `f` (not reentrant).
 pub fn with_cpu_body<R>(body: CpuBody, f: impl FnOnce() -> R) -> R {
     assert!(
         body <= CpuBody::detected(),
         "this CPU cannot run the {body:?} body"
+    );
+    assert!(
+        !FORCING_HERE.get(),
+        "with_cpu_body is not reentrant: force one body at a time"
     );
     let _serial = FORCING.lock().unwrap_or_else(|e| e.into_inner());
     /// Clears the forced body when `f` returns or panics.
@@ -88,10 +97,12 @@ pub fn with_cpu_body<R>(body: CpuBody, f: impl FnOnce() -> R) -> R {
     impl Drop for Reset {
         fn drop(&mut self) {
             FORCED.store(0, Ordering::Relaxed);
+            FORCING_HERE.set(false);
         }
     }
     let index = BODIES.iter().position(|b| *b == body).unwrap_or(0);
     FORCED.store(index as u8 + 1, Ordering::Relaxed);
+    FORCING_HERE.set(true);
     let _reset = Reset;
     f()
 }
