@@ -220,11 +220,27 @@ fn check_weighted<M: Run + Build>(label: &str) {
             panic!("{label}: our {ours} mix differs from PEFT's by {d}");
         }
     }
-    // cat is exact: equal to both sources active with weights folded in.
+    // cat is exact: with weights 1 the concatenated adapter is both sources active together
+    // (PEFT's `output_both`), up to rounding.
+    peft.add_weighted_adapter(
+        &["default", "peft_other"],
+        &[1.0, 1.0],
+        "cat_ones",
+        Combination::Cat,
+    )
+    .unwrap();
+    peft.set_adapter(&["cat_ones"]).unwrap();
+    if let Err(d) = close(&peft.model().run(&exp.ids), &expect("output_both")) {
+        panic!("{label}: cat with weights 1 differs from both adapters active by {d}");
+    }
+    // One weight per adapter: a mismatch is a config error naming `weights`.
     let err = peft
         .add_weighted_adapter(&["default"], &[1.0, 2.0], "bad", Combination::Cat)
         .unwrap_err();
-    assert!(err.to_string().contains("weight"), "{err}");
+    assert!(
+        matches!(&err, peft_core::PeftError::InvalidConfig { field, .. } if field == "weights"),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -324,6 +340,54 @@ fn build_burn_case(case: &str, config: &peft_lora::LoraConfig) -> LoraModel<Weig
     peft
 }
 
+/// What `make_peft_fixtures.py verify` recorded for one case: the SHA-256 of every adapter file
+/// PEFT loaded and PEFT's own outputs on the case's input.
+struct Verified {
+    sha256: BTreeMap<String, String>,
+    peft_outputs: BTreeMap<String, TensorData>,
+}
+
+impl Verified {
+    fn load(case_dir: &std::path::Path) -> Self {
+        let record = hf::read_json(&case_dir.join("verified.json")).unwrap_or_else(|e| {
+            panic!(
+                "{}: no verification record ({e}); run verify",
+                case_dir.display()
+            )
+        });
+        let sha256 = record["sha256"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(file, hash)| (file.clone(), hash.as_str().unwrap().to_string()))
+            .collect();
+        let outputs = case_dir.join(record["peft_outputs"].as_str().unwrap());
+        let peft_outputs = hf::read_tensors(&outputs).unwrap();
+        Self {
+            sha256,
+            peft_outputs,
+        }
+    }
+
+    /// Panics unless `dir` holds exactly the adapter files PEFT verified, byte for byte.
+    fn assert_same_files(&self, case: &str, dir: &std::path::Path) {
+        use sha2::Digest;
+        for (file, hash) in &self.sha256 {
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let ours = format!("{:x}", sha2::Sha256::digest(&bytes));
+            assert_eq!(&ours, hash, "{case}: {file} is not the file PEFT verified");
+        }
+        assert!(
+            self.sha256.contains_key(hf::WEIGHTS_FILE) && self.sha256.contains_key(hf::CONFIG_FILE),
+            "{case}: the record names both files"
+        );
+    }
+}
+
+/// Adapters saved by burn-peft are the files PEFT loaded in `make_peft_fixtures.py verify`
+/// (same SHA-256, so the same keys, shapes, values and config), and our outputs equal the
+/// outputs PEFT recorded for them. With `BURN_PEFT_WRITE_FIXTURES` set, the test rewrites the
+/// adapters and fails until verify has been run on them.
 #[test]
 fn burn_saved_adapters_are_the_files_peft_verified() {
     let write = std::env::var_os("BURN_PEFT_WRITE_FIXTURES").is_some();
@@ -336,55 +400,39 @@ fn burn_saved_adapters_are_the_files_peft_verified() {
     for (case, config) in burn_cases() {
         let peft = build_burn_case(case, &config);
         let committed = fixture(&format!("burn_saved/{case}"));
-        let fresh = tempfile::tempdir().unwrap();
-        let dir = if write {
-            committed.clone()
-        } else {
-            fresh.path().to_path_buf()
-        };
-        peft.save_pretrained(&dir, &SaveOptions::default()).unwrap();
         let output = peft.model().valid().run(&ids.clone());
         if write {
+            peft.save_pretrained(&committed, &SaveOptions::default())
+                .unwrap();
             let mut t = BTreeMap::new();
             t.insert("input_ids".to_string(), ids.clone().into_data());
             t.insert("output".to_string(), output.clone().into_data());
             hf::write_tensors(&committed.join("expected.safetensors"), &t).unwrap();
+            for stale in ["verified.json", "peft_outputs.safetensors"] {
+                let _ = std::fs::remove_file(committed.join(stale));
+            }
             continue;
         }
-        // What we write today is what PEFT verified.
-        let ours = hf::read_tensors(&dir.join(hf::WEIGHTS_FILE)).unwrap();
-        let theirs = hf::read_tensors(&committed.join(hf::WEIGHTS_FILE)).unwrap();
+        let verified = Verified::load(&committed);
+        // What we write today is, byte for byte, what PEFT loaded.
+        let fresh = tempfile::tempdir().unwrap();
+        peft.save_pretrained(fresh.path(), &SaveOptions::default())
+            .unwrap();
+        verified.assert_same_files(case, fresh.path());
+        verified.assert_same_files(case, &committed);
+        // Our outputs are PEFT's, before the save and after loading the file on both paths.
+        let theirs_ids: Tensor<2, Int> =
+            Tensor::from_data(verified.peft_outputs["input_ids"].clone(), &device);
         assert_eq!(
-            ours.keys().collect::<Vec<_>>(),
-            theirs.keys().collect::<Vec<_>>(),
-            "{case}: keys"
+            theirs_ids.into_data(),
+            ids.clone().into_data(),
+            "{case}: input_ids"
         );
-        for (k, v) in &ours {
-            assert_eq!(v.shape(), theirs[k].shape(), "{case}: {k}");
-            let a: Vec<f32> = v.iter::<f32>().collect();
-            let b: Vec<f32> = theirs[k].iter::<f32>().collect();
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-6),
-                "{case}: {k} values"
-            );
-        }
-        assert_eq!(
-            hf::read_json(&dir.join(hf::CONFIG_FILE)).unwrap(),
-            hf::read_json(&committed.join(hf::CONFIG_FILE)).unwrap(),
-            "{case}: adapter_config.json"
-        );
-        let text = |d: &std::path::Path| std::fs::read_to_string(d.join(hf::CONFIG_FILE)).unwrap();
-        assert_eq!(
-            text(&dir),
-            text(&committed),
-            "{case}: adapter_config.json byte for byte"
-        );
-        let expected = hf::read_tensors(&committed.join("expected.safetensors")).unwrap();
-        let expected: Tensor<3> = Tensor::from_data(expected["output"].clone(), &device);
+        let expected: Tensor<3> =
+            Tensor::from_data(verified.peft_outputs["output"].clone(), &device);
         if let Err(d) = close(&output, &expected) {
-            panic!("{case}: output differs from the committed one by {d}");
+            panic!("{case}: output differs from PEFT's by {d}");
         }
-        // And it loads back on both paths.
         let w = LoraModel::from_pretrained(
             WeightModel::build(&device),
             &committed,
@@ -402,8 +450,14 @@ fn burn_saved_adapters_are_the_files_peft_verified() {
             ("activation", a.model().run(&ids)),
         ] {
             if let Err(d) = close(&out, &expected) {
-                panic!("{case}/{label}: reloaded output differs by {d}");
+                panic!("{case}/{label}: reloaded output differs from PEFT's by {d}");
             }
         }
     }
+    assert!(
+        !write,
+        "fixtures rewritten in tests/fixtures/burn_saved; run \
+         `python tests/fixtures/make_peft_fixtures.py verify`, then this test without \
+         BURN_PEFT_WRITE_FIXTURES"
+    );
 }

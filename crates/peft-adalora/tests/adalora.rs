@@ -412,17 +412,18 @@ fn truncated_save_loads_with_the_same_outputs() {
         AdaLoraModel::from_pretrained(Activation::new(&dev), dir.path(), &LoadOptions::default())
             .unwrap();
     assert!(max_diff(loaded.model().forward(input(&dev)), out) < 1e-6);
-    // A second save of the loaded (already truncated) adapter keeps the same tensors.
+    // A second save of the loaded (already truncated) adapter keeps the same tensors: keys,
+    // shapes and values (TensorData's equality compares all three), and the same config.
     let dir2 = tempfile::tempdir().unwrap();
     loaded
         .save_pretrained(dir2.path(), &SaveOptions::default())
         .unwrap();
     let again =
         peft_core::hf::read_tensors(&dir2.path().join("adapter_model.safetensors")).unwrap();
-    assert_eq!(
-        again.keys().collect::<Vec<_>>(),
-        tensors.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(again, tensors);
+    let json2 = std::fs::read_to_string(dir2.path().join("adapter_config.json")).unwrap();
+    let json2: serde_json::Value = serde_json::from_str(&json2).unwrap();
+    assert_eq!(json2, json);
 }
 
 #[test]
@@ -569,7 +570,9 @@ fn identity_init_trains_to_the_target_budget_and_bad_targets_error() {
         .flatten()
         .filter(|k| **k)
         .count();
-    assert!(kept <= 4, "{kept}");
+    // target_r 2 on each of the two matrices: exactly the budget, not fewer (a run that masks
+    // everything must fail here).
+    assert_eq!(kept, 4, "final rank pattern");
     let err = AdaLoraModel::new(
         Activation::new(&dev),
         AdaLoraConfig::new(ModuleSelector::names(["nothing"]), 10),
@@ -612,8 +615,8 @@ fn fixture_config() -> AdaLoraConfig {
     example_config().with_orth_reg_weight(0.0)
 }
 
-fn patterns() -> Vec<Option<std::collections::BTreeMap<String, Vec<bool>>>> {
-    let text = std::fs::read_to_string(fixtures().join("peft/patterns.json")).unwrap();
+fn patterns(run: &str) -> Vec<Option<std::collections::BTreeMap<String, Vec<bool>>>> {
+    let text = std::fs::read_to_string(fixtures().join(run).join("patterns.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -654,33 +657,57 @@ fn set_from_peft(model: Activation, values: &dyn Fn(&str, &str) -> TensorData) -
     model
 }
 
-#[test]
-fn allocator_replays_peft_rank_patterns_and_masked_values() {
+/// `max |ours - theirs| <= 1e-5 · max |theirs| + 1e-12`, PEFT's gradient in PyTorch layout.
+fn assert_gradient_close(ours: Tensor<2>, theirs: &TensorData, what: &str) {
+    let theirs: Vec<f32> = theirs.to_owned().try_to_vec::<f32>().unwrap();
+    let ours: Vec<f32> = ours.into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(ours.len(), theirs.len(), "{what}");
+    let scale = theirs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = ours
+        .iter()
+        .zip(&theirs)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-5 * scale + 1e-12,
+        "{what}: our gradient differs from PEFT's by {diff} (PEFT's largest entry {scale})"
+    );
+}
+
+/// Replays a PEFT AdaLoRA run step by step: from PEFT's parameters at the start of each step our
+/// loss gives PEFT's gradients (with PEFT's orthogonal regularizer added when the run has one);
+/// the allocator, fed our gradients and PEFT's parameters after its optimizer step, masks to
+/// PEFT's `rank_pattern` and leaves PEFT's `lora_E`, bit for bit.
+fn replay_peft_run(run: &str, config: &AdaLoraConfig) {
     use peft_core::step::{Controller, StepInfo};
     let dev = device();
-    let steps = peft_core::hf::read_tensors(&fixtures().join("peft/steps.safetensors")).unwrap();
-    let expected = patterns();
-    let config = fixture_config();
+    let steps =
+        peft_core::hf::read_tensors(&fixtures().join(run).join("steps.safetensors")).unwrap();
+    let expected = patterns(run);
+    let x = tensor2(&steps["input"], &dev);
+    let y = tensor2(&steps["target"], &dev);
     let peft = AdaLoraModel::new(fixture_base(&dev), config.clone()).unwrap();
     let mut model = set_from_peft(peft.model().clone(), &|l, w| {
         steps[&format!("init.{l}.{w}")].clone()
     });
-    let mut allocator = RankAllocator::new(&config, "default").unwrap();
+    let mut allocator = RankAllocator::new(config, "default").unwrap();
     let mut masked_somewhere = false;
     for (t, expected_pattern) in expected.iter().enumerate() {
-        // The gradients PEFT used, on this model's parameter ids.
-        let mut grads = GradientsParams::new();
-        for (path, a) in adapters(&model) {
-            let g = |w: &str| tensor2(&steps[&format!("step{t}.{path}.{w}")], &dev).inner();
-            grads.register(a.lora_a.id, Tensor::<2>::from_inner(g("gA")).transpose());
-            let r = a.rank();
-            grads.register(a.lora_e.id, Tensor::<2>::from_inner(g("gE")).reshape([r]));
-            grads.register(a.lora_b.id, Tensor::<2>::from_inner(g("gB")).transpose());
-        }
+        let loss = (model.forward(x.clone()) - y.clone()).powi_scalar(2).mean();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let info = StepInfo { step: t, lr: 0.0 };
         allocator
             .before_optimizer(info, &model, &mut grads)
             .unwrap();
+        for (path, a) in adapters(&model) {
+            let theirs = |w: &str| &steps[&format!("step{t}.{path}.{w}")];
+            let what = |w: &str| format!("{run} step {t}, {path}: {w}");
+            let ga = grads.get::<2>(a.lora_a.id).unwrap().transpose();
+            assert_gradient_close(ga, theirs("gA"), &what("gA"));
+            let ge = grads.get::<1>(a.lora_e.id).unwrap().reshape([a.rank(), 1]);
+            assert_gradient_close(ge, theirs("gE"), &what("gE"));
+            let gb = grads.get::<2>(a.lora_b.id).unwrap().transpose();
+            assert_gradient_close(gb, theirs("gB"), &what("gB"));
+        }
         // The parameters after PEFT's optimizer step.
         model = set_from_peft(model, &|l, w| steps[&format!("step{t}.{l}.{w}")].clone());
         model = allocator.after_optimizer(info, model).unwrap();
@@ -688,7 +715,7 @@ fn allocator_replays_peft_rank_patterns_and_masked_values() {
         assert_eq!(
             allocator.rank_pattern(),
             expected_pattern.as_ref(),
-            "step {t}"
+            "{run} step {t}"
         );
         for (path, a) in adapters(&model) {
             let ours: Vec<f32> = a.lora_e.val().into_data().try_to_vec::<f32>().unwrap();
@@ -696,16 +723,29 @@ fn allocator_replays_peft_rank_patterns_and_masked_values() {
                 .to_owned()
                 .try_to_vec::<f32>()
                 .unwrap();
-            assert_eq!(ours, theirs, "step {t}, {path}: lora_E after the allocator");
+            assert_eq!(
+                ours, theirs,
+                "{run} step {t}, {path}: lora_E after the allocator"
+            );
             masked_somewhere |= ours.contains(&0.0);
         }
     }
-    assert!(masked_somewhere, "the fixture exercises masking");
-    let last = expected.last().unwrap().as_ref().unwrap();
+    assert!(masked_somewhere, "{run}: the fixture exercises masking");
+}
+
+#[test]
+fn allocator_replays_peft_gradients_rank_patterns_and_masked_values() {
+    replay_peft_run("peft", &fixture_config());
+    let last = patterns("peft").last().unwrap().clone().unwrap();
     assert!(
         last["lin1"].iter().all(|k| !k),
         "lin1 ends at rank 0 in the fixture"
     );
+}
+
+#[test]
+fn orthogonal_regularizer_replays_peft_gradients_and_rank_patterns() {
+    replay_peft_run("peft/orth", &fixture_config().with_orth_reg_weight(0.5));
 }
 
 #[test]
@@ -733,8 +773,9 @@ fn peft_saved_adapter_loads_with_peft_outputs_including_a_rank_zero_module() {
         ) > 1e-4
     );
 
-    // What we save from it is what PEFT loads: the committed copy was verified with
-    // `make_adalora_fixtures.py verify`; it must stay what we write now.
+    // What we save from it is what PEFT loads: `make_adalora_fixtures.py verify` recorded the
+    // SHA-256 of the files it loaded and its outputs with them; the writer is byte-deterministic
+    // (sorted tensors, fixed metadata and field order), so today's bytes must hash the same.
     let burn_dir = fixtures().join("burn_saved");
     let written = tempfile::tempdir().unwrap();
     peft.save_pretrained(written.path(), &SaveOptions::default())
@@ -748,17 +789,43 @@ fn peft_saved_adapter_loads_with_peft_outputs_including_a_rank_zero_module() {
         expected.insert("input".to_string(), io["input"].clone());
         expected.insert("output".to_string(), out.into_data());
         peft_core::hf::write_tensors(&burn_dir.join("expected.safetensors"), &expected).unwrap();
+        for stale in ["verified.json", "peft_outputs.safetensors"] {
+            let _ = std::fs::remove_file(burn_dir.join(stale));
+        }
+        panic!(
+            "fixtures rewritten in {}; run `python \
+             crates/peft-adalora/fixtures/make_adalora_fixtures.py verify`, then this test \
+             without BURN_PEFT_WRITE_FIXTURES",
+            burn_dir.display()
+        );
     }
-    let ours =
-        peft_core::hf::read_tensors(&written.path().join("adapter_model.safetensors")).unwrap();
-    let committed =
-        peft_core::hf::read_tensors(&burn_dir.join("adapter_model.safetensors")).unwrap();
-    assert_eq!(ours, committed);
-    let json = |dir: &std::path::Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
-            .unwrap()
-    };
-    assert_eq!(json(written.path()), json(&burn_dir));
+    let record = peft_core::hf::read_json(&burn_dir.join("verified.json"))
+        .expect("burn_saved/verified.json: run make_adalora_fixtures.py verify");
+    for dir in [written.path(), burn_dir.as_path()] {
+        for (file, hash) in record["sha256"].as_object().unwrap() {
+            use sha2::Digest;
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            let ours = format!("{:x}", sha2::Sha256::digest(&bytes));
+            assert_eq!(
+                Some(ours.as_str()),
+                hash.as_str(),
+                "{file} in {} is not the file PEFT verified",
+                dir.display()
+            );
+        }
+    }
+    // PEFT's output with our file is our output, before saving and after loading it back.
+    let theirs =
+        peft_core::hf::read_tensors(&burn_dir.join(record["peft_outputs"].as_str().unwrap()))
+            .unwrap();
+    assert_eq!(theirs["input"], io["input"]);
+    let peft_output = tensor2(&theirs["output"], &dev);
+    assert!(max_diff(out, peft_output.clone()) < 1e-5);
+    let reloaded =
+        AdaLoraModel::from_pretrained(fixture_base(&dev), &burn_dir, &LoadOptions::default())
+            .unwrap();
+    let again = reloaded.model().forward(tensor2(&io["input"], &dev));
+    assert!(max_diff(again, peft_output) < 1e-5);
 }
 
 #[test]

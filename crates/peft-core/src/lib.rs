@@ -16,6 +16,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod cpu_body;
 pub mod error;
 pub mod hf;
 mod hook;

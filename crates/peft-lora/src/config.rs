@@ -432,9 +432,24 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected() {
-        assert!(LoraConfig::from_json(r#"{"peft_type":"LORA","r":0}"#).is_err());
-        assert!(LoraConfig::from_json(r#"{"peft_type":"LORA","lora_dropout":1.5}"#).is_err());
-        assert!(LoraConfig::from_json(r#"{"peft_type":"ADALORA"}"#).is_err());
-        assert!(LoraConfig::from_json(r#"{"peft_type":"LORA","bias":"some"}"#).is_err());
+        for (json, field) in [
+            (r#"{"peft_type":"LORA","r":0}"#, "r"),
+            (r#"{"peft_type":"LORA","lora_dropout":1.5}"#, "lora_dropout"),
+            (r#"{"peft_type":"ADALORA"}"#, "peft_type"),
+        ] {
+            let err = LoraConfig::from_json(json).unwrap_err();
+            assert!(
+                matches!(&err, PeftError::InvalidConfig { field: f, .. } if *f == field),
+                "{json}: {err:?}"
+            );
+        }
+        // An unknown `bias` value fails in serde, which names the value and the choices.
+        let err = LoraConfig::from_json(r#"{"peft_type":"LORA","bias":"some"}"#).unwrap_err();
+        assert!(matches!(err, PeftError::Json { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("`some`") && text.contains("lora_only"),
+            "{text}"
+        );
     }
 }

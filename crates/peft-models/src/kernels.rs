@@ -883,10 +883,11 @@ mod flex {
         }
     }
 
-    /// The slice loops, compiled for AVX-512, AVX2+FMA and the baseline; the widest the CPU has
-    /// runs.
+    /// The slice loops, compiled for AVX-512, AVX2+FMA and the baseline; the one
+    /// [`CpuBody::current`] names runs (the widest the CPU has, unless a test forces another).
     pub(crate) mod kernels {
         use super::super::math::{exp_nonpositive, gelu, gelu_grad};
+        use peft_core::cpu_body::CpuBody;
 
         macro_rules! dispatch {
             ($(fn $name:ident($($arg:ident : $ty:ty),*) $body:block)*) => {$(
@@ -907,21 +908,21 @@ mod flex {
                     }
 
                     #[cfg(target_arch = "x86_64")]
-                    {
-                        if std::arch::is_x86_feature_detected!("avx512f") {
-                            // SAFETY: `avx512` only needs the target features detected here.
+                    match CpuBody::current() {
+                        CpuBody::Avx512 => {
+                            // SAFETY: `current` is never wider than the CPU's detected
+                            // features; `avx512` only needs AVX-512F, AVX2 and FMA.
                             #[allow(unsafe_code)]
                             unsafe { avx512($($arg),*) };
                             return;
                         }
-                        if std::arch::is_x86_feature_detected!("avx2")
-                            && std::arch::is_x86_feature_detected!("fma")
-                        {
-                            // SAFETY: `avx2` only needs the target features detected here.
+                        CpuBody::Avx2 => {
+                            // SAFETY: as above; `avx2` only needs AVX2 and FMA.
                             #[allow(unsafe_code)]
                             unsafe { avx2($($arg),*) };
                             return;
                         }
+                        CpuBody::Portable => {}
                     }
                     generic($($arg),*)
                 }

@@ -1,9 +1,29 @@
-//! The fused GELU against burn's own `gelu` (forward) and its autodiff gradient (backward),
-//! over in-place, shared, non-contiguous and multi-chunk inputs.
+//! The fused GELU, attention and layer norm against burn's own ops (forward) and their autodiff
+//! gradients (backward), over in-place, shared, non-contiguous and multi-chunk inputs; every
+//! test on every CPU body this machine supports (`for_each_cpu_body` prints which).
 
 use burn::tensor::activation::gelu as reference_gelu;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use peft_core::cpu_body::for_each_cpu_body;
 use peft_models::kernels::gelu;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+/// Values from `distribution`, the same for a given `seed` on every run and machine (burn's own
+/// generator is process-global, shared by tests running in parallel). Tests name the seed in
+/// their failure messages.
+fn random<const D: usize>(
+    shape: [usize; D],
+    distribution: Distribution,
+    seed: u64,
+    device: &Device,
+) -> Tensor<D> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    Tensor::from_data(
+        TensorData::random::<f32, _, _>(shape, distribution, &mut rng),
+        device,
+    )
+}
 
 fn max_abs(a: Tensor<2>, b: Tensor<2>) -> f32 {
     (a - b).abs().max().into_scalar::<f32>()
@@ -11,8 +31,8 @@ fn max_abs(a: Tensor<2>, b: Tensor<2>) -> f32 {
 
 /// Values over the whole interesting range: normal(0, 3), plus exact zeros, large magnitudes and
 /// the points where the erf approximation switches regime.
-fn inputs(rows: usize, cols: usize, device: &Device) -> Tensor<2> {
-    let x = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 3.0), device);
+fn inputs(rows: usize, cols: usize, seed: u64, device: &Device) -> Tensor<2> {
+    let x = random([rows, cols], Distribution::Normal(0.0, 3.0), seed, device);
     let special = [0.0f32, -0.0, 1e-8, -1e-8, 10.0, -10.0, 40.0, -40.0];
     let k = cols.min(special.len());
     let special = Tensor::<1>::from_floats(&special[..k], device).reshape([1, k]);
@@ -21,24 +41,30 @@ fn inputs(rows: usize, cols: usize, device: &Device) -> Tensor<2> {
 
 #[test]
 fn the_forward_equals_burns_gelu_in_place_shared_and_strided() {
-    let device = Device::flex();
-    // 3 x 40000 elements: several rayon chunks and a ragged last one.
-    for (rows, cols) in [(1, 1), (3, 7), (300, 401), (3, 40_000)] {
-        let x = inputs(rows, cols, &device);
-        let expected = reference_gelu(x.clone());
-        let before = inputs_copy(&x);
-        // Shared buffer (x is still alive): the kernel writes a new tensor.
-        let shared = gelu(x.clone());
-        assert!(max_abs(shared.clone(), expected.clone()) < 1e-5);
-        // The input is unchanged.
-        assert_eq!(inputs_copy(&x), before);
-        // Unique buffer: computed in place.
-        let unique = gelu(x.clone().add_scalar(0.0));
-        assert!(max_abs(unique, expected.clone()) < 1e-5);
-        // A transposed view.
-        let strided = gelu(x.clone().transpose());
-        assert!(max_abs(strided, expected.transpose()) < 1e-5);
-    }
+    for_each_cpu_body(|_| {
+        let device = Device::flex();
+        // 3 x 40000 elements: several rayon chunks and a ragged last one.
+        for (rows, cols) in [(1, 1), (3, 7), (300, 401), (3, 40_000)] {
+            let seed = (rows * 100_000 + cols) as u64;
+            let x = inputs(rows, cols, seed, &device);
+            let expected = reference_gelu(x.clone());
+            let before = inputs_copy(&x);
+            // Shared buffer (x is still alive): the kernel writes a new tensor.
+            let shared = gelu(x.clone());
+            assert!(
+                max_abs(shared.clone(), expected.clone()) < 1e-5,
+                "seed {seed}"
+            );
+            // The input is unchanged.
+            assert_eq!(inputs_copy(&x), before);
+            // Unique buffer: computed in place.
+            let unique = gelu(x.clone().add_scalar(0.0));
+            assert!(max_abs(unique, expected.clone()) < 1e-5, "seed {seed}");
+            // A transposed view.
+            let strided = gelu(x.clone().transpose());
+            assert!(max_abs(strided, expected.transpose()) < 1e-5, "seed {seed}");
+        }
+    });
 }
 
 fn inputs_copy(x: &Tensor<2>) -> Vec<f32> {
@@ -47,92 +73,105 @@ fn inputs_copy(x: &Tensor<2>) -> Vec<f32> {
 
 #[test]
 fn the_error_is_relative_to_the_input_size() {
-    // |gelu - burn's gelu| ≤ 1e-6 · max(1, |x|): the erf approximation's 1.5e-7 times |x|/2.
-    let device = Device::flex();
-    let n = 100_001;
-    let values: Vec<f32> = (0..n)
-        .map(|i| -12.0 + 24.0 * i as f32 / (n - 1) as f32)
-        .collect();
-    let x = Tensor::<1>::from_floats(values.as_slice(), &device).reshape([1, n]);
-    let diff = (gelu(x.clone()) - reference_gelu(x.clone())).abs();
-    let bound = x.abs().clamp_min(1.0).mul_scalar(1e-6);
-    let over = diff.greater(bound).int().sum().into_scalar::<i64>();
-    assert_eq!(over, 0);
+    for_each_cpu_body(|_| {
+        // |gelu - burn's gelu| ≤ 1e-6 · max(1, |x|): the erf approximation's 1.5e-7 times |x|/2.
+        let device = Device::flex();
+        let n = 100_001;
+        let values: Vec<f32> = (0..n)
+            .map(|i| -12.0 + 24.0 * i as f32 / (n - 1) as f32)
+            .collect();
+        let x = Tensor::<1>::from_floats(values.as_slice(), &device).reshape([1, n]);
+        let diff = (gelu(x.clone()) - reference_gelu(x.clone())).abs();
+        let bound = x.abs().clamp_min(1.0).mul_scalar(1e-6);
+        let over = diff.greater(bound).int().sum().into_scalar::<i64>();
+        assert_eq!(over, 0);
+    });
 }
 
 #[test]
 fn the_gradient_equals_burns_autodiff_gradient() {
-    let device = Device::flex().autodiff();
-    for (rows, cols) in [(2, 5), (64, 1536), (3, 40_000)] {
-        let x = inputs(rows, cols, &device.clone().inner());
-        let weights = Tensor::<2>::random(
-            x.dims(),
-            Distribution::Normal(0.0, 1.0),
-            &device.clone().inner(),
-        );
-        let grad_of = |fused: bool, strided: bool| {
-            let xv = Tensor::<2>::from_inner(x.clone()).require_grad();
-            let input = if strided {
-                xv.clone().transpose()
-            } else {
-                xv.clone()
+    for_each_cpu_body(|_| {
+        let device = Device::flex().autodiff();
+        for (rows, cols) in [(2, 5), (64, 1536), (3, 40_000)] {
+            let seed = (rows * 100_000 + cols) as u64;
+            let x = inputs(rows, cols, seed, &device.clone().inner());
+            let normal = Distribution::Normal(0.0, 1.0);
+            let weights = random(x.dims(), normal, seed + 1, &device.clone().inner());
+            let grad_of = |fused: bool, strided: bool| {
+                let xv = Tensor::<2>::from_inner(x.clone()).require_grad();
+                let input = if strided {
+                    xv.clone().transpose()
+                } else {
+                    xv.clone()
+                };
+                let y = if fused {
+                    gelu(input)
+                } else {
+                    reference_gelu(input)
+                };
+                let y = if strided { y.transpose() } else { y };
+                let loss = (y * Tensor::from_inner(weights.clone())).sum();
+                let g = loss.backward();
+                xv.grad(&g).expect("x gets a gradient")
             };
-            let y = if fused {
-                gelu(input)
-            } else {
-                reference_gelu(input)
-            };
-            let y = if strided { y.transpose() } else { y };
-            let loss = (y * Tensor::from_inner(weights.clone())).sum();
-            let g = loss.backward();
-            xv.grad(&g).expect("x gets a gradient")
-        };
-        let expected = grad_of(false, false);
-        assert!(max_abs(grad_of(true, false), expected.clone()) < 2e-5);
-        assert!(max_abs(grad_of(true, true), expected) < 2e-5);
-    }
+            let expected = grad_of(false, false);
+            assert!(
+                max_abs(grad_of(true, false), expected.clone()) < 2e-5,
+                "seed {seed}"
+            );
+            assert!(max_abs(grad_of(true, true), expected) < 2e-5, "seed {seed}");
+        }
+    });
 }
 
 #[test]
 fn the_gradient_matches_finite_differences() {
-    let device = Device::flex().autodiff();
-    let values = [-6.0f32, -2.5, -1.0, -0.3, 0.0, 0.4, 1.3, 3.0, 7.0];
-    let x = Tensor::<1>::from_floats(values, &device).require_grad();
-    let g = gelu(x.clone()).sum().backward();
-    let grad = x.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
-    for (v, g) in values.iter().zip(grad) {
-        let v = *v as f64;
-        let f = |x: f64| {
-            let inner = Tensor::<1>::from_floats([x as f32], &Device::flex());
-            gelu(inner).into_scalar::<f32>() as f64
-        };
-        let h = 1e-2;
-        let fd = (f(v + h) - f(v - h)) / (2.0 * h);
-        assert!((fd - g as f64).abs() < 2e-3, "x = {v}: {fd} vs {g}");
-    }
+    for_each_cpu_body(|_| {
+        let device = Device::flex().autodiff();
+        let values = [-6.0f32, -2.5, -1.0, -0.3, 0.0, 0.4, 1.3, 3.0, 7.0];
+        let x = Tensor::<1>::from_floats(values, &device).require_grad();
+        let g = gelu(x.clone()).sum().backward();
+        let grad = x.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
+        for (v, g) in values.iter().zip(grad) {
+            let v = *v as f64;
+            let f = |x: f64| {
+                let inner = Tensor::<1>::from_floats([x as f32], &Device::flex());
+                gelu(inner).into_scalar::<f32>() as f64
+            };
+            let h = 1e-2;
+            let fd = (f(v + h) - f(v - h)) / (2.0 * h);
+            assert!((fd - g as f64).abs() < 2e-3, "x = {v}: {fd} vs {g}");
+        }
+    });
 }
 
 #[test]
 fn a_second_use_of_the_input_is_unaffected_by_the_in_place_path() {
-    // The autodiff graph keeps x for the backward pass: the forward must not overwrite it.
-    let device = Device::flex().autodiff();
-    let x = Tensor::<2>::random([16, 300], Distribution::Normal(0.0, 2.0), &device).require_grad();
-    let y = gelu(x.clone()) + x.clone();
-    let g = y.sum().backward();
-    let expected = {
-        let inner = x.clone().inner();
-        let xv = Tensor::<2>::from_inner(inner).require_grad();
-        let g = (reference_gelu(xv.clone()) + xv.clone()).sum().backward();
-        xv.grad(&g).unwrap()
-    };
-    assert!(max_abs(x.grad(&g).unwrap(), expected) < 2e-5);
+    for_each_cpu_body(|_| {
+        // The autodiff graph keeps x for the backward pass: the forward must not overwrite it.
+        let device = Device::flex().autodiff();
+        // Seed 7.
+        let x = random([16, 300], Distribution::Normal(0.0, 2.0), 7, &device).require_grad();
+        let y = gelu(x.clone()) + x.clone();
+        let g = y.sum().backward();
+        let expected = {
+            let inner = x.clone().inner();
+            let xv = Tensor::<2>::from_inner(inner).require_grad();
+            let g = (reference_gelu(xv.clone()) + xv.clone()).sum().backward();
+            xv.grad(&g).unwrap()
+        };
+        assert!(max_abs(x.grad(&g).unwrap(), expected) < 2e-5);
+    });
 }
 
 mod attention {
     use burn::tensor::module::attention as reference_attention;
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor};
+    use peft_core::cpu_body::for_each_cpu_body;
     use peft_models::kernels::attention;
+
+    use super::random;
 
     fn max_abs4(a: Tensor<4>, b: Tensor<4>) -> f32 {
         (a - b).abs().max().into_scalar::<f32>()
@@ -159,58 +198,66 @@ mod attention {
     }
 
     /// `[b, s, h, d]` activations viewed as `[b, h, s, d]`, as a model's heads are.
-    fn heads(b: usize, h: usize, s: usize, d: usize, device: &Device) -> Tensor<4> {
-        Tensor::<4>::random([b, s, h, d], Distribution::Normal(0.0, 1.0), device).swap_dims(1, 2)
+    fn heads(b: usize, h: usize, s: usize, d: usize, seed: u64, device: &Device) -> Tensor<4> {
+        random([b, s, h, d], Distribution::Normal(0.0, 1.0), seed, device).swap_dims(1, 2)
     }
 
     /// Random q `[b, h, sq, d]`, k `[b, h, sk, d]`, v `[b, h, sk, dv]`, as head views.
     fn qkv(
         (b, h, sq, sk, d, dv): (usize, usize, usize, usize, usize, usize),
+        seed: u64,
         device: &Device,
     ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         (
-            heads(b, h, sq, d, device),
-            heads(b, h, sk, d, device),
-            heads(b, h, sk, dv, device),
+            heads(b, h, sq, d, seed, device),
+            heads(b, h, sk, d, seed + 1, device),
+            heads(b, h, sk, dv, seed + 2, device),
         )
     }
 
     #[test]
     fn the_forward_equals_burns_attention_with_padding() {
-        let device = Device::flex();
-        for (b, h, sq, sk, d, dv) in [
-            (2, 3, 5, 5, 4, 4),
-            (3, 2, 7, 9, 8, 3),
-            (4, 12, 33, 33, 32, 32),
-        ] {
-            let (q, k, v) = qkv((b, h, sq, sk, d, dv), &device);
-            let mask = padding(b, sk, &device);
-            let out = attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()));
-            assert_eq!(out.dims(), [b, h, sq, dv]);
-            let expected = reference(q.clone(), k.clone(), v.clone(), Some(mask));
-            assert!(max_abs4(out, expected) < 1e-5);
-            // Contiguous inputs and no mask.
-            let (qc, kc, vc) = (
-                q.clone().add_scalar(0.0),
-                k.clone().add_scalar(0.0),
-                v.clone().add_scalar(0.0),
-            );
-            let out = attention(qc, kc, vc, None);
-            assert!(max_abs4(out, reference(q, k, v, None)) < 1e-5);
-        }
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            for (seed, (b, h, sq, sk, d, dv)) in [
+                (0, (2, 3, 5, 5, 4, 4)),
+                (10, (3, 2, 7, 9, 8, 3)),
+                (20, (4, 12, 33, 33, 32, 32)),
+            ] {
+                let (q, k, v) = qkv((b, h, sq, sk, d, dv), seed, &device);
+                let mask = padding(b, sk, &device);
+                let out = attention(q.clone(), k.clone(), v.clone(), Some(mask.clone()));
+                assert_eq!(out.dims(), [b, h, sq, dv]);
+                let expected = reference(q.clone(), k.clone(), v.clone(), Some(mask));
+                assert!(max_abs4(out, expected) < 1e-5, "seed {seed}");
+                // Contiguous inputs and no mask.
+                let (qc, kc, vc) = (
+                    q.clone().add_scalar(0.0),
+                    k.clone().add_scalar(0.0),
+                    v.clone().add_scalar(0.0),
+                );
+                let out = attention(qc, kc, vc, None);
+                assert!(
+                    max_abs4(out, reference(q, k, v, None)) < 1e-5,
+                    "seed {seed}"
+                );
+            }
+        });
     }
 
     #[test]
     fn a_fully_masked_row_attends_uniformly() {
-        let device = Device::flex();
-        let (q, k, v) = qkv((2, 2, 3, 5, 4, 4), &device);
-        let mask =
-            Tensor::<2, Int>::from_ints([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], &device).equal_elem(1);
-        let out = attention(q, k, v.clone(), Some(mask));
-        // Sentence 0: every key masked → the mean of the values, as Hugging Face gives.
-        let mean = v.clone().narrow(0, 0, 1).mean_dim(2).expand([1, 2, 3, 4]);
-        assert!(max_abs4(out.clone().narrow(0, 0, 1), mean) < 1e-5);
-        assert!(!out.is_nan().any().into_scalar::<bool>());
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            let (q, k, v) = qkv((2, 2, 3, 5, 4, 4), 30, &device);
+            let mask = Tensor::<2, Int>::from_ints([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], &device)
+                .equal_elem(1);
+            let out = attention(q, k, v.clone(), Some(mask));
+            // Sentence 0: every key masked → the mean of the values, as Hugging Face gives.
+            let mean = v.clone().narrow(0, 0, 1).mean_dim(2).expand([1, 2, 3, 4]);
+            assert!(max_abs4(out.clone().narrow(0, 0, 1), mean) < 1e-5);
+            assert!(!out.is_nan().any().into_scalar::<bool>());
+        });
     }
 
     /// `Σ out · w` for fixed random `w`, and the gradients of q, k, v.
@@ -251,60 +298,70 @@ mod attention {
 
     #[test]
     fn the_gradients_equal_burns_autodiff_gradients() {
-        let expected = grads(false, false);
-        for (name, got) in [
-            ("flex f32 kernel", grads(true, false)),
-            ("composed f64", grads(true, true)),
-        ] {
-            for (g, e) in got.into_iter().zip(expected.iter()) {
-                let diff = max_abs4(g, e.clone());
-                assert!(diff < 2e-5, "{name}: {diff}");
+        for_each_cpu_body(|_| {
+            let expected = grads(false, false);
+            for (name, got) in [
+                ("flex f32 kernel", grads(true, false)),
+                ("composed f64", grads(true, true)),
+            ] {
+                for (g, e) in got.into_iter().zip(expected.iter()) {
+                    let diff = max_abs4(g, e.clone());
+                    assert!(diff < 2e-5, "{name}: {diff}");
+                }
             }
-        }
+        });
     }
 
     #[test]
     fn the_gradient_of_q_matches_finite_differences() {
-        let device = Device::flex();
-        let (q, k, v) = qkv((1, 1, 3, 4, 2, 2), &device);
-        let mask = padding(1, 4, &device);
-        let loss = |q: Tensor<4>| {
-            let o = attention(q, k.clone(), v.clone(), Some(mask.clone()));
-            (o.clone() * o).sum().into_scalar::<f32>() as f64
-        };
-        let ad = Device::flex().autodiff();
-        let qa = Tensor::<4>::from_inner(q.clone()).require_grad();
-        let o = attention(
-            qa.clone(),
-            Tensor::from_inner(k.clone()),
-            Tensor::from_inner(v.clone()),
-            Some(padding(1, 4, &ad)),
-        );
-        let g = (o.clone() * o).sum().backward();
-        let grad = qa
-            .grad(&g)
-            .unwrap()
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap();
-        let base = q.clone().into_data().try_to_vec::<f32>().unwrap();
-        for (i, gi) in grad.iter().enumerate() {
-            let h = 1e-2f32;
-            let shifted = |delta: f32| {
-                let mut x = base.clone();
-                x[i] += delta;
-                loss(Tensor::<1>::from_floats(x.as_slice(), &device).reshape([1, 1, 3, 2]))
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            let (q, k, v) = qkv((1, 1, 3, 4, 2, 2), 40, &device);
+            let mask = padding(1, 4, &device);
+            let loss = |q: Tensor<4>| {
+                let o = attention(q, k.clone(), v.clone(), Some(mask.clone()));
+                (o.clone() * o).sum().into_scalar::<f32>() as f64
             };
-            let fd = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
-            assert!((fd - *gi as f64).abs() < 2e-3, "entry {i}: {fd} vs {gi}");
-        }
+            let ad = Device::flex().autodiff();
+            let qa = Tensor::<4>::from_inner(q.clone()).require_grad();
+            let o = attention(
+                qa.clone(),
+                Tensor::from_inner(k.clone()),
+                Tensor::from_inner(v.clone()),
+                Some(padding(1, 4, &ad)),
+            );
+            let g = (o.clone() * o).sum().backward();
+            let grad = qa
+                .grad(&g)
+                .unwrap()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let base = q.clone().into_data().try_to_vec::<f32>().unwrap();
+            for (i, gi) in grad.iter().enumerate() {
+                let h = 1e-2f32;
+                let shifted = |delta: f32| {
+                    let mut x = base.clone();
+                    x[i] += delta;
+                    loss(Tensor::<1>::from_floats(x.as_slice(), &device).reshape([1, 1, 3, 2]))
+                };
+                let fd = (shifted(h) - shifted(-h)) / (2.0 * h as f64);
+                assert!(
+                    (fd - *gi as f64).abs() < 2e-3,
+                    "seed 40, entry {i}: {fd} vs {gi}"
+                );
+            }
+        });
     }
 }
 
 mod layer_norm {
     use burn::tensor::module::layer_norm as reference_layer_norm;
     use burn::tensor::{DType, Device, Distribution, Tensor};
+    use peft_core::cpu_body::for_each_cpu_body;
     use peft_models::kernels::layer_norm;
+
+    use super::random;
 
     fn max_abs<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         (a - b).abs().max().into_scalar::<f32>()
@@ -312,19 +369,22 @@ mod layer_norm {
 
     #[test]
     fn the_forward_equals_burns_layer_norm() {
-        let device = Device::flex();
-        // d = 384 (BERT), 7 and 1 (remainders of the 16-lane loops), 40 rows (a ragged task).
-        for (rows, d) in [(40, 384), (3, 7), (5, 1), (0, 4)] {
-            let x = Tensor::<3>::random([rows, 2, d], Distribution::Normal(1.0, 3.0), &device);
-            let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &device);
-            let beta = Tensor::<1>::random([d], Distribution::Normal(0.0, 0.5), &device);
-            let y = layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-12);
-            assert_eq!(y.dims(), [rows, 2, d]);
-            if rows > 0 {
-                let expected = reference_layer_norm(x.clone(), gamma, Some(beta), 1e-12);
-                assert!(max_abs(y, expected) < 2e-5);
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            // d = 384 (BERT), 7 and 1 (remainders of the 16-lane loops), 40 rows (a ragged task).
+            for (rows, d) in [(40, 384), (3, 7), (5, 1), (0, 4)] {
+                let seed = (rows * 1000 + d) as u64;
+                let x = random([rows, 2, d], Distribution::Normal(1.0, 3.0), seed, &device);
+                let gamma = random([d], Distribution::Normal(1.0, 0.5), seed + 1, &device);
+                let beta = random([d], Distribution::Normal(0.0, 0.5), seed + 2, &device);
+                let y = layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-12);
+                assert_eq!(y.dims(), [rows, 2, d]);
+                if rows > 0 {
+                    let expected = reference_layer_norm(x.clone(), gamma, Some(beta), 1e-12);
+                    assert!(max_abs(y, expected) < 2e-5, "seed {seed}");
+                }
             }
-        }
+        });
     }
 
     /// Gradients of `Σ layer_norm(x) · w` for x (through a transposed view), gamma and beta.
@@ -366,15 +426,17 @@ mod layer_norm {
 
     #[test]
     fn the_gradients_equal_burns_autodiff_gradients() {
-        let expected = grads(false, false);
-        for (name, got) in [
-            ("flex f32 kernel", grads(true, false)),
-            ("composed f64", grads(true, true)),
-        ] {
-            for (i, (g, e)) in got.into_iter().zip(expected.iter()).enumerate() {
-                let diff = max_abs(g, e.clone());
-                assert!(diff < 1e-4, "{name}, gradient {i}: {diff}");
+        for_each_cpu_body(|_| {
+            let expected = grads(false, false);
+            for (name, got) in [
+                ("flex f32 kernel", grads(true, false)),
+                ("composed f64", grads(true, true)),
+            ] {
+                for (i, (g, e)) in got.into_iter().zip(expected.iter()).enumerate() {
+                    let diff = max_abs(g, e.clone());
+                    assert!(diff < 1e-4, "{name}, gradient {i}: {diff}");
+                }
             }
-        }
+        });
     }
 }

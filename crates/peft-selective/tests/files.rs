@@ -121,7 +121,13 @@ fn corrupt_summary_files_are_errors() {
         .unwrap()
         .replace("SELECTIVE", "LORA");
     std::fs::write(&json, text).unwrap();
-    assert!(Summary::load(dir.path()).is_err());
+    match Summary::load(dir.path()).unwrap_err() {
+        SelectiveError::InvalidFile { file, reason } => {
+            assert!(file.ends_with("adapter_config.json"), "{file:?}");
+            assert!(reason.contains("peft_type"), "{reason}");
+        }
+        other => panic!("expected InvalidFile naming peft_type, got {other:?}"),
+    }
 }
 
 #[test]
@@ -175,7 +181,16 @@ fn load_state_rejects_other_configs_and_torn_saves() {
     let err = other.load_state(dir.path()).unwrap_err();
     assert!(err.to_string().contains("budget"), "{err}");
     let mut other = SelectiveOptimizer::new(&trained, SelectiveConfig::pafi(30), inner()).unwrap();
-    assert!(other.load_state(dir.path()).is_err());
+    match other.load_state(dir.path()).unwrap_err() {
+        SelectiveError::InvalidFile { file, reason } => {
+            assert!(file.ends_with("selective_state.json"), "{file:?}");
+            assert!(
+                reason.contains("id3") && reason.contains("pafi"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected InvalidFile naming both methods, got {other:?}"),
+    }
     // An optimizer for another model (other shapes).
     let mut other =
         SelectiveOptimizer::new(&mlp(1, 8, 15, 3), SelectiveConfig::id3(30, 3), inner()).unwrap();

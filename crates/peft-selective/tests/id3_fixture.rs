@@ -1,5 +1,8 @@
-//! ID3 against recorded runs of the intended algorithm (`fixtures/make_id3_fixture.py`):
-//! the chosen set after every step, and the masked AdamW update.
+//! ID3 against recorded runs: of the real `selective-optimizers` 0.4 package
+//! (`fixtures/replay_selective_optimizers.py`, its well-defined regime: budget divisible by
+//! `max_steps`, no ties), and of our numpy re-implementation of the intended algorithm
+//! (`fixtures/make_id3_fixture.py`: ties, steps past `max_steps`, which the package gets wrong).
+//! Both check the chosen set after every step, bit for bit, and the masked AdamW update.
 
 mod common;
 
@@ -59,9 +62,13 @@ fn run(name: &str) {
     let steps = meta["steps"].as_u64().unwrap() as usize;
     let lr = meta["lr"].as_f64().unwrap();
     let adamw = &meta["adamw"];
-    let config = SelectiveConfig::id3(budget, max_steps)
+    let mut config = SelectiveConfig::id3(budget, max_steps)
         .with_eps(meta["eps"].as_f64().unwrap())
         .with_exp(meta["exp"].as_f64().unwrap());
+    for path in meta["choose_all"].as_array().into_iter().flatten() {
+        let path = regex_escape(path.as_str().unwrap());
+        config = config.with_choose_all_regex(&format!("^{path}$")).unwrap();
+    }
     let inner = AdamWConfig::new()
         .with_beta_1(adamw["beta_1"].as_f64().unwrap() as f32)
         .with_beta_2(adamw["beta_2"].as_f64().unwrap() as f32)
@@ -145,17 +152,32 @@ fn run(name: &str) {
     assert_eq!(optim.budget_used(), budget);
 }
 
+/// `.` is the only regex metacharacter in these parameter paths.
+fn regex_escape(path: &str) -> String {
+    path.replace('.', r"\.")
+}
+
 #[test]
-fn id3_chooses_what_the_intended_algorithm_chooses_on_real_gradients() {
+fn id3_replays_the_selective_optimizers_package() {
+    run("package_plain");
+}
+
+#[test]
+fn id3_replays_the_selective_optimizers_package_with_a_choose_all_group() {
+    run("package_choose_all");
+}
+
+#[test]
+fn id3_matches_the_numpy_reimplementation_on_real_gradients() {
     run("real");
 }
 
 #[test]
-fn id3_breaks_ties_by_parameter_order_then_row_major_like_the_reference() {
+fn id3_breaks_ties_by_parameter_order_then_row_major_as_the_numpy_reimplementation_does() {
     run("ties");
 }
 
 #[test]
-fn id3_matches_the_reference_with_a_fractional_exponent() {
+fn id3_matches_the_numpy_reimplementation_with_a_fractional_exponent() {
     run("pow");
 }

@@ -36,7 +36,7 @@ type FlexFloat = FloatTensor<Flex>;
 /// Token-block width of the SpMM kernels (lanes kept in registers per output row).
 const LANES: usize = 32;
 
-/// Runs `$body` compiled for AVX-512, AVX2+FMA, or the baseline, whichever the CPU supports.
+/// Runs `$body` compiled for AVX-512, AVX2+FMA, or the baseline: [`CpuBody::current`](crate::cpu_body::CpuBody::current).
 macro_rules! multiversion {
     (fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         fn $name($($arg: $ty),*) $(-> $ret)? {
@@ -56,21 +56,21 @@ macro_rules! multiversion {
             }
 
             #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: `avx512` only requires the target features detected just above.
+            match crate::cpu_body::CpuBody::current() {
+                crate::cpu_body::CpuBody::Avx512 => {
+                    // SAFETY: `current` is never wider than the CPU's detected features, and
+                    // `avx512` only requires AVX-512F, AVX2 and FMA.
                     #[allow(unsafe_code)]
                     let out = unsafe { avx512($($arg),*) };
                     return out;
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: `avx2` only requires the target features detected just above.
+                crate::cpu_body::CpuBody::Avx2 => {
+                    // SAFETY: as above; `avx2` only requires AVX2 and FMA.
                     #[allow(unsafe_code)]
                     let out = unsafe { avx2($($arg),*) };
                     return out;
                 }
+                crate::cpu_body::CpuBody::Portable => {}
             }
             generic($($arg),*)
         }

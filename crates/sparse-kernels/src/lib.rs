@@ -35,6 +35,7 @@
 mod backend;
 #[cfg(feature = "flex")]
 mod cpu;
+pub mod cpu_body;
 #[cfg(feature = "cube")]
 mod cube;
 mod error;

@@ -381,3 +381,32 @@ pub fn grad_topk_probe(
         sink.id(),
     ))
 }
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Tensor};
+
+    /// The dropped sink's own slot stays empty after a backward pass that targets it, and the
+    /// registry no longer holds its id.
+    #[test]
+    fn a_backward_pass_for_a_dropped_sink_delivers_nothing() {
+        let device = Device::flex().autodiff();
+        let sink = ProbeSink::new();
+        let (id, slot) = (sink.id(), sink.slot.clone());
+        let x = Tensor::<2>::from_floats([[1.0, 2.0]], &device);
+        let anchor = Tensor::<1>::zeros([1], &device).require_grad();
+        let y = grad_topk_probe(x.clone(), anchor.clone(), 3, 2, 1, &sink);
+        drop(sink);
+        assert!(!lock(&SINKS).contains_key(&id), "dropped sinks unregister");
+        let grads = y.sum().backward();
+        assert!(anchor.grad(&grads).is_some());
+        assert!(lock(&slot).is_none(), "the dropped sink received a result");
+
+        // The same graph with the sink alive delivers, so the check above can fail.
+        let live = ProbeSink::new();
+        let y = grad_topk_probe(x, anchor, 3, 2, 1, &live);
+        y.sum().backward();
+        assert!(live.take().is_some());
+    }
+}

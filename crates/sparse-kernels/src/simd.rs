@@ -13,21 +13,11 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-/// Whether the AVX-512 bodies can run (`is_x86_feature_detected!` caches the answer).
+/// Whether the AVX-512 bodies run: the CPU has AVX-512F and no narrower body is forced
+/// ([`CpuBody::current`](crate::cpu_body::CpuBody::current)).
 #[inline]
 pub(crate) fn avx512() -> bool {
-    #[cfg(test)]
-    if tests::PORTABLE.get() {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::cpu_body::CpuBody::current() == crate::cpu_body::CpuBody::Avx512
 }
 
 /// `dst[j · ds + i] = src[i · ss + j]` for `i < rows`, `j < cols`.
@@ -562,19 +552,12 @@ unsafe fn sddmm_lanes_avx512(a: &[f32], cols: &[i32], panel: &[f32], acc: &mut [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::Cell;
+    use crate::cpu_body::for_each_cpu_body;
 
-    thread_local! {
-        /// Set by [`both_paths`] to run the portable bodies on an AVX-512 machine.
-        pub(super) static PORTABLE: Cell<bool> = const { Cell::new(false) };
-    }
-
-    /// Runs `check` with the AVX-512 bodies (where the CPU has them) and the portable ones.
+    /// Runs `check` with every body this CPU supports (AVX-512 where it has it, and the
+    /// portable one), named for the failure messages.
     fn both_paths(check: impl Fn(&str)) {
-        check("native");
-        PORTABLE.set(true);
-        check("portable");
-        PORTABLE.set(false);
+        for_each_cpu_body(|body| check(&format!("{body:?}")));
     }
 
     /// A small deterministic structure: `(offsets, indices)` of `major` lines over `minor`

@@ -29,7 +29,7 @@ proptest! {
         density in prop_oneof![Just(0.0f32), Just(1.0f32), 0.0f32..1.0],
         kind in layout_kind(),
     ) {
-        check_all_ops(&device(), seed, [m, k, n], density, kind);
+        check_all_ops(&device(), seed, [m, k, n], density, &[kind]);
     }
 
     // Enough tokens for the token-blocked CPU path (n >= 32 lanes x threads) and its tail.
@@ -40,7 +40,7 @@ proptest! {
         density in 0.0f32..0.3,
         kind in layout_kind(),
     ) {
-        check_all_ops(&device(), seed, [m, k, n], density, kind);
+        check_all_ops(&device(), seed, [m, k, n], density, &[kind]);
     }
 }
 
@@ -68,9 +68,8 @@ fn edge_shapes() {
     .enumerate()
     {
         for density in [0.0, 0.5, 1.0] {
-            for kind in [Layout::Contiguous, Layout::Transposed, Layout::Sliced] {
-                check_all_ops(&d, i as u64, shape, density, kind);
-            }
+            let kinds = [Layout::Contiguous, Layout::Transposed, Layout::Sliced];
+            check_all_ops(&d, i as u64, shape, density, &kinds);
         }
     }
 }
@@ -79,8 +78,8 @@ fn edge_shapes() {
 fn dimensions_above_int16() {
     // spops' int16 indices cap both dimensions at 32767; ours do not.
     let d = device();
-    check_all_ops(&d, 7, [3, 40_000, 2], 0.001, Layout::Contiguous);
-    check_all_ops(&d, 8, [40_000, 2, 3], 0.01, Layout::Transposed);
+    check_all_ops(&d, 7, [3, 40_000, 2], 0.001, &[Layout::Contiguous]);
+    check_all_ops(&d, 8, [40_000, 2, 3], 0.01, &[Layout::Transposed]);
     let s = CsrStructure::from_flat_indices(40_000, 70_000, &[0, 39_999 * 70_000 + 69_999])
         .unwrap()
         .0;
@@ -96,10 +95,17 @@ fn explicit_zeros_are_entries() {
     let a = Csr::zeros(layout.clone());
     let (at, _) = sparse_kernels::csr_transpose(&a);
     assert_eq!(at.layout.nnz(), 3);
-    // The gradient reaches every entry even though all values are zero.
     let x = t2(&[1.0, 2.0], [1, 2], &d);
     let y = sparse_linear(x, &layout, a.values.clone());
     assert_eq!(read(y), vec![0.0, 0.0]);
+    // The gradient reaches every entry even though all values are zero: dS[o, i] = x[i] for
+    // the entries (0, 0), (1, 0), (1, 1).
+    let ad = Device::flex().autodiff();
+    let layout = CsrLayout::new(layout.structure().clone(), &ad);
+    let values = t1(&[0.0; 3], &ad).require_grad();
+    let y = sparse_linear(t2(&[1.0, 2.0], [1, 2], &ad), &layout, values.clone());
+    let grads = y.sum().backward();
+    assert_eq!(read(values.grad(&grads).unwrap()), vec![1.0, 1.0, 2.0]);
 }
 
 #[test]
@@ -236,4 +242,91 @@ fn spmm_on_a_3d_batch_through_sparse_linear() {
         &matmul(&dense_of(&s, &values), &b, 6, 5, 4),
         "spmm",
     );
+}
+
+/// The bound `assert_close` used before: `1e-3 (1 + |w|)`, kept here only to show what it missed.
+fn former_bound(value: f64, _magnitude: f64) -> f64 {
+    1e-3 * (1.0 + value.abs())
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), back in f32.
+fn bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    f32::from_bits(bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000)
+}
+
+/// Drops one product term from one element of a reference spmm result, for every (element,
+/// nonzero term) pair; returns how many of these mutations the former and the new bound miss,
+/// after checking the mutation with the largest term the former bound misses.
+fn drop_one_term([m, k, n]: [usize; 3], seed: u64) -> (usize, usize, usize) {
+    let mut rng = Lcg::new(seed);
+    let (s, values) = random_sparse(&mut rng, m, k, 0.5);
+    let a = dense_of(&s, &values);
+    let b = rng.vec(k * n);
+    let want = matmul(&a, &b, m, k, n);
+    let exact = want.f32();
+    assert!(first_violation(&exact, &want, |_, mag| tolerance(mag)).is_none());
+    let (mut drops, mut missed_old, mut missed_new) = (0, 0, 0);
+    let mut worst: Option<(usize, f64)> = None;
+    for e in 0..m * n {
+        let (i, j) = (e / n, e % n);
+        let old = former_bound(want.value[e], want.magnitude[e]);
+        let new = tolerance(want.magnitude[e]);
+        for p in 0..k {
+            let term = a[i * k + p] as f64 * b[p * n + j] as f64;
+            if term == 0.0 {
+                continue;
+            }
+            drops += 1;
+            missed_old += usize::from(term.abs() <= old);
+            missed_new += usize::from(term.abs() <= new);
+            if term.abs() <= old && term.abs() > new && worst.is_none_or(|w| term.abs() > w.1.abs())
+            {
+                worst = Some((e, term));
+            }
+        }
+    }
+    let (e, term) = worst.expect("a dropped term the former bound cannot see");
+    let mut mutated = exact;
+    mutated[e] = (want.value[e] - term) as f32;
+    assert!(first_violation(&mutated, &want, former_bound).is_none());
+    assert_eq!(
+        first_violation(&mutated, &want, |_, mag| tolerance(mag)).map(|v| v.0),
+        Some(e),
+        "dropping the term {term:e} from element {e}"
+    );
+    (drops, missed_old, missed_new)
+}
+
+/// Mutations applied to a reference result: the former bound accepts them, `tolerance` does not.
+#[test]
+fn tolerance_catches_a_dropped_term_and_bf16_products() {
+    // Shapes of the proptests (k < 24) and of the [20, 4200, 300] edge case (8 columns).
+    for shape in [[20, 23, 8], [20, 4200, 8]] {
+        let (drops, old, new) = drop_one_term(shape, 2026);
+        println!(
+            "{shape:?}: of {drops} single-term drops, the former bound misses {old}, the new \
+             one {new}"
+        );
+        assert!(new < old, "{shape:?}");
+    }
+
+    // Products rounded to bf16 (an operand loaded as bf16), on sparse values of the size that
+    // SFT and RoSA deltas have (|v| <= 0.01): every error is below the former bound's 1e-3
+    // floor.
+    let (m, k, n) = (20, 4200, 8);
+    let mut rng = Lcg::new(7);
+    let (s, values) = random_sparse(&mut rng, m, k, 0.5);
+    let small: Vec<f32> = dense_of(&s, &values).iter().map(|v| v * 0.01).collect();
+    let b = rng.vec(k * n);
+    let want = matmul(&small, &b, m, k, n);
+    let mutated: Vec<f32> = (0..m * n)
+        .map(|e| {
+            let (i, j) = (e / n, e % n);
+            (0..k).map(|p| bf16(small[i * k + p] * b[p * n + j])).sum()
+        })
+        .collect();
+    assert!(first_violation(&want.f32(), &want, |_, mag| tolerance(mag)).is_none());
+    assert!(first_violation(&mutated, &want, former_bound).is_none());
+    assert!(first_violation(&mutated, &want, |_, mag| tolerance(mag)).is_some());
 }
