@@ -1,26 +1,13 @@
 //! The `finetune` example's plumbing, on the tiny fixture BERT (CI has no pretrained model; the
 //! accuracy on the real all-MiniLM-L6-v2 is recorded in docs/benchmarks.md).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use burn_peft_examples::finetune::{Args, MethodArg, SelectionArg, head, run_with};
 
-fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/peft-models/fixtures/bert/model")
-}
-
-/// Word-hashing tokenizer into the fixture's vocabulary of 100 (ids 1..100, 0 is padding).
-fn tokenize(text: &str) -> anyhow::Result<Vec<i64>> {
-    Ok(text
-        .split_whitespace()
-        .map(|w| {
-            let h = w
-                .bytes()
-                .fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-            1 + (h % 99) as i64
-        })
-        .collect())
-}
+use common::{model, tokenize};
 
 fn args(method: MethodArg, out: Option<PathBuf>) -> Args {
     Args {

@@ -2,27 +2,14 @@
 //! trains through it, and a run stopped after epoch 1 and resumed from burn-train's checkpoint
 //! ends where the run that did not stop ends.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use burn_peft_examples::finetune::{Args, MethodArg, Report, SelectionArg};
 use burn_peft_examples::supervised::{SupervisedArgs, run_with};
 
-fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/peft-models/fixtures/bert/model")
-}
-
-/// Word-hashing tokenizer into the fixture's vocabulary of 100 (ids 1..100, 0 is padding).
-fn tokenize(text: &str) -> anyhow::Result<Vec<i64>> {
-    Ok(text
-        .split_whitespace()
-        .map(|w| {
-            let h = w
-                .bytes()
-                .fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
-            1 + (h % 99) as i64
-        })
-        .collect())
-}
+use common::{model, tokenize};
 
 fn args(
     method: MethodArg,
