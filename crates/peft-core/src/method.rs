@@ -22,7 +22,7 @@ use crate::step::Controller;
 use crate::target::{LayerKind, TargetSpec};
 
 /// Which base biases train with the adapter (PEFT's `bias`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BiasMode {
     /// All base parameters frozen.
@@ -32,8 +32,22 @@ pub enum BiasMode {
     All,
     /// The biases of adapted layers train and are saved (`lora_only`; RoSA's name for it,
     /// `rosa_only`, is read as the same).
-    #[serde(alias = "rosa_only")]
     LoraOnly,
+}
+
+/// By hand, so that a bad value's error names the field (serde's names only the value).
+impl<'de> Deserialize<'de> for BiasMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let value = String::deserialize(d)?;
+        match value.as_str() {
+            "none" => Ok(Self::None),
+            "all" => Ok(Self::All),
+            "lora_only" | "rosa_only" => Ok(Self::LoraOnly),
+            other => Err(serde::de::Error::custom(format!(
+                "`bias` = `{other}` is not one of `none`, `all`, `lora_only` (`rosa_only`)"
+            ))),
+        }
+    }
 }
 
 /// Replace a parameter's value, keeping its id (so optimizer state and gradients still find

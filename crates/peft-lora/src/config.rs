@@ -443,12 +443,12 @@ mod tests {
                 "{json}: {err:?}"
             );
         }
-        // An unknown `bias` value fails in serde, which names the value and the choices.
+        // An unknown `bias` value fails in serde, with the field, the value and the choices.
         let err = LoraConfig::from_json(r#"{"peft_type":"LORA","bias":"some"}"#).unwrap_err();
         assert!(matches!(err, PeftError::Json { .. }), "{err:?}");
         let text = err.to_string();
         assert!(
-            text.contains("`some`") && text.contains("lora_only"),
+            text.contains("`bias` = `some`") && text.contains("lora_only"),
             "{text}"
         );
     }
