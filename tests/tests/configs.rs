@@ -197,3 +197,22 @@ fn python_peft_configs_round_trip() {
     }
     assert!(seen >= 10, "{seen} fixture configs");
 }
+
+/// Attaching a method to a model whose `PeftLinear`s host another adapter type is an error
+/// naming the layer, not a model with no adapter that trains nothing.
+#[test]
+fn layers_of_another_adapter_type_are_refused() {
+    let dev = burn::tensor::Device::flex();
+    let lora_typed: peft_conformance::ActivationModel =
+        TinyModel::from_torch(&random_torch_weights(1, &dev), &dev);
+    let err = PeftModel::new(
+        lora_typed,
+        SftConfig::new(0.1, ModuleSelector::names(["q_proj"])),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, PeftError::Unsupported(m)
+            if m.contains("layers.0.self_attn.q_proj") && m.contains("another adapter type")),
+        "{err}"
+    );
+}

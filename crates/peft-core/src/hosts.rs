@@ -311,14 +311,17 @@ where
     }
     let create = Rc::new(RefCell::new(create));
     let mut next = model.clone();
+    let hosted = Rc::new(RefCell::new(HashSet::new()));
     {
         let create = create.clone();
         let name = name.to_string();
         let selected = selected.clone();
+        let hosted = hosted.clone();
         for_each(&mut next, move |mut host: HostView<'_, A>| {
             if !selected.contains(&host.path) {
                 return Ok(());
             }
+            hosted.borrow_mut().insert(host.path.clone());
             if host.slot.get(&name).is_some() {
                 return Err(PeftError::DuplicateAdapter { name: name.clone() });
             }
@@ -343,6 +346,20 @@ where
             }
             Ok(())
         })?;
+    }
+    // A selected activation-space layer that is not a host of this adapter type (a
+    // `PeftLinear<OtherAdapter>`) would otherwise be skipped in silence.
+    if let Some(layer) = layers.iter().find(|l| {
+        selected.contains(&l.candidate.path)
+            && l.placement == Placement::Activation
+            && !hosted.borrow().contains(&l.candidate.path)
+    }) {
+        return Err(PeftError::Unsupported(format!(
+            "`{}` is a PeftLinear / PeftEmbedding of another adapter type: declare the model's \
+             layers with this method's adapter (`PeftLinear<{}>`)",
+            layer.candidate.path,
+            std::any::type_name::<A>()
+        )));
     }
     if !fresh_weight.is_empty() {
         let mut attacher = Attacher {
