@@ -143,6 +143,8 @@ impl Trainer for BurnTrain {
         let valid_loader = DataLoaderBuilder::new(TopicBatcher(test_set.clone()))
             .batch_size(64)
             .build(InMemDataset::new((0..test_set.len()).collect::<Vec<_>>()));
+        // The last epoch of this launch (`--stop-after` ends it early; the plan stays `--epochs`).
+        let last = self.stop_after.unwrap_or(args.epochs).min(args.epochs);
         let mut training = SupervisedTraining::new(&self.dir, train_loader, valid_loader)
             .metric_train_numeric(LossMetric::new())
             .metric_valid_numeric(LossMetric::new())
@@ -150,7 +152,7 @@ impl Trainer for BurnTrain {
             .metric_valid_numeric(AccuracyMetric::new())
             .with_default_checkpointers()
             .with_application_logger(None)
-            .num_epochs(self.stop_after.unwrap_or(args.epochs).min(args.epochs));
+            .num_epochs(last);
         if args.quiet {
             training = training.renderer(Box::new(CliMetricsRenderer::new()));
         }
@@ -160,7 +162,12 @@ impl Trainer for BurnTrain {
         // The method's controllers, checked once here, run in every optimizer step.
         let model = controlled(tuned, steps)?.with_interrupter(training.interrupter());
         let optim = AdamWConfig::new().with_weight_decay(0.01).init();
+        let ran =
+            last.saturating_sub(self.resume.unwrap_or(0)) * train_set.len().div_ceil(args.batch);
+        let start = std::time::Instant::now();
         let result = training.launch(Learner::new(model, optim, lr));
+        // burn-train times no single step: the mean over the launch, validation included.
+        let step_ms = start.elapsed().as_secs_f64() * 1e3 / ran.max(1) as f64;
         if let Some(e) = result.model.error() {
             bail!("training stopped: {e}");
         }
@@ -177,7 +184,7 @@ impl Trainer for BurnTrain {
             train_after: accuracy(model, train_set, device),
             loss: (loss_before, mean_loss(model, train_set, device)),
             trainable: (0, 0),
-            step_ms: 0.0,
+            step_ms,
         })
     }
 }
