@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use burn::tensor::Device;
+use peft_cli::train::data::Encoder;
 use peft_core::{LoadOptions, Method, PeftLinear, PeftModel};
 use peft_models::llama::Llama;
+use peft_models::loss::IGNORE_INDEX;
+use peft_models::tokenizer::ModelTokenizer;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft-models/fixtures")
@@ -157,10 +160,14 @@ fn method_line(name: &str) -> &'static str {
     match name {
         "lora" => "name = \"lora\"\nr = 4\nlora_alpha = 8",
         "dora" => "name = \"dora\"\nr = 4\nlora_alpha = 8",
-        "adalora" => "name = \"adalora\"\ninit_r = 4\ntarget_r = 2\ntinit = 1\ntfinal = 1\ndeltaT = 1",
+        "adalora" => {
+            "name = \"adalora\"\ninit_r = 4\ntarget_r = 2\ntinit = 1\ntfinal = 1\ndeltaT = 1"
+        }
         "rosa" => "name = \"rosa\"\nr = 4\nd = 0.05\nlora_alpha = 8\nschedule = \"wl2\"",
         "spa" => "name = \"spa\"\nd = 0.05",
-        "sft" => "name = \"sft\"\ndensity = 0.05\nreselection_steps = 2\nselection_accumulation_steps = 1",
+        "sft" => {
+            "name = \"sft\"\ndensity = 0.05\nreselection_steps = 2\nselection_accumulation_steps = 1"
+        }
         "id3" => "name = \"id3\"\nbudget = 600\nmax_steps = 3",
         "pafi" => "name = \"pafi\"\nbudget = 600",
         "bitfit" => "name = \"bitfit\"",
@@ -195,15 +202,24 @@ fn every_method_trains_the_loss_falls_and_the_outputs_reload() {
         let first = m[0]["train_loss"].as_f64().unwrap();
         let last = m.last().unwrap()["eval_loss"].as_f64().unwrap();
         assert!(last < first, "{name}: the loss fell from {first} to {last}");
-        assert_eq!(m.iter().filter(|l| l.get("train_loss").is_some()).count(), 5);
-        assert!(out_dir.join("run.toml").is_file(), "{name}: the config copy");
+        assert_eq!(
+            m.iter().filter(|l| l.get("train_loss").is_some()).count(),
+            5
+        );
+        assert!(
+            out_dir.join("run.toml").is_file(),
+            "{name}: the config copy"
+        );
         match name {
             "lora" | "dora" => reload::<peft_lora::LoraConfig>(&out_dir.join("adapter")),
             "adalora" => {
                 reload::<peft_adalora::AdaLoraConfig>(&out_dir.join("adapter"));
                 let text =
                     std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap();
-                assert!(text.contains("rank_pattern"), "adalora writes its rank pattern");
+                assert!(
+                    text.contains("rank_pattern"),
+                    "adalora writes its rank pattern"
+                );
             }
             "rosa" | "spa" => reload::<peft_rosa::RosaConfig>(&out_dir.join("adapter")),
             "sft" => reload::<peft_sft::SftConfig>(&out_dir.join("adapter")),
@@ -252,7 +268,10 @@ fn a_stopped_and_resumed_run_equals_the_uninterrupted_one() {
             runs.join(format!("{name}-straight")),
             runs.join(format!("{name}-stopped")),
         );
-        assert!(b.join(format!("checkpoints/step-{stop}")).is_dir(), "{name}");
+        assert!(
+            b.join(format!("checkpoints/step-{stop}")).is_dir(),
+            "{name}"
+        );
         assert!(!b.join("adapter").exists() && !b.join("summary").exists());
         // Running again without --resume is refused: the folder holds checkpoints.
         assert_refused(&train(&stopped, &[]), name, &["--resume", "checkpoints"]);
@@ -269,30 +288,62 @@ fn bad_inputs_are_refused_with_the_reason() {
     let lora = method_line("lora");
 
     let config = run_file(p, "unknown", lora, 2, "stepz = 3");
-    assert_refused(&train(&config, &[]), "unknown key", &["unknown.toml", "stepz"]);
+    assert_refused(
+        &train(&config, &[]),
+        "unknown key",
+        &["unknown.toml", "stepz"],
+    );
 
     let config = run_file(p, "method-key", &format!("{lora}\nrank = 3"), 2, "");
-    assert_refused(&train(&config, &[]), "method key", &["method-key.toml", "rank"]);
+    assert_refused(
+        &train(&config, &[]),
+        "method key",
+        &["method-key.toml", "rank"],
+    );
 
     let config = run_file(p, "type", lora, 2, "");
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("batch_size = 10", "batch_size = \"ten\"");
     std::fs::write(&config, text).unwrap();
-    assert_refused(&train(&config, &[]), "wrong type", &["type.toml", "batch_size"]);
+    assert_refused(
+        &train(&config, &[]),
+        "wrong type",
+        &["type.toml", "batch_size"],
+    );
 
     let config = run_file(p, "method-type", "name = \"lora\"\nr = \"four\"", 2, "");
-    assert_refused(&train(&config, &[]), "method type", &["method-type.toml", "r"]);
+    assert_refused(
+        &train(&config, &[]),
+        "method type",
+        &["method-type.toml", "r"],
+    );
 
     let good = std::fs::read_to_string(p.join("train.jsonl")).unwrap();
-    std::fs::write(p.join("train.jsonl"), format!("{good}\n{{\"prompt\": 3}}\n")).unwrap();
+    std::fs::write(
+        p.join("train.jsonl"),
+        format!("{good}\n{{\"prompt\": 3}}\n"),
+    )
+    .unwrap();
     let config = run_file(p, "malformed", lora, 2, "");
-    assert_refused(&train(&config, &[]), "malformed", &["train.jsonl:11", "prompt"]);
+    assert_refused(
+        &train(&config, &[]),
+        "malformed",
+        &["train.jsonl:11", "prompt"],
+    );
     std::fs::write(p.join("train.jsonl"), format!("{good}\nnot json\n")).unwrap();
-    assert_refused(&train(&config, &[]), "not JSON", &["train.jsonl:11", "not JSON"]);
+    assert_refused(
+        &train(&config, &[]),
+        "not JSON",
+        &["train.jsonl:11", "not JSON"],
+    );
 
     std::fs::write(p.join("train.jsonl"), "\n").unwrap();
-    assert_refused(&train(&config, &[]), "empty", &["train.jsonl", "empty dataset"]);
+    assert_refused(
+        &train(&config, &[]),
+        "empty",
+        &["train.jsonl", "empty dataset"],
+    );
     std::fs::write(p.join("train.jsonl"), good).unwrap();
 
     // An out_dir with another run's checkpoints.
@@ -303,6 +354,71 @@ fn bad_inputs_are_refused_with_the_reason() {
         .unwrap()
         .replace("runs/other", "runs/first");
     std::fs::write(&other, text).unwrap();
-    assert_refused(&train(&other, &[]), "foreign out_dir", &["checkpoints", "--resume"]);
-    assert_refused(&train(&other, &["--resume"]), "foreign resume", &["other settings"]);
+    assert_refused(
+        &train(&other, &[]),
+        "foreign out_dir",
+        &["checkpoints", "--resume"],
+    );
+    assert_refused(
+        &train(&other, &["--resume"]),
+        "foreign resume",
+        &["other settings"],
+    );
+}
+
+#[test]
+fn labels_cover_only_completions_and_assistant_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let tokenizer = ModelTokenizer::from_hf_dir(&model).unwrap();
+    let file = dir.path().join("d.jsonl");
+    let lines = [
+        r#"{"prompt": "t1 t2", "completion": "t3 t4"}"#,
+        r#"{"messages": [{"role": "user", "content": "t5"}, {"role": "assistant", "content": "t6"}, {"role": "user", "content": "t7"}, {"role": "assistant", "content": "t8 t9"}]}"#,
+        r#"{"text": "t10 t11 t12"}"#,
+    ];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let set = Encoder::new(&tokenizer, true, 64)
+        .unwrap()
+        .read(&file, 96)
+        .unwrap();
+    let (u, a, x) = (90, 91, IGNORE_INDEX);
+    // `user t1 t2 assistant t3 t4`: only the completion counts.
+    assert_eq!(set.examples[0].ids, vec![u, 1, 2, a, 3, 4]);
+    assert_eq!(set.examples[0].labels, vec![x, x, x, x, 3, 4]);
+    // Both assistant turns count, nothing else.
+    assert_eq!(set.examples[1].ids, vec![u, 5, a, 6, u, 7, a, 8, 9]);
+    assert_eq!(set.examples[1].labels, vec![x, x, x, 6, x, x, x, 8, 9]);
+    // Text: every token.
+    assert_eq!(set.examples[2].labels, vec![10, 11, 12]);
+    assert_eq!((set.truncated, set.dropped), (0, 0));
+
+    // Truncation is counted; an example left with nothing to learn is dropped.
+    let set = Encoder::new(&tokenizer, true, 4)
+        .unwrap()
+        .read(&file, 96)
+        .unwrap();
+    assert_eq!((set.truncated, set.dropped), (2, 1));
+    assert_eq!(set.examples.len(), 2);
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_naming_the_step() {
+    let dir = workspace();
+    let config = run_file(dir.path(), "nan", "name = \"full\"", 6, "save_every = 1");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("lr = 1e-2", "lr = 1e30");
+    std::fs::write(&config, text).unwrap();
+    let out = train(&config, &[]);
+    assert_refused(&out, "non-finite", &["step ", "not finite"]);
+    let out_dir = dir.path().join("runs/nan");
+    assert!(!out_dir.join("model.safetensors").exists());
+    // Every checkpoint left is complete and finite.
+    if let Ok(entries) = std::fs::read_dir(out_dir.join("checkpoints")) {
+        for e in entries {
+            let path = e.unwrap().path();
+            assert!(path.join("checkpoint.json").is_file(), "{}", path.display());
+        }
+    }
 }

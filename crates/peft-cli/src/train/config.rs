@@ -181,8 +181,14 @@ impl RunConfig {
         );
         let t = &self.train;
         ensure!(t.steps > 0, "{f}: [train] steps must be at least 1");
-        ensure!(t.batch_size > 0, "{f}: [train] batch_size must be at least 1");
-        ensure!(t.grad_accum > 0, "{f}: [train] grad_accum must be at least 1");
+        ensure!(
+            t.batch_size > 0,
+            "{f}: [train] batch_size must be at least 1"
+        );
+        ensure!(
+            t.grad_accum > 0,
+            "{f}: [train] grad_accum must be at least 1"
+        );
         ensure!(t.log_every > 0, "{f}: [train] log_every must be at least 1");
         ensure!(
             t.lr.is_finite() && t.lr > 0.0,
@@ -255,13 +261,19 @@ out_dir = "out"
         let e = format!("{e:#}");
         assert!(e.contains("run.toml") && e.contains("stepz"), "{e}");
         let bad = BASE.replace("steps = 10", "steps = \"ten\"");
-        let e = format!("{:#}", RunConfig::parse(&bad, Path::new("run.toml")).unwrap_err());
+        let e = format!(
+            "{:#}",
+            RunConfig::parse(&bad, Path::new("run.toml")).unwrap_err()
+        );
         assert!(e.contains("run.toml") && e.contains("steps"), "{e}");
     }
 
     #[test]
     fn the_schedule_warms_up_then_decays_to_zero() {
-        let text = BASE.replace("lr = 1e-3", "lr = 1.0\nwarmup_steps = 1\nlr_schedule = \"linear\"");
+        let text = BASE.replace(
+            "lr = 1e-3",
+            "lr = 1.0\nwarmup_steps = 1\nlr_schedule = \"linear\"",
+        );
         let c = RunConfig::parse(&text, Path::new("run.toml")).unwrap();
         assert_eq!(c.lr_at(0), 0.5);
         assert_eq!(c.lr_at(1), 1.0);

@@ -103,7 +103,10 @@ impl<'a> Encoder<'a> {
                 })
             }
             (Record::Completion { prompt, completion }, Some(template)) => {
-                let messages = [ChatMessage::user(prompt), ChatMessage::assistant(completion)];
+                let messages = [
+                    ChatMessage::user(prompt),
+                    ChatMessage::assistant(completion),
+                ];
                 self.chat(template, &messages)
             }
             (Record::Completion { prompt, completion }, None) => {
@@ -315,6 +318,9 @@ mod tests {
 
     #[test]
     fn labels_outside_the_spans_are_ignored() {
-        assert_eq!(masked(&[5, 6, 7], &[(1, 2)]), vec![IGNORE_INDEX, 6, IGNORE_INDEX]);
+        assert_eq!(
+            masked(&[5, 6, 7], &[(1, 2)]),
+            vec![IGNORE_INDEX, 6, IGNORE_INDEX]
+        );
     }
 }

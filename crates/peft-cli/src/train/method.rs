@@ -79,7 +79,10 @@ pub fn dispatch<J: Job>(
             let model = load::<Linear>(source, device)?;
             job.run(Full(peft_core::hosts::set_trainable(model, |_| Some(true))))
         }
-        other => bail!("{}: [method] name `{other}` is not a method", file.display()),
+        other => bail!(
+            "{}: [method] name `{other}` is not a method",
+            file.display()
+        ),
     }
 }
 

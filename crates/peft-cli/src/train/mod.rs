@@ -80,7 +80,11 @@ pub fn train(
     }
     let llama = model::llama_config(&source)?;
     let tokenizer = model::load_tokenizer(&source)?;
-    let encoder = Encoder::new(&tokenizer, config.data.chat_template, config.data.max_seq_len)?;
+    let encoder = Encoder::new(
+        &tokenizer,
+        config.data.chat_template,
+        config.data.max_seq_len,
+    )?;
     let train_set = encoder.read(&config.data.train, llama.vocab_size)?;
     let eval_set = match &config.data.eval {
         Some(file) => Some(encoder.read(file, llama.vocab_size)?),

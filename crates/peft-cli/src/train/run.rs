@@ -373,6 +373,7 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
                 micro_batches: done * cfg.grad_accum,
                 metrics_bytes: metrics.metadata()?.len(),
             };
+            ensure_finite(&ctl.model, done)?;
             write_checkpoint(out, &ctl, &optim, &info)?;
         }
     }
@@ -386,6 +387,7 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
             counts,
         });
     }
+    ensure_finite(&ctl.model, total)?;
     set_controlled(&mut tuned, ctl);
     let output = tuned.save_outputs(out)?;
     Ok(Outcome {
@@ -394,6 +396,21 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         output: Some(output),
         counts: tuned.counts(),
     })
+}
+
+/// Refuse to save a model with a non-finite parameter (named, with the step).
+fn ensure_finite<M: Module>(model: &M, step: usize) -> anyhow::Result<()> {
+    let params = peft_core::hosts::read_params(model, |_| true);
+    if let Some((path, _)) = params
+        .iter()
+        .find(|(_, data)| data.iter::<f32>().any(|v| !v.is_finite()))
+    {
+        bail!(
+            "step {step}: parameter `{path}` is not finite; the run stopped and nothing from \
+             this step was saved"
+        );
+    }
+    Ok(())
 }
 
 /// Write `checkpoints/step-N` through a temporary folder and a rename.
