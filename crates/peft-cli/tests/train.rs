@@ -328,8 +328,25 @@ fn bad_inputs_are_refused_with_the_reason() {
     let config = run_file(p, "malformed", lora, 2, "");
     assert_refused(
         &train(&config, &[]),
-        "malformed",
-        &["train.jsonl:11", "prompt"],
+        "wrong field type",
+        &["train.jsonl:11", "`prompt` must be a string"],
+    );
+    std::fs::write(
+        p.join("train.jsonl"),
+        format!("{good}\n{{\"prompt\": \"t1\"}}\n"),
+    )
+    .unwrap();
+    assert_refused(
+        &train(&config, &[]),
+        "missing field",
+        &["train.jsonl:11", "missing field `completion`"],
+    );
+    let bad_chat = r#"{"messages": [{"role": "user", "content": 5}]}"#;
+    std::fs::write(p.join("train.jsonl"), format!("{good}\n{bad_chat}\n")).unwrap();
+    assert_refused(
+        &train(&config, &[]),
+        "bad message",
+        &["train.jsonl:11", "`messages[0].content` must be a string"],
     );
     std::fs::write(p.join("train.jsonl"), format!("{good}\nnot json\n")).unwrap();
     assert_refused(

@@ -16,20 +16,86 @@ use peft_models::tokenizer::ModelTokenizer;
 use serde::Deserialize;
 
 /// One line of a data file.
-#[derive(Debug, Deserialize)]
-#[serde(untagged, deny_unknown_fields)]
+#[derive(Debug)]
 enum Record {
     /// A prompt and the completion to learn.
-    Completion { prompt: String, completion: String },
+    Completion(CompletionRecord),
     /// A conversation; the assistant turns are learned.
-    Chat { messages: Vec<Message> },
+    Chat(ChatRecord),
     /// Plain text, learned in full.
-    Text { text: String },
+    Text(TextRecord),
+}
+
+/// `{"prompt", "completion"}`.
+#[derive(Debug, Deserialize)]
+struct CompletionRecord {
+    prompt: String,
+    completion: String,
+}
+
+/// `{"messages": [{"role", "content"}]}`.
+#[derive(Debug, Deserialize)]
+struct ChatRecord {
+    messages: Vec<Message>,
+}
+
+/// `{"text"}`.
+#[derive(Debug, Deserialize)]
+struct TextRecord {
+    text: String,
+}
+
+impl Record {
+    /// The record of one parsed line, its kind told by its fields; the error says what is
+    /// wrong (a missing field, a value of the wrong type, an unknown shape).
+    fn parse(value: serde_json::Value) -> Result<Self, String> {
+        let Some(object) = value.as_object() else {
+            return Err(format!("expected a JSON object, found `{value}`"));
+        };
+        let has = |k: &str| object.contains_key(k);
+        // Name the field whose value has the wrong type (serde's message does not).
+        let strings = |v: &serde_json::Value, fields: &[&str], at: &str| -> Result<(), String> {
+            for f in fields {
+                match v.get(f) {
+                    Some(serde_json::Value::String(_)) | None => {}
+                    Some(other) => {
+                        return Err(format!("`{at}{f}` must be a string, found `{other}`"));
+                    }
+                }
+            }
+            Ok(())
+        };
+        strings(&value, &["prompt", "completion", "text"], "")?;
+        if let Some(messages) = object.get("messages") {
+            let Some(list) = messages.as_array() else {
+                return Err(format!("`messages` must be a list, found `{messages}`"));
+            };
+            for (i, m) in list.iter().enumerate() {
+                if !m.is_object() {
+                    return Err(format!("`messages[{i}]` must be an object, found `{m}`"));
+                }
+                strings(m, &["role", "content"], &format!("messages[{i}]."))?;
+            }
+        }
+        let parsed = if has("messages") {
+            serde_json::from_value(value).map(Record::Chat)
+        } else if has("prompt") || has("completion") {
+            serde_json::from_value(value).map(Record::Completion)
+        } else if has("text") {
+            serde_json::from_value(value).map(Record::Text)
+        } else {
+            return Err(
+                "expected {\"prompt\", \"completion\"}, {\"messages\": [{\"role\", \"content\"}]} \
+                 or {\"text\"}, found none of these fields"
+                    .into(),
+            );
+        };
+        parsed.map_err(|e| e.to_string())
+    }
 }
 
 /// One chat turn.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Message {
     role: String,
     content: String,
@@ -95,21 +161,21 @@ impl<'a> Encoder<'a> {
     /// The example of one record, untruncated.
     fn encode(&self, record: Record) -> anyhow::Result<Example> {
         match (record, &self.template) {
-            (Record::Text { text }, _) => {
+            (Record::Text(TextRecord { text }), _) => {
                 let ids = self.ids(&text, true)?;
                 Ok(Example {
                     labels: ids.clone(),
                     ids,
                 })
             }
-            (Record::Completion { prompt, completion }, Some(template)) => {
+            (Record::Completion(CompletionRecord { prompt, completion }), Some(template)) => {
                 let messages = [
                     ChatMessage::user(prompt),
                     ChatMessage::assistant(completion),
                 ];
                 self.chat(template, &messages)
             }
-            (Record::Completion { prompt, completion }, None) => {
+            (Record::Completion(CompletionRecord { prompt, completion }), None) => {
                 let prompt_ids = self.ids(&prompt, true)?;
                 let mut ids = self.ids(&format!("{prompt}{completion}"), true)?;
                 if let Some(eos) = self.tokenizer.eos_token_id() {
@@ -119,14 +185,14 @@ impl<'a> Encoder<'a> {
                 let labels = masked(&ids, &[(cut, ids.len())]);
                 Ok(Example { ids, labels })
             }
-            (Record::Chat { messages }, Some(template)) => {
+            (Record::Chat(ChatRecord { messages }), Some(template)) => {
                 let messages: Vec<ChatMessage> = messages
                     .into_iter()
                     .map(|m| ChatMessage::new(m.role, m.content))
                     .collect();
                 self.chat(template, &messages)
             }
-            (Record::Chat { .. }, None) => {
+            (Record::Chat(_), None) => {
                 bail!("a `messages` example needs the chat template ([data] chat_template = true)")
             }
         }
@@ -173,13 +239,7 @@ impl<'a> Encoder<'a> {
             let at = || format!("{}:{}", file.display(), n + 1);
             let value: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
-            let record: Record = serde_json::from_value(value).map_err(|_| {
-                anyhow::anyhow!(
-                    "{}: expected {{\"prompt\", \"completion\"}}, {{\"messages\": [{{\"role\", \
-                     \"content\"}}]}} or {{\"text\"}} (strings), found other fields or types",
-                    at()
-                )
-            })?;
+            let record = Record::parse(value).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
             let mut example = self.encode(record).with_context(at)?;
             if let Some(bad) = example
                 .ids

@@ -71,6 +71,9 @@ pub fn train(
     progress: bool,
 ) -> anyhow::Result<Outcome> {
     let config = RunConfig::load(config_file)?;
+    if let Some(n) = stop_after {
+        anyhow::ensure!(n > 0, "--stop-after must be at least 1");
+    }
     let source = model::detect(&config.model.path)?;
     if let ModelSource::HfBert(dir) = &source {
         bail!(

@@ -291,6 +291,9 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         start = step;
         metrics_bytes = info.metrics_bytes;
         resumed_from = Some(step);
+        eprintln!("resuming from {}", dir.display());
+    } else if run.resume {
+        eprintln!("no checkpoint in {}: starting from step 0", out.display());
     }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
