@@ -119,13 +119,36 @@ impl<M: Module> RunModel<M> for Full<M> {
         (total, total)
     }
 
+    /// `model.safetensors` with Transformers' names and orientation (linear weights
+    /// `[out, in]`), float32.
     fn save_outputs(&self, out_dir: &Path) -> anyhow::Result<PathBuf> {
         let file = out_dir.join("model.safetensors");
-        let tensors = peft_core::hosts::read_params(&self.0, |_| true);
+        let tensors: std::collections::BTreeMap<_, _> =
+            peft_core::hosts::read_params(&self.0, |_| true)
+                .into_iter()
+                .map(|(key, data)| {
+                    let data = data.convert::<f32>();
+                    let linear = data.shape().len() == 2 && !key.ends_with("embed_tokens.weight");
+                    (key, if linear { transposed(&data) } else { data })
+                })
+                .collect();
         peft_core::hf::write_tensors(&file, &tensors)
             .with_context(|| format!("saving the weights to {}", file.display()))?;
         Ok(file)
     }
+}
+
+/// A float32 matrix transposed (burn's `[in, out]` linear weight to PyTorch's `[out, in]`).
+fn transposed(data: &burn::tensor::TensorData) -> burn::tensor::TensorData {
+    let (rows, cols) = (data.shape()[0], data.shape()[1]);
+    let v: Vec<f32> = data.iter::<f32>().collect();
+    let mut out = vec![0f32; v.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = v[i * cols + j];
+        }
+    }
+    burn::tensor::TensorData::new(out, [cols, rows])
 }
 
 /// Something to do with the model a `[method]` builds, whatever its type.
