@@ -4,8 +4,9 @@
 //! The model trains inside peft-core's [`Controlled`] wrapper: each optimizer step runs the
 //! method's stepper (controllers before and after AdamW), and the wrapper's record holds the
 //! parameters *and* every controller's state, so a checkpoint is that record, the optimizer
-//! record and `checkpoint.json` (step, data position, metrics offset). A checkpoint is written
-//! into a temporary folder and renamed into place, so a folder `step-N` is always complete.
+//! record, the method's outputs at that step and `checkpoint.json` (step, data position,
+//! metrics offset). A checkpoint is written into a temporary folder and renamed into place, so
+//! a folder `step-N` is always complete.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -45,6 +46,11 @@ pub trait RunModel<M: Module>: Tuned<M> {
     /// # Errors
     /// I/O or format errors.
     fn save_outputs(&self, out_dir: &Path) -> anyhow::Result<PathBuf>;
+    /// Whether checkpoints hold a copy of the outputs too (not when they are the whole model:
+    /// the checkpoint's record has it already).
+    fn outputs_in_checkpoints(&self) -> bool {
+        true
+    }
 }
 
 impl<M: Module, C: Method> RunModel<M> for PeftModel<M, C> {
@@ -117,6 +123,10 @@ impl<M: Module> RunModel<M> for Full<M> {
             .map(|p| p.2)
             .sum();
         (total, total)
+    }
+
+    fn outputs_in_checkpoints(&self) -> bool {
+        false
     }
 
     /// `model.safetensors` with Transformers' names and orientation (linear weights
@@ -400,7 +410,7 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
                 metrics_bytes: metrics.metadata()?.len(),
             };
             ensure_finite(&ctl.model, done)?;
-            write_checkpoint(out, &ctl, &optim, &info)?;
+            write_checkpoint(out, &ctl, &optim, &info, &mut tuned)?;
         }
     }
     bar.finish_and_clear();
@@ -439,12 +449,15 @@ fn ensure_finite<M: Module>(model: &M, step: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Write `checkpoints/step-N` through a temporary folder and a rename.
-fn write_checkpoint<M: Module>(
+/// Write `checkpoints/step-N` through a temporary folder and a rename: `model.bpk` (the
+/// parameters and every controller's state), `optimizer.bpk`, the method's outputs of this
+/// step (`adapter/` or `summary/`, usable as the final ones are) and `checkpoint.json`, last.
+fn write_checkpoint<M: Module, T: RunModel<M>>(
     out: &Path,
     ctl: &Controlled<M>,
     optim: &ModuleOptimizer,
     info: &CheckpointInfo,
+    tuned: &mut T,
 ) -> anyhow::Result<()> {
     let root = out.join(CHECKPOINTS);
     let tmp = root.join(format!(".tmp-step-{}", info.step));
@@ -464,6 +477,11 @@ fn write_checkpoint<M: Module>(
         .to_record()
         .save(tmp.join("optimizer.bpk"))
         .map_err(|e| anyhow::anyhow!("{}: writing optimizer.bpk: {e:?}", tmp.display()))?;
+    if tuned.outputs_in_checkpoints() {
+        ctl.with_stepper(|s| tuned.update_configs(s.controllers()));
+        tuned.set_tuned_model(ctl.model.clone());
+        tuned.save_outputs(&tmp)?;
+    }
     let serde_json::Value::Object(map) = serde_json::to_value(info)? else {
         unreachable!("a struct is an object")
     };
