@@ -451,6 +451,19 @@ fn labels_cover_only_completions_and_assistant_turns() {
         .unwrap();
     assert_eq!((set.truncated, set.dropped), (2, 1));
     assert_eq!(set.examples.len(), 2);
+
+    // Without the template a prompt and its completion are joined as they are.
+    let raw = Encoder::new(&tokenizer, false, 64).unwrap();
+    std::fs::write(&file, r#"{"prompt": "t1 t2", "completion": " t3 t4"}"#).unwrap();
+    let set = raw.read(&file, 96).unwrap();
+    assert_eq!(set.examples[0].ids, vec![1, 2, 3, 4]);
+    assert_eq!(set.examples[0].labels, vec![x, x, 3, 4]);
+    std::fs::write(&file, lines[1]).unwrap();
+    let err = format!("{:#}", raw.read(&file, 96).unwrap_err());
+    assert!(
+        err.contains("d.jsonl:1") && err.contains("chat_template"),
+        "{err}"
+    );
 }
 
 #[test]
