@@ -309,6 +309,12 @@ fn a_stopped_and_resumed_run_equals_the_uninterrupted_one() {
         assert!(!b.join("adapter").exists() && !b.join("summary").exists());
         // Running again without --resume is refused: the folder holds checkpoints.
         assert_refused(&train(&stopped, &[]), name, &["--resume", "checkpoints"]);
+        // Two more legs: stopped again two steps later, then to the end.
+        let again = (stop + 2).to_string();
+        assert_ok(
+            &train(&stopped, &["--resume", "--stop-after", &again]),
+            name,
+        );
         assert_ok(&train(&stopped, &["--resume"]), name);
         assert_eq!(losses(&a), losses(&b), "{name}: metrics");
         assert!(outputs(&a) == outputs(&b), "{name}: the outputs differ");
@@ -334,6 +340,18 @@ fn bad_inputs_are_refused_with_the_reason() {
         "method key",
         &["method-key.toml", "rank"],
     );
+
+    for name in [
+        "dora", "adalora", "rosa", "spa", "sft", "id3", "pafi", "bitfit", "full",
+    ] {
+        let method = format!("{}\nbogus_key = 1", method_line(name));
+        let config = run_file(p, &format!("{name}-key"), &method, 2, "");
+        assert_refused(
+            &train(&config, &[]),
+            name,
+            &[&format!("{name}-key.toml"), "bogus_key"],
+        );
+    }
 
     let config = run_file(p, "type", lora, 2, "");
     let text = std::fs::read_to_string(&config)
