@@ -2,7 +2,7 @@
 //! from one TOML run file.
 //!
 //! [`config`] reads the run file, [`data`] the JSONL examples, [`method`] turns `[method]` into
-//! a model (the only per-method code) and [`run`] trains it, the same loop for every method,
+//! a model (the only per-method code) and [`mod@run`] trains it, the same loop for every method,
 //! with checkpoints and exact resume. [`train`] is the whole command as a library call.
 
 pub mod config;
