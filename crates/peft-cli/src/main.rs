@@ -5,7 +5,7 @@
 //! models for all of them. Errors are printed on stderr as one line (`error: ...` with their
 //! causes) and the program exits with status 1.
 
-use peft_cli::{forward, generate, tokenize};
+use peft_cli::{forward, generate, tokenize, train};
 
 use std::process::ExitCode;
 
@@ -34,6 +34,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the token ids of a text (space-separated, no special tokens added).
     Tokenize(tokenize::TokenizeArgs),
+    /// Fine-tune a causal LM with any method from a TOML run file (checkpoints, `--resume`).
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Forward(args) => forward::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

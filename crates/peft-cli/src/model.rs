@@ -225,7 +225,10 @@ pub fn llama_config(source: &ModelSource) -> anyhow::Result<LlamaConfig> {
 }
 
 /// Load the LLaMA-family model of `source` with layers `L`.
-fn load_llama<L: LinearLayer>(
+///
+/// # Errors
+/// Unreadable weights, or a source that is not a LLaMA model.
+pub fn load_llama<L: LinearLayer>(
     source: &ModelSource,
     device: &Device,
 ) -> anyhow::Result<(Llama<L>, LlamaConfig)> {

@@ -26,7 +26,6 @@ use burn::backend::{
 use burn::tensor::{DType, FloatDType, TensorData};
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::backend::{CsrIndices, SparseBackend};
 use crate::simd;
@@ -506,28 +505,25 @@ const SPLIT_CHUNK: usize = 64;
 /// two threads' panels then fit in this CPU's 2 MiB L2 with room to spare.
 const SPLIT_PANELS: usize = 1 << 20;
 
-/// SDDMM for small operands (a BERT layer, say): one rayon task per thread, each claiming
-/// chunks of [`SPLIT_CHUNK`] tokens, packing both operands' chunk into its own panels and adding
-/// every entry's partial dot product to its own copy of the output; the copies are summed at the
-/// end. No barrier per chunk, and the scratch panels are reused across calls.
+/// SDDMM for small operands (a BERT layer, say): one rayon task per thread, task `w` taking
+/// the chunks `w, w + workers, …` of [`SPLIT_CHUNK`] tokens, packing both operands' chunk into
+/// its own panels and adding every entry's partial dot product to its own copy of the output;
+/// the copies are summed at the end in task order. No barrier per chunk, the scratch panels are
+/// reused across calls, and the result does not depend on thread timing (a fixed assignment and
+/// summation order: a run gives the same bits every time on the same thread count).
 fn sddmm_split_tokens(ro: &[i32], ci: &[i32], av: View<'_>, bv: View<'_>) -> Vec<f32> {
     let (m, n, d, nnz) = (av.rows, bv.rows, av.cols, ci.len());
     let tc = SPLIT_CHUNK;
     let chunks = d.div_ceil(tc);
-    let next = AtomicUsize::new(0);
     let workers = rayon::current_num_threads().min(chunks);
-    (0..workers)
+    let partials: Vec<Vec<f32>> = (0..workers)
         .into_par_iter()
-        .map(|_| {
+        .map(|w| {
             // 16 partial sums per entry, summed once after the last chunk.
             let mut lanes = vec![0f32; 16 * nnz];
             with_scratch((m + n) * tc, |scratch| {
                 let (pa, pb) = scratch.split_at_mut(m * tc);
-                loop {
-                    let c = next.fetch_add(1, Ordering::Relaxed);
-                    if c >= chunks {
-                        break;
-                    }
+                for c in (w..chunks).step_by(workers) {
                     let (d0, w) = (c * tc, (d - c * tc).min(tc));
                     pack_rows(av, 0, d0, w, tc, pa);
                     pack_rows(bv, 0, d0, w, tc, pb);
@@ -542,11 +538,13 @@ fn sddmm_split_tokens(ro: &[i32], ci: &[i32], av: View<'_>, bv: View<'_>) -> Vec
                 .map(|l| l.iter().sum::<f32>())
                 .collect::<Vec<f32>>()
         })
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        })
-        .expect("at least one worker")
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut out = partials.next().expect("at least one worker");
+    for p in partials {
+        out.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
+    }
+    out
 }
 
 /// SDDMM for large operands (LLaMA-sized): the contracted dimension is cut into chunks of

@@ -5,7 +5,7 @@ mod common;
 use burn::tensor::Device;
 use common::*;
 use proptest::prelude::*;
-use sparse_kernels::{Csr, CsrLayout, CsrStructure, SparseError, sparse_linear, spmm};
+use sparse_kernels::{Csr, CsrLayout, CsrStructure, SparseError, sddmm, sparse_linear, spmm};
 
 fn device() -> Device {
     Device::flex()
@@ -329,4 +329,26 @@ fn tolerance_catches_a_dropped_term_and_bf16_products() {
     assert!(first_violation(&want.f32(), &want, |_, mag| tolerance(mag)).is_none());
     assert!(first_violation(&mutated, &want, former_bound).is_none());
     assert!(first_violation(&mutated, &want, |_, mag| tolerance(mag)).is_some());
+}
+
+/// SDDMM gives the same bits on every call (training runs, and a resumed run against one that
+/// did not stop, depend on it): many chunks of the contracted dimension, summed by several
+/// threads, never in an order that depends on their timing.
+#[test]
+fn sddmm_is_deterministic() {
+    let dev = device();
+    let mut rng = Lcg::new(11);
+    let (m, n, d) = (24, 20, 64 * 9 + 5);
+    let (s, _) = random_sparse(&mut rng, m, n, 0.3);
+    let layout = CsrLayout::new(s, &dev);
+    let a = t2(&rng.vec(m * d), [m, d], &dev);
+    let bt = t2(&rng.vec(n * d), [n, d], &dev);
+    let bits = || -> Vec<u32> {
+        let out = sddmm(&layout, a.clone(), bt.clone()).into_data();
+        out.iter::<f32>().map(f32::to_bits).collect()
+    };
+    let first = bits();
+    for _ in 0..30 {
+        assert_eq!(bits(), first);
+    }
 }

@@ -1,0 +1,282 @@
+//! The run file of `burn-peft train`: a TOML file with `[model]`, `[data]`, `[method]` and
+//! `[train]` tables.
+//!
+//! The fixed tables refuse keys they do not know; `[method]` holds `name` and the method's own
+//! fields under their PEFT / reference names, checked when the method's config is built
+//! ([`crate::train::method`]). Relative paths are resolved against the run file's folder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail, ensure};
+use serde::{Deserialize, Serialize};
+
+/// A whole run file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The model to fine-tune.
+    pub model: ModelSection,
+    /// The training (and evaluation) data.
+    pub data: DataSection,
+    /// The method: `name` and its config fields.
+    pub method: toml::Table,
+    /// The optimisation settings.
+    pub train: TrainSection,
+}
+
+/// `[model]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A GGUF file or a Hugging Face model folder, as `burn-peft generate` takes.
+    pub path: PathBuf,
+}
+
+/// `[data]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training examples, one JSON object a line.
+    pub train: PathBuf,
+    /// Evaluation examples, same format.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Whether prompt/completion and messages examples go through the model's chat template.
+    #[serde(default = "yes")]
+    pub chat_template: bool,
+    /// Longer examples are truncated to this many tokens.
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+}
+
+/// The learning-rate schedule after the warm-up.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// The peak rate throughout.
+    Constant,
+    /// Linear decay to 0 at the last step.
+    Linear,
+    /// Half-cosine decay to 0 at the last step.
+    Cosine,
+}
+
+/// `[train]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples per micro-batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed (averaged) into one optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Schedule after the warm-up.
+    #[serde(default = "default_schedule")]
+    pub lr_schedule: LrSchedule,
+    /// Steps of linear warm-up from `lr / (warmup_steps + 1)` to `lr`.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// AdamW's decoupled weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Seed of the data order.
+    #[serde(default)]
+    pub seed: u64,
+    /// Evaluate every this many steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Write a checkpoint every this many steps (0: none but `--stop-after`'s).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Where the run writes its outputs.
+    pub out_dir: PathBuf,
+    /// Log a metrics line every this many steps.
+    #[serde(default = "one")]
+    pub log_every: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_batch() -> usize {
+    8
+}
+
+fn default_max_seq_len() -> usize {
+    256
+}
+
+fn default_schedule() -> LrSchedule {
+    LrSchedule::Constant
+}
+
+impl RunConfig {
+    /// Read and check the run file `file`; relative paths become relative to its folder.
+    ///
+    /// # Errors
+    /// An unreadable file, invalid TOML, an unknown key or a value of the wrong type (named
+    /// with the file), or an invalid value.
+    pub fn load(file: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the run file {}", file.display()))?;
+        let mut config = Self::parse(&text, file)?;
+        let base = file.parent().unwrap_or(Path::new(""));
+        for path in [
+            &mut config.model.path,
+            &mut config.data.train,
+            &mut config.train.out_dir,
+        ] {
+            *path = base.join(&*path);
+        }
+        if let Some(eval) = &mut config.data.eval {
+            *eval = base.join(&*eval);
+        }
+        Ok(config)
+    }
+
+    /// Parse and check run-file text (`file` names it in errors).
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn parse(text: &str, file: &Path) -> anyhow::Result<Self> {
+        let config: Self = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// The method's name.
+    pub fn method_name(&self) -> &str {
+        self.method
+            .get("name")
+            .and_then(toml::Value::as_str)
+            .unwrap_or("")
+    }
+
+    fn validate(&self, file: &Path) -> anyhow::Result<()> {
+        let f = file.display();
+        match self.method.get("name") {
+            Some(toml::Value::String(_)) => {}
+            Some(other) => bail!(
+                "{f}: [method] name: expected a string, found {}",
+                other.type_str()
+            ),
+            None => bail!("{f}: [method] has no `name` (one of {})", METHODS.join(" ")),
+        }
+        ensure!(
+            METHODS.contains(&self.method_name()),
+            "{f}: [method] name `{}` is not a method (one of {})",
+            self.method_name(),
+            METHODS.join(" ")
+        );
+        let t = &self.train;
+        ensure!(t.steps > 0, "{f}: [train] steps must be at least 1");
+        ensure!(
+            t.batch_size > 0,
+            "{f}: [train] batch_size must be at least 1"
+        );
+        ensure!(
+            t.grad_accum > 0,
+            "{f}: [train] grad_accum must be at least 1"
+        );
+        ensure!(t.log_every > 0, "{f}: [train] log_every must be at least 1");
+        ensure!(
+            t.lr.is_finite() && t.lr > 0.0,
+            "{f}: [train] lr must be a positive number, found {}",
+            t.lr
+        );
+        ensure!(
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+            "{f}: [train] weight_decay must be a non-negative number"
+        );
+        ensure!(
+            self.data.max_seq_len >= 2,
+            "{f}: [data] max_seq_len must be at least 2 (a token and the next one to predict)"
+        );
+        Ok(())
+    }
+
+    /// The learning rate of optimizer step `step` (0-based): linear warm-up over
+    /// `warmup_steps` (`lr · (step + 1) / (warmup_steps + 1)`), then the schedule from `lr` down
+    /// to 0 at the last step.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        let t = &self.train;
+        if step < t.warmup_steps {
+            return t.lr * (step + 1) as f64 / (t.warmup_steps + 1) as f64;
+        }
+        let span = t.steps.saturating_sub(t.warmup_steps).max(1) as f64;
+        let progress = ((step - t.warmup_steps) as f64 / span).min(1.0);
+        match t.lr_schedule {
+            LrSchedule::Constant => t.lr,
+            LrSchedule::Linear => t.lr * (1.0 - progress),
+            LrSchedule::Cosine => t.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+}
+
+/// The method names `[method] name` takes.
+pub const METHODS: [&str; 10] = [
+    "lora", "dora", "adalora", "rosa", "spa", "sft", "id3", "pafi", "bitfit", "full",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+path = "m"
+[data]
+train = "t.jsonl"
+[method]
+name = "lora"
+[train]
+steps = 10
+lr = 1e-3
+out_dir = "out"
+"#;
+
+    #[test]
+    fn a_minimal_file_parses_with_defaults() {
+        let c = RunConfig::parse(BASE, Path::new("run.toml")).unwrap();
+        assert_eq!(c.train.batch_size, 8);
+        assert!(c.data.chat_template);
+        assert_eq!(c.method_name(), "lora");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_file_and_key() {
+        let bad = BASE.replace("steps = 10", "steps = 10\nstepz = 3");
+        let e = RunConfig::parse(&bad, Path::new("run.toml")).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("run.toml") && e.contains("stepz"), "{e}");
+        let bad = BASE.replace("steps = 10", "steps = \"ten\"");
+        let e = format!(
+            "{:#}",
+            RunConfig::parse(&bad, Path::new("run.toml")).unwrap_err()
+        );
+        assert!(e.contains("run.toml") && e.contains("steps"), "{e}");
+    }
+
+    #[test]
+    fn the_schedule_warms_up_then_decays_to_zero() {
+        let text = BASE.replace(
+            "lr = 1e-3",
+            "lr = 1.0\nwarmup_steps = 1\nlr_schedule = \"linear\"",
+        );
+        let c = RunConfig::parse(&text, Path::new("run.toml")).unwrap();
+        assert_eq!(c.lr_at(0), 0.5);
+        assert_eq!(c.lr_at(1), 1.0);
+        assert!(c.lr_at(9) > 0.0 && c.lr_at(9) < 0.2);
+    }
+}

@@ -1,0 +1,495 @@
+//! The training loop of `burn-peft train`, one generic function for every method
+//! ([`train_model`]), with its checkpoints.
+//!
+//! The model trains inside peft-core's [`Controlled`] wrapper: each optimizer step runs the
+//! method's stepper (controllers before and after AdamW), and the wrapper's record holds the
+//! parameters *and* every controller's state, so a checkpoint is that record, the optimizer
+//! record, the method's outputs at that step and `checkpoint.json` (step, data position,
+//! metrics offset). A checkpoint is written into a temporary folder and renamed into place, so
+//! a folder `step-N` is always complete.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::store::ModuleRecord;
+use burn::tensor::Device;
+use peft_core::learner::{Controlled, controlled, set_controlled};
+use peft_core::step::{Controller, Stepper, Tuned};
+use peft_core::{Method, PeftModel, SaveOptions};
+use peft_models::LinearLayer;
+use peft_models::llama::Llama;
+use peft_models::loss::causal_lm_loss;
+use peft_selective::SelectiveModel;
+use serde_json::json;
+
+use crate::train::config::RunConfig;
+use crate::train::data::{self, Dataset};
+
+/// The folder of checkpoints inside `out_dir`.
+pub const CHECKPOINTS: &str = "checkpoints";
+/// The file that describes a checkpoint (written last, inside the temporary folder).
+const CHECKPOINT_JSON: &str = "checkpoint.json";
+/// The metrics file inside `out_dir`.
+pub const METRICS: &str = "metrics.jsonl";
+
+/// A model `burn-peft train` can train: a [`Tuned`] model that counts its trainable
+/// parameters and writes its final outputs.
+pub trait RunModel<M: Module>: Tuned<M> {
+    /// Trainable and total parameters, as PEFT's `print_trainable_parameters` counts them.
+    fn counts(&self) -> (usize, usize);
+    /// Write the final outputs into `out_dir`; returns what was written.
+    ///
+    /// # Errors
+    /// I/O or format errors.
+    fn save_outputs(&self, out_dir: &Path) -> anyhow::Result<PathBuf>;
+    /// Whether checkpoints hold a copy of the outputs too (not when they are the whole model:
+    /// the checkpoint's record has it already).
+    fn outputs_in_checkpoints(&self) -> bool {
+        true
+    }
+}
+
+impl<M: Module, C: Method> RunModel<M> for PeftModel<M, C> {
+    fn counts(&self) -> (usize, usize) {
+        self.trainable_parameters()
+    }
+
+    fn save_outputs(&self, out_dir: &Path) -> anyhow::Result<PathBuf> {
+        let dir = out_dir.join("adapter");
+        self.save_pretrained(&dir, &SaveOptions::default())
+            .with_context(|| format!("saving the adapter to {}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+/// A selective method (ID3, PaFI, BitFit) on a plain model.
+pub type Selective<M> = SelectiveModel<M>;
+
+impl<M: Module> RunModel<M> for SelectiveModel<M> {
+    fn counts(&self) -> (usize, usize) {
+        let params = peft_core::hosts::parameters(self.model());
+        let total = params.iter().map(|p| p.2).sum();
+        let trainable = self.config().budget.unwrap_or_else(|| {
+            params
+                .iter()
+                .filter(|p| p.0.ends_with(".bias"))
+                .map(|p| p.2)
+                .sum()
+        });
+        (trainable, total)
+    }
+
+    fn save_outputs(&self, out_dir: &Path) -> anyhow::Result<PathBuf> {
+        let dir = out_dir.join("summary");
+        self.summary()
+            .and_then(|s| s.save(&dir))
+            .with_context(|| format!("saving the summary to {}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+/// Full fine-tuning: every parameter trains, with no controller.
+#[derive(Clone, Debug)]
+pub struct Full<M>(pub M);
+
+impl<M: Module> Tuned<M> for Full<M> {
+    fn stepper(&mut self, _total_steps: usize) -> peft_core::Result<Stepper<M>> {
+        Ok(Stepper::new())
+    }
+
+    fn tuned_model(&self) -> &M {
+        &self.0
+    }
+
+    fn set_tuned_model(&mut self, model: M) {
+        self.0 = model;
+    }
+
+    fn check_controllers(&self, _served: &[String]) -> peft_core::Result<()> {
+        Ok(())
+    }
+
+    fn update_configs(&mut self, _controllers: &[Box<dyn Controller<M>>]) {}
+}
+
+impl<M: Module> RunModel<M> for Full<M> {
+    fn counts(&self) -> (usize, usize) {
+        let total = peft_core::hosts::parameters(&self.0)
+            .iter()
+            .map(|p| p.2)
+            .sum();
+        (total, total)
+    }
+
+    fn outputs_in_checkpoints(&self) -> bool {
+        false
+    }
+
+    /// `model.safetensors` with Transformers' names and orientation (linear weights
+    /// `[out, in]`), float32.
+    fn save_outputs(&self, out_dir: &Path) -> anyhow::Result<PathBuf> {
+        let file = out_dir.join("model.safetensors");
+        let tensors: std::collections::BTreeMap<_, _> =
+            peft_core::hosts::read_params(&self.0, |_| true)
+                .into_iter()
+                .map(|(key, data)| {
+                    let data = data.convert::<f32>();
+                    let linear = data.shape().len() == 2 && !key.ends_with("embed_tokens.weight");
+                    (key, if linear { transposed(&data) } else { data })
+                })
+                .collect();
+        peft_core::hf::write_tensors(&file, &tensors)
+            .with_context(|| format!("saving the weights to {}", file.display()))?;
+        Ok(file)
+    }
+}
+
+/// A float32 matrix transposed (burn's `[in, out]` linear weight to PyTorch's `[out, in]`).
+fn transposed(data: &burn::tensor::TensorData) -> burn::tensor::TensorData {
+    let (rows, cols) = (data.shape()[0], data.shape()[1]);
+    let v: Vec<f32> = data.iter::<f32>().collect();
+    let mut out = vec![0f32; v.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = v[i * cols + j];
+        }
+    }
+    burn::tensor::TensorData::new(out, [cols, rows])
+}
+
+/// Something to do with the model a `[method]` builds, whatever its type.
+pub trait Job {
+    /// What the job returns.
+    type Output;
+    /// Run the job on `tuned`.
+    ///
+    /// # Errors
+    /// Whatever the job finds wrong.
+    fn run<L: LinearLayer, T: RunModel<Llama<L>>>(self, tuned: T) -> anyhow::Result<Self::Output>;
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Optimizer steps done in all (including those before a resume).
+    pub steps_done: usize,
+    /// Where the run continued from (`None`: from the start).
+    pub resumed_from: Option<usize>,
+    /// The final outputs (`None` when stopped by `--stop-after`).
+    pub output: Option<PathBuf>,
+    /// Trainable and total parameters.
+    pub counts: (usize, usize),
+}
+
+/// Everything a run needs besides the model.
+pub struct Run<'a> {
+    /// The run file's settings.
+    pub config: &'a RunConfig,
+    /// Training examples.
+    pub train: &'a Dataset,
+    /// Evaluation examples.
+    pub eval: Option<&'a Dataset>,
+    /// The training device (with autodiff).
+    pub device: &'a Device,
+    /// Continue from the newest complete checkpoint.
+    pub resume: bool,
+    /// End after this step, with a checkpoint.
+    pub stop_after: Option<usize>,
+    /// Draw a progress bar (on a terminal only).
+    pub progress: bool,
+}
+
+/// `checkpoint.json`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CheckpointInfo {
+    /// Optimizer steps done.
+    step: usize,
+    /// Micro-batches consumed (the data order position).
+    micro_batches: usize,
+    /// Bytes of `metrics.jsonl` written up to this step.
+    metrics_bytes: u64,
+}
+
+/// The newest complete checkpoint folder in `out_dir`, with its step.
+///
+/// # Errors
+/// An unreadable checkpoints folder.
+pub fn newest_checkpoint(out_dir: &Path) -> anyhow::Result<Option<(usize, PathBuf)>> {
+    let dir = out_dir.join(CHECKPOINTS);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut best = None;
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(n) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if path.join(CHECKPOINT_JSON).is_file() && best.as_ref().is_none_or(|(b, _)| n > *b) {
+            best = Some((n, path));
+        }
+    }
+    Ok(best)
+}
+
+/// The mean loss over `set` in batches of `batch_size`, weighted by counted labels.
+fn eval_loss<L: LinearLayer>(
+    model: &Llama<L>,
+    set: &Dataset,
+    batch_size: usize,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let model = model.valid();
+    let device = device.clone().inner();
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for chunk in set.examples.chunks(batch_size) {
+        let refs: Vec<_> = chunk.iter().collect();
+        let b = data::batch(&refs, &device);
+        let n = chunk
+            .iter()
+            .map(|e| e.labels.iter().skip(1).filter(|&&l| l >= 0).count())
+            .sum::<usize>();
+        let logits = model.forward(b.ids, Some(b.mask));
+        let loss = causal_lm_loss(logits, b.labels)?.into_scalar::<f64>();
+        sum += loss * n as f64;
+        count += n;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+/// Append one JSON line to the metrics file.
+fn log(metrics: &mut std::fs::File, value: serde_json::Value) -> anyhow::Result<()> {
+    writeln!(metrics, "{value}").context("writing metrics.jsonl")?;
+    Ok(())
+}
+
+/// Train `tuned` as `run` says, the same code for every method: checkpoints, resume, the
+/// loss, metrics and final outputs.
+///
+/// # Errors
+/// A non-finite loss (naming the step), a checkpoint that does not load, I/O errors, the
+/// method's errors.
+pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
+    run: &Run<'_>,
+    mut tuned: T,
+) -> anyhow::Result<Outcome> {
+    let cfg = &run.config.train;
+    let out = &cfg.out_dir;
+    let total = cfg.steps;
+    let counts = tuned.counts();
+    let (trainable, all) = counts;
+    eprintln!(
+        "trainable params: {trainable} || all params: {all} || trainable%: {:.4}",
+        100.0 * trainable as f64 / all.max(1) as f64
+    );
+
+    let mut ctl: Controlled<Llama<L>> = controlled(&mut tuned, total)?;
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay as f32)
+        .init();
+    let metrics_file = out.join(METRICS);
+    let mut start = 0;
+    let mut resumed_from = None;
+    let mut metrics_bytes = 0;
+    if run.resume
+        && let Some((step, dir)) = newest_checkpoint(out)?
+    {
+        let info: CheckpointInfo =
+            serde_json::from_value(peft_core::hf::read_json(&dir.join(CHECKPOINT_JSON))?.into())
+                .with_context(|| format!("reading the checkpoint in {}", dir.display()))?;
+        let record = ModuleRecord::load(dir.join("model.bpk"))
+            .map_err(|e| anyhow::anyhow!("{}: model.bpk: {e:?}", dir.display()))?;
+        ctl = ctl
+            .try_load_record(record)
+            .map_err(|e| anyhow::anyhow!("{}: loading the checkpoint: {e:?}", dir.display()))?;
+        let record = burn::optim::OptimizerRecord::load(dir.join("optimizer.bpk"))
+            .map_err(|e| anyhow::anyhow!("{}: optimizer.bpk: {e:?}", dir.display()))?;
+        optim = optim.load_record(record);
+        ensure!(
+            info.step == step && ctl.step_index() == step,
+            "{}: the checkpoint is inconsistent (step {} in checkpoint.json, {} in the state)",
+            dir.display(),
+            info.step,
+            ctl.step_index()
+        );
+        start = step;
+        metrics_bytes = info.metrics_bytes;
+        resumed_from = Some(step);
+        eprintln!("resuming from {}", dir.display());
+    } else if run.resume {
+        eprintln!("no checkpoint in {}: starting from step 0", out.display());
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_file)
+        .with_context(|| format!("opening {}", metrics_file.display()))?;
+    // Lines after the checkpoint belong to the steps about to be redone.
+    metrics
+        .set_len(metrics_bytes)
+        .with_context(|| format!("truncating {}", metrics_file.display()))?;
+
+    let bar = if run.progress && std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start as u64);
+
+    let end = run.stop_after.map_or(total, |s| s.min(total));
+    let n = run.train.examples.len();
+    for step in start..end {
+        let lr = run.config.lr_at(step);
+        let began = Instant::now();
+        let mut accumulator = GradientsAccumulator::<Llama<L>>::new();
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        for k in 0..cfg.grad_accum {
+            let index = step * cfg.grad_accum + k;
+            let picked = data::micro_batch(n, cfg.batch_size, cfg.seed, index);
+            let refs: Vec<_> = picked.iter().map(|&i| &run.train.examples[i]).collect();
+            let b = data::batch(&refs, run.device);
+            tokens += b.tokens;
+            let logits = ctl.model.forward(b.ids, Some(b.mask));
+            let loss = causal_lm_loss(logits, b.labels)?;
+            let value = loss.clone().into_scalar::<f64>();
+            if !value.is_finite() {
+                bail!(
+                    "step {}: the training loss is not finite ({value}); the run stopped and \
+                     nothing from this step was saved",
+                    step + 1
+                );
+            }
+            loss_sum += value;
+            let loss = loss / cfg.grad_accum as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &ctl.model);
+            accumulator.accumulate(&ctl.model, grads);
+        }
+        let grads = accumulator.grads();
+        let model = ctl.model.clone();
+        let stepped = ctl.with_stepper(|s| s.optimize(model, &mut optim, lr, grads));
+        ctl.model = stepped.with_context(|| format!("step {}", step + 1))?;
+
+        let done = step + 1;
+        let train_loss = loss_sum / cfg.grad_accum as f64;
+        let tokens_per_s = tokens as f64 / began.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(done as u64);
+        bar.set_message(format!(
+            "loss {train_loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
+        ));
+        if done % cfg.log_every == 0 || done == total {
+            log(
+                &mut metrics,
+                json!({"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}),
+            )?;
+        }
+        if let Some(eval) = run.eval
+            && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total)
+        {
+            let loss = eval_loss(&ctl.model, eval, cfg.batch_size, run.device)?;
+            log(&mut metrics, json!({"step": done, "eval_loss": loss}))?;
+        }
+        let stopping = run.stop_after == Some(done) && done < total;
+        if (cfg.save_every > 0 && done % cfg.save_every == 0) || stopping {
+            metrics.flush()?;
+            let info = CheckpointInfo {
+                step: done,
+                micro_batches: done * cfg.grad_accum,
+                metrics_bytes: metrics.metadata()?.len(),
+            };
+            ensure_finite(&ctl.model, done)?;
+            write_checkpoint(out, &ctl, &optim, &info, &mut tuned)?;
+        }
+    }
+    bar.finish_and_clear();
+    let steps_done = end.max(start);
+    if steps_done < total {
+        return Ok(Outcome {
+            steps_done,
+            resumed_from,
+            output: None,
+            counts,
+        });
+    }
+    ensure_finite(&ctl.model, total)?;
+    set_controlled(&mut tuned, ctl);
+    let output = tuned.save_outputs(out)?;
+    Ok(Outcome {
+        steps_done,
+        resumed_from,
+        output: Some(output),
+        counts: tuned.counts(),
+    })
+}
+
+/// Refuse to save a model with a non-finite parameter (named, with the step).
+fn ensure_finite<M: Module>(model: &M, step: usize) -> anyhow::Result<()> {
+    let params = peft_core::hosts::read_params(model, |_| true);
+    if let Some((path, _)) = params
+        .iter()
+        .find(|(_, data)| data.iter::<f32>().any(|v| !v.is_finite()))
+    {
+        bail!(
+            "step {step}: parameter `{path}` is not finite; the run stopped and nothing from \
+             this step was saved"
+        );
+    }
+    Ok(())
+}
+
+/// Write `checkpoints/step-N` through a temporary folder and a rename: `model.bpk` (the
+/// parameters and every controller's state), `optimizer.bpk`, the method's outputs of this
+/// step (`adapter/` or `summary/`, usable as the final ones are) and `checkpoint.json`, last.
+fn write_checkpoint<M: Module, T: RunModel<M>>(
+    out: &Path,
+    ctl: &Controlled<M>,
+    optim: &ModuleOptimizer,
+    info: &CheckpointInfo,
+    tuned: &mut T,
+) -> anyhow::Result<()> {
+    let root = out.join(CHECKPOINTS);
+    let tmp = root.join(format!(".tmp-step-{}", info.step));
+    let dir = root.join(format!("step-{}", info.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    ctl.clone()
+        .into_record()
+        .save(tmp.join("model.bpk"))
+        .map_err(|e| anyhow::anyhow!("{}: writing model.bpk: {e:?}", tmp.display()))?;
+    if let Some(e) = ctl.error() {
+        bail!("saving the controllers' state: {e}");
+    }
+    optim
+        .to_record()
+        .save(tmp.join("optimizer.bpk"))
+        .map_err(|e| anyhow::anyhow!("{}: writing optimizer.bpk: {e:?}", tmp.display()))?;
+    if tuned.outputs_in_checkpoints() {
+        ctl.with_stepper(|s| tuned.update_configs(s.controllers()));
+        tuned.set_tuned_model(ctl.model.clone());
+        tuned.save_outputs(&tmp)?;
+    }
+    let serde_json::Value::Object(map) = serde_json::to_value(info)? else {
+        unreachable!("a struct is an object")
+    };
+    peft_core::hf::write_json(&tmp.join(CHECKPOINT_JSON), &map)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    Ok(())
+}

@@ -1,0 +1,506 @@
+//! `burn-peft train` run as a user runs it, on the tiny random LLaMA of
+//! `crates/peft-models/fixtures/llama/tied` with a word-level tokenizer and a small chat
+//! template: every method trains a few steps (the loss falls, the outputs exist and reload),
+//! a run stopped with `--stop-after` and resumed equals the uninterrupted run bit for bit for
+//! the methods with a controller, and bad inputs are refused with the reason.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::tensor::Device;
+use peft_cli::train::data::Encoder;
+use peft_core::{LoadOptions, Method, PeftLinear, PeftModel};
+use peft_models::llama::Llama;
+use peft_models::loss::IGNORE_INDEX;
+use peft_models::tokenizer::ModelTokenizer;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../peft-models/fixtures")
+}
+
+/// The tied tiny LLaMA (vocab 96) copied into `dir` with a tokenizer whose token `t<i>` is id
+/// `i`, `user` 90 and `assistant` 91, and a chat template `role content ` per turn.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let src = fixtures().join("llama/tied");
+    let model = dir.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for name in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(name), model.join(name)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    for i in 0..90u32 {
+        vocab.insert(format!("t{i}"), i.into());
+    }
+    vocab.insert("user".into(), 90.into());
+    vocab.insert("assistant".into(), 91.into());
+    vocab.insert("<unk>".into(), 92.into());
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let template = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}\
+                    {% if add_generation_prompt %}assistant {% endif %}";
+    let config = serde_json::json!({"chat_template": template});
+    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
+    model
+}
+
+/// Four examples of each kind: the completion is the prompt reversed.
+fn data(dir: &Path) -> PathBuf {
+    let mut lines = Vec::new();
+    for i in 0..4 {
+        let (a, b, c) = (3 * i + 1, 3 * i + 2, 3 * i + 3);
+        lines.push(serde_json::json!({"prompt": format!("t{a} t{b} t{c}"),
+                                      "completion": format!("t{c} t{b} t{a}")}));
+        lines.push(serde_json::json!({"messages": [
+            {"role": "user", "content": format!("t{b} t{c}")},
+            {"role": "assistant", "content": format!("t{c} t{b}")}]}));
+    }
+    lines.push(serde_json::json!({"text": "t40 t41 t42 t43 t44"}));
+    lines.push(serde_json::json!({"text": "t50 t51 t52 t53 t54"}));
+    let file = dir.join("train.jsonl");
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&file, text.join("\n")).unwrap();
+    file
+}
+
+/// A run file in `dir` for `method` (its `[method]` lines), `steps` steps.
+fn run_file(dir: &Path, name: &str, method: &str, steps: usize, train_extra: &str) -> PathBuf {
+    let text = format!(
+        r#"[model]
+path = "model"
+
+[data]
+train = "train.jsonl"
+eval = "train.jsonl"
+chat_template = true
+max_seq_len = 7
+
+[method]
+{method}
+
+[train]
+steps = {steps}
+batch_size = 10
+lr = 1e-2
+lr_schedule = "cosine"
+warmup_steps = 1
+seed = 3
+out_dir = "runs/{name}"
+{train_extra}
+"#
+    );
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// A folder with the model, the data and nothing else.
+fn workspace() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path());
+    data(dir.path());
+    dir
+}
+
+fn burn_peft(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_burn-peft"))
+        .args(args)
+        .output()
+        .expect("the burn-peft binary runs")
+}
+
+fn train(config: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    burn_peft(&args)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what}: {}", stderr(out));
+}
+
+fn assert_refused(out: &Output, what: &str, needles: &[&str]) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+    assert!(!err.contains("panicked"), "{what}: panicked: {err}");
+    for needle in needles {
+        assert!(err.contains(needle), "{what}: `{needle}` not in: {err}");
+    }
+}
+
+/// The lines of `metrics.jsonl`.
+fn metrics(out_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The metrics without their timings.
+fn losses(out_dir: &Path) -> Vec<serde_json::Value> {
+    metrics(out_dir)
+        .into_iter()
+        .map(|mut m| {
+            m.as_object_mut().unwrap().remove("tokens_per_s");
+            m
+        })
+        .collect()
+}
+
+fn method_line(name: &str) -> &'static str {
+    match name {
+        "lora" => "name = \"lora\"\nr = 4\nlora_alpha = 8",
+        "dora" => "name = \"dora\"\nr = 4\nlora_alpha = 8",
+        "adalora" => {
+            "name = \"adalora\"\ninit_r = 4\ntarget_r = 2\ntinit = 1\ntfinal = 1\ndeltaT = 1"
+        }
+        "rosa" => "name = \"rosa\"\nr = 4\nd = 0.05\nlora_alpha = 8\nschedule = \"wl2\"",
+        "spa" => "name = \"spa\"\nd = 0.05",
+        "sft" => {
+            "name = \"sft\"\ndensity = 0.05\nreselection_steps = 2\nselection_accumulation_steps = 1"
+        }
+        "id3" => "name = \"id3\"\nbudget = 600\nmax_steps = 3",
+        "pafi" => "name = \"pafi\"\nbudget = 600",
+        "bitfit" => "name = \"bitfit\"",
+        "full" => "name = \"full\"",
+        other => panic!("{other}"),
+    }
+}
+
+/// Reload `adapter` on the fixture model as method `C`.
+fn reload<C: Method>(adapter: &Path) {
+    let device = Device::flex();
+    let src = fixtures().join("llama/tied");
+    let (model, _) = Llama::<PeftLinear<C::Adapter>>::from_pretrained(&src, &device).unwrap();
+    PeftModel::<_, C>::from_pretrained(model, adapter, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", adapter.display()));
+}
+
+#[test]
+fn every_method_trains_the_loss_falls_and_the_outputs_reload() {
+    let dir = workspace();
+    for name in [
+        "lora", "dora", "adalora", "rosa", "spa", "sft", "id3", "pafi", "bitfit", "full",
+    ] {
+        let config = run_file(dir.path(), name, method_line(name), 5, "");
+        let out = train(&config, &[]);
+        assert_ok(&out, name);
+        let err = stderr(&out);
+        assert!(err.contains("trainable params: "), "{name}: {err}");
+        assert!(err.contains("4 truncated to 7 tokens"), "{name}: {err}");
+        let out_dir = dir.path().join("runs").join(name);
+        let m = metrics(&out_dir);
+        let first = m[0]["train_loss"].as_f64().unwrap();
+        let last = m.last().unwrap()["eval_loss"].as_f64().unwrap();
+        assert!(last < first, "{name}: the loss fell from {first} to {last}");
+        assert_eq!(
+            m.iter().filter(|l| l.get("train_loss").is_some()).count(),
+            5
+        );
+        assert!(
+            out_dir.join("run.toml").is_file(),
+            "{name}: the config copy"
+        );
+        match name {
+            "lora" | "dora" => reload::<peft_lora::LoraConfig>(&out_dir.join("adapter")),
+            "adalora" => {
+                reload::<peft_adalora::AdaLoraConfig>(&out_dir.join("adapter"));
+                let text =
+                    std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap();
+                assert!(
+                    text.contains("rank_pattern"),
+                    "adalora writes its rank pattern"
+                );
+            }
+            "rosa" | "spa" => reload::<peft_rosa::RosaConfig>(&out_dir.join("adapter")),
+            "sft" => reload::<peft_sft::SftConfig>(&out_dir.join("adapter")),
+            "id3" | "pafi" | "bitfit" => {
+                peft_selective::Summary::load(&out_dir.join("summary")).unwrap();
+            }
+            _ => {
+                // Transformers' layout: the folder loads as a model with the trained weights.
+                let folder = out_dir.join("hf");
+                std::fs::create_dir(&folder).unwrap();
+                let src = fixtures().join("llama/tied/config.json");
+                std::fs::copy(src, folder.join("config.json")).unwrap();
+                std::fs::copy(
+                    out_dir.join("model.safetensors"),
+                    folder.join("model.safetensors"),
+                )
+                .unwrap();
+                let device = Device::flex();
+                let (trained, _) =
+                    Llama::<burn::nn::Linear>::from_pretrained(&folder, &device).unwrap();
+                let src = fixtures().join("llama/tied");
+                let (base, _) = Llama::<burn::nn::Linear>::from_pretrained(&src, &device).unwrap();
+                let q = |m: &Llama<burn::nn::Linear>| {
+                    peft_core::hosts::read_params(m, |k| k.ends_with("0.self_attn.q_proj.weight"))
+                };
+                let (a, b) = (q(&trained), q(&base));
+                assert_eq!(a.len(), 1);
+                assert_eq!(
+                    a.values().next().unwrap().shape(),
+                    b.values().next().unwrap().shape()
+                );
+                assert_ne!(a, b, "full: the weights trained");
+            }
+        }
+    }
+}
+
+/// The bytes of every file of the final outputs of `out_dir`.
+fn outputs(out_dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for sub in ["adapter", "summary"] {
+        let Ok(entries) = std::fs::read_dir(out_dir.join(sub)) else {
+            continue;
+        };
+        for e in entries {
+            let path = e.unwrap().path();
+            files.push((
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&path).unwrap(),
+            ));
+        }
+    }
+    files.sort();
+    assert!(!files.is_empty(), "{}: no outputs", out_dir.display());
+    files
+}
+
+#[test]
+fn a_stopped_and_resumed_run_equals_the_uninterrupted_one() {
+    let dir = workspace();
+    for (name, stop) in [("adalora", 3), ("rosa", 2), ("sft", 3), ("id3", 2)] {
+        let method = method_line(name);
+        // Micro-batches of 3 of the 10 examples, two a step: the data position and the epoch
+        // order matter; a checkpoint every 4 steps too.
+        let extra = "save_every = 4\ngrad_accum = 2";
+        let straight = run_file(dir.path(), &format!("{name}-straight"), method, 6, extra);
+        let small = |file: &Path| {
+            let text = std::fs::read_to_string(file).unwrap();
+            std::fs::write(file, text.replace("batch_size = 10", "batch_size = 3")).unwrap();
+        };
+        small(&straight);
+        assert_ok(&train(&straight, &[]), name);
+        let stopped = run_file(dir.path(), &format!("{name}-stopped"), method, 6, extra);
+        small(&stopped);
+        assert_ok(&train(&stopped, &["--stop-after", &stop.to_string()]), name);
+        let runs = dir.path().join("runs");
+        let (a, b) = (
+            runs.join(format!("{name}-straight")),
+            runs.join(format!("{name}-stopped")),
+        );
+        let checkpoint = b.join(format!("checkpoints/step-{stop}"));
+        let kept = if name == "id3" { "summary" } else { "adapter" };
+        assert!(
+            checkpoint.join(kept).is_dir(),
+            "{name}: the checkpoint's {kept}"
+        );
+        assert!(!b.join("adapter").exists() && !b.join("summary").exists());
+        // Running again without --resume is refused: the folder holds checkpoints.
+        assert_refused(&train(&stopped, &[]), name, &["--resume", "checkpoints"]);
+        // Two more legs: stopped again two steps later, then to the end.
+        let again = (stop + 2).to_string();
+        assert_ok(
+            &train(&stopped, &["--resume", "--stop-after", &again]),
+            name,
+        );
+        assert_ok(&train(&stopped, &["--resume"]), name);
+        assert_eq!(losses(&a), losses(&b), "{name}: metrics");
+        assert!(outputs(&a) == outputs(&b), "{name}: the outputs differ");
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_with_the_reason() {
+    let dir = workspace();
+    let p = dir.path();
+    let lora = method_line("lora");
+
+    let config = run_file(p, "unknown", lora, 2, "stepz = 3");
+    assert_refused(
+        &train(&config, &[]),
+        "unknown key",
+        &["unknown.toml", "stepz"],
+    );
+
+    let config = run_file(p, "method-key", &format!("{lora}\nrank = 3"), 2, "");
+    assert_refused(
+        &train(&config, &[]),
+        "method key",
+        &["method-key.toml", "rank"],
+    );
+
+    for name in [
+        "dora", "adalora", "rosa", "spa", "sft", "id3", "pafi", "bitfit", "full",
+    ] {
+        let method = format!("{}\nbogus_key = 1", method_line(name));
+        let config = run_file(p, &format!("{name}-key"), &method, 2, "");
+        assert_refused(
+            &train(&config, &[]),
+            name,
+            &[&format!("{name}-key.toml"), "bogus_key"],
+        );
+    }
+
+    let config = run_file(p, "type", lora, 2, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("batch_size = 10", "batch_size = \"ten\"");
+    std::fs::write(&config, text).unwrap();
+    assert_refused(
+        &train(&config, &[]),
+        "wrong type",
+        &["type.toml", "batch_size"],
+    );
+
+    let config = run_file(p, "method-type", "name = \"lora\"\nr = \"four\"", 2, "");
+    assert_refused(
+        &train(&config, &[]),
+        "method type",
+        &["method-type.toml", "r"],
+    );
+
+    let good = std::fs::read_to_string(p.join("train.jsonl")).unwrap();
+    std::fs::write(
+        p.join("train.jsonl"),
+        format!("{good}\n{{\"prompt\": 3}}\n"),
+    )
+    .unwrap();
+    let config = run_file(p, "malformed", lora, 2, "");
+    assert_refused(
+        &train(&config, &[]),
+        "wrong field type",
+        &["train.jsonl:11", "`prompt` must be a string"],
+    );
+    std::fs::write(
+        p.join("train.jsonl"),
+        format!("{good}\n{{\"prompt\": \"t1\"}}\n"),
+    )
+    .unwrap();
+    assert_refused(
+        &train(&config, &[]),
+        "missing field",
+        &["train.jsonl:11", "missing field `completion`"],
+    );
+    let bad_chat = r#"{"messages": [{"role": "user", "content": 5}]}"#;
+    std::fs::write(p.join("train.jsonl"), format!("{good}\n{bad_chat}\n")).unwrap();
+    assert_refused(
+        &train(&config, &[]),
+        "bad message",
+        &["train.jsonl:11", "`messages[0].content` must be a string"],
+    );
+    std::fs::write(p.join("train.jsonl"), format!("{good}\nnot json\n")).unwrap();
+    assert_refused(
+        &train(&config, &[]),
+        "not JSON",
+        &["train.jsonl:11", "not JSON"],
+    );
+
+    std::fs::write(p.join("train.jsonl"), "\n").unwrap();
+    assert_refused(
+        &train(&config, &[]),
+        "empty",
+        &["train.jsonl", "empty dataset"],
+    );
+    std::fs::write(p.join("train.jsonl"), good).unwrap();
+
+    // An out_dir with another run's checkpoints.
+    let first = run_file(p, "first", lora, 2, "");
+    assert_ok(&train(&first, &["--stop-after", "1"]), "first");
+    let other = run_file(p, "other", &format!("{lora}\nlora_dropout = 0.0"), 2, "");
+    let text = std::fs::read_to_string(&other)
+        .unwrap()
+        .replace("runs/other", "runs/first");
+    std::fs::write(&other, text).unwrap();
+    assert_refused(
+        &train(&other, &[]),
+        "foreign out_dir",
+        &["checkpoints", "--resume"],
+    );
+    assert_refused(
+        &train(&other, &["--resume"]),
+        "foreign resume",
+        &["other settings"],
+    );
+}
+
+#[test]
+fn labels_cover_only_completions_and_assistant_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let tokenizer = ModelTokenizer::from_hf_dir(&model).unwrap();
+    let file = dir.path().join("d.jsonl");
+    let lines = [
+        r#"{"prompt": "t1 t2", "completion": "t3 t4"}"#,
+        r#"{"messages": [{"role": "user", "content": "t5"}, {"role": "assistant", "content": "t6"}, {"role": "user", "content": "t7"}, {"role": "assistant", "content": "t8 t9"}]}"#,
+        r#"{"text": "t10 t11 t12"}"#,
+    ];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let set = Encoder::new(&tokenizer, true, 64)
+        .unwrap()
+        .read(&file, 96)
+        .unwrap();
+    let (u, a, x) = (90, 91, IGNORE_INDEX);
+    // `user t1 t2 assistant t3 t4`: only the completion counts.
+    assert_eq!(set.examples[0].ids, vec![u, 1, 2, a, 3, 4]);
+    assert_eq!(set.examples[0].labels, vec![x, x, x, x, 3, 4]);
+    // Both assistant turns count, nothing else.
+    assert_eq!(set.examples[1].ids, vec![u, 5, a, 6, u, 7, a, 8, 9]);
+    assert_eq!(set.examples[1].labels, vec![x, x, x, 6, x, x, x, 8, 9]);
+    // Text: every token.
+    assert_eq!(set.examples[2].labels, vec![10, 11, 12]);
+    assert_eq!((set.truncated, set.dropped), (0, 0));
+
+    // Truncation is counted; an example left with nothing to learn is dropped.
+    let set = Encoder::new(&tokenizer, true, 4)
+        .unwrap()
+        .read(&file, 96)
+        .unwrap();
+    assert_eq!((set.truncated, set.dropped), (2, 1));
+    assert_eq!(set.examples.len(), 2);
+
+    // Without the template a prompt and its completion are joined as they are.
+    let raw = Encoder::new(&tokenizer, false, 64).unwrap();
+    std::fs::write(&file, r#"{"prompt": "t1 t2", "completion": " t3 t4"}"#).unwrap();
+    let set = raw.read(&file, 96).unwrap();
+    assert_eq!(set.examples[0].ids, vec![1, 2, 3, 4]);
+    assert_eq!(set.examples[0].labels, vec![x, x, 3, 4]);
+    std::fs::write(&file, lines[1]).unwrap();
+    let err = format!("{:#}", raw.read(&file, 96).unwrap_err());
+    assert!(
+        err.contains("d.jsonl:1") && err.contains("chat_template"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_naming_the_step() {
+    let dir = workspace();
+    let config = run_file(dir.path(), "nan", "name = \"full\"", 6, "save_every = 1");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("lr = 1e-2", "lr = 1e30");
+    std::fs::write(&config, text).unwrap();
+    let out = train(&config, &[]);
+    assert_refused(&out, "non-finite", &["step ", "not finite"]);
+    let out_dir = dir.path().join("runs/nan");
+    assert!(!out_dir.join("model.safetensors").exists());
+    // Every checkpoint left is complete and finite.
+    if let Ok(entries) = std::fs::read_dir(out_dir.join("checkpoints")) {
+        for e in entries {
+            let path = e.unwrap().path();
+            assert!(path.join("checkpoint.json").is_file(), "{}", path.display());
+        }
+    }
+}
