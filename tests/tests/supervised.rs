@@ -302,3 +302,22 @@ fn a_checkpoint_of_another_method_stops_the_resume_with_an_error_not_a_panic() {
         "nothing was loaded or trained"
     );
 }
+
+/// The record of a `Controlled` model (what burn-train's checkpointer writes) holds the
+/// trained parameters and the controllers' state, not the frozen base.
+#[test]
+fn a_checkpoint_holds_the_adapters_and_the_state_not_the_frozen_base() {
+    let mut lora = LoraModel::new(
+        activation_base::<LoraAdapter>(),
+        LoraConfig::new(4, 8.0, targets()),
+    )
+    .unwrap();
+    let model = lora.controlled(STEPS).unwrap();
+    let params = hosts::parameters(&model.model);
+    let trainable = params.iter().filter(|p| p.1).count();
+    // q, v, up in 2 layers, lora_a and lora_b each; the base has 2 x 6 linears + embedding + head.
+    assert_eq!(trainable, 12);
+    assert!(params.len() > 3 * trainable);
+    // The trained tensors and `peft_state.len` / `peft_state.bytes`.
+    assert_eq!(model.clone().into_record().len(), trainable + 2);
+}

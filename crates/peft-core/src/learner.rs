@@ -15,7 +15,9 @@
 //! of a `Controlled` adds it (the [`Stepper::save_state`] folder, packed into two integer
 //! tensors under `peft_state.`), and [`Module::try_load_record`] restores it, prepares the model
 //! for the next step (RoSA's masks, SFT's delta positions: the structure a freshly built model
-//! lacks) and only then loads the parameters. So burn-train's own checkpointing
+//! lacks) and only then loads the parameters. The record is a training checkpoint: the frozen
+//! base parameters are neither recorded nor loaded (the model built for the resume has them, as
+//! PEFT's checkpoints hold only the adapters). So burn-train's own checkpointing
 //! (`SupervisedTraining::with_default_checkpointers`) saves everything a resume needs, and
 //! `SupervisedTraining::checkpoint(epoch)` resumes where the run stopped. A state that does not
 //! fit the stepper (another method or config) is an error: returned by `try_load_record`, or,
@@ -108,7 +110,7 @@ impl<M: Module> Module for Controlled<M> {
             (Ok(bytes), Some(device)) => Recorded {
                 model: self.model,
                 state: Some(StateRecord::new(&bytes, &device)),
-                keep_frozen_base: false,
+                frozen_base_as_built: true,
             }
             .into_record(),
             (state, _) => {
@@ -118,7 +120,7 @@ impl<M: Module> Module for Controlled<M> {
                 Recorded {
                     model: self.model,
                     state: None,
-                    keep_frozen_base: false,
+                    frozen_base_as_built: true,
                 }
                 .into_record()
             }
@@ -166,9 +168,9 @@ impl<M: Module> Controlled<M> {
         let loaded = Recorded {
             model: prepared,
             state: Some(StateRecord::zeros(words, device)),
-            keep_frozen_base: true,
+            frozen_base_as_built: true,
         }
-        .try_load_record(record.allow_unused(true))?;
+        .try_load_record(record)?;
         Ok(loaded.model)
     }
 }
@@ -187,13 +189,15 @@ struct StateRecord {
 struct Recorded<M> {
     model: M,
     state: Option<StateRecord>,
-    /// When mapped (a record loaded), leave the frozen base parameters as they are: no
-    /// optimizer or controller changes them, and the model's own copies keep the layout it
-    /// built them with (a transposed view of a file's `[out, in]` weight, which the products
-    /// read as such: a record would bring them back contiguous, summing in another order and
-    /// at another speed). Adapter parameters (under `peft`) are always loaded: a controller
-    /// may have set them while they were frozen (RoSA's restart).
-    keep_frozen_base: bool,
+    /// A training checkpoint: the frozen base parameters are neither recorded nor loaded. No
+    /// optimizer or controller changes them, so the model built for the resume has them
+    /// already (a checkpoint of a 135M-parameter model is then the size of its adapters, not
+    /// 0.5 GB), and its own copies keep the layout they were built with (a transposed view of
+    /// a file's `[out, in]` weight, which the products read as such: a record would bring
+    /// them back contiguous, summing in another order and at another speed). Adapter
+    /// parameters (under `peft`) are always recorded: a controller may set them while they
+    /// are frozen (RoSA's restart).
+    frozen_base_as_built: bool,
 }
 
 impl<M: Module> Recorded<M> {
@@ -205,19 +209,54 @@ impl<M: Module> Recorded<M> {
     }
 }
 
-/// Passes the trainable and adapter parameters on to the record's mapper and keeps the
-/// frozen base parameters (see [`Recorded::keep_frozen_base`]).
-struct KeepFrozenBase<'a, Mp> {
-    inner: &'a mut Mp,
+/// Whether `param` at `path` is a base parameter known to be frozen (on a device without
+/// autodiff nothing is known to be trainable: no).
+fn frozen_base<const D: usize>(path: &[String], param: &Param<Tensor<D>>) -> bool {
+    param.is_autodiff() && !param.is_require_grad() && !path.iter().any(|p| p == "peft")
+}
+
+/// Passes the trainable and adapter parameters on to the record's collector and skips the
+/// frozen base parameters (see [`Recorded::frozen_base_as_built`]).
+struct SkipFrozenBase<'a, V> {
+    inner: &'a mut V,
     path: Vec<String>,
 }
 
-impl<Mp> KeepFrozenBase<'_, Mp> {
-    /// Whether to keep `param` as it is: a base parameter known to be frozen (on a device
-    /// without autodiff nothing is known to be trainable, and everything is loaded).
-    fn keeps<const D: usize>(&self, param: &Param<Tensor<D>>) -> bool {
-        param.is_autodiff() && !param.is_require_grad() && !self.path.iter().any(|p| p == "peft")
+impl<V: ModuleVisitor> ModuleVisitor for SkipFrozenBase<'_, V> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.into());
+        self.inner.enter_module(name, container_type);
     }
+
+    fn exit_module(&mut self, name: &str, container_type: &str) {
+        self.path.pop();
+        self.inner.exit_module(name, container_type);
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !frozen_base(&self.path, param) {
+            self.inner.visit_float(param);
+        }
+    }
+
+    fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
+        self.inner.visit_int(param);
+    }
+
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<D, burn::tensor::Bool>>) {
+        self.inner.visit_bool(param);
+    }
+
+    fn visit_flag(&mut self, flag: &Param<burn::module::Flag>) {
+        self.inner.visit_flag(flag);
+    }
+}
+
+/// Passes the trainable and adapter parameters on to the record's mapper and keeps the
+/// frozen base parameters (see [`Recorded::frozen_base_as_built`]).
+struct KeepFrozenBase<'a, Mp> {
+    inner: &'a mut Mp,
+    path: Vec<String>,
 }
 
 impl<Mp: ModuleMapper> ModuleMapper for KeepFrozenBase<'_, Mp> {
@@ -232,7 +271,7 @@ impl<Mp: ModuleMapper> ModuleMapper for KeepFrozenBase<'_, Mp> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if self.keeps(&param) {
+        if frozen_base(&self.path, &param) {
             return param;
         }
         self.inner.map_float(param)
@@ -281,7 +320,14 @@ impl<M: Module> Module for Recorded<M> {
 
     fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
         visitor.enter_module("model", "Struct:Controlled");
-        self.model.visit(visitor);
+        if self.frozen_base_as_built {
+            self.model.visit(&mut SkipFrozenBase {
+                inner: &mut *visitor,
+                path: Vec::new(),
+            });
+        } else {
+            self.model.visit(visitor);
+        }
         visitor.exit_module("model", "Struct:Controlled");
         if let Some(state) = &self.state {
             visitor.enter_module("peft_state", "Struct:StateRecord");
@@ -292,7 +338,7 @@ impl<M: Module> Module for Recorded<M> {
 
     fn map<Mp: ModuleMapper>(self, mapper: &mut Mp) -> Self {
         mapper.enter_module("model", "Struct:Controlled");
-        let model = if self.keep_frozen_base {
+        let model = if self.frozen_base_as_built {
             self.model.map(&mut KeepFrozenBase {
                 inner: &mut *mapper,
                 path: Vec::new(),
@@ -310,7 +356,7 @@ impl<M: Module> Module for Recorded<M> {
         Self {
             model,
             state,
-            keep_frozen_base: self.keep_frozen_base,
+            frozen_base_as_built: self.frozen_base_as_built,
         }
     }
 }
