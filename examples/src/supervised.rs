@@ -112,11 +112,12 @@ pub struct BurnTrain {
 /// Mean training loss of `model` over `data` (no gradients).
 fn mean_loss<L: LinearLayer>(model: &Classifier<L>, data: &Dataset, device: &Device) -> f32 {
     let model = model.valid();
+    let inference = device.clone().inner();
     let all: Vec<usize> = (0..data.len()).collect();
     let mut total = 0.0;
     for chunk in all.chunks(64) {
-        let batcher = TopicBatcher(data.clone());
-        let out = model.classification(batcher.batch(chunk.to_vec(), &device.clone().inner()));
+        let (ids, mask, labels) = data.batch(chunk, &inference);
+        let out = model.classification(TopicBatch { ids, mask, labels });
         total += out.loss.into_scalar::<f32>() * chunk.len() as f32;
     }
     total / data.len() as f32

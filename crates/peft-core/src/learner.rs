@@ -105,26 +105,20 @@ impl<M: Module> Module for Controlled<M> {
     /// The model's parameters and the controllers' state (see the module docs).
     fn into_record(self) -> ModuleRecord {
         let device = self.model.devices().into_iter().next();
-        let state = self.stepper.lock().stepper.pack_state();
-        match (state, device) {
-            (Ok(bytes), Some(device)) => Recorded {
-                model: self.model,
-                state: Some(StateRecord::new(&bytes, &device)),
-                frozen_base_as_built: true,
+        let packed = self.stepper.lock().stepper.pack_state();
+        let state = match (packed, device) {
+            (Ok(bytes), Some(device)) => Some(StateRecord::new(&bytes, &device)),
+            (Err(e), _) => {
+                self.stepper.fail(e);
+                None
             }
-            .into_record(),
-            (state, _) => {
-                if let Err(e) = state {
-                    self.stepper.fail(e);
-                }
-                Recorded {
-                    model: self.model,
-                    state: None,
-                    frozen_base_as_built: true,
-                }
-                .into_record()
-            }
+            (Ok(_), None) => None,
+        };
+        Recorded {
+            model: self.model,
+            state,
         }
+        .into_record()
     }
 
     /// Restore the controllers' state, prepare the model for it, then load the parameters
@@ -164,11 +158,9 @@ impl<M: Module> Controlled<M> {
             .stepper
             .restore_packed(self.model.clone(), &bytes, device)
             .map_err(|e| RecordError::Validation(format!("PEFT controller state: {e}")))?;
-        let words = prepared_words(&record, device)?;
         let loaded = Recorded {
             model: prepared,
-            state: Some(StateRecord::zeros(words, device)),
-            frozen_base_as_built: true,
+            state: Some(StateRecord::zeros(bytes.len().div_ceil(4), device)),
         }
         .try_load_record(record)?;
         Ok(loaded.model)
@@ -185,19 +177,18 @@ struct StateRecord {
 
 /// The record layout of a [`Controlled`] model: `model.*` and `peft_state.*` (without a state
 /// when it could not be written).
+///
+/// A training checkpoint: the frozen base parameters are neither recorded nor loaded. No
+/// optimizer or controller changes them, so the model built for the resume has them already (a
+/// checkpoint of a 135M-parameter model is then the size of its adapters, not 0.5 GB), and its
+/// own copies keep the layout they were built with (a transposed view of a file's `[out, in]`
+/// weight, which the products read as such: a record would bring them back contiguous, summing
+/// in another order and at another speed). Adapter parameters (under `peft`) are always
+/// recorded: a controller may set them while they are frozen (RoSA's restart).
 #[derive(Clone, Debug)]
 struct Recorded<M> {
     model: M,
     state: Option<StateRecord>,
-    /// A training checkpoint: the frozen base parameters are neither recorded nor loaded. No
-    /// optimizer or controller changes them, so the model built for the resume has them
-    /// already (a checkpoint of a 135M-parameter model is then the size of its adapters, not
-    /// 0.5 GB), and its own copies keep the layout they were built with (a transposed view of
-    /// a file's `[out, in]` weight, which the products read as such: a record would bring
-    /// them back contiguous, summing in another order and at another speed). Adapter
-    /// parameters (under `peft`) are always recorded: a controller may set them while they
-    /// are frozen (RoSA's restart).
-    frozen_base_as_built: bool,
 }
 
 impl<M: Module> Recorded<M> {
@@ -216,7 +207,7 @@ fn frozen_base<const D: usize>(path: &[String], param: &Param<Tensor<D>>) -> boo
 }
 
 /// Passes the trainable and adapter parameters on to the record's collector and skips the
-/// frozen base parameters (see [`Recorded::frozen_base_as_built`]).
+/// frozen base parameters (see [`Recorded`]).
 struct SkipFrozenBase<'a, V> {
     inner: &'a mut V,
     path: Vec<String>,
@@ -253,7 +244,7 @@ impl<V: ModuleVisitor> ModuleVisitor for SkipFrozenBase<'_, V> {
 }
 
 /// Passes the trainable and adapter parameters on to the record's mapper and keeps the
-/// frozen base parameters (see [`Recorded::frozen_base_as_built`]).
+/// frozen base parameters (see [`Recorded`]).
 struct KeepFrozenBase<'a, Mp> {
     inner: &'a mut Mp,
     path: Vec<String>,
@@ -320,14 +311,10 @@ impl<M: Module> Module for Recorded<M> {
 
     fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
         visitor.enter_module("model", "Struct:Controlled");
-        if self.frozen_base_as_built {
-            self.model.visit(&mut SkipFrozenBase {
-                inner: &mut *visitor,
-                path: Vec::new(),
-            });
-        } else {
-            self.model.visit(visitor);
-        }
+        self.model.visit(&mut SkipFrozenBase {
+            inner: &mut *visitor,
+            path: Vec::new(),
+        });
         visitor.exit_module("model", "Struct:Controlled");
         if let Some(state) = &self.state {
             visitor.enter_module("peft_state", "Struct:StateRecord");
@@ -338,14 +325,10 @@ impl<M: Module> Module for Recorded<M> {
 
     fn map<Mp: ModuleMapper>(self, mapper: &mut Mp) -> Self {
         mapper.enter_module("model", "Struct:Controlled");
-        let model = if self.frozen_base_as_built {
-            self.model.map(&mut KeepFrozenBase {
-                inner: &mut *mapper,
-                path: Vec::new(),
-            })
-        } else {
-            self.model.map(mapper)
-        };
+        let model = self.model.map(&mut KeepFrozenBase {
+            inner: &mut *mapper,
+            path: Vec::new(),
+        });
         mapper.exit_module("model", "Struct:Controlled");
         let state = self.state.map(|state| {
             mapper.enter_module("peft_state", "Struct:StateRecord");
@@ -353,11 +336,7 @@ impl<M: Module> Module for Recorded<M> {
             mapper.exit_module("peft_state", "Struct:StateRecord");
             state
         });
-        Self {
-            model,
-            state,
-            frozen_base_as_built: self.frozen_base_as_built,
-        }
+        Self { model, state }
     }
 }
 
@@ -413,7 +392,7 @@ impl StateRecord {
 
     /// The state bytes in `record`.
     fn read(record: &ModuleRecord, device: &Device) -> Result<Vec<u8>, RecordError> {
-        let words = prepared_words(record, device)?;
+        let words = state_words(record, device)?;
         let probe = StateProbe {
             peft_state: Self::zeros(words, device),
         }
@@ -437,7 +416,7 @@ fn first_int(p: &Param<Tensor<1, Int>>) -> i64 {
 }
 
 /// The number of `i32` words of the state in `record`, or an error naming what is missing.
-fn prepared_words(record: &ModuleRecord, device: &Device) -> Result<usize, RecordError> {
+fn state_words(record: &ModuleRecord, device: &Device) -> Result<usize, RecordError> {
     let probe = LenProbe {
         peft_state: LenOnly {
             len: int_param(vec![-1], device),
