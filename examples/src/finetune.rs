@@ -284,27 +284,10 @@ pub fn accuracy<L: LinearLayer>(model: &Classifier<L>, data: &Dataset, device: &
     correct as f32 / data.len() as f32
 }
 
-/// A deterministic permutation of `0..n` (SplitMix64-driven Fisher–Yates).
-pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut v: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        v.swap(i, (next() % (i as u64 + 1)) as usize);
-    }
-    v
-}
-
 /// The classification head, initialised from the seed (not from burn's process-global RNG).
 pub fn head(hidden: usize, seed: u64, device: &Device) -> Linear {
     let mut linear = LinearConfig::new(hidden, TOPICS.len()).init(device);
-    let order = shuffled(hidden * TOPICS.len(), seed);
+    let order = peft_core::rng::shuffled(hidden * TOPICS.len(), seed);
     let bound = 1.0 / (hidden as f32).sqrt();
     let values: Vec<f32> = order
         .iter()
@@ -324,7 +307,7 @@ pub fn head(hidden: usize, seed: u64, device: &Device) -> Linear {
 /// The batch of global step `step`: epoch `step / steps_per_epoch` in its shuffled order.
 fn step_batch(train: &Dataset, args: &Args, step: usize) -> Vec<usize> {
     let steps_per_epoch = train.len().div_ceil(args.batch);
-    let order = shuffled(
+    let order = peft_core::rng::shuffled(
         train.len(),
         args.seed ^ ((step / steps_per_epoch) as u64 + 1),
     );

@@ -25,7 +25,7 @@ use peft_core::Tuned;
 use peft_core::learner::{controlled, set_controlled};
 use peft_models::LinearLayer;
 
-use crate::finetune::{self, Args, Classifier, Dataset, Report, Trainer, accuracy, shuffled};
+use crate::finetune::{self, Args, Classifier, Dataset, Report, Trainer, accuracy};
 
 /// Command-line options of `supervised`: `finetune`'s, and where burn-train keeps its run.
 #[derive(clap::Parser, Debug, Clone)]
@@ -137,7 +137,7 @@ impl Trainer for BurnTrain {
         let loss_before = mean_loss(tuned.tuned_model(), train_set, device);
         // One fixed shuffled order, the same every epoch: a resumed run sees the batches the
         // stopped one would have.
-        let order = shuffled(train_set.len(), args.seed);
+        let order = peft_core::rng::shuffled(train_set.len(), args.seed);
         let train_loader = DataLoaderBuilder::new(TopicBatcher(train_set.clone()))
             .batch_size(args.batch)
             .build(InMemDataset::new(order));

@@ -30,6 +30,7 @@ pub mod method;
 pub mod model;
 mod modules_to_save;
 pub mod reparam;
+pub mod rng;
 pub mod slot;
 pub mod step;
 pub mod target;

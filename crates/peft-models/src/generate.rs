@@ -269,11 +269,7 @@ impl Sampler {
 
     /// A uniform draw in `[0, 1)` (SplitMix64, 53 bits).
     fn next_f64(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
+        let z = peft_core::rng::splitmix64(&mut self.state);
         (z >> 11) as f64 / (1u64 << 53) as f64
     }
 }

@@ -157,27 +157,7 @@ pub(crate) fn random_structure(
     nnz: usize,
     seed: u64,
 ) -> CsrStructure {
-    // FNV-1a of the path, mixed into the seed.
-    let mut state = path.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    }) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let numel = (rows * cols) as u64;
-    // Floyd's sampling: nnz distinct indices in O(nnz).
-    let mut chosen = BTreeSet::new();
-    for j in numel - nnz as u64..numel {
-        let t = next() % (j + 1);
-        if !chosen.insert(t) {
-            chosen.insert(j);
-        }
-    }
-    let flat: Vec<u64> = chosen.into_iter().collect();
+    let flat = peft_core::rng::random_indices(path, seed, rows * cols, nnz);
     CsrStructure::from_flat_indices(rows, cols, &flat)
         .expect("distinct in-range indices")
         .0

@@ -1,6 +1,5 @@
 //! The sparse delta of one weight: `k` values at unique flat indices, held as a CSR layout.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use burn::module::{Module, Param};
@@ -71,44 +70,16 @@ pub struct SftAdapter {
     pub device: Device,
 }
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn path_seed(path: &str, seed: u64) -> u64 {
-    // FNV-1a of the path, mixed with the seed.
-    let h = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-/// A uniform random subset of `k` flat indices in `[0, numel)`, sorted (the reference's
-/// `sort(topk(rand(numel), k))`), deterministic in `(path, seed)`. O(k) memory (Floyd).
-pub fn random_indices(path: &str, seed: u64, numel: usize, k: usize) -> Vec<u64> {
-    let mut state = path_seed(path, seed);
-    let n = numel as u64;
-    let mut chosen = HashSet::with_capacity(k);
-    for j in n - k as u64..n {
-        let t = splitmix(&mut state) % (j + 1);
-        if !chosen.insert(t) {
-            chosen.insert(j);
-        }
-    }
-    let mut out: Vec<u64> = chosen.into_iter().collect();
-    out.sort_unstable();
-    out
-}
+pub use peft_core::rng::random_indices;
 
 /// Deterministic values in `[-scale/2, scale/2)`.
 fn spread(path: &str, seed: u64, k: usize, scale: f32) -> Vec<f32> {
-    let mut state = path_seed(path, seed ^ 0x5151);
+    let mut state = peft_core::rng::path_seed(path, seed ^ 0x5151);
     (0..k)
-        .map(|_| ((splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale)
+        .map(|_| {
+            ((peft_core::rng::splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                * scale
+        })
         .collect()
 }
 

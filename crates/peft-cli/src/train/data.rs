@@ -334,20 +334,7 @@ pub fn batch(examples: &[&Example], device: &Device) -> Batch {
 /// The example order of pass `epoch` over `n` examples: a permutation from `seed` and the
 /// epoch (a Fisher-Yates shuffle driven by SplitMix64), the same on every machine.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    order
+    peft_core::rng::shuffled(n, seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// The examples of micro-batch `index` (0-based over the whole run): consecutive slices of
