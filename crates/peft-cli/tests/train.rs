@@ -504,3 +504,90 @@ fn a_non_finite_loss_stops_the_run_naming_the_step() {
         }
     }
 }
+
+/// Start `burn-peft train` paused at `point` (see `peft_cli::train::run::PAUSE_ENV`), wait
+/// until it says it is there, and kill it with SIGKILL.
+fn kill_at(config: &Path, extra: &[&str], point: &str) {
+    use std::io::{BufRead, BufReader};
+    let mut args = vec!["train", "--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_burn-peft"))
+        .args(&args)
+        .env(peft_cli::train::run::PAUSE_ENV, point)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        said.push_str(&line);
+        said.push('\n');
+        if line == format!("paused at {point}") {
+            // `Child::kill` is SIGKILL on Unix: no destructor, no cleanup runs.
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return;
+        }
+    }
+    let status = child.wait().unwrap();
+    panic!("the run never reached {point} ({status}): {said}");
+}
+
+/// Start `burn-peft train` and SIGKILL it after `after`, wherever it is then (or let it end).
+fn kill_after(config: &Path, extra: &[&str], after: std::time::Duration) {
+    let mut args = vec!["train", "--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_burn-peft"))
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(after);
+    let _ = child.kill();
+    child.wait().unwrap();
+}
+
+#[test]
+fn a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result() {
+    let dir = workspace();
+    let method = method_line("sft");
+    let extra = "save_every = 2\ngrad_accum = 2";
+    let straight = run_file(dir.path(), "straight", method, 8, extra);
+    assert_ok(&train(&straight, &[]), "straight");
+    let killed = run_file(dir.path(), "killed", method, 8, extra);
+    let runs = dir.path().join("runs");
+    let (a, b) = (runs.join("straight"), runs.join("killed"));
+
+    // Killed while writing checkpoint 4: step-2 stays the newest complete one, and the
+    // half-written folder is never taken for a checkpoint.
+    kill_at(&killed, &[], "step-4");
+    let checkpoints = b.join("checkpoints");
+    assert!(checkpoints.join("step-2/checkpoint.json").is_file());
+    assert!(checkpoints.join(".tmp-step-4/model.bpk").is_file());
+    assert!(!checkpoints.join("step-4").exists());
+    let (step, _) = peft_cli::train::run::newest_checkpoint(&b).unwrap().unwrap();
+    assert_eq!(step, 2);
+
+    // Killed while the final adapter is being written: no `adapter/` appears half-made.
+    kill_at(&killed, &["--resume"], "final");
+    assert!(!b.join("adapter").exists(), "a final adapter before its rename");
+    assert!(b.join(".tmp-final/adapter").is_dir());
+    assert!(checkpoints.join("step-8/checkpoint.json").is_file());
+    // Resumed from step 8 (nothing left to train but the outputs), then killed again at
+    // arbitrary moments of a fresh leg from a rewound copy: wherever the kill lands, the next
+    // resume continues from a complete checkpoint.
+    for ms in [40u64, 120, 250, 400] {
+        std::fs::remove_dir_all(checkpoints.join("step-8")).ok();
+        std::fs::remove_dir_all(checkpoints.join("step-6")).ok();
+        kill_after(
+            &killed,
+            &["--resume"],
+            std::time::Duration::from_millis(ms),
+        );
+        assert!(!b.join("adapter").exists() || b.join("adapter/adapter_config.json").is_file());
+    }
+    assert_ok(&train(&killed, &["--resume"]), "resumed");
+    assert_eq!(losses(&a), losses(&b), "metrics");
+    assert!(outputs(&a) == outputs(&b), "the outputs differ");
+    assert!(!b.join(".tmp-final").exists());
+}

@@ -425,7 +425,7 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
     }
     ensure_finite(&ctl.model, total)?;
     set_controlled(&mut tuned, ctl);
-    let output = tuned.save_outputs(out)?;
+    let output = save_final(out, &tuned)?;
     Ok(Outcome {
         steps_done,
         resumed_from,
@@ -485,6 +485,7 @@ fn write_checkpoint<M: Module, T: RunModel<M>>(
     let serde_json::Value::Object(map) = serde_json::to_value(info)? else {
         unreachable!("a struct is an object")
     };
+    pause_for_crash_tests(&format!("step-{}", info.step));
     peft_core::hf::write_json(&tmp.join(CHECKPOINT_JSON), &map)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -492,4 +493,43 @@ fn write_checkpoint<M: Module, T: RunModel<M>>(
     std::fs::rename(&tmp, &dir)
         .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     Ok(())
+}
+
+/// Write the final outputs through a temporary folder in `out` and rename them into place, so
+/// that a run killed while saving leaves the previous outputs (or none), never a mix.
+fn save_final<M: Module, T: RunModel<M>>(out: &Path, tuned: &T) -> anyhow::Result<PathBuf> {
+    let tmp = out.join(".tmp-final");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let written = tuned.save_outputs(&tmp)?;
+    pause_for_crash_tests("final");
+    let name = written
+        .file_name()
+        .context("the method's outputs have no file name")?;
+    let target = out.join(name);
+    if target.is_dir() {
+        std::fs::remove_dir_all(&target)?;
+    }
+    std::fs::rename(&written, &target)
+        .with_context(|| format!("renaming {} to {}", written.display(), target.display()))?;
+    std::fs::remove_dir_all(&tmp)?;
+    Ok(target)
+}
+
+/// The environment variable that makes a run stop dead at a named point of a write
+/// (`step-N`: checkpoint N with its files written but not yet `checkpoint.json` nor renamed;
+/// `final`: the final outputs written but not yet renamed), for the tests that kill it there
+/// with SIGKILL. Not a user setting.
+pub const PAUSE_ENV: &str = "BURN_PEFT_TEST_PAUSE_AT";
+
+/// Announce on stderr and sleep until killed when [`PAUSE_ENV`] names `point`.
+fn pause_for_crash_tests(point: &str) {
+    if std::env::var(PAUSE_ENV).is_ok_and(|p| p == point) {
+        eprintln!("paused at {point}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
 }
