@@ -591,3 +591,81 @@ fn a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result() {
     assert!(outputs(&a) == outputs(&b), "the outputs differ");
     assert!(!b.join(".tmp-final").exists());
 }
+
+#[test]
+fn a_bare_model_name_is_looked_up_beside_the_run_file_then_in_the_model_cache() {
+    let dir = workspace();
+    // The model moves into a cache folder, one folder down, as the fetch scripts lay it out.
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(cache.join("tiny")).unwrap();
+    std::fs::rename(dir.path().join("model"), cache.join("tiny/model")).unwrap();
+    let config = run_file(dir.path(), "cached", method_line("lora"), 1, "");
+    let run = |cache: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_burn-peft"))
+            .args(["train", "--config", config.to_str().unwrap()])
+            .env("BURN_PEFT_CACHE", cache)
+            .output()
+            .unwrap()
+    };
+    assert_ok(&run(&cache), "found in the cache");
+    assert!(dir.path().join("runs/cached/adapter").is_dir());
+    // Neither beside the run file nor in the cache: the error names the path it looked for.
+    std::fs::remove_dir_all(dir.path().join("runs")).unwrap();
+    let empty = dir.path().join("empty-cache");
+    std::fs::create_dir(&empty).unwrap();
+    let missing = dir.path().join("model");
+    assert_refused(
+        &run(&empty),
+        "missing",
+        &["model not found", &missing.display().to_string()],
+    );
+}
+
+/// Every ready run of `examples/runs/` is a valid run file of its method: each trains for two
+/// steps on the tiny model (its SmolLM2 path, budgets and out_dir swapped for the tiny ones)
+/// and writes its outputs, so a key renamed or mistyped there fails here.
+#[test]
+fn every_ready_run_in_examples_runs_is_valid_and_trains() {
+    let dir = workspace();
+    let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/runs");
+    let data = runs.join("data").canonicalize().unwrap();
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&runs).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("path = \"SmolLM2-135M-Instruct.Q4_1.gguf\"")
+                && text.contains(&format!("out_dir = \"out/{name}\""))
+                && text.contains(&format!("--config examples/runs/{name}.toml")),
+            "{name}: model, out_dir and the command in its header"
+        );
+        let mut tiny = text
+            .replace("SmolLM2-135M-Instruct.Q4_1.gguf", "model")
+            .replace("\"data/", &format!("\"{}/", data.display()))
+            .replace("steps = 20", "steps = 2")
+            .replace("batch_size = 4", "batch_size = 2")
+            .replace(&format!("out/{name}"), &format!("runs/{name}"));
+        for budget in ["budget = 2442240", "num_tunable_weights = 2442240"] {
+            let key = budget.split(' ').next().unwrap();
+            tiny = tiny.replace(budget, &format!("{key} = 300"));
+        }
+        tiny = tiny.replace("max_steps = 20", "max_steps = 2");
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&file, tiny).unwrap();
+        assert_ok(&train(&file, &[]), &name);
+        let out = dir.path().join("runs").join(&name);
+        let output = ["adapter", "summary", "model.safetensors"]
+            .iter()
+            .any(|o| out.join(o).exists());
+        assert!(output, "{name}: no outputs in {}", out.display());
+        seen.push(name);
+    }
+    seen.sort();
+    let mut methods: Vec<_> = peft_cli::train::config::METHODS.to_vec();
+    methods.sort_unstable();
+    assert_eq!(seen, methods, "one ready run per method");
+}

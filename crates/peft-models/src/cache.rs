@@ -47,6 +47,9 @@ pub fn minilm_dir() -> Result<PathBuf> {
 /// Environment variable that points at the SmolLM2-135M-Instruct `.gguf` file directly.
 pub const SMOLLM2_ENV: &str = "BURN_PEFT_SMOLLM2";
 
+/// The file name of SmolLM2-135M-Instruct as `scripts/fetch_smollm2.py` writes it.
+pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
 /// The SmolLM2-135M-Instruct GGUF file (`SmolLM2-135M-Instruct.Q4_1.gguf`): `$BURN_PEFT_SMOLLM2`
 /// if set, else `<cache_dir>/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf`.
 ///
@@ -58,7 +61,7 @@ pub fn smollm2_path() -> Result<PathBuf> {
         .unwrap_or_else(|| {
             cache_dir()
                 .join("SmolLM2-135M-Instruct")
-                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+                .join(SMOLLM2_FILE)
         });
     if file.is_file() {
         Ok(file)

@@ -131,8 +131,8 @@ impl RunConfig {
             .with_context(|| format!("reading the run file {}", file.display()))?;
         let mut config = Self::parse(&text, file)?;
         let base = file.parent().unwrap_or(Path::new(""));
+        config.model.path = model_path(base, &config.model.path);
         for path in [
-            &mut config.model.path,
             &mut config.data.train,
             &mut config.train.out_dir,
         ] {
@@ -222,6 +222,36 @@ impl RunConfig {
             LrSchedule::Cosine => t.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
         }
     }
+}
+
+/// Where `[model] path` points: relative to the run file's folder; a bare file or folder name
+/// that is not there is looked up in burn-peft's model cache (the folder the fetch scripts
+/// fill, [`peft_models::cache_dir`]: directly in it or one folder down), so that a run file can
+/// name `SmolLM2-135M-Instruct.Q4_1.gguf` on any machine. Not found anywhere: the path beside
+/// the run file, which the model loader reports as missing.
+pub fn model_path(base: &Path, path: &Path) -> PathBuf {
+    let local = base.join(path);
+    if local.exists() || path.components().count() != 1 {
+        return local;
+    }
+    if path.file_name() == Some(std::ffi::OsStr::new(peft_models::SMOLLM2_FILE))
+        && let Ok(file) = peft_models::smollm2_path()
+    {
+        return file;
+    }
+    let cache = peft_models::cache_dir();
+    if cache.join(path).exists() {
+        return cache.join(path);
+    }
+    let mut below: Vec<PathBuf> = std::fs::read_dir(&cache)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join(path))
+        .filter(|p| p.exists())
+        .collect();
+    below.sort();
+    below.into_iter().next().unwrap_or(local)
 }
 
 /// The method names `[method] name` takes.
