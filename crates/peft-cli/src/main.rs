@@ -5,7 +5,7 @@
 //! models for all of them. Errors are printed on stderr as one line (`error: ...` with their
 //! causes) and the program exits with status 1.
 
-use peft_cli::{forward, generate, tokenize, train};
+use peft_cli::{eval, forward, generate, merge, tokenize, train};
 
 use std::process::ExitCode;
 
@@ -36,6 +36,12 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Fine-tune a causal LM with any method from a TOML run file (checkpoints, `--resume`).
     Train(train::TrainArgs),
+    /// Score a trained run on its eval set: loss and exact match of greedy completions (one
+    /// JSON object on stdout).
+    Eval(eval::EvalArgs),
+    /// Merge an adapter into a LLaMA-family model and write a Hugging Face folder that
+    /// Transformers loads.
+    Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +51,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Merge(args) => merge::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
