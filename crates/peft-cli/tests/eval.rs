@@ -203,15 +203,10 @@ fn a_text_only_eval_set_has_no_accuracy() {
 fn evaluating_does_not_change_training() {
     let dir = workspace();
     let p = dir.path();
-    let with = run_file(
-        p,
-        "with",
-        method_line("lora"),
-        4,
-        Some("train.jsonl"),
-        "eval_every = 1",
-    );
-    let without = run_file(p, "without", method_line("lora"), 4, None, "");
+    // With dropout: evaluation must draw nothing from the training's random stream.
+    let lora = format!("{}\nlora_dropout = 0.1", method_line("lora"));
+    let with = run_file(p, "with", &lora, 4, Some("train.jsonl"), "eval_every = 1");
+    let without = run_file(p, "without", &lora, 4, None, "");
     assert_ok(&train(&with), "with eval");
     assert_ok(&train(&without), "without eval");
     for file in ["adapter_model.safetensors", "adapter_config.json"] {
