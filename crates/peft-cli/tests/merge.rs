@@ -154,6 +154,47 @@ fn merged_folders_reload_with_the_unmerged_logits() {
 }
 
 #[test]
+fn an_untied_model_keeps_its_head_and_matches_python_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let model = with_tokenizer(p, "untied", "untied");
+    let untied = fixtures().join("llama/untied");
+    let adapter = untied.join("lora_qv");
+    let merged = p.join("merged");
+    assert_ok(&merge(&model, &adapter, &merged), "merge");
+    let config = json(&merged.join("config.json"));
+    assert_eq!(config["tie_word_embeddings"], false);
+    let tensors = peft_core::hf::read_tensors(&merged.join("model.safetensors")).unwrap();
+    assert_eq!(tensors["lm_head.weight"].shape().to_vec(), [128, 32]);
+
+    // The expected files hold the inputs (row 1 padded) and Transformers + PEFT's logits.
+    let input = untied.join("expected.safetensors");
+    let ours = logits(&merged, None, &input);
+    let unmerged = logits(&model, Some(&adapter), &input);
+    let diff = max_abs_diff(&ours, &unmerged);
+    assert!(
+        diff <= 1e-4,
+        "merged logits differ from the unmerged ones by {diff}"
+    );
+    let mut expected = peft_core::hf::read_tensors(&adapter.join("expected.safetensors")).unwrap();
+    let peft = expected
+        .remove("logits")
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let mask = peft_core::hf::read_tensors(&input).unwrap()["attention_mask"]
+        .try_to_vec::<i64>()
+        .unwrap();
+    let vocab = 128;
+    let mut worst = 0.0f32;
+    for (row, _) in mask.iter().enumerate().filter(|(_, m)| **m == 1) {
+        let r = row * vocab..(row + 1) * vocab;
+        worst = worst.max(max_abs_diff(&ours[r.clone()], &peft[r]));
+    }
+    assert!(worst <= 1e-4, "merged logits differ from PEFT's by {worst}");
+}
+
+#[test]
 fn bad_merge_inputs_are_refused_and_leave_nothing_behind() {
     let dir = workspace();
     let p = dir.path();

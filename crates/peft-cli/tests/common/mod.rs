@@ -16,8 +16,14 @@ pub fn fixtures() -> PathBuf {
 /// is id `i`, `user` 90, `assistant` 91, `<unk>` 92 and the special end-of-sequence token
 /// `eot` 93, and a chat template `role content eot ` per turn.
 pub fn tiny_model(dir: &Path) -> PathBuf {
-    let src = fixtures().join("llama/tied");
-    let model = dir.join("model");
+    with_tokenizer(dir, "tied", "model")
+}
+
+/// The fixture model `crates/peft-models/fixtures/llama/<fixture>` copied into `dir/<name>`
+/// with the tokenizer of [`tiny_model`].
+pub fn with_tokenizer(dir: &Path, fixture: &str, name: &str) -> PathBuf {
+    let src = fixtures().join("llama").join(fixture);
+    let model = dir.join(name);
     std::fs::create_dir(&model).unwrap();
     for name in ["config.json", "model.safetensors", "generation_config.json"] {
         std::fs::copy(src.join(name), model.join(name)).unwrap();
