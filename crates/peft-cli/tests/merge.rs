@@ -23,9 +23,11 @@ fn input(dir: &Path) -> PathBuf {
     file
 }
 
-/// The logits of `burn-peft forward` on `model` (with `adapter`, unmerged).
+/// The logits of `burn-peft forward` on `model` (with `adapter`, unmerged), written through a
+/// temporary file.
 fn logits(model: &Path, adapter: Option<&Path>, input: &Path) -> Vec<f32> {
-    let out_file = input.with_file_name("logits.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("logits.safetensors");
     let mut args = vec![
         "forward".as_ref(),
         "--model".as_ref(),
