@@ -132,6 +132,60 @@ fn eval_accuracy_is_the_exact_match_of_greedy_completions() {
 }
 
 #[test]
+fn without_the_chat_template_the_raw_prompt_is_completed() {
+    let dir = workspace();
+    let p = dir.path();
+    // Prompt/completion examples only; the last one's completion is not the reversal.
+    let mut lines = Vec::new();
+    for i in 0..4 {
+        let (a, b, c) = (3 * i + 1, 3 * i + 2, 3 * i + 3);
+        lines.push(serde_json::json!({"prompt": format!("t{a} t{b} t{c}"),
+                                      "completion": format!(" t{c} t{b} t{a}")}));
+    }
+    write_lines(&p.join("raw.jsonl"), &lines);
+    lines.push(serde_json::json!({"prompt": "t1 t2 t3", "completion": " t1 t2 t3"}));
+    write_lines(&p.join("raw-eval.jsonl"), &lines);
+    let config = run_file(p, "raw", "name = \"full\"", 40, Some("raw-eval.jsonl"), "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("train = \"train.jsonl\"", "train = \"raw.jsonl\"")
+        .replace("chat_template = true", "chat_template = false");
+    std::fs::write(&config, text).unwrap();
+    assert_ok(&train(&config), "train");
+    let weights = p.join("runs/raw/model.safetensors");
+    let mut matched = 0;
+    for record in &lines {
+        let (prompt, completion) = (
+            record["prompt"].as_str().unwrap(),
+            record["completion"].as_str().unwrap(),
+        );
+        // Without --chat, generate encodes the prompt as training does (with the tokenizer's
+        // special tokens) and stops at the end-of-sequence token.
+        let out = burn_peft([
+            "generate".as_ref(),
+            "--model".as_ref(),
+            p.join("model").as_os_str(),
+            "--adapter".as_ref(),
+            weights.as_os_str(),
+            "--prompt".as_ref(),
+            prompt.as_ref(),
+            "--max-new-tokens".as_ref(),
+            "7".as_ref(),
+        ]);
+        assert_ok(&out, "generate");
+        if stdout(&out).trim() == completion.trim() {
+            matched += 1;
+        }
+    }
+    assert!((1..5).contains(&matched), "{matched} of 5 matched");
+    let last = last_eval(&p.join("runs/raw"));
+    assert_eq!(
+        last["eval_accuracy"].as_f64().unwrap(),
+        matched as f64 / 5.0
+    );
+}
+
+#[test]
 fn eval_reads_every_kind_of_run_output() {
     let dir = workspace();
     let p = dir.path();
