@@ -1,5 +1,6 @@
 //! `burn-peft`: run, generate with and tokenize for BERT and LLaMA-family models (a GGUF file
-//! or a Hugging Face folder), with PEFT adapters attached or merged.
+//! or a Hugging Face folder), with PEFT adapters attached or merged; fine-tune, evaluate and
+//! merge LLaMA-family models.
 //!
 //! Each subcommand lives in its own module of the `peft_cli` library; `model` detects and loads
 //! models for all of them. Errors are printed on stderr as one line (`error: ...` with their
@@ -16,7 +17,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "burn-peft",
     version,
-    about = "Run, generate with and tokenize for models with PEFT adapters"
+    about = "Fine-tune, evaluate, merge, run, generate with and tokenize for models with PEFT adapters"
 )]
 struct Cli {
     /// What to do.
