@@ -30,7 +30,8 @@ pub struct ForwardArgs {
     #[arg(long)]
     pub output: PathBuf,
     /// A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`): LoRA (with
-    /// rsLoRA, DoRA, patterns), AdaLoRA or RoSA, as Python PEFT saves them.
+    /// rsLoRA, DoRA, patterns), AdaLoRA, RoSA or SFT, as Python PEFT / `burn-peft train` save
+    /// them; or a selective summary folder, or a `full` run's `model.safetensors` (LLaMA).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Merge the adapter into the base weights before running (checked for NaN/Inf).

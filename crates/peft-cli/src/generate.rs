@@ -20,17 +20,8 @@ use peft_models::generate::{Generation, GenerationConfig, StopReason, generate};
 use peft_models::llama::{Llama, LlamaConfig};
 use peft_models::tokenizer::ModelTokenizer;
 
+use crate::completion;
 use crate::model::{self, LlamaJob, ModelSource};
-
-/// End-of-turn markers of common chat templates; with `--chat`, those that are special tokens
-/// of the model's tokenizer stop generation too.
-const END_OF_TURN: [&str; 5] = [
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|end_of_turn|>",
-];
 
 /// Options of `burn-peft generate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -49,7 +40,8 @@ pub struct GenerateArgs {
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
     /// A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`): LoRA (with
-    /// rsLoRA, DoRA, patterns), AdaLoRA or RoSA, as Python PEFT saves them.
+    /// rsLoRA, DoRA, patterns), AdaLoRA, RoSA or SFT, as Python PEFT / `burn-peft train` save
+    /// them; or a selective summary folder, or a `full` run's `model.safetensors` (LLaMA).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Merge the adapter into the base weights before generating.
@@ -103,17 +95,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = model::load_tokenizer(&source)?;
     let prompt = prompt_ids(args, &tokenizer)?;
     let model_config = model::llama_config(&source)?;
-    check_prompt(&prompt, &model_config)?;
-    if let Some(eos) = tokenizer.eos_token_id() {
-        config = config.with_eos(eos);
-    }
-    if args.chat {
-        let stops = END_OF_TURN
-            .iter()
-            .filter_map(|t| tokenizer.token_to_id(t))
-            .filter(|&id| tokenizer.is_special(id));
-        config = config.with_stop_tokens(stops);
-    }
+    completion::check_prompt(&prompt, &model_config)?;
+    let config = completion::stops(config, &tokenizer, args.chat);
 
     let device = Device::default();
     let start = Instant::now();
@@ -151,12 +134,7 @@ fn prompt_ids(args: &GenerateArgs, tokenizer: &ModelTokenizer) -> anyhow::Result
             messages.push(ChatMessage::system(system.clone()));
         }
         messages.push(ChatMessage::user(args.prompt.clone()));
-        let text = template
-            .render(&messages, true)
-            .context("rendering the chat template")?;
-        tokenizer
-            .encode(&text, false)
-            .context("tokenizing the chat prompt")?
+        completion::chat_prompt(tokenizer, &template, &messages)?
     } else {
         tokenizer
             .encode(&args.prompt, true)
@@ -164,22 +142,6 @@ fn prompt_ids(args: &GenerateArgs, tokenizer: &ModelTokenizer) -> anyhow::Result
     };
     ensure!(!ids.is_empty(), "the prompt is empty (it has no tokens)");
     Ok(ids)
-}
-
-/// The prompt against the model: ids inside its vocabulary (a tokenizer that does not belong to
-/// the model gives larger ones) and fitting its context.
-fn check_prompt(prompt: &[u32], config: &LlamaConfig) -> anyhow::Result<()> {
-    let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
-    model::check_ids(&ids, config.vocab_size, "the prompt")
-        .context("the tokenizer does not match the model")?;
-    let context = config.max_position_embeddings;
-    ensure!(
-        prompt.len() < context,
-        "the prompt is too long: {} tokens, but the model's context holds {context} positions \
-         (and at least one is needed for a new token)",
-        prompt.len()
-    );
-    Ok(())
 }
 
 /// The generation job: run [`generate`] and stream the text to stdout.

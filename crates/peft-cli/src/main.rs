@@ -1,11 +1,12 @@
 //! `burn-peft`: run, generate with and tokenize for BERT and LLaMA-family models (a GGUF file
-//! or a Hugging Face folder), with PEFT adapters attached or merged.
+//! or a Hugging Face folder), with PEFT adapters attached or merged; fine-tune, evaluate and
+//! merge LLaMA-family models.
 //!
 //! Each subcommand lives in its own module of the `peft_cli` library; `model` detects and loads
 //! models for all of them. Errors are printed on stderr as one line (`error: ...` with their
 //! causes) and the program exits with status 1.
 
-use peft_cli::{forward, generate, tokenize, train};
+use peft_cli::{eval, forward, generate, merge, tokenize, train};
 
 use std::process::ExitCode;
 
@@ -16,7 +17,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "burn-peft",
     version,
-    about = "Run, generate with and tokenize for models with PEFT adapters"
+    about = "Fine-tune, evaluate, merge, run, generate with and tokenize for models with PEFT adapters"
 )]
 struct Cli {
     /// What to do.
@@ -36,6 +37,12 @@ enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Fine-tune a causal LM with any method from a TOML run file (checkpoints, `--resume`).
     Train(train::TrainArgs),
+    /// Score a trained run on its eval set: loss and exact match of greedy completions (one
+    /// JSON object on stdout).
+    Eval(eval::EvalArgs),
+    /// Merge an adapter into a LLaMA-family model and write a Hugging Face folder that
+    /// Transformers loads.
+    Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +52,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Merge(args) => merge::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,10 +2,11 @@
 //!
 //! A model path is either a llama.cpp `.gguf` file (LLaMA family) or a Hugging Face model
 //! folder whose `config.json` names the architecture in `model_type`. [`detect`] tells which,
-//! without reading any weights; [`with_llama`] and [`with_bert`] load the model, attach a PEFT
-//! adapter folder when one is given (LoRA and its variants, AdaLoRA or RoSA, as Python PEFT
-//! saves them), optionally merge it, and hand the model to a [`LlamaJob`] or [`BertJob`], which
-//! is generic over the linear-layer type the adapter needs.
+//! without reading any weights; [`with_llama`] and [`with_bert`] load the model, attach what
+//! `burn-peft train` (or Python PEFT) saved when it is given (an adapter folder: LoRA and its
+//! variants, AdaLoRA, RoSA or SFT; a selective summary folder; or, for LLaMA, a `full` run's
+//! `model.safetensors`), optionally merge it, and hand the model to a [`LlamaJob`] or
+//! [`BertJob`], which is generic over the linear-layer type the adapter needs.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -134,7 +135,8 @@ pub fn spinner(message: String) -> indicatif::ProgressBar {
     bar
 }
 
-/// The PEFT methods whose saved adapters the program loads (`peft_type`).
+/// What an `--adapter` path holds: a PEFT method's saved adapter (`peft_type`), a selective
+/// summary, or a whole model's weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdapterKind {
     /// `LORA` (with rsLoRA, DoRA, rank/alpha patterns).
@@ -143,17 +145,28 @@ pub enum AdapterKind {
     AdaLora,
     /// `ROSA`.
     Rosa,
+    /// `SFT`.
+    Sft,
+    /// `SELECTIVE`: the trained entries of ID3, PaFI or BitFit (`peft_selective::Summary`).
+    Selective,
+    /// A `.safetensors` file with every weight under Transformers' names (what a `full` run
+    /// saves).
+    Weights,
 }
 
-/// Read `peft_type` from `adapter/adapter_config.json`.
+/// What `adapter` holds: a `.safetensors` file is [`AdapterKind::Weights`]; a folder's
+/// `adapter_config.json` names the method in `peft_type`.
 ///
 /// # Errors
 /// A missing folder or config, or a `peft_type` this program does not load (named).
 pub fn adapter_kind(adapter: &Path) -> anyhow::Result<AdapterKind> {
+    if adapter.is_file() && adapter.extension().is_some_and(|e| e == "safetensors") {
+        return Ok(AdapterKind::Weights);
+    }
     ensure!(
         adapter.is_dir(),
         "adapter not found: {} is not a folder (expected adapter_config.json + \
-         adapter_model.safetensors)",
+         adapter_model.safetensors, or a full run's model.safetensors)",
         adapter.display()
     );
     let file = adapter.join("adapter_config.json");
@@ -167,8 +180,10 @@ pub fn adapter_kind(adapter: &Path) -> anyhow::Result<AdapterKind> {
         "LORA" => AdapterKind::Lora,
         "ADALORA" => AdapterKind::AdaLora,
         "ROSA" => AdapterKind::Rosa,
+        "SFT" => AdapterKind::Sft,
+        peft_selective::summary::PEFT_TYPE => AdapterKind::Selective,
         other => bail!(
-            "{}: peft_type `{other}` is not supported (LORA, ADALORA, ROSA)",
+            "{}: peft_type `{other}` is not supported (LORA, ADALORA, ROSA, SFT, SELECTIVE)",
             file.display()
         ),
     })
@@ -261,8 +276,18 @@ fn attach<M: burn::module::Module, C: Method>(
     }
 }
 
-/// Load the LLaMA-family model of `source`, with the PEFT adapter folder `adapter` attached
-/// (merged when `merge`), and run `job` on it.
+/// Write the values of the selective summary in `dir` into `model`.
+fn apply_summary<M: burn::module::Module>(model: M, dir: &Path) -> anyhow::Result<M> {
+    let summary = peft_selective::Summary::load(dir)
+        .with_context(|| format!("loading the summary in {}", dir.display()))?;
+    summary
+        .apply(model)
+        .with_context(|| format!("applying the summary in {}", dir.display()))
+}
+
+/// Load the LLaMA-family model of `source`, with `adapter` attached (an adapter folder, merged
+/// when `merge`; a selective summary, written into the weights; a `full` run's weights file,
+/// read instead of the source's weights), and run `job` on it.
 ///
 /// # Errors
 /// Model or adapter loading errors (with the file, tensor or module named), and the job's.
@@ -296,6 +321,24 @@ pub fn with_llama<J: LlamaJob>(
         }
         AdapterKind::Rosa => {
             adapted::<peft_rosa::RosaConfig, J>(source, adapter, merge, device, job)
+        }
+        AdapterKind::Sft => adapted::<peft_sft::SftConfig, J>(source, adapter, merge, device, job),
+        AdapterKind::Selective => {
+            let (model, config) = load_llama::<Linear>(source, device)?;
+            job.run(apply_summary(model, adapter)?, &config)
+        }
+        AdapterKind::Weights => {
+            let config = llama_config(source)?;
+            let ckpt = peft_models::Checkpoint::open(adapter)
+                .with_context(|| format!("opening the weights {}", adapter.display()))?;
+            let model = Llama::<Linear>::load(&config, &ckpt, device).with_context(|| {
+                format!(
+                    "loading the weights {} on the configuration of {}",
+                    adapter.display(),
+                    source.path().display()
+                )
+            })?;
+            job.run(model, &config)
         }
     }
 }
@@ -340,6 +383,19 @@ pub fn with_bert<J: BertJob>(
         AdapterKind::Rosa => {
             adapted::<peft_rosa::RosaConfig, J>(dir, config, adapter, merge, device, job)
         }
+        AdapterKind::Sft => {
+            adapted::<peft_sft::SftConfig, J>(dir, config, adapter, merge, device, job)
+        }
+        AdapterKind::Selective => {
+            let bert = Bert::<Linear>::from_dir_with(dir, config, device)
+                .with_context(|| format!("loading the model in {}", dir.display()))?;
+            job.run(apply_summary(bert, adapter)?, config)
+        }
+        AdapterKind::Weights => bail!(
+            "{}: a weights file replaces a LLaMA model's weights; for BERT give an adapter or \
+             summary folder",
+            adapter.display()
+        ),
     }
 }
 

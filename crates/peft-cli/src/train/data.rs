@@ -5,6 +5,10 @@
 //! Prompt/completion and messages examples go through the model's chat template when the run
 //! asks for it; the loss counts only completion / assistant tokens (every other label is
 //! [`IGNORE_INDEX`]). `{"text"}` examples count every token.
+//!
+//! Each prompt/completion example, and each messages example whose last message is the
+//! assistant's, also gives a [`Target`]: the prompt's ids as training encodes them (up to the
+//! assistant's generation prompt) and the reference completion, for exact-match evaluation.
 
 use std::path::Path;
 
@@ -14,6 +18,8 @@ use peft_models::chat::{ChatMessage, ChatTemplate};
 use peft_models::loss::IGNORE_INDEX;
 use peft_models::tokenizer::ModelTokenizer;
 use serde::Deserialize;
+
+use crate::completion::chat_prompt;
 
 /// One line of a data file.
 #[derive(Debug)]
@@ -110,11 +116,24 @@ pub struct Example {
     pub labels: Vec<i64>,
 }
 
+/// A prompt and the completion the model should give, for exact-match evaluation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The prompt's token ids, as training encodes the prompt (through the chat template up to
+    /// the assistant's generation prompt, or the prompt text with the tokenizer's special
+    /// tokens), never truncated.
+    pub prompt: Vec<u32>,
+    /// The reference completion text.
+    pub completion: String,
+}
+
 /// The examples of one file, and how many were truncated or left out.
 #[derive(Clone, Debug)]
 pub struct Dataset {
     /// The examples, in file order.
     pub examples: Vec<Example>,
+    /// The targets of the kept examples that have a completion, in file order.
+    pub targets: Vec<Target>,
     /// Examples cut to `max_seq_len`.
     pub truncated: usize,
     /// Examples left with no label to learn after truncation (dropped).
@@ -158,15 +177,16 @@ impl<'a> Encoder<'a> {
         Ok(ids.into_iter().map(i64::from).collect())
     }
 
-    /// The example of one record, untruncated.
-    fn encode(&self, record: Record) -> anyhow::Result<Example> {
+    /// The example of one record, untruncated, and its target when it has a completion.
+    fn encode(&self, record: Record) -> anyhow::Result<(Example, Option<Target>)> {
         match (record, &self.template) {
             (Record::Text(TextRecord { text }), _) => {
                 let ids = self.ids(&text, true)?;
-                Ok(Example {
+                let example = Example {
                     labels: ids.clone(),
                     ids,
-                })
+                };
+                Ok((example, None))
             }
             (Record::Completion(CompletionRecord { prompt, completion }), Some(template)) => {
                 let messages = [
@@ -183,7 +203,11 @@ impl<'a> Encoder<'a> {
                 }
                 let cut = common_prefix(&prompt_ids, &ids);
                 let labels = masked(&ids, &[(cut, ids.len())]);
-                Ok(Example { ids, labels })
+                let target = Target {
+                    prompt: to_u32(&prompt_ids),
+                    completion,
+                };
+                Ok((Example { ids, labels }, Some(target)))
             }
             (Record::Chat(ChatRecord { messages }), Some(template)) => {
                 let messages: Vec<ChatMessage> = messages
@@ -199,24 +223,40 @@ impl<'a> Encoder<'a> {
     }
 
     /// Render `messages`; the labels are the tokens of each assistant turn (from the end of
-    /// the generation prompt before it to the end of the turn).
-    fn chat(&self, template: &ChatTemplate, messages: &[ChatMessage]) -> anyhow::Result<Example> {
+    /// the generation prompt before it to the end of the turn). When the last message is the
+    /// assistant's, the target is the prompt before it and its content.
+    fn chat(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+    ) -> anyhow::Result<(Example, Option<Target>)> {
         ensure!(
             messages.iter().any(|m| m.role == "assistant"),
             "no assistant message: nothing to learn"
         );
         let ids = self.ids(&template.render(messages, false)?, false)?;
         let mut spans = Vec::new();
+        let mut target = None;
         for (i, m) in messages.iter().enumerate() {
             if m.role != "assistant" {
                 continue;
             }
-            let before = self.ids(&template.render(&messages[..i], true)?, false)?;
+            let before = chat_prompt(self.tokenizer, template, &messages[..i])?;
             let through = self.ids(&template.render(&messages[..=i], false)?, false)?;
-            spans.push((common_prefix(&before, &ids), through.len().min(ids.len())));
+            let before_ids: Vec<i64> = before.iter().map(|&t| i64::from(t)).collect();
+            spans.push((
+                common_prefix(&before_ids, &ids),
+                through.len().min(ids.len()),
+            ));
+            if i + 1 == messages.len() {
+                target = Some(Target {
+                    prompt: before,
+                    completion: m.content.clone(),
+                });
+            }
         }
         let labels = masked(&ids, &spans);
-        Ok(Example { ids, labels })
+        Ok((Example { ids, labels }, target))
     }
 
     /// Read and tokenize `file`.
@@ -229,6 +269,7 @@ impl<'a> Encoder<'a> {
             .with_context(|| format!("reading the data file {}", file.display()))?;
         let mut set = Dataset {
             examples: Vec::new(),
+            targets: Vec::new(),
             truncated: 0,
             dropped: 0,
         };
@@ -240,7 +281,7 @@ impl<'a> Encoder<'a> {
             let value: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
             let record = Record::parse(value).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-            let mut example = self.encode(record).with_context(at)?;
+            let (mut example, target) = self.encode(record).with_context(at)?;
             if let Some(bad) = example
                 .ids
                 .iter()
@@ -262,6 +303,7 @@ impl<'a> Encoder<'a> {
                 continue;
             }
             set.examples.push(example);
+            set.targets.extend(target);
         }
         ensure!(
             !set.examples.is_empty(),
@@ -271,6 +313,11 @@ impl<'a> Encoder<'a> {
         );
         Ok(set)
     }
+}
+
+/// Token ids as the tokenizer gives them (the encoder's ids come from it, so they fit).
+fn to_u32(ids: &[i64]) -> Vec<u32> {
+    ids.iter().map(|&t| t as u32).collect()
 }
 
 /// The length of the common prefix of `a` and `b`.

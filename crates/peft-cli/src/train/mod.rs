@@ -3,10 +3,13 @@
 //!
 //! [`config`] reads the run file, [`data`] the JSONL examples, [`method`] turns `[method]` into
 //! a model (the only per-method code) and [`mod@run`] trains it, the same loop for every method,
-//! with checkpoints and exact resume. [`train`] is the whole command as a library call.
+//! with checkpoints and exact resume; [`evaluate`] scores the model on the eval set (loss and
+//! exact match), for training and for `burn-peft eval`. [`train`] is the whole command as a
+//! library call.
 
 pub mod config;
 pub mod data;
+pub mod evaluate;
 pub mod method;
 pub mod run;
 
@@ -20,6 +23,7 @@ use peft_models::llama::Llama;
 use crate::model::{self, ModelSource};
 use config::RunConfig;
 use data::Encoder;
+use evaluate::Evaluation;
 use run::{Job, Outcome, Run, RunModel};
 
 /// Options of `burn-peft train`.
@@ -107,13 +111,19 @@ pub fn train(
     }
     prepare_out_dir(&config, config_file, resume)?;
 
+    let evaluation = eval_set.as_ref().map(|set| Evaluation {
+        set,
+        tokenizer: &tokenizer,
+        chat: config.data.chat_template,
+        batch_size: config.train.batch_size,
+    });
     let device = Device::default().autodiff();
     // The adapters' random initial values follow the run's seed.
     device.seed(config.train.seed);
     let job = Trainer(Run {
         config: &config,
         train: &train_set,
-        eval: eval_set.as_ref(),
+        eval: evaluation.as_ref(),
         device: &device,
         resume,
         stop_after,

@@ -28,6 +28,7 @@ use serde_json::json;
 
 use crate::train::config::RunConfig;
 use crate::train::data::{self, Dataset};
+use crate::train::evaluate::{Evaluation, evaluate};
 
 /// The folder of checkpoints inside `out_dir`.
 pub const CHECKPOINTS: &str = "checkpoints";
@@ -132,33 +133,9 @@ impl<M: Module> RunModel<M> for Full<M> {
     /// `model.safetensors` with Transformers' names and orientation (linear weights
     /// `[out, in]`), float32.
     fn save_outputs(&self, out_dir: &Path) -> anyhow::Result<PathBuf> {
-        let file = out_dir.join("model.safetensors");
-        let tensors: std::collections::BTreeMap<_, _> =
-            peft_core::hosts::read_params(&self.0, |_| true)
-                .into_iter()
-                .map(|(key, data)| {
-                    let data = data.convert::<f32>();
-                    let linear = data.shape().len() == 2 && !key.ends_with("embed_tokens.weight");
-                    (key, if linear { transposed(&data) } else { data })
-                })
-                .collect();
-        peft_core::hf::write_tensors(&file, &tensors)
-            .with_context(|| format!("saving the weights to {}", file.display()))?;
-        Ok(file)
+        crate::export::write_weights(&self.0, out_dir)?;
+        Ok(out_dir.join(crate::export::WEIGHTS))
     }
-}
-
-/// A float32 matrix transposed (burn's `[in, out]` linear weight to PyTorch's `[out, in]`).
-fn transposed(data: &burn::tensor::TensorData) -> burn::tensor::TensorData {
-    let (rows, cols) = (data.shape()[0], data.shape()[1]);
-    let v: Vec<f32> = data.iter::<f32>().collect();
-    let mut out = vec![0f32; v.len()];
-    for i in 0..rows {
-        for j in 0..cols {
-            out[j * rows + i] = v[i * cols + j];
-        }
-    }
-    burn::tensor::TensorData::new(out, [cols, rows])
 }
 
 /// Something to do with the model a `[method]` builds, whatever its type.
@@ -191,8 +168,8 @@ pub struct Run<'a> {
     pub config: &'a RunConfig,
     /// Training examples.
     pub train: &'a Dataset,
-    /// Evaluation examples.
-    pub eval: Option<&'a Dataset>,
+    /// Evaluation examples and how to score them.
+    pub eval: Option<&'a Evaluation<'a>>,
     /// The training device (with autodiff).
     pub device: &'a Device,
     /// Continue from the newest complete checkpoint.
@@ -239,31 +216,6 @@ pub fn newest_checkpoint(out_dir: &Path) -> anyhow::Result<Option<(usize, PathBu
         }
     }
     Ok(best)
-}
-
-/// The mean loss over `set` in batches of `batch_size`, weighted by counted labels.
-fn eval_loss<L: LinearLayer>(
-    model: &Llama<L>,
-    set: &Dataset,
-    batch_size: usize,
-    device: &Device,
-) -> anyhow::Result<f64> {
-    let model = model.valid();
-    let device = device.clone().inner();
-    let (mut sum, mut count) = (0.0f64, 0usize);
-    for chunk in set.examples.chunks(batch_size) {
-        let refs: Vec<_> = chunk.iter().collect();
-        let b = data::batch(&refs, &device);
-        let n = chunk
-            .iter()
-            .map(|e| e.labels.iter().skip(1).filter(|&&l| l >= 0).count())
-            .sum::<usize>();
-        let logits = model.forward(b.ids, Some(b.mask));
-        let loss = causal_lm_loss(logits, b.labels)?.into_scalar::<f64>();
-        sum += loss * n as f64;
-        count += n;
-    }
-    Ok(sum / count.max(1) as f64)
 }
 
 /// Append one JSON line to the metrics file.
@@ -398,8 +350,10 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         if let Some(eval) = run.eval
             && ((cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == total)
         {
-            let loss = eval_loss(&ctl.model, eval, cfg.batch_size, run.device)?;
-            log(&mut metrics, json!({"step": done, "eval_loss": loss}))?;
+            let mut line = serde_json::Map::new();
+            line.insert("step".into(), done.into());
+            line.extend(evaluate(&ctl.model, eval, run.device)?.to_json());
+            log(&mut metrics, line.into())?;
         }
         let stopping = run.stop_after == Some(done) && done < total;
         if (cfg.save_every > 0 && done % cfg.save_every == 0) || stopping {
