@@ -70,11 +70,11 @@ fn twenty_lora_steps_on_smollm2_teach_the_task() {
     let data = root().join("examples/runs/data").canonicalize().unwrap();
     let text = std::fs::read_to_string(root().join("examples/runs/lora.toml")).unwrap();
     let config = dir.path().join("lora.toml");
-    std::fs::write(
-        &config,
-        text.replace("\"data/", &format!("\"{}/", data.display())),
-    )
-    .unwrap();
+    // One evaluation, at the end (CI time).
+    let text = text
+        .replace("\"data/", &format!("\"{}/", data.display()))
+        .replace("eval_every = 10", "eval_every = 0");
+    std::fs::write(&config, text).unwrap();
     let out = burn_peft(&["train", "--config", config.to_str().unwrap()]);
     assert_ok(&out, "train");
 
@@ -91,12 +91,20 @@ fn twenty_lora_steps_on_smollm2_teach_the_task() {
     assert_eq!(train.len(), 20);
     let last: f64 = train[15..].iter().sum::<f64>() / 5.0;
     assert!(last < train[0] / 4.0, "the loss fell too little: {train:?}");
-    let eval: Vec<f64> = metrics
+    let evals: Vec<&serde_json::Value> = metrics
         .iter()
-        .filter_map(|m| m["eval_loss"].as_f64())
+        .filter(|m| m.get("eval_loss").is_some())
         .collect();
-    assert_eq!(eval.len(), 2, "eval at steps 10 and 20");
-    assert!(eval[1] < train[0] / 4.0, "eval loss {eval:?}, first train loss {}", train[0]);
+    assert_eq!(evals.len(), 1, "one evaluation, at the end");
+    let eval_loss = evals[0]["eval_loss"].as_f64().unwrap();
+    assert!(
+        eval_loss < train[0] / 4.0,
+        "eval loss {eval_loss}, first train loss {}",
+        train[0]
+    );
+    // Exact match of the greedy answers over the whole held-out set.
+    let accuracy = evals[0]["eval_accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.75, "eval_accuracy {accuracy}");
 
     // A PEFT LoRA adapter with the run's settings.
     let adapter = run.join("adapter");
@@ -110,8 +118,14 @@ fn twenty_lora_steps_on_smollm2_teach_the_task() {
 
     // The learned behaviour: held-out names and cities in the task's one-line JSON.
     let examples = held_out(4);
-    let before = exact_matches(&model, None, &examples);
+    let before = exact_matches(&model, None, &examples[..2]);
     let after = exact_matches(&model, Some(&adapter), &examples);
-    assert_eq!(before, 0, "the base model already answers in the task's format");
-    assert!(after >= 3, "{after} of 4 held-out answers exact after training");
+    assert_eq!(
+        before, 0,
+        "the base model already answers in the task's format"
+    );
+    assert!(
+        after >= 3,
+        "{after} of 4 held-out answers exact after training"
+    );
 }

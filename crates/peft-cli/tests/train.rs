@@ -221,7 +221,19 @@ fn every_method_trains_the_loss_falls_and_the_outputs_reload() {
                     "adalora writes its rank pattern"
                 );
             }
-            "rosa" | "spa" => reload::<peft_rosa::RosaConfig>(&out_dir.join("adapter")),
+            "rosa" | "spa" => {
+                reload::<peft_rosa::RosaConfig>(&out_dir.join("adapter"));
+                // The generated masks, saved in out_dir, cover every adapted layer.
+                let masks = peft_rosa::RosaMasks::load(&out_dir.join("masks.safetensors"))
+                    .unwrap_or_else(|e| panic!("{name}: the masks: {e}"));
+                assert!(!masks.is_empty() && masks.nnz() > 0, "{name}: empty masks");
+                assert!(
+                    masks
+                        .iter()
+                        .all(|(p, _)| p.ends_with("q_proj") || p.ends_with("v_proj")),
+                    "{name}: PEFT's default LLaMA targets"
+                );
+            }
             "sft" => reload::<peft_sft::SftConfig>(&out_dir.join("adapter")),
             "id3" | "pafi" | "bitfit" => {
                 peft_selective::Summary::load(&out_dir.join("summary")).unwrap();
@@ -257,18 +269,28 @@ fn every_method_trains_the_loss_falls_and_the_outputs_reload() {
     }
 }
 
-/// The bytes of every file of the final outputs of `out_dir`.
+/// The bytes of every file of the final outputs of `out_dir`; RoSA's `mask_save_path` (this
+/// run's own `out_dir/masks.safetensors`) is left out of the adapter's config.
 fn outputs(out_dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files = Vec::new();
+    let own_masks = format!(
+        "{:?}",
+        out_dir.join("masks.safetensors").display().to_string()
+    );
     for sub in ["adapter", "summary"] {
         let Ok(entries) = std::fs::read_dir(out_dir.join(sub)) else {
             continue;
         };
         for e in entries {
             let path = e.unwrap().path();
+            let mut bytes = std::fs::read(&path).unwrap();
+            if path.ends_with("adapter_config.json") {
+                let text = String::from_utf8(bytes).unwrap();
+                bytes = text.replace(&own_masks, "\"<out_dir>/masks\"").into_bytes();
+            }
             files.push((
                 path.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&path).unwrap(),
+                bytes,
             ));
         }
     }
@@ -565,12 +587,17 @@ fn a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result() {
     assert!(checkpoints.join("step-2/checkpoint.json").is_file());
     assert!(checkpoints.join(".tmp-step-4/model.bpk").is_file());
     assert!(!checkpoints.join("step-4").exists());
-    let (step, _) = peft_cli::train::run::newest_checkpoint(&b).unwrap().unwrap();
+    let (step, _) = peft_cli::train::run::newest_checkpoint(&b)
+        .unwrap()
+        .unwrap();
     assert_eq!(step, 2);
 
     // Killed while the final adapter is being written: no `adapter/` appears half-made.
     kill_at(&killed, &["--resume"], "final");
-    assert!(!b.join("adapter").exists(), "a final adapter before its rename");
+    assert!(
+        !b.join("adapter").exists(),
+        "a final adapter before its rename"
+    );
     assert!(b.join(".tmp-final/adapter").is_dir());
     assert!(checkpoints.join("step-8/checkpoint.json").is_file());
     // Resumed from step 8 (nothing left to train but the outputs), then killed again at
@@ -579,11 +606,7 @@ fn a_run_killed_at_any_moment_resumes_to_the_uninterrupted_result() {
     for ms in [40u64, 120, 250, 400] {
         std::fs::remove_dir_all(checkpoints.join("step-8")).ok();
         std::fs::remove_dir_all(checkpoints.join("step-6")).ok();
-        kill_after(
-            &killed,
-            &["--resume"],
-            std::time::Duration::from_millis(ms),
-        );
+        kill_after(&killed, &["--resume"], std::time::Duration::from_millis(ms));
         assert!(!b.join("adapter").exists() || b.join("adapter/adapter_config.json").is_file());
     }
     assert_ok(&train(&killed, &["--resume"]), "resumed");

@@ -58,11 +58,7 @@ pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub fn smollm2_path() -> Result<PathBuf> {
     let file = std::env::var_os(SMOLLM2_ENV)
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            cache_dir()
-                .join("SmolLM2-135M-Instruct")
-                .join(SMOLLM2_FILE)
-        });
+        .unwrap_or_else(|| cache_dir().join("SmolLM2-135M-Instruct").join(SMOLLM2_FILE));
     if file.is_file() {
         Ok(file)
     } else {

@@ -37,9 +37,7 @@ pub mod llama;
 pub mod loss;
 pub mod tokenizer;
 
-pub use cache::{
-    MINILM_DIR_ENV, SMOLLM2_ENV, SMOLLM2_FILE, cache_dir, minilm_dir, smollm2_path,
-};
+pub use cache::{MINILM_DIR_ENV, SMOLLM2_ENV, SMOLLM2_FILE, cache_dir, minilm_dir, smollm2_path};
 pub use checkpoint::{
     Checkpoint, InMemory, SAFETENSORS_FILE, SAFETENSORS_INDEX, Safetensors, TensorSource,
 };

@@ -132,14 +132,14 @@ impl RunConfig {
         let mut config = Self::parse(&text, file)?;
         let base = file.parent().unwrap_or(Path::new(""));
         config.model.path = model_path(base, &config.model.path);
-        for path in [
-            &mut config.data.train,
-            &mut config.train.out_dir,
-        ] {
+        for path in [&mut config.data.train, &mut config.train.out_dir] {
             *path = base.join(&*path);
         }
         if let Some(eval) = &mut config.data.eval {
             *eval = base.join(&*eval);
+        }
+        if matches!(config.method_name(), "rosa" | "spa") {
+            config.rosa_mask_paths(base);
         }
         Ok(config)
     }
@@ -153,6 +153,26 @@ impl RunConfig {
             .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
         config.validate(file)?;
         Ok(config)
+    }
+
+    /// RoSA's masks file paths are relative to the run file's folder too; without either, the
+    /// masks a run generates are saved as `out_dir/masks.safetensors` (the reference's
+    /// `mask_save_path`), so a later run can start from them with `mask_load_path`.
+    fn rosa_mask_paths(&mut self, base: &Path) {
+        let mut named = false;
+        for key in ["mask_load_path", "mask_save_path"] {
+            if let Some(toml::Value::String(path)) = self.method.get_mut(key) {
+                *path = base.join(&*path).to_string_lossy().into_owned();
+                named = true;
+            }
+        }
+        if !named {
+            let file = self.train.out_dir.join(MASKS_FILE);
+            self.method.insert(
+                "mask_save_path".into(),
+                toml::Value::String(file.to_string_lossy().into_owned()),
+            );
+        }
     }
 
     /// The method's name.
@@ -253,6 +273,10 @@ pub fn model_path(base: &Path, path: &Path) -> PathBuf {
     below.sort();
     below.into_iter().next().unwrap_or(local)
 }
+
+/// The file in `out_dir` where a RoSA run saves the masks it generates (unless the run file
+/// names `mask_save_path` or `mask_load_path`).
+pub const MASKS_FILE: &str = "masks.safetensors";
 
 /// The method names `[method] name` takes.
 pub const METHODS: [&str; 10] = [
