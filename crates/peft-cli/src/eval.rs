@@ -16,7 +16,7 @@ use peft_models::LinearLayer;
 use peft_models::llama::{Llama, LlamaConfig};
 use serde_json::Value;
 
-use crate::model::{self, LlamaJob, ModelSource};
+use crate::model::{self, LlamaJob};
 use crate::train::config::RunConfig;
 use crate::train::data::Encoder;
 use crate::train::evaluate::{Evaluation, Scores, evaluate};
@@ -100,15 +100,8 @@ pub fn eval(
             output
         }
     };
-    let source = model::detect(&config.model.path)?;
-    if let ModelSource::HfBert(dir) = &source {
-        bail!(
-            "{}: a BERT encoder; `burn-peft eval` evaluates causal LMs (LLaMA family)",
-            dir.display()
-        );
-    }
-    let llama = model::llama_config(&source)?;
-    let tokenizer = model::load_tokenizer(&source)?;
+    let (source, llama, tokenizer) =
+        crate::train::causal_lm(&config, "`burn-peft eval` evaluates")?;
     let encoder = Encoder::new(
         &tokenizer,
         config.data.chat_template,

@@ -19,6 +19,7 @@ use anyhow::{Context, bail};
 use burn::tensor::Device;
 use peft_models::LinearLayer;
 use peft_models::llama::Llama;
+use peft_models::tokenizer::ModelTokenizer;
 
 use crate::model::{self, ModelSource};
 use config::RunConfig;
@@ -60,6 +61,27 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The run's model (a causal LM: a BERT encoder is refused, `what` saying what the command
+/// does), its config and tokenizer.
+///
+/// # Errors
+/// A missing or unreadable model or tokenizer, a BERT encoder.
+pub fn causal_lm(
+    config: &RunConfig,
+    what: &str,
+) -> anyhow::Result<(ModelSource, peft_models::llama::LlamaConfig, ModelTokenizer)> {
+    let source = model::detect(&config.model.path)?;
+    if let ModelSource::HfBert(dir) = &source {
+        bail!(
+            "{}: a BERT encoder; {what} causal LMs (LLaMA family)",
+            dir.display()
+        );
+    }
+    let llama = model::llama_config(&source)?;
+    let tokenizer = model::load_tokenizer(&source)?;
+    Ok((source, llama, tokenizer))
+}
+
 /// The name of the run file's copy in `out_dir`.
 pub const CONFIG_COPY: &str = "run.toml";
 
@@ -78,15 +100,7 @@ pub fn train(
     if let Some(n) = stop_after {
         anyhow::ensure!(n > 0, "--stop-after must be at least 1");
     }
-    let source = model::detect(&config.model.path)?;
-    if let ModelSource::HfBert(dir) = &source {
-        bail!(
-            "{}: a BERT encoder; `burn-peft train` trains causal LMs (LLaMA family)",
-            dir.display()
-        );
-    }
-    let llama = model::llama_config(&source)?;
-    let tokenizer = model::load_tokenizer(&source)?;
+    let (source, llama, tokenizer) = causal_lm(&config, "`burn-peft train` trains")?;
     let encoder = Encoder::new(
         &tokenizer,
         config.data.chat_template,
