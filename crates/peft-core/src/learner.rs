@@ -642,8 +642,22 @@ impl<M: Module + TrainStep> TrainStep for Controlled<M> {
     type Input = M::Input;
     type Output = M::Output;
 
+    /// The wrapped model's step; its gradients are reported to the controllers as one
+    /// micro-batch ([`Stepper::after_backward`]), so with burn-train's gradient accumulation
+    /// every backward pass is seen, as the reference's hooks see them. A controller error is
+    /// handled as in [`optimize`](Self::optimize).
     fn step(&self, item: Self::Input) -> TrainOutput<Self::Output> {
-        self.model.step(item)
+        let output = self.model.step(item);
+        let mut shared = self.stepper.lock();
+        let reported = match shared.error {
+            None => shared.stepper.after_backward(&self.model, &output.grads),
+            Some(_) => Ok(()),
+        };
+        drop(shared);
+        if let Err(e) = reported {
+            self.stepper.fail(e);
+        }
+        output
     }
 
     /// Controllers and optimizer, in order. A controller error leaves the model as it was,

@@ -64,18 +64,27 @@ impl AdamState {
         }
     }
 
-    /// The reference's state for a slot grown by RigL from `count` accumulated gradients with
-    /// sums `sum` and `sum_sq`: `m = (Σg/c)(1 − β1^c)`, `v = (Σg²/c)(1 − β2^c)`, `age = c`
-    /// (one gradient per optimizer step, so `a = c`). With `count = 0`, fresh state.
-    pub fn seed(optim: &SftAdamW, sum: f32, sum_sq: f32, count: usize) -> (f32, f32, f32) {
+    /// The reference's state for a slot grown by RigL from `count` accumulated gradients
+    /// (one per backward pass) with sums `sum` and `sum_sq`, in a run of `grad_accum`
+    /// micro-batches per optimizer step: with `a = c / grad_accum` (the candidate's age in
+    /// optimizer steps), `m = (Σg/c)(1 − β1^a)`, `v = (Σg²/c)(1 − β2^a)`, `age = a`. With
+    /// `count = 0`, fresh state.
+    pub fn seed(
+        optim: &SftAdamW,
+        sum: f32,
+        sum_sq: f32,
+        count: usize,
+        grad_accum: usize,
+    ) -> (f32, f32, f32) {
         if count == 0 {
             return (0.0, 0.0, 1.0);
         }
         let c = count as f64;
+        let a = c / grad_accum.max(1) as f64;
         (
-            (f64::from(sum) / c * (1.0 - optim.beta1.powf(c))) as f32,
-            (f64::from(sum_sq) / c * (1.0 - optim.beta2.powf(c))) as f32,
-            c as f32,
+            (f64::from(sum) / c * (1.0 - optim.beta1.powf(a))) as f32,
+            (f64::from(sum_sq) / c * (1.0 - optim.beta2.powf(a))) as f32,
+            a as f32,
         )
     }
 }

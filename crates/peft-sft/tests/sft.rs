@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::optim::{GradientsAccumulator, GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_core::hosts::{self, HostView};
 use peft_core::step::Stepper;
@@ -571,6 +571,104 @@ fn the_rigl_pool_is_the_dense_top_k() {
         check::<PeftLinear<SftAdapter>>(block);
         check::<Linear>(block);
     }
+}
+
+/// Gradient accumulation, two micro-batches per step reported to the step runner: the pool is
+/// the top-`k` of the first micro-batch's `|dW|`, every backward pass adds one sample of `g`
+/// and `g²` (the reference's hooks, checked against the dense gradients), and a slot grown at
+/// the selection gets the Adam age `samples / grad_accum`, on both attach paths.
+#[test]
+fn rigl_statistics_are_per_micro_batch() {
+    fn check<L: Layer>() {
+        let dev = device();
+        let config = rigl_config();
+        let k = config
+            .allocate(&Net::<L>::new(&dev))
+            .unwrap()
+            .num_deltas
+            .unwrap();
+        let mut run = start::<L>(&config, 20, 0.05);
+        let batch_of = |step: usize, m: usize| 1000 + 2 * step + m;
+        let mut optim = SgdConfig::new().init();
+        let mut pools = BTreeMap::new();
+        for step in 0..2 {
+            let mut acc = GradientsAccumulator::<Net<L>>::new();
+            for m in 0..2 {
+                let loss = run.net.loss(batch_of(step, m), &dev);
+                let grads = run.stepper.backward(&run.net, loss).unwrap();
+                acc.accumulate(&run.net, grads);
+            }
+            if step == 1 {
+                let sel = run.selector.lock().unwrap();
+                for (l, (name, _, _)) in LAYERS.into_iter().enumerate() {
+                    let what = format!("{name}, activation {}", L::ACTIVATION);
+                    let first = dense_dw(l, batch_of(0, 0), &dev);
+                    let mut order: Vec<usize> = (0..first.len()).collect();
+                    order.sort_by(|&x, &y| {
+                        first[y].abs().total_cmp(&first[x].abs()).then(x.cmp(&y))
+                    });
+                    let mut top: Vec<usize> = order[..k[name]].to_vec();
+                    top.sort();
+                    let pool = sel.candidates(name).expect("a pool in the window");
+                    let want: Vec<u64> = top.iter().map(|&i| i as u64).collect();
+                    assert_eq!(pool.indices, want, "{what}: the first micro-batch's top-k");
+                    assert_eq!(pool.count, 4, "{what}: one sample per backward pass");
+                    let (mut sum, mut sum_sq) = (vec![0.0f32; top.len()], vec![0.0f32; top.len()]);
+                    for b in [
+                        batch_of(0, 0),
+                        batch_of(0, 1),
+                        batch_of(1, 0),
+                        batch_of(1, 1),
+                    ] {
+                        let dw = dense_dw(l, b, &dev);
+                        for (j, &i) in top.iter().enumerate() {
+                            sum[j] += dw[i];
+                            sum_sq[j] += dw[i] * dw[i];
+                        }
+                    }
+                    close(&pool.sum, &sum, 1e-5, &format!("{what}: Σg"));
+                    close(&pool.sum_sq, &sum_sq, 1e-4, &format!("{what}: Σg²"));
+                    pools.insert(name, pool.clone());
+                }
+            }
+            run.net = run
+                .stepper
+                .optimize(run.net.clone(), &mut optim, run.lr, acc.grads())
+                .unwrap();
+        }
+        // The first selection (p = 1) grew slots: age 4 / 2 = 2 and the moments seeded from
+        // the four samples.
+        let sel = run.selector.lock().unwrap();
+        let beta1 = SftAdamW::default().beta1;
+        for (name, _, _) in LAYERS {
+            let what = format!("{name}, activation {}", L::ACTIVATION);
+            let state = sel.adam_state(name).expect("Adam state");
+            let idx = adapter_of(&run.net, name).indices();
+            let pool = &pools[name];
+            let mut grown = 0;
+            for (slot, &i) in idx.iter().enumerate() {
+                if state.age[slot] != 2.0 {
+                    continue;
+                }
+                grown += 1;
+                let j = pool
+                    .indices
+                    .iter()
+                    .position(|&c| c == i)
+                    .expect("grown from the pool");
+                let m = (f64::from(pool.sum[j]) / 4.0 * (1.0 - beta1.powi(2))) as f32;
+                close(
+                    &[state.exp_avg[slot]],
+                    &[m],
+                    1e-5,
+                    &format!("{what}: seeded m"),
+                );
+            }
+            assert!(grown > 0, "{what}: some slots grown with age 2");
+        }
+    }
+    check::<PeftLinear<SftAdapter>>();
+    check::<Linear>();
 }
 
 /// The gradients of a collection step: on the activation path every gradient is 1-D (delta
