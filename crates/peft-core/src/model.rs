@@ -100,12 +100,14 @@ impl<M: Module, C: Method> PeftModel<M, C> {
     }
 
     /// Add an adapter. It is inactive and frozen until [`set_adapter`](Self::set_adapter).
+    /// The config is first completed from the model ([`Method::for_model`]).
     ///
     /// # Errors
     /// A taken name, an invalid config, targets that match nothing, or a second adapter with
     /// `bias != "none"`.
     pub fn add_adapter(&mut self, name: &str, config: C) -> Result<()> {
         config.validate()?;
+        let config = config.for_model(&self.model)?;
         let factory = config.factory()?;
         self.add_adapter_with(name, config, factory)
     }

@@ -273,7 +273,12 @@ mod tests {
         assert_eq!(state.age, vec![2.0, 2.0]);
         // Bias-corrected first step: m̂/√v̂ = sign(g) (up to ε).
         assert!((values[0] - 0.49).abs() < 1e-5 && (values[1] + 0.49).abs() < 1e-5);
-        let (m, v, a) = AdamState::seed(&o, 4.0, 10.0, 2);
+        let (m, v, a) = AdamState::seed(&o, 4.0, 10.0, 2, 1);
+        assert!((m - 2.0 * (1.0 - 0.81)).abs() < 1e-6);
+        assert!((v - 5.0 * (1.0 - 0.999f32 * 0.999)).abs() < 1e-6);
+        assert_eq!(a, 2.0);
+        // Four samples over two micro-batches per step: age 2, means over the four samples.
+        let (m, v, a) = AdamState::seed(&o, 8.0, 20.0, 4, 2);
         assert!((m - 2.0 * (1.0 - 0.81)).abs() < 1e-6);
         assert!((v - 5.0 * (1.0 - 0.999f32 * 0.999)).abs() < 1e-6);
         assert_eq!(a, 2.0);

@@ -193,6 +193,26 @@ fn budget_follows_the_reference_split() {
     assert_eq!(model.trainable_parameters().0, 20);
 }
 
+/// Attaching without `allocate` splits the budget as the reference does at injection
+/// (`model.py`): `density` is a share of the whole model (70 parameters) and
+/// `num_tunable_weights` an absolute count, split over the targets by size; the split is
+/// written into the saved config's `num_deltas`.
+#[test]
+fn attaching_splits_the_budget_over_the_whole_model() {
+    let dev = device();
+    // Only `a` targeted: N = int(70 · 0.3) = 21, all in `a` (not int(0.3 · 24) = 7).
+    let only_a = SftConfig::new(0.3, ModuleSelector::names(["a"]));
+    let model = SftModel::new(Weight::new(&dev), only_a).unwrap();
+    assert_eq!(adapter_of(model.model(), "a").num_deltas(), 21);
+    let saved = model.adapters()["default"].config.num_deltas.clone();
+    assert_eq!(saved, Some(BTreeMap::from([("a".into(), 21)])));
+    // An absolute budget of 30 over 24 + 35 entries: int(30·24/59) = 12, int(30·35/59) = 17.
+    let absolute = SftConfig::new(0.3, targets()).with_num_tunable_weights(30);
+    let model = SftModel::new(Weight::new(&dev), absolute).unwrap();
+    assert_eq!(adapter_of(model.model(), "a").num_deltas(), 12);
+    assert_eq!(adapter_of(model.model(), "b").num_deltas(), 17);
+}
+
 fn c_with(deltas: &BTreeMap<String, usize>) -> SftConfig {
     SftConfig::new(0.3, targets()).with_num_deltas(deltas.clone())
 }
