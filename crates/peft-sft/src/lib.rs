@@ -7,7 +7,7 @@
 //!
 //! - [`SftConfig`] is the reference's config (`peft_type: "SFT"`) and a peft-core
 //!   [`Method`](peft_core::Method): [`SftModel`] gets adapter management, merge / unmerge and
-//!   the two-file save/load (`sft_delta.values`, `sft_delta.indices` as integers).
+//!   the two-file save/load (`sft_delta.values`, `sft_delta.indices` as integers);
 //!   attaching splits the budget across the targets as the reference does
 //!   ([`SftConfig::allocate`]).
 //! - [`SftAdapter`]: on the activation path the delta runs on the CSR kernels of
