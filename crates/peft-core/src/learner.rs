@@ -6,6 +6,10 @@
 //! `PeftModel` with [`PeftModel::controlled`](crate::PeftModel::controlled): the method's
 //! controllers come with it and the missing-controller check runs once, there.
 //!
+//! A controller that ends the run ([`Stepper::should_stop`]: RoSA's
+//! `terminate_after_mask_generation`, once the masks are saved) stops it through the same
+//! [`Interrupter`], as the reference exits the process.
+//!
 //! `optimize` has no error channel: a controller error aborts that step (the model is left as
 //! it was), is kept for [`Controlled::error`], later steps do nothing, and the training run is
 //! stopped through the burn-train [`Interrupter`] given with
@@ -677,7 +681,19 @@ impl<M: Module + TrainStep> TrainStep for Controlled<M> {
             .stepper
             .optimize(self.model.clone(), optim, lr_module, grads)
         {
-            Ok(model) => model,
+            Ok(model) => {
+                // A controller's own end of the run (RoSA's
+                // `terminate_after_mask_generation`, once the masks are saved).
+                if shared.stepper.should_stop()
+                    && let Some(i) = &shared.interrupter
+                {
+                    i.stop(Some(
+                        "a PEFT controller ended the run (e.g. RoSA's \
+                                 terminate_after_mask_generation: the masks are saved)",
+                    ));
+                }
+                model
+            }
             Err(e) => {
                 if let Some(i) = &shared.interrupter {
                     i.stop(Some(&format!("PEFT controller failed: {e}")));

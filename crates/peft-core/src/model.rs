@@ -292,6 +292,32 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         Ok(self.unload())
     }
 
+    /// [`merge_and_unload`](Self::merge_and_unload) restricted to the layers whose path in the
+    /// model full-matches `module_regex` (the reference SFT's `merge_and_unload(module_regex)`):
+    /// every other layer is unloaded without merging.
+    ///
+    /// # Errors
+    /// An invalid regular expression, or a non-finite merge with `safe` (nothing is merged
+    /// then).
+    pub fn merge_and_unload_matching(mut self, module_regex: &str, safe: bool) -> Result<M> {
+        let re = crate::target::full_match(module_regex)?;
+        let names = self.active.clone();
+        hosts::for_each(
+            &mut self.model,
+            move |mut host: HostView<'_, C::Adapter>| {
+                if !re.is_match(&host.path) {
+                    return Ok(());
+                }
+                let base = host.base_weight();
+                let path = host.path.clone();
+                let merged = host.slot.merge(base, &names, safe, &path)?;
+                host.set_base_weight(merged);
+                Ok(())
+            },
+        )?;
+        Ok(self.unload())
+    }
+
     /// The model without adapters and without merging what is not merged yet.
     pub fn unload(mut self) -> M {
         hosts::for_each(&mut self.model, |host: HostView<'_, C::Adapter>| {

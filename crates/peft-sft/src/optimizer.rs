@@ -130,7 +130,8 @@ impl SftAdamW {
 /// ```
 ///
 /// The accumulators (`rows` and `cols` values) are monotone non-decreasing; the momentum
-/// buffer (only with `μ > 0`) is `[k]`.
+/// buffer (only with `μ > 0`) is `[k]`. With `row_cover_only`, as the reference, only the row
+/// accumulators are kept: `ν = row_acc[r] + g²`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SftSm3 {
     /// μ (0).
@@ -139,6 +140,9 @@ pub struct SftSm3 {
     pub eps: f64,
     /// Decoupled weight decay (0).
     pub weight_decay: f64,
+    /// Row accumulators only (the reference's `row_cover_only`, false).
+    #[serde(default)]
+    pub row_cover_only: bool,
 }
 
 impl Default for SftSm3 {
@@ -147,6 +151,7 @@ impl Default for SftSm3 {
             momentum: 0.0,
             eps: 1e-8,
             weight_decay: 0.0,
+            row_cover_only: false,
         }
     }
 }
@@ -201,13 +206,20 @@ impl SftSm3 {
         let nu: Vec<f32> = (0..k)
             .map(|i| {
                 let (r, c) = (rows[i] as usize, cols[i] as usize);
-                state.row_acc[r].min(state.col_acc[c]) + grads[i] * grads[i]
+                let acc = if self.row_cover_only {
+                    state.row_acc[r]
+                } else {
+                    state.row_acc[r].min(state.col_acc[c])
+                };
+                acc + grads[i] * grads[i]
             })
             .collect();
         for i in 0..k {
             let (r, c) = (rows[i] as usize, cols[i] as usize);
             state.row_acc[r] = state.row_acc[r].max(nu[i]);
-            state.col_acc[c] = state.col_acc[c].max(nu[i]);
+            if !self.row_cover_only {
+                state.col_acc[c] = state.col_acc[c].max(nu[i]);
+            }
         }
         let momentum = self.momentum > 0.0;
         if momentum && state.momentum.len() != k {
@@ -242,6 +254,42 @@ pub enum SftOptimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sm3_row_cover_only_keeps_row_accumulators_alone() {
+        // idx {0, 1, 5} in a 3x4 weight, g = (1, 2, 3): rows 0, 0, 1.
+        let o = SftSm3 {
+            row_cover_only: true,
+            ..SftSm3::default()
+        };
+        let mut state = Sm3State::new(3, 4, 3, false);
+        let mut values = vec![0.0; 3];
+        o.step(
+            1.0,
+            &mut values,
+            &[1.0, 2.0, 3.0],
+            &[0, 0, 1],
+            &[0, 1, 1],
+            &mut state,
+        );
+        assert_eq!(state.row_acc, vec![4.0, 9.0, 0.0]);
+        assert_eq!(state.col_acc, vec![0.0; 4], "no column accumulators");
+        // ν = row_acc (0 before the step) + g²: u = g / |g| = 1 for every entry.
+        for v in &values {
+            assert!((v + 1.0).abs() < 1e-6, "{values:?}");
+        }
+        // The second step reads the row accumulator alone (min with a column would give 0 + g²).
+        o.step(
+            1.0,
+            &mut values,
+            &[1.0, 1.0, 1.0],
+            &[0, 0, 1],
+            &[0, 1, 1],
+            &mut state,
+        );
+        let want = -1.0 - 1.0 / 5.0f32.sqrt();
+        assert!((values[0] - want).abs() < 1e-6, "{values:?}");
+    }
 
     #[test]
     fn sm3_accumulators_match_the_verified_example() {

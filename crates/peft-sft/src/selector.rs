@@ -350,7 +350,17 @@ impl SftSelector {
                             &fresh
                         }
                     };
-                    sm3_plan(&indices, &values, &sm3.row_acc, &sm3.col_acc, p)
+                    // Row accumulators only: rows score alone (the reference's growth
+                    // reads a column accumulator it does not keep then).
+                    let ones;
+                    let col = match optimizer {
+                        SftOptimizer::Sm3(o) if o.row_cover_only => {
+                            ones = vec![1.0; cols];
+                            &ones
+                        }
+                        _ => &sm3.col_acc,
+                    };
+                    sm3_plan(&indices, &values, &sm3.row_acc, col, p)
                 }
             };
             out.borrow_mut().insert(
@@ -627,13 +637,9 @@ fn apply_plan(
                 s.exp_avg_sq[r.slot] = v;
                 s.age[r.slot] = age;
             }
-            SftOptimizer::Sm3(_) => {
-                if let Some(s) = state.sm3.as_mut()
-                    && !s.momentum.is_empty()
-                {
-                    s.momentum[r.slot] = 0.0;
-                }
-            }
+            // As the reference: the slot keeps its momentum (the dropped entry's) and the
+            // accumulators are not reset.
+            SftOptimizer::Sm3(_) => {}
         }
     }
     let mut order: Vec<usize> = (0..k).collect();

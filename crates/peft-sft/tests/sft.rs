@@ -14,7 +14,7 @@ use peft_core::step::Stepper;
 use peft_core::{ModuleSelector, PeftLinear};
 use peft_sft::{
     AdamState, InitDeltas, LoadOptions, RatePolicy, SaveOptions, SelectionAlgorithm, SftAdamW,
-    SftAdapter, SftConfig, SftModel, SftSelector,
+    SftAdapter, SftConfig, SftModel, SftOptimizer, SftSelector, SftSm3,
 };
 
 /// Two independent layers, so each one's weight gradient has a closed form under a linear
@@ -733,6 +733,97 @@ fn the_activation_path_forms_no_weight_shaped_gradient() {
         weight.contains(&vec![6, 4]) && weight.contains(&vec![5, 7]),
         "weight path: {weight:?}"
     );
+}
+
+/// SftSM3 with momentum: a slot regrown at a reselection keeps the momentum of the entry it
+/// replaces (the reference rewrites indices in place and keeps its momentum buffer), so the
+/// momenta after the selection are those after the update, permuted. Run A reselects every slot
+/// after step 2 (`S = 2`); run B, the same up to step 2 but reselecting after step 3, shows the
+/// momenta after step 2's update.
+#[test]
+fn sm3_regrown_slots_keep_the_dropped_momentum() {
+    fn run_with(s: usize) -> Run<PeftLinear<SftAdapter>> {
+        let dev = device();
+        let config = SftConfig::new(0.3, targets())
+            .with_selection(SelectionAlgorithm::Sm3)
+            .with_steps(4, s)
+            .with_rate(RatePolicy::Linear, 0.5);
+        let model = SftModel::new(Act::new(&dev), config.clone()).unwrap();
+        let config = model.adapters()["default"].config.clone();
+        let optimizer = SftOptimizer::Sm3(SftSm3 {
+            momentum: 0.5,
+            ..SftSm3::default()
+        });
+        let selector = SftSelector::with_optimizer(&config, "default", 20, optimizer).unwrap();
+        let net = selector.prepare(model.model().clone()).unwrap();
+        let selector = Arc::new(Mutex::new(selector));
+        Run {
+            net,
+            stepper: Stepper::new().with(selector.clone()),
+            selector,
+            lr: 0.01,
+        }
+    }
+    let (mut a, mut b) = (run_with(2), run_with(3));
+    for _ in 0..2 {
+        a.step();
+        b.step();
+    }
+    let (sa, sb) = (a.selector.lock().unwrap(), b.selector.lock().unwrap());
+    for (name, _, _) in LAYERS {
+        let report = &sa.last_selection()[name];
+        assert!(report.replaced > 0, "{name}: the selection regrew slots");
+        assert!(sb.last_selection().is_empty());
+        let sorted = |v: &[f32]| {
+            let mut v = v.to_vec();
+            v.sort_by(f32::total_cmp);
+            v
+        };
+        let after = &sa.sm3_state(name).unwrap().momentum;
+        let updated = &sb.sm3_state(name).unwrap().momentum;
+        assert!(
+            updated.iter().all(|m| *m != 0.0),
+            "{name}: every momentum moved"
+        );
+        assert_eq!(sorted(after), sorted(updated), "{name}: no momentum reset");
+        // Retained entries keep theirs at their index.
+        let (ia, ib) = (
+            adapter_of(&a.net, name).indices(),
+            adapter_of(&b.net, name).indices(),
+        );
+        for (j, i) in ia.iter().enumerate() {
+            if let Some(k) = ib.iter().position(|x| x == i) {
+                assert_eq!(after[j], updated[k], "{name}: retained index {i}");
+            }
+        }
+    }
+}
+
+/// `merge_and_unload` restricted by a module regex (the reference's `module_regex`): the
+/// matching layer's weight gets its deltas, the other keeps the base weight, and no adapter is
+/// left.
+#[test]
+fn merge_and_unload_with_a_module_regex() {
+    let dev = device();
+    let config = SftConfig::new(0.3, targets()).with_init(InitDeltas::Random(1.0));
+    let model = SftModel::new(Weight::new(&dev), config).unwrap();
+    let base = Weight::new(&dev);
+    let deltas = delta_map(model.model(), "a");
+    assert!(!deltas.is_empty());
+    let net = model.merge_and_unload_matching("a", true).unwrap();
+    // `[in, out]` (burn) -> `[out, in]` row-major, the indices' orientation.
+    let torch = |l: &Linear| vec2(l.weight.val().transpose());
+    let mut want = torch(&base.a);
+    for (i, v) in &deltas {
+        want[*i as usize] += v;
+    }
+    close(&torch(&net.a), &want, 1e-6, "a: merged");
+    assert_eq!(torch(&net.b), torch(&base.b), "b: not merged");
+    let err = SftModel::new(Weight::new(&dev), SftConfig::new(0.3, targets()))
+        .unwrap()
+        .merge_and_unload_matching("(", false)
+        .unwrap_err();
+    assert!(err.to_string().contains('('), "{err}");
 }
 
 /// S12: SM3 accumulators are the row/column maxima of ν, monotone; SM3 growth takes the
