@@ -992,7 +992,8 @@ fn adamw_update_equals_the_formula() {
 }
 
 /// Files: indices as int64, values f32; a round trip into a model whose adapter would be
-/// initialised differently; unsorted indices (the reference's order after reselection) load.
+/// initialised differently; unsorted indices (the reference's order after reselection) and
+/// `int32` indices (the reference writes them) load.
 #[test]
 fn files_use_integer_indices_and_round_trip() {
     let dev = device();
@@ -1049,6 +1050,41 @@ fn files_use_integer_indices_and_round_trip() {
         delta_map(loaded.model(), "b"),
         delta_map(model.model(), "b")
     );
+    // The reference's own layout: int32 indices in slot order (unsorted here), f32 values.
+    let views: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = t
+        .iter()
+        .map(|(k, d)| {
+            let shape = d.shape().to_vec();
+            if k.ends_with("indices") {
+                let v: Vec<i64> = d.clone().try_to_vec().unwrap();
+                let bytes = v.iter().flat_map(|&i| (i as i32).to_le_bytes()).collect();
+                (k.clone(), safetensors::Dtype::I32, shape, bytes)
+            } else {
+                let v: Vec<f32> = d.clone().try_to_vec().unwrap();
+                let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (k.clone(), safetensors::Dtype::F32, shape, bytes)
+            }
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = views
+        .iter()
+        .map(|(k, dt, shape, b)| {
+            let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), b).unwrap();
+            (k.clone(), view)
+        })
+        .collect();
+    let file = dir.path().join("adapter_model.safetensors");
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let loaded =
+        SftModel::<Act>::from_pretrained(Act::new(&dev), dir.path(), &LoadOptions::default())
+            .unwrap();
+    for (name, _, _) in LAYERS {
+        assert_eq!(
+            delta_map(loaded.model(), name),
+            delta_map(model.model(), name),
+            "int32 indices: {name}"
+        );
+    }
     // A repeated index is refused, naming the key.
     let mut bad = t.clone();
     bad.insert(
