@@ -381,8 +381,7 @@ impl SftSelector {
                 pool.as_ref(),
                 optimizer,
                 grad_accum,
-                indices,
-                values,
+                (indices, values),
             )
         });
         self.layers = Rc::try_unwrap(layers)
@@ -612,8 +611,7 @@ fn apply_plan(
     pool: Option<&Candidates>,
     optimizer: SftOptimizer,
     grad_accum: usize,
-    mut indices: Vec<u64>,
-    mut values: Vec<f32>,
+    (mut indices, mut values): (Vec<u64>, Vec<f32>),
 ) -> Result<()> {
     let k = indices.len();
     if let SftOptimizer::AdamW(_) = optimizer
