@@ -552,7 +552,8 @@ fn adapters(
                 budget > 0 && budget <= target_numel,
                 "--budget must be in [1, {target_numel}]"
             );
-            // `int(density · numel)` per layer = the reference's `int(N · numel / Σ numel)`.
+            // An absolute budget (the reference's `num_tunable_weights`), split over the
+            // targets by size when attaching: `int(N · numel / Σ numel)` per layer.
             let density = budget as f64 / target_numel as f64;
             let (r, s) = if steps >= 40 {
                 (20, 5)
@@ -565,6 +566,7 @@ fn adapters(
                 SelectionArg::Sm3 => SelectionAlgorithm::Sm3,
             };
             let config = SftConfig::new(density, all_linear())
+                .with_num_tunable_weights(budget)
                 .with_selection(algorithm)
                 .with_steps(r, s)
                 .with_seed(args.seed)

@@ -168,6 +168,13 @@ fn to_data(name: &str, view: &TensorView<'_>) -> Result<TensorData> {
                 .collect::<Vec<_>>(),
             shape,
         ),
+        // peft-rosa's CSR indices (`row_idx`, `col_idx`).
+        Dtype::I16 => TensorData::new(
+            b.chunks_exact(2)
+                .map(|c| i64::from(i16::from_le_bytes(c.try_into().unwrap())))
+                .collect::<Vec<_>>(),
+            shape,
+        ),
         other => {
             return Err(PeftError::UnsupportedDtype {
                 key: name.to_string(),

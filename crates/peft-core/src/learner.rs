@@ -6,6 +6,10 @@
 //! `PeftModel` with [`PeftModel::controlled`](crate::PeftModel::controlled): the method's
 //! controllers come with it and the missing-controller check runs once, there.
 //!
+//! A controller that ends the run ([`Stepper::should_stop`]: RoSA's
+//! `terminate_after_mask_generation`, once the masks are saved) stops it through the same
+//! [`Interrupter`], as the reference exits the process.
+//!
 //! `optimize` has no error channel: a controller error aborts that step (the model is left as
 //! it was), is kept for [`Controlled::error`], later steps do nothing, and the training run is
 //! stopped through the burn-train [`Interrupter`] given with
@@ -642,8 +646,22 @@ impl<M: Module + TrainStep> TrainStep for Controlled<M> {
     type Input = M::Input;
     type Output = M::Output;
 
+    /// The wrapped model's step; its gradients are reported to the controllers as one
+    /// micro-batch ([`Stepper::after_backward`]), so with burn-train's gradient accumulation
+    /// every backward pass is seen, as the reference's hooks see them. A controller error is
+    /// handled as in [`optimize`](Self::optimize).
     fn step(&self, item: Self::Input) -> TrainOutput<Self::Output> {
-        self.model.step(item)
+        let output = self.model.step(item);
+        let mut shared = self.stepper.lock();
+        let reported = match shared.error {
+            None => shared.stepper.after_backward(&self.model, &output.grads),
+            Some(_) => Ok(()),
+        };
+        drop(shared);
+        if let Err(e) = reported {
+            self.stepper.fail(e);
+        }
+        output
     }
 
     /// Controllers and optimizer, in order. A controller error leaves the model as it was,
@@ -663,7 +681,19 @@ impl<M: Module + TrainStep> TrainStep for Controlled<M> {
             .stepper
             .optimize(self.model.clone(), optim, lr_module, grads)
         {
-            Ok(model) => model,
+            Ok(model) => {
+                // A controller's own end of the run (RoSA's
+                // `terminate_after_mask_generation`, once the masks are saved).
+                if shared.stepper.should_stop()
+                    && let Some(i) = &shared.interrupter
+                {
+                    i.stop(Some(
+                        "a PEFT controller ended the run (e.g. RoSA's \
+                                 terminate_after_mask_generation: the masks are saved)",
+                    ));
+                }
+                model
+            }
             Err(e) => {
                 if let Some(i) = &shared.interrupter {
                     i.stop(Some(&format!("PEFT controller failed: {e}")));

@@ -153,6 +153,19 @@ pub trait Method: PeftConfig + Clone + Debug + Send + Sync + 'static {
     /// A layer the method cannot adapt, or an invalid per-layer setting.
     fn create(&self, info: &LayerInfo) -> Result<Created<Self::Adapter>>;
 
+    /// The config completed from the whole model before an attach
+    /// ([`PeftModel::add_adapter`](crate::PeftModel::add_adapter)); what it returns is what the
+    /// adapter is built from and saved with. The default returns the config unchanged; SFT
+    /// splits its budget (a share of the whole model) over the target layers here, as the
+    /// reference does at injection.
+    ///
+    /// # Errors
+    /// A config that does not fit the model.
+    fn for_model<M: Module>(&self, model: &M) -> Result<Self> {
+        let _ = model;
+        Ok(self.clone())
+    }
+
     /// The factory of one attach ([`PeftModel::add_adapter`](crate::PeftModel::add_adapter)),
     /// called once, then once per selected layer. The default calls [`create`](Self::create);
     /// a method whose new adapters start from a file the config names (RoSA's

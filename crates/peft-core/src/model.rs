@@ -100,12 +100,14 @@ impl<M: Module, C: Method> PeftModel<M, C> {
     }
 
     /// Add an adapter. It is inactive and frozen until [`set_adapter`](Self::set_adapter).
+    /// The config is first completed from the model ([`Method::for_model`]).
     ///
     /// # Errors
     /// A taken name, an invalid config, targets that match nothing, or a second adapter with
     /// `bias != "none"`.
     pub fn add_adapter(&mut self, name: &str, config: C) -> Result<()> {
         config.validate()?;
+        let config = config.for_model(&self.model)?;
         let factory = config.factory()?;
         self.add_adapter_with(name, config, factory)
     }
@@ -287,6 +289,32 @@ impl<M: Module, C: Method> PeftModel<M, C> {
     /// A non-finite merge with `safe`.
     pub fn merge_and_unload(mut self, safe: bool) -> Result<M> {
         self.merge_adapter(None, safe)?;
+        Ok(self.unload())
+    }
+
+    /// [`merge_and_unload`](Self::merge_and_unload) restricted to the layers whose path in the
+    /// model full-matches `module_regex` (the reference SFT's `merge_and_unload(module_regex)`):
+    /// every other layer is unloaded without merging.
+    ///
+    /// # Errors
+    /// An invalid regular expression, or a non-finite merge with `safe` (nothing is merged
+    /// then).
+    pub fn merge_and_unload_matching(mut self, module_regex: &str, safe: bool) -> Result<M> {
+        let re = crate::target::full_match(module_regex)?;
+        let names = self.active.clone();
+        hosts::for_each(
+            &mut self.model,
+            move |mut host: HostView<'_, C::Adapter>| {
+                if !re.is_match(&host.path) {
+                    return Ok(());
+                }
+                let base = host.base_weight();
+                let path = host.path.clone();
+                let merged = host.slot.merge(base, &names, safe, &path)?;
+                host.set_base_weight(merged);
+                Ok(())
+            },
+        )?;
         Ok(self.unload())
     }
 

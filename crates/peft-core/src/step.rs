@@ -8,7 +8,14 @@
 //! on the `PeftModel`; it refuses to start (a [`PeftError::MissingController`]) when an adapter
 //! that needs a controller has none in the runner.
 //!
-//! Order of one step (after `loss.backward()`):
+//! Order of one step:
+//! 0. after each micro-batch's backward pass, every controller's
+//!    [`after_backward`](Controller::after_backward) sees that micro-batch's gradients (the
+//!    training loop reports them with [`Stepper::after_backward`] or [`Stepper::backward`]);
+//!    when a step reaches the optimizer with no micro-batch reported, the stepper reports the
+//!    step's (accumulated) gradients as its only micro-batch, so a loop without gradient
+//!    accumulation needs no extra call. Statistics the reference collects per backward call
+//!    (RoSA's mask statistic, SFT's RigL candidates) are collected here;
 //! 1. every controller's [`before_optimizer`](Controller::before_optimizer), in registration
 //!    order, sees and may edit the gradients (RoSA gradient collection, ID3 unmasking, SFT
 //!    taking its deltas' gradients);
@@ -61,6 +68,25 @@ pub trait Controller<M>: Send {
     /// Method-specific.
     fn prepare(&mut self, model: M) -> Result<M> {
         Ok(model)
+    }
+
+    /// Inspect one micro-batch's gradients, right after its backward pass (before they are
+    /// accumulated). `step` is the index of the optimizer step the micro-batch belongs to and
+    /// `micro_batch` its index in that step (from 0). Without gradient accumulation, or when
+    /// the training loop reports no micro-batch, this runs once per step with the step's
+    /// gradients (`micro_batch` 0), before [`before_optimizer`](Self::before_optimizer).
+    ///
+    /// # Errors
+    /// Method-specific.
+    fn after_backward(
+        &mut self,
+        step: usize,
+        micro_batch: usize,
+        model: &M,
+        grads: &GradientsParams,
+    ) -> Result<()> {
+        let _ = (step, micro_batch, model, grads);
+        Ok(())
     }
 
     /// Inspect or edit the gradients before the optimizer step.
@@ -132,6 +158,16 @@ impl<M, C: Controller<M>> Controller<M> for std::sync::Arc<std::sync::Mutex<C>> 
         lock(self).prepare(model)
     }
 
+    fn after_backward(
+        &mut self,
+        step: usize,
+        micro_batch: usize,
+        model: &M,
+        grads: &GradientsParams,
+    ) -> Result<()> {
+        lock(self).after_backward(step, micro_batch, model, grads)
+    }
+
     fn before_optimizer(
         &mut self,
         info: StepInfo,
@@ -193,6 +229,8 @@ pub trait Tuned<M> {
 pub struct Stepper<M> {
     controllers: Vec<Box<dyn Controller<M>>>,
     step: usize,
+    /// Micro-batches reported for the current step.
+    micro_batches: usize,
     checked: bool,
 }
 
@@ -201,6 +239,7 @@ impl<M> std::fmt::Debug for Stepper<M> {
         f.debug_struct("Stepper")
             .field("controllers", &self.controllers.len())
             .field("step", &self.step)
+            .field("micro_batches", &self.micro_batches)
             .finish()
     }
 }
@@ -210,6 +249,7 @@ impl<M> Default for Stepper<M> {
         Self {
             controllers: Vec::new(),
             step: 0,
+            micro_batches: 0,
             checked: false,
         }
     }
@@ -262,6 +302,7 @@ impl<M: Module> Stepper<M> {
     /// Resume counting at `step` (after loading a checkpoint).
     pub fn set_step_index(&mut self, step: usize) {
         self.step = step;
+        self.micro_batches = 0;
     }
 
     /// Whether a controller asks to stop the run (e.g. RoSA's
@@ -270,7 +311,43 @@ impl<M: Module> Stepper<M> {
         self.controllers.iter().any(|c| c.should_stop())
     }
 
+    /// Micro-batches reported for the current step so far.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// Report one micro-batch's gradients, right after its backward pass: every controller's
+    /// [`after_backward`](Controller::after_backward) sees them. Call it for each micro-batch of
+    /// a step with gradient accumulation (then accumulate the gradients as usual and give the
+    /// sum to [`optimize`](Self::optimize) / [`train_grads`](Self::train_grads)); without
+    /// accumulation it is not needed.
+    ///
+    /// # Errors
+    /// A controller's error.
+    pub fn after_backward(&mut self, model: &M, grads: &GradientsParams) -> Result<()> {
+        let micro = self.micro_batches;
+        self.micro_batches += 1;
+        for c in &mut self.controllers {
+            c.after_backward(self.step, micro, model, grads)?;
+        }
+        Ok(())
+    }
+
+    /// A micro-batch's backward pass from its loss, reported with
+    /// [`after_backward`](Self::after_backward): the gradients to accumulate.
+    ///
+    /// # Errors
+    /// A controller's error.
+    pub fn backward(&mut self, model: &M, loss: Tensor<1>) -> Result<GradientsParams> {
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        self.after_backward(model, &grads)?;
+        Ok(grads)
+    }
+
     /// Run controllers and the optimizer on gradients already computed.
+    ///
+    /// When no micro-batch was reported for this step ([`after_backward`](Self::after_backward)),
+    /// `grads` is reported as the step's only one first.
     ///
     /// This is the low-level step on a bare model: it checks nothing about methods. Train a
     /// `PeftModel` with [`train`](Self::train) / [`train_grads`](Self::train_grads).
@@ -289,6 +366,12 @@ impl<M: Module> Stepper<M> {
             step: self.step,
             lr: lr.base(),
         };
+        let reported = std::mem::take(&mut self.micro_batches);
+        if reported == 0 {
+            for c in &mut self.controllers {
+                c.after_backward(self.step, 0, &model, &grads)?;
+            }
+        }
         for c in &mut self.controllers {
             c.before_optimizer(info, &model, &mut grads)?;
         }
@@ -450,6 +533,7 @@ impl<M: Module> Stepper<M> {
             c.load_state(&dir.join(format!("controller-{i}")), device)?;
         }
         self.step = step;
+        self.micro_batches = 0;
         Ok(())
     }
 }

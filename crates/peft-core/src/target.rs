@@ -180,7 +180,7 @@ fn compile(pattern: &str) -> Result<Regex> {
     })
 }
 
-fn full_match(pattern: &str) -> Result<Regex> {
+pub(crate) fn full_match(pattern: &str) -> Result<Regex> {
     compile(&format!("^(?:{pattern})$"))
 }
 

@@ -374,6 +374,13 @@ impl RosaConfig {
         self
     }
 
+    /// Set `terminate_after_mask_generation` (needs `mask_save_path`): the first run of the
+    /// reference's two-run recipe.
+    pub fn with_terminate_after_mask_generation(mut self, on: bool) -> Self {
+        self.terminate_after_mask_generation = on;
+        self
+    }
+
     /// Set `mask_load_path`: new adapters start with these masks (read once per attach), and
     /// no step collects gradients. Masks known in-process are given when attaching instead
     /// ([`MaskedAdapters`](crate::MaskedAdapters)).

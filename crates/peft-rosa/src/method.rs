@@ -6,7 +6,10 @@
 //! sparse adapter `rosa_spa.values` `[nnz]`, `rosa_spa.row_offs` `[rows + 1]`,
 //! `rosa_spa.row_idx` `[rows]` (rows by decreasing length, for load balance) and
 //! `rosa_spa.col_idx` `[nnz]`, integers as `int64` (the reference's int16 caps dimensions at
-//! 32767). A layer without a mask yet writes zero offsets, as the reference does.
+//! 32767) and values as `f32`. A layer without a mask yet writes zero offsets, as the reference
+//! does. Files as peft-rosa writes them load too: `int32` offsets, `int16` or `int32` indices,
+//! `bf16` or `f16` values and factors (cast to `f32`), and the transposed CSR `rosa_spa.tr_*`
+//! (written for every embedding and under `impl = "spmm"`; rebuilt here, so read and dropped).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -201,19 +204,18 @@ impl Method for RosaConfig {
         let offsets = to_u32(take("rosa_spa.row_offs", &[sr + 1])?, "rosa_spa.row_offs")?;
         take("rosa_spa.row_idx", &[sr])?;
         let cols_idx = to_u32(take("rosa_spa.col_idx", &[nnz])?, "rosa_spa.col_idx")?;
-        // The reference also writes the transposed CSR when it uses `spmm` with a stored
-        // transpose; the layout rebuilds it, so those tensors are read and dropped.
-        if self.implementation == "spmm" && self.spa_store_transpose {
-            for (key, len) in [
-                ("rosa_spa.tr_perm", nnz),
-                ("rosa_spa.tr_row_offs", sc + 1),
-                ("rosa_spa.tr_row_idx", sc),
-                ("rosa_spa.tr_col_idx", nnz),
-            ] {
-                match take(key, &[len]) {
-                    Ok(_) | Err(PeftError::MissingTensor { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+        // The reference also writes the transposed CSR when it runs `spmm` with a stored
+        // transpose (`impl = "spmm"`, and always for embeddings, whatever `impl` says); the
+        // layout rebuilds it, so those tensors are read where present and dropped.
+        for (key, len) in [
+            ("rosa_spa.tr_perm", nnz),
+            ("rosa_spa.tr_row_offs", sc + 1),
+            ("rosa_spa.tr_row_idx", sc),
+            ("rosa_spa.tr_col_idx", nnz),
+        ] {
+            match take(key, &[len]) {
+                Ok(_) | Err(PeftError::MissingTensor { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         if offsets.last().copied().unwrap_or(0) == 0 {

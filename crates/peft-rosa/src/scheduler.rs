@@ -42,10 +42,12 @@ struct Collected {
 /// - During gradient collection every adapted layer with a sparse budget carries a zero probe
 ///   whose gradient is its weight gradient `xᵀ·dY`; the frozen base weight gets none. The probe
 ///   gradients are removed before the optimizer, so the probes stay zero and hold no optimizer
-///   state. With gradient accumulation, call [`observe`](Self::observe) with each
-///   micro-batch's gradients: `mean_squared` then averages the squares of the micro-batch
-///   gradients, as the reference's backward hooks do; otherwise the step's gradient counts as
-///   one.
+///   state. Each backward pass is one sample, as the reference's backward hooks count them:
+///   the scheduler takes it in [`Controller::after_backward`], so with gradient accumulation
+///   (micro-batches reported with [`Stepper::after_backward`](peft_core::step::Stepper::after_backward),
+///   as `burn-peft train` and burn-train's runner do) `mean_squared` averages the squares of
+///   the micro-batch gradients; a step with no micro-batch reported counts its (accumulated)
+///   gradient as one sample.
 /// - At the end of the last collection step it takes, per layer, the top `int(d·rows·cols)`
 ///   entries of `|statistic|` (the layer's own `d`, after `density_pattern`), sets the masks
 ///   with zero values (the outputs do not change), saves them to `mask_save_path` if set, and
@@ -65,7 +67,6 @@ pub struct RosaScheduler {
     terminate: bool,
     step: usize,
     collected: BTreeMap<String, Collected>,
-    observed: bool,
     masks: Option<RosaMasks>,
     generated: bool,
     restart: bool,
@@ -126,7 +127,6 @@ impl RosaScheduler {
             terminate: config.terminate_after_mask_generation,
             step: 0,
             collected: BTreeMap::new(),
-            observed: false,
             masks: known,
             generated: false,
             restart: false,
@@ -312,16 +312,16 @@ impl RosaScheduler {
         self.collected.insert(path.to_string(), next);
     }
 
-    /// Add one micro-batch's gradients to the mask statistic (gradient accumulation).
-    ///
-    /// When called during a collection step, the step's own (accumulated) gradient is not
-    /// added again in [`Controller::before_optimizer`].
-    ///
-    /// # Errors
-    /// Collection is due but the model has no probes ([`prepare`](Self::prepare) was not
-    /// called).
-    pub fn observe<M: Module>(&mut self, model: &M, grads: &GradientsParams) -> Result<()> {
-        if !self.collecting(self.step) {
+    /// Add one backward pass's gradients to the mask statistic (one sample per layer the loss
+    /// reached).
+    fn observe<M: Module>(
+        &mut self,
+        step: usize,
+        model: &M,
+        grads: &GradientsParams,
+    ) -> Result<()> {
+        self.step = step;
+        if !self.collecting(step) {
             return Ok(());
         }
         for layer in self.probes(model)? {
@@ -329,7 +329,6 @@ impl RosaScheduler {
                 self.accumulate(&layer.path, g);
             }
         }
-        self.observed = true;
         Ok(())
     }
 
@@ -511,7 +510,6 @@ impl RosaScheduler {
         self.generated = generated;
         self.collected = collected;
         self.masks = masks;
-        self.observed = false;
         Ok(())
     }
 }
@@ -598,6 +596,16 @@ impl<M: Module> Controller<M> for RosaScheduler {
         RosaScheduler::load_state(self, dir, device)
     }
 
+    fn after_backward(
+        &mut self,
+        step: usize,
+        _micro_batch: usize,
+        model: &M,
+        grads: &GradientsParams,
+    ) -> Result<()> {
+        self.observe(step, model, grads)
+    }
+
     fn before_optimizer(
         &mut self,
         info: StepInfo,
@@ -605,26 +613,16 @@ impl<M: Module> Controller<M> for RosaScheduler {
         grads: &mut GradientsParams,
     ) -> Result<()> {
         self.step = info.step;
-        let collecting = self.collecting(info.step);
-        let layers = if collecting {
-            self.probes(model)?
-        } else {
-            layer_refs(model, &self.adapter)
-        };
-        for layer in layers {
+        for layer in layer_refs(model, &self.adapter) {
             // Probe gradients never reach the optimizer: the probes stay zero, stateless.
-            let Some(g) = layer.probe.and_then(|id| grads.remove::<2>(id)) else {
-                continue;
-            };
-            if collecting && !self.observed {
-                self.accumulate(&layer.path, g);
+            if let Some(id) = layer.probe {
+                grads.remove::<2>(id);
             }
         }
         Ok(())
     }
 
     fn after_optimizer(&mut self, info: StepInfo, mut model: M) -> Result<M> {
-        self.observed = false;
         let next = info.step + 1;
         if self.collecting(info.step) && !self.agenda(next).grad_collection {
             let masks = self.generate(&model)?;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::optim::{GradientsAccumulator, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_core::hosts::{self, HostView};
 use peft_core::step::Stepper;
@@ -402,11 +402,16 @@ fn micro_batches_average_their_squared_gradients() {
     let model = RosaModel::new(Act::new(&dev), config.clone()).unwrap();
     let mut scheduler = RosaScheduler::new(&config, "default").unwrap();
     let net = scheduler.prepare(model.model().clone()).unwrap();
-    // Two micro-batches, observed one by one; the step then gets their summed gradients.
+    let shared = Arc::new(Mutex::new(scheduler));
+    let mut stepper = Stepper::new().with(shared.clone());
+    // Two micro-batches reported one by one through the step runner (as `burn-peft train` and
+    // burn-train's runner do); the optimizer then gets their summed gradients.
+    let mut accumulator = GradientsAccumulator::<Act>::new();
     for micro in [10, 11] {
-        let grads = GradientsParams::from_grads(net.loss(micro, &dev).backward(), &net);
-        scheduler.observe(&net, &grads).unwrap();
+        let grads = stepper.backward(&net, net.loss(micro, &dev)).unwrap();
+        accumulator.accumulate(&net, grads);
     }
+    assert_eq!(stepper.micro_batches(), 2);
     let expected: Vec<f32> = {
         let (g1, _) = weight_grads(10, &inner);
         let (g2, _) = weight_grads(11, &inner);
@@ -415,24 +420,42 @@ fn micro_batches_average_their_squared_gradients() {
             .map(|(x, y)| (x * x + y * y) / 2.0)
             .collect()
     };
-    close(
-        &vec2(scheduler.collected("a").unwrap().transpose()),
-        &expected,
-        1e-5,
-        "mean of the squares, not the square of the sum",
-    );
-    let summed = net.loss(10, &dev) + net.loss(11, &dev);
-    let grads = GradientsParams::from_grads(summed.backward(), &net);
-    let shared = Arc::new(Mutex::new(scheduler));
-    let mut stepper = Stepper::new().with(shared.clone());
+    {
+        let s = shared.lock().unwrap();
+        assert_eq!(
+            s.collected_counts().get("a"),
+            Some(&2),
+            "one sample per backward pass"
+        );
+        close(
+            &vec2(s.collected("a").unwrap().transpose()),
+            &expected,
+            1e-5,
+            "mean of the squares, not the square of the sum",
+        );
+    }
     let mut optim = SgdConfig::new().init();
-    let net = stepper.optimize(net, &mut optim, 0.01, grads).unwrap();
+    let net = stepper
+        .optimize(net, &mut optim, 0.01, accumulator.grads())
+        .unwrap();
+    assert_eq!(stepper.micro_batches(), 0);
     let s = shared.lock().unwrap();
-    // Not counted again at the step: the mask is the top-k of the observed statistic.
+    // Not counted again at the step: the mask is the top-k of the per-micro-batch statistic,
+    // which differs from the square of the summed gradient's.
     let abs: Vec<f32> = expected.iter().map(|x| x.abs()).collect();
     assert_eq!(
         s.masks().unwrap().get("a").unwrap().flat_indices(),
         dense_topk(&abs, 6)
+    );
+    let summed: Vec<f32> = {
+        let (g1, _) = weight_grads(10, &inner);
+        let (g2, _) = weight_grads(11, &inner);
+        g1.iter().zip(g2).map(|(x, y)| (x + y) * (x + y)).collect()
+    };
+    assert_ne!(
+        dense_topk(&summed, 6),
+        dense_topk(&abs, 6),
+        "the data tells them apart"
     );
     assert!(adapter_of(&net, "a").probe.is_none());
 }

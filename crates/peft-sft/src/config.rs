@@ -71,10 +71,12 @@ fn default_peft_type() -> String {
 /// Differences from the reference, all deliberate:
 /// - `dtype` is kept and written back, but deltas are `f32` (`"auto"`, a `NameError` in the
 ///   reference, is refused);
-/// - without `num_deltas`, [`allocate`](Self::allocate) computes them from the model (the
-///   reference's rule, `k_m = int(N·numel_m/Σ numel)`); a config that reaches
-///   [`Method::create`](peft_core::Method::create) without `num_deltas` and without
-///   `num_tunable_weights` gives each layer `int(density · numel)` entries;
+/// - without `num_deltas`, attaching ([`PeftModel::add_adapter`](peft_core::PeftModel::add_adapter))
+///   computes them from the model with [`allocate`](Self::allocate) (the reference's rule,
+///   `k_m = int(N·numel_m/Σ numel)`, `N` a share of **all** the model's parameters); only a
+///   config that reaches [`Method::create`](peft_core::Method::create) directly without
+///   `num_deltas` and without `num_tunable_weights` gives each layer `int(density · numel)`
+///   entries;
 /// - only linear layers are adapted, as in the reference.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SftConfig {

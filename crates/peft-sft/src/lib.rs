@@ -7,8 +7,9 @@
 //!
 //! - [`SftConfig`] is the reference's config (`peft_type: "SFT"`) and a peft-core
 //!   [`Method`](peft_core::Method): [`SftModel`] gets adapter management, merge / unmerge and
-//!   the two-file save/load (`sft_delta.values`, `sft_delta.indices` as integers).
-//!   [`SftConfig::allocate`] splits the budget across the targets as the reference does.
+//!   the two-file save/load (`sft_delta.values`, `sft_delta.indices` as integers);
+//!   attaching splits the budget across the targets as the reference does
+//!   ([`SftConfig::allocate`]).
 //! - [`SftAdapter`]: on the activation path the delta runs on the CSR kernels of
 //!   `sparse-kernels` (SpMM forward, SDDMM gradient at the `k` indices): no `W + Δ` and no
 //!   dense weight gradient, also when RigL needs candidate scores (the top-`k` of `|dW|` is
@@ -32,10 +33,10 @@
 //!
 //! let device = Device::flex().autodiff();
 //! let net = Net { proj: LinearConfig::new(8, 4).init(&device).into() };
-//! // A quarter of all 36 parameters (weight and bias): 9 deltas in the weight; reselect every
-//! // 4 steps after 2 steps of RigL statistics.
+//! // A quarter of all 36 parameters (weight and bias): 9 deltas in the weight (attaching
+//! // splits the budget as the reference does); reselect every 4 steps after 2 steps of RigL
+//! // statistics.
 //! let config = SftConfig::new(0.25, ModuleSelector::names(["proj"])).with_steps(4, 2);
-//! let config = config.allocate(&net)?;
 //! let mut model = SftModel::new(net, config)?;
 //! // The selector (the deltas' optimizer and the reselection) comes with the stepper; the
 //! // deltas train at the step's learning rate.

@@ -52,6 +52,16 @@ impl Method for SftConfig {
         SftConfig::validate(self)
     }
 
+    /// The reference's budget split ([`SftConfig::allocate`]) when `num_deltas` is not set:
+    /// `density` is a share of the whole model, `num_tunable_weights` an absolute count, split
+    /// over the targets in proportion to their size.
+    fn for_model<M: burn::module::Module>(&self, model: &M) -> Result<Self> {
+        match self.num_deltas {
+            Some(_) => Ok(self.clone()),
+            None => self.allocate(model),
+        }
+    }
+
     fn create(&self, info: &LayerInfo) -> Result<Created<SftAdapter>> {
         create(self, info)
     }

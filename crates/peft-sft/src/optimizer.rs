@@ -64,18 +64,27 @@ impl AdamState {
         }
     }
 
-    /// The reference's state for a slot grown by RigL from `count` accumulated gradients with
-    /// sums `sum` and `sum_sq`: `m = (Σg/c)(1 − β1^c)`, `v = (Σg²/c)(1 − β2^c)`, `age = c`
-    /// (one gradient per optimizer step, so `a = c`). With `count = 0`, fresh state.
-    pub fn seed(optim: &SftAdamW, sum: f32, sum_sq: f32, count: usize) -> (f32, f32, f32) {
+    /// The reference's state for a slot grown by RigL from `count` accumulated gradients
+    /// (one per backward pass) with sums `sum` and `sum_sq`, in a run of `grad_accum`
+    /// micro-batches per optimizer step: with `a = c / grad_accum` (the candidate's age in
+    /// optimizer steps), `m = (Σg/c)(1 − β1^a)`, `v = (Σg²/c)(1 − β2^a)`, `age = a`. With
+    /// `count = 0`, fresh state.
+    pub fn seed(
+        optim: &SftAdamW,
+        sum: f32,
+        sum_sq: f32,
+        count: usize,
+        grad_accum: usize,
+    ) -> (f32, f32, f32) {
         if count == 0 {
             return (0.0, 0.0, 1.0);
         }
         let c = count as f64;
+        let a = c / grad_accum.max(1) as f64;
         (
-            (f64::from(sum) / c * (1.0 - optim.beta1.powf(c))) as f32,
-            (f64::from(sum_sq) / c * (1.0 - optim.beta2.powf(c))) as f32,
-            c as f32,
+            (f64::from(sum) / c * (1.0 - optim.beta1.powf(a))) as f32,
+            (f64::from(sum_sq) / c * (1.0 - optim.beta2.powf(a))) as f32,
+            a as f32,
         )
     }
 }
@@ -121,7 +130,8 @@ impl SftAdamW {
 /// ```
 ///
 /// The accumulators (`rows` and `cols` values) are monotone non-decreasing; the momentum
-/// buffer (only with `μ > 0`) is `[k]`.
+/// buffer (only with `μ > 0`) is `[k]`. With `row_cover_only`, as the reference, only the row
+/// accumulators are kept: `ν = row_acc[r] + g²`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SftSm3 {
     /// μ (0).
@@ -130,6 +140,9 @@ pub struct SftSm3 {
     pub eps: f64,
     /// Decoupled weight decay (0).
     pub weight_decay: f64,
+    /// Row accumulators only (the reference's `row_cover_only`, false).
+    #[serde(default)]
+    pub row_cover_only: bool,
 }
 
 impl Default for SftSm3 {
@@ -138,6 +151,7 @@ impl Default for SftSm3 {
             momentum: 0.0,
             eps: 1e-8,
             weight_decay: 0.0,
+            row_cover_only: false,
         }
     }
 }
@@ -192,13 +206,20 @@ impl SftSm3 {
         let nu: Vec<f32> = (0..k)
             .map(|i| {
                 let (r, c) = (rows[i] as usize, cols[i] as usize);
-                state.row_acc[r].min(state.col_acc[c]) + grads[i] * grads[i]
+                let acc = if self.row_cover_only {
+                    state.row_acc[r]
+                } else {
+                    state.row_acc[r].min(state.col_acc[c])
+                };
+                acc + grads[i] * grads[i]
             })
             .collect();
         for i in 0..k {
             let (r, c) = (rows[i] as usize, cols[i] as usize);
             state.row_acc[r] = state.row_acc[r].max(nu[i]);
-            state.col_acc[c] = state.col_acc[c].max(nu[i]);
+            if !self.row_cover_only {
+                state.col_acc[c] = state.col_acc[c].max(nu[i]);
+            }
         }
         let momentum = self.momentum > 0.0;
         if momentum && state.momentum.len() != k {
@@ -235,6 +256,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sm3_row_cover_only_keeps_row_accumulators_alone() {
+        // idx {0, 1, 5} in a 3x4 weight, g = (1, 2, 3): rows 0, 0, 1.
+        let o = SftSm3 {
+            row_cover_only: true,
+            ..SftSm3::default()
+        };
+        let mut state = Sm3State::new(3, 4, 3, false);
+        let mut values = vec![0.0; 3];
+        o.step(
+            1.0,
+            &mut values,
+            &[1.0, 2.0, 3.0],
+            &[0, 0, 1],
+            &[0, 1, 1],
+            &mut state,
+        );
+        assert_eq!(state.row_acc, vec![4.0, 9.0, 0.0]);
+        assert_eq!(state.col_acc, vec![0.0; 4], "no column accumulators");
+        // ν = row_acc (0 before the step) + g²: u = g / |g| = 1 for every entry.
+        for v in &values {
+            assert!((v + 1.0).abs() < 1e-6, "{values:?}");
+        }
+        // The second step reads the row accumulator alone (min with a column would give 0 + g²).
+        o.step(
+            1.0,
+            &mut values,
+            &[1.0, 1.0, 1.0],
+            &[0, 0, 1],
+            &[0, 1, 1],
+            &mut state,
+        );
+        let want = -1.0 - 1.0 / 5.0f32.sqrt();
+        assert!((values[0] - want).abs() < 1e-6, "{values:?}");
+    }
+
+    #[test]
     fn sm3_accumulators_match_the_verified_example() {
         // idx {0, 5, 7} in a 3x4 weight, g = (1, 2, 3): row = [1, 9, 0], col = [1, 4, 0, 9].
         let mut state = Sm3State::new(3, 4, 3, false);
@@ -264,7 +321,12 @@ mod tests {
         assert_eq!(state.age, vec![2.0, 2.0]);
         // Bias-corrected first step: m̂/√v̂ = sign(g) (up to ε).
         assert!((values[0] - 0.49).abs() < 1e-5 && (values[1] + 0.49).abs() < 1e-5);
-        let (m, v, a) = AdamState::seed(&o, 4.0, 10.0, 2);
+        let (m, v, a) = AdamState::seed(&o, 4.0, 10.0, 2, 1);
+        assert!((m - 2.0 * (1.0 - 0.81)).abs() < 1e-6);
+        assert!((v - 5.0 * (1.0 - 0.999f32 * 0.999)).abs() < 1e-6);
+        assert_eq!(a, 2.0);
+        // Four samples over two micro-batches per step: age 2, means over the four samples.
+        let (m, v, a) = AdamState::seed(&o, 8.0, 20.0, 4, 2);
         assert!((m - 2.0 * (1.0 - 0.81)).abs() < 1e-6);
         assert!((v - 5.0 * (1.0 - 0.999f32 * 0.999)).abs() < 1e-6);
         assert_eq!(a, 2.0);

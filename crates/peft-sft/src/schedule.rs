@@ -14,9 +14,9 @@ use crate::config::{RatePolicy, SftConfig};
 ///   a window when `(t + 1) % R == 0`); here every window has exactly `S` steps.
 /// - The reference leaves its gradient hooks on when a window ends after `T`; here such a
 ///   window is never opened.
-/// - The first selection changes every slot (`p = 1`) under both policies (the reference's
-///   cosine policy uses `r0` there); later ones use `r0 · (1 − u/T)` (linear) or
-///   `r0 · (1 + cos(π u/T)) / 2` (cosine).
+/// - As the reference: under the linear policy the first selection changes every slot
+///   (`p = 1`) and later ones `r0 · (1 − u/T)`; under the cosine policy every selection,
+///   the first included, uses `r0 · (1 + cos(π u/T)) / 2`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SelectionSchedule {
     /// `R`.
@@ -64,7 +64,11 @@ impl SelectionSchedule {
         if u < s || u % r != s || u > self.total_steps {
             return None;
         }
-        Some(if u == s { 1.0 } else { self.rate(u) })
+        Some(if u == s && self.policy == RatePolicy::Linear {
+            1.0
+        } else {
+            self.rate(u)
+        })
     }
 
     /// The decayed rate at update step `u`.
@@ -110,8 +114,11 @@ mod tests {
         for (a, b) in rates.iter().zip([1.0, 0.15, 0.11, 0.07, 0.03]) {
             assert!((a - b).abs() < 1e-12, "{rates:?}");
         }
+        // Cosine: the first selection too follows the curve (reference commit f561024).
         let c = schedule(RatePolicy::Cosine).selections();
-        assert_eq!(c[0], (5, 1.0));
+        let first = 0.2 * (1.0 + (std::f64::consts::PI * 0.05).cos()) / 2.0;
+        assert_eq!(c[0].0, 5);
+        assert!((c[0].1 - first).abs() < 1e-12, "{c:?}");
         let expect = 0.2 * (1.0 + (std::f64::consts::PI * 0.25).cos()) / 2.0;
         assert!((c[1].1 - expect).abs() < 1e-12);
     }

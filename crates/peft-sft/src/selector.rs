@@ -81,8 +81,12 @@ pub struct SelectionReport {
 /// every other trained value gets), then reselects when the [`SelectionSchedule`] says
 /// so, then [`prepare`](Self::prepare)s the next step.
 ///
-/// RigL statistics: on the first step of a window the top-`k` of `|dW|` (the weight gradient)
-/// is the candidate pool (the reference's rule). On the activation path
+/// RigL statistics, per backward pass as the reference's hooks collect them (spec §3.5): the
+/// top-`k` of `|dW|` (the weight gradient) of the first micro-batch of a window is the
+/// candidate pool, and every micro-batch (every [`Controller::after_backward`]; with gradient
+/// accumulation the training loop reports them with
+/// [`Stepper::after_backward`](peft_core::step::Stepper::after_backward), as `burn-peft train`
+/// and burn-train's runner do) adds one sample of `g` and `g²` at the pool. On the activation path
 /// ([`PeftLinear`](peft_core::PeftLinear)) each layer carries a blockwise probe
 /// ([`grad_topk_probe`](sparse_kernels::grad_topk_probe)): its backward pass computes `dW` in
 /// blocks of rows (see [`set_probe_block`](Self::set_probe_block)) and keeps only the top-`k`,
@@ -90,14 +94,15 @@ pub struct SelectionReport {
 /// every step). On the weight path the layer carries a zero dense probe whose gradient is `dW`
 /// (autodiff forms the dense gradient of the reparameterized weight on every step there
 /// anyway). On the other steps of the window the pool is sampled by SDDMM through zero
-/// candidate values. Each step counts as one sample (`a = c`); when a layer runs several times
-/// in one step's graph, the pool is the top-`k` of the first probe call to reach the backward
-/// pass and the sample is the step's whole gradient at the pool.
+/// candidate values. A grown slot's Adam state is seeded with age `a = c / grad_accum` (`c`
+/// samples, `grad_accum` micro-batches per step), as the reference. When a layer runs several
+/// times in one graph, the activation path's pool is the top-`k` of the first probe call to
+/// reach the backward pass and each call is a sample (the reference's hook fires per call);
+/// the weight path's sample is the micro-batch's whole gradient.
 ///
 /// Reselection keeps retained entries' values and optimizer state (they follow their index
 /// into the new CSR order), zeroes new entries and seeds their state: RigL as the reference
-/// (§3.5); SM3 new entries start without momentum (the reference lets them inherit the
-/// dropped entry's), and the accumulators are kept.
+/// (§3.5); SM3 as the reference (§3.6): the accumulators are kept.
 #[derive(Clone, Debug)]
 pub struct SftSelector {
     adapter: String,
@@ -106,6 +111,8 @@ pub struct SftSelector {
     optimizer: SftOptimizer,
     probe_block: Option<usize>,
     step: usize,
+    /// Micro-batches reported in the current step (the reference's `grad_accumulation_steps`).
+    grad_accum: usize,
     layers: BTreeMap<String, LayerState>,
     pending: BTreeMap<String, Vec<f32>>,
     reports: BTreeMap<String, SelectionReport>,
@@ -157,6 +164,7 @@ impl SftSelector {
             optimizer,
             probe_block: None,
             step: 0,
+            grad_accum: 1,
             layers: BTreeMap::new(),
             pending: BTreeMap::new(),
             reports: BTreeMap::new(),
@@ -315,7 +323,7 @@ impl SftSelector {
         let name = self.adapter.clone();
         let layers = Rc::new(RefCell::new(std::mem::take(&mut self.layers)));
         let reports = Rc::new(RefCell::new(BTreeMap::new()));
-        let (algorithm, optimizer) = (self.algorithm, self.optimizer);
+        let (algorithm, optimizer, grad_accum) = (self.algorithm, self.optimizer, self.grad_accum);
         let (shared, out) = (layers.clone(), reports.clone());
         let result = hosts::for_each(&mut model, move |host: HostView<'_, SftAdapter>| {
             let Some(a) = host.slot.get_mut(&name) else {
@@ -342,7 +350,17 @@ impl SftSelector {
                             &fresh
                         }
                     };
-                    sm3_plan(&indices, &values, &sm3.row_acc, &sm3.col_acc, p)
+                    // Row accumulators only: rows score alone (the reference's growth
+                    // reads a column accumulator it does not keep then).
+                    let ones;
+                    let col = match optimizer {
+                        SftOptimizer::Sm3(o) if o.row_cover_only => {
+                            ones = vec![1.0; cols];
+                            &ones
+                        }
+                        _ => &sm3.col_acc,
+                    };
+                    sm3_plan(&indices, &values, &sm3.row_acc, col, p)
                 }
             };
             out.borrow_mut().insert(
@@ -356,7 +374,15 @@ impl SftSelector {
             if plan.is_empty() {
                 return Ok(());
             }
-            apply_plan(a, state, &plan, pool.as_ref(), optimizer, indices, values)
+            apply_plan(
+                a,
+                state,
+                &plan,
+                pool.as_ref(),
+                optimizer,
+                grad_accum,
+                (indices, values),
+            )
         });
         self.layers = Rc::try_unwrap(layers)
             .map(RefCell::into_inner)
@@ -569,6 +595,13 @@ impl SftSelector {
     }
 }
 
+/// A `[in, out]` (burn) weight gradient as the `[out, in]` row-major floats the indices
+/// address.
+fn flat(dw: burn::tensor::Tensor<2>) -> Vec<f32> {
+    let [i, o] = dw.dims();
+    host_f32(dw.transpose().reshape([i * o]))
+}
+
 /// Write a plan into an adapter and its state: new indices, zero values, seeded state; kept
 /// entries keep value and state; everything re-sorted into the new CSR order.
 fn apply_plan(
@@ -577,8 +610,8 @@ fn apply_plan(
     plan: &[Replacement],
     pool: Option<&Candidates>,
     optimizer: SftOptimizer,
-    mut indices: Vec<u64>,
-    mut values: Vec<f32>,
+    grad_accum: usize,
+    (mut indices, mut values): (Vec<u64>, Vec<f32>),
 ) -> Result<()> {
     let k = indices.len();
     if let SftOptimizer::AdamW(_) = optimizer
@@ -594,7 +627,7 @@ fn apply_plan(
                 let s = state.adam.as_mut().expect("created above");
                 let (m, v, age) = match (pool, r.candidate) {
                     (Some(pool), Some(j)) => {
-                        AdamState::seed(&o, pool.sum[j], pool.sum_sq[j], pool.count)
+                        AdamState::seed(&o, pool.sum[j], pool.sum_sq[j], pool.count, grad_accum)
                     }
                     _ => (0.0, 0.0, 1.0),
                 };
@@ -602,13 +635,9 @@ fn apply_plan(
                 s.exp_avg_sq[r.slot] = v;
                 s.age[r.slot] = age;
             }
-            SftOptimizer::Sm3(_) => {
-                if let Some(s) = state.sm3.as_mut()
-                    && !s.momentum.is_empty()
-                {
-                    s.momentum[r.slot] = 0.0;
-                }
-            }
+            // As the reference: the slot keeps its momentum (the dropped entry's) and the
+            // accumulators are not reset.
+            SftOptimizer::Sm3(_) => {}
         }
     }
     let mut order: Vec<usize> = (0..k).collect();
@@ -647,6 +676,44 @@ impl<M: Module> Controller<M> for SftSelector {
         SftSelector::load_state(self, dir, device)
     }
 
+    fn after_backward(
+        &mut self,
+        step: usize,
+        micro_batch: usize,
+        model: &M,
+        grads: &GradientsParams,
+    ) -> Result<()> {
+        self.step = step;
+        self.grad_accum = micro_batch + 1;
+        if !self.collecting(step) {
+            return Ok(());
+        }
+        for layer in layer_refs(model, &self.adapter) {
+            if layer.k == 0 {
+                continue;
+            }
+            let probe = layer.probe.and_then(|id| grads.get::<2>(id));
+            let sampled = layer.candidates.and_then(|id| grads.get::<1>(id));
+            let state = self.layers.entry(layer.path.clone()).or_default();
+            match (&mut state.candidates, probe, sampled) {
+                (None, Some(dw), _) => {
+                    state.candidates = Some(Candidates::from_dense(&flat(dw), layer.k))
+                }
+                // A later micro-batch of the pool's first step: its gradient at the pool.
+                (Some(pool), Some(dw), _) => {
+                    let dw = flat(dw);
+                    let at: Vec<f32> = pool.indices.iter().map(|&i| dw[i as usize]).collect();
+                    pool.add(&at);
+                }
+                (Some(pool), None, Some(g)) => pool.add(&host_f32(g)),
+                // The activation path's probe: its sink collects per backward call, taken
+                // before the optimizer. Or the loss did not reach this layer: no sample.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn before_optimizer(
         &mut self,
         info: StepInfo,
@@ -659,37 +726,33 @@ impl<M: Module> Controller<M> for SftSelector {
             if let Some(g) = grads.remove::<1>(layer.values) {
                 self.pending.insert(layer.path.clone(), host_f32(g));
             }
-            let probe = layer.probe.and_then(|id| grads.remove::<2>(id));
+            // Probe and candidate gradients never reach the optimizer (sampled already).
+            if let Some(id) = layer.probe {
+                grads.remove::<2>(id);
+            }
             if let Some(id) = layer.anchor {
                 // Zero: the probe's result went to its sink.
                 grads.remove::<1>(id);
             }
+            if let Some(id) = layer.candidates {
+                grads.remove::<1>(id);
+            }
             let scored = layer.sink.as_ref().and_then(|s| s.take());
-            let sampled = layer.candidates.and_then(|id| grads.remove::<1>(id));
             if !collecting || layer.k == 0 {
                 continue;
             }
             let state = self.layers.entry(layer.path.clone()).or_default();
-            match (&mut state.candidates, probe, scored, sampled) {
-                (None, Some(dw), _, _) => {
-                    // [in, out] (burn) -> [out, in] row-major (the indices' orientation).
-                    let [i, o] = dw.dims();
-                    let dw = host_f32(dw.transpose().reshape([i * o]));
-                    state.candidates = Some(Candidates::from_dense(&dw, layer.k));
-                }
-                (None, None, Some(pool), _) => {
-                    // One sample per step: the step's gradient at the pool (several probe
-                    // calls in one graph add up in `sum`).
-                    let sum_sq = pool.sum.iter().map(|g| g * g).collect();
+            match (&state.candidates, scored) {
+                (None, Some(pool)) => {
+                    // The sink's own samples: one per backward call of the probe.
                     state.candidates = Some(Candidates {
                         indices: pool.indices,
                         sum: pool.sum,
-                        sum_sq,
-                        count: 1,
+                        sum_sq: pool.sum_sq,
+                        count: pool.count,
                     });
                 }
-                (Some(pool), _, _, Some(g)) => pool.add(&host_f32(g)),
-                (None, None, None, _)
+                (None, None)
                     if layer.probe.is_none()
                         && layer.anchor.is_none()
                         && layer.candidates.is_none() =>

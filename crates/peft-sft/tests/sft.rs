@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::optim::{GradientsAccumulator, GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_core::hosts::{self, HostView};
 use peft_core::step::Stepper;
 use peft_core::{ModuleSelector, PeftLinear};
 use peft_sft::{
     AdamState, InitDeltas, LoadOptions, RatePolicy, SaveOptions, SelectionAlgorithm, SftAdamW,
-    SftAdapter, SftConfig, SftModel, SftSelector,
+    SftAdapter, SftConfig, SftModel, SftOptimizer, SftSelector, SftSm3,
 };
 
 /// Two independent layers, so each one's weight gradient has a closed form under a linear
@@ -191,6 +191,26 @@ fn budget_follows_the_reference_split() {
     assert!(err.to_string().contains("exceed"), "{err}");
     let model = SftModel::new(net, c_with(&deltas)).unwrap();
     assert_eq!(model.trainable_parameters().0, 20);
+}
+
+/// Attaching without `allocate` splits the budget as the reference does at injection
+/// (`model.py`): `density` is a share of the whole model (70 parameters) and
+/// `num_tunable_weights` an absolute count, split over the targets by size; the split is
+/// written into the saved config's `num_deltas`.
+#[test]
+fn attaching_splits_the_budget_over_the_whole_model() {
+    let dev = device();
+    // Only `a` targeted: N = int(70 · 0.3) = 21, all in `a` (not int(0.3 · 24) = 7).
+    let only_a = SftConfig::new(0.3, ModuleSelector::names(["a"]));
+    let model = SftModel::new(Weight::new(&dev), only_a).unwrap();
+    assert_eq!(adapter_of(model.model(), "a").num_deltas(), 21);
+    let saved = model.adapters()["default"].config.num_deltas.clone();
+    assert_eq!(saved, Some(BTreeMap::from([("a".into(), 21)])));
+    // An absolute budget of 30 over 24 + 35 entries: int(30·24/59) = 12, int(30·35/59) = 17.
+    let absolute = SftConfig::new(0.3, targets()).with_num_tunable_weights(30);
+    let model = SftModel::new(Weight::new(&dev), absolute).unwrap();
+    assert_eq!(adapter_of(model.model(), "a").num_deltas(), 12);
+    assert_eq!(adapter_of(model.model(), "b").num_deltas(), 17);
 }
 
 fn c_with(deltas: &BTreeMap<String, usize>) -> SftConfig {
@@ -573,6 +593,104 @@ fn the_rigl_pool_is_the_dense_top_k() {
     }
 }
 
+/// Gradient accumulation, two micro-batches per step reported to the step runner: the pool is
+/// the top-`k` of the first micro-batch's `|dW|`, every backward pass adds one sample of `g`
+/// and `g²` (the reference's hooks, checked against the dense gradients), and a slot grown at
+/// the selection gets the Adam age `samples / grad_accum`, on both attach paths.
+#[test]
+fn rigl_statistics_are_per_micro_batch() {
+    fn check<L: Layer>() {
+        let dev = device();
+        let config = rigl_config();
+        let k = config
+            .allocate(&Net::<L>::new(&dev))
+            .unwrap()
+            .num_deltas
+            .unwrap();
+        let mut run = start::<L>(&config, 20, 0.05);
+        let batch_of = |step: usize, m: usize| 1000 + 2 * step + m;
+        let mut optim = SgdConfig::new().init();
+        let mut pools = BTreeMap::new();
+        for step in 0..2 {
+            let mut acc = GradientsAccumulator::<Net<L>>::new();
+            for m in 0..2 {
+                let loss = run.net.loss(batch_of(step, m), &dev);
+                let grads = run.stepper.backward(&run.net, loss).unwrap();
+                acc.accumulate(&run.net, grads);
+            }
+            if step == 1 {
+                let sel = run.selector.lock().unwrap();
+                for (l, (name, _, _)) in LAYERS.into_iter().enumerate() {
+                    let what = format!("{name}, activation {}", L::ACTIVATION);
+                    let first = dense_dw(l, batch_of(0, 0), &dev);
+                    let mut order: Vec<usize> = (0..first.len()).collect();
+                    order.sort_by(|&x, &y| {
+                        first[y].abs().total_cmp(&first[x].abs()).then(x.cmp(&y))
+                    });
+                    let mut top: Vec<usize> = order[..k[name]].to_vec();
+                    top.sort();
+                    let pool = sel.candidates(name).expect("a pool in the window");
+                    let want: Vec<u64> = top.iter().map(|&i| i as u64).collect();
+                    assert_eq!(pool.indices, want, "{what}: the first micro-batch's top-k");
+                    assert_eq!(pool.count, 4, "{what}: one sample per backward pass");
+                    let (mut sum, mut sum_sq) = (vec![0.0f32; top.len()], vec![0.0f32; top.len()]);
+                    for b in [
+                        batch_of(0, 0),
+                        batch_of(0, 1),
+                        batch_of(1, 0),
+                        batch_of(1, 1),
+                    ] {
+                        let dw = dense_dw(l, b, &dev);
+                        for (j, &i) in top.iter().enumerate() {
+                            sum[j] += dw[i];
+                            sum_sq[j] += dw[i] * dw[i];
+                        }
+                    }
+                    close(&pool.sum, &sum, 1e-5, &format!("{what}: Σg"));
+                    close(&pool.sum_sq, &sum_sq, 1e-4, &format!("{what}: Σg²"));
+                    pools.insert(name, pool.clone());
+                }
+            }
+            run.net = run
+                .stepper
+                .optimize(run.net.clone(), &mut optim, run.lr, acc.grads())
+                .unwrap();
+        }
+        // The first selection (p = 1) grew slots: age 4 / 2 = 2 and the moments seeded from
+        // the four samples.
+        let sel = run.selector.lock().unwrap();
+        let beta1 = SftAdamW::default().beta1;
+        for (name, _, _) in LAYERS {
+            let what = format!("{name}, activation {}", L::ACTIVATION);
+            let state = sel.adam_state(name).expect("Adam state");
+            let idx = adapter_of(&run.net, name).indices();
+            let pool = &pools[name];
+            let mut grown = 0;
+            for (slot, &i) in idx.iter().enumerate() {
+                if state.age[slot] != 2.0 {
+                    continue;
+                }
+                grown += 1;
+                let j = pool
+                    .indices
+                    .iter()
+                    .position(|&c| c == i)
+                    .expect("grown from the pool");
+                let m = (f64::from(pool.sum[j]) / 4.0 * (1.0 - beta1.powi(2))) as f32;
+                close(
+                    &[state.exp_avg[slot]],
+                    &[m],
+                    1e-5,
+                    &format!("{what}: seeded m"),
+                );
+            }
+            assert!(grown > 0, "{what}: some slots grown with age 2");
+        }
+    }
+    check::<PeftLinear<SftAdapter>>();
+    check::<Linear>();
+}
+
 /// The gradients of a collection step: on the activation path every gradient is 1-D (delta
 /// values, biases, the probes' zero anchors), i.e. no weight-shaped gradient exists; on the
 /// weight path the dense probe has one (`[in, out]`), which shows the check can see them.
@@ -615,6 +733,97 @@ fn the_activation_path_forms_no_weight_shaped_gradient() {
         weight.contains(&vec![6, 4]) && weight.contains(&vec![5, 7]),
         "weight path: {weight:?}"
     );
+}
+
+/// SftSM3 with momentum: a slot regrown at a reselection keeps the momentum of the entry it
+/// replaces (the reference rewrites indices in place and keeps its momentum buffer), so the
+/// momenta after the selection are those after the update, permuted. Run A reselects every slot
+/// after step 2 (`S = 2`); run B, the same up to step 2 but reselecting after step 3, shows the
+/// momenta after step 2's update.
+#[test]
+fn sm3_regrown_slots_keep_the_dropped_momentum() {
+    fn run_with(s: usize) -> Run<PeftLinear<SftAdapter>> {
+        let dev = device();
+        let config = SftConfig::new(0.3, targets())
+            .with_selection(SelectionAlgorithm::Sm3)
+            .with_steps(4, s)
+            .with_rate(RatePolicy::Linear, 0.5);
+        let model = SftModel::new(Act::new(&dev), config.clone()).unwrap();
+        let config = model.adapters()["default"].config.clone();
+        let optimizer = SftOptimizer::Sm3(SftSm3 {
+            momentum: 0.5,
+            ..SftSm3::default()
+        });
+        let selector = SftSelector::with_optimizer(&config, "default", 20, optimizer).unwrap();
+        let net = selector.prepare(model.model().clone()).unwrap();
+        let selector = Arc::new(Mutex::new(selector));
+        Run {
+            net,
+            stepper: Stepper::new().with(selector.clone()),
+            selector,
+            lr: 0.01,
+        }
+    }
+    let (mut a, mut b) = (run_with(2), run_with(3));
+    for _ in 0..2 {
+        a.step();
+        b.step();
+    }
+    let (sa, sb) = (a.selector.lock().unwrap(), b.selector.lock().unwrap());
+    for (name, _, _) in LAYERS {
+        let report = &sa.last_selection()[name];
+        assert!(report.replaced > 0, "{name}: the selection regrew slots");
+        assert!(sb.last_selection().is_empty());
+        let sorted = |v: &[f32]| {
+            let mut v = v.to_vec();
+            v.sort_by(f32::total_cmp);
+            v
+        };
+        let after = &sa.sm3_state(name).unwrap().momentum;
+        let updated = &sb.sm3_state(name).unwrap().momentum;
+        assert!(
+            updated.iter().all(|m| *m != 0.0),
+            "{name}: every momentum moved"
+        );
+        assert_eq!(sorted(after), sorted(updated), "{name}: no momentum reset");
+        // Retained entries keep theirs at their index.
+        let (ia, ib) = (
+            adapter_of(&a.net, name).indices(),
+            adapter_of(&b.net, name).indices(),
+        );
+        for (j, i) in ia.iter().enumerate() {
+            if let Some(k) = ib.iter().position(|x| x == i) {
+                assert_eq!(after[j], updated[k], "{name}: retained index {i}");
+            }
+        }
+    }
+}
+
+/// `merge_and_unload` restricted by a module regex (the reference's `module_regex`): the
+/// matching layer's weight gets its deltas, the other keeps the base weight, and no adapter is
+/// left.
+#[test]
+fn merge_and_unload_with_a_module_regex() {
+    let dev = device();
+    let config = SftConfig::new(0.3, targets()).with_init(InitDeltas::Random(1.0));
+    let model = SftModel::new(Weight::new(&dev), config).unwrap();
+    let base = Weight::new(&dev);
+    let deltas = delta_map(model.model(), "a");
+    assert!(!deltas.is_empty());
+    let net = model.merge_and_unload_matching("a", true).unwrap();
+    // `[in, out]` (burn) -> `[out, in]` row-major, the indices' orientation.
+    let torch = |l: &Linear| vec2(l.weight.val().transpose());
+    let mut want = torch(&base.a);
+    for (i, v) in &deltas {
+        want[*i as usize] += v;
+    }
+    close(&torch(&net.a), &want, 1e-6, "a: merged");
+    assert_eq!(torch(&net.b), torch(&base.b), "b: not merged");
+    let err = SftModel::new(Weight::new(&dev), SftConfig::new(0.3, targets()))
+        .unwrap()
+        .merge_and_unload_matching("(", false)
+        .unwrap_err();
+    assert!(err.to_string().contains('('), "{err}");
 }
 
 /// S12: SM3 accumulators are the row/column maxima of ν, monotone; SM3 growth takes the
@@ -783,7 +992,8 @@ fn adamw_update_equals_the_formula() {
 }
 
 /// Files: indices as int64, values f32; a round trip into a model whose adapter would be
-/// initialised differently; unsorted indices (the reference's order after reselection) load.
+/// initialised differently; unsorted indices (the reference's order after reselection) and
+/// `int32` indices (the reference writes them) load.
 #[test]
 fn files_use_integer_indices_and_round_trip() {
     let dev = device();
@@ -840,6 +1050,41 @@ fn files_use_integer_indices_and_round_trip() {
         delta_map(loaded.model(), "b"),
         delta_map(model.model(), "b")
     );
+    // The reference's own layout: int32 indices in slot order (unsorted here), f32 values.
+    let views: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = t
+        .iter()
+        .map(|(k, d)| {
+            let shape = d.shape().to_vec();
+            if k.ends_with("indices") {
+                let v: Vec<i64> = d.clone().try_to_vec().unwrap();
+                let bytes = v.iter().flat_map(|&i| (i as i32).to_le_bytes()).collect();
+                (k.clone(), safetensors::Dtype::I32, shape, bytes)
+            } else {
+                let v: Vec<f32> = d.clone().try_to_vec().unwrap();
+                let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (k.clone(), safetensors::Dtype::F32, shape, bytes)
+            }
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = views
+        .iter()
+        .map(|(k, dt, shape, b)| {
+            let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), b).unwrap();
+            (k.clone(), view)
+        })
+        .collect();
+    let file = dir.path().join("adapter_model.safetensors");
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let loaded =
+        SftModel::<Act>::from_pretrained(Act::new(&dev), dir.path(), &LoadOptions::default())
+            .unwrap();
+    for (name, _, _) in LAYERS {
+        assert_eq!(
+            delta_map(loaded.model(), name),
+            delta_map(model.model(), name),
+            "int32 indices: {name}"
+        );
+    }
     // A repeated index is refused, naming the key.
     let mut bad = t.clone();
     bad.insert(

@@ -327,6 +327,8 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
             loss_sum += value;
             let loss = loss / cfg.grad_accum as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &ctl.model);
+            ctl.with_stepper(|s| s.after_backward(&ctl.model, &grads))
+                .with_context(|| format!("step {}", step + 1))?;
             accumulator.accumulate(&ctl.model, grads);
         }
         let grads = accumulator.grads();
