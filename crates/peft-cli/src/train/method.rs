@@ -133,8 +133,12 @@ pub fn method_config<C: Method>(fields: toml::Table, file: &Path) -> anyhow::Res
             C::PEFT_TYPE
         );
     }
-    C::from_json(map, Path::new(&where_), &KeyMap::default())
-        .map_err(|e| anyhow::anyhow!("{where_}: {e}"))
+    let config = C::from_json(map, Path::new(&where_), &KeyMap::default())
+        .map_err(|e| anyhow::anyhow!("{where_}: {e}"))?;
+    for warning in config.warnings() {
+        eprintln!("warning: {where_}: {warning}");
+    }
+    Ok(config)
 }
 
 /// The fields a config of method `C` writes (its known keys), from a config built of the
@@ -150,6 +154,9 @@ fn known_fields<C: Method>(map: &Map<String, Value>) -> Option<Vec<String>> {
     let mut keys: Vec<String> = config.to_json(&KeyMap::default()).keys().cloned().collect();
     // Written only when set.
     keys.extend(["rank_pattern", "alpha_pattern"].map(String::from));
+    if C::PEFT_TYPE == "ADALORA" {
+        keys.push("target_total_rank".into());
+    }
     Some(keys)
 }
 
