@@ -168,7 +168,8 @@ struct SelectiveFields {
     max_steps: Option<usize>,
     exp: Option<f64>,
     eps: Option<f64>,
-    all_1d: Option<bool>,
+    bias_only: Option<bool>,
+    decay_chosen: Option<bool>,
 }
 
 fn selective_config(
@@ -206,8 +207,11 @@ fn selective_config(
     if let Some(eps) = f.eps {
         config = config.with_eps(eps);
     }
-    if let Some(all_1d) = f.all_1d {
-        config = config.with_all_1d(all_1d);
+    if let Some(bias_only) = f.bias_only {
+        config = config.with_bias_only(bias_only);
+    }
+    if let Some(on) = f.decay_chosen {
+        config = config.with_decay_chosen(on);
     }
     config
         .validate()
