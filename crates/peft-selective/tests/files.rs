@@ -288,3 +288,52 @@ fn summary_keeps_batch_norm_running_statistics() {
         assert_ne!(want[stat], init[stat], "{stat}: training left it unchanged");
     }
 }
+
+#[test]
+fn a_toolkit_summary_converted_by_the_script_rebuilds_the_toolkit_trained_model() {
+    use burn::module::Module;
+    use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+
+    // fixtures/make_toolkit_summary.py: the package's PaFI on fc1 -> bn -> fc2, its
+    // `torch.save`d summary converted by scripts/selective_summary.py.
+    #[derive(Module, Debug)]
+    struct Net {
+        fc1: Linear,
+        bn: BatchNorm,
+        fc2: Linear,
+    }
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let models =
+        peft_core::hf::read_tensors(&fixtures.join("toolkit_summary_models.safetensors")).unwrap();
+    let state = |prefix: &str| {
+        models
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let dev = common::device();
+    let net = Net {
+        fc1: LinearConfig::new(4, 6).init(&dev),
+        bn: BatchNormConfig::new(6).init(&dev),
+        fc2: LinearConfig::new(6, 3).init(&dev),
+    };
+    let (base, missing) = peft_core::hosts::write_params(net, state("base."));
+    assert!(missing.is_empty(), "{missing:?}");
+
+    let summary = Summary::load(&fixtures.join("toolkit_summary")).unwrap();
+    assert_eq!((summary.method.as_str(), summary.budget), ("pafi", 20));
+    assert_eq!(summary.num_entries(), 20);
+    let stats: Vec<&str> = summary.batch_norm.keys().map(String::as_str).collect();
+    assert_eq!(stats, ["bn.running_mean", "bn.running_var"]);
+
+    let restored = summary.apply(base).unwrap();
+    let got = values_of(&restored);
+    let trained = state("trained.");
+    assert_eq!(got.len(), trained.len());
+    for (path, want) in &trained {
+        let want: Vec<f32> = want.iter::<f32>().collect();
+        assert_eq!(bits(&got[path]), bits(&want), "{path}");
+    }
+    let base_mean: Vec<f32> = state("base.")["bn.running_mean"].iter::<f32>().collect();
+    assert_ne!(got["bn.running_mean"], base_mean, "the statistics moved in training");
+}
