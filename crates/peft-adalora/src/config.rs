@@ -144,8 +144,7 @@ impl AdaLoraConfig {
 
     /// The final total budget: `target_total_rank` when set, else `target_r · matrices`.
     pub fn target_budget(&self, matrices: usize) -> usize {
-        self.target_total_rank
-            .unwrap_or(self.target_r * matrices)
+        self.target_total_rank.unwrap_or(self.target_r * matrices)
     }
 
     /// Set `init_r` and `target_r`.

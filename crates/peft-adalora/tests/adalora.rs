@@ -174,8 +174,12 @@ fn parse(extra: serde_json::Value) -> AdaLoraConfig {
     for (k, v) in extra.as_object().unwrap() {
         map.insert(k.clone(), v.clone());
     }
-    AdaLoraConfig::from_json(map, std::path::Path::new("adapter_config.json"), &Default::default())
-        .unwrap()
+    AdaLoraConfig::from_json(
+        map,
+        std::path::Path::new("adapter_config.json"),
+        &Default::default(),
+    )
+    .unwrap()
 }
 
 fn warned_fields(config: &AdaLoraConfig) -> Vec<String> {
@@ -200,7 +204,11 @@ fn configs_peft_accepts_load_with_a_warning_and_peft_behaviour() {
         ["use_rslora", "init_lora_weights", "target_r"]
     );
     assert_eq!(moved.lora.init_lora_weights, InitLoraWeights::Default);
-    assert_eq!(moved.scale(), plain.scale(), "rsLoRA does not change AdaLoRA's scale");
+    assert_eq!(
+        moved.scale(),
+        plain.scale(),
+        "rsLoRA does not change AdaLoRA's scale"
+    );
     // An empty string is falsy in PEFT: the random init.
     let empty = parse(serde_json::json!({ "init_lora_weights": "" }));
     assert_eq!(empty.lora.init_lora_weights, InitLoraWeights::Random);
@@ -216,7 +224,12 @@ fn configs_peft_accepts_load_with_a_warning_and_peft_behaviour() {
     let dev = device();
     let mut peft = AdaLoraModel::new(Activation::new(&dev), moved.clone()).unwrap();
     let x = input(&dev);
-    assert!(max_diff(peft.model().forward(x.clone()), Activation::new(&dev).forward(x)) < 1e-6);
+    assert!(
+        max_diff(
+            peft.model().forward(x.clone()),
+            Activation::new(&dev).forward(x)
+        ) < 1e-6
+    );
     deterministic(&mut peft);
     let allocator = shared(&moved);
     let mut stepper = Stepper::new().with(allocator.clone());
@@ -250,8 +263,15 @@ fn target_total_rank_replaces_target_r_times_matrices_as_in_loralib() {
     // Written to and read from adapter_config.json only when set.
     use peft_core::Method;
     let key_map = peft_core::hf::KeyMap::default();
-    assert!(!example_config().to_json(&key_map).contains_key("target_total_rank"));
-    assert_eq!(parse(serde_json::json!({ "target_total_rank": 3 })).target_total_rank, Some(3));
+    assert!(
+        !example_config()
+            .to_json(&key_map)
+            .contains_key("target_total_rank")
+    );
+    assert_eq!(
+        parse(serde_json::json!({ "target_total_rank": 3 })).target_total_rank,
+        Some(3)
+    );
 
     // Trained to the end: 3 triplets kept in total, where target_r alone keeps 2 x 2.
     let dev = device();
@@ -855,7 +875,10 @@ fn allocator_sees_the_clipped_gradients_when_the_optimizer_clips() {
     // Fed the unclipped gradients (the behaviour before), it keeps others: the fixture script
     // asserts that for PEFT's own allocator, and here the replay must fail.
     let unclipped = std::panic::catch_unwind(|| replay_peft_run("peft/clip", &fixture_config()));
-    assert!(unclipped.is_err(), "the clip fixture does not tell clipped from unclipped");
+    assert!(
+        unclipped.is_err(),
+        "the clip fixture does not tell clipped from unclipped"
+    );
 }
 
 #[test]

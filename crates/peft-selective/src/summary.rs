@@ -324,7 +324,10 @@ impl Summary {
         });
         let mut updated = BTreeMap::new();
         for (path, data) in current {
-            let e = self.params.get(&path).unwrap_or_else(|| &self.batch_norm[&path]);
+            let e = self
+                .params
+                .get(&path)
+                .unwrap_or_else(|| &self.batch_norm[&path]);
             let dtype = data.dtype();
             let mut flat: Vec<f32> = data.iter::<f32>().collect();
             match &e.indices {

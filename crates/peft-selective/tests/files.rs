@@ -272,7 +272,11 @@ fn summary_keeps_batch_norm_running_statistics() {
     let summary = optim.summary(&model).unwrap();
     let stats: Vec<&str> = summary.batch_norm.keys().map(String::as_str).collect();
     assert_eq!(stats, ["bn.running_mean", "bn.running_var"]);
-    assert_eq!(summary.num_entries(), 5 + 5 + 5, "lin.bias, bn.gamma, bn.beta");
+    assert_eq!(
+        summary.num_entries(),
+        5 + 5 + 5,
+        "lin.bias, bn.gamma, bn.beta"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     summary.save(dir.path()).unwrap();
@@ -335,5 +339,8 @@ fn a_toolkit_summary_converted_by_the_script_rebuilds_the_toolkit_trained_model(
         assert_eq!(bits(&got[path]), bits(&want), "{path}");
     }
     let base_mean: Vec<f32> = state("base.")["bn.running_mean"].iter::<f32>().collect();
-    assert_ne!(got["bn.running_mean"], base_mean, "the statistics moved in training");
+    assert_ne!(
+        got["bn.running_mean"], base_mean,
+        "the statistics moved in training"
+    );
 }

@@ -245,10 +245,13 @@ fn bitfit_replays_the_package_with_the_budget_cut_at_the_boundary_parameter() {
 fn id3_keeps_the_exact_top_u_at_a_tie_where_the_package_drops_an_entry_above_the_cutoff() {
     let (meta, tensors) = fixture("package_id3_ties");
     let sgd = burn::optim::SgdConfig::new().build();
-    let mut optim = SelectiveOptimizer::new(&model_from(&tensors, 0), config_of(&meta), sgd).unwrap();
+    let mut optim =
+        SelectiveOptimizer::new(&model_from(&tensors, 0), config_of(&meta), sgd).unwrap();
     replay_step(&mut optim, &tensors, 0, meta["lr"].as_f64().unwrap());
     // D3 = |g| (exp 0): 0.5, 0.25, 0.25 at fc1.weight[0..3], 0 elsewhere; u = 2.
-    let grad: Vec<f32> = tensors["step0.grad.fc1.weight"].try_to_vec::<f32>().unwrap();
+    let grad: Vec<f32> = tensors["step0.grad.fc1.weight"]
+        .try_to_vec::<f32>()
+        .unwrap();
     let mut order: Vec<usize> = (0..grad.len()).collect();
     order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()).then(a.cmp(&b)));
     let mut top: Vec<usize> = order[..2].to_vec();

@@ -226,8 +226,9 @@ fn bitfit_takes_every_1d_tensor_by_default_and_bias_only_takes_biases() {
         bias: Param::from_tensor(burn::tensor::Tensor::zeros([3], &dev)),
     };
     // The toolkit's set: every 1-D tensor (a LayerNorm's gamma too), in model order.
-    let optim = SelectiveOptimizer::new(&norm, SelectiveConfig::bitfit(), AdamWConfig::new().build())
-        .unwrap();
+    let optim =
+        SelectiveOptimizer::new(&norm, SelectiveConfig::bitfit(), AdamWConfig::new().build())
+            .unwrap();
     assert!(optim.is_full("gamma") && optim.is_full("bias") && !optim.is_full("proj"));
     assert_eq!(optim.budget_used(), 6);
     // Cut at the boundary in model order: gamma whole, the first entry of bias.
@@ -267,7 +268,13 @@ fn bitfit_takes_every_1d_tensor_by_default_and_bias_only_takes_biases() {
     )
     .unwrap_err();
     assert!(
-        matches!(err, SelectiveError::NothingSelected { bias_only: true, .. }),
+        matches!(
+            err,
+            SelectiveError::NothingSelected {
+                bias_only: true,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("gamma"), "{err}");
