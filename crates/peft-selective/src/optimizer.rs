@@ -224,7 +224,10 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
             .sum::<usize>()
             + partial.iter().map(|(_, c)| c.len()).sum::<usize>();
         let budget = config.budget.unwrap_or(fixed);
-        if budget > available {
+        // BitFit's budget is a cap, as in the toolkit: one above the model's size only means
+        // that every candidate fits.
+        let bitfit = matches!(config.method, Selection::BitFit { .. });
+        if budget > available && !bitfit {
             return Err(SelectiveError::BudgetTooLarge { budget, available });
         }
         let params: Vec<Tracked> = trainable

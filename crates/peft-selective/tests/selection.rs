@@ -231,6 +231,14 @@ fn bitfit_takes_every_1d_tensor_by_default_and_bias_only_takes_biases() {
             .unwrap();
     assert!(optim.is_full("gamma") && optim.is_full("bias") && !optim.is_full("proj"));
     assert_eq!(optim.budget_used(), 6);
+    // A budget is a cap: one beyond the model's size takes every candidate.
+    let optim = SelectiveOptimizer::new(
+        &norm,
+        SelectiveConfig::bitfit().with_budget(1000),
+        AdamWConfig::new().build(),
+    )
+    .unwrap();
+    assert_eq!(optim.budget_used(), 6);
     // Cut at the boundary in model order: gamma whole, the first entry of bias.
     let optim = SelectiveOptimizer::new(
         &norm,
