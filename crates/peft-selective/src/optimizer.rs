@@ -14,10 +14,11 @@
 //! Weight decay: the toolkit forces the wrapped optimizer's `weight_decay` to 0, and so do we by
 //! default: the wrapped optimizer is handed `0` as the parameter value and its result (the update
 //! alone) is added to the chosen values, which removes any decay term for every burn optimizer
-//! whose update depends on the parameter only through weight decay (SGD, Adam, AdamW, RMSProp,
-//! AdaGrad, Lion, Adan). LAMB and Adafactor scale their step by the parameter's norm: use them
-//! with [`decay_chosen`](crate::SelectiveConfig::decay_chosen) on (then the optimizer sees the
-//! chosen values and its decay applies to them; unchosen entries never move in either mode).
+//! whose update depends on the parameter only through an additive weight decay (SGD, Adam, AdamW,
+//! RMSProp, AdaGrad, Lion). LAMB and Adafactor scale their step by the parameter's norm, and
+//! Adan's default (proximal) decay divides the whole update: set their decay to 0 yourself and
+//! use them with [`decay_chosen`](crate::SelectiveConfig::decay_chosen) on (then the optimizer
+//! sees the chosen values; unchosen entries never move in either mode).
 //!
 //! Differences from the toolkit, on purpose:
 //! * state is `O(budget)` instead of dense;
