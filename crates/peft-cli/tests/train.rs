@@ -461,6 +461,18 @@ fn what_the_reference_accepts_trains_with_warnings_on_stderr() {
     let out = train(&config, &[]);
     assert_ok(&out, "bitfit bias_only");
     assert!(!stderr(&out).contains("warning:"), "{}", stderr(&out));
+    // The earlier key still reads, and a contradiction is refused.
+    let old = format!("{}\nall_1d = true", method_line("bitfit"));
+    assert_ok(
+        &train(&run_file(p, "bitfit-1d", &old, 1, ""), &[]),
+        "all_1d",
+    );
+    let both = format!("{}\nall_1d = true\nbias_only = true", method_line("bitfit"));
+    assert_refused(
+        &train(&run_file(p, "bitfit-both", &both, 1, ""), &[]),
+        "all_1d and bias_only",
+        &["bias_only", "all_1d"],
+    );
 }
 
 #[test]

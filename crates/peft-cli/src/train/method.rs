@@ -169,6 +169,9 @@ struct SelectiveFields {
     exp: Option<f64>,
     eps: Option<f64>,
     bias_only: Option<bool>,
+    /// The earlier name, kept for run files that have it: `all_1d = false` is
+    /// `bias_only = true`; `all_1d = true` is the default now.
+    all_1d: Option<bool>,
     decay_chosen: Option<bool>,
 }
 
@@ -207,7 +210,15 @@ fn selective_config(
     if let Some(eps) = f.eps {
         config = config.with_eps(eps);
     }
-    if let Some(bias_only) = f.bias_only {
+    let bias_only = match (f.bias_only, f.all_1d) {
+        (Some(b), Some(a)) if b == a => bail!(
+            "{} [method]: `bias_only = {b}` and `all_1d = {a}` contradict each other",
+            file.display()
+        ),
+        (Some(b), _) => Some(b),
+        (None, a) => a.map(|all| !all),
+    };
+    if let Some(bias_only) = bias_only {
         config = config.with_bias_only(bias_only);
     }
     if let Some(on) = f.decay_chosen {
