@@ -41,7 +41,7 @@ pub enum MethodArg {
     Id3,
     /// PaFI: the budget's smallest-magnitude entries.
     Pafi,
-    /// BitFit: the biases.
+    /// BitFit: every 1-D parameter (biases and LayerNorm weights, the toolkit's set).
     Bitfit,
 }
 

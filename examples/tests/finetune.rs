@@ -79,9 +79,12 @@ fn lora_learns_the_training_set_and_saves_a_peft_adapter() {
 
 #[test]
 fn every_method_trains_within_its_budget() {
-    // BitFit: every bias of the encoder (per layer q, k, v, o, ffn in and out, two LayerNorms;
-    // the embeddings' LayerNorm and the pooler) plus the head.
+    // BitFit (the toolkit's set): every 1-D parameter of the encoder, i.e. every bias (per
+    // layer q, k, v, o, ffn in and out, two LayerNorms; the embeddings' LayerNorm and the pooler)
+    // and every LayerNorm weight (two per layer and the embeddings'), plus the head.
     let biases = 2 * (4 * 32 + 64 + 32 + 2 * 32) + 32 + 32;
+    let layer_norm_weights = 2 * (2 * 32) + 32;
+    let vectors = biases + layer_norm_weights;
     for (method, expected) in [
         // init_r 4: A, E and B of every targeted linear, the masked triplets included.
         (
@@ -91,7 +94,7 @@ fn every_method_trains_within_its_budget() {
         // The selective methods' budget is the LoRA count plus the head, on the base model.
         (MethodArg::Id3, (LORA + HEAD, BASE)),
         (MethodArg::Pafi, (LORA + HEAD, BASE)),
-        (MethodArg::Bitfit, (biases + HEAD, BASE)),
+        (MethodArg::Bitfit, (vectors + HEAD, BASE)),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut a = args(method, Some(dir.path().into()));

@@ -5,7 +5,8 @@
 //! it works the same inside burn-train's `Learner`) and keeps the gradients; after the step it
 //! updates the importance EMAs with the new parameters and those gradients, and masks singular
 //! values to the budget, exactly as PEFT's `update_and_allocate(global_step)` does when called
-//! after `optimizer.step()`. After every step of [`Stepper::train`](peft_core::Stepper::train)
+//! after `optimizer.step()` (with the gradients clipped as the optimizer clips them when the
+//! config carries its `grad_clipping`). After every step of [`Stepper::train`](peft_core::Stepper::train)
 //! it writes the current rank pattern into the adapter's config, so a save at any point
 //! truncates to it as PEFT does.
 
@@ -25,10 +26,12 @@ use crate::config::AdaLoraConfig;
 
 /// The budget at step `t` and whether to mask then (PEFT's `budget_schedule`).
 ///
-/// `init_bgt = init_r · M` and `target_bgt = target_r · M` for `M` adapted matrices.
+/// `init_bgt = init_r · M` and `target_bgt = target_r · M` for `M` adapted matrices, or
+/// loralib's `target_total_rank` when set. A target at or above `init_bgt` never masks
+/// anything (see `mask_to_budget`).
 pub fn budget_schedule(config: &AdaLoraConfig, matrices: usize, t: usize) -> (usize, bool) {
     let init_bgt = config.init_r * matrices;
-    let target_bgt = config.target_r * matrices;
+    let target_bgt = config.target_budget(matrices);
     let total = config.total_steps();
     let (tinit, tfinal) = (config.tinit, config.tfinal);
     if t <= tinit {
@@ -37,7 +40,8 @@ pub fn budget_schedule(config: &AdaLoraConfig, matrices: usize, t: usize) -> (us
         (target_bgt, true)
     } else {
         let mul = 1.0 - (t - tinit) as f64 / (total - tfinal - tinit) as f64;
-        let b = ((init_bgt - target_bgt) as f64 * mul.powf(3.0) + target_bgt as f64) as usize;
+        let (init, target) = (init_bgt as f64, target_bgt as f64);
+        let b = ((init - target) * mul.powf(3.0) + target) as usize;
         (b, t.is_multiple_of(config.delta_t))
     }
 }
@@ -382,9 +386,19 @@ impl<M: Module> Controller<M> for RankAllocator {
                 }
             }
         }
-        // The scores use this step's gradients only while they are still updated (t < T - tfinal).
+        // The scores use this step's gradients only while they are still updated (t < T - tfinal),
+        // clipped per parameter as the optimizer will clip them (burn's `ModuleOptimizer`).
         self.grads.clear();
         if info.step + self.config.tfinal < self.config.total_steps() {
+            let clipping = self.config.grad_clipping.as_ref().map(|c| c.init());
+            let clip2 = |g: Tensor<2>| match &clipping {
+                Some(c) => c.clip_gradient(g),
+                None => g,
+            };
+            let clip1 = |g: Tensor<1>| match &clipping {
+                Some(c) => c.clip_gradient(g),
+                None => g,
+            };
             for (path, a) in &current {
                 if let (Some(ga), Some(ge), Some(gb)) = (
                     grads.get::<2>(a.lora_a.id),
@@ -392,9 +406,9 @@ impl<M: Module> Controller<M> for RankAllocator {
                     grads.get::<2>(a.lora_b.id),
                 ) {
                     let seen = [
-                        host_vec(ga.transpose()),
-                        host_vec(ge),
-                        host_vec(gb.transpose()),
+                        host_vec(clip2(ga).transpose()),
+                        host_vec(clip1(ge)),
+                        host_vec(clip2(gb).transpose()),
                     ];
                     self.grads.insert(path.clone(), seen);
                 }

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use peft_core::config::{PeftConfig, PeftConfigBase};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use peft_core::config::{ConfigWarning, PeftConfig, PeftConfigBase};
 use peft_core::error::{PeftError, Result};
 use peft_core::target::{ModuleSelector, TargetSpec};
 use peft_lora::{InitLoraWeights, LoraConfig};
@@ -14,8 +15,10 @@ use serde_json::{Map, Value};
 ///
 /// The LoRA fields live in [`lora`](Self::lora) with PEFT's meaning, except: `r` is ignored
 /// (the rank is [`init_r`](Self::init_r)), the scaling is `lora_alpha / (init_r + 1e-5)`,
-/// `init_lora_weights` is `true` (A, B `N(0, 0.02²)`, E zero: an identity at start) or `false`
-/// (A, E, B `N(0, 1)`), and DoRA, rsLoRA and embeddings are refused, as in PEFT.
+/// `init_lora_weights` is truthy (A, B `N(0, 0.02²)`, E zero: an identity at start; PEFT takes
+/// any non-empty string such as `"gaussian"` as `true`) or falsy (`false`, `""`: A, E, B
+/// `N(0, 1)`), `use_rslora` is ignored, and DoRA and embeddings are refused, as in PEFT. What is
+/// accepted only for compatibility is listed by [`PeftConfig::warnings`].
 #[derive(Clone, Debug, Deserialize)]
 pub struct AdaLoraConfig {
     /// The LoRA fields (targets, alpha, dropout, bias, `modules_to_save`, layer filters, …).
@@ -48,10 +51,25 @@ pub struct AdaLoraConfig {
     /// Total number of training steps `T` (required).
     #[serde(default)]
     pub total_step: Option<usize>,
+    /// loralib's `target_total_rank`: the final total budget in triplets, instead of
+    /// `target_r · #matrices` (PEFT has no such field; written to `adapter_config.json` only when
+    /// set).
+    #[serde(default)]
+    pub target_total_rank: Option<usize>,
     /// The kept singular triplets of every matrix, keyed by the burn path of the adapted layer
     /// (in files: the PEFT path of its `lora_E`). `None` until the first masking step.
     #[serde(skip)]
     pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
+    /// The gradient clipping of the optimizer given to the stepper, so that the allocator's
+    /// sensitivity `|θ ⊙ g|` uses the clipped gradients the optimizer steps with (burn clips
+    /// inside `ModuleOptimizer::step`, after the controllers ran; PEFT users clip before
+    /// `update_and_allocate`). A training setting: never written to `adapter_config.json`.
+    #[serde(skip)]
+    pub grad_clipping: Option<GradientClippingConfig>,
+    /// The `init_lora_weights` string of the file when it was read as a boolean (PEFT's
+    /// truthiness), for [`PeftConfig::warnings`].
+    #[serde(skip)]
+    pub init_lora_weights_string: Option<String>,
 }
 
 fn default_init_r() -> usize {
@@ -81,6 +99,7 @@ const ADALORA_FIELDS: &[&str] = &[
     "beta2",
     "orth_reg_weight",
     "total_step",
+    "target_total_rank",
     "rank_pattern",
 ];
 
@@ -100,8 +119,32 @@ impl AdaLoraConfig {
             beta2: default_beta(),
             orth_reg_weight: default_orth(),
             total_step: Some(total_step),
+            target_total_rank: None,
             rank_pattern: None,
+            grad_clipping: None,
+            init_lora_weights_string: None,
         }
+    }
+
+    /// Set loralib's `target_total_rank`: the final total number of kept triplets, instead of
+    /// `target_r` per matrix.
+    pub fn with_target_total_rank(mut self, total: usize) -> Self {
+        self.target_total_rank = Some(total);
+        self
+    }
+
+    /// Tell the allocator the gradient clipping of the optimizer it runs with (the
+    /// `GradientClippingConfig` given to e.g. `AdamWConfig::with_grad_clipping`), so its
+    /// importance scores see the clipped gradients, as in PEFT when the user clips before
+    /// `update_and_allocate`.
+    pub fn with_grad_clipping(mut self, clipping: GradientClippingConfig) -> Self {
+        self.grad_clipping = Some(clipping);
+        self
+    }
+
+    /// The final total budget: `target_total_rank` when set, else `target_r · matrices`.
+    pub fn target_budget(&self, matrices: usize) -> usize {
+        self.target_total_rank.unwrap_or(self.target_r * matrices)
     }
 
     /// Set `init_r` and `target_r`.
@@ -162,8 +205,9 @@ impl AdaLoraConfig {
     /// # Errors
     /// The first invalid or unsupported field, with PEFT's rules: `total_step` set and
     /// positive, a budgeting phase (`tinit < total_step - tfinal`), `init_r > 0`,
-    /// `target_r <= init_r`, `deltaT > 0`, betas in (0, 1), `orth_reg_weight >= 0`, no DoRA,
-    /// rsLoRA, PiSSA or Gaussian init.
+    /// `deltaT > 0`, betas in (0, 1), `orth_reg_weight >= 0`, no DoRA. What PEFT accepts and
+    /// ignores (`use_rslora`, `init_lora_weights` strings, `target_r > init_r`) is valid and
+    /// listed by [`PeftConfig::warnings`].
     pub fn validate(&self) -> Result<()> {
         let invalid = |field: &str, reason: String| {
             Err(PeftError::InvalidConfig {
@@ -185,23 +229,6 @@ impl AdaLoraConfig {
                 "AdaLoRA does not support DoRA (as in PEFT)",
             ));
         }
-        if self.lora.use_rslora {
-            return Err(PeftError::unsupported_field(
-                "use_rslora",
-                true,
-                "AdaLoRA scales by alpha / (init_r + 1e-5)",
-            ));
-        }
-        if matches!(
-            self.lora.init_lora_weights,
-            InitLoraWeights::Gaussian | InitLoraWeights::Pissa
-        ) {
-            return Err(PeftError::unsupported_field(
-                "init_lora_weights",
-                format!("{:?}", self.lora.init_lora_weights),
-                "AdaLoRA takes true or false",
-            ));
-        }
         let Some(total) = self.total_step.filter(|&t| t > 0) else {
             return invalid(
                 "total_step",
@@ -219,15 +246,6 @@ impl AdaLoraConfig {
         }
         if self.init_r == 0 {
             return invalid("init_r", "must be a positive integer".into());
-        }
-        if self.target_r > self.init_r {
-            return invalid(
-                "target_r",
-                format!(
-                    "target_r ({}) > init_r ({}): the budget can only shrink",
-                    self.target_r, self.init_r
-                ),
-            );
         }
         if self.delta_t == 0 {
             return invalid("deltaT", "must be a positive integer".into());
@@ -285,6 +303,9 @@ impl AdaLoraConfig {
         map.insert("beta2".into(), Value::from(self.beta2));
         map.insert("orth_reg_weight".into(), Value::from(self.orth_reg_weight));
         map.insert("total_step".into(), Value::from(self.total_step));
+        if let Some(total) = self.target_total_rank {
+            map.insert("target_total_rank".into(), Value::from(total));
+        }
         map.insert(
             "rank_pattern".into(),
             rank_pattern.map_or(Value::Null, Value::Object),
@@ -301,7 +322,16 @@ impl AdaLoraConfig {
             Some(Value::Object(m)) => Some(m),
             _ => None,
         };
+        // PEFT tests `if init_lora_weights:`, so any non-empty string is `true` and "" is
+        // `false`; the string itself is kept for the warning.
+        let mut init_string = None;
+        if let Some(Value::String(s)) = map.get("init_lora_weights") {
+            init_string = Some(s.clone());
+            let truthy = !s.is_empty();
+            map.insert("init_lora_weights".into(), Value::Bool(truthy));
+        }
         let mut config: Self = serde_json::from_value(Value::Object(map))?;
+        config.init_lora_weights_string = init_string;
         // The flattened LoRA part collects every key it does not know, AdaLoRA's included.
         for field in ADALORA_FIELDS {
             config.lora.extra.remove(*field);
@@ -318,5 +348,43 @@ impl PeftConfig for AdaLoraConfig {
 
     fn base_mut(&mut self) -> &mut PeftConfigBase {
         &mut self.lora.base
+    }
+
+    fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut out = Vec::new();
+        if self.lora.use_rslora {
+            out.push(ConfigWarning::new(
+                "use_rslora",
+                "ignored, as in PEFT: AdaLoRA scales by lora_alpha / (init_r + 1e-5)",
+            ));
+        }
+        let string = match (&self.init_lora_weights_string, &self.lora.init_lora_weights) {
+            (Some(s), _) => Some(s.clone()),
+            (None, InitLoraWeights::Gaussian) => Some("gaussian".into()),
+            (None, InitLoraWeights::Pissa) => Some("pissa".into()),
+            _ => None,
+        };
+        if let Some(s) = string {
+            let meaning = if s.is_empty() {
+                "false (A, E, B N(0, 1))"
+            } else {
+                "true (A, B N(0, 0.02²), E zero)"
+            };
+            out.push(ConfigWarning::new(
+                "init_lora_weights",
+                format!("{s:?} is read as {meaning}, as PEFT's AdaLoRA does"),
+            ));
+        }
+        if self.target_total_rank.is_none() && self.target_r > self.init_r {
+            out.push(ConfigWarning::new(
+                "target_r",
+                format!(
+                    "target_r ({}) > init_r ({}): the budget never shrinks, no triplet is masked \
+                     (PEFT accepts the config and fails at its first masking step)",
+                    self.target_r, self.init_r
+                ),
+            ));
+        }
+        out
     }
 }

@@ -135,7 +135,6 @@ fn invalid_configs_name_the_field() {
             },
         ),
         ("tinit", base.clone().with_schedule(9, 3, 1)),
-        ("target_r", base.clone().with_ranks(2, 6)),
         ("init_r", base.clone().with_ranks(0, 0)),
         ("deltaT", base.clone().with_schedule(2, 3, 0)),
         (
@@ -165,6 +164,129 @@ fn invalid_configs_name_the_field() {
         assert!(text.contains(field), "{field}: {text}");
     }
     assert!(base.validate().is_ok());
+}
+
+/// `adapter_config.json` fields of `example_config()` plus `extra`, parsed as a file is.
+fn parse(extra: serde_json::Value) -> AdaLoraConfig {
+    use peft_core::Method;
+    let mut map = example_config().to_json(&peft_core::hf::KeyMap::default());
+    map.insert("inference_mode".into(), false.into());
+    for (k, v) in extra.as_object().unwrap() {
+        map.insert(k.clone(), v.clone());
+    }
+    AdaLoraConfig::from_json(
+        map,
+        std::path::Path::new("adapter_config.json"),
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+fn warned_fields(config: &AdaLoraConfig) -> Vec<String> {
+    use peft_core::PeftConfig;
+    config.warnings().into_iter().map(|w| w.field).collect()
+}
+
+#[test]
+fn configs_peft_accepts_load_with_a_warning_and_peft_behaviour() {
+    use peft_lora::InitLoraWeights;
+    // What PEFT 0.21 accepts: `use_rslora` (ignored by AdaLoRA), any truthy
+    // `init_lora_weights` string (its default init), `target_r > init_r`.
+    let plain = parse(serde_json::json!({}));
+    assert!(warned_fields(&plain).is_empty());
+    let moved = parse(serde_json::json!({
+        "use_rslora": true,
+        "init_lora_weights": "eva",
+        "target_r": 8,
+    }));
+    assert_eq!(
+        warned_fields(&moved),
+        ["use_rslora", "init_lora_weights", "target_r"]
+    );
+    assert_eq!(moved.lora.init_lora_weights, InitLoraWeights::Default);
+    assert_eq!(
+        moved.scale(),
+        plain.scale(),
+        "rsLoRA does not change AdaLoRA's scale"
+    );
+    // An empty string is falsy in PEFT: the random init.
+    let empty = parse(serde_json::json!({ "init_lora_weights": "" }));
+    assert_eq!(empty.lora.init_lora_weights, InitLoraWeights::Random);
+    assert_eq!(warned_fields(&empty), ["init_lora_weights"]);
+    // Built in Rust, "gaussian" is PEFT's truthy string too.
+    let mut gaussian = example_config();
+    gaussian.lora.init_lora_weights = InitLoraWeights::Gaussian;
+    assert!(gaussian.validate().is_ok());
+    assert_eq!(warned_fields(&gaussian), ["init_lora_weights"]);
+
+    // The model builds and trains: an identity at start (E zero), and with target_r > init_r
+    // the budget never shrinks (PEFT fails at its first masking step), so nothing is masked.
+    let dev = device();
+    let mut peft = AdaLoraModel::new(Activation::new(&dev), moved.clone()).unwrap();
+    let x = input(&dev);
+    assert!(
+        max_diff(
+            peft.model().forward(x.clone()),
+            Activation::new(&dev).forward(x)
+        ) < 1e-6
+    );
+    deterministic(&mut peft);
+    let allocator = shared(&moved);
+    let mut stepper = Stepper::new().with(allocator.clone());
+    train(0..12, &mut peft, &mut stepper);
+    let pattern = allocator.lock().unwrap().rank_pattern().cloned().unwrap();
+    assert!(pattern.values().flatten().all(|k| *k), "{pattern:?}");
+}
+
+#[test]
+fn target_total_rank_replaces_target_r_times_matrices_as_in_loralib() {
+    let config = example_config().with_target_total_rank(3);
+    let got: Vec<(usize, bool)> = (0..=12).map(|t| budget_schedule(&config, 2, t)).collect();
+    // init 12, target 3: b(t) = floor(9 (1 - (t - 2) / 7)³ + 3) while decaying.
+    let expected = vec![
+        (12, false),
+        (12, false),
+        (12, false),
+        (8, false),
+        (6, true),
+        (4, false),
+        (3, true),
+        (3, false),
+        (3, true),
+        (3, false),
+        (3, true),
+        (3, true),
+        (3, true),
+    ];
+    assert_eq!(got, expected);
+
+    // Written to and read from adapter_config.json only when set.
+    use peft_core::Method;
+    let key_map = peft_core::hf::KeyMap::default();
+    assert!(
+        !example_config()
+            .to_json(&key_map)
+            .contains_key("target_total_rank")
+    );
+    assert_eq!(
+        parse(serde_json::json!({ "target_total_rank": 3 })).target_total_rank,
+        Some(3)
+    );
+
+    // Trained to the end: 3 triplets kept in total, where target_r alone keeps 2 x 2.
+    let dev = device();
+    let kept = |config: AdaLoraConfig| {
+        let config = random(&config);
+        let mut peft = AdaLoraModel::new(Activation::new(&dev), config.clone()).unwrap();
+        deterministic(&mut peft);
+        let allocator = shared(&config);
+        let mut stepper = Stepper::new().with(allocator.clone());
+        train(0..12, &mut peft, &mut stepper);
+        let p = allocator.lock().unwrap().rank_pattern().cloned().unwrap();
+        p.values().flatten().filter(|k| **k).count()
+    };
+    assert_eq!(kept(example_config().with_target_total_rank(3)), 3);
+    assert_eq!(kept(example_config()), 4);
 }
 
 #[test]
@@ -740,6 +862,22 @@ fn allocator_replays_peft_gradients_rank_patterns_and_masked_values() {
     assert!(
         last["lin1"].iter().all(|k| !k),
         "lin1 ends at rank 0 in the fixture"
+    );
+}
+
+#[test]
+fn allocator_sees_the_clipped_gradients_when_the_optimizer_clips() {
+    use burn::optim::grad_clipping::GradientClippingConfig;
+    // PEFT's run with `clip_grad_value_(5e-5)` before `optimizer.step()` and
+    // `update_and_allocate`: told the optimizer's clipping, the allocator keeps PEFT's triplets.
+    let clip = GradientClippingConfig::Value(5e-5);
+    replay_peft_run("peft/clip", &fixture_config().with_grad_clipping(clip));
+    // Fed the unclipped gradients (the behaviour before), it keeps others: the fixture script
+    // asserts that for PEFT's own allocator, and here the replay must fail.
+    let unclipped = std::panic::catch_unwind(|| replay_peft_run("peft/clip", &fixture_config()));
+    assert!(
+        unclipped.is_err(),
+        "the clip fixture does not tell clipped from unclipped"
     );
 }
 

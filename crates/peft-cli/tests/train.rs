@@ -458,6 +458,46 @@ fn bad_inputs_are_refused_with_the_reason() {
 }
 
 #[test]
+fn what_the_reference_accepts_trains_with_warnings_on_stderr() {
+    let dir = workspace();
+    let p = dir.path();
+    // PEFT's AdaLoRA ignores `use_rslora` and reads any `init_lora_weights` string as `true`;
+    // loralib's `target_total_rank` sets the final budget.
+    let adalora = format!(
+        "{}\nuse_rslora = true\ninit_lora_weights = \"gaussian\"\ntarget_total_rank = 3",
+        method_line("adalora")
+    );
+    let config = run_file(p, "adalora-warn", &adalora, 3, "");
+    let out = train(&config, &[]);
+    assert_ok(&out, "adalora with PEFT's ignored values");
+    let err = stderr(&out);
+    for needle in ["warning:", "`use_rslora`", "`init_lora_weights`"] {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+    // The toolkit's BitFit keys: the paper's biases only, and decay on the chosen entries.
+    let bitfit = format!(
+        "{}\nbias_only = true\ndecay_chosen = true",
+        method_line("bitfit")
+    );
+    let config = run_file(p, "bitfit-bias", &bitfit, 2, "");
+    let out = train(&config, &[]);
+    assert_ok(&out, "bitfit bias_only");
+    assert!(!stderr(&out).contains("warning:"), "{}", stderr(&out));
+    // The earlier key still reads, and a contradiction is refused.
+    let old = format!("{}\nall_1d = true", method_line("bitfit"));
+    assert_ok(
+        &train(&run_file(p, "bitfit-1d", &old, 1, ""), &[]),
+        "all_1d",
+    );
+    let both = format!("{}\nall_1d = true\nbias_only = true", method_line("bitfit"));
+    assert_refused(
+        &train(&run_file(p, "bitfit-both", &both, 1, ""), &[]),
+        "all_1d and bias_only",
+        &["bias_only", "all_1d"],
+    );
+}
+
+#[test]
 fn labels_cover_only_completions_and_assistant_turns() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());

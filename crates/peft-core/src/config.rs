@@ -71,10 +71,44 @@ impl PeftConfigBase {
     }
 }
 
+/// A value accepted as the reference (PEFT, or the method's own reference code) accepts it, but
+/// that does not do what it seems to (ignored, or replaced by another value): the reference's
+/// behaviour is kept and the user is told. Read with [`PeftConfig::warnings`]; the `burn-peft`
+/// command prints them on stderr.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// The field, with its name in `adapter_config.json`.
+    pub field: String,
+    /// What happens instead.
+    pub message: String,
+}
+
+impl ConfigWarning {
+    /// A warning about `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`: {}", self.field, self.message)
+    }
+}
+
 /// A method config built on [`PeftConfigBase`]; the builders are the same for every method.
 pub trait PeftConfig: Sized {
     /// The common fields.
     fn base(&self) -> &PeftConfigBase;
+
+    /// Values accepted for compatibility with the reference that are ignored or replaced (see
+    /// [`ConfigWarning`]); empty by default.
+    fn warnings(&self) -> Vec<ConfigWarning> {
+        Vec::new()
+    }
 
     /// The common fields, mutably.
     fn base_mut(&mut self) -> &mut PeftConfigBase;

@@ -36,7 +36,7 @@ pub mod step;
 pub mod target;
 
 pub use adapter::Adapter;
-pub use config::{PeftConfig, PeftConfigBase};
+pub use config::{ConfigWarning, PeftConfig, PeftConfigBase};
 pub use error::{PeftError, Result};
 pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};

@@ -24,11 +24,13 @@ pub enum Selection {
     Id3(Id3Config),
     /// PaFI: the budget's smallest-magnitude entries, chosen once at construction.
     Pafi,
-    /// BitFit: every trainable bias (path ending in `.bias`), or every 1-D tensor.
+    /// BitFit: every trainable 1-D tensor (biases, LayerNorm/BatchNorm γ and β), as the toolkit
+    /// does, or only the biases (paths ending in `.bias`, the BitFit paper's definition). With a
+    /// budget, the candidates are taken whole in model order and the one at the boundary is cut
+    /// to its first entries, as the toolkit does.
     BitFit {
-        /// Select every 1-D tensor (LayerNorm γ/β included), as the toolkit does, instead of
-        /// `.bias` paths only.
-        all_1d: bool,
+        /// Only `.bias` paths instead of every 1-D tensor.
+        bias_only: bool,
     },
 }
 
@@ -53,13 +55,17 @@ pub struct SelectiveConfig {
     /// The selection method.
     pub method: Selection,
     /// Total number of trained entries, `choose_all` parameters included. Required by ID3 and
-    /// PaFI; optional for BitFit (then it is only checked, never used to cut a bias short).
+    /// PaFI; optional for BitFit (without one, every candidate is trained in full).
     pub budget: Option<usize>,
     /// Parameter groups trained in full.
     pub choose_all: Vec<ParamGroup>,
     /// Check after every step that the budget holds and unchosen entries are unchanged (keeps a
     /// copy of the initial trainable parameters).
     pub verify: bool,
+    /// Apply the wrapped optimizer's weight decay to the chosen entries. Off by default: the
+    /// toolkit forces `weight_decay = 0` on the optimizer it wraps, so the chosen entries follow
+    /// the optimizer without decay (unchosen entries never move either way).
+    pub decay_chosen: bool,
 }
 
 impl SelectiveConfig {
@@ -80,9 +86,9 @@ impl SelectiveConfig {
         Self::new(Selection::Pafi, Some(budget))
     }
 
-    /// BitFit over `.bias` parameters, with no budget.
+    /// BitFit over every 1-D parameter (the toolkit's set), with no budget.
     pub fn bitfit() -> Self {
-        Self::new(Selection::BitFit { all_1d: false }, None)
+        Self::new(Selection::BitFit { bias_only: false }, None)
     }
 
     /// A configuration from its parts.
@@ -92,6 +98,7 @@ impl SelectiveConfig {
             budget,
             choose_all: Vec::new(),
             verify: false,
+            decay_chosen: false,
         }
     }
 
@@ -111,11 +118,19 @@ impl SelectiveConfig {
         self
     }
 
-    /// Set BitFit's `all_1d` (ignored by other methods).
-    pub fn with_all_1d(mut self, all_1d: bool) -> Self {
-        if let Selection::BitFit { all_1d: a } = &mut self.method {
-            *a = all_1d;
+    /// Set BitFit's `bias_only` (ignored by other methods): only `.bias` paths, the BitFit
+    /// paper's definition, instead of every 1-D tensor.
+    pub fn with_bias_only(mut self, bias_only: bool) -> Self {
+        if let Selection::BitFit { bias_only: b } = &mut self.method {
+            *b = bias_only;
         }
+        self
+    }
+
+    /// Keep the wrapped optimizer's weight decay on the chosen entries (see
+    /// [`decay_chosen`](Self::decay_chosen)).
+    pub fn with_decay_chosen(mut self, on: bool) -> Self {
+        self.decay_chosen = on;
         self
     }
 

@@ -50,13 +50,13 @@ pub enum SelectiveError {
     },
     /// BitFit found no parameter to train.
     #[error(
-        "BitFit found no trainable bias parameter (paths ending in `.bias`{}); trainable parameters: {}",
-        if *all_1d { " or 1-D tensors" } else { "" },
+        "BitFit found no trainable {}; trainable parameters: {}",
+        if *bias_only { "bias parameter (paths ending in `.bias`)" } else { "1-D parameter" },
         available.join(", ")
     )]
     NothingSelected {
-        /// Whether every 1-D tensor was eligible.
-        all_1d: bool,
+        /// Whether only `.bias` paths were eligible.
+        bias_only: bool,
         /// Every trainable parameter path.
         available: Vec<String>,
     },

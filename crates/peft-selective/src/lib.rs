@@ -6,11 +6,13 @@
 //! * **ID3**: unmask `u(t) = B / T + [t < B % T]` entries per step for `T` steps, the unchosen
 //!   entries of highest `D3 = |g| / (eps + |θ|)^exp`, globally across parameters;
 //! * **PaFI**: the budget's smallest-magnitude entries, chosen once;
-//! * **BitFit**: the bias parameters (or every 1-D tensor).
+//! * **BitFit**: every 1-D parameter, as the toolkit (or only the biases, the paper's set), cut at
+//!   the budget.
 //!
 //! [`SelectiveOptimizer`] wraps any burn [`Optimizer`](burn::optim::Optimizer) (AdamW, SGD, ...)
 //! and runs it on the chosen entries only: unchosen entries stay bit-identical, the optimizer
-//! state is `O(budget)`, and the budget is never exceeded. The result is a [`Summary`] of the
+//! state is `O(budget)`, the budget is never exceeded, and the optimizer's weight decay is off as
+//! the toolkit forces it (`decay_chosen` keeps it on the chosen entries). The result is a [`Summary`] of the
 //! chosen entries' values keyed by parameter path, `O(budget)` on disk.
 //!
 //! ```

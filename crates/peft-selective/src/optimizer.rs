@@ -11,8 +11,16 @@
 //! moments, SGD's momentum). The step counter inside the state (Adam's bias correction) counts
 //! optimizer steps since the first one, as in the toolkit's dense masked AdamW.
 //!
+//! Weight decay: the toolkit forces the wrapped optimizer's `weight_decay` to 0, and so do we by
+//! default: the wrapped optimizer is handed `0` as the parameter value and its result (the update
+//! alone) is added to the chosen values, which removes any decay term for every burn optimizer
+//! whose update depends on the parameter only through an additive weight decay (SGD, Adam, AdamW,
+//! RMSProp, AdaGrad, Lion). LAMB and Adafactor scale their step by the parameter's norm, and
+//! Adan's default (proximal) decay divides the whole update: set their decay to 0 yourself and
+//! use them with [`decay_chosen`](crate::SelectiveConfig::decay_chosen) on (then the optimizer
+//! sees the chosen values; unchosen entries never move in either mode).
+//!
 //! Differences from the toolkit, on purpose:
-//! * weight decay need not be forced to 0: it applies to chosen entries only;
 //! * state is `O(budget)` instead of dense;
 //! * ties in ID3 and PaFI are broken deterministically (parameter order, then row-major index);
 //! * ID3 counts its steps and never unmasks beyond the budget.
@@ -130,7 +138,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
     ///
     /// # Errors
     /// An invalid config, a budget of 0 or larger than the trainable entries, `choose_all`
-    /// groups that match nothing or exceed the budget, BitFit without any bias.
+    /// groups that match nothing or exceed the budget, BitFit without any candidate.
     pub fn new<M: Module>(model: &M, config: SelectiveConfig, inner: O) -> Result<Self> {
         config.validate()?;
         let inventory = params::inventory(model);
@@ -154,33 +162,15 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
             }
         }
         let available: usize = trainable.iter().map(|p| numel(&p.shape)).sum();
-        if let Selection::BitFit { all_1d } = config.method {
-            let mut any = false;
-            for (i, p) in trainable.iter().enumerate() {
-                let bias = p.path == "bias" || p.path.ends_with(".bias");
-                if !full[i] && (bias || (all_1d && p.shape.len() == 1)) {
-                    full[i] = true;
-                    any = true;
-                }
-            }
-            if !any {
-                return Err(SelectiveError::NothingSelected {
-                    all_1d,
-                    available: available_paths(),
-                });
-            }
-        }
         let fixed: usize = trainable
             .iter()
             .zip(&full)
             .filter(|(_, f)| **f)
             .map(|(p, _)| numel(&p.shape))
             .sum();
-        let budget = config.budget.unwrap_or(fixed);
-        if budget > available {
-            return Err(SelectiveError::BudgetTooLarge { budget, available });
-        }
-        if fixed > budget {
+        if let Some(budget) = config.budget
+            && fixed > budget
+        {
             let paths: Vec<&str> = trainable
                 .iter()
                 .zip(&full)
@@ -192,6 +182,54 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
                 needed: fixed,
                 paths: paths.join(", "),
             });
+        }
+        // BitFit: the candidates in model order, whole while the budget allows; the one at the
+        // boundary keeps its first entries (the toolkit's `mask[:remaining]`), later ones none.
+        let mut partial: Vec<(usize, Vec<i64>)> = Vec::new();
+        if let Selection::BitFit { bias_only } = config.method {
+            let mut remaining = config.budget.map(|b| b - fixed);
+            let mut any = false;
+            for (i, p) in trainable.iter().enumerate() {
+                let bias = p.path == "bias" || p.path.ends_with(".bias");
+                if full[i] || !(if bias_only { bias } else { p.shape.len() == 1 }) {
+                    continue;
+                }
+                any = true;
+                let n = numel(&p.shape);
+                match &mut remaining {
+                    None => full[i] = true,
+                    Some(left) if n <= *left => {
+                        full[i] = true;
+                        *left -= n;
+                    }
+                    Some(left) => {
+                        if *left > 0 {
+                            partial.push((i, (0..*left as i64).collect()));
+                        }
+                        *left = 0;
+                    }
+                }
+            }
+            if !any {
+                return Err(SelectiveError::NothingSelected {
+                    bias_only,
+                    available: available_paths(),
+                });
+            }
+        }
+        let fixed: usize = trainable
+            .iter()
+            .zip(&full)
+            .filter(|(_, f)| **f)
+            .map(|(p, _)| numel(&p.shape))
+            .sum::<usize>()
+            + partial.iter().map(|(_, c)| c.len()).sum::<usize>();
+        let budget = config.budget.unwrap_or(fixed);
+        // BitFit's budget is a cap, as in the toolkit: one above the model's size only means
+        // that every candidate fits.
+        let bitfit = matches!(config.method, Selection::BitFit { .. });
+        if budget > available && !bitfit {
+            return Err(SelectiveError::BudgetTooLarge { budget, available });
         }
         let params: Vec<Tracked> = trainable
             .iter()
@@ -225,6 +263,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
             device,
             pending: None,
         };
+        this.add_chosen(partial)?;
         if this.config.method == Selection::Pafi {
             let scores = this
                 .candidates()
@@ -365,7 +404,16 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
         let values = Tensor::cat(values, 0);
         let grads = Tensor::cat(grads, 0);
         let state = self.state.take().map(|s| O::to_device(s, &self.device));
-        let (values, state) = self.inner.step::<1>(lr, values, grads, state);
+        let (values, state) = if self.config.decay_chosen {
+            self.inner.step::<1>(lr, values, grads, state)
+        } else {
+            // The toolkit's `weight_decay = 0`: the wrapped optimizer steps the chosen entries
+            // from 0, so a decay term (a multiple of the parameter) vanishes and its result is
+            // the update alone, added back; `θ + (0 − u)` is `θ − u` bit for bit.
+            let zeros = values.zeros_like();
+            let (update, state) = self.inner.step::<1>(lr, zeros, grads, state);
+            (values + update, state)
+        };
         self.state = state;
         let mut offset = 0;
         for &i in &active {
@@ -440,7 +488,7 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
     }
 
     /// The budget: the most entries that will ever be chosen (for BitFit without a budget, the
-    /// number of bias entries).
+    /// number of its candidates' entries).
     pub fn budget(&self) -> usize {
         self.budget
     }

@@ -44,6 +44,43 @@ pub(crate) fn inventory<M: Module>(model: &M) -> Vec<ParamInfo> {
     v.out
 }
 
+/// Paths of the running statistics (`running_mean`, `running_var`) of every BatchNorm module of
+/// `model`: the toolkit's `bn_metadata`, state a summary keeps besides the chosen entries.
+pub(crate) fn batch_norm_stats<M: Module>(model: &M) -> Vec<String> {
+    struct Bn {
+        path: Vec<String>,
+        containers: Vec<bool>,
+        out: Vec<String>,
+    }
+    impl ModuleVisitor for Bn {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.push(name.to_string());
+            self.containers.push(container_type.contains("BatchNorm"));
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+            self.containers.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let Some(name) = self.path.last() else { return };
+            // `enter_module` names the field with the type of the struct that holds it.
+            if self.containers.last() == Some(&true)
+                && !param.is_require_grad()
+                && (name == "running_mean" || name == "running_var")
+            {
+                self.out.push(self.path.join("."));
+            }
+        }
+    }
+    let mut v = Bn {
+        path: Vec::new(),
+        containers: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
 /// The current value (and gradient) of one tracked parameter, flattened and detached.
 pub(crate) struct Snapshot {
     pub value: Tensor<1>,

@@ -3,10 +3,14 @@
 //!
 //! On disk it uses burn-peft's two-file adapter layout in a directory:
 //! * `adapter_config.json`: `{"peft_type": "SELECTIVE", "method", "budget", "budget_used",
-//!   "params": {path: {"shape": [...], "full": bool, "count": n}}}`;
+//!   "params": {path: {"shape": [...], "full": bool, "count": n}}, "batch_norm": {path:
+//!   {"shape": [...]}}}` (`batch_norm` only when the model has BatchNorm layers);
 //! * `adapter_model.safetensors`: for every parameter, `<path>.values` (f32, the final values,
 //!   not deltas) and, unless the parameter is trained in full, `<path>.indices` (i64 row-major
-//!   flat indices into the parameter in burn's orientation, ascending).
+//!   flat indices into the parameter in burn's orientation, ascending); and every BatchNorm
+//!   running statistic in full under its own path (`<bn>.running_mean`, `<bn>.running_var`),
+//!   the toolkit's `bn_metadata`: they change in training without being parameters. (burn's
+//!   BatchNorm has no `num_batches_tracked`.)
 //!
 //! The toolkit keys its summary by the order of `model.parameters()`, so any change of
 //! architecture or order misloads silently; here every entry names its parameter and applying a
@@ -53,6 +57,9 @@ pub struct Summary {
     pub budget: usize,
     /// Entries by parameter path.
     pub params: BTreeMap<String, SummaryEntry>,
+    /// BatchNorm running statistics by path (`<bn>.running_mean`, `<bn>.running_var`), in full
+    /// (`indices` is `None`).
+    pub batch_norm: BTreeMap<String, SummaryEntry>,
 }
 
 impl<O: Optimizer> SelectiveOptimizer<O> {
@@ -94,10 +101,23 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
                 },
             );
         }
+        let stats = params::batch_norm_stats(model);
+        let batch_norm = hosts::read_params(model, |p| stats.iter().any(|s| s == p))
+            .into_iter()
+            .map(|(path, data)| {
+                let entry = SummaryEntry {
+                    shape: data.shape().to_vec(),
+                    indices: None,
+                    values: data.iter::<f32>().collect(),
+                };
+                (path, entry)
+            })
+            .collect();
         Ok(Summary {
             method: self.config.method.name().into(),
             budget: self.budget,
             params: out,
+            batch_norm,
         })
     }
 }
@@ -108,10 +128,12 @@ impl Summary {
         self.params.values().map(|e| e.values.len()).sum()
     }
 
-    /// Bytes of the tensors on disk (values f32, indices i64), without headers.
+    /// Bytes of the tensors on disk (values f32, indices i64, BatchNorm statistics f32), without
+    /// headers.
     pub fn tensor_bytes(&self) -> usize {
         self.params
             .values()
+            .chain(self.batch_norm.values())
             .map(|e| 4 * e.values.len() + 8 * e.indices.as_ref().map_or(0, Vec::len))
             .sum()
     }
@@ -143,12 +165,23 @@ impl Summary {
                 json!({ "shape": e.shape, "full": e.indices.is_none(), "count": e.values.len() }),
             );
         }
+        let mut batch_norm = Map::new();
+        for (path, e) in &self.batch_norm {
+            tensors.insert(
+                path.clone(),
+                TensorData::new(e.values.clone(), [e.values.len()]),
+            );
+            batch_norm.insert(path.clone(), json!({ "shape": e.shape }));
+        }
         let mut meta = Map::new();
         meta.insert("peft_type".into(), json!(PEFT_TYPE));
         meta.insert("method".into(), json!(self.method));
         meta.insert("budget".into(), json!(self.budget));
         meta.insert("budget_used".into(), json!(self.num_entries()));
         meta.insert("params".into(), Value::Object(params));
+        if !batch_norm.is_empty() {
+            meta.insert("batch_norm".into(), Value::Object(batch_norm));
+        }
         hf::write_tensors(&dir.join(SUMMARY_TENSORS), &tensors)?;
         hf::write_json(&dir.join(SUMMARY_JSON), &meta)?;
         Ok(())
@@ -225,6 +258,28 @@ impl Summary {
                 },
             );
         }
+        let mut batch_norm = BTreeMap::new();
+        let stats = meta.get("batch_norm").and_then(Value::as_object);
+        for (path, e) in stats.into_iter().flatten() {
+            let shape = json_shape(e).ok_or_else(|| bad(format!("`{path}` has no shape")))?;
+            let values: Vec<f32> = tensors
+                .remove(path)
+                .ok_or_else(|| SelectiveError::file(&tensor_path, format!("no `{path}`")))?
+                .iter::<f32>()
+                .collect();
+            if values.len() != shape.iter().product::<usize>() {
+                return Err(SelectiveError::file(
+                    &tensor_path,
+                    format!("`{path}` has {} values for shape {shape:?}", values.len()),
+                ));
+            }
+            let entry = SummaryEntry {
+                shape,
+                indices: None,
+                values,
+            };
+            batch_norm.insert(path.clone(), entry);
+        }
         if let Some(extra) = tensors.keys().next() {
             return Err(SelectiveError::file(
                 &tensor_path,
@@ -235,11 +290,13 @@ impl Summary {
             method,
             budget,
             params,
+            batch_norm,
         })
     }
 
-    /// Write the chosen values into `model` (a freshly loaded base model), leaving every other
-    /// entry as it is. This reproduces the trained model exactly.
+    /// Write the chosen values and the BatchNorm running statistics into `model` (a freshly
+    /// loaded base model), leaving every other entry as it is. This reproduces the trained model
+    /// exactly.
     ///
     /// # Errors
     /// A path the model does not have or a shape that differs; the model is unchanged then
@@ -250,7 +307,7 @@ impl Summary {
             .iter()
             .map(|p| (p.path.as_str(), &p.shape))
             .collect();
-        for (path, e) in &self.params {
+        for (path, e) in self.params.iter().chain(&self.batch_norm) {
             let found = shapes
                 .get(path.as_str())
                 .ok_or_else(|| SelectiveError::UnknownParameter { path: path.clone() })?;
@@ -262,10 +319,15 @@ impl Summary {
                 });
             }
         }
-        let current = hosts::read_params(&model, |p| self.params.contains_key(p));
+        let current = hosts::read_params(&model, |p| {
+            self.params.contains_key(p) || self.batch_norm.contains_key(p)
+        });
         let mut updated = BTreeMap::new();
         for (path, data) in current {
-            let e = &self.params[&path];
+            let e = self
+                .params
+                .get(&path)
+                .unwrap_or_else(|| &self.batch_norm[&path]);
             let dtype = data.dtype();
             let mut flat: Vec<f32> = data.iter::<f32>().collect();
             match &e.indices {

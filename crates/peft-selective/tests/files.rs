@@ -239,3 +239,108 @@ fn runs_inside_the_peft_core_stepper_like_a_direct_step() {
         assert_eq!(bits(v), bits(&b[path]), "{path}");
     }
 }
+
+#[test]
+fn summary_keeps_batch_norm_running_statistics() {
+    use burn::module::Module;
+    use burn::nn::{BatchNorm, BatchNormConfig, Linear};
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Tensor, TensorData};
+
+    #[derive(Module, Debug)]
+    struct Net {
+        lin: Linear,
+        bn: BatchNorm,
+    }
+    let dev = common::device();
+    // Built twice: a clone shares burn's running statistics (`RunningState` is shared state).
+    let net = || Net {
+        lin: common::linear(common::values(3, 4 * 5), common::values(4, 5), 4, 5, &dev),
+        bn: BatchNormConfig::new(5).init(&dev),
+    };
+    let (base, mut model) = (net(), net());
+    let mut optim =
+        SelectiveOptimizer::new(&model, SelectiveConfig::bitfit(), SgdConfig::new().build())
+            .unwrap();
+    for step in 0..3 {
+        let x = TensorData::new(common::values(100 + step, 8 * 4), [8, 4]);
+        let x = Tensor::<2>::from_data(x, &dev);
+        let loss = model.bn.forward(model.lin.forward(x)).powi_scalar(2).mean();
+        let g = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(0.1, model, g).unwrap();
+    }
+    let summary = optim.summary(&model).unwrap();
+    let stats: Vec<&str> = summary.batch_norm.keys().map(String::as_str).collect();
+    assert_eq!(stats, ["bn.running_mean", "bn.running_var"]);
+    assert_eq!(
+        summary.num_entries(),
+        5 + 5 + 5,
+        "lin.bias, bn.gamma, bn.beta"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    summary.save(dir.path()).unwrap();
+    let loaded = Summary::load(dir.path()).unwrap();
+    assert_eq!(loaded, summary);
+    let init = values_of(&base);
+    let restored = loaded.apply(base).unwrap();
+    let (want, got) = (values_of(&model), values_of(&restored));
+    for (path, w) in &want {
+        assert_eq!(bits(w), bits(&got[path]), "{path}");
+    }
+    for stat in stats {
+        assert_ne!(want[stat], init[stat], "{stat}: training left it unchanged");
+    }
+}
+
+#[test]
+fn a_toolkit_summary_converted_by_the_script_rebuilds_the_toolkit_trained_model() {
+    use burn::module::Module;
+    use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig};
+
+    // fixtures/make_toolkit_summary.py: the package's PaFI on fc1 -> bn -> fc2, its
+    // `torch.save`d summary converted by scripts/selective_summary.py.
+    #[derive(Module, Debug)]
+    struct Net {
+        fc1: Linear,
+        bn: BatchNorm,
+        fc2: Linear,
+    }
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let models =
+        peft_core::hf::read_tensors(&fixtures.join("toolkit_summary_models.safetensors")).unwrap();
+    let state = |prefix: &str| {
+        models
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let dev = common::device();
+    let net = Net {
+        fc1: LinearConfig::new(4, 6).init(&dev),
+        bn: BatchNormConfig::new(6).init(&dev),
+        fc2: LinearConfig::new(6, 3).init(&dev),
+    };
+    let (base, missing) = peft_core::hosts::write_params(net, state("base."));
+    assert!(missing.is_empty(), "{missing:?}");
+
+    let summary = Summary::load(&fixtures.join("toolkit_summary")).unwrap();
+    assert_eq!((summary.method.as_str(), summary.budget), ("pafi", 20));
+    assert_eq!(summary.num_entries(), 20);
+    let stats: Vec<&str> = summary.batch_norm.keys().map(String::as_str).collect();
+    assert_eq!(stats, ["bn.running_mean", "bn.running_var"]);
+
+    let restored = summary.apply(base).unwrap();
+    let got = values_of(&restored);
+    let trained = state("trained.");
+    assert_eq!(got.len(), trained.len());
+    for (path, want) in &trained {
+        let want: Vec<f32> = want.iter::<f32>().collect();
+        assert_eq!(bits(&got[path]), bits(&want), "{path}");
+    }
+    let base_mean: Vec<f32> = state("base.")["bn.running_mean"].iter::<f32>().collect();
+    assert_ne!(
+        got["bn.running_mean"], base_mean,
+        "the statistics moved in training"
+    );
+}

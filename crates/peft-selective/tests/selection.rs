@@ -145,7 +145,7 @@ fn pafi_picks_exactly_the_smallest_magnitudes_with_ties_by_order() {
 }
 
 #[test]
-fn bitfit_trains_only_biases_and_never_changes_trainability() {
+fn bitfit_trains_the_1d_parameters_never_changes_trainability_and_cuts_at_the_budget() {
     let mut model = mlp(3, 4, 5, 2);
     let before = values_of(&model);
     let mut optim = SelectiveOptimizer::new(
@@ -182,46 +182,146 @@ fn bitfit_trains_only_biases_and_never_changes_trainability() {
     let restored = optim.restore_trainability(frozen);
     assert_eq!(flags(&restored), [true; 4]);
 
-    // A budget smaller than the biases is refused, not silently cut short.
-    let err = SelectiveOptimizer::new(
-        &restored,
+    // A budget smaller than the candidates cuts them at the boundary, as the toolkit does:
+    // fc1.bias (5) whole, the first entry of fc2.bias, nothing else.
+    let mut model = restored;
+    let before = values_of(&model);
+    let mut optim = SelectiveOptimizer::new(
+        &model,
         SelectiveConfig::bitfit().with_budget(6),
         AdamWConfig::new().build(),
     )
-    .unwrap_err();
-    assert!(
-        matches!(err, SelectiveError::BudgetTooSmall { needed: 7, .. }),
-        "{err}"
-    );
+    .unwrap();
+    assert!(optim.is_full("fc1.bias") && !optim.is_full("fc2.bias"));
+    assert_eq!(optim.chosen("fc2.bias").unwrap(), [0]);
+    assert_eq!(optim.budget_used(), 6);
+    for step in 0..2 {
+        let g = grads(&model, step);
+        model = optim.step(0.05, model, g).unwrap();
+    }
+    assert_eq!(assert_unchosen_unchanged(&optim, &before, &model), 6);
+    // A budget at the first candidate's size leaves the later ones out entirely.
+    let optim = SelectiveOptimizer::new(
+        &model,
+        SelectiveConfig::bitfit().with_budget(5),
+        AdamWConfig::new().build(),
+    )
+    .unwrap();
+    assert_eq!(optim.chosen("fc2.bias").unwrap(), Vec::<usize>::new());
 }
 
 #[test]
-fn bitfit_all_1d_selects_every_vector_and_errors_without_biases() {
+fn bitfit_takes_every_1d_tensor_by_default_and_bias_only_takes_biases() {
     #[derive(Module, Debug)]
     struct Norm {
         gamma: burn::module::Param<burn::tensor::Tensor<1>>,
         proj: burn::module::Param<burn::tensor::Tensor<2>>,
+        bias: burn::module::Param<burn::tensor::Tensor<1>>,
     }
     let dev = common::device();
+    use burn::module::Param;
     let norm = Norm {
-        gamma: burn::module::Param::from_tensor(burn::tensor::Tensor::ones([3], &dev)),
-        proj: burn::module::Param::from_tensor(burn::tensor::Tensor::ones([3, 3], &dev)),
+        gamma: Param::from_tensor(burn::tensor::Tensor::ones([3], &dev)),
+        proj: Param::from_tensor(burn::tensor::Tensor::ones([3, 3], &dev)),
+        bias: Param::from_tensor(burn::tensor::Tensor::zeros([3], &dev)),
     };
-    let err = SelectiveOptimizer::new(&norm, SelectiveConfig::bitfit(), AdamWConfig::new().build())
-        .unwrap_err();
-    assert!(
-        matches!(err, SelectiveError::NothingSelected { .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("gamma"), "{err}");
+    // The toolkit's set: every 1-D tensor (a LayerNorm's gamma too), in model order.
+    let optim =
+        SelectiveOptimizer::new(&norm, SelectiveConfig::bitfit(), AdamWConfig::new().build())
+            .unwrap();
+    assert!(optim.is_full("gamma") && optim.is_full("bias") && !optim.is_full("proj"));
+    assert_eq!(optim.budget_used(), 6);
+    // A budget is a cap: one beyond the model's size takes every candidate.
     let optim = SelectiveOptimizer::new(
         &norm,
-        SelectiveConfig::bitfit().with_all_1d(true),
+        SelectiveConfig::bitfit().with_budget(1000),
         AdamWConfig::new().build(),
     )
     .unwrap();
-    assert!(optim.is_full("gamma") && !optim.is_full("proj"));
+    assert_eq!(optim.budget_used(), 6);
+    // Cut at the boundary in model order: gamma whole, the first entry of bias.
+    let optim = SelectiveOptimizer::new(
+        &norm,
+        SelectiveConfig::bitfit().with_budget(4),
+        AdamWConfig::new().build(),
+    )
+    .unwrap();
+    assert!(optim.is_full("gamma"));
+    assert_eq!(optim.chosen("bias").unwrap(), [0]);
+    // The BitFit paper's set: biases only.
+    let optim = SelectiveOptimizer::new(
+        &norm,
+        SelectiveConfig::bitfit().with_bias_only(true),
+        AdamWConfig::new().build(),
+    )
+    .unwrap();
+    assert!(optim.is_full("bias") && !optim.is_full("gamma"));
+    assert_eq!(optim.chosen("gamma").unwrap(), Vec::<usize>::new());
     assert_eq!(optim.budget_used(), 3);
+
+    // Nothing to take is an error naming the parameters.
+    #[derive(Module, Debug)]
+    struct Gain {
+        gamma: burn::module::Param<burn::tensor::Tensor<1>>,
+        proj: burn::module::Param<burn::tensor::Tensor<2>>,
+    }
+    let gain = Gain {
+        gamma: Param::from_tensor(burn::tensor::Tensor::ones([3], &dev)),
+        proj: Param::from_tensor(burn::tensor::Tensor::ones([3, 3], &dev)),
+    };
+    let err = SelectiveOptimizer::new(
+        &gain,
+        SelectiveConfig::bitfit().with_bias_only(true),
+        AdamWConfig::new().build(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SelectiveError::NothingSelected {
+                bias_only: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("gamma"), "{err}");
+}
+
+#[test]
+fn weight_decay_is_forced_to_zero_as_in_the_toolkit_unless_decay_chosen() {
+    use burn::optim::decay::WeightDecayConfig;
+    // PaFI (a fixed set) so that every run trains the same entries.
+    fn run<O: burn::optim::Optimizer>(inner: O, decay_chosen: bool) -> Vec<(String, Vec<u32>)> {
+        let mut model = mlp(5, 6, 8, 3);
+        let config = SelectiveConfig::pafi(30).with_decay_chosen(decay_chosen);
+        let mut optim = SelectiveOptimizer::new(&model, config, inner).unwrap();
+        for step in 0..4 {
+            let g = grads(&model, step);
+            model = optim.step(0.05, model, g).unwrap();
+        }
+        values_of(&model)
+            .into_iter()
+            .map(|(k, v)| (k, bits(&v)))
+            .collect()
+    }
+    let adamw = |wd: f32| AdamWConfig::new().with_weight_decay(wd).build();
+    let sgd = |wd: Option<f32>| {
+        SgdConfig::new()
+            .with_weight_decay(wd.map(WeightDecayConfig::new))
+            .with_momentum(Some(MomentumConfig::new().with_momentum(0.9)))
+            .build()
+    };
+    // Decoupled (AdamW) and coupled (SGD's L2 on the gradient) decay are both removed: the
+    // chosen entries follow the optimizer without decay, bit for bit.
+    let plain_adamw = run(adamw(0.0), true);
+    assert_eq!(run(adamw(0.1), false), plain_adamw);
+    assert_eq!(run(adamw(0.0), false), plain_adamw);
+    let plain_sgd = run(sgd(None), true);
+    assert_eq!(run(sgd(Some(0.1)), false), plain_sgd);
+    // Asked for, the decay applies to the chosen entries.
+    assert_ne!(run(adamw(0.1), true), plain_adamw);
+    assert_ne!(run(sgd(Some(0.1)), true), plain_sgd);
 }
 
 #[test]

@@ -133,8 +133,12 @@ pub fn method_config<C: Method>(fields: toml::Table, file: &Path) -> anyhow::Res
             C::PEFT_TYPE
         );
     }
-    C::from_json(map, Path::new(&where_), &KeyMap::default())
-        .map_err(|e| anyhow::anyhow!("{where_}: {e}"))
+    let config = C::from_json(map, Path::new(&where_), &KeyMap::default())
+        .map_err(|e| anyhow::anyhow!("{where_}: {e}"))?;
+    for warning in config.warnings() {
+        eprintln!("warning: {where_}: {warning}");
+    }
+    Ok(config)
 }
 
 /// The fields a config of method `C` writes (its known keys), from a config built of the
@@ -150,6 +154,9 @@ fn known_fields<C: Method>(map: &Map<String, Value>) -> Option<Vec<String>> {
     let mut keys: Vec<String> = config.to_json(&KeyMap::default()).keys().cloned().collect();
     // Written only when set.
     keys.extend(["rank_pattern", "alpha_pattern"].map(String::from));
+    if C::PEFT_TYPE == "ADALORA" {
+        keys.push("target_total_rank".into());
+    }
     Some(keys)
 }
 
@@ -161,7 +168,11 @@ struct SelectiveFields {
     max_steps: Option<usize>,
     exp: Option<f64>,
     eps: Option<f64>,
+    bias_only: Option<bool>,
+    /// The earlier name, kept for run files that have it: `all_1d = false` is
+    /// `bias_only = true`; `all_1d = true` is the default now.
     all_1d: Option<bool>,
+    decay_chosen: Option<bool>,
 }
 
 fn selective_config(
@@ -199,8 +210,19 @@ fn selective_config(
     if let Some(eps) = f.eps {
         config = config.with_eps(eps);
     }
-    if let Some(all_1d) = f.all_1d {
-        config = config.with_all_1d(all_1d);
+    let bias_only = match (f.bias_only, f.all_1d) {
+        (Some(b), Some(a)) if b == a => bail!(
+            "{} [method]: `bias_only = {b}` and `all_1d = {a}` contradict each other",
+            file.display()
+        ),
+        (Some(b), _) => Some(b),
+        (None, a) => a.map(|all| !all),
+    };
+    if let Some(bias_only) = bias_only {
+        config = config.with_bias_only(bias_only);
+    }
+    if let Some(on) = f.decay_chosen {
+        config = config.with_decay_chosen(on);
     }
     config
         .validate()

@@ -74,12 +74,11 @@ impl<M: Module> RunModel<M> for SelectiveModel<M> {
     fn counts(&self) -> (usize, usize) {
         let params = peft_core::hosts::parameters(self.model());
         let total = params.iter().map(|p| p.2).sum();
+        // BitFit without a budget trains its whole candidate set: what its selection chooses.
         let trainable = self.config().budget.unwrap_or_else(|| {
-            params
-                .iter()
-                .filter(|p| p.0.ends_with(".bias"))
-                .map(|p| p.2)
-                .sum()
+            let sgd = burn::optim::SgdConfig::new().build();
+            peft_selective::SelectiveOptimizer::new(self.model(), self.config().clone(), sgd)
+                .map_or(0, |o| o.budget_used())
         });
         (trainable, total)
     }
