@@ -730,3 +730,58 @@ fn every_ready_run_in_examples_runs_is_valid_and_trains() {
     methods.sort_unstable();
     assert_eq!(seen, methods, "one ready run per method");
 }
+
+/// RoSA's two-run recipe from the run files alone: the first run generates the masks, saves
+/// them in its out_dir and ends (`terminate_after_mask_generation`); the second starts from them
+/// (`mask_load_path`) and trains to the end.
+#[test]
+fn rosa_two_run_recipe_from_the_run_files_alone() {
+    let dir = workspace();
+    let first = "name = \"rosa\"\nr = 4\nd = 0.05\nlora_alpha = 8\nschedule = \"wl2\"\n\
+                 terminate_after_mask_generation = true";
+    let config = run_file(dir.path(), "masks", first, 6, "");
+    let out = train(&config, &[]);
+    assert_ok(&out, "the first run");
+    assert!(
+        stderr(&out).contains("the method ended the run after step"),
+        "{}",
+        stderr(&out)
+    );
+    let run1 = dir.path().join("runs/masks");
+    let masks = peft_rosa::RosaMasks::load(&run1.join("masks.safetensors")).unwrap();
+    assert!(!masks.is_empty() && masks.nnz() > 0);
+    assert!(
+        !run1.join("adapter").exists(),
+        "no final adapter from the first run"
+    );
+    let steps = metrics(&run1)
+        .iter()
+        .filter(|m| m.get("train_loss").is_some())
+        .count();
+    assert!(steps < 6, "the first run ended early ({steps} steps)");
+
+    let second = "name = \"rosa\"\nr = 4\nd = 0.05\nlora_alpha = 8\n\
+                  schedule = \"default\"\nmask_load_path = \"runs/masks/masks.safetensors\"";
+    let config = run_file(dir.path(), "restart", second, 4, "");
+    assert_ok(&train(&config, &[]), "the second run");
+    let run2 = dir.path().join("runs/restart");
+    assert!(
+        !run2.join("masks.safetensors").exists(),
+        "masks loaded, not generated"
+    );
+    reload::<peft_rosa::RosaConfig>(&run2.join("adapter"));
+    // The adapter's sparse structure is the first run's masks.
+    let tensors = std::fs::read(run2.join("adapter/adapter_model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&tensors).unwrap();
+    let values: usize = file
+        .names()
+        .iter()
+        .filter(|n| n.ends_with("rosa_spa.values"))
+        .map(|n| file.tensor(n).unwrap().shape().iter().product::<usize>())
+        .sum();
+    assert_eq!(
+        values,
+        masks.nnz(),
+        "the saved sparse values follow the masks"
+    );
+}

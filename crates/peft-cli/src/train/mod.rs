@@ -48,6 +48,11 @@ pub struct TrainArgs {
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let outcome = train(&args.config, args.resume, args.stop_after, true)?;
     match &outcome.output {
+        None if outcome.ended_by_method => eprintln!(
+            "the method ended the run after step {} (terminate_after_mask_generation: the \
+             masks are saved; train again with mask_load_path)",
+            outcome.steps_done
+        ),
         Some(output) => eprintln!(
             "trained {} steps; saved {}",
             outcome.steps_done,

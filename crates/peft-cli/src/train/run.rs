@@ -159,6 +159,9 @@ pub struct Outcome {
     pub output: Option<PathBuf>,
     /// Trainable and total parameters.
     pub counts: (usize, usize),
+    /// The method ended the run before its last step (RoSA's
+    /// `terminate_after_mask_generation`); no final outputs are written.
+    pub ended_by_method: bool,
 }
 
 /// Everything a run needs besides the model.
@@ -367,6 +370,18 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
             ensure_finite(&ctl.model, done)?;
             write_checkpoint(out, &ctl, &optim, &info, &mut tuned)?;
         }
+        // A method that ends the run itself (RoSA's `terminate_after_mask_generation`, once
+        // its masks are saved): the reference's first run of its two-run recipe.
+        if done < total && ctl.with_stepper(|s| s.should_stop()) {
+            bar.finish_and_clear();
+            return Ok(Outcome {
+                steps_done: done,
+                resumed_from,
+                output: None,
+                counts,
+                ended_by_method: true,
+            });
+        }
     }
     bar.finish_and_clear();
     let steps_done = end.max(start);
@@ -376,6 +391,7 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
             resumed_from,
             output: None,
             counts,
+            ended_by_method: false,
         });
     }
     ensure_finite(&ctl.model, total)?;
@@ -386,6 +402,7 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         resumed_from,
         output: Some(output),
         counts: tuned.counts(),
+        ended_by_method: false,
     })
 }
 
