@@ -169,7 +169,7 @@ mod attention {
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor};
     use peft_core::cpu_body::for_each_cpu_body;
-    use peft_models::kernels::attention;
+    use peft_models::kernels::{attention, causal_attention};
 
     use super::random;
 
@@ -350,6 +350,130 @@ mod attention {
                     (fd - *gi as f64).abs() < 2e-3,
                     "seed 40, entry {i}: {fd} vs {gi}"
                 );
+            }
+        });
+    }
+
+    /// `[b, h, sq, sk]`, true where burn's attention must hide a key: padding, or (causal, the
+    /// queries being the last `sq` positions) a key after the query.
+    fn causal_mask(padding: &Tensor<2, Bool>, h: usize, sq: usize) -> Tensor<4, Bool> {
+        let [b, sk] = padding.dims();
+        let hidden: Vec<bool> = (0..sq * sk).map(|n| n % sk + sq > n / sk + sk).collect();
+        let hidden = Tensor::<2, Bool>::from_data(
+            burn::tensor::TensorData::new(hidden, [sq, sk]),
+            &padding.device(),
+        )
+        .reshape([1, 1, sq, sk])
+        .expand([b, h, sq, sk]);
+        let pad = padding
+            .clone()
+            .reshape([b, 1, 1, sk])
+            .expand([b, h, sq, sk]);
+        hidden.bool_or(pad)
+    }
+
+    #[test]
+    fn causal_attention_equals_burns_attention_with_the_causal_mask() {
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            // Square (a training forward), several query blocks of one sequence (40 rows, 2
+            // threads: blocks of 16), queries that are the last positions (sq < sk).
+            for (seed, (b, h, sq, sk, d, dv)) in [
+                (50, (2, 3, 5, 5, 4, 4)),
+                (60, (1, 2, 40, 40, 8, 8)),
+                (70, (3, 2, 7, 9, 8, 3)),
+                (80, (2, 9, 33, 33, 16, 16)),
+            ] {
+                let (q, k, v) = qkv((b, h, sq, sk, d, dv), seed, &device);
+                let pad = padding(b, sk, &device);
+                let out = causal_attention(q.clone(), k.clone(), v.clone(), Some(pad.clone()));
+                assert_eq!(out.dims(), [b, h, sq, dv]);
+                let mask = causal_mask(&pad, h, sq);
+                let expected = reference_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(mask),
+                    None,
+                    AttentionModuleOptions::default(),
+                );
+                assert!(max_abs4(out, expected) < 1e-5, "seed {seed}");
+                // No padding: burn's own `is_causal` (square shapes only: its diagonal is the
+                // top-left one).
+                if sq == sk {
+                    let out = causal_attention(q.clone(), k.clone(), v.clone(), None);
+                    let options = AttentionModuleOptions {
+                        is_causal: true,
+                        ..Default::default()
+                    };
+                    let expected = reference_attention(q, k, v, None, None, options);
+                    assert!(max_abs4(out, expected) < 1e-5, "seed {seed}, no padding");
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn a_query_that_sees_no_key_gets_zero() {
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            // sq > sk: the first sq - sk queries come before every key.
+            let (q, k, v) = qkv((1, 2, 5, 3, 4, 4), 90, &device);
+            let out = causal_attention(q, k, v, None);
+            let first = out.clone().narrow(2, 0, 2).abs().max().into_scalar::<f32>();
+            assert_eq!(first, 0.0);
+            assert!(out.narrow(2, 2, 3).abs().max().into_scalar::<f32>() > 0.0);
+        });
+    }
+
+    /// As [`grads`] for causal attention, against burn's attention with the explicit mask.
+    fn causal_grads(fused: bool, f64_inputs: bool) -> Vec<Tensor<4>> {
+        let device = Device::flex().autodiff();
+        let (b, h, sq, sk, d, dv) = (2, 3, 20, 23, 5, 4);
+        let leaves: Vec<Tensor<4>> = [[b, sq, h, d], [b, sk, h, d], [b, sk, h, dv]]
+            .into_iter()
+            .enumerate()
+            .map(|(i, dims)| {
+                let t = random(
+                    dims,
+                    Distribution::Normal(0.0, 1.0),
+                    100 + i as u64,
+                    &device,
+                );
+                let t = if f64_inputs { t.cast(DType::F64) } else { t };
+                t.require_grad()
+            })
+            .collect();
+        let views: Vec<Tensor<4>> = leaves.iter().map(|t| t.clone().swap_dims(1, 2)).collect();
+        let pad = padding(b, sk, &device);
+        let (q, k, v) = (views[0].clone(), views[1].clone(), views[2].clone());
+        let out = if fused {
+            causal_attention(q, k, v, Some(pad))
+        } else {
+            let mask = causal_mask(&pad, h, sq);
+            reference_attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+        };
+        let w = random([b, h, sq, dv], Distribution::Normal(0.0, 1.0), 110, &device);
+        let w = if f64_inputs { w.cast(DType::F64) } else { w };
+        let g = (out * w).sum().backward();
+        leaves
+            .iter()
+            .map(|t| t.grad(&g).expect("a gradient").cast(DType::F32))
+            .collect()
+    }
+
+    #[test]
+    fn causal_gradients_equal_burns_autodiff_gradients() {
+        for_each_cpu_body(|_| {
+            let expected = causal_grads(false, false);
+            for (name, got) in [
+                ("flex f32 kernel", causal_grads(true, false)),
+                ("composed f64", causal_grads(true, true)),
+            ] {
+                for (g, e) in got.into_iter().zip(expected.iter()) {
+                    let diff = max_abs4(g, e.clone());
+                    assert!(diff < 2e-5, "{name}: {diff}");
+                }
             }
         });
     }
