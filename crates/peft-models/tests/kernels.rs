@@ -564,3 +564,85 @@ mod layer_norm {
         });
     }
 }
+
+mod swiglu {
+    use burn::tensor::activation::silu;
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+    use peft_core::cpu_body::for_each_cpu_body;
+    use peft_models::kernels::swiglu;
+
+    use super::{inputs, max_abs, random};
+
+    #[test]
+    fn the_forward_equals_silu_times_up() {
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            // One chunk, several chunks with a ragged end, a strided (transposed) gate.
+            for (rows, cols) in [(3, 7), (37, 1536)] {
+                let seed = (rows * 10 + cols) as u64;
+                let gate = inputs(rows, cols, seed, &device);
+                let up = random(
+                    [rows, cols],
+                    Distribution::Normal(0.0, 2.0),
+                    seed + 1,
+                    &device,
+                );
+                let expected = silu(gate.clone()) * up.clone();
+                let got = swiglu(gate.clone(), up.clone());
+                let scale = expected.clone().abs().max().into_scalar::<f32>().max(1.0);
+                assert!(max_abs(got, expected) < 2e-6 * scale, "seed {seed}");
+                let gate_t = gate.transpose();
+                let up_t = up.transpose();
+                let expected = silu(gate_t.clone()) * up_t.clone();
+                assert!(max_abs(swiglu(gate_t, up_t), expected) < 2e-6 * scale);
+            }
+        });
+    }
+
+    /// The gradients of `Σ swiglu(gate, up) · w` (or of the composed ops) for gate and up.
+    fn grads(fused: bool, f64_inputs: bool) -> Vec<Tensor<2>> {
+        let device = Device::flex().autodiff();
+        let (rows, cols) = (19, 1100);
+        let leaves: Vec<Tensor<2>> = (0..2)
+            .map(|i| {
+                let t = random(
+                    [rows, cols],
+                    Distribution::Normal(0.0, 3.0),
+                    200 + i,
+                    &device,
+                );
+                let t = if f64_inputs { t.cast(DType::F64) } else { t };
+                t.require_grad()
+            })
+            .collect();
+        let (gate, up) = (leaves[0].clone(), leaves[1].clone());
+        let out = if fused {
+            swiglu(gate, up)
+        } else {
+            silu(gate) * up
+        };
+        let w = random([rows, cols], Distribution::Normal(0.0, 1.0), 210, &device);
+        let w = if f64_inputs { w.cast(DType::F64) } else { w };
+        let g = (out * w).sum().backward();
+        leaves
+            .iter()
+            .map(|t| t.grad(&g).expect("a gradient").cast(DType::F32))
+            .collect()
+    }
+
+    #[test]
+    fn the_gradients_equal_burns_autodiff_gradients() {
+        for_each_cpu_body(|_| {
+            let expected = grads(false, false);
+            for (name, got) in [
+                ("flex f32 kernel", grads(true, false)),
+                ("composed f64", grads(true, true)),
+            ] {
+                for (g, e) in got.into_iter().zip(expected.iter()) {
+                    let diff = max_abs(g, e.clone());
+                    assert!(diff < 1e-4, "{name}: {diff}");
+                }
+            }
+        });
+    }
+}
