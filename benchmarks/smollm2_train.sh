@@ -11,6 +11,8 @@
 # same machine load; prints each pair's ratio and the ratio of the medians (burn-peft tokens/s
 # over PyTorch's: above 1 is faster). Needs the model (python3 scripts/fetch_smollm2.py) and a
 # Python with torch, transformers, gguf and peft. BIN=path skips the build and times that binary.
+# On a shared machine, OMP_WAIT_POLICY=PASSIVE (read by the Python side only) keeps PyTorch's
+# OpenMP threads from spinning against the other load (see docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
