@@ -7,7 +7,8 @@
 //! `burn::nn::Linear` gives a plain model (adapters then attach in weight space, with no model
 //! change), `peft_core::PeftLinear<A>` gives the fast activation-space path for adapter `A`.
 //!
-//! [`kernels`] has the fused exact GELU, padded attention and layer norm BERT runs with (vectorised and
+//! [`kernels`] has the fused exact GELU, padded attention and layer norm BERT runs with, and the
+//! causal attention and SwiGLU of LLaMA (vectorised and
 //! multithreaded on flex, differentiable, default bodies on the other backends); a user's own
 //! model can call them too.
 //!

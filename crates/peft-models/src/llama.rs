@@ -33,9 +33,7 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LinearConfig};
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::ModelType;
 use serde::Deserialize;
@@ -43,6 +41,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{Checkpoint, read_config};
 use crate::error::{ModelError, Result};
+use crate::kernels::{causal_attention, swiglu};
 use crate::layers::{LinearLayer, RmsNorm};
 
 /// A validated LLaMA configuration, read from a Hugging Face `config.json`
@@ -648,16 +647,7 @@ impl<L: LinearLayer> LlamaAttention<L> {
                     .reshape([batch, heads, seq, d])
             }
         };
-        let mask = padding.map(|p| {
-            p.clone()
-                .reshape([batch, 1, 1, seq])
-                .expand([batch, heads, seq, seq])
-        });
-        let options = AttentionModuleOptions {
-            is_causal: true,
-            ..Default::default()
-        };
-        let context = attention(q, repeat(k), repeat(v), mask, None, options);
+        let context = causal_attention(q, repeat(k), repeat(v), padding.cloned());
         self.o_proj
             .forward(context.swap_dims(1, 2).reshape([batch, seq, heads * d]))
     }
@@ -725,8 +715,9 @@ pub struct LlamaMlp<L: LinearLayer> {
 impl<L: LinearLayer> LlamaMlp<L> {
     /// Apply the MLP to `[..., hidden]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = self.gate_proj.forward(x.clone());
+        self.down_proj
+            .forward(swiglu(gate, self.up_proj.forward(x)))
     }
 }
 

@@ -169,7 +169,7 @@ mod attention {
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor};
     use peft_core::cpu_body::for_each_cpu_body;
-    use peft_models::kernels::attention;
+    use peft_models::kernels::{attention, causal_attention};
 
     use super::random;
 
@@ -353,6 +353,130 @@ mod attention {
             }
         });
     }
+
+    /// `[b, h, sq, sk]`, true where burn's attention must hide a key: padding, or (causal, the
+    /// queries being the last `sq` positions) a key after the query.
+    fn causal_mask(padding: &Tensor<2, Bool>, h: usize, sq: usize) -> Tensor<4, Bool> {
+        let [b, sk] = padding.dims();
+        let hidden: Vec<bool> = (0..sq * sk).map(|n| n % sk + sq > n / sk + sk).collect();
+        let hidden = Tensor::<2, Bool>::from_data(
+            burn::tensor::TensorData::new(hidden, [sq, sk]),
+            &padding.device(),
+        )
+        .reshape([1, 1, sq, sk])
+        .expand([b, h, sq, sk]);
+        let pad = padding
+            .clone()
+            .reshape([b, 1, 1, sk])
+            .expand([b, h, sq, sk]);
+        hidden.bool_or(pad)
+    }
+
+    #[test]
+    fn causal_attention_equals_burns_attention_with_the_causal_mask() {
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            // Square (a training forward), several query blocks of one sequence (40 rows, 2
+            // threads: blocks of 16), queries that are the last positions (sq < sk).
+            for (seed, (b, h, sq, sk, d, dv)) in [
+                (50, (2, 3, 5, 5, 4, 4)),
+                (60, (1, 2, 40, 40, 8, 8)),
+                (70, (3, 2, 7, 9, 8, 3)),
+                (80, (2, 9, 33, 33, 16, 16)),
+            ] {
+                let (q, k, v) = qkv((b, h, sq, sk, d, dv), seed, &device);
+                let pad = padding(b, sk, &device);
+                let out = causal_attention(q.clone(), k.clone(), v.clone(), Some(pad.clone()));
+                assert_eq!(out.dims(), [b, h, sq, dv]);
+                let mask = causal_mask(&pad, h, sq);
+                let expected = reference_attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    Some(mask),
+                    None,
+                    AttentionModuleOptions::default(),
+                );
+                assert!(max_abs4(out, expected) < 1e-5, "seed {seed}");
+                // No padding: burn's own `is_causal` (square shapes only: its diagonal is the
+                // top-left one).
+                if sq == sk {
+                    let out = causal_attention(q.clone(), k.clone(), v.clone(), None);
+                    let options = AttentionModuleOptions {
+                        is_causal: true,
+                        ..Default::default()
+                    };
+                    let expected = reference_attention(q, k, v, None, None, options);
+                    assert!(max_abs4(out, expected) < 1e-5, "seed {seed}, no padding");
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn a_query_that_sees_no_key_gets_zero() {
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            // sq > sk: the first sq - sk queries come before every key.
+            let (q, k, v) = qkv((1, 2, 5, 3, 4, 4), 90, &device);
+            let out = causal_attention(q, k, v, None);
+            let first = out.clone().narrow(2, 0, 2).abs().max().into_scalar::<f32>();
+            assert_eq!(first, 0.0);
+            assert!(out.narrow(2, 2, 3).abs().max().into_scalar::<f32>() > 0.0);
+        });
+    }
+
+    /// As [`grads`] for causal attention, against burn's attention with the explicit mask.
+    fn causal_grads(fused: bool, f64_inputs: bool) -> Vec<Tensor<4>> {
+        let device = Device::flex().autodiff();
+        let (b, h, sq, sk, d, dv) = (2, 3, 20, 23, 5, 4);
+        let leaves: Vec<Tensor<4>> = [[b, sq, h, d], [b, sk, h, d], [b, sk, h, dv]]
+            .into_iter()
+            .enumerate()
+            .map(|(i, dims)| {
+                let t = random(
+                    dims,
+                    Distribution::Normal(0.0, 1.0),
+                    100 + i as u64,
+                    &device,
+                );
+                let t = if f64_inputs { t.cast(DType::F64) } else { t };
+                t.require_grad()
+            })
+            .collect();
+        let views: Vec<Tensor<4>> = leaves.iter().map(|t| t.clone().swap_dims(1, 2)).collect();
+        let pad = padding(b, sk, &device);
+        let (q, k, v) = (views[0].clone(), views[1].clone(), views[2].clone());
+        let out = if fused {
+            causal_attention(q, k, v, Some(pad))
+        } else {
+            let mask = causal_mask(&pad, h, sq);
+            reference_attention(q, k, v, Some(mask), None, AttentionModuleOptions::default())
+        };
+        let w = random([b, h, sq, dv], Distribution::Normal(0.0, 1.0), 110, &device);
+        let w = if f64_inputs { w.cast(DType::F64) } else { w };
+        let g = (out * w).sum().backward();
+        leaves
+            .iter()
+            .map(|t| t.grad(&g).expect("a gradient").cast(DType::F32))
+            .collect()
+    }
+
+    #[test]
+    fn causal_gradients_equal_burns_autodiff_gradients() {
+        for_each_cpu_body(|_| {
+            let expected = causal_grads(false, false);
+            for (name, got) in [
+                ("flex f32 kernel", causal_grads(true, false)),
+                ("composed f64", causal_grads(true, true)),
+            ] {
+                for (g, e) in got.into_iter().zip(expected.iter()) {
+                    let diff = max_abs4(g, e.clone());
+                    assert!(diff < 2e-5, "{name}: {diff}");
+                }
+            }
+        });
+    }
 }
 
 mod layer_norm {
@@ -435,6 +559,88 @@ mod layer_norm {
                 for (i, (g, e)) in got.into_iter().zip(expected.iter()).enumerate() {
                     let diff = max_abs(g, e.clone());
                     assert!(diff < 1e-4, "{name}, gradient {i}: {diff}");
+                }
+            }
+        });
+    }
+}
+
+mod swiglu {
+    use burn::tensor::activation::silu;
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+    use peft_core::cpu_body::for_each_cpu_body;
+    use peft_models::kernels::swiglu;
+
+    use super::{inputs, max_abs, random};
+
+    #[test]
+    fn the_forward_equals_silu_times_up() {
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            // One chunk, several chunks with a ragged end, a strided (transposed) gate.
+            for (rows, cols) in [(3, 7), (37, 1536)] {
+                let seed = (rows * 10 + cols) as u64;
+                let gate = inputs(rows, cols, seed, &device);
+                let up = random(
+                    [rows, cols],
+                    Distribution::Normal(0.0, 2.0),
+                    seed + 1,
+                    &device,
+                );
+                let expected = silu(gate.clone()) * up.clone();
+                let got = swiglu(gate.clone(), up.clone());
+                let scale = expected.clone().abs().max().into_scalar::<f32>().max(1.0);
+                assert!(max_abs(got, expected) < 2e-6 * scale, "seed {seed}");
+                let gate_t = gate.transpose();
+                let up_t = up.transpose();
+                let expected = silu(gate_t.clone()) * up_t.clone();
+                assert!(max_abs(swiglu(gate_t, up_t), expected) < 2e-6 * scale);
+            }
+        });
+    }
+
+    /// The gradients of `Σ swiglu(gate, up) · w` (or of the composed ops) for gate and up.
+    fn grads(fused: bool, f64_inputs: bool) -> Vec<Tensor<2>> {
+        let device = Device::flex().autodiff();
+        let (rows, cols) = (19, 1100);
+        let leaves: Vec<Tensor<2>> = (0..2)
+            .map(|i| {
+                let t = random(
+                    [rows, cols],
+                    Distribution::Normal(0.0, 3.0),
+                    200 + i,
+                    &device,
+                );
+                let t = if f64_inputs { t.cast(DType::F64) } else { t };
+                t.require_grad()
+            })
+            .collect();
+        let (gate, up) = (leaves[0].clone(), leaves[1].clone());
+        let out = if fused {
+            swiglu(gate, up)
+        } else {
+            silu(gate) * up
+        };
+        let w = random([rows, cols], Distribution::Normal(0.0, 1.0), 210, &device);
+        let w = if f64_inputs { w.cast(DType::F64) } else { w };
+        let g = (out * w).sum().backward();
+        leaves
+            .iter()
+            .map(|t| t.grad(&g).expect("a gradient").cast(DType::F32))
+            .collect()
+    }
+
+    #[test]
+    fn the_gradients_equal_burns_autodiff_gradients() {
+        for_each_cpu_body(|_| {
+            let expected = grads(false, false);
+            for (name, got) in [
+                ("flex f32 kernel", grads(true, false)),
+                ("composed f64", grads(true, true)),
+            ] {
+                for (g, e) in got.into_iter().zip(expected.iter()) {
+                    let diff = max_abs(g, e.clone());
+                    assert!(diff < 1e-4, "{name}: {diff}");
                 }
             }
         });
