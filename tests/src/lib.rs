@@ -235,6 +235,7 @@ pub fn fixture(rel: &str) -> std::path::PathBuf {
 }
 
 /// A regression batch for burn-train: token ids and targets `[batch, seq, CLASSES]`.
+#[cfg(feature = "learner")]
 #[derive(Clone, Debug)]
 pub struct Batch {
     /// Inputs, `[batch, seq]`.
@@ -243,6 +244,7 @@ pub struct Batch {
     pub targets: Tensor<3>,
 }
 
+#[cfg(feature = "learner")]
 impl<P: Proj, E: Emb> TinyModel<P, E> {
     fn regression(&self, batch: Batch) -> burn::train::RegressionOutput {
         let out = self.forward(batch.ids);
@@ -261,6 +263,7 @@ impl<P: Proj, E: Emb> TinyModel<P, E> {
     }
 }
 
+#[cfg(feature = "learner")]
 impl<P: Proj, E: Emb> burn::train::TrainStep for TinyModel<P, E> {
     type Input = Batch;
     type Output = burn::train::RegressionOutput;
@@ -271,6 +274,7 @@ impl<P: Proj, E: Emb> burn::train::TrainStep for TinyModel<P, E> {
     }
 }
 
+#[cfg(feature = "learner")]
 impl<P: Proj, E: Emb> burn::train::InferenceStep for TinyModel<P, E> {
     type Input = Batch;
     type Output = burn::train::RegressionOutput;

@@ -154,10 +154,16 @@ impl RosaScheduler {
         self.initial = hosts::collect(model, move |host: &HostView<'_, RosaAdapter>| {
             let a = host.slot.get(&name)?;
             let (la, lb) = (a.lora_a.as_ref()?, a.lora_b.as_ref()?);
-            Some((
-                host.path.clone(),
-                [la.val().into_data(), lb.val().into_data()],
-            ))
+            // An owned copy of the values: on wgpu (lavapipe) the data read back could change
+            // with later reads, and the restart restored another layer's factors.
+            let owned = |t: Tensor<2>| {
+                let data = t.into_data();
+                TensorData::new(
+                    data.iter::<f32>().collect::<Vec<f32>>(),
+                    data.shape().clone(),
+                )
+            };
+            Some((host.path.clone(), [owned(la.val()), owned(lb.val())]))
         })
         .into_iter()
         .collect();
