@@ -60,6 +60,7 @@ mod optimizer;
 mod schedule;
 mod selection;
 mod selector;
+mod sm3;
 
 pub use adapter::{SftAdapter, random_indices};
 pub use config::{InitDeltas, RatePolicy, SelectionAlgorithm, SftConfig};
@@ -75,6 +76,7 @@ pub use peft_core::{BiasMode, Result};
 pub use schedule::SelectionSchedule;
 pub use selection::{Candidates, Replacement, rigl_plan, sm3_plan, smallest};
 pub use selector::{SelectionReport, SftSelector};
+pub use sm3::{Sm3, Sm3Config, Sm3TensorState};
 
 /// A model with SFT adapters.
 pub type SftModel<M> = peft_core::PeftModel<M, SftConfig>;
