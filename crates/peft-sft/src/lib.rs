@@ -19,6 +19,9 @@
 //! - [`SftSelector`], a training-step controller: the deltas' optimizer ([`SftAdamW`] with
 //!   per-entry step counts, or [`SftSm3`]; O(k) state), the [`SelectionSchedule`], RigL and SM3
 //!   drop-and-grow with state kept for retained entries, and state files for resumes.
+//! - [`Sm3Config`]: dense SM3 as a burn optimizer (an accumulator per dimension), the module
+//!   optimizer that steps the other trainable tensors (biases, `modules_to_save`) as the
+//!   reference's `SftSM3` does in an SM3 run.
 //!
 //! ```
 //! use burn::nn::LinearConfig;

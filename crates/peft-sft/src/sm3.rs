@@ -11,6 +11,9 @@
 //! u = g · (ν + ε)^(-1/2);   if μ > 0: u = (1 − μ) u + μ u_prev;   p -= lr · u;   if wd: p -= lr · wd · p
 //! ```
 //!
+//! With β = 0 the reference copies the reduced `ν` into `acc_i` (it is never smaller: SM3's
+//! cover property), which the `max` gives too; with β > 0 it takes the `max`, as here.
+//!
 //! The sparse deltas' counterpart, with row and column accumulators over the delta's weight,
 //! is [`SftSm3`](crate::SftSm3); both read the step's learning rate.
 
