@@ -785,3 +785,111 @@ fn rosa_two_run_recipe_from_the_run_files_alone() {
         "the saved sparse values follow the masks"
     );
 }
+
+/// The biases (`bias = "all"`) of the adapter in `dir`, by their base model name.
+fn biases(file: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(file).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    tensors
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".bias"))
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let name = name.strip_prefix("base_model.model.").unwrap_or(&name);
+            (name.replace(".base_layer.", "."), values)
+        })
+        .collect()
+}
+
+/// `|Δ| / lr` of every bias entry at the first and second step of the run in `out_dir`
+/// (checkpoints at steps 1 and 2), for the entries whose first update is a full `lr` step.
+fn bias_updates(dir: &Path, out_dir: &Path) -> (Vec<f64>, Vec<f64>) {
+    let lrs: Vec<f64> = metrics(out_dir)
+        .iter()
+        .filter_map(|m| m.get("lr").and_then(|v| v.as_f64()))
+        .collect();
+    let b0 = biases(&dir.join("model/model.safetensors"));
+    let at = |step: usize| {
+        biases(&out_dir.join(format!(
+            "checkpoints/step-{step}/adapter/adapter_model.safetensors"
+        )))
+    };
+    let (b1, b2) = (at(1), at(2));
+    assert!(!b1.is_empty(), "{}: no biases saved", out_dir.display());
+    let (mut u1, mut u2) = (Vec::new(), Vec::new());
+    for (name, v1) in &b1 {
+        let v0 = b0
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not among {:?}", b0.keys()));
+        let v2 = &b2[name];
+        for i in 0..v1.len() {
+            let first = f64::from(v1[i] - v0[i]).abs() / lrs[0];
+            if first > 0.99 {
+                u1.push(first);
+                u2.push(f64::from(v2[i] - v1[i]).abs() / lrs[1]);
+            }
+        }
+    }
+    assert!(
+        u1.len() > 100,
+        "{}: {} bias entries moved",
+        out_dir.display(),
+        u1.len()
+    );
+    u2.sort_by(f64::total_cmp);
+    (u1, u2)
+}
+
+#[test]
+fn sft_with_sm3_steps_the_dense_tensors_with_sm3_and_resumes_bit_exact() {
+    let dir = workspace();
+    let method = |algorithm: &str| {
+        format!(
+            "name = \"sft\"\ndensity = 0.05\nselection_algorithm = \"{algorithm}\"\n\
+             reselection_steps = 2\nselection_accumulation_steps = 1\nbias = \"all\""
+        )
+    };
+    let sm3 = method("sm3");
+    let straight = run_file(dir.path(), "sm3-straight", &sm3, 4, "save_every = 1");
+    assert_ok(&train(&straight, &[]), "sm3 straight");
+    let stopped = run_file(dir.path(), "sm3-stopped", &sm3, 4, "save_every = 1");
+    assert_ok(&train(&stopped, &["--stop-after", "1"]), "sm3 to step 1");
+    assert_ok(
+        &train(&stopped, &["--resume", "--stop-after", "2"]),
+        "sm3 to step 2",
+    );
+    assert_ok(&train(&stopped, &["--resume"]), "sm3 to the end");
+    let runs = dir.path().join("runs");
+    let (a, b) = (runs.join("sm3-straight"), runs.join("sm3-stopped"));
+    assert_eq!(losses(&a), losses(&b), "metrics");
+    assert!(outputs(&a) == outputs(&b), "the resumed outputs differ");
+
+    // The same batch every step (10 examples, batch 10), so g2 ≈ g1 for each bias entry.
+    // SM3 (a bias's accumulator is elementwise): u2 = g2 / √(g1² + g2²) ≈ 1/√2 and never above
+    // 1. AdamW: m̂/√v̂ ≈ 1 for a steady gradient.
+    let (u1, u2) = bias_updates(dir.path(), &b);
+    let median = u2[u2.len() / 2];
+    assert!(
+        (0.55..0.85).contains(&median) && u2[u2.len() - 1] <= 1.0 + 1e-3,
+        "SM3's second bias step: median |Δ|/lr {median}, max {}",
+        u2[u2.len() - 1]
+    );
+    assert!(
+        u1.iter().all(|u| *u <= 1.0 + 1e-3),
+        "the first step is lr · g/√(g² + ε)"
+    );
+    // RigL's run steps them with AdamW: the same statistic is near 1.
+    let rigl = run_file(dir.path(), "rigl", &method("rigl"), 3, "save_every = 1");
+    assert_ok(&train(&rigl, &[]), "rigl");
+    let (_, u2) = bias_updates(dir.path(), &runs.join("rigl"));
+    let median = u2[u2.len() / 2];
+    assert!(
+        median > 0.9,
+        "AdamW's second bias step: median |Δ|/lr {median}"
+    );
+}

@@ -19,6 +19,9 @@
 //! - [`SftSelector`], a training-step controller: the deltas' optimizer ([`SftAdamW`] with
 //!   per-entry step counts, or [`SftSm3`]; O(k) state), the [`SelectionSchedule`], RigL and SM3
 //!   drop-and-grow with state kept for retained entries, and state files for resumes.
+//! - [`Sm3Config`]: dense SM3 as a burn optimizer (an accumulator per dimension), the module
+//!   optimizer that steps the other trainable tensors (biases, `modules_to_save`) as the
+//!   reference's `SftSM3` does in an SM3 run.
 //!
 //! ```
 //! use burn::nn::LinearConfig;
@@ -60,6 +63,7 @@ mod optimizer;
 mod schedule;
 mod selection;
 mod selector;
+mod sm3;
 
 pub use adapter::{SftAdapter, random_indices};
 pub use config::{InitDeltas, RatePolicy, SelectionAlgorithm, SftConfig};
@@ -75,6 +79,7 @@ pub use peft_core::{BiasMode, Result};
 pub use schedule::SelectionSchedule;
 pub use selection::{Candidates, Replacement, rigl_plan, sm3_plan, smallest};
 pub use selector::{SelectionReport, SftSelector};
+pub use sm3::{Sm3, Sm3Config, Sm3TensorState};
 
 /// A model with SFT adapters.
 pub type SftModel<M> = peft_core::PeftModel<M, SftConfig>;

@@ -76,7 +76,9 @@ pub struct SelectionReport {
 /// It owns the deltas' optimizer ([`SftAdamW`] for RigL, [`SftSm3`] for SM3, as the reference's
 /// `SftTrainer`): `before_optimizer` takes the deltas' gradients out of the
 /// [`GradientsParams`] (the module optimizer never sees them and keeps no state for them; it
-/// still steps every other trainable parameter: biases, `modules_to_save`), and
+/// still steps every other trainable parameter: biases, `modules_to_save`; pass
+/// [`Sm3Config`](crate::Sm3Config)'s optimizer there to step them as the reference's `SftSM3`
+/// does with SM3 selection), and
 /// `after_optimizer` updates the deltas at the step's learning rate ([`StepInfo::lr`], the one
 /// every other trained value gets), then reselects when the [`SelectionSchedule`] says
 /// so, then [`prepare`](Self::prepare)s the next step.

@@ -81,7 +81,8 @@ pub struct TrainSection {
     /// Steps of linear warm-up from `lr / (warmup_steps + 1)` to `lr`.
     #[serde(default)]
     pub warmup_steps: usize,
-    /// AdamW's decoupled weight decay.
+    /// The module optimizer's decoupled weight decay (AdamW's; SM3's for SFT with SM3 selection,
+    /// see `RunModel::module_optimizer`).
     #[serde(default)]
     pub weight_decay: f64,
     /// Seed of the data order.

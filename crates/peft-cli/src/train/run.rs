@@ -2,7 +2,8 @@
 //! ([`train_model`]), with its checkpoints.
 //!
 //! The model trains inside peft-core's [`Controlled`] wrapper: each optimizer step runs the
-//! method's stepper (controllers before and after AdamW), and the wrapper's record holds the
+//! method's stepper (controllers before and after the module optimizer: AdamW, or SM3 for
+//! SFT with SM3 selection, see [`RunModel::module_optimizer`]), and the wrapper's record holds the
 //! parameters *and* every controller's state, so a checkpoint is that record, the optimizer
 //! record, the method's outputs at that step and `checkpoint.json` (step, data position,
 //! metrics offset). A checkpoint is written into a temporary folder and renamed into place, so
@@ -52,6 +53,14 @@ pub trait RunModel<M: Module>: Tuned<M> {
     fn outputs_in_checkpoints(&self) -> bool {
         true
     }
+    /// The optimizer of the trainable tensors that no controller steps itself (biases,
+    /// `modules_to_save`, a full fine-tune's weights), with `[train] weight_decay` as its
+    /// decoupled decay: AdamW, unless the method's reference trains them otherwise.
+    fn module_optimizer(&self, weight_decay: f64) -> ModuleOptimizer {
+        AdamWConfig::new()
+            .with_weight_decay(weight_decay as f32)
+            .init()
+    }
 }
 
 impl<M: Module, C: Method> RunModel<M> for PeftModel<M, C> {
@@ -64,6 +73,25 @@ impl<M: Module, C: Method> RunModel<M> for PeftModel<M, C> {
         self.save_pretrained(&dir, &SaveOptions::default())
             .with_context(|| format!("saving the adapter to {}", dir.display()))?;
         Ok(dir)
+    }
+
+    /// SFT with SM3 selection steps them with dense SM3, as the reference's trainer does (one
+    /// `SftSM3` over every trainable parameter); every other method with AdamW.
+    fn module_optimizer(&self, weight_decay: f64) -> ModuleOptimizer {
+        let sm3 = self.adapters().values().any(|entry| {
+            (&entry.config as &dyn std::any::Any)
+                .downcast_ref::<peft_sft::SftConfig>()
+                .is_some_and(|c| c.selection_algorithm == peft_sft::SelectionAlgorithm::Sm3)
+        });
+        if sm3 {
+            peft_sft::Sm3Config::new()
+                .with_weight_decay(weight_decay)
+                .init()
+        } else {
+            AdamWConfig::new()
+                .with_weight_decay(weight_decay as f32)
+                .init()
+        }
     }
 }
 
@@ -247,9 +275,7 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
     );
 
     let mut ctl: Controlled<Llama<L>> = controlled(&mut tuned, total)?;
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay as f32)
-        .init();
+    let mut optim = tuned.module_optimizer(cfg.weight_decay);
     let metrics_file = out.join(METRICS);
     let mut start = 0;
     let mut resumed_from = None;
