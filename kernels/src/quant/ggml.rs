@@ -1,0 +1,72 @@
+//! GGUF's own 4- and 8-bit blocks (ggml `Q4_0`, `Q4_1`, `Q8_0`), read in place.
+//!
+//! Each block holds 32 consecutive values of a row: an f16 scale `d` (and for Q4_1 an f16 minimum
+//! `m`) followed by the quants. Q4_0 and Q4_1 store 16 bytes of nibbles: value `j < 16` is the low
+//! nibble of byte `j`, value `j + 16` its high nibble; Q4_0 reads `(q - 8)·d`, Q4_1 `q·d + m`.
+//! Q8_0 stores 32 signed bytes and reads `q·d`. These decoders equal the `ggml-quants` crate's
+//! (which `peft-models` loads GGUF files with) bit for bit (`kernels/tests/quant.rs`).
+
+use half::f16;
+
+/// Values per block in all three formats.
+pub const GGML_BLOCK: usize = 32;
+
+/// The ggml block formats a packed weight can keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlBlock {
+    /// `d`, 16 bytes of nibbles, `(q - 8)·d`: 18 bytes per 32 values (4.5 bits a value).
+    Q4_0,
+    /// `d`, `m`, 16 bytes of nibbles, `q·d + m`: 20 bytes per 32 values (5 bits a value).
+    Q4_1,
+    /// `d`, 32 signed bytes, `q·d`: 34 bytes per 32 values (8.5 bits a value).
+    Q8_0,
+}
+
+impl GgmlBlock {
+    /// Bytes per block of [`GGML_BLOCK`] values.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            GgmlBlock::Q4_0 => 18,
+            GgmlBlock::Q4_1 => 20,
+            GgmlBlock::Q8_0 => 34,
+        }
+    }
+
+    /// ggml's name of the format.
+    pub const fn name(self) -> &'static str {
+        match self {
+            GgmlBlock::Q4_0 => "Q4_0",
+            GgmlBlock::Q4_1 => "Q4_1",
+            GgmlBlock::Q8_0 => "Q8_0",
+        }
+    }
+
+    /// Decodes one block (`block_bytes()` bytes) into 32 values.
+    #[inline]
+    pub fn decode(self, b: &[u8], out: &mut [f32]) {
+        let out: &mut [f32; GGML_BLOCK] = out.try_into().expect("32 outputs per block");
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        match self {
+            GgmlBlock::Q4_0 => {
+                let qs = &b[2..18];
+                for j in 0..16 {
+                    out[j] = ((qs[j] & 0x0F) as i32 - 8) as f32 * d;
+                    out[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+            GgmlBlock::Q4_1 => {
+                let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                let qs = &b[4..20];
+                for j in 0..16 {
+                    out[j] = (qs[j] & 0x0F) as f32 * d + m;
+                    out[j + 16] = (qs[j] >> 4) as f32 * d + m;
+                }
+            }
+            GgmlBlock::Q8_0 => {
+                for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                    *o = q as i8 as f32 * d;
+                }
+            }
+        }
+    }
+}
