@@ -41,6 +41,29 @@ impl GgmlBlock {
         }
     }
 
+    /// `Σ value·x` over one block, from its quants: `x` holds the block's 32 inputs and `xsum`
+    /// their sum (Q4_0 reads `d·(Σq·x - 8·Σx)`, Q4_1 `d·Σq·x + m·Σx`, Q8_0 `d·Σq·x`).
+    #[inline]
+    pub fn dot(self, b: &[u8], x: &[f32], xsum: f32) -> f32 {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        match self {
+            GgmlBlock::Q4_0 => d * (nibble_dot(&b[2..18], x) - 8.0 * xsum),
+            GgmlBlock::Q4_1 => {
+                let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                d * nibble_dot(&b[4..20], x) + m * xsum
+            }
+            GgmlBlock::Q8_0 => {
+                let mut acc = [0f32; 8];
+                for (q, xs) in b[2..34].chunks_exact(8).zip(x.chunks_exact(8)) {
+                    for l in 0..8 {
+                        acc[l] += q[l] as i8 as f32 * xs[l];
+                    }
+                }
+                d * acc.iter().sum::<f32>()
+            }
+        }
+    }
+
     /// Decodes one block (`block_bytes()` bytes) into 32 values.
     #[inline]
     pub fn decode(self, b: &[u8], out: &mut [f32]) {
@@ -69,4 +92,19 @@ impl GgmlBlock {
             }
         }
     }
+}
+
+/// `Σ q·x` for 16 bytes of nibbles (value `j` the low nibble of byte `j`, value `j + 16` its high
+/// nibble) against 32 inputs.
+#[inline]
+fn nibble_dot(qs: &[u8], x: &[f32]) -> f32 {
+    let (lo, hi) = x.split_at(16);
+    let mut acc = [0f32; 8];
+    for ((q, l), h) in qs.chunks_exact(4).zip(lo.chunks_exact(4)).zip(hi.chunks_exact(4)) {
+        for j in 0..4 {
+            acc[j] += (q[j] & 0x0F) as f32 * l[j];
+            acc[4 + j] += (q[j] >> 4) as f32 * h[j];
+        }
+    }
+    acc.iter().sum()
 }

@@ -284,6 +284,10 @@ impl PackedMatrix {
         if n == 0 || self.rows == 0 {
             return y;
         }
+        if n <= GEMV_ROWS {
+            self.forward_few(x, n, bias, &mut y);
+            return y;
+        }
         let tile = (TILE_BYTES / (4 * self.row_len.max(1))).clamp(4, 256);
         let tiles: Vec<usize> = (0..self.rows).step_by(tile).collect();
         let out = SharedOut(y.as_mut_ptr());
@@ -326,6 +330,80 @@ impl PackedMatrix {
             },
         );
         y
+    }
+
+    /// [`forward`](Self::forward) for a few input rows (decoding steps): each packed block is
+    /// dotted with the matching slice of every input row straight from its quants (Q4_1:
+    /// `d·Σq·x + m·Σx`, with `Σx` per block computed once), so the bytes are read once and no
+    /// decoded weight is written anywhere.
+    fn forward_few(&self, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+        match self.format {
+            PackedFormat::Nf4 { .. } => {
+                let absmax = self.absmax.as_ref().expect("NF4 keeps its maxima");
+                let bytes = self.bytes.as_slice();
+                let per_row = self.row_len / NF4_BLOCK;
+                self.gemv(x, n, bias, y, NF4_BLOCK, |r, b, xs, _| {
+                    let index = r * per_row + b;
+                    let q = &bytes[index * NF4_BLOCK / 2..(index + 1) * NF4_BLOCK / 2];
+                    absmax.get(index) * nf4_dot(q, xs)
+                });
+            }
+            PackedFormat::Ggml(kind) => {
+                let bytes = self.bytes.as_slice();
+                let bb = kind.block_bytes();
+                let per_row = self.row_len / GGML_BLOCK;
+                self.gemv(x, n, bias, y, GGML_BLOCK, |r, b, xs, xsum| {
+                    let at = (r * per_row + b) * bb;
+                    kind.dot(&bytes[at..at + bb], xs, xsum)
+                });
+            }
+        }
+    }
+
+    /// The row-parallel loop of [`forward_few`](Self::forward_few): `block_dot(row, block, x
+    /// slice, Σ x slice)` for every block of every weight row and input row.
+    fn gemv(
+        &self,
+        x: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        block: usize,
+        block_dot: impl Fn(usize, usize, &[f32], f32) -> f32 + Sync,
+    ) {
+        let blocks = self.row_len / block;
+        // Inputs padded to whole blocks (NF4 rows may end inside one), and each block's sum.
+        let mut padded = vec![0f32; n * self.row_len];
+        for (dst, src) in padded.chunks_exact_mut(self.row_len).zip(x.chunks_exact(self.cols)) {
+            dst[..self.cols].copy_from_slice(src);
+        }
+        let sums: Vec<f32> = padded.chunks_exact(block).map(|c| c.iter().sum()).collect();
+        let parts: Vec<Vec<f32>> = (0..self.rows.div_ceil(GEMV_CHUNK))
+            .into_par_iter()
+            .map(|c| {
+                let rows = c * GEMV_CHUNK..((c + 1) * GEMV_CHUNK).min(self.rows);
+                let mut out = vec![0f32; rows.len() * n];
+                for (k, r) in rows.enumerate() {
+                    for i in 0..n {
+                        let xi = &padded[i * self.row_len..(i + 1) * self.row_len];
+                        let si = &sums[i * blocks..(i + 1) * blocks];
+                        out[k * n + i] = (0..blocks)
+                            .map(|b| block_dot(r, b, &xi[b * block..(b + 1) * block], si[b]))
+                            .sum();
+                    }
+                }
+                out
+            })
+            .collect();
+        for (c, part) in parts.iter().enumerate() {
+            for (k, row) in part.chunks_exact(n).enumerate() {
+                let r = c * GEMV_CHUNK + k;
+                let b = bias.map_or(0.0, |b| b[r]);
+                for (i, v) in row.iter().enumerate() {
+                    y[i * self.rows + r] = v + b;
+                }
+            }
+        }
     }
 
     /// `g·W` for a row-major `[n, rows]` `g`: the row-major `[n, cols]` input gradient of a linear
@@ -371,6 +449,26 @@ impl PackedMatrix {
         );
         dx
     }
+}
+
+/// Inputs of at most this many rows take [`PackedMatrix::forward_few`].
+const GEMV_ROWS: usize = 4;
+
+/// Weight rows per task of [`PackedMatrix::forward_few`].
+const GEMV_CHUNK: usize = 64;
+
+/// `Σ NF4[q]·x` over one block (`q`: the block's 32 bytes, `x`: its 64 values), with eight
+/// running sums.
+#[inline]
+fn nf4_dot(q: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (bytes, xs) in q.chunks_exact(4).zip(x.chunks_exact(8)) {
+        for j in 0..4 {
+            acc[2 * j] += nf4::NF4_CODE[(bytes[j] >> 4) as usize] * xs[2 * j];
+            acc[2 * j + 1] += nf4::NF4_CODE[(bytes[j] & 0x0F) as usize] * xs[2 * j + 1];
+        }
+    }
+    acc.iter().sum()
 }
 
 fn check_len(len: usize, rows: usize, cols: usize) -> Result<(), QuantError> {
