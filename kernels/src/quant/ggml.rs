@@ -6,7 +6,7 @@
 //! Q8_0 stores 32 signed bytes and reads `q·d`. These decoders equal the `ggml-quants` crate's
 //! (which `peft-models` loads GGUF files with) bit for bit (`kernels/tests/quant.rs`).
 
-use half::f16;
+use burn::tensor::f16;
 
 /// Values per block in all three formats.
 pub const GGML_BLOCK: usize = 32;
