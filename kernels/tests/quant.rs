@@ -306,6 +306,29 @@ fn packed_products_equal_dequantize_then_multiply_over_random_shapes() {
 }
 
 #[test]
+fn quantizing_in_a_ggml_format_equals_ggml_quants_and_reads_back_within_a_step() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let (rows, cols) = (5, 96);
+    let w = random(rows * cols, 1.0, &mut rng);
+    for kind in [GgmlBlock::Q4_0, GgmlBlock::Q4_1, GgmlBlock::Q8_0] {
+        let m = PackedMatrix::quantize(&w, rows, cols, PackedFormat::Ggml(kind)).unwrap();
+        let back = m.dequantize();
+        // Each block equals ggml-quants' own quantize-then-dequantize of the same 32 values.
+        let mut bytes = Vec::new();
+        for block in w.chunks_exact(GGML_BLOCK) {
+            kind.encode(block, &mut bytes);
+        }
+        assert_eq!(bits(&back), bits(&ggml_reference(kind, &bytes)), "{}", kind.name());
+        let step = if kind == GgmlBlock::Q8_0 { 1.0 / 127.0 } else { 2.0 / 15.0 };
+        for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+            assert!((a - b).abs() <= step * 1.01, "{} value {i}: {a} vs {b}", kind.name());
+        }
+    }
+    let err = PackedMatrix::quantize(&w[..rows * 40], rows, 40, PackedFormat::Ggml(GgmlBlock::Q4_1));
+    assert!(matches!(err, Err(QuantError::RowNotBlocked { cols: 40, .. })));
+}
+
+#[test]
 fn nf4_rows_are_padded_to_whole_blocks_and_read_back_per_row() {
     let mut rng = StdRng::seed_from_u64(3);
     let (rows, cols) = (3, 100);

@@ -245,6 +245,11 @@ impl<M: Module, C: Method> PeftModel<M, C> {
     /// With `safe`, a NaN or infinite merged weight leaves every weight untouched and returns
     /// [`PeftError::NonFiniteMerge`] naming the adapter.
     ///
+    /// A base kept packed ([`pack_base`](Self::pack_base)) is dequantized, merged and quantized
+    /// again in its format, as PEFT merges into a 4-bit base: the rounding moves the outputs by
+    /// about the format's own quantization error, and unmerging does not give the original
+    /// packed values back. [`unpack_base`](Self::unpack_base) first for an exact merge.
+    ///
     /// # Errors
     /// Unknown names, or a non-finite merge with `safe`.
     pub fn merge_adapter(&mut self, names: Option<&[&str]>, safe: bool) -> Result<()> {
@@ -263,7 +268,7 @@ impl<M: Module, C: Method> PeftModel<M, C> {
                 let base = host.base_weight();
                 let path = host.path.clone();
                 let merged = host.slot.merge(base, &names, safe, &path)?;
-                host.set_base_weight(merged);
+                host.set_base_weight(merged)?;
                 Ok(())
             },
         )
@@ -275,7 +280,7 @@ impl<M: Module, C: Method> PeftModel<M, C> {
             if host.slot.merged().next().is_some() {
                 let base = host.base_weight();
                 let restored = host.slot.unmerge(base);
-                host.set_base_weight(restored);
+                host.set_base_weight(restored)?;
             }
             Ok(())
         })
@@ -311,7 +316,7 @@ impl<M: Module, C: Method> PeftModel<M, C> {
                 let base = host.base_weight();
                 let path = host.path.clone();
                 let merged = host.slot.merge(base, &names, safe, &path)?;
-                host.set_base_weight(merged);
+                host.set_base_weight(merged)?;
                 Ok(())
             },
         )?;
@@ -331,6 +336,31 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         .expect("unloading cannot fail");
         // Empty weight slots are identities; `materialize` removes them.
         self.model.materialize()
+    }
+
+    /// Keep the frozen base of every `PeftLinear` layer whose path `select` accepts packed in
+    /// `format` (QLoRA's NF4, or a GGUF block format); returns the paths packed. The adapters
+    /// then train over the packed base, whose products read the packed blocks.
+    ///
+    /// # Errors
+    /// A layer whose weight the format cannot store (named); nothing is packed then.
+    pub fn pack_base(
+        &mut self,
+        format: peft_kernels::quant::PackedFormat,
+        select: impl Fn(&str) -> bool + 'static,
+    ) -> Result<Vec<String>> {
+        hosts::pack_linears::<M, C::Adapter>(&mut self.model, format, select)
+    }
+
+    /// Give every packed base an f32 weight again (its packed values, dequantized): what a
+    /// full-precision [`merge_and_unload`](Self::merge_and_unload) starts from. (Merging into a
+    /// packed base quantizes the merged weight again, which rounds.) Returns how many layers
+    /// were unpacked.
+    ///
+    /// # Errors
+    /// None today; kept for symmetry with [`pack_base`](Self::pack_base).
+    pub fn unpack_base(&mut self) -> Result<usize> {
+        hosts::unpack_linears::<M, C::Adapter>(&mut self.model)
     }
 
     /// The wrapped model.

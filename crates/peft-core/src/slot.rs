@@ -173,6 +173,12 @@ impl<A: Adapter> AdapterSlot<A> {
         only.low_rank_factors(device)
     }
 
+    /// Whether an applied adapter reads the base weight in its forward pass
+    /// ([`Adapter::reads_base_weight`]).
+    pub fn reads_base_weight(&self) -> bool {
+        self.applied().any(Adapter::reads_base_weight)
+    }
+
     /// Add the active, unmerged adapters' contributions to an embedding lookup.
     pub fn forward_embedding(
         &self,

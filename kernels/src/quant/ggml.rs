@@ -64,6 +64,31 @@ impl GgmlBlock {
         }
     }
 
+    /// Quantizes 32 values into one block as ggml does (`ggml-quants`' quantizers), appending
+    /// its `block_bytes()` bytes to `out`.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        use ggml_quants::{Q4_0, Q4_1, Q8_0, Quantize};
+        let v: &[f32; GGML_BLOCK] = values.try_into().expect("32 values per block");
+        match self {
+            GgmlBlock::Q4_0 => {
+                let b = Q4_0::quantize(v);
+                out.extend_from_slice(&b.delta.to_bits().to_le_bytes());
+                out.extend_from_slice(&b.quants);
+            }
+            GgmlBlock::Q4_1 => {
+                let b = Q4_1::quantize(v);
+                out.extend_from_slice(&b.delta_min.delta.to_bits().to_le_bytes());
+                out.extend_from_slice(&b.delta_min.min.to_bits().to_le_bytes());
+                out.extend_from_slice(&b.quants);
+            }
+            GgmlBlock::Q8_0 => {
+                let b = Q8_0::quantize(v);
+                out.extend_from_slice(&b.delta.to_bits().to_le_bytes());
+                out.extend(b.quants.iter().map(|&q| q as u8));
+            }
+        }
+    }
+
     /// Decodes one block (`block_bytes()` bytes) into 32 values.
     #[inline]
     pub fn decode(self, b: &[u8], out: &mut [f32]) {

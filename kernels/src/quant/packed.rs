@@ -170,6 +170,37 @@ impl PackedMatrix {
         })
     }
 
+    /// Quantizes a row-major `[rows, cols]` f32 matrix in `format` (NF4: [`nf4`](Self::nf4);
+    /// ggml: one block per 32 values of a row, `cols` a multiple of 32).
+    pub fn quantize(
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+        format: PackedFormat,
+    ) -> Result<Self, QuantError> {
+        match format {
+            PackedFormat::Nf4 { double } => Self::nf4(values, rows, cols, double),
+            PackedFormat::Ggml(kind) => {
+                check_len(values.len(), rows, cols)?;
+                if cols % GGML_BLOCK != 0 {
+                    return Err(QuantError::RowNotBlocked {
+                        cols,
+                        block: GGML_BLOCK,
+                        format: kind.name(),
+                    });
+                }
+                if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(QuantError::NonFinite { at });
+                }
+                let mut bytes = Vec::with_capacity(values.len() / GGML_BLOCK * kind.block_bytes());
+                for block in values.chunks_exact(GGML_BLOCK) {
+                    kind.encode(block, &mut bytes);
+                }
+                Self::ggml(kind, bytes.into(), rows, cols)
+            }
+        }
+    }
+
     /// The storage format.
     pub fn format(&self) -> PackedFormat {
         self.format
