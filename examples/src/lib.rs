@@ -2,6 +2,8 @@
 //!
 //! Each `examples/<name>.rs` is a thin `main` around one module here.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod bert_forward;
 pub mod finetune;

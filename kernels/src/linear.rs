@@ -376,7 +376,7 @@ fn finish_lora<B: LinearBackend, C: CheckpointStrategy, const N: usize>(
 /// let x = Tensor::<3>::from_floats([[[1.0, 2.0], [3.0, 4.0]]], &device);
 /// let w = Tensor::<2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], &device);
 /// let b = Tensor::<1>::from_floats([0.5, 0.0, 1.0], &device);
-/// let y = peft_core::kernels::linear(x.clone(), w.clone(), Some(b.clone()));
+/// let y = peft_kernels::linear(x.clone(), w.clone(), Some(b.clone()));
 /// let reference = burn::tensor::module::linear(x, w, Some(b));
 /// let diff = (y - reference).abs().max().into_scalar::<f32>();
 /// assert!(diff < 1e-6);
@@ -424,7 +424,7 @@ pub fn linear<const D: usize>(
 /// let x = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &device);
 /// let w = Tensor::<2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], &device);
 /// let (a, b) = (Tensor::<2>::ones([2, 1], &device), Tensor::<2>::ones([1, 3], &device));
-/// let y = peft_core::kernels::lora_linear(x.clone(), w.clone(), None, a.clone(), b.clone(), 0.5);
+/// let y = peft_kernels::lora_linear(x.clone(), w.clone(), None, a.clone(), b.clone(), 0.5);
 /// let reference = linear(x.clone(), w, None) + linear(linear(x, a, None) * 0.5, b, None);
 /// let diff = (y - reference).abs().max().into_scalar::<f32>();
 /// assert!(diff < 1e-6);
@@ -495,6 +495,7 @@ mod flex {
     use std::mem::MaybeUninit;
 
     use super::LinearBackend;
+    use crate::cpu::{fill_uninit, par_fill_uninit};
 
     /// Products of at least this many multiply-adds use gemm's threads (flex's own threshold).
     const PARALLEL_WORK: usize = 192 * 192 * 192;
@@ -662,7 +663,6 @@ mod flex {
                 (h, b, *r)
             });
         let len = m * n;
-        let mut out: Vec<f32> = Vec::with_capacity(len);
         // Row blocks, one per thread for large products: each runs gemm on one thread against
         // its own rows (gemm's own threads scale worse on these shapes, `docs/benchmarks.md`).
         let threads = if m * n * k >= PARALLEL_WORK {
@@ -704,20 +704,15 @@ mod flex {
         } else {
             gemm::Parallelism::None
         };
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut((block * n).max(1))
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                let rows = chunk.len() / n.max(1);
-                let lhs = lhs.rows(i * block);
-                let low_rank = low_rank.map(|(h, b, r)| (h.rows(i * block), b, r));
-                block_product((rows, n, k), chunk, (lhs, rhs), bias, low_rank, parallelism);
-            });
-        // SAFETY: the blocks cover all `m·n` elements and each was initialised above.
-        #[allow(unsafe_code)]
-        unsafe {
-            out.set_len(len)
+        let rows_block = |i: usize, chunk: &mut [MaybeUninit<f32>]| {
+            let rows = chunk.len() / n.max(1);
+            let lhs = lhs.rows(i * block);
+            let low_rank = low_rank.map(|(h, b, r)| (h.rows(i * block), b, r));
+            block_product((rows, n, k), chunk, (lhs, rhs), bias, low_rank, parallelism);
         };
+        // SAFETY: `block_product` initialises every element of each block it gets.
+        #[allow(unsafe_code)]
+        let out = unsafe { par_fill_uninit(len, (block * n).max(1), rows_block) };
         FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([m, n])))
     }
 
@@ -943,23 +938,22 @@ mod flex {
             .into_par_iter()
             .map(|t| {
                 let (first, len) = (t * depth, depth.min(k - (t * depth).min(k)));
-                let mut part = Vec::with_capacity(m * n);
                 let (lhs, rhs) = (lhs.cols(first), rhs.rows(first));
-                let dst = &mut part.spare_capacity_mut()[..m * n];
-                block_product(
-                    (m, n, len),
-                    dst,
-                    (lhs, rhs),
-                    None,
-                    None,
-                    gemm::Parallelism::None,
-                );
-                // SAFETY: `block_product` initialised all `m·n` elements.
+                let product = |dst: &mut [MaybeUninit<f32>]| {
+                    block_product(
+                        (m, n, len),
+                        dst,
+                        (lhs, rhs),
+                        None,
+                        None,
+                        gemm::Parallelism::None,
+                    )
+                };
+                // SAFETY: `block_product` initialises all `m·n` elements.
                 #[allow(unsafe_code)]
                 unsafe {
-                    part.set_len(m * n)
-                };
-                part
+                    fill_uninit(m * n, product)
+                }
             })
             .collect();
         let mut out = partials.swap_remove(0);
@@ -990,21 +984,21 @@ mod flex {
             .map(|t| {
                 let first = t * width;
                 let cols = width.min(n - first);
-                let mut part = Vec::with_capacity(m * cols);
-                block_product(
-                    (m, cols, k),
-                    &mut part.spare_capacity_mut()[..m * cols],
-                    (lhs, rhs.cols(first)),
-                    bias.map(|b| &b[first..first + cols]),
-                    low_rank.map(|(h, b, r)| (h, b.cols(first), r)),
-                    gemm::Parallelism::None,
-                );
-                // SAFETY: `block_product` initialised all `m·cols` elements.
+                let product = |dst: &mut [MaybeUninit<f32>]| {
+                    block_product(
+                        (m, cols, k),
+                        dst,
+                        (lhs, rhs.cols(first)),
+                        bias.map(|b| &b[first..first + cols]),
+                        low_rank.map(|(h, b, r)| (h, b.cols(first), r)),
+                        gemm::Parallelism::None,
+                    )
+                };
+                // SAFETY: `block_product` initialises all `m·cols` elements.
                 #[allow(unsafe_code)]
                 unsafe {
-                    part.set_len(m * cols)
-                };
-                part
+                    fill_uninit(m * cols, product)
+                }
             })
             .collect();
         let mut out = Vec::with_capacity(m * n);

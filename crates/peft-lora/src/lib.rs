@@ -27,6 +27,7 @@
 //! # Ok::<(), peft_core::PeftError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod adapter;
 pub mod config;

@@ -24,8 +24,10 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
 };
 use burn::tensor::{DType, FloatDType, TensorData};
+use peft_kernels::cpu::par_fill_uninit;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use crate::backend::{CsrIndices, SparseBackend};
 use crate::simd;
@@ -34,47 +36,6 @@ type FlexFloat = FloatTensor<Flex>;
 
 /// Token-block width of the SpMM kernels (lanes kept in registers per output row).
 const LANES: usize = 32;
-
-/// Runs `$body` compiled for AVX-512, AVX2+FMA, or the baseline: [`CpuBody::current`](crate::cpu_body::CpuBody::current).
-macro_rules! multiversion {
-    (fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx2,fma")]
-            fn avx512($($arg: $ty),*) $(-> $ret)? {
-                generic($($arg),*)
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2($($arg: $ty),*) $(-> $ret)? {
-                generic($($arg),*)
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            match crate::cpu_body::CpuBody::current() {
-                crate::cpu_body::CpuBody::Avx512 => {
-                    // SAFETY: `current` is never wider than the CPU's detected features, and
-                    // `avx512` only requires AVX-512F, AVX2 and FMA.
-                    #[allow(unsafe_code)]
-                    let out = unsafe { avx512($($arg),*) };
-                    return out;
-                }
-                crate::cpu_body::CpuBody::Avx2 => {
-                    // SAFETY: as above; `avx2` only requires AVX2 and FMA.
-                    #[allow(unsafe_code)]
-                    let out = unsafe { avx2($($arg),*) };
-                    return out;
-                }
-                crate::cpu_body::CpuBody::Portable => {}
-            }
-            generic($($arg),*)
-        }
-    };
-}
 
 /// A read-only strided 2-D view of an f32 buffer.
 #[derive(Clone, Copy)]
@@ -243,7 +204,7 @@ fn split_by_rows<'a>(
 // ---------------------------------------------------------------------------------------------
 // SpMM
 
-multiversion! {
+peft_kernels::multiversion! {
     fn spmm_rows_block(
         ro: &[i32],
         ci: &[i32],
@@ -313,27 +274,18 @@ fn par_transposed_blocks(
     tb: usize,
     block: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let len = n * rows;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    if len == 0 {
-        return out;
-    }
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(tb * rows)
-        .enumerate()
-        .for_each(|(blk, chunk)| {
-            let w = chunk.len() / rows;
-            with_scratch(tb * rows, |acc| {
-                block(blk, w, acc);
-                simd::transpose_uninit(acc, tb, chunk, rows, w);
-            });
+    let fill = |blk: usize, chunk: &mut [MaybeUninit<f32>]| {
+        let w = chunk.len() / rows;
+        with_scratch(tb * rows, |acc| {
+            block(blk, w, acc);
+            simd::transpose_uninit(acc, tb, chunk, rows, w);
         });
-    // SAFETY: the chunks cover `0..len` and `transpose_uninit` initialised each one whole.
+    };
+    // SAFETY: `transpose_uninit` initialises each chunk whole.
     #[allow(unsafe_code)]
     unsafe {
-        out.set_len(len)
-    };
-    out
+        par_fill_uninit(n * rows, tb * rows, fill)
+    }
 }
 
 fn spmm(

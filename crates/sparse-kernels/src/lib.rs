@@ -8,7 +8,7 @@
 //!   [`csr_gather`], [`to_dense`], [`csr_transpose`], and the adapter terms [`sparse_linear`]
 //!   (`y = x·Sᵀ`) and [`sparse_linear_fused`] (`y = x·(W + S)ᵀ + b`, frozen `W`).
 //! - Backends through burn's `#[backend_extension]` ([`SparseBackend`]): multithreaded CPU
-//!   kernels for `Flex`, CubeCL kernels (the top-level `kernels/` folder) for every CubeCL
+//!   kernels for `Flex`, CubeCL kernels (sources in peft-kernels' `cube` module) for every CubeCL
 //!   runtime (features `wgpu`, `cuda`), and hand-written backward passes for `Autodiff`.
 //! - [`grad_topk_probe`] ([`ProbeBackend`]): candidate scores for sparse reselection, the
 //!   top-`k` of `|dYᵀ·x|` computed block by block in a backward pass and sent to a
@@ -35,7 +35,6 @@
 mod backend;
 #[cfg(feature = "flex")]
 mod cpu;
-pub mod cpu_body;
 #[cfg(feature = "cube")]
 mod cube;
 mod error;
@@ -45,6 +44,10 @@ mod probe;
 #[cfg(feature = "flex")]
 mod simd;
 mod structure;
+
+/// Which compiled body the CPU kernels run (peft-kernels' `cpu_body`, shared with the dense
+/// kernels), for tests that cover every body.
+pub use peft_kernels::cpu_body;
 
 pub use backend::{CsrIndices, SparseBackend};
 pub use error::SparseError;

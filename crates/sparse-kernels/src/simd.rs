@@ -6,7 +6,8 @@
 //!
 //! Every function checks its slice bounds once on entry (a structure's indices once per call,
 //! through `Columns::new`); the AVX-512 bodies then use raw pointers inside those bounds. This
-//! module holds the crate's `unsafe` code, besides one `Vec::set_len` in `cpu.rs`.
+//! module holds the crate's `unsafe` code, besides the call of `peft_kernels::cpu::par_fill_uninit`
+//! in `cpu.rs`.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
@@ -14,10 +15,10 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 /// Whether the AVX-512 bodies run: the CPU has AVX-512F and no narrower body is forced
-/// ([`CpuBody::current`](crate::cpu_body::CpuBody::current)).
+/// ([`CpuBody::current`](peft_kernels::cpu_body::CpuBody::current)).
 #[inline]
 pub(crate) fn avx512() -> bool {
-    crate::cpu_body::CpuBody::current() == crate::cpu_body::CpuBody::Avx512
+    peft_kernels::cpu_body::CpuBody::current() == peft_kernels::cpu_body::CpuBody::Avx512
 }
 
 /// `dst[j · ds + i] = src[i · ss + j]` for `i < rows`, `j < cols`.
@@ -552,7 +553,7 @@ unsafe fn sddmm_lanes_avx512(a: &[f32], cols: &[i32], panel: &[f32], acc: &mut [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_body::for_each_cpu_body;
+    use peft_kernels::cpu_body::for_each_cpu_body;
 
     /// Runs `check` with every body this CPU supports (AVX-512 where it has it, and the
     /// portable one), named for the failure messages.
