@@ -17,6 +17,7 @@
 pub mod adapter;
 pub mod config;
 pub mod cpu_body;
+pub mod data_parallel;
 pub mod error;
 pub mod hf;
 mod hook;
@@ -37,6 +38,7 @@ pub mod target;
 
 pub use adapter::Adapter;
 pub use config::{ConfigWarning, PeftConfig, PeftConfigBase};
+pub use data_parallel::{DataParallel, Reduction};
 pub use error::{PeftError, Result};
 pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};
