@@ -144,7 +144,10 @@ fn main() {
                 .expect("LoRA has no controller that can fail");
         }));
         t_one.push(time_ms(5, || {
-            black_box(one.backward(|_, m| Ok(m.loss(&input, 0..TOKENS))).expect("step"));
+            black_box(
+                one.backward(|_, m| Ok(m.loss(&input, 0..TOKENS)))
+                    .expect("step"),
+            );
             one.step(1e-4).expect("step");
         }));
         t_two.push(time_ms(5, || {
@@ -158,6 +161,12 @@ fn main() {
     let (s, o, t) = (median(t_single), median(t_one), median(t_two));
     println!("median step, interleaved runs (ms) and ratio to Stepper::train on one device:");
     println!("  Stepper::train, 1 device, {TOKENS} rows        {s:8.1}  1.00");
-    println!("  DataParallel, 1 replica, {TOKENS} rows         {o:8.1}  {:.2}", o / s);
-    println!("  DataParallel, 2 replicas (one flex device), {half} rows each  {t:8.1}  {:.2}", t / s);
+    println!(
+        "  DataParallel, 1 replica, {TOKENS} rows         {o:8.1}  {:.2}",
+        o / s
+    );
+    println!(
+        "  DataParallel, 2 replicas (one flex device), {half} rows each  {t:8.1}  {:.2}",
+        t / s
+    );
 }
