@@ -903,7 +903,7 @@ fn tensors(files: &[(String, Vec<u8>)]) -> Vec<(String, String, Vec<f64>, bool)>
             continue;
         }
         let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
-        let mut keys: Vec<String> = st.names().into_iter().cloned().collect();
+        let mut keys: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         keys.sort();
         for key in keys {
             let view = st.tensor(&key).unwrap();
@@ -1009,7 +1009,10 @@ fn two_devices_train_as_one_and_resume_exactly() {
                     .fold(0.0, f64::max);
                 assert!(diff <= 1e-4, "{name}: {file}: {key} differs by {diff}");
             } else {
-                assert_eq!(x, y, "{name}: {file}: {key}: one device and two decide alike");
+                assert_eq!(
+                    x, y,
+                    "{name}: {file}: {key}: one device and two decide alike"
+                );
             }
         }
         // The losses agree within rounding too.

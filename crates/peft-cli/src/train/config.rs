@@ -371,7 +371,9 @@ pub fn parse_device(name: &str) -> anyhow::Result<burn::tensor::Device> {
         #[cfg(feature = "cuda")]
         return Ok(Device::cuda(index));
         #[cfg(not(feature = "cuda"))]
-        bail!("`{name}`: this build has no CUDA backend (build with the `cuda` feature); device {index}");
+        bail!(
+            "`{name}`: this build has no CUDA backend (build with the `cuda` feature); device {index}"
+        );
     }
     bail!("unknown device `{name}` (`default`, `flex` or `cuda:N`)")
 }
@@ -380,7 +382,11 @@ pub fn parse_device(name: &str) -> anyhow::Result<burn::tensor::Device> {
 /// device is a distinct CUDA device (the only devices burn 0.22.1 implements it for), the gather
 /// onto the first device otherwise.
 pub fn reduction(names: &[String]) -> peft_core::Reduction {
-    let distinct = names.iter().collect::<std::collections::BTreeSet<_>>().len() == names.len();
+    let distinct = names
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == names.len();
     if distinct && names.iter().all(|n| n.starts_with("cuda:")) {
         peft_core::Reduction::Collective
     } else {

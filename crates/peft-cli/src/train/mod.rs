@@ -237,7 +237,10 @@ struct Trainer<'a>(Run<'a>);
 impl Job for Trainer<'_> {
     type Output = Outcome;
 
-    fn run<L: LinearLayer, T: RunModel<Llama<L>>>(self, tuned: T) -> anyhow::Result<Outcome> {
+    fn run<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
+        self,
+        tuned: T,
+    ) -> anyhow::Result<Outcome> {
         run::train_model(&self.0, tuned)
     }
 }

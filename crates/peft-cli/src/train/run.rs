@@ -173,7 +173,10 @@ pub trait Job {
     ///
     /// # Errors
     /// Whatever the job finds wrong.
-    fn run<L: LinearLayer, T: RunModel<Llama<L>>>(self, tuned: T) -> anyhow::Result<Self::Output>;
+    fn run<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
+        self,
+        tuned: T,
+    ) -> anyhow::Result<Self::Output>;
 }
 
 /// What a run did.
@@ -264,7 +267,7 @@ fn log(metrics: &mut std::fs::File, value: serde_json::Value) -> anyhow::Result<
 /// # Errors
 /// A non-finite loss (naming the step), a checkpoint that does not load, I/O errors, the
 /// method's errors.
-pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
+pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
     run: &Run<'_>,
     mut tuned: T,
 ) -> anyhow::Result<Outcome> {
@@ -313,7 +316,13 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         eprintln!("no checkpoint in {}: starting from step 0", out.display());
     }
     let mut replicas = if run.devices.len() > 1 {
-        Some(replicate(run, &tuned, &ctl, &optim, resumed_from.is_some())?)
+        Some(replicate(
+            run,
+            &tuned,
+            &ctl,
+            &optim,
+            resumed_from.is_some(),
+        )?)
     } else {
         None
     };
@@ -518,7 +527,7 @@ fn replicate<M: Module + 'static, T: RunModel<M>>(
 /// share per replica, each share's mean token loss weighted by its token count, so the
 /// gradient is that of the micro-batch's mean over all its tokens (as on one device). Returns
 /// that mean and the tokens.
-fn replicated_micro_batch<L: LinearLayer, T: RunModel<Llama<L>>>(
+fn replicated_micro_batch<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
     run: &Run<'_>,
     dp: &mut DataParallel<Llama<L>, T>,
     index: usize,
@@ -547,8 +556,8 @@ fn replicated_micro_batch<L: LinearLayer, T: RunModel<Llama<L>>>(
             // Nothing to learn in this share: no gradient, no weight.
             return Ok((logits.sum() * 0.0, 0.0));
         }
-        let loss = causal_lm_loss(logits, b.labels)
-            .map_err(|e| PeftError::Unsupported(e.to_string()))?;
+        let loss =
+            causal_lm_loss(logits, b.labels).map_err(|e| PeftError::Unsupported(e.to_string()))?;
         Ok((loss / accum, counted as f64))
     })?;
     Ok((mean * accum, tokens))
