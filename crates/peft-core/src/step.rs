@@ -483,6 +483,10 @@ impl<M: Module> Stepper<M> {
     /// # Errors
     /// I/O errors.
     pub fn save_state(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| PeftError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         for (i, c) in self.controllers.iter().enumerate() {
             let sub = dir.join(format!("controller-{i}"));
             std::fs::create_dir_all(&sub).map_err(|source| PeftError::Io {
