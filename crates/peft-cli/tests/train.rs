@@ -1031,7 +1031,7 @@ fn two_devices_train_as_one_and_resume_exactly() {
         "unknown device",
         &["unknown device `tpu:0`"],
     );
-    let many = vec!["flex"; 11].join(",");
+    let many = ["flex"; 11].join(",");
     assert_refused(
         &train(&lora, &["--devices", &many]),
         "too many devices",

@@ -299,6 +299,49 @@ pub const METHODS: [&str; 10] = [
     "lora", "dora", "adalora", "rosa", "spa", "sft", "id3", "pafi", "bitfit", "full",
 ];
 
+/// A device of `[train] devices` (without autodiff): `default` (the build's default device),
+/// `flex`, or `cuda:N` (with the `cuda` feature).
+///
+/// # Errors
+/// Another name, or a backend this build lacks.
+pub fn parse_device(name: &str) -> anyhow::Result<burn::tensor::Device> {
+    use burn::tensor::Device;
+    match name {
+        "default" => return Ok(Device::default()),
+        #[cfg(feature = "flex")]
+        "flex" => return Ok(Device::flex()),
+        _ => {}
+    }
+    if let Some(index) = name.strip_prefix("cuda:") {
+        let index: usize = index
+            .parse()
+            .with_context(|| format!("`{name}`: the CUDA device index is not a number"))?;
+        #[cfg(feature = "cuda")]
+        return Ok(Device::cuda(index));
+        #[cfg(not(feature = "cuda"))]
+        bail!(
+            "`{name}`: this build has no CUDA backend (build with the `cuda` feature); device {index}"
+        );
+    }
+    bail!("unknown device `{name}` (`default`, `flex` or `cuda:N`)")
+}
+
+/// How the replicas on `names` reduce their gradients: burn's collective all-reduce when every
+/// device is a distinct CUDA device (the only devices burn 0.22.1 implements it for), the gather
+/// onto the first device otherwise.
+pub fn reduction(names: &[String]) -> peft_core::Reduction {
+    let distinct = names
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == names.len();
+    if distinct && names.iter().all(|n| n.starts_with("cuda:")) {
+        peft_core::Reduction::Collective
+    } else {
+        peft_core::Reduction::Gather
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,48 +391,5 @@ out_dir = "out"
         assert_eq!(c.lr_at(0), 0.5);
         assert_eq!(c.lr_at(1), 1.0);
         assert!(c.lr_at(9) > 0.0 && c.lr_at(9) < 0.2);
-    }
-}
-
-/// A device of `[train] devices` (without autodiff): `default` (the build's default device),
-/// `flex`, or `cuda:N` (with the `cuda` feature).
-///
-/// # Errors
-/// Another name, or a backend this build lacks.
-pub fn parse_device(name: &str) -> anyhow::Result<burn::tensor::Device> {
-    use burn::tensor::Device;
-    match name {
-        "default" => return Ok(Device::default()),
-        #[cfg(feature = "flex")]
-        "flex" => return Ok(Device::flex()),
-        _ => {}
-    }
-    if let Some(index) = name.strip_prefix("cuda:") {
-        let index: usize = index
-            .parse()
-            .with_context(|| format!("`{name}`: the CUDA device index is not a number"))?;
-        #[cfg(feature = "cuda")]
-        return Ok(Device::cuda(index));
-        #[cfg(not(feature = "cuda"))]
-        bail!(
-            "`{name}`: this build has no CUDA backend (build with the `cuda` feature); device {index}"
-        );
-    }
-    bail!("unknown device `{name}` (`default`, `flex` or `cuda:N`)")
-}
-
-/// How the replicas on `names` reduce their gradients: burn's collective all-reduce when every
-/// device is a distinct CUDA device (the only devices burn 0.22.1 implements it for), the gather
-/// onto the first device otherwise.
-pub fn reduction(names: &[String]) -> peft_core::Reduction {
-    let distinct = names
-        .iter()
-        .collect::<std::collections::BTreeSet<_>>()
-        .len()
-        == names.len();
-    if distinct && names.iter().all(|n| n.starts_with("cuda:")) {
-        peft_core::Reduction::Collective
-    } else {
-        peft_core::Reduction::Gather
     }
 }
