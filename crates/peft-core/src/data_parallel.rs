@@ -25,9 +25,13 @@
 //!   implements it for CUDA devices only (NCCL); on flex, ndarray or wgpu devices burn panics.
 //! - [`Reduction::Gather`]: the gradients are moved to the first device and summed there in
 //!   replica order, then copied to every device (`Tensor::to_device`): the path of burn-train's
-//!   `MultiDevice` (`OptimMainDevice`) strategy, which gathers gradients onto its main device. It runs on every backend, and with several replicas
-//!   on the same device (the only multi-replica setting a CPU-only machine has: burn's flex
-//!   device is a single device).
+//!   `MultiDevice` (`OptimMainDevice`) strategy, which gathers gradients onto its main device.
+//!   It runs on every backend, and with several replicas on the same device (the only
+//!   multi-replica setting a CPU-only machine has: burn's flex device is a single device).
+//!
+//! Why not burn-train's `DdpTrainingStrategy` itself: it owns the loop, reduces inside autodiff
+//! only on CUDA, and its workers would share the one stepper of a `Controlled` model; see
+//! `docs/architecture.md`, "Data-parallel training".
 
 use std::collections::HashSet;
 use std::path::Path;
