@@ -17,6 +17,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod data_parallel;
 pub mod error;
 pub mod hf;
 mod hook;
@@ -43,6 +44,7 @@ pub use peft_kernels::linear as kernels;
 
 pub use adapter::Adapter;
 pub use config::{ConfigWarning, PeftConfig, PeftConfigBase};
+pub use data_parallel::{DataParallel, Reduction};
 pub use error::{PeftError, Result};
 pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};

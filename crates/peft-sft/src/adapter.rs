@@ -302,6 +302,19 @@ impl Adapter for SftAdapter {
         if let (Some(layout), Some(v)) = (&self.candidates, &self.candidate_values) {
             result = result + sparse_linear(x.clone(), layout, v.val());
         }
+        if let Some(p) = &self.probe {
+            // The dense probe on the activation path (data-parallel runs): `x·P`, zero, whose
+            // gradient is the dense `dW`.
+            let [inp, out] = self.base_shape;
+            let mut dims = result.dims();
+            let tokens = dims[..D - 1].iter().product();
+            dims[D - 1] = out;
+            result = result
+                + x.clone()
+                    .reshape([tokens, inp])
+                    .matmul(p.val())
+                    .reshape(dims);
+        }
         if let (Some(anchor), Some(sink)) = (&self.probe_anchor, &self.probe_sink) {
             let [inp, out] = self.base_shape;
             let dims = result.dims();

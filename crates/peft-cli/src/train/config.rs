@@ -99,6 +99,11 @@ pub struct TrainSection {
     /// Log a metrics line every this many steps.
     #[serde(default = "one")]
     pub log_every: usize,
+    /// Devices of data-parallel training, one replica each (`"default"`, `"flex"`,
+    /// `"cuda:N"`; a device may repeat). Empty: the one default device. Each micro-batch of
+    /// `batch_size` examples is split across them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -184,7 +189,7 @@ impl RunConfig {
             .unwrap_or("")
     }
 
-    fn validate(&self, file: &Path) -> anyhow::Result<()> {
+    pub(crate) fn validate(&self, file: &Path) -> anyhow::Result<()> {
         let f = file.display();
         match self.method.get("name") {
             Some(toml::Value::String(_)) => {}
@@ -211,6 +216,16 @@ impl RunConfig {
             "{f}: [train] grad_accum must be at least 1"
         );
         ensure!(t.log_every > 0, "{f}: [train] log_every must be at least 1");
+        for d in &t.devices {
+            parse_device(d).with_context(|| format!("{f}: [train] devices"))?;
+        }
+        ensure!(
+            t.batch_size >= t.devices.len(),
+            "{f}: [train] batch_size ({}) must be at least the number of devices ({}): each \
+             device takes a share of every micro-batch",
+            t.batch_size,
+            t.devices.len()
+        );
         ensure!(
             t.lr.is_finite() && t.lr > 0.0,
             "{f}: [train] lr must be a positive number, found {}",
@@ -283,6 +298,49 @@ pub const MASKS_FILE: &str = "masks.safetensors";
 pub const METHODS: [&str; 10] = [
     "lora", "dora", "adalora", "rosa", "spa", "sft", "id3", "pafi", "bitfit", "full",
 ];
+
+/// A device of `[train] devices` (without autodiff): `default` (the build's default device),
+/// `flex`, or `cuda:N` (with the `cuda` feature).
+///
+/// # Errors
+/// Another name, or a backend this build lacks.
+pub fn parse_device(name: &str) -> anyhow::Result<burn::tensor::Device> {
+    use burn::tensor::Device;
+    match name {
+        "default" => return Ok(Device::default()),
+        #[cfg(feature = "flex")]
+        "flex" => return Ok(Device::flex()),
+        _ => {}
+    }
+    if let Some(index) = name.strip_prefix("cuda:") {
+        let index: usize = index
+            .parse()
+            .with_context(|| format!("`{name}`: the CUDA device index is not a number"))?;
+        #[cfg(feature = "cuda")]
+        return Ok(Device::cuda(index));
+        #[cfg(not(feature = "cuda"))]
+        bail!(
+            "`{name}`: this build has no CUDA backend (build with the `cuda` feature); device {index}"
+        );
+    }
+    bail!("unknown device `{name}` (`default`, `flex` or `cuda:N`)")
+}
+
+/// How the replicas on `names` reduce their gradients: burn's collective all-reduce when every
+/// device is a distinct CUDA device (the only devices burn 0.22.1 implements it for), the gather
+/// onto the first device otherwise.
+pub fn reduction(names: &[String]) -> peft_core::Reduction {
+    let distinct = names
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == names.len();
+    if distinct && names.iter().all(|n| n.starts_with("cuda:")) {
+        peft_core::Reduction::Collective
+    } else {
+        peft_core::Reduction::Gather
+    }
+}
 
 #[cfg(test)]
 mod tests {
