@@ -139,6 +139,18 @@ struct SparseState<B: Backend> {
     values: Option<FloatTensor<B>>,
 }
 
+/// The low-rank term as the backward pass needs it, each only when a gradient needs it.
+#[derive(Clone, Debug)]
+struct LowRankState<B: Backend> {
+    /// For `dx`.
+    a: Option<FloatTensor<B>>,
+    /// For `dA` and `dx`.
+    b: Option<FloatTensor<B>>,
+    /// `scale·x·a`, for `dB`.
+    h: Option<FloatTensor<B>>,
+    scale: f64,
+}
+
 /// What the fused op's backward pass keeps, each only when a gradient needs it.
 #[derive(Clone, Debug)]
 struct FusedState<B: Backend> {
@@ -146,14 +158,8 @@ struct FusedState<B: Backend> {
     x: Option<FloatTensor<B>>,
     /// For `dx`.
     weight: Option<FloatTensor<B>>,
-    /// `a` (for `dx`), `b` (for `dA`, `dx`), `h = scale·x·a` (for `dB`), the scale; absent
-    /// without a low-rank term.
-    low_rank: Option<(
-        Option<FloatTensor<B>>,
-        Option<FloatTensor<B>>,
-        Option<FloatTensor<B>>,
-        f64,
-    )>,
+    /// Absent without a low-rank term.
+    low_rank: Option<LowRankState<B>>,
     sparse: SparseState<B>,
 }
 
@@ -181,7 +187,7 @@ impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
         let t = |t| B::float_transpose(t);
         // `scale · g·bᵀ` (`[m, r]`), what `dA` and `dx` share; with `a`ᵀ for `dx`.
         let mut low_rank_dx = None;
-        if let Some((a, b, h, scale)) = st.low_rank {
+        if let Some(LowRankState { a, b, h, scale }) = st.low_rank {
             let gb = match (a_id, b_id, &st.x, h, b) {
                 (Some(a_id), Some(b_id), Some(x), Some(h), Some(b)) => {
                     let ([m, r], k, n) = (h.shape().dims(), x.shape()[1], grad.shape()[1]);
@@ -285,12 +291,12 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
         let state = FusedState {
             x: (a_t || w_t || v_t).then(|| x.clone()),
             weight: x_t.then(|| weight.clone()),
-            low_rank: Some((
-                x_t.then(|| a.clone()),
-                (x_t || a_t).then(|| b.clone()),
-                b_t.then(|| h.clone()),
+            low_rank: Some(LowRankState {
+                a: x_t.then(|| a.clone()),
+                b: (x_t || a_t).then(|| b.clone()),
+                h: b_t.then(|| h.clone()),
                 scale,
-            )),
+            }),
             sparse: SparseState {
                 s: s.clone(),
                 st: st.clone(),
