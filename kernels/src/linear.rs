@@ -540,6 +540,9 @@ mod flex {
             scale: f64,
         ) -> FloatTensor<Flex> {
             let rank = h.layout().shape().dims::<2>()[1];
+            if supported(&[&g, &x, &h, &b]) && rank < 16 && rows::available(16) {
+                return padded_lora_grads(g, x, h, b, scale as f32);
+            }
             if !supported(&[&g, &x, &h, &b]) || !rows::available(rank) {
                 return super::composed_lora_grads::<Flex>(g, x, h, b, scale);
             }
@@ -1134,5 +1137,50 @@ mod flex {
                 parallelism,
             );
         }
+    }
+
+    /// [`lora_grads`] for a rank below 16 where the rank-16 row kernel runs: `h` and `b`
+    /// padded with zero columns (rows) to rank 16, the padded lanes' gradients (zero) dropped.
+    /// RoSA's LoRA part (ranks 8 and 12 in the benchmarks) then takes the one-pass kernel too.
+    fn padded_lora_grads(
+        g: FloatTensor<Flex>,
+        x: FloatTensor<Flex>,
+        h: FloatTensor<Flex>,
+        b: FloatTensor<Flex>,
+        scale: f32,
+    ) -> FloatTensor<Flex> {
+        const R: usize = 16;
+        let [m, r] = h.layout().shape().dims::<2>();
+        let [_, n] = b.layout().shape().dims::<2>();
+        let k = x.layout().shape().dims::<2>()[1];
+        let contiguous = |t: FloatTensor<Flex>| {
+            if t.is_contiguous() {
+                t
+            } else {
+                t.to_contiguous()
+            }
+        };
+        let (h, b) = (contiguous(h), contiguous(b));
+        let hs = h.as_slice::<f32>().expect("a contiguous f32 tensor");
+        let bs = b.as_slice::<f32>().expect("a contiguous f32 tensor");
+        let mut hp = vec![0f32; m * R];
+        for (dst, src) in hp.chunks_exact_mut(R).zip(hs.chunks_exact(r.max(1))) {
+            dst[..r].copy_from_slice(src);
+        }
+        let mut bp = vec![0f32; R * n];
+        bp[..r * n].copy_from_slice(&bs[..r * n]);
+        let hp = FloatTensor::<Flex>::from_data(TensorData::new(hp, Shape::new([m, R])));
+        let bp = FloatTensor::<Flex>::from_data(TensorData::new(bp, Shape::new([R, n])));
+        let all = lora_grads(g, x, hp, bp, scale);
+        let all = all.as_slice::<f32>().expect("a contiguous f32 tensor");
+        let (gb, rest) = all.split_at(m * R);
+        let (da, db) = rest.split_at(k * R);
+        let mut out = Vec::with_capacity(m * r + k * r + r * n);
+        for row in gb.chunks_exact(R).chain(da.chunks_exact(R)) {
+            out.extend_from_slice(&row[..r]);
+        }
+        out.extend_from_slice(&db[..r * n]);
+        let len = out.len();
+        FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([len])))
     }
 }

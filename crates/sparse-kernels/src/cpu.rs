@@ -613,3 +613,69 @@ impl SparseBackend for Flex {
         csr_gather(&s, dense)
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The sparse linear term accumulated into a dense output
+
+/// `dense + x·Sᵀ` for the structure `S` (`[out, in]`, its transpose `st`, `perm` as in
+/// [`SparseBackend`]), `x` `[tokens, in]`, `dense` `[tokens, out]`: the adapter SpMM of
+/// [`spmm_token_columns`] (blocks of 16 tokens walking `S` by columns), each block's
+/// `[out][16]` accumulator transposed and added into its 16 rows of `dense` in place (no
+/// `[tokens, out]` temporary, no separate add). `dense` is written in place when its buffer is
+/// not shared. Other dtypes and a column-strided `x` take the composed ops.
+pub(crate) fn linear_add(
+    st: &CsrIndices<Flex>,
+    perm: &IntTensor<Flex>,
+    values: FlexFloat,
+    x: FlexFloat,
+    dense: FlexFloat,
+) -> Option<FlexFloat> {
+    let f32s = [&values, &x, &dense]
+        .iter()
+        .all(|t| t.dtype() == DType::F32);
+    if !f32s || x.layout().strides()[1] != 1 || x.layout().strides()[0] < 0 {
+        return None;
+    }
+    let [tokens, out] = dense.shape().dims::<2>();
+    let inp = x.shape()[1];
+    assert_eq!(
+        x.shape()[0],
+        tokens,
+        "csr_linear_add: x and dense rows differ"
+    );
+    let (sto, sti, perm) = (
+        indices(&st.row_offsets),
+        indices(&st.col_indices),
+        indices(perm),
+    );
+    assert_eq!(sto.len(), inp + 1, "csr_linear_add: S has not x's columns");
+    let values = values.to_contiguous();
+    let vals = values.as_slice::<f32>().expect("contiguous values");
+    assert_eq!(perm.len(), vals.len(), "csr_linear_add: perm length");
+    let vt: Vec<f32> = perm.iter().map(|&p| vals[p as usize]).collect();
+    let mut dense = if dense.is_contiguous() && dense.layout().start_offset() == 0 {
+        dense
+    } else {
+        dense.to_contiguous()
+    };
+    if tokens * out == 0 || vt.is_empty() {
+        return Some(dense);
+    }
+    let xv = view(&x);
+    let cols = simd::Columns::new(&sto, &sti, &vt, out);
+    const TB: usize = 16;
+    // In place when the buffer is not shared (copy-on-write otherwise).
+    let buf = &mut dense.storage_mut::<f32>()[..tokens * out];
+    buf.par_chunks_mut(TB * out)
+        .enumerate()
+        .for_each(|(blk, chunk)| {
+            let w = chunk.len() / out;
+            with_scratch(TB * out, |acc| {
+                acc.fill(0.0);
+                let rows = &xv.data[xv.offset + blk * TB * xv.rs..];
+                simd::spmm_columns(rows, xv.rs, w, &cols, acc);
+                simd::transpose_add(acc, TB, chunk, out, out, w);
+            });
+        });
+    Some(dense)
+}

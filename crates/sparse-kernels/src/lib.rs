@@ -7,6 +7,9 @@
 //! - Ops on burn tensors, on every device, differentiable: [`spmm`], [`sddmm`], [`csr_add`],
 //!   [`csr_gather`], [`to_dense`], [`csr_transpose`], and the adapter terms [`sparse_linear`]
 //!   (`y = x·Sᵀ`) and [`sparse_linear_fused`] (`y = x·(W + S)ᵀ + b`, frozen `W`).
+//! - [`sparse_lora_linear`] ([`SparseLinearBackend`]): a whole RoSA or SFT layer, `x·W + b
+//!   (+ s·x·A·B) + x·Sᵀ`, as one op whose SpMM accumulates into the dense product's output and
+//!   whose backward pass accumulates `g·S` into `g·Wᵀ (+ (s·g·Bᵀ)·Aᵀ)` (peft-core's LoRA op).
 //! - Backends through burn's `#[backend_extension]` ([`SparseBackend`]): multithreaded CPU
 //!   kernels for `Flex`, CubeCL kernels (sources in peft-kernels' `cube` module) for every CubeCL
 //!   runtime (features `wgpu`, `cuda`), and hand-written backward passes for `Autodiff`.
@@ -38,6 +41,7 @@ mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
 mod error;
+mod fused;
 mod layout;
 mod ops;
 mod probe;
@@ -51,6 +55,7 @@ pub use peft_kernels::cpu_body;
 
 pub use backend::{CsrIndices, SparseBackend};
 pub use error::SparseError;
+pub use fused::{SparseLinearBackend, sparse_lora_linear};
 pub use layout::{Csr, CsrLayout};
 pub use ops::{
     csr_add, csr_gather, csr_transpose, sddmm, sparse_linear, sparse_linear_fused, spmm, to_dense,

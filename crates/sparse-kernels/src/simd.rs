@@ -171,6 +171,82 @@ unsafe fn transpose_avx512(
     }
 }
 
+/// `dst[j · ds + i] += src[i · ss + j]` for `i < rows`, `j < cols`: [`transpose`] adding into
+/// `dst` (the adapter SpMM accumulating into a layer's output rows).
+///
+/// # Panics
+/// When a slice is too short for the shape and strides.
+pub(crate) fn transpose_add(
+    src: &[f32],
+    ss: usize,
+    dst: &mut [f32],
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
+    check_transpose(src, ss, dst.len(), ds, rows, cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let (full_r, full_c) = if avx512() {
+        (rows / 16 * 16, cols / 16 * 16)
+    } else {
+        (0, 0)
+    };
+    #[cfg(target_arch = "x86_64")]
+    if full_r > 0 && full_c > 0 {
+        // SAFETY: AVX-512F is available (`avx512`); the full tiles lie inside the bounds
+        // checked above.
+        unsafe { transpose_add_avx512(src, ss, dst.as_mut_ptr(), ds, full_r, full_c) };
+    }
+    let mut edge = |r0: usize, r1: usize, c0: usize, c1: usize| {
+        for i in r0..r1 {
+            for j in c0..c1 {
+                dst[j * ds + i] += src[i * ss + j];
+            }
+        }
+    };
+    if full_r == 0 || full_c == 0 {
+        edge(0, rows, 0, cols);
+    } else {
+        edge(full_r, rows, 0, cols);
+        edge(0, full_r, full_c, cols);
+    }
+}
+
+/// The full 16x16 tiles of [`transpose_add`] (`rows`, `cols` multiples of 16).
+///
+/// # Safety
+/// AVX-512F is available and the bounds of [`check_transpose`] hold for `rows x cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_add_avx512(
+    src: &[f32],
+    ss: usize,
+    dst: *mut f32,
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
+    let sp = src.as_ptr();
+    for i0 in (0..rows).step_by(16) {
+        for j0 in (0..cols).step_by(16) {
+            // SAFETY: rows i0..i0+16 <= rows and columns j0..j0+16 <= cols (the caller's bounds).
+            unsafe {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (k, v) in r.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(sp.add((i0 + k) * ss + j0));
+                }
+                let c = transpose16(r);
+                for (k, v) in c.iter().enumerate() {
+                    let p = dst.add((j0 + k) * ds + i0);
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+                }
+            }
+        }
+    }
+}
+
 /// Transposes 16 rows of 16 floats in registers: unpack pairs, then 4x4 blocks within 128-bit
 /// lanes, then the lanes themselves.
 #[cfg(target_arch = "x86_64")]
