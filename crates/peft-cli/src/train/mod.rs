@@ -135,6 +135,7 @@ pub fn train(
         tokenizer: &tokenizer,
         chat: config.data.chat_template,
         batch_size: config.train.batch_size,
+        generate: config.train.eval_generate,
     });
     let device = Device::default().autodiff();
     // The adapters' random initial values follow the run's seed.
