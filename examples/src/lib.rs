@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod bert_forward;
 pub mod finetune;
+pub mod quality;
 pub mod supervised;
 
 /// The Rust blocks of `README.md`, compiled and run as doctests.
@@ -29,3 +30,8 @@ pub struct ArchitectureDoctests;
 #[doc = include_str!("../../docs/benchmarks.md")]
 #[cfg(doctest)]
 pub struct BenchmarksDoctests;
+
+/// `docs/quality.md` (shell blocks only).
+#[doc = include_str!("../../docs/quality.md")]
+#[cfg(doctest)]
+pub struct QualityDoctests;

@@ -151,6 +151,7 @@ fn losses(out_dir: &Path) -> Vec<serde_json::Value> {
         .into_iter()
         .map(|mut m| {
             m.as_object_mut().unwrap().remove("tokens_per_s");
+            m.as_object_mut().unwrap().remove("step_s");
             m
         })
         .collect()

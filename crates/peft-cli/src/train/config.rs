@@ -91,6 +91,10 @@ pub struct TrainSection {
     /// Evaluate every this many steps (0: only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Whether training's evaluations also generate greedy completions for exact match
+    /// (`false`: the eval loss alone, much faster; `burn-peft eval` always generates).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub eval_generate: bool,
     /// Write a checkpoint every this many steps (0: none but `--stop-after`'s).
     #[serde(default)]
     pub save_every: usize,
@@ -108,6 +112,12 @@ pub struct TrainSection {
 
 fn yes() -> bool {
     true
+}
+
+// Left out of `run.toml` at its default, so runs started before the key existed resume.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn one() -> usize {
@@ -379,6 +389,21 @@ out_dir = "out"
             RunConfig::parse(&bad, Path::new("run.toml")).unwrap_err()
         );
         assert!(e.contains("run.toml") && e.contains("steps"), "{e}");
+    }
+
+    #[test]
+    fn eval_generate_defaults_to_true_and_is_written_only_when_false() {
+        let c = RunConfig::parse(BASE, Path::new("run.toml")).unwrap();
+        assert!(c.train.eval_generate);
+        assert!(!toml::to_string(&c).unwrap().contains("eval_generate"));
+        let text = BASE.replace("steps = 10", "steps = 10\neval_generate = false");
+        let c = RunConfig::parse(&text, Path::new("run.toml")).unwrap();
+        assert!(!c.train.eval_generate);
+        assert!(
+            toml::to_string(&c)
+                .unwrap()
+                .contains("eval_generate = false")
+        );
     }
 
     #[test]

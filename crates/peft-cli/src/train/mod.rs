@@ -163,6 +163,7 @@ pub fn train_on(
         tokenizer: &tokenizer,
         chat: config.data.chat_template,
         batch_size: config.train.batch_size,
+        generate: config.train.eval_generate,
     });
     let devices: Vec<Device> = if config.train.devices.is_empty() {
         vec![Device::default().autodiff()]

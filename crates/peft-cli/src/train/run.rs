@@ -406,7 +406,8 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
 
         let done = step + 1;
         let train_loss = loss_sum / cfg.grad_accum as f64;
-        let tokens_per_s = tokens as f64 / began.elapsed().as_secs_f64().max(1e-9);
+        let step_s = began.elapsed().as_secs_f64();
+        let tokens_per_s = tokens as f64 / step_s.max(1e-9);
         bar.set_position(done as u64);
         bar.set_message(format!(
             "loss {train_loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
@@ -414,7 +415,7 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
         if done % cfg.log_every == 0 || done == total {
             log(
                 &mut metrics,
-                json!({"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}),
+                json!({"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s, "step_s": step_s}),
             )?;
         }
         if let Some(eval) = run.eval
