@@ -69,7 +69,7 @@ def profile(step, steps: int) -> None:
     print(f"per step: {total / steps / 1e3:.0f} ms, GEMMs (mm, addmm, bmm) {gemm / steps / 1e3:.0f} ms "
           f"({100 * gemm / total:.0f} %)")
     # The step's three dense product shapes alone (2048 tokens), median of 20 runs each; the Rust
-    # side's are in `cargo bench -p peft-core --bench linear`.
+    # side's are in `cargo bench -p peft-kernels --bench linear`.
     for m, k, n in [(BATCH * SEQ, 384, 1536), (BATCH * SEQ, 1536, 384), (BATCH * SEQ, 384, 384)]:
         a, b = torch.randn(m, k), torch.randn(k, n)
         times = []

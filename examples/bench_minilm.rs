@@ -192,12 +192,8 @@ fn main() -> anyhow::Result<()> {
         });
         let key_mask = Tensor::<2, Int>::ones([BATCH, SEQ], &inf).equal_elem(0);
         let t_att_fused = time(args.steps, || {
-            let o = peft_models::kernels::attention(
-                q.clone(),
-                q.clone(),
-                q.clone(),
-                Some(key_mask.clone()),
-            );
+            let o =
+                peft_kernels::attention(q.clone(), q.clone(), q.clone(), Some(key_mask.clone()));
             one(o.reshape([BATCH * heads * SEQ, h / heads]))
         });
         let ln = peft_models::LayerNorm::new(h, 1e-12, &inf);
@@ -208,7 +204,7 @@ fn main() -> anyhow::Result<()> {
         let t_gelu = time(args.steps, || {
             one(burn::tensor::activation::gelu(wide.clone()))
         });
-        let t_gelu_fused = time(args.steps, || one(peft_models::kernels::gelu(wide.clone())));
+        let t_gelu_fused = time(args.steps, || one(peft_kernels::gelu(wide.clone())));
         // One FFN linear in training: frozen (dX only) against frozen + LoRA r=16 in
         // activation space (dX, dA, dB), forward + backward.
         let (d_in, d_out) = (h, config.intermediate_size);
@@ -258,7 +254,7 @@ fn main() -> anyhow::Result<()> {
                 .mul_scalar(0.3)
                 .require_grad();
             let y = if fused {
-                peft_models::kernels::gelu(x.clone())
+                peft_kernels::gelu(x.clone())
             } else {
                 burn::tensor::activation::gelu(x.clone())
             };

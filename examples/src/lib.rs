@@ -2,9 +2,12 @@
 //!
 //! Each `examples/<name>.rs` is a thin `main` around one module here.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod bert_forward;
 pub mod finetune;
+pub mod quality;
 pub mod supervised;
 
 /// The Rust blocks of `README.md`, compiled and run as doctests.
@@ -27,3 +30,8 @@ pub struct ArchitectureDoctests;
 #[doc = include_str!("../../docs/benchmarks.md")]
 #[cfg(doctest)]
 pub struct BenchmarksDoctests;
+
+/// `docs/quality.md` (shell blocks only).
+#[doc = include_str!("../../docs/quality.md")]
+#[cfg(doctest)]
+pub struct QualityDoctests;

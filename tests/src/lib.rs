@@ -1,6 +1,8 @@
 //! Shared pieces of the cross-crate conformance suite: the tiny model of the PEFT fixtures, in
 //! both attach paths, and helpers to compare tensors.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};

@@ -55,6 +55,7 @@
 //! # Ok::<(), peft_adalora::PeftError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod adapter;
 pub mod allocator;

@@ -31,6 +31,13 @@ pub struct EvalArgs {
     /// (default: the run's final output in `out_dir`).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Score this JSONL file instead of the run file's `[data] eval` (a held-out test split).
+    #[arg(long)]
+    pub eval_file: Option<PathBuf>,
+    /// Also write each target's greedy completion to this JSONL file: `line` (in the eval
+    /// file, 1-based), `generated`, `reference`, `matched`.
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
 }
 
 /// Run `burn-peft eval`.
@@ -38,7 +45,14 @@ pub struct EvalArgs {
 /// # Errors
 /// As [`eval`].
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
-    let (adapter, examples, scores) = eval(&args.config, args.adapter.as_deref())?;
+    let (adapter, examples, scores) = eval_on(
+        &args.config,
+        args.adapter.as_deref(),
+        args.eval_file.as_deref(),
+    )?;
+    if let Some(file) = &args.predictions {
+        write_predictions(file, &scores, &args.config, args.eval_file.as_deref())?;
+    }
     let mut json = scores.to_json();
     json.insert("examples".into(), examples.into());
     json.insert("targets".into(), scores.targets.into());
@@ -72,10 +86,22 @@ pub fn eval(
     config_file: &Path,
     adapter: Option<&Path>,
 ) -> anyhow::Result<(PathBuf, usize, Scores)> {
+    eval_on(config_file, adapter, None)
+}
+
+/// [`eval`] on `eval_file` instead of the run file's `[data] eval` when given.
+///
+/// # Errors
+/// As [`eval`]; with `eval_file`, an unreadable or malformed file.
+pub fn eval_on(
+    config_file: &Path,
+    adapter: Option<&Path>,
+    eval_file: Option<&Path>,
+) -> anyhow::Result<(PathBuf, usize, Scores)> {
     let config = RunConfig::load(config_file)?;
-    let Some(eval_file) = &config.data.eval else {
+    let Some(eval_file) = eval_file.or(config.data.eval.as_deref()) else {
         bail!(
-            "{}: no eval set ([data] eval is not given), nothing to evaluate",
+            "{}: no eval set ([data] eval is not given, nor --eval-file), nothing to evaluate",
             config_file.display()
         );
     };
@@ -113,6 +139,7 @@ pub fn eval(
         tokenizer: &tokenizer,
         chat: config.data.chat_template,
         batch_size: config.train.batch_size,
+        generate: true,
     };
     let device = Device::default();
     let job = Score {
@@ -122,6 +149,58 @@ pub fn eval(
     let scores = model::with_llama(&source, Some(&adapter), false, &device, job)
         .with_context(|| format!("evaluating {}", adapter.display()))?;
     Ok((adapter, set.examples.len(), scores))
+}
+
+/// Write `scores`' completions as JSONL (`line`, `generated`, `reference`, `matched`), the
+/// references read back from the eval file; written through a temporary file and renamed, so
+/// the file is whole or absent.
+fn write_predictions(
+    file: &Path,
+    scores: &Scores,
+    config_file: &Path,
+    eval_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let config = RunConfig::load(config_file)?;
+    let source = match eval_file {
+        Some(f) => f.to_path_buf(),
+        None => config.data.eval.clone().unwrap_or_default(),
+    };
+    let text = std::fs::read_to_string(&source)
+        .with_context(|| format!("reading {}", source.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    for c in &scores.completions {
+        let reference = lines
+            .get(c.line.wrapping_sub(1))
+            .and_then(|l| serde_json::from_str::<Value>(l).ok())
+            .and_then(|v| reference_of(&v))
+            .unwrap_or_default();
+        let row = serde_json::json!({
+            "line": c.line,
+            "generated": c.generated,
+            "reference": reference,
+            "matched": c.matched,
+        });
+        out.push_str(&row.to_string());
+        out.push('\n');
+    }
+    let tmp = file.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, out).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
+}
+
+/// The reference completion of one data line: `completion`, or the last message's content.
+fn reference_of(v: &Value) -> Option<String> {
+    if let Some(c) = v.get("completion").and_then(Value::as_str) {
+        return Some(c.to_owned());
+    }
+    v.get("messages")?
+        .as_array()?
+        .last()?
+        .get("content")?
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// What `burn-peft train` writes at the end of the run: `adapter/`, `summary/` or

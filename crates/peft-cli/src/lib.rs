@@ -5,6 +5,8 @@
 //! share, [`export`] writes a LLaMA model as a Hugging Face folder. The examples reuse
 //! [`model::read_inputs`] (the `forward` input contract).
 
+#![forbid(unsafe_code)]
+
 pub mod completion;
 pub mod eval;
 pub mod export;

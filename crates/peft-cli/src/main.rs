@@ -6,6 +6,8 @@
 //! models for all of them. Errors are printed on stderr as one line (`error: ...` with their
 //! causes) and the program exits with status 1.
 
+#![forbid(unsafe_code)]
+
 use peft_cli::{eval, forward, generate, merge, tokenize, train};
 
 use std::process::ExitCode;

@@ -129,6 +129,43 @@ fn eval_accuracy_is_the_exact_match_of_greedy_completions() {
             .unwrap()
             .ends_with("model.safetensors")
     );
+
+    // `--eval-file` and `--predictions`: the same scores, and every completion with its line.
+    let preds = p.join("preds.jsonl");
+    let out = burn_peft([
+        "eval".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--eval-file".as_ref(),
+        p.join("eval.jsonl").as_os_str(),
+        "--predictions".as_ref(),
+        preds.as_os_str(),
+    ]);
+    assert_ok(&out, "eval --eval-file --predictions");
+    let again: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(again["matched"], matched);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 10);
+    for (i, (row, record)) in rows.iter().zip(&lines).enumerate() {
+        assert_eq!(row["line"], i + 1);
+        let reference = match record.get("messages") {
+            Some(m) => m[1]["content"].as_str().unwrap(),
+            None => record["completion"].as_str().unwrap(),
+        };
+        assert_eq!(row["reference"], reference);
+        let generated = row["generated"].as_str().unwrap();
+        assert_eq!(
+            row["matched"],
+            generated.trim() == reference.trim(),
+            "{row}"
+        );
+    }
+    let hits = rows.iter().filter(|r| r["matched"] == true).count();
+    assert_eq!(hits, matched);
 }
 
 #[test]
@@ -261,12 +298,37 @@ fn evaluating_does_not_change_training() {
     let lora = format!("{}\nlora_dropout = 0.1", method_line("lora"));
     let with = run_file(p, "with", &lora, 4, Some("train.jsonl"), "eval_every = 1");
     let without = run_file(p, "without", &lora, 4, None, "");
+    // `eval_generate = false`: the loss alone at each evaluation.
+    let loss_only = run_file(
+        p,
+        "loss_only",
+        &lora,
+        4,
+        Some("train.jsonl"),
+        "eval_every = 1\neval_generate = false",
+    );
     assert_ok(&train(&with), "with eval");
     assert_ok(&train(&without), "without eval");
+    assert_ok(&train(&loss_only), "loss-only eval");
     for file in ["adapter_model.safetensors", "adapter_config.json"] {
         let a = std::fs::read(p.join("runs/with/adapter").join(file)).unwrap();
         let b = std::fs::read(p.join("runs/without/adapter").join(file)).unwrap();
-        assert!(a == b, "{file} differs with evaluation");
+        let c = std::fs::read(p.join("runs/loss_only/adapter").join(file)).unwrap();
+        assert!(a == b && a == c, "{file} differs with evaluation");
+    }
+    let evals = |name: &str| -> Vec<serde_json::Value> {
+        metrics(&p.join("runs").join(name))
+            .into_iter()
+            .filter(|m| m.get("eval_loss").is_some())
+            .collect()
+    };
+    let (full, loss_only) = (evals("with"), evals("loss_only"));
+    assert_eq!(full.len(), 4);
+    assert_eq!(loss_only.len(), 4);
+    for (a, b) in full.iter().zip(&loss_only) {
+        assert!(a.get("eval_accuracy").is_some(), "{a}");
+        assert!(b.get("eval_accuracy").is_none(), "{b}");
+        assert_eq!(a["eval_loss"], b["eval_loss"]);
     }
     let losses = |name: &str| -> Vec<f64> {
         metrics(&p.join("runs").join(name))

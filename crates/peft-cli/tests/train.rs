@@ -151,6 +151,7 @@ fn losses(out_dir: &Path) -> Vec<serde_json::Value> {
         .into_iter()
         .map(|mut m| {
             m.as_object_mut().unwrap().remove("tokens_per_s");
+            m.as_object_mut().unwrap().remove("step_s");
             m
         })
         .collect()
@@ -891,5 +892,150 @@ fn sft_with_sm3_steps_the_dense_tensors_with_sm3_and_resumes_bit_exact() {
     assert!(
         median > 0.9,
         "AdamW's second bias step: median |Δ|/lr {median}"
+    );
+}
+
+/// Every tensor of the safetensors files among `files`, by file and key: integer tensors
+/// (masks, indices) as they are, float tensors as `f32`.
+fn tensors(files: &[(String, Vec<u8>)]) -> Vec<(String, String, Vec<f64>, bool)> {
+    let mut out = Vec::new();
+    for (name, bytes) in files {
+        if !name.ends_with(".safetensors") {
+            continue;
+        }
+        let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        let mut keys: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        keys.sort();
+        for key in keys {
+            let view = st.tensor(&key).unwrap();
+            let data = view.data();
+            let (values, float): (Vec<f64>, bool) = match view.dtype() {
+                safetensors::Dtype::F32 => (
+                    data.chunks(4)
+                        .map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap())))
+                        .collect(),
+                    true,
+                ),
+                safetensors::Dtype::I64 => (
+                    data.chunks(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                        .collect(),
+                    false,
+                ),
+                safetensors::Dtype::I32 => (
+                    data.chunks(4)
+                        .map(|c| f64::from(i32::from_le_bytes(c.try_into().unwrap())))
+                        .collect(),
+                    false,
+                ),
+                other => panic!("{name}: {key}: unexpected dtype {other:?}"),
+            };
+            out.push((name.clone(), key, values, float));
+        }
+    }
+    out
+}
+
+/// `[train] devices` and `--devices`: two replicas on the flex device, each on its share of
+/// every micro-batch, train as one device does: the same configs (AdaLoRA's rank pattern), the
+/// same integer tensors (RoSA's masks, SFT's indices) and the same text outputs (ID3's
+/// summary), float tensors within f32 rounding. A two-replica run stopped and resumed equals
+/// the uninterrupted two-replica run bit for bit.
+#[test]
+fn two_devices_train_as_one_and_resume_exactly() {
+    let dir = workspace();
+    let runs = dir.path().join("runs");
+    for (name, stop) in [
+        ("lora", 2),
+        ("adalora", 3),
+        ("rosa", 2),
+        ("sft", 3),
+        ("id3", 2),
+    ] {
+        let method = method_line(name);
+        // Micro-batches of 5 of the 10 examples (shares of 3 and 2: unequal token counts), two
+        // a step.
+        let extra = "grad_accum = 2";
+        let with = |file: &Path, devices: &str| {
+            let text = std::fs::read_to_string(file).unwrap();
+            let text = text.replace("batch_size = 10", "batch_size = 5");
+            std::fs::write(file, format!("{text}{devices}")).unwrap();
+        };
+        let one = run_file(dir.path(), &format!("{name}-one"), method, 6, extra);
+        with(&one, "");
+        assert_ok(&train(&one, &[]), name);
+        let two = run_file(dir.path(), &format!("{name}-two"), method, 6, extra);
+        with(&two, "devices = [\"flex\", \"flex\"]\n");
+        assert_ok(&train(&two, &[]), name);
+        let stopped = run_file(dir.path(), &format!("{name}-stopped"), method, 6, extra);
+        with(&stopped, "");
+        let flag = ["--devices", "flex,flex"];
+        let stop_at = stop.to_string();
+        assert_ok(
+            &train(&stopped, &[&flag[..], &["--stop-after", &stop_at]].concat()),
+            name,
+        );
+        assert_ok(&train(&stopped, &[&flag[..], &["--resume"]].concat()), name);
+
+        let (a, b, c) = (
+            runs.join(format!("{name}-one")),
+            runs.join(format!("{name}-two")),
+            runs.join(format!("{name}-stopped")),
+        );
+        assert_eq!(losses(&b), losses(&c), "{name}: resumed metrics");
+        assert!(outputs(&b) == outputs(&c), "{name}: resumed outputs differ");
+
+        let (oa, ob) = (outputs(&a), outputs(&b));
+        assert_eq!(
+            oa.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            ob.iter().map(|f| &f.0).collect::<Vec<_>>(),
+            "{name}"
+        );
+        for ((file, x), (_, y)) in oa.iter().zip(&ob) {
+            if !file.ends_with(".safetensors") {
+                assert!(x == y, "{name}: {file} differs between one and two devices");
+            }
+        }
+        let (ta, tb) = (tensors(&oa), tensors(&ob));
+        assert!(!ta.is_empty() || name == "id3", "{name}: no tensors");
+        assert_eq!(ta.len(), tb.len(), "{name}");
+        for ((file, key, x, float), (_, key_b, y, _)) in ta.iter().zip(&tb) {
+            assert_eq!(key, key_b, "{name}: {file}");
+            assert_eq!(x.len(), y.len(), "{name}: {file}: {key}");
+            if *float {
+                let diff = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f64::max);
+                assert!(diff <= 1e-4, "{name}: {file}: {key} differs by {diff}");
+            } else {
+                assert_eq!(
+                    x, y,
+                    "{name}: {file}: {key}: one device and two decide alike"
+                );
+            }
+        }
+        // The losses agree within rounding too.
+        for (p, q) in losses(&a).iter().zip(losses(&b)) {
+            let (p, q) = (&p["train_loss"], &q["train_loss"]);
+            if let (Some(p), Some(q)) = (p.as_f64(), q.as_f64()) {
+                assert!((p - q).abs() <= 1e-4, "{name}: loss {p} against {q}");
+            }
+        }
+    }
+
+    // A device this build lacks, and fewer examples per micro-batch than devices: refused.
+    let lora = run_file(dir.path(), "lora-bad", method_line("lora"), 2, "");
+    assert_refused(
+        &train(&lora, &["--devices", "tpu:0"]),
+        "unknown device",
+        &["unknown device `tpu:0`"],
+    );
+    let many = ["flex"; 11].join(",");
+    assert_refused(
+        &train(&lora, &["--devices", &many]),
+        "too many devices",
+        &["at least the number of devices"],
     );
 }

@@ -62,6 +62,28 @@ pub trait Adapter: Module + Sync + 'static {
         None
     }
 
+    /// When this adapter computes a linear layer's whole output (base product included) as one
+    /// fused op for an input on this device, that output; the default is `None`.
+    ///
+    /// A [`PeftLinear`](crate::PeftLinear) whose only applied adapter answers this returns it
+    /// instead of running the base product and [`forward_linear`](Adapter::forward_linear)
+    /// (RoSA and SFT: the sparse term accumulated into the dense or LoRA product). It must
+    /// equal `forward_linear(x, weight, bias, linear(x, weight, bias))`.
+    ///
+    /// # Arguments
+    /// * `x` - the layer input, `[..., d_in]`.
+    /// * `weight` - the base weight, `[d_in, d_out]`.
+    /// * `bias` - the base bias, `[d_out]`, if any.
+    fn fused_linear<const D: usize>(
+        &self,
+        x: &Tensor<D>,
+        weight: &Tensor<2>,
+        bias: Option<&Tensor<1>>,
+    ) -> Option<Tensor<D>> {
+        let _ = (x, weight, bias);
+        None
+    }
+
     /// Add this adapter's contribution to an embedding lookup.
     ///
     /// # Arguments

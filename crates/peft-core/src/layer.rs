@@ -92,6 +92,9 @@ impl<A: Adapter> PeftLinear<A> {
         if let Some((a, b, scale)) = self.adapters.single_low_rank(&x.device()) {
             return lora_linear(x, weight, bias, a, b, scale);
         }
+        if let Some(y) = self.adapters.single_fused(&x, &weight, bias.as_ref()) {
+            return y;
+        }
         let result = linear(x.clone(), weight.clone(), bias.clone());
         if self.adapters.is_empty() {
             return result;

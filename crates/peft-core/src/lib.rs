@@ -13,16 +13,16 @@
 //! * **weight space**: any plain `burn::nn::Linear` / `Embedding` of any model gets a
 //!   [`WeightSlot`] through burn's reparameterization hook, with no change to the model.
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod adapter;
 pub mod config;
-pub mod cpu_body;
+pub mod data_parallel;
 pub mod error;
 pub mod hf;
 mod hook;
 pub mod hosts;
 pub mod io;
-pub mod kernels;
 pub mod layer;
 #[cfg(feature = "learner")]
 pub mod learner;
@@ -35,8 +35,16 @@ pub mod slot;
 pub mod step;
 pub mod target;
 
+/// Which compiled body the CPU kernels run (peft-kernels' `cpu_body`), for tests that cover
+/// every body.
+pub use peft_kernels::cpu_body;
+/// The fused linear and LoRA products ([`kernels::linear`], [`kernels::lora_linear`]): the
+/// peft-kernels crate's `linear` module, which the layers and method crates call.
+pub use peft_kernels::linear as kernels;
+
 pub use adapter::Adapter;
 pub use config::{ConfigWarning, PeftConfig, PeftConfigBase};
+pub use data_parallel::{DataParallel, Reduction};
 pub use error::{PeftError, Result};
 pub use hf::KeyMap;
 pub use hosts::{Created, HostView, Layer, LayerInfo, Placement};

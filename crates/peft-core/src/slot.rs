@@ -179,6 +179,22 @@ impl<A: Adapter> AdapterSlot<A> {
         self.applied().any(Adapter::reads_base_weight)
     }
 
+    /// The whole linear output from the only applied adapter's fused op, if there is exactly one
+    /// and it has one ([`Adapter::fused_linear`]).
+    pub fn single_fused<const D: usize>(
+        &self,
+        x: &Tensor<D>,
+        weight: &Tensor<2>,
+        bias: Option<&Tensor<1>>,
+    ) -> Option<Tensor<D>> {
+        let mut applied = self.applied();
+        let only = applied.next()?;
+        if applied.next().is_some() {
+            return None;
+        }
+        only.fused_linear(x, weight, bias)
+    }
+
     /// Add the active, unmerged adapters' contributions to an embedding lookup.
     pub fn forward_embedding(
         &self,

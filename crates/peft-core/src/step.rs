@@ -124,6 +124,15 @@ pub trait Controller<M>: Send {
         false
     }
 
+    /// Train as one replica of a data-parallel run ([`DataParallel`](crate::DataParallel)):
+    /// every statistic the controller keeps must come from the gradients it is given (which are
+    /// all-reduced then), not from a side channel of the replica's own backward pass (SFT's
+    /// blockwise probe sink, whose top-`k` of a local gradient is not the top-`k` of the
+    /// reduced one). [`prepare`](Self::prepare) runs after this call.
+    fn set_data_parallel(&mut self, on: bool) {
+        let _ = on;
+    }
+
     /// Save the controller's state into `dir` (which exists and is its own).
     ///
     /// # Errors
@@ -187,6 +196,10 @@ impl<M, C: Controller<M>> Controller<M> for std::sync::Arc<std::sync::Mutex<C>> 
 
     fn should_stop(&self) -> bool {
         lock(self).should_stop()
+    }
+
+    fn set_data_parallel(&mut self, on: bool) {
+        lock(self).set_data_parallel(on);
     }
 
     fn save_state(&self, dir: &Path) -> Result<()> {
@@ -451,12 +464,29 @@ impl<M: Module> Stepper<M> {
         Ok(())
     }
 
+    /// Make every controller train as one replica of a data-parallel run
+    /// ([`Controller::set_data_parallel`]) and prepare `model` for that again.
+    ///
+    /// # Errors
+    /// A controller's `prepare` error.
+    pub fn data_parallel(&mut self, mut model: M) -> Result<M> {
+        for c in &mut self.controllers {
+            c.set_data_parallel(true);
+            model = c.prepare(model)?;
+        }
+        Ok(model)
+    }
+
     /// Save the step index and every controller's state into `dir` (created if needed):
     /// `stepper.json` and one folder `controller-<i>` per controller.
     ///
     /// # Errors
     /// I/O errors.
     pub fn save_state(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| PeftError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         for (i, c) in self.controllers.iter().enumerate() {
             let sub = dir.join(format!("controller-{i}"));
             std::fs::create_dir_all(&sub).map_err(|source| PeftError::Io {

@@ -182,16 +182,57 @@ pub(crate) fn create(config: &LoraConfig, info: &LayerInfo) -> Result<Created<Lo
             ),
         ));
     }
+    let mut new_base = None;
+    let (a, b) = match &config.init_lora_weights {
+        InitLoraWeights::Pissa => {
+            let (a, b, residual) = pissa(info.base.clone(), r, scale, &info.candidate.path)?;
+            new_base = Some(residual);
+            (a, b)
+        }
+        init => init_factors(init, kind, [rows, cols], r, &device)
+            .expect("every init but PiSSA is drawn by init_factors"),
+    };
+    let mut adapter = LoraAdapter {
+        lora_a: Param::from_tensor(a),
+        lora_b: Param::from_tensor(b),
+        magnitude: None,
+        dropout: DropoutConfig::new(config.lora_dropout).init(),
+        scale,
+    };
+    if config.use_dora {
+        let base = new_base.clone().unwrap_or_else(|| info.base.clone());
+        let norm = column_norm(base + adapter.delta()).reshape([cols]);
+        adapter.magnitude = Some(Param::from_tensor(norm.detach()));
+    }
+    Ok(Created { adapter, new_base })
+}
+
+/// The initial factors `(a, b)` (`[rows, r]`, `[r, cols]`) that `init` draws for a layer of
+/// `kind` whose weight is `[rows, cols]`, or `None` for PiSSA (it needs the base weight):
+///
+/// | init | linear `a`, `b` | embedding `a`, `b` |
+/// |---|---|---|
+/// | `Default` | `U(±1/√rows)`, zero | zero, `N(0, 1)` |
+/// | `Gaussian` | `N(0, 1/r)`, zero | zero, `N(0, 1)` |
+/// | `Random` | `U(±1/√rows)`, `U(±1/√r)` | `N(0, 1)`, `N(0, 1)` |
+///
+/// RoSA's low-rank part starts from these too.
+pub fn init_factors(
+    init: &InitLoraWeights,
+    kind: LayerKind,
+    [rows, cols]: [usize; 2],
+    r: usize,
+    device: &Device,
+) -> Option<(Tensor<2>, Tensor<2>)> {
     let uniform = |n: usize, shape: [usize; 2]| {
         let bound = 1.0 / (n as f64).sqrt();
-        Tensor::<2>::random(shape, Distribution::Uniform(-bound, bound), &device)
+        Tensor::<2>::random(shape, Distribution::Uniform(-bound, bound), device)
     };
     let normal = |std: f64, shape: [usize; 2]| {
-        Tensor::<2>::random(shape, Distribution::Normal(0.0, std), &device)
+        Tensor::<2>::random(shape, Distribution::Normal(0.0, std), device)
     };
-    let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, &device);
-    let mut new_base = None;
-    let (a, b) = match (&config.init_lora_weights, kind) {
+    let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, device);
+    Some(match (init, kind) {
         (InitLoraWeights::Default | InitLoraWeights::Gaussian, LayerKind::Embedding) => {
             (zeros([rows, r]), normal(1.0, [r, cols]))
         }
@@ -207,25 +248,17 @@ pub(crate) fn create(config: &LoraConfig, info: &LayerInfo) -> Result<Created<Lo
         (InitLoraWeights::Random, LayerKind::Linear) => {
             (uniform(rows, [rows, r]), uniform(r, [r, cols]))
         }
-        (InitLoraWeights::Pissa, _) => {
-            let (a, b, residual) = pissa(info.base.clone(), r, scale, &info.candidate.path)?;
-            new_base = Some(residual);
-            (a, b)
-        }
-    };
-    let mut adapter = LoraAdapter {
-        lora_a: Param::from_tensor(a),
-        lora_b: Param::from_tensor(b),
-        magnitude: None,
-        dropout: DropoutConfig::new(config.lora_dropout).init(),
-        scale,
-    };
-    if config.use_dora {
-        let base = new_base.clone().unwrap_or_else(|| info.base.clone());
-        let norm = column_norm(base + adapter.delta()).reshape([cols]);
-        adapter.magnitude = Some(Param::from_tensor(norm.detach()));
+        (InitLoraWeights::Pissa, _) => return None,
+    })
+}
+
+/// LoRA's scale for rank `r` and `alpha`: `alpha / r`, or `alpha / √r` with rsLoRA.
+pub fn lora_scaling(r: usize, alpha: f64, rslora: bool) -> f64 {
+    if rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
     }
-    Ok(Created { adapter, new_base })
 }
 
 /// Reduced SVD `w = u·diag(s)·vt` of a constant matrix, on any device (burn-linalg has no

@@ -336,11 +336,7 @@ impl LoraConfig {
 
     /// The scaling of a module with rank `r` and `alpha`.
     pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
-        if self.use_rslora {
-            alpha / (r as f64).sqrt()
-        } else {
-            alpha / r as f64
-        }
+        crate::adapter::lora_scaling(r, alpha, self.use_rslora)
     }
 
     /// The JSON object PEFT writes for this config (every field, `inference_mode: true`).

@@ -27,13 +27,14 @@
 //! # Ok::<(), peft_core::PeftError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod adapter;
 pub mod config;
 mod method;
 pub mod weighted;
 
-pub use adapter::LoraAdapter;
+pub use adapter::{LoraAdapter, init_factors, lora_scaling};
 pub use config::{BiasMode, InitLoraWeights, LoraConfig};
 /// What a user of this crate touches from peft-core, so that one dependency is enough.
 pub use peft_core::{

@@ -17,8 +17,8 @@ use serde::Deserialize;
 
 use crate::checkpoint::{Checkpoint, read_config};
 use crate::error::{ModelError, Result};
-use crate::kernels::{attention, gelu};
 use crate::layers::{LayerNorm, LinearLayer};
+use peft_kernels::{attention, gelu};
 
 /// The fields of a Hugging Face BERT `config.json` this model uses.
 #[derive(Clone, Debug, Deserialize)]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use peft_kernels::mmap::Mmap;
 
 use crate::error::{ModelError, Result};
 use crate::layers::{LayerNorm, RmsNorm};
@@ -246,7 +247,7 @@ pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 /// One memory-mapped safetensors file: its map and where its data section starts.
 struct MappedFile {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: Mmap,
     data_start: usize,
 }
 
@@ -258,14 +259,10 @@ struct Entry {
     range: (usize, usize),
 }
 
-/// Map `file` read-only.
-#[allow(unsafe_code)]
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+/// Map the file at `path` read-only.
+fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).map_err(|e| peft_core::PeftError::io(path, e))?;
-    // SAFETY: the map is read-only and private to this process. Its bytes are only read through
-    // slices that stay inside the map. Changing the file while it is mapped (which this crate
-    // never does) would change what those slices read, not their validity as memory.
-    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| peft_core::PeftError::io(path, e).into())
+    peft_kernels::mmap::map_file(&file).map_err(|e| peft_core::PeftError::io(path, e).into())
 }
 
 /// Safetensors files (one, or the shards of a sharded checkpoint) read through memory maps:

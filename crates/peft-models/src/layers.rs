@@ -16,11 +16,11 @@ pub trait LinearLayer: Module + ModuleDisplay + From<Linear> {
 }
 
 impl LinearLayer for Linear {
-    /// `burn::nn::Linear`'s forward through [`peft_core::kernels::linear`], as in
+    /// `burn::nn::Linear`'s forward through [`peft_kernels::linear`], as in
     /// [`PeftLinear`]: one 2-D product over the rows of any input (one GEMM rather than one per
     /// batch entry), fast on flex.
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        peft_core::kernels::linear(x, self.weight.val(), self.bias.as_ref().map(Param::val))
+        peft_kernels::linear(x, self.weight.val(), self.bias.as_ref().map(Param::val))
     }
 }
 
@@ -55,7 +55,7 @@ impl LayerNorm {
 
     /// Normalise over the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        crate::kernels::layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
+        peft_kernels::layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
     }
 }
 

@@ -7,10 +7,10 @@
 //! `burn::nn::Linear` gives a plain model (adapters then attach in weight space, with no model
 //! change), `peft_core::PeftLinear<A>` gives the fast activation-space path for adapter `A`.
 //!
-//! [`kernels`] has the fused exact GELU, padded attention and layer norm BERT runs with, and the
-//! causal attention and SwiGLU of LLaMA (vectorised and
-//! multithreaded on flex, differentiable, default bodies on the other backends); a user's own
-//! model can call them too.
+//! The models hold no kernels: the fused exact GELU, padded attention and layer norm BERT runs
+//! with, the causal attention and SwiGLU of LLaMA and every linear layer's product are the
+//! peft-kernels crate's (vectorised and multithreaded on flex, differentiable, default bodies on
+//! the other backends), which a user's own model can call too.
 //!
 //! ```no_run
 //! use peft_core::{ModuleSelector, PeftLinear};
@@ -25,6 +25,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod bert;
 mod cache;
 pub mod chat;
@@ -32,7 +34,6 @@ mod checkpoint;
 mod error;
 pub mod generate;
 pub mod gguf;
-pub mod kernels;
 mod layers;
 pub mod llama;
 pub mod loss;

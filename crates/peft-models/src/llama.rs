@@ -41,8 +41,8 @@ use serde_json::Value;
 
 use crate::checkpoint::{Checkpoint, read_config};
 use crate::error::{ModelError, Result};
-use crate::kernels::{causal_attention, swiglu};
 use crate::layers::{LinearLayer, RmsNorm};
+use peft_kernels::{causal_attention, swiglu};
 
 /// A validated LLaMA configuration, read from a Hugging Face `config.json`
 /// ([`LlamaConfig::from_dir`]) or built in code ([`LlamaConfig::new`]).
@@ -1091,7 +1091,7 @@ impl<L: LinearLayer> Llama<L> {
                 // The transposed table is a strided view: `kernels::linear` reads it in place
                 // (a matmul would copy the whole table to a contiguous buffer on every call).
                 let table = self.model.embed_tokens.weight.val();
-                peft_core::kernels::linear(hidden, table.transpose(), None)
+                peft_kernels::linear(hidden, table.transpose(), None)
             }
         }
     }

@@ -5,9 +5,10 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use peft_core::error::Result;
-use peft_core::kernels::linear;
+use peft_core::kernels::{linear, lora_linear};
 use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError, Placement};
-use sparse_kernels::{Csr, CsrLayout, CsrStructure, sparse_linear, to_dense};
+use peft_lora::{InitLoraWeights, init_factors};
+use sparse_kernels::{Csr, CsrLayout, CsrStructure, sparse_linear, sparse_lora_linear, to_dense};
 
 use crate::config::{InitRosaWeights, RosaConfig};
 use crate::initial::InitialMasks;
@@ -177,6 +178,42 @@ impl Adapter for RosaAdapter {
         result
     }
 
+    /// The LoRA term through peft-core's fused LoRA op and the sparse term accumulated into it
+    /// ([`sparse_lora_linear`]), when dropout is inactive and no gradient probe is on.
+    fn fused_linear<const D: usize>(
+        &self,
+        x: &Tensor<D>,
+        weight: &Tensor<2>,
+        bias: Option<&Tensor<1>>,
+    ) -> Option<Tensor<D>> {
+        if self.probe.is_some() || self.kind != LayerKind::Linear {
+            return None;
+        }
+        let low_rank = match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) => {
+                let dropout_off = self.dropout.prob == 0.0 || !x.device().is_autodiff();
+                if !dropout_off {
+                    return None;
+                }
+                Some((a.val(), b.val(), self.scale))
+            }
+            _ => None,
+        };
+        let (weight, bias) = (weight.clone(), bias.cloned());
+        match (&self.spa, &self.spa_values, low_rank) {
+            (Some(layout), Some(values), low_rank) => Some(sparse_lora_linear(
+                x.clone(),
+                weight,
+                bias,
+                low_rank,
+                layout,
+                values.val(),
+            )),
+            (_, _, Some((a, b, scale))) => Some(lora_linear(x.clone(), weight, bias, a, b, scale)),
+            _ => None,
+        }
+    }
+
     fn forward_embedding(
         &self,
         ids: Tensor<2, Int>,
@@ -232,33 +269,17 @@ pub(crate) fn create(
             ),
         ));
     }
-    let uniform = |n: usize, shape: [usize; 2]| {
-        let bound = 1.0 / (n as f64).sqrt();
-        Tensor::<2>::random(shape, Distribution::Uniform(-bound, bound), &device)
-    };
-    let normal = |std: f64, shape: [usize; 2]| {
-        Tensor::<2>::random(shape, Distribution::Normal(0.0, std), &device)
-    };
-    let zeros = |shape: [usize; 2]| Tensor::<2>::zeros(shape, &device);
     let init = config.init_lora_weights;
     let (lora_a, lora_b) = if r == 0 {
         (None, None)
     } else {
-        let (a, b) = match (init, kind) {
-            (InitRosaWeights::Random, LayerKind::Embedding) => {
-                (normal(1.0, [rows, r]), normal(1.0, [r, cols]))
-            }
-            (_, LayerKind::Embedding) => (zeros([rows, r]), normal(1.0, [r, cols])),
-            (InitRosaWeights::Default, LayerKind::Linear) => {
-                (uniform(rows, [rows, r]), zeros([r, cols]))
-            }
-            (InitRosaWeights::Gaussian, LayerKind::Linear) => {
-                (normal(1.0 / r as f64, [rows, r]), zeros([r, cols]))
-            }
-            (InitRosaWeights::Random, LayerKind::Linear) => {
-                (uniform(rows, [rows, r]), uniform(r, [r, cols]))
-            }
+        let lora_init = match init {
+            InitRosaWeights::Default => InitLoraWeights::Default,
+            InitRosaWeights::Gaussian => InitLoraWeights::Gaussian,
+            InitRosaWeights::Random => InitLoraWeights::Random,
         };
+        let (a, b) = init_factors(&lora_init, kind, base_shape, r, &device)
+            .expect("RoSA's inits are LoRA's drawn inits");
         (Some(Param::from_tensor(a)), Some(Param::from_tensor(b)))
     };
     let nnz = (d * (rows * cols) as f64) as usize;

@@ -576,10 +576,8 @@ impl RosaConfig {
     pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
         if r == 0 {
             1.0
-        } else if self.use_rslora {
-            alpha / (r as f64).sqrt()
         } else {
-            alpha / r as f64
+            peft_lora::lora_scaling(r, alpha, self.use_rslora)
         }
     }
 

@@ -52,6 +52,7 @@
 //! model.map_model(|_| net);
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod adapter;
 mod config;

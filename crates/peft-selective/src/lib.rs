@@ -53,6 +53,7 @@
 //! # Ok::<(), peft_selective::SelectiveError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod config;
 mod controller;

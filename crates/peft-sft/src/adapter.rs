@@ -9,7 +9,7 @@ use peft_core::error::Result;
 use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError};
 use sparse_kernels::{
     Csr, CsrLayout, CsrStructure, ProbeResult, ProbeSink, default_probe_block, grad_topk_probe,
-    sparse_linear, to_dense,
+    sparse_linear, sparse_lora_linear, to_dense,
 };
 
 use crate::config::{InitDeltas, SftConfig};
@@ -266,6 +266,44 @@ impl SftAdapter {
     }
 }
 
+impl SftAdapter {
+    /// The RigL statistics terms added to a layer output `result`: the candidates' sampled
+    /// gradient (zero values, SDDMM in the backward pass) and the blockwise probe.
+    fn statistics_terms<const D: usize>(&self, x: Tensor<D>, mut result: Tensor<D>) -> Tensor<D> {
+        if let (Some(layout), Some(v)) = (&self.candidates, &self.candidate_values) {
+            result = result + sparse_linear(x.clone(), layout, v.val());
+        }
+        if let Some(p) = &self.probe {
+            // The dense probe on the activation path (data-parallel runs): `x·P`, zero, whose
+            // gradient is the dense `dW`.
+            let [inp, out] = self.base_shape;
+            let mut dims = result.dims();
+            let tokens = dims[..D - 1].iter().product();
+            dims[D - 1] = out;
+            result = result
+                + x.clone()
+                    .reshape([tokens, inp])
+                    .matmul(p.val())
+                    .reshape(dims);
+        }
+        if let (Some(anchor), Some(sink)) = (&self.probe_anchor, &self.probe_sink) {
+            let [inp, out] = self.base_shape;
+            let dims = result.dims();
+            let tokens = dims[..D - 1].iter().product();
+            let zeros = grad_topk_probe(
+                x.reshape([tokens, inp]),
+                anchor.val(),
+                out,
+                self.num_deltas(),
+                self.probe_block,
+                sink,
+            );
+            result = result + zeros.reshape(dims);
+        }
+        result
+    }
+}
+
 impl Adapter for SftAdapter {
     type MergeState = ();
 
@@ -299,24 +337,29 @@ impl Adapter for SftAdapter {
         if self.num_deltas() > 0 {
             result = result + sparse_linear(x.clone(), &self.layout, self.delta_values.val());
         }
-        if let (Some(layout), Some(v)) = (&self.candidates, &self.candidate_values) {
-            result = result + sparse_linear(x.clone(), layout, v.val());
+        self.statistics_terms(x, result)
+    }
+
+    /// The delta accumulated into the base product ([`sparse_lora_linear`]), then the RigL
+    /// statistics terms while they exist.
+    fn fused_linear<const D: usize>(
+        &self,
+        x: &Tensor<D>,
+        weight: &Tensor<2>,
+        bias: Option<&Tensor<1>>,
+    ) -> Option<Tensor<D>> {
+        if self.num_deltas() == 0 {
+            return None;
         }
-        if let (Some(anchor), Some(sink)) = (&self.probe_anchor, &self.probe_sink) {
-            let [inp, out] = self.base_shape;
-            let dims = result.dims();
-            let tokens = dims[..D - 1].iter().product();
-            let zeros = grad_topk_probe(
-                x.reshape([tokens, inp]),
-                anchor.val(),
-                out,
-                self.num_deltas(),
-                self.probe_block,
-                sink,
-            );
-            result = result + zeros.reshape(dims);
-        }
-        result
+        let y = sparse_lora_linear(
+            x.clone(),
+            weight.clone(),
+            bias.cloned(),
+            None,
+            &self.layout,
+            self.delta_values.val(),
+        );
+        Some(self.statistics_terms(x.clone(), y))
     }
 
     /// Not reached: [`supports`](Adapter::supports) refuses embeddings (the reference adapts

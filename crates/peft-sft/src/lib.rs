@@ -55,6 +55,7 @@
 //! # Ok::<(), peft_sft::PeftError>(())
 //! ```
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod adapter;
 mod config;

@@ -121,6 +121,9 @@ pub struct SftSelector {
     /// Each layer's delta positions (sorted flat `[out, in]` indices) as last seen or set: part
     /// of the saved state, so a resume onto a freshly initialised model gets them back.
     positions: BTreeMap<String, Vec<u64>>,
+    /// Dense probes on the activation path too: under data parallelism the RigL pool must be
+    /// the top-`k` of the all-reduced `|dW|`, which only a gradient (the dense probe's) gives.
+    dense_probes: bool,
 }
 
 impl SftSelector {
@@ -171,6 +174,7 @@ impl SftSelector {
             pending: BTreeMap::new(),
             reports: BTreeMap::new(),
             positions: BTreeMap::new(),
+            dense_probes: false,
         })
     }
 
@@ -246,7 +250,7 @@ impl SftSelector {
     /// Inconsistent candidate pools.
     pub fn prepare<M: Module>(&self, mut model: M) -> Result<M> {
         let collecting = self.collecting(self.step);
-        let (name, block) = (self.adapter.clone(), self.probe_block);
+        let (name, block, dense) = (self.adapter.clone(), self.probe_block, self.dense_probes);
         let pools: BTreeMap<String, Vec<u64>> = self
             .layers
             .iter()
@@ -259,8 +263,8 @@ impl SftSelector {
             let pool = pools.get(&host.path).filter(|_| collecting);
             let probe = collecting && pool.is_none() && a.num_deltas() > 0;
             let activation = host.placement == Placement::Activation;
-            a.set_probe(probe && activation);
-            a.set_dense_probe(probe && !activation);
+            a.set_probe(probe && activation && !dense);
+            a.set_dense_probe(probe && (!activation || dense));
             if let Some(rows) = block {
                 a.set_probe_block(rows);
             }
@@ -668,6 +672,10 @@ impl<M: Module> Controller<M> for SftSelector {
     fn prepare(&mut self, model: M) -> Result<M> {
         let model = self.sync_positions(model)?;
         SftSelector::prepare(self, model)
+    }
+
+    fn set_data_parallel(&mut self, on: bool) {
+        self.dense_probes = on;
     }
 
     fn save_state(&self, dir: &Path) -> Result<()> {

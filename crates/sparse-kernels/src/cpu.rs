@@ -24,8 +24,10 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
 };
 use burn::tensor::{DType, FloatDType, TensorData};
+use peft_kernels::cpu::par_fill_uninit;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use crate::backend::{CsrIndices, SparseBackend};
 use crate::simd;
@@ -34,47 +36,6 @@ type FlexFloat = FloatTensor<Flex>;
 
 /// Token-block width of the SpMM kernels (lanes kept in registers per output row).
 const LANES: usize = 32;
-
-/// Runs `$body` compiled for AVX-512, AVX2+FMA, or the baseline: [`CpuBody::current`](crate::cpu_body::CpuBody::current).
-macro_rules! multiversion {
-    (fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            fn generic($($arg: $ty),*) $(-> $ret)? $body
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx2,fma")]
-            fn avx512($($arg: $ty),*) $(-> $ret)? {
-                generic($($arg),*)
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            fn avx2($($arg: $ty),*) $(-> $ret)? {
-                generic($($arg),*)
-            }
-
-            #[cfg(target_arch = "x86_64")]
-            match crate::cpu_body::CpuBody::current() {
-                crate::cpu_body::CpuBody::Avx512 => {
-                    // SAFETY: `current` is never wider than the CPU's detected features, and
-                    // `avx512` only requires AVX-512F, AVX2 and FMA.
-                    #[allow(unsafe_code)]
-                    let out = unsafe { avx512($($arg),*) };
-                    return out;
-                }
-                crate::cpu_body::CpuBody::Avx2 => {
-                    // SAFETY: as above; `avx2` only requires AVX2 and FMA.
-                    #[allow(unsafe_code)]
-                    let out = unsafe { avx2($($arg),*) };
-                    return out;
-                }
-                crate::cpu_body::CpuBody::Portable => {}
-            }
-            generic($($arg),*)
-        }
-    };
-}
 
 /// A read-only strided 2-D view of an f32 buffer.
 #[derive(Clone, Copy)]
@@ -243,7 +204,7 @@ fn split_by_rows<'a>(
 // ---------------------------------------------------------------------------------------------
 // SpMM
 
-multiversion! {
+peft_kernels::multiversion! {
     fn spmm_rows_block(
         ro: &[i32],
         ci: &[i32],
@@ -313,27 +274,18 @@ fn par_transposed_blocks(
     tb: usize,
     block: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let len = n * rows;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    if len == 0 {
-        return out;
-    }
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(tb * rows)
-        .enumerate()
-        .for_each(|(blk, chunk)| {
-            let w = chunk.len() / rows;
-            with_scratch(tb * rows, |acc| {
-                block(blk, w, acc);
-                simd::transpose_uninit(acc, tb, chunk, rows, w);
-            });
+    let fill = |blk: usize, chunk: &mut [MaybeUninit<f32>]| {
+        let w = chunk.len() / rows;
+        with_scratch(tb * rows, |acc| {
+            block(blk, w, acc);
+            simd::transpose_uninit(acc, tb, chunk, rows, w);
         });
-    // SAFETY: the chunks cover `0..len` and `transpose_uninit` initialised each one whole.
+    };
+    // SAFETY: `transpose_uninit` initialises each chunk whole.
     #[allow(unsafe_code)]
     unsafe {
-        out.set_len(len)
-    };
-    out
+        par_fill_uninit(n * rows, tb * rows, fill)
+    }
 }
 
 fn spmm(
@@ -660,4 +612,70 @@ impl SparseBackend for Flex {
     fn csr_gather(s: CsrIndices<Self>, dense: FloatTensor<Self>) -> FloatTensor<Self> {
         csr_gather(&s, dense)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sparse linear term accumulated into a dense output
+
+/// `dense + x·Sᵀ` for the structure `S` (`[out, in]`, its transpose `st`, `perm` as in
+/// [`SparseBackend`]), `x` `[tokens, in]`, `dense` `[tokens, out]`: the adapter SpMM of
+/// [`spmm_token_columns`] (blocks of 16 tokens walking `S` by columns), each block's
+/// `[out][16]` accumulator transposed and added into its 16 rows of `dense` in place (no
+/// `[tokens, out]` temporary, no separate add). `dense` is written in place when its buffer is
+/// not shared. Other dtypes and a column-strided `x` take the composed ops.
+pub(crate) fn linear_add(
+    st: &CsrIndices<Flex>,
+    perm: &IntTensor<Flex>,
+    values: FlexFloat,
+    x: FlexFloat,
+    dense: FlexFloat,
+) -> Option<FlexFloat> {
+    let f32s = [&values, &x, &dense]
+        .iter()
+        .all(|t| t.dtype() == DType::F32);
+    if !f32s || x.layout().strides()[1] != 1 || x.layout().strides()[0] < 0 {
+        return None;
+    }
+    let [tokens, out] = dense.shape().dims::<2>();
+    let inp = x.shape()[1];
+    assert_eq!(
+        x.shape()[0],
+        tokens,
+        "csr_linear_add: x and dense rows differ"
+    );
+    let (sto, sti, perm) = (
+        indices(&st.row_offsets),
+        indices(&st.col_indices),
+        indices(perm),
+    );
+    assert_eq!(sto.len(), inp + 1, "csr_linear_add: S has not x's columns");
+    let values = values.to_contiguous();
+    let vals = values.as_slice::<f32>().expect("contiguous values");
+    assert_eq!(perm.len(), vals.len(), "csr_linear_add: perm length");
+    let vt: Vec<f32> = perm.iter().map(|&p| vals[p as usize]).collect();
+    let mut dense = if dense.is_contiguous() && dense.layout().start_offset() == 0 {
+        dense
+    } else {
+        dense.to_contiguous()
+    };
+    if tokens * out == 0 || vt.is_empty() {
+        return Some(dense);
+    }
+    let xv = view(&x);
+    let cols = simd::Columns::new(&sto, &sti, &vt, out);
+    const TB: usize = 16;
+    // In place when the buffer is not shared (copy-on-write otherwise).
+    let buf = &mut dense.storage_mut::<f32>()[..tokens * out];
+    buf.par_chunks_mut(TB * out)
+        .enumerate()
+        .for_each(|(blk, chunk)| {
+            let w = chunk.len() / out;
+            with_scratch(TB * out, |acc| {
+                acc.fill(0.0);
+                let rows = &xv.data[xv.offset + blk * TB * xv.rs..];
+                simd::spmm_columns(rows, xv.rs, w, &cols, acc);
+                simd::transpose_add(acc, TB, chunk, out, out, w);
+            });
+        });
+    Some(dense)
 }

@@ -7,8 +7,11 @@
 //! - Ops on burn tensors, on every device, differentiable: [`spmm`], [`sddmm`], [`csr_add`],
 //!   [`csr_gather`], [`to_dense`], [`csr_transpose`], and the adapter terms [`sparse_linear`]
 //!   (`y = x·Sᵀ`) and [`sparse_linear_fused`] (`y = x·(W + S)ᵀ + b`, frozen `W`).
+//! - [`sparse_lora_linear`] ([`SparseLinearBackend`]): a whole RoSA or SFT layer, `x·W + b
+//!   (+ s·x·A·B) + x·Sᵀ`, as one op whose SpMM accumulates into the dense product's output and
+//!   whose backward pass accumulates `g·S` into `g·Wᵀ (+ (s·g·Bᵀ)·Aᵀ)` (peft-core's LoRA op).
 //! - Backends through burn's `#[backend_extension]` ([`SparseBackend`]): multithreaded CPU
-//!   kernels for `Flex`, CubeCL kernels (the top-level `kernels/` folder) for every CubeCL
+//!   kernels for `Flex`, CubeCL kernels (sources in peft-kernels' `cube` module) for every CubeCL
 //!   runtime (features `wgpu`, `cuda`), and hand-written backward passes for `Autodiff`.
 //! - [`grad_topk_probe`] ([`ProbeBackend`]): candidate scores for sparse reselection, the
 //!   top-`k` of `|dYᵀ·x|` computed block by block in a backward pass and sent to a
@@ -35,10 +38,10 @@
 mod backend;
 #[cfg(feature = "flex")]
 mod cpu;
-pub mod cpu_body;
 #[cfg(feature = "cube")]
 mod cube;
 mod error;
+mod fused;
 mod layout;
 mod ops;
 mod probe;
@@ -46,8 +49,13 @@ mod probe;
 mod simd;
 mod structure;
 
+/// Which compiled body the CPU kernels run (peft-kernels' `cpu_body`, shared with the dense
+/// kernels), for tests that cover every body.
+pub use peft_kernels::cpu_body;
+
 pub use backend::{CsrIndices, SparseBackend};
 pub use error::SparseError;
+pub use fused::{SparseLinearBackend, sparse_lora_linear};
 pub use layout::{Csr, CsrLayout};
 pub use ops::{
     csr_add, csr_gather, csr_transpose, sddmm, sparse_linear, sparse_linear_fused, spmm, to_dense,

@@ -6,7 +6,8 @@
 //!
 //! Every function checks its slice bounds once on entry (a structure's indices once per call,
 //! through `Columns::new`); the AVX-512 bodies then use raw pointers inside those bounds. This
-//! module holds the crate's `unsafe` code, besides one `Vec::set_len` in `cpu.rs`.
+//! module holds the crate's `unsafe` code, besides the call of `peft_kernels::cpu::par_fill_uninit`
+//! in `cpu.rs`.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
@@ -14,10 +15,10 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 /// Whether the AVX-512 bodies run: the CPU has AVX-512F and no narrower body is forced
-/// ([`CpuBody::current`](crate::cpu_body::CpuBody::current)).
+/// ([`CpuBody::current`](peft_kernels::cpu_body::CpuBody::current)).
 #[inline]
 pub(crate) fn avx512() -> bool {
-    crate::cpu_body::CpuBody::current() == crate::cpu_body::CpuBody::Avx512
+    peft_kernels::cpu_body::CpuBody::current() == peft_kernels::cpu_body::CpuBody::Avx512
 }
 
 /// `dst[j · ds + i] = src[i · ss + j]` for `i < rows`, `j < cols`.
@@ -167,6 +168,82 @@ unsafe fn transpose_avx512(
     unsafe {
         transpose_tiles(src, ss, dst, ds, full_r, rows, 0, cols);
         transpose_tiles(src, ss, dst, ds, 0, full_r, full_c, cols);
+    }
+}
+
+/// `dst[j · ds + i] += src[i · ss + j]` for `i < rows`, `j < cols`: [`transpose`] adding into
+/// `dst` (the adapter SpMM accumulating into a layer's output rows).
+///
+/// # Panics
+/// When a slice is too short for the shape and strides.
+pub(crate) fn transpose_add(
+    src: &[f32],
+    ss: usize,
+    dst: &mut [f32],
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
+    check_transpose(src, ss, dst.len(), ds, rows, cols);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let (full_r, full_c) = if avx512() {
+        (rows / 16 * 16, cols / 16 * 16)
+    } else {
+        (0, 0)
+    };
+    #[cfg(target_arch = "x86_64")]
+    if full_r > 0 && full_c > 0 {
+        // SAFETY: AVX-512F is available (`avx512`); the full tiles lie inside the bounds
+        // checked above.
+        unsafe { transpose_add_avx512(src, ss, dst.as_mut_ptr(), ds, full_r, full_c) };
+    }
+    let mut edge = |r0: usize, r1: usize, c0: usize, c1: usize| {
+        for i in r0..r1 {
+            for j in c0..c1 {
+                dst[j * ds + i] += src[i * ss + j];
+            }
+        }
+    };
+    if full_r == 0 || full_c == 0 {
+        edge(0, rows, 0, cols);
+    } else {
+        edge(full_r, rows, 0, cols);
+        edge(0, full_r, full_c, cols);
+    }
+}
+
+/// The full 16x16 tiles of [`transpose_add`] (`rows`, `cols` multiples of 16).
+///
+/// # Safety
+/// AVX-512F is available and the bounds of [`check_transpose`] hold for `rows x cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_add_avx512(
+    src: &[f32],
+    ss: usize,
+    dst: *mut f32,
+    ds: usize,
+    rows: usize,
+    cols: usize,
+) {
+    let sp = src.as_ptr();
+    for i0 in (0..rows).step_by(16) {
+        for j0 in (0..cols).step_by(16) {
+            // SAFETY: rows i0..i0+16 <= rows and columns j0..j0+16 <= cols (the caller's bounds).
+            unsafe {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (k, v) in r.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(sp.add((i0 + k) * ss + j0));
+                }
+                let c = transpose16(r);
+                for (k, v) in c.iter().enumerate() {
+                    let p = dst.add((j0 + k) * ds + i0);
+                    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), *v));
+                }
+            }
+        }
     }
 }
 
@@ -552,7 +629,7 @@ unsafe fn sddmm_lanes_avx512(a: &[f32], cols: &[i32], panel: &[f32], acc: &mut [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_body::for_each_cpu_body;
+    use peft_kernels::cpu_body::for_each_cpu_body;
 
     /// Runs `check` with every body this CPU supports (AVX-512 where it has it, and the
     /// portable one), named for the failure messages.

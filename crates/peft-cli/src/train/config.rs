@@ -91,6 +91,10 @@ pub struct TrainSection {
     /// Evaluate every this many steps (0: only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Whether training's evaluations also generate greedy completions for exact match
+    /// (`false`: the eval loss alone, much faster; `burn-peft eval` always generates).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub eval_generate: bool,
     /// Write a checkpoint every this many steps (0: none but `--stop-after`'s).
     #[serde(default)]
     pub save_every: usize,
@@ -99,10 +103,21 @@ pub struct TrainSection {
     /// Log a metrics line every this many steps.
     #[serde(default = "one")]
     pub log_every: usize,
+    /// Devices of data-parallel training, one replica each (`"default"`, `"flex"`,
+    /// `"cuda:N"`; a device may repeat). Empty: the one default device. Each micro-batch of
+    /// `batch_size` examples is split across them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 fn yes() -> bool {
     true
+}
+
+// Left out of `run.toml` at its default, so runs started before the key existed resume.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn one() -> usize {
@@ -184,7 +199,7 @@ impl RunConfig {
             .unwrap_or("")
     }
 
-    fn validate(&self, file: &Path) -> anyhow::Result<()> {
+    pub(crate) fn validate(&self, file: &Path) -> anyhow::Result<()> {
         let f = file.display();
         match self.method.get("name") {
             Some(toml::Value::String(_)) => {}
@@ -211,6 +226,16 @@ impl RunConfig {
             "{f}: [train] grad_accum must be at least 1"
         );
         ensure!(t.log_every > 0, "{f}: [train] log_every must be at least 1");
+        for d in &t.devices {
+            parse_device(d).with_context(|| format!("{f}: [train] devices"))?;
+        }
+        ensure!(
+            t.batch_size >= t.devices.len(),
+            "{f}: [train] batch_size ({}) must be at least the number of devices ({}): each \
+             device takes a share of every micro-batch",
+            t.batch_size,
+            t.devices.len()
+        );
         ensure!(
             t.lr.is_finite() && t.lr > 0.0,
             "{f}: [train] lr must be a positive number, found {}",
@@ -284,6 +309,49 @@ pub const METHODS: [&str; 10] = [
     "lora", "dora", "adalora", "rosa", "spa", "sft", "id3", "pafi", "bitfit", "full",
 ];
 
+/// A device of `[train] devices` (without autodiff): `default` (the build's default device),
+/// `flex`, or `cuda:N` (with the `cuda` feature).
+///
+/// # Errors
+/// Another name, or a backend this build lacks.
+pub fn parse_device(name: &str) -> anyhow::Result<burn::tensor::Device> {
+    use burn::tensor::Device;
+    match name {
+        "default" => return Ok(Device::default()),
+        #[cfg(feature = "flex")]
+        "flex" => return Ok(Device::flex()),
+        _ => {}
+    }
+    if let Some(index) = name.strip_prefix("cuda:") {
+        let index: usize = index
+            .parse()
+            .with_context(|| format!("`{name}`: the CUDA device index is not a number"))?;
+        #[cfg(feature = "cuda")]
+        return Ok(Device::cuda(index));
+        #[cfg(not(feature = "cuda"))]
+        bail!(
+            "`{name}`: this build has no CUDA backend (build with the `cuda` feature); device {index}"
+        );
+    }
+    bail!("unknown device `{name}` (`default`, `flex` or `cuda:N`)")
+}
+
+/// How the replicas on `names` reduce their gradients: burn's collective all-reduce when every
+/// device is a distinct CUDA device (the only devices burn 0.22.1 implements it for), the gather
+/// onto the first device otherwise.
+pub fn reduction(names: &[String]) -> peft_core::Reduction {
+    let distinct = names
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == names.len();
+    if distinct && names.iter().all(|n| n.starts_with("cuda:")) {
+        peft_core::Reduction::Collective
+    } else {
+        peft_core::Reduction::Gather
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,6 +389,21 @@ out_dir = "out"
             RunConfig::parse(&bad, Path::new("run.toml")).unwrap_err()
         );
         assert!(e.contains("run.toml") && e.contains("steps"), "{e}");
+    }
+
+    #[test]
+    fn eval_generate_defaults_to_true_and_is_written_only_when_false() {
+        let c = RunConfig::parse(BASE, Path::new("run.toml")).unwrap();
+        assert!(c.train.eval_generate);
+        assert!(!toml::to_string(&c).unwrap().contains("eval_generate"));
+        let text = BASE.replace("steps = 10", "steps = 10\neval_generate = false");
+        let c = RunConfig::parse(&text, Path::new("run.toml")).unwrap();
+        assert!(!c.train.eval_generate);
+        assert!(
+            toml::to_string(&c)
+                .unwrap()
+                .contains("eval_generate = false")
+        );
     }
 
     #[test]

@@ -125,6 +125,9 @@ pub struct Target {
     pub prompt: Vec<u32>,
     /// The reference completion text.
     pub completion: String,
+    /// The example's line in its data file (1-based), so scores can be joined with the
+    /// file's other fields.
+    pub line: usize,
 }
 
 /// The examples of one file, and how many were truncated or left out.
@@ -206,6 +209,7 @@ impl<'a> Encoder<'a> {
                 let target = Target {
                     prompt: to_u32(&prompt_ids),
                     completion,
+                    line: 0,
                 };
                 Ok((Example { ids, labels }, Some(target)))
             }
@@ -252,6 +256,7 @@ impl<'a> Encoder<'a> {
                 target = Some(Target {
                     prompt: before,
                     completion: m.content.clone(),
+                    line: 0,
                 });
             }
         }
@@ -281,7 +286,10 @@ impl<'a> Encoder<'a> {
             let value: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
             let record = Record::parse(value).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
-            let (mut example, target) = self.encode(record).with_context(at)?;
+            let (mut example, mut target) = self.encode(record).with_context(at)?;
+            if let Some(t) = &mut target {
+                t.line = n + 1;
+            }
             if let Some(bad) = example
                 .ids
                 .iter()

@@ -43,6 +43,9 @@ pub struct Evaluation<'a> {
     pub chat: bool,
     /// Examples per loss batch.
     pub batch_size: usize,
+    /// Whether to generate and match completions (`false`: the loss alone, as `[train]
+    /// eval_generate = false` asks for training's evaluations).
+    pub generate: bool,
 }
 
 /// What an evaluation measured.
@@ -52,8 +55,23 @@ pub struct Scores {
     pub loss: f64,
     /// Targets whose greedy completion matched.
     pub matched: usize,
-    /// Targets (examples with a completion).
+    /// Targets (examples with a completion) that were completed; 0 when the evaluation did
+    /// not generate.
     pub targets: usize,
+    /// The greedy completion of each target, in the eval set's order (empty when the
+    /// evaluation did not generate).
+    pub completions: Vec<Completion>,
+}
+
+/// One target's greedy completion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The target's line in the eval file (1-based).
+    pub line: usize,
+    /// The generated text (special tokens left out).
+    pub generated: String,
+    /// Whether it matched the reference ([`matches`]).
+    pub matched: bool,
 }
 
 impl Scores {
@@ -85,11 +103,16 @@ pub fn evaluate<L: LinearLayer>(
     let model = model.valid();
     let device = device.clone().inner();
     let loss = loss(&model, eval.set, eval.batch_size, &device)?;
-    let matched = exact_matches(&model, eval)?;
+    let completions = if eval.generate {
+        complete_all(&model, eval)?
+    } else {
+        Vec::new()
+    };
     Ok(Scores {
         loss,
-        matched,
-        targets: eval.set.targets.len(),
+        matched: completions.iter().filter(|c| c.matched).count(),
+        targets: completions.len(),
+        completions,
     })
 }
 
@@ -116,27 +139,36 @@ fn loss<L: LinearLayer>(
     Ok(sum / count.max(1) as f64)
 }
 
-/// How many targets of `eval` the model completes exactly.
-fn exact_matches<L: LinearLayer>(model: &Llama<L>, eval: &Evaluation<'_>) -> anyhow::Result<usize> {
+/// The greedy completion of every target of `eval`.
+fn complete_all<L: LinearLayer>(
+    model: &Llama<L>,
+    eval: &Evaluation<'_>,
+) -> anyhow::Result<Vec<Completion>> {
     let context = model.model.max_position_embeddings;
-    let mut matched = 0;
+    let mut done = Vec::with_capacity(eval.set.targets.len());
     for target in &eval.set.targets {
-        if completes(model, target, eval, context)? {
-            matched += 1;
-        }
+        let generated = completes(model, target, eval, context)?;
+        let matched = generated
+            .as_deref()
+            .is_some_and(|g| matches(g, &target.completion));
+        done.push(Completion {
+            line: target.line,
+            generated: generated.unwrap_or_default(),
+            matched,
+        });
     }
-    Ok(matched)
+    Ok(done)
 }
 
-/// Whether the greedy completion of `target`'s prompt matches its completion.
+/// The greedy completion of `target`'s prompt; `None` when the prompt leaves no room.
 fn completes<L: LinearLayer>(
     model: &Llama<L>,
     target: &Target,
     eval: &Evaluation<'_>,
     context: usize,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<String>> {
     if target.prompt.is_empty() || target.prompt.len() >= context {
-        return Ok(false);
+        return Ok(None);
     }
     let reference = eval
         .tokenizer
@@ -148,7 +180,7 @@ fn completes<L: LinearLayer>(
         eval.chat,
     );
     let (text, _) = completion::complete(model, &target.prompt, &config, eval.tokenizer)?;
-    Ok(matches(&text, &target.completion))
+    Ok(Some(text))
 }
 
 /// Exact match after trimming surrounding whitespace from both texts.
@@ -169,13 +201,14 @@ mod tests {
             loss: 1.0,
             matched: 0,
             targets: 0,
+            completions: Vec::new(),
         };
         assert_eq!(none.accuracy(), None);
         assert!(!none.to_json().contains_key("eval_accuracy"));
         let some = Scores {
             matched: 1,
             targets: 4,
-            ..none
+            ..none.clone()
         };
         assert_eq!(some.to_json()["eval_accuracy"], 0.25);
     }

@@ -39,6 +39,10 @@ pub struct TrainArgs {
     /// End the run after this optimizer step, as if interrupted there (a checkpoint is written).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Data-parallel devices, comma-separated (`flex,flex`, `cuda:0,cuda:1`): replaces
+    /// `[train] devices` of the run file.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
 }
 
 /// Run `burn-peft train`.
@@ -46,7 +50,13 @@ pub struct TrainArgs {
 /// # Errors
 /// As [`train`].
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
-    let outcome = train(&args.config, args.resume, args.stop_after, true)?;
+    let outcome = train_on(
+        &args.config,
+        args.resume,
+        args.stop_after,
+        true,
+        args.devices.as_deref(),
+    )?;
     match &outcome.output {
         None if outcome.ended_by_method => eprintln!(
             "the method ended the run after step {} (terminate_after_mask_generation: the \
@@ -101,7 +111,25 @@ pub fn train(
     stop_after: Option<usize>,
     progress: bool,
 ) -> anyhow::Result<Outcome> {
-    let config = RunConfig::load(config_file)?;
+    train_on(config_file, resume, stop_after, progress, None)
+}
+
+/// As [`train`], on `devices` instead of the run file's `[train] devices` when given.
+///
+/// # Errors
+/// As [`train`], and an unknown device.
+pub fn train_on(
+    config_file: &Path,
+    resume: bool,
+    stop_after: Option<usize>,
+    progress: bool,
+    devices: Option<&[String]>,
+) -> anyhow::Result<Outcome> {
+    let mut config = RunConfig::load(config_file)?;
+    if let Some(devices) = devices {
+        config.train.devices = devices.to_vec();
+        config.validate(config_file)?;
+    }
     if let Some(n) = stop_after {
         anyhow::ensure!(n > 0, "--stop-after must be at least 1");
     }
@@ -135,8 +163,19 @@ pub fn train(
         tokenizer: &tokenizer,
         chat: config.data.chat_template,
         batch_size: config.train.batch_size,
+        generate: config.train.eval_generate,
     });
-    let device = Device::default().autodiff();
+    let devices: Vec<Device> = if config.train.devices.is_empty() {
+        vec![Device::default().autodiff()]
+    } else {
+        config
+            .train
+            .devices
+            .iter()
+            .map(|d| config::parse_device(d).map(Device::autodiff))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let device = devices[0].clone();
     // The adapters' random initial values follow the run's seed.
     device.seed(config.train.seed);
     let job = Trainer(Run {
@@ -144,6 +183,8 @@ pub fn train(
         train: &train_set,
         eval: evaluation.as_ref(),
         device: &device,
+        devices: &devices,
+        reduction: config::reduction(&config.train.devices),
         resume,
         stop_after,
         progress,
@@ -197,7 +238,10 @@ struct Trainer<'a>(Run<'a>);
 impl Job for Trainer<'_> {
     type Output = Outcome;
 
-    fn run<L: LinearLayer, T: RunModel<Llama<L>>>(self, tuned: T) -> anyhow::Result<Outcome> {
+    fn run<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
+        self,
+        tuned: T,
+    ) -> anyhow::Result<Outcome> {
         run::train_model(&self.0, tuned)
     }
 }

@@ -20,10 +20,10 @@ use burn::store::ModuleRecord;
 use burn::tensor::Device;
 use peft_core::learner::{Controlled, controlled, set_controlled};
 use peft_core::step::{Controller, Stepper, Tuned};
-use peft_core::{Method, PeftModel, SaveOptions};
+use peft_core::{DataParallel, Method, PeftError, PeftModel, Reduction, SaveOptions};
 use peft_models::LinearLayer;
 use peft_models::llama::Llama;
-use peft_models::loss::causal_lm_loss;
+use peft_models::loss::{IGNORE_INDEX, causal_lm_loss};
 use peft_selective::SelectiveModel;
 use serde_json::json;
 
@@ -40,7 +40,7 @@ pub const METRICS: &str = "metrics.jsonl";
 
 /// A model `burn-peft train` can train: a [`Tuned`] model that counts its trainable
 /// parameters and writes its final outputs.
-pub trait RunModel<M: Module>: Tuned<M> {
+pub trait RunModel<M: Module>: Tuned<M> + Clone {
     /// Trainable and total parameters, as PEFT's `print_trainable_parameters` counts them.
     fn counts(&self) -> (usize, usize);
     /// Write the final outputs into `out_dir`; returns what was written.
@@ -173,7 +173,10 @@ pub trait Job {
     ///
     /// # Errors
     /// Whatever the job finds wrong.
-    fn run<L: LinearLayer, T: RunModel<Llama<L>>>(self, tuned: T) -> anyhow::Result<Self::Output>;
+    fn run<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
+        self,
+        tuned: T,
+    ) -> anyhow::Result<Self::Output>;
 }
 
 /// What a run did.
@@ -200,8 +203,12 @@ pub struct Run<'a> {
     pub train: &'a Dataset,
     /// Evaluation examples and how to score them.
     pub eval: Option<&'a Evaluation<'a>>,
-    /// The training device (with autodiff).
+    /// The training device (with autodiff): the first of `devices`.
     pub device: &'a Device,
+    /// The data-parallel devices (with autodiff), one replica each; one device: no replicas.
+    pub devices: &'a [Device],
+    /// How the replicas reduce their gradients.
+    pub reduction: Reduction,
     /// Continue from the newest complete checkpoint.
     pub resume: bool,
     /// End after this step, with a checkpoint.
@@ -260,7 +267,7 @@ fn log(metrics: &mut std::fs::File, value: serde_json::Value) -> anyhow::Result<
 /// # Errors
 /// A non-finite loss (naming the step), a checkpoint that does not load, I/O errors, the
 /// method's errors.
-pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
+pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
     run: &Run<'_>,
     mut tuned: T,
 ) -> anyhow::Result<Outcome> {
@@ -308,6 +315,17 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
     } else if run.resume {
         eprintln!("no checkpoint in {}: starting from step 0", out.display());
     }
+    let mut replicas = if run.devices.len() > 1 {
+        Some(replicate(
+            run,
+            &tuned,
+            &ctl,
+            &optim,
+            resumed_from.is_some(),
+        )?)
+    } else {
+        None
+    };
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -336,7 +354,27 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         let began = Instant::now();
         let mut accumulator = GradientsAccumulator::<Llama<L>>::new();
         let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
-        for k in 0..cfg.grad_accum {
+        if let Some(dp) = &mut replicas {
+            for k in 0..cfg.grad_accum {
+                let index = step * cfg.grad_accum + k;
+                let (value, t) = replicated_micro_batch(run, dp, index)
+                    .with_context(|| format!("step {}", step + 1))?;
+                if !value.is_finite() {
+                    bail!(
+                        "step {}: the training loss is not finite ({value}); the run stopped and \
+                         nothing from this step was saved",
+                        step + 1
+                    );
+                }
+                loss_sum += value;
+                tokens += t;
+            }
+            dp.step(lr).with_context(|| format!("step {}", step + 1))?;
+            // The first replica is the run's model (all are equal): evaluation, checks and
+            // checkpoints read it through `ctl`.
+            ctl.model = dp.tuned().tuned_model().clone();
+        }
+        for k in 0..cfg.grad_accum * usize::from(replicas.is_none()) {
             let index = step * cfg.grad_accum + k;
             let picked = data::micro_batch(n, cfg.batch_size, cfg.seed, index);
             let refs: Vec<_> = picked.iter().map(|&i| &run.train.examples[i]).collect();
@@ -359,14 +397,17 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
                 .with_context(|| format!("step {}", step + 1))?;
             accumulator.accumulate(&ctl.model, grads);
         }
-        let grads = accumulator.grads();
-        let model = ctl.model.clone();
-        let stepped = ctl.with_stepper(|s| s.optimize(model, &mut optim, lr, grads));
-        ctl.model = stepped.with_context(|| format!("step {}", step + 1))?;
+        if replicas.is_none() {
+            let grads = accumulator.grads();
+            let model = ctl.model.clone();
+            let stepped = ctl.with_stepper(|s| s.optimize(model, &mut optim, lr, grads));
+            ctl.model = stepped.with_context(|| format!("step {}", step + 1))?;
+        }
 
         let done = step + 1;
         let train_loss = loss_sum / cfg.grad_accum as f64;
-        let tokens_per_s = tokens as f64 / began.elapsed().as_secs_f64().max(1e-9);
+        let step_s = began.elapsed().as_secs_f64();
+        let tokens_per_s = tokens as f64 / step_s.max(1e-9);
         bar.set_position(done as u64);
         bar.set_message(format!(
             "loss {train_loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
@@ -374,7 +415,7 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         if done % cfg.log_every == 0 || done == total {
             log(
                 &mut metrics,
-                json!({"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s}),
+                json!({"step": done, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s, "step_s": step_s}),
             )?;
         }
         if let Some(eval) = run.eval
@@ -394,11 +435,21 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
                 metrics_bytes: metrics.metadata()?.len(),
             };
             ensure_finite(&ctl.model, done)?;
-            write_checkpoint(out, &ctl, &optim, &info, &mut tuned)?;
+            match &replicas {
+                Some(dp) => {
+                    sync_controlled(&mut ctl, dp, out)?;
+                    write_checkpoint(out, &ctl, &dp.replicas()[0].optim, &info, &mut tuned)?;
+                }
+                None => write_checkpoint(out, &ctl, &optim, &info, &mut tuned)?,
+            }
         }
         // A method that ends the run itself (RoSA's `terminate_after_mask_generation`, once
         // its masks are saved): the reference's first run of its two-run recipe.
-        if done < total && ctl.with_stepper(|s| s.should_stop()) {
+        let stop = match &replicas {
+            Some(dp) => dp.should_stop(),
+            None => ctl.with_stepper(|s| s.should_stop()),
+        };
+        if done < total && stop {
             bar.finish_and_clear();
             return Ok(Outcome {
                 steps_done: done,
@@ -421,7 +472,10 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         });
     }
     ensure_finite(&ctl.model, total)?;
-    set_controlled(&mut tuned, ctl);
+    match replicas {
+        Some(dp) => tuned = dp.into_tuned(),
+        None => set_controlled(&mut tuned, ctl),
+    }
     let output = save_final(out, &tuned)?;
     Ok(Outcome {
         steps_done,
@@ -430,6 +484,102 @@ pub fn train_model<L: LinearLayer, T: RunModel<Llama<L>>>(
         counts: tuned.counts(),
         ended_by_method: false,
     })
+}
+
+/// The replicas of a data-parallel run: `tuned` with `ctl`'s parameters and configs on every
+/// device of `run`, each stepper with `ctl`'s controller state and, when resuming, each
+/// optimizer with `optim`'s state.
+fn replicate<M: Module + 'static, T: RunModel<M>>(
+    run: &Run<'_>,
+    tuned: &T,
+    ctl: &Controlled<M>,
+    optim: &ModuleOptimizer,
+    resumed: bool,
+) -> anyhow::Result<DataParallel<M, T>> {
+    let weight_decay = run.config.train.weight_decay;
+    let mut start = tuned.clone();
+    ctl.with_stepper(|s| start.update_configs(s.controllers()));
+    start.set_tuned_model(ctl.model.clone());
+    let make_optim = || start.module_optimizer(weight_decay);
+    let mut dp = DataParallel::new(
+        start.clone(),
+        run.devices,
+        run.config.train.steps,
+        make_optim,
+        run.reduction,
+    )?;
+    let scratch = run.config.train.out_dir.join(".tmp-replica-state");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)?;
+    }
+    ctl.with_stepper(|s| s.save_state(&scratch))?;
+    dp.resume(&scratch)?;
+    std::fs::remove_dir_all(&scratch)?;
+    if resumed {
+        for r in dp.replicas_mut() {
+            let fresh = std::mem::replace(&mut r.optim, make_optim());
+            r.optim = fresh.load_record(optim.to_record());
+        }
+    }
+    Ok(dp)
+}
+
+/// One micro-batch of a data-parallel run: its `batch_size` examples split into one contiguous
+/// share per replica, each share's mean token loss weighted by its token count, so the
+/// gradient is that of the micro-batch's mean over all its tokens (as on one device). Returns
+/// that mean and the tokens.
+fn replicated_micro_batch<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
+    run: &Run<'_>,
+    dp: &mut DataParallel<Llama<L>, T>,
+    index: usize,
+) -> anyhow::Result<(f64, usize)> {
+    let cfg = &run.config.train;
+    let picked = data::micro_batch(run.train.examples.len(), cfg.batch_size, cfg.seed, index);
+    let n = dp.len();
+    let share = |i: usize| &picked[i * picked.len() / n..(i + 1) * picked.len() / n];
+    let mut tokens = 0;
+    let accum = cfg.grad_accum as f64;
+    let mean = dp.backward(|i, model| {
+        let refs: Vec<_> = share(i).iter().map(|&j| &run.train.examples[j]).collect();
+        let b = data::batch(&refs, &run.devices[i]);
+        tokens += b.tokens;
+        let [_, seq] = b.labels.dims();
+        let counted = b
+            .labels
+            .clone()
+            .narrow(1, 1, seq.saturating_sub(1))
+            .into_data()
+            .iter::<i64>()
+            .filter(|&l| l != IGNORE_INDEX)
+            .count();
+        let logits = model.forward(b.ids, Some(b.mask));
+        if counted == 0 {
+            // Nothing to learn in this share: no gradient, no weight.
+            return Ok((logits.sum() * 0.0, 0.0));
+        }
+        let loss =
+            causal_lm_loss(logits, b.labels).map_err(|e| PeftError::Unsupported(e.to_string()))?;
+        Ok((loss / accum, counted as f64))
+    })?;
+    Ok((mean * accum, tokens))
+}
+
+/// Make `ctl` the first replica of `dp` (parameters and controller state), for a checkpoint.
+fn sync_controlled<M: Module + 'static, T: RunModel<M>>(
+    ctl: &mut Controlled<M>,
+    dp: &DataParallel<M, T>,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let scratch = out.join(".tmp-replica-state");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)?;
+    }
+    dp.save_state(&scratch)?;
+    let device = dp.replicas()[0].device.clone();
+    ctl.with_stepper(|s| s.load_state(&scratch, &device))?;
+    std::fs::remove_dir_all(&scratch)?;
+    ctl.model = dp.tuned().tuned_model().clone();
+    Ok(())
 }
 
 /// Refuse to save a model with a non-finite parameter (named, with the step).

@@ -36,7 +36,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use memmap2::Mmap;
+use peft_kernels::mmap::{Mmap, map_file};
 
 pub use dequant::{DequantizeError, dequantize};
 pub use llama::{GgufTensors, gguf_to_hf_name, llama_config, load_llama};
@@ -493,16 +493,6 @@ const CHUNK_BYTES: usize = 1 << 20;
 const MAX_ARRAY_DEPTH: usize = 8;
 /// Most dimensions a tensor may have (ggml's `GGML_MAX_DIMS`).
 const MAX_DIMS: u32 = 4;
-
-/// Map `file` read-only.
-#[allow(unsafe_code)]
-fn map_file(file: &File) -> std::io::Result<Mmap> {
-    // SAFETY: the mapping is read-only and only ever read through the returned `Mmap`. Another
-    // process truncating or rewriting the file while it is mapped would change (or unmap) the
-    // bytes under us; like every reader of memory-mapped model files (llama.cpp, safetensors) we
-    // accept that a model file is not modified while it is being read.
-    unsafe { Mmap::map(file) }
-}
 
 impl GgufFile {
     /// Open and parse `path` (see the module documentation for what is checked).

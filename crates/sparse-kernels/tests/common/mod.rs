@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use burn::tensor::{Device, Tensor, TensorData};
-pub use sparse_kernels::cpu_body::for_each_cpu_body;
+pub use peft_kernels::cpu_body::for_each_cpu_body;
 use sparse_kernels::{
     Csr, CsrLayout, CsrStructure, csr_add, csr_gather, csr_transpose, sddmm, sparse_linear,
     sparse_linear_fused, spmm, to_dense,

@@ -4,8 +4,8 @@
 //! in the failure message.
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use peft_core::cpu_body::for_each_cpu_body;
-use peft_core::kernels::{linear, lora_linear};
+use peft_kernels::cpu_body::for_each_cpu_body;
+use peft_kernels::{linear, lora_linear};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

@@ -4,8 +4,8 @@
 
 use burn::tensor::activation::gelu as reference_gelu;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use peft_core::cpu_body::for_each_cpu_body;
-use peft_models::kernels::gelu;
+use peft_kernels::cpu_body::for_each_cpu_body;
+use peft_kernels::gelu;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -168,8 +168,8 @@ mod attention {
     use burn::tensor::module::attention as reference_attention;
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor};
-    use peft_core::cpu_body::for_each_cpu_body;
-    use peft_models::kernels::{attention, causal_attention};
+    use peft_kernels::cpu_body::for_each_cpu_body;
+    use peft_kernels::{attention, causal_attention};
 
     use super::random;
 
@@ -482,8 +482,8 @@ mod attention {
 mod layer_norm {
     use burn::tensor::module::layer_norm as reference_layer_norm;
     use burn::tensor::{DType, Device, Distribution, Tensor};
-    use peft_core::cpu_body::for_each_cpu_body;
-    use peft_models::kernels::layer_norm;
+    use peft_kernels::cpu_body::for_each_cpu_body;
+    use peft_kernels::layer_norm;
 
     use super::random;
 
@@ -568,8 +568,8 @@ mod layer_norm {
 mod swiglu {
     use burn::tensor::activation::silu;
     use burn::tensor::{DType, Device, Distribution, Tensor};
-    use peft_core::cpu_body::for_each_cpu_body;
-    use peft_models::kernels::swiglu;
+    use peft_kernels::cpu_body::for_each_cpu_body;
+    use peft_kernels::swiglu;
 
     use super::{inputs, max_abs, random};
 

@@ -376,7 +376,7 @@ fn finish_lora<B: LinearBackend, C: CheckpointStrategy, const N: usize>(
 /// let x = Tensor::<3>::from_floats([[[1.0, 2.0], [3.0, 4.0]]], &device);
 /// let w = Tensor::<2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], &device);
 /// let b = Tensor::<1>::from_floats([0.5, 0.0, 1.0], &device);
-/// let y = peft_core::kernels::linear(x.clone(), w.clone(), Some(b.clone()));
+/// let y = peft_kernels::linear(x.clone(), w.clone(), Some(b.clone()));
 /// let reference = burn::tensor::module::linear(x, w, Some(b));
 /// let diff = (y - reference).abs().max().into_scalar::<f32>();
 /// assert!(diff < 1e-6);
@@ -424,7 +424,7 @@ pub fn linear<const D: usize>(
 /// let x = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &device);
 /// let w = Tensor::<2>::from_floats([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], &device);
 /// let (a, b) = (Tensor::<2>::ones([2, 1], &device), Tensor::<2>::ones([1, 3], &device));
-/// let y = peft_core::kernels::lora_linear(x.clone(), w.clone(), None, a.clone(), b.clone(), 0.5);
+/// let y = peft_kernels::lora_linear(x.clone(), w.clone(), None, a.clone(), b.clone(), 0.5);
 /// let reference = linear(x.clone(), w, None) + linear(linear(x, a, None) * 0.5, b, None);
 /// let diff = (y - reference).abs().max().into_scalar::<f32>();
 /// assert!(diff < 1e-6);
@@ -495,6 +495,7 @@ mod flex {
     use std::mem::MaybeUninit;
 
     use super::LinearBackend;
+    use crate::cpu::{fill_uninit, par_fill_uninit};
 
     /// Products of at least this many multiply-adds use gemm's threads (flex's own threshold).
     const PARALLEL_WORK: usize = 192 * 192 * 192;
@@ -539,6 +540,9 @@ mod flex {
             scale: f64,
         ) -> FloatTensor<Flex> {
             let rank = h.layout().shape().dims::<2>()[1];
+            if supported(&[&g, &x, &h, &b]) && rank < 16 && rows::available(16) {
+                return padded_lora_grads(g, x, h, b, scale as f32);
+            }
             if !supported(&[&g, &x, &h, &b]) || !rows::available(rank) {
                 return super::composed_lora_grads::<Flex>(g, x, h, b, scale);
             }
@@ -662,7 +666,6 @@ mod flex {
                 (h, b, *r)
             });
         let len = m * n;
-        let mut out: Vec<f32> = Vec::with_capacity(len);
         // Row blocks, one per thread for large products: each runs gemm on one thread against
         // its own rows (gemm's own threads scale worse on these shapes, `docs/benchmarks.md`).
         let threads = if m * n * k >= PARALLEL_WORK {
@@ -704,20 +707,15 @@ mod flex {
         } else {
             gemm::Parallelism::None
         };
-        out.spare_capacity_mut()[..len]
-            .par_chunks_mut((block * n).max(1))
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                let rows = chunk.len() / n.max(1);
-                let lhs = lhs.rows(i * block);
-                let low_rank = low_rank.map(|(h, b, r)| (h.rows(i * block), b, r));
-                block_product((rows, n, k), chunk, (lhs, rhs), bias, low_rank, parallelism);
-            });
-        // SAFETY: the blocks cover all `m·n` elements and each was initialised above.
-        #[allow(unsafe_code)]
-        unsafe {
-            out.set_len(len)
+        let rows_block = |i: usize, chunk: &mut [MaybeUninit<f32>]| {
+            let rows = chunk.len() / n.max(1);
+            let lhs = lhs.rows(i * block);
+            let low_rank = low_rank.map(|(h, b, r)| (h.rows(i * block), b, r));
+            block_product((rows, n, k), chunk, (lhs, rhs), bias, low_rank, parallelism);
         };
+        // SAFETY: `block_product` initialises every element of each block it gets.
+        #[allow(unsafe_code)]
+        let out = unsafe { par_fill_uninit(len, (block * n).max(1), rows_block) };
         FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([m, n])))
     }
 
@@ -943,23 +941,22 @@ mod flex {
             .into_par_iter()
             .map(|t| {
                 let (first, len) = (t * depth, depth.min(k - (t * depth).min(k)));
-                let mut part = Vec::with_capacity(m * n);
                 let (lhs, rhs) = (lhs.cols(first), rhs.rows(first));
-                let dst = &mut part.spare_capacity_mut()[..m * n];
-                block_product(
-                    (m, n, len),
-                    dst,
-                    (lhs, rhs),
-                    None,
-                    None,
-                    gemm::Parallelism::None,
-                );
-                // SAFETY: `block_product` initialised all `m·n` elements.
+                let product = |dst: &mut [MaybeUninit<f32>]| {
+                    block_product(
+                        (m, n, len),
+                        dst,
+                        (lhs, rhs),
+                        None,
+                        None,
+                        gemm::Parallelism::None,
+                    )
+                };
+                // SAFETY: `block_product` initialises all `m·n` elements.
                 #[allow(unsafe_code)]
                 unsafe {
-                    part.set_len(m * n)
-                };
-                part
+                    fill_uninit(m * n, product)
+                }
             })
             .collect();
         let mut out = partials.swap_remove(0);
@@ -990,21 +987,21 @@ mod flex {
             .map(|t| {
                 let first = t * width;
                 let cols = width.min(n - first);
-                let mut part = Vec::with_capacity(m * cols);
-                block_product(
-                    (m, cols, k),
-                    &mut part.spare_capacity_mut()[..m * cols],
-                    (lhs, rhs.cols(first)),
-                    bias.map(|b| &b[first..first + cols]),
-                    low_rank.map(|(h, b, r)| (h, b.cols(first), r)),
-                    gemm::Parallelism::None,
-                );
-                // SAFETY: `block_product` initialised all `m·cols` elements.
+                let product = |dst: &mut [MaybeUninit<f32>]| {
+                    block_product(
+                        (m, cols, k),
+                        dst,
+                        (lhs, rhs.cols(first)),
+                        bias.map(|b| &b[first..first + cols]),
+                        low_rank.map(|(h, b, r)| (h, b.cols(first), r)),
+                        gemm::Parallelism::None,
+                    )
+                };
+                // SAFETY: `block_product` initialises all `m·cols` elements.
                 #[allow(unsafe_code)]
                 unsafe {
-                    part.set_len(m * cols)
-                };
-                part
+                    fill_uninit(m * cols, product)
+                }
             })
             .collect();
         let mut out = Vec::with_capacity(m * n);
@@ -1140,5 +1137,50 @@ mod flex {
                 parallelism,
             );
         }
+    }
+
+    /// [`lora_grads`] for a rank below 16 where the rank-16 row kernel runs: `h` and `b`
+    /// padded with zero columns (rows) to rank 16, the padded lanes' gradients (zero) dropped.
+    /// RoSA's LoRA part (ranks 8 and 12 in the benchmarks) then takes the one-pass kernel too.
+    fn padded_lora_grads(
+        g: FloatTensor<Flex>,
+        x: FloatTensor<Flex>,
+        h: FloatTensor<Flex>,
+        b: FloatTensor<Flex>,
+        scale: f32,
+    ) -> FloatTensor<Flex> {
+        const R: usize = 16;
+        let [m, r] = h.layout().shape().dims::<2>();
+        let [_, n] = b.layout().shape().dims::<2>();
+        let k = x.layout().shape().dims::<2>()[1];
+        let contiguous = |t: FloatTensor<Flex>| {
+            if t.is_contiguous() {
+                t
+            } else {
+                t.to_contiguous()
+            }
+        };
+        let (h, b) = (contiguous(h), contiguous(b));
+        let hs = h.as_slice::<f32>().expect("a contiguous f32 tensor");
+        let bs = b.as_slice::<f32>().expect("a contiguous f32 tensor");
+        let mut hp = vec![0f32; m * R];
+        for (dst, src) in hp.chunks_exact_mut(R).zip(hs.chunks_exact(r.max(1))) {
+            dst[..r].copy_from_slice(src);
+        }
+        let mut bp = vec![0f32; R * n];
+        bp[..r * n].copy_from_slice(&bs[..r * n]);
+        let hp = FloatTensor::<Flex>::from_data(TensorData::new(hp, Shape::new([m, R])));
+        let bp = FloatTensor::<Flex>::from_data(TensorData::new(bp, Shape::new([R, n])));
+        let all = lora_grads(g, x, hp, bp, scale);
+        let all = all.as_slice::<f32>().expect("a contiguous f32 tensor");
+        let (gb, rest) = all.split_at(m * R);
+        let (da, db) = rest.split_at(k * R);
+        let mut out = Vec::with_capacity(m * r + k * r + r * n);
+        for row in gb.chunks_exact(R).chain(da.chunks_exact(R)) {
+            out.extend_from_slice(&row[..r]);
+        }
+        out.extend_from_slice(&db[..r * n]);
+        let len = out.len();
+        FloatTensor::<Flex>::from_data(TensorData::new(out, Shape::new([len])))
     }
 }

@@ -1,11 +1,11 @@
-//! The fused GELU, attention and layer norm, and peft-core's linear and LoRA products, on wgpu
+//! The fused GELU, attention and layer norm, and the linear and LoRA products, on wgpu
 //! (a software adapter such as Mesa's lavapipe is enough): there the extensions' default bodies
 //! run, through `Fusion<CubeBackend>` and `Autodiff`; the results and gradients must equal
 //! flex's kernels.
 #![cfg(feature = "wgpu")]
 
 use burn::tensor::{Device, DeviceKind, Int, Tensor, TensorData};
-use peft_models::kernels::{attention, gelu, layer_norm};
+use peft_kernels::{attention, gelu, layer_norm};
 
 fn wgpu() -> Device {
     Device::wgpu(DeviceKind::DefaultDevice)
@@ -60,7 +60,7 @@ fn run(device: &Device) -> Vec<TensorData> {
         .require_grad();
     let bias = Tensor::<1>::from_floats(&data(6, 8)[..], device).require_grad();
     let rows = v.clone().reshape([b * s, h * d]);
-    let projected = peft_core::kernels::linear(rows, weight.clone(), Some(bias.clone()));
+    let projected = peft_kernels::linear(rows, weight.clone(), Some(bias.clone()));
     let u = Tensor::<1>::from_floats(&data(b * s * 6, 9)[..], device).reshape([b * s, 6]);
     let loss = (out.clone() * w).sum()
         + (gelu(q.clone()) * q.clone()).sum()
@@ -102,7 +102,7 @@ fn run_lora(device: &Device) -> Vec<TensorData> {
     let b = matrix(r, n, 14).mul_scalar(0.1).require_grad();
     let bias = Tensor::<1>::from_floats(&data(n, 15)[..], device).require_grad();
     let u = matrix(m, n, 16);
-    let with_bias = peft_core::kernels::lora_linear(
+    let with_bias = peft_kernels::lora_linear(
         x.clone(),
         w.clone(),
         Some(bias.clone()),
@@ -110,7 +110,7 @@ fn run_lora(device: &Device) -> Vec<TensorData> {
         b.clone(),
         1.5,
     );
-    let without = peft_core::kernels::lora_linear(x.clone(), w, None, a.clone(), b.clone(), 0.5);
+    let without = peft_kernels::lora_linear(x.clone(), w, None, a.clone(), b.clone(), 0.5);
     let loss = (with_bias.clone() * u.clone()).sum() + (without.clone() * u).sum();
     let grads = loss.backward();
     let mut results = vec![with_bias.inner().into_data(), without.inner().into_data()];

@@ -1,9 +1,10 @@
 //! Which compiled body the dispatching CPU kernels run: the widest one this CPU supports, or a
 //! narrower one forced for a test, so that every body is tested on every machine that has it
-//! (an AVX-512 machine runs the AVX-512, AVX2 and portable bodies).
+//! (an AVX-512 machine runs the AVX-512, AVX2 and portable bodies). [`multiversion!`](crate::multiversion) compiles a
+//! loop once per body and runs the current one.
 //!
 //! ```
-//! use peft_core::cpu_body::{CpuBody, for_each_cpu_body};
+//! use peft_kernels::cpu_body::{CpuBody, for_each_cpu_body};
 //!
 //! let mut seen = Vec::new();
 //! for_each_cpu_body(|body| seen.push(body));
@@ -114,6 +115,54 @@ pub fn for_each_cpu_body(mut check: impl FnMut(CpuBody)) {
         println!("CPU kernels: {body:?} body");
         with_cpu_body(body, || check(body));
     }
+}
+
+/// Defines each `fn` compiled three times, for AVX-512 (with AVX2 and FMA), for AVX2+FMA and
+/// for the baseline, and running the one [`CpuBody::current`] names (x86-64; the baseline
+/// elsewhere). The bodies are plain safe Rust that the compiler vectorises for each target.
+///
+/// ```
+/// peft_kernels::multiversion! {
+///     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+///         a.iter().zip(b).map(|(x, y)| x * y).sum()
+///     }
+/// }
+/// let mut seen = Vec::new();
+/// peft_kernels::cpu_body::for_each_cpu_body(|_| seen.push(dot(&[1.0, 2.0], &[3.0, 4.0])));
+/// assert!(seen.iter().all(|d| *d == 11.0));
+/// ```
+#[macro_export]
+macro_rules! multiversion {
+    ($($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block)*) => {$(
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512($($arg: $ty),*) $(-> $ret)? {
+                generic($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) $(-> $ret)? {
+                generic($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            match $crate::cpu_body::CpuBody::current() {
+                // SAFETY: `current` is never wider than the CPU's detected features, and
+                // `avx512` only requires AVX-512F, AVX2 and FMA.
+                $crate::cpu_body::CpuBody::Avx512 => return unsafe { avx512($($arg),*) },
+                // SAFETY: as above; `avx2` only requires AVX2 and FMA.
+                $crate::cpu_body::CpuBody::Avx2 => return unsafe { avx2($($arg),*) },
+                $crate::cpu_body::CpuBody::Portable => {}
+            }
+            generic($($arg),*)
+        }
+    )*};
 }
 
 #[cfg(test)]

@@ -117,7 +117,7 @@ impl<B: GeluBackend, C: CheckpointStrategy> GeluBackend for Autodiff<B, C> {
 /// ```
 /// use burn::tensor::{Device, Tensor};
 /// let x = Tensor::<2>::from_floats([[-1.0, 0.0, 2.0]], &Device::flex());
-/// let y = peft_models::kernels::gelu(x.clone());
+/// let y = peft_kernels::gelu(x.clone());
 /// let reference = burn::tensor::activation::gelu(x);
 /// let diff = (y - reference).abs().max().into_scalar::<f32>();
 /// assert!(diff < 1e-6);
@@ -243,7 +243,7 @@ impl<B: SwiGluBackend, C: CheckpointStrategy> SwiGluBackend for Autodiff<B, C> {
 /// let device = Device::flex();
 /// let gate = Tensor::<2>::from_floats([[-3.0, 0.0, 2.5]], &device);
 /// let up = Tensor::<2>::from_floats([[0.5, 1.0, -2.0]], &device);
-/// let y = peft_models::kernels::swiglu(gate.clone(), up.clone());
+/// let y = peft_kernels::swiglu(gate.clone(), up.clone());
 /// let reference = burn::tensor::activation::silu(gate) * up;
 /// assert!((y - reference).abs().max().into_scalar::<f32>() < 1e-6);
 /// ```
@@ -1184,81 +1184,41 @@ mod flex {
         }
     }
 
-    /// The slice loops, compiled for AVX-512, AVX2+FMA and the baseline; the one
-    /// [`CpuBody::current`] names runs (the widest the CPU has, unless a test forces another).
+    /// The slice loops, compiled for AVX-512, AVX2+FMA and the baseline by
+    /// [`multiversion!`](crate::multiversion); the one
+    /// [`CpuBody::current`](crate::cpu_body::CpuBody::current) names runs (the widest the CPU
+    /// has, unless a test forces another).
     pub(crate) mod kernels {
         use super::super::math::{exp_nonpositive, gelu, gelu_grad, sigmoid};
-        use peft_core::cpu_body::CpuBody;
-
-        macro_rules! dispatch {
-            ($(fn $name:ident($($arg:ident : $ty:ty),*) $body:block)*) => {$(
-                pub(crate) fn $name($($arg: $ty),*) {
-                    #[inline(always)]
-                    fn generic($($arg: $ty),*) $body
-
-                    #[cfg(target_arch = "x86_64")]
-                    #[target_feature(enable = "avx512f,avx2,fma")]
-                    fn avx512($($arg: $ty),*) {
-                        generic($($arg),*)
-                    }
-
-                    #[cfg(target_arch = "x86_64")]
-                    #[target_feature(enable = "avx2,fma")]
-                    fn avx2($($arg: $ty),*) {
-                        generic($($arg),*)
-                    }
-
-                    #[cfg(target_arch = "x86_64")]
-                    match CpuBody::current() {
-                        CpuBody::Avx512 => {
-                            // SAFETY: `current` is never wider than the CPU's detected
-                            // features; `avx512` only needs AVX-512F, AVX2 and FMA.
-                            #[allow(unsafe_code)]
-                            unsafe { avx512($($arg),*) };
-                            return;
-                        }
-                        CpuBody::Avx2 => {
-                            // SAFETY: as above; `avx2` only needs AVX2 and FMA.
-                            #[allow(unsafe_code)]
-                            unsafe { avx2($($arg),*) };
-                            return;
-                        }
-                        CpuBody::Portable => {}
-                    }
-                    generic($($arg),*)
-                }
-            )*};
-        }
-
-        dispatch! {
-            fn gelu_in_place(buf: &mut [f32]) {
+        crate::multiversion! {
+            pub(crate) fn gelu_in_place(buf: &mut [f32]) {
                 for v in buf.iter_mut() {
                     *v = gelu(*v);
                 }
             }
-            fn gelu_into(src: &[f32], dst: &mut [f32]) {
+            pub(crate) fn gelu_into(src: &[f32], dst: &mut [f32]) {
                 for (d, s) in dst.iter_mut().zip(src) {
                     *d = gelu(*s);
                 }
             }
-            fn swiglu_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
+            pub(crate) fn swiglu_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
                 for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
                     *o = *g * sigmoid(*g) * *u;
                 }
             }
-            fn swiglu_grad(gate: &[f32], up: &[f32], grad: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+            pub(crate) fn swiglu_grad(gate: &[f32], up: &[f32], grad: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
                 for ((((dg, du), g), u), d) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(grad) {
                     let s = sigmoid(*g);
                     *du = *d * *g * s;
                     *dg = *d * *u * s * (1.0 + *g * (1.0 - s));
                 }
             }
-            fn gelu_grad_in_place(x: &[f32], grad: &mut [f32]) {
+            pub(crate) fn gelu_grad_in_place(x: &[f32], grad: &mut [f32]) {
                 for (g, x) in grad.iter_mut().zip(x) {
                     *g *= gelu_grad(*x);
                 }
             }
-            fn layer_norm_rows(x: &[f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+            pub(crate) fn layer_norm_rows(x: &[f32], y: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
                 let d = gamma.len();
                 for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
                     let (mean, rstd) = moments(xr, eps);
@@ -1267,7 +1227,7 @@ mod flex {
                     }
                 }
             }
-            fn layer_norm_backward_rows(
+            pub(crate) fn layer_norm_backward_rows(
                 x: &[f32],
                 grad: &[f32],
                 gamma: &[f32],
@@ -1311,7 +1271,7 @@ mod flex {
                     }
                 }
             }
-            fn softmax_rows(p: &mut [f32], bias: &[f32]) {
+            pub(crate) fn softmax_rows(p: &mut [f32], bias: &[f32]) {
                 let cols = bias.len();
                 for row in p.chunks_exact_mut(cols) {
                     for (x, b) in row.iter_mut().zip(bias) {
@@ -1327,7 +1287,7 @@ mod flex {
                     }
                 }
             }
-            fn softmax_backward_rows(p: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
+            pub(crate) fn softmax_backward_rows(p: &[f32], dp: &mut [f32], cols: usize, scale: f32) {
                 for (pr, dr) in p.chunks_exact(cols).zip(dp.chunks_exact_mut(cols)) {
                     let mut acc = [0.0f32; 16];
                     let (pc, dc) = (pr.chunks_exact(16), dr.chunks_exact(16));

@@ -1,4 +1,4 @@
-//! `peft_core::kernels::linear` against `burn::tensor::module::linear` on the products of a
+//! `peft_kernels::linear` against `burn::tensor::module::linear` on the products of a
 //! MiniLM training step (16 x 128 tokens, hidden 384, FFN 1536, LoRA rank 16): the forward
 //! products with bias, the input gradient against a transposed weight view (`g·Wᵀ`), and the
 //! LoRA products (`x·A`, `(x·A)ᵀ·g` with a transposed `lhs`); then one LoRA layer (r = 16, a
@@ -6,7 +6,7 @@
 //! `kernels::linear` products, a scale and an add), forward alone and forward + backward.
 //!
 //! ```sh
-//! cargo bench -p peft-core --bench linear --features x86-v4
+//! cargo bench -p peft-kernels --bench linear --features x86-v4
 //! ```
 //!
 //! Criterion reports each side; the ratios (burn's time over ours, medians of interleaved runs
@@ -84,7 +84,7 @@ fn cases(device: &Device) -> Vec<Case> {
 /// The product of `case` by burn's `linear` or by ours; one element read back.
 fn product(case: &Case, fast: bool) -> f32 {
     let f = if fast {
-        peft_core::kernels::linear::<2>
+        peft_kernels::linear::<2>
     } else {
         burn::tensor::module::linear::<2>
     };
@@ -164,7 +164,7 @@ impl LoraLayer {
     /// The layer's output, fused or from separate ops; with `train`, its backward pass too
     /// (gradients of `x`, `a`, `b`, the bias). One element read back.
     fn run(&self, fused: bool, train: bool) -> f32 {
-        use peft_core::kernels::{linear, lora_linear};
+        use peft_kernels::{linear, lora_linear};
         let (x, a, b, bias) = if train {
             (
                 self.x.clone().require_grad(),

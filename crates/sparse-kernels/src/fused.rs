@@ -1,0 +1,441 @@
+//! The sparse adapter term fused into its layer's dense product: [`sparse_lora_linear`].
+//!
+//! A RoSA layer computes `x·W + b + s·(x·A)·B + x·Sᵀ`, an SFT layer `x·W + b + x·Sᵀ`. As
+//! separate ops that is a dense (or LoRA) product, a `[.., out]` SpMM output and an add in the
+//! forward pass, and in the backward pass two or three `[.., in]` input gradients that autodiff
+//! adds up. Here it is one op ([`SparseLinearBackend`]): the SpMM accumulates into the blocks of
+//! output rows the dense product wrote (flex: in place, [`csr_linear_add`]
+//! (SparseLinearBackend::csr_linear_add)), and the backward pass writes `dx = g·Wᵀ + (s·g·Bᵀ)·Aᵀ`
+//! as one product into which `g·S` is accumulated the same way; `dA`, `dB` come from
+//! peft-core's [`fast_lora_grads`](LinearBackend::fast_lora_grads) and the values' gradient
+//! from the SDDMM, each only for a tracked operand.
+
+use burn::backend::{
+    Autodiff, Backend, Dispatch, TensorMetadata,
+    autodiff::{
+        checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+        grads::Gradients,
+        ops::{Backward, Ops, OpsKind},
+    },
+    backend_extension,
+    tensor::{FloatTensor, IntTensor},
+};
+use burn::tensor::{DType, Shape, Slice, Tensor};
+use peft_kernels::linear::{LinearBackend, linear, lora_linear};
+
+use crate::backend::{CsrIndices, SparseBackend};
+use crate::{CsrLayout, sparse_linear};
+
+/// The fused sparse-adapter layer ops; use [`sparse_lora_linear`] rather than this trait.
+///
+/// `s`, `st`, `perm`, `inverse` describe the sparse matrix `S` (`[out, in]`) as in
+/// [`SparseBackend`]; `values` are its `[nnz]` values.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(feature = "cube"),
+    Fusion: cfg(feature = "cube"),
+    Autodiff
+)]
+pub trait SparseLinearBackend: LinearBackend + SparseBackend {
+    /// `dense + x·Sᵀ` (`x`: `[m, in]`, `dense`: `[m, out]`); on flex accumulated into `dense`'s
+    /// buffer when it is not shared.
+    #[fusion(default)]
+    fn csr_linear_add(
+        #[extension_type] s: CsrIndices<Self>,
+        #[extension_type] st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        dense: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let rows = s.row_offsets.shape()[0] - 1;
+        let xt = Self::float_transpose(x);
+        let yt = Self::csr_spmm(s, st, perm, inverse, values, xt, rows);
+        Self::float_add(dense, Self::float_transpose(yt))
+    }
+
+    /// `x·weight + bias + scale·(x·a)·b + x·Sᵀ` for 2-D operands (`a`: `[in, r]`, `b`:
+    /// `[r, out]`, `weight`: `[in, out]`).
+    #[fusion(default)]
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+        #[extension_type] s: CsrIndices<Self>,
+        #[extension_type] st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let y = Self::fast_lora_linear(x.clone(), weight, bias, a, b, scale);
+        Self::csr_linear_add(s, st, perm, inverse, values, x, y)
+    }
+
+    /// `x·weight + bias + x·Sᵀ` for 2-D operands.
+    #[fusion(default)]
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_dense_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        #[extension_type] s: CsrIndices<Self>,
+        #[extension_type] st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let y = Self::fast_linear(x.clone(), weight, bias);
+        Self::csr_linear_add(s, st, perm, inverse, values, x, y)
+    }
+}
+
+#[cfg(feature = "cube")]
+impl SparseLinearBackend for burn_cubecl::CubeBackend {}
+
+#[cfg(feature = "flex")]
+impl SparseLinearBackend for burn::backend::Flex {
+    fn csr_linear_add(
+        s: CsrIndices<Self>,
+        st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        dense: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        use burn::backend::{Flex, ops::FloatTensorOps};
+        match crate::cpu::linear_add(&st, &perm, values.clone(), x.clone(), dense.clone()) {
+            Some(out) => out,
+            None => {
+                let rows = s.row_offsets.shape()[0] - 1;
+                let xt = Flex::float_transpose(x);
+                let yt = Flex::csr_spmm(s, st, perm, inverse, values, xt, rows);
+                Flex::float_add(dense, Flex::float_transpose(yt))
+            }
+        }
+    }
+}
+
+fn cast<B: Backend>(s: CsrIndices<Autodiff<B, impl CheckpointStrategy>>) -> CsrIndices<B> {
+    CsrIndices {
+        row_offsets: s.row_offsets,
+        col_indices: s.col_indices,
+    }
+}
+
+/// The sparse matrix as the backward pass needs it.
+#[derive(Clone, Debug)]
+struct SparseState<B: Backend> {
+    s: CsrIndices<B>,
+    st: CsrIndices<B>,
+    perm: IntTensor<B>,
+    inverse: IntTensor<B>,
+    /// For `dx` (`g·S`).
+    values: Option<FloatTensor<B>>,
+}
+
+/// The low-rank term as the backward pass needs it, each only when a gradient needs it.
+#[derive(Clone, Debug)]
+struct LowRankState<B: Backend> {
+    /// For `dx`.
+    a: Option<FloatTensor<B>>,
+    /// For `dA` and `dx`.
+    b: Option<FloatTensor<B>>,
+    /// `scale·x·a`, for `dB`.
+    h: Option<FloatTensor<B>>,
+    scale: f64,
+}
+
+/// What the fused op's backward pass keeps, each only when a gradient needs it.
+#[derive(Clone, Debug)]
+struct FusedState<B: Backend> {
+    /// For `dW`, `dA` and the values' gradient.
+    x: Option<FloatTensor<B>>,
+    /// For `dx`.
+    weight: Option<FloatTensor<B>>,
+    /// Absent without a low-rank term.
+    low_rank: Option<LowRankState<B>>,
+    sparse: SparseState<B>,
+}
+
+/// The backward step of the fused ops on `Autodiff`. Parents: `[x, weight, a, b, bias,
+/// values]` with a low-rank term, `[x, weight, bias, values]` without.
+#[derive(Debug)]
+struct FusedBackward;
+
+impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
+    type State = FusedState<B>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let ids: Vec<_> = ops
+            .parents
+            .iter()
+            .map(|p| p.as_ref().map(|n| n.id))
+            .collect();
+        let st = ops.state;
+        let (x_id, w_id) = (ids[0], ids[1]);
+        let (a_id, b_id, bias_id, values_id) = match st.low_rank {
+            Some(_) => (ids[2], ids[3], ids[4], ids[5]),
+            None => (None, None, ids[2], ids[3]),
+        };
+        let t = |t| B::float_transpose(t);
+        // `scale · g·bᵀ` (`[m, r]`), what `dA` and `dx` share; with `a`ᵀ for `dx`.
+        let mut low_rank_dx = None;
+        if let Some(LowRankState { a, b, h, scale }) = st.low_rank {
+            let gb = match (a_id, b_id, &st.x, h, b) {
+                (Some(a_id), Some(b_id), Some(x), Some(h), Some(b)) => {
+                    let ([m, r], k, n) = (h.shape().dims(), x.shape()[1], grad.shape()[1]);
+                    let all = B::fast_lora_grads(grad.clone(), x.clone(), h, b, scale);
+                    let part = |start: usize, shape: [usize; 2]| {
+                        let end = start + shape[0] * shape[1];
+                        let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
+                        B::float_reshape(part, Shape::new(shape))
+                    };
+                    grads.register::<B>(a_id, part(m * r, [k, r]));
+                    grads.register::<B>(b_id, part(m * r + k * r, [r, n]));
+                    Some(part(0, [m, r]))
+                }
+                (a_id, b_id, _, h, b) => {
+                    let gb = b.map(|b| {
+                        let gb = B::fast_matmul(grad.clone(), t(b));
+                        B::float_mul_scalar(gb, scale.into())
+                    });
+                    if let (Some(id), Some(x), Some(gb)) = (a_id, &st.x, &gb) {
+                        grads.register::<B>(id, B::fast_matmul(t(x.clone()), gb.clone()));
+                    }
+                    if let (Some(id), Some(h)) = (b_id, h) {
+                        grads.register::<B>(id, B::fast_matmul(t(h), grad.clone()));
+                    }
+                    gb
+                }
+            };
+            low_rank_dx = gb.zip(a);
+        }
+        if let (Some(id), Some(x)) = (w_id, &st.x) {
+            grads.register::<B>(id, B::fast_matmul(t(x.clone()), grad.clone()));
+        }
+        if let Some(id) = bias_id {
+            let n = grad.shape()[1];
+            let sum = B::float_sum_dim(grad.clone(), 0);
+            grads.register::<B>(id, B::float_reshape(sum, Shape::new([n])));
+        }
+        let sp = st.sparse;
+        if let (Some(id), Some(x)) = (values_id, &st.x) {
+            // dvalues[e] = Σ_t g[t, row(e)] · x[t, col(e)]: `gᵀ·x` sampled on `S`.
+            let dv = B::csr_sddmm(
+                sp.s.clone(),
+                sp.st.clone(),
+                sp.perm.clone(),
+                sp.inverse.clone(),
+                t(grad.clone()),
+                t(x.clone()),
+            );
+            grads.register::<B>(id, dv);
+        }
+        if let (Some(id), Some(w), Some(values)) = (x_id, st.weight, sp.values) {
+            // dx = g·Wᵀ (+ (s·g·Bᵀ)·Aᵀ), then g·S accumulated into it: `g·(Sᵀ)ᵀ`.
+            let dx = match low_rank_dx {
+                Some((gb, a)) => B::fast_matmul_low_rank(grad.clone(), t(w), gb, t(a)),
+                None => B::fast_matmul(grad.clone(), t(w)),
+            };
+            let values_t = B::float_select(values, 0, sp.perm.clone());
+            let dx = B::csr_linear_add(sp.st, sp.s, sp.inverse, sp.perm, values_t, grad, dx);
+            grads.register::<B>(id, dx);
+        }
+    }
+}
+
+impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Autodiff<B, C> {
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_lora_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+        s: CsrIndices<Self>,
+        st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [x_t, w_t, a_t, b_t, v_t] = [&x, &weight, &a, &b, &values].map(|t| t.is_tracked());
+        let nodes = [
+            x.node(),
+            weight.node(),
+            a.node(),
+            b.node(),
+            bias.node(),
+            values.node(),
+        ];
+        let prep = FusedBackward.prepare::<C>(nodes).compute_bound().stateful();
+        let [x, weight, bias, a, b, values] =
+            [x, weight, bias, a, b, values].map(|t| t.into_primitive());
+        let (s, st) = (cast(s), cast(st));
+        let prep = match prep {
+            OpsKind::Tracked(prep) => prep,
+            OpsKind::UnTracked(prep) => {
+                return prep.finish(B::sparse_lora_linear(
+                    x, weight, bias, a, b, scale, s, st, perm, inverse, values,
+                ));
+            }
+        };
+        let h = B::float_mul_scalar(B::fast_matmul(x.clone(), a.clone()), scale.into());
+        let state = FusedState {
+            x: (a_t || w_t || v_t).then(|| x.clone()),
+            weight: x_t.then(|| weight.clone()),
+            low_rank: Some(LowRankState {
+                a: x_t.then(|| a.clone()),
+                b: (x_t || a_t).then(|| b.clone()),
+                h: b_t.then(|| h.clone()),
+                scale,
+            }),
+            sparse: SparseState {
+                s: s.clone(),
+                st: st.clone(),
+                perm: perm.clone(),
+                inverse: inverse.clone(),
+                values: x_t.then(|| values.clone()),
+            },
+        };
+        let y = B::fast_linear_low_rank(x.clone(), weight, bias, h, b);
+        prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_dense_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        s: CsrIndices<Self>,
+        st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [x_t, w_t, v_t] = [&x, &weight, &values].map(|t| t.is_tracked());
+        let nodes = [x.node(), weight.node(), bias.node(), values.node()];
+        let prep = FusedBackward.prepare::<C>(nodes).compute_bound().stateful();
+        let [x, weight, bias, values] = [x, weight, bias, values].map(|t| t.into_primitive());
+        let (s, st) = (cast(s), cast(st));
+        let prep = match prep {
+            OpsKind::Tracked(prep) => prep,
+            OpsKind::UnTracked(prep) => {
+                return prep.finish(B::sparse_dense_linear(
+                    x, weight, bias, s, st, perm, inverse, values,
+                ));
+            }
+        };
+        let state = FusedState {
+            x: (w_t || v_t).then(|| x.clone()),
+            weight: x_t.then(|| weight.clone()),
+            low_rank: None,
+            sparse: SparseState {
+                s: s.clone(),
+                st: st.clone(),
+                perm: perm.clone(),
+                inverse: inverse.clone(),
+                values: x_t.then(|| values.clone()),
+            },
+        };
+        let y = B::fast_linear(x.clone(), weight, bias);
+        prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
+    }
+}
+
+/// `x · weight + bias (+ scale · (x·a)·b) + x · Sᵀ`: a linear layer with a sparse adapter term
+/// and optionally a LoRA term, as `lora_linear(x, weight, bias, a, b, scale) + sparse_linear(x,
+/// layout, values)` (or `linear(..) + sparse_linear(..)`) computes it, in one differentiable op
+/// (see the module documentation).
+///
+/// # Arguments
+/// - `x`: the layer input, `[..., in]`.
+/// - `weight`: `[in, out]` (burn's `Linear.weight`); `bias`: `[out]`.
+/// - `low_rank`: `(a, b, scale)` with `a`: `[in, r]`, `b`: `[r, out]`.
+/// - `layout`, `values`: `S`, `[out, in]` (PyTorch orientation), `[nnz]` values.
+///
+/// # Returns
+/// `[..., out]`.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use sparse_kernels::{CsrLayout, CsrStructure, sparse_linear, sparse_lora_linear};
+/// let device = Device::flex().autodiff();
+/// let mask = [false, true, false, true, false, true];
+/// let layout = CsrLayout::new(CsrStructure::from_mask(2, 3, &mask).unwrap(), &device);
+/// let values = Tensor::<1>::from_floats([2.0, 1.0, -1.0], &device);
+/// let x = Tensor::<2>::from_floats([[1.0, 2.0, 3.0]], &device);
+/// let w = Tensor::<2>::ones([3, 2], &device);
+/// let (a, b) = (Tensor::<2>::ones([3, 1], &device), Tensor::<2>::ones([1, 2], &device));
+/// let y = sparse_lora_linear(x.clone(), w.clone(), None, Some((a.clone(), b.clone(), 0.5)), &layout, values.clone());
+/// let reference = peft_kernels::linear::lora_linear(x.clone(), w, None, a, b, 0.5)
+///     + sparse_linear(x, &layout, values);
+/// assert!((y - reference).abs().max().into_scalar::<f32>() < 1e-6);
+/// ```
+pub fn sparse_lora_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    low_rank: Option<(Tensor<2>, Tensor<2>, f64)>,
+    layout: &CsrLayout,
+    values: Tensor<1>,
+) -> Tensor<D> {
+    let [out, inp] = layout.shape();
+    let dims = x.dims();
+    let composed = matches!(weight.dtype(), DType::QFloat(_))
+        || dims.contains(&0)
+        || out == 0
+        || weight.dims() != [inp, out];
+    if composed {
+        let dense = match low_rank {
+            Some((a, b, scale)) => lora_linear(x.clone(), weight, bias, a, b, scale),
+            None => linear(x.clone(), weight, bias),
+        };
+        return dense + sparse_linear(x, layout, values);
+    }
+    let rows: usize = dims[..D - 1].iter().product();
+    let x2 = if D == 2 {
+        Tensor::<2>::from_dispatch(x.into_dispatch())
+    } else {
+        x.reshape([rows, inp])
+    };
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([out], &weight.device()));
+    let (s, st) = (layout.indices(), layout.transposed_indices());
+    let (perm, inverse) = (layout.perm_dispatch(), layout.inverse_perm_dispatch());
+    let (x2, w, bias, values) = (
+        x2.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        values.into_dispatch(),
+    );
+    let y = match low_rank {
+        Some((a, b, scale)) => Dispatch::sparse_lora_linear(
+            x2,
+            w,
+            bias,
+            a.into_dispatch(),
+            b.into_dispatch(),
+            scale,
+            s,
+            st,
+            perm,
+            inverse,
+            values,
+        ),
+        None => Dispatch::sparse_dense_linear(x2, w, bias, s, st, perm, inverse, values),
+    };
+    let y = Tensor::<2>::from_dispatch(y);
+    if D == 2 {
+        return Tensor::from_dispatch(y.into_dispatch());
+    }
+    let mut shape = dims;
+    shape[D - 1] = out;
+    y.reshape(shape)
+}

@@ -1,0 +1,217 @@
+//! The fused sparse-adapter layer (`sparse_lora_linear`) against the composed ops it replaces
+//! (`lora_linear` / `linear` + `sparse_linear`): outputs and every gradient, with and without a
+//! LoRA term, a bias and a tracked base weight, at token counts that are and are not multiples
+//! of the kernels' 16-token blocks, on every CPU body this machine supports; and the input
+//! gradient against finite differences.
+
+mod common;
+
+use burn::tensor::{Device, Tensor};
+use common::*;
+use peft_kernels::linear::{linear, lora_linear};
+use sparse_kernels::{CsrLayout, sparse_linear, sparse_lora_linear};
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// `max |got - want| <= 1e-4 · (1 + max |want|)`, naming the tensor.
+#[track_caller]
+fn assert_near(got: Vec<f32>, want: Vec<f32>, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    assert!(
+        err <= 1e-4 * (1.0 + scale),
+        "{what}: max error {err} (largest value {scale})"
+    );
+}
+
+struct Case {
+    tokens: usize,
+    inp: usize,
+    out: usize,
+    rank: Option<usize>,
+    bias: bool,
+    weight_tracked: bool,
+    density: f32,
+}
+
+fn check(case: &Case, seed: u64) {
+    let d = device();
+    let mut rng = Lcg::new(seed);
+    let Case {
+        tokens, inp, out, ..
+    } = *case;
+    let (s, values) = random_sparse(&mut rng, out, inp, case.density);
+    let layout = CsrLayout::new(s, &d);
+    let x = t2(&rng.vec(tokens * inp), [tokens, inp], &d).require_grad();
+    let mut w = t2(&rng.vec(inp * out), [inp, out], &d);
+    if case.weight_tracked {
+        w = w.require_grad();
+    }
+    let bias = case.bias.then(|| t1(&rng.vec(out), &d).require_grad());
+    let v = t1(&values, &d).require_grad();
+    let low_rank = case.rank.map(|r| {
+        let a = t2(&rng.vec(inp * r), [inp, r], &d).require_grad();
+        let b = t2(&rng.vec(r * out), [r, out], &d).require_grad();
+        (a, b, 0.75)
+    });
+    let g = t2(&rng.vec(tokens * out), [tokens, out], &d);
+    let fused = sparse_lora_linear(
+        x.clone(),
+        w.clone(),
+        bias.clone(),
+        low_rank.clone(),
+        &layout,
+        v.clone(),
+    );
+    let dense = match low_rank.clone() {
+        Some((a, b, scale)) => lora_linear(x.clone(), w.clone(), bias.clone(), a, b, scale),
+        None => linear(x.clone(), w.clone(), bias.clone()),
+    };
+    let composed = dense + sparse_linear(x.clone(), &layout, v.clone());
+    assert_near(read(fused.clone()), read(composed.clone()), "output");
+    let gf = (fused * g.clone()).sum().backward();
+    let gc = (composed * g).sum().backward();
+    let pair = |t: &Tensor<2>, what: &str| {
+        assert_near(read(t.grad(&gf).unwrap()), read(t.grad(&gc).unwrap()), what);
+    };
+    pair(&x, "dx");
+    if case.weight_tracked {
+        pair(&w, "dW");
+    } else {
+        assert!(w.grad(&gf).is_none(), "a frozen weight gets no gradient");
+    }
+    if let Some((a, b, _)) = &low_rank {
+        pair(a, "dA");
+        pair(b, "dB");
+    }
+    if let Some(bias) = &bias {
+        assert_near(
+            read(bias.grad(&gf).unwrap()),
+            read(bias.grad(&gc).unwrap()),
+            "dbias",
+        );
+    }
+    assert_near(
+        read(v.grad(&gf).unwrap()),
+        read(v.grad(&gc).unwrap()),
+        "dvalues",
+    );
+}
+
+#[test]
+fn fused_layer_equals_the_composed_ops() {
+    let cases = [
+        // RoSA at ranks 16 (peft-core's one-pass gradient kernel) and 12, a token count with a
+        // partial 16-token block, a tracked weight.
+        (70, 40, 36, Some(16), true, false, 0.05),
+        (64, 33, 20, Some(12), true, true, 0.1),
+        (17, 48, 48, Some(4), false, false, 0.3),
+        // SFT: no LoRA term.
+        (50, 36, 52, None, true, false, 0.06),
+        (16, 20, 12, None, false, true, 0.5),
+        (3, 7, 5, None, true, false, 1.0),
+    ];
+    for_each_cpu_body(|_| {
+        for (i, &(tokens, inp, out, rank, bias, weight_tracked, density)) in
+            cases.iter().enumerate()
+        {
+            let case = Case {
+                tokens,
+                inp,
+                out,
+                rank,
+                bias,
+                weight_tracked,
+                density,
+            };
+            check(&case, 40 + i as u64);
+        }
+    });
+}
+
+#[test]
+fn fused_layer_on_a_3d_input_and_without_autodiff() {
+    let d = device();
+    let mut rng = Lcg::new(7);
+    let (out, inp) = (24, 20);
+    let (s, values) = random_sparse(&mut rng, out, inp, 0.2);
+    let layout = CsrLayout::new(s, &d);
+    let x = Tensor::<3>::from_data(
+        burn::tensor::TensorData::new(rng.vec(2 * 19 * inp), [2, 19, inp]),
+        &d,
+    );
+    let w = t2(&rng.vec(inp * out), [inp, out], &d);
+    let (a, b) = (
+        t2(&rng.vec(inp * 8), [inp, 8], &d),
+        t2(&rng.vec(8 * out), [8, out], &d),
+    );
+    let v = t1(&values, &d);
+    let fused = sparse_lora_linear(
+        x.clone(),
+        w.clone(),
+        None,
+        Some((a.clone(), b.clone(), 2.0)),
+        &layout,
+        v.clone(),
+    );
+    let composed = lora_linear(x.clone(), w.clone(), None, a.clone(), b.clone(), 2.0)
+        + sparse_linear(x.clone(), &layout, v.clone());
+    assert_eq!(fused.dims(), [2, 19, out]);
+    assert_near(read(fused), read(composed.clone()), "3-D output");
+    // The inner backend (no autodiff) runs the same op.
+    let plain = sparse_lora_linear(
+        x.inner(),
+        w.inner(),
+        None,
+        Some((a.inner(), b.inner(), 2.0)),
+        &CsrLayout::new(layout.structure().clone(), &Device::flex()),
+        v.inner(),
+    );
+    assert_near(read(plain), read(composed), "output without autodiff");
+}
+
+#[test]
+fn fused_input_gradient_matches_finite_differences() {
+    let d = device();
+    let mut rng = Lcg::new(3);
+    let (tokens, inp, out, r) = (18, 9, 11, 3);
+    let (s, values) = random_sparse(&mut rng, out, inp, 0.3);
+    let layout = CsrLayout::new(s, &d);
+    let x_data = rng.vec(tokens * inp);
+    let (w, bias) = (rng.vec(inp * out), rng.vec(out));
+    let (a, b) = (rng.vec(inp * r), rng.vec(r * out));
+    let g = rng.vec(tokens * out);
+    let loss = |x: Tensor<2>| {
+        let y = sparse_lora_linear(
+            x,
+            t2(&w, [inp, out], &d),
+            Some(t1(&bias, &d)),
+            Some((t2(&a, [inp, r], &d), t2(&b, [r, out], &d), 0.5)),
+            &layout,
+            t1(&values, &d),
+        );
+        (y * t2(&g, [tokens, out], &d)).sum()
+    };
+    let x = t2(&x_data, [tokens, inp], &d).require_grad();
+    let dx = read(x.grad(&loss(x.clone()).backward()).unwrap());
+    let eps = 1e-2f32;
+    for i in [0, 5, inp + 3, tokens * inp - 1] {
+        let at = |delta: f32| {
+            let mut xs = x_data.clone();
+            xs[i] += delta;
+            loss(t2(&xs, [tokens, inp], &d)).into_scalar::<f32>() as f64
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        assert!(
+            (dx[i] as f64 - fd).abs() < 2e-2 * (1.0 + fd.abs()),
+            "dx[{i}] = {}, finite difference {fd}",
+            dx[i]
+        );
+    }
+}
