@@ -32,9 +32,7 @@ pub fn final_number(text: &str) -> Option<f64> {
             while i < chars.len() {
                 let c = chars[i];
                 let next_digit = chars.get(i + 1).is_some_and(char::is_ascii_digit);
-                if c.is_ascii_digit() {
-                    s.push(c);
-                } else if c == '.' && next_digit && !s.contains('.') {
+                if c.is_ascii_digit() || (c == '.' && next_digit && !s.contains('.')) {
                     s.push(c);
                 } else if c == ',' && next_digit {
                     // a thousands separator
@@ -1497,7 +1495,10 @@ mod tests {
         let texts: Vec<&str> = svg
             .split("<text")
             .skip(1)
-            .filter_map(|t| t.split_once('>').and_then(|(_, rest)| rest.split("</text>").next()))
+            .filter_map(|t| {
+                t.split_once('>')
+                    .and_then(|(_, rest)| rest.split("</text>").next())
+            })
             .map(str::trim)
             .collect();
         assert!(
