@@ -14,6 +14,9 @@
 //!   body runs, and [`multiversion!`] to compile a loop for each), [`cpu`] (outputs written
 //!   uninitialised, in parallel blocks), and [`mmap::map_file`] (read-only file maps for the
 //!   checkpoint readers).
+//! - [`quant`] and [`packed_linear`]: frozen base weights kept packed at 4 or 8 bits (NF4 with
+//!   optional double quantization, GGUF's `Q4_0` / `Q4_1` / `Q8_0` blocks) and the linear product
+//!   that reads them without building the f32 weight.
 //!
 //! Each op is a burn backend extension: a fast body on `Flex` (f32), default bodies from the
 //! backend's own ops on the CubeCL backends (and flex's other dtypes), and a hand-written
@@ -37,6 +40,8 @@ pub mod cube;
 pub mod linear;
 pub mod mmap;
 pub mod nn;
+pub mod packed_linear;
+pub mod quant;
 
 pub use linear::{LinearBackend, linear, lora_linear};
 pub use nn::{

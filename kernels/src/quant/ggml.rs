@@ -1,0 +1,139 @@
+//! GGUF's own 4- and 8-bit blocks (ggml `Q4_0`, `Q4_1`, `Q8_0`), read in place.
+//!
+//! Each block holds 32 consecutive values of a row: an f16 scale `d` (and for Q4_1 an f16 minimum
+//! `m`) followed by the quants. Q4_0 and Q4_1 store 16 bytes of nibbles: value `j < 16` is the low
+//! nibble of byte `j`, value `j + 16` its high nibble; Q4_0 reads `(q - 8)·d`, Q4_1 `q·d + m`.
+//! Q8_0 stores 32 signed bytes and reads `q·d`. These decoders equal the `ggml-quants` crate's
+//! (which `peft-models` loads GGUF files with) bit for bit (`kernels/tests/quant.rs`).
+
+use burn::tensor::f16;
+
+/// Values per block in all three formats.
+pub const GGML_BLOCK: usize = 32;
+
+/// The ggml block formats a packed weight can keep.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GgmlBlock {
+    /// `d`, 16 bytes of nibbles, `(q - 8)·d`: 18 bytes per 32 values (4.5 bits a value).
+    Q4_0,
+    /// `d`, `m`, 16 bytes of nibbles, `q·d + m`: 20 bytes per 32 values (5 bits a value).
+    Q4_1,
+    /// `d`, 32 signed bytes, `q·d`: 34 bytes per 32 values (8.5 bits a value).
+    Q8_0,
+}
+
+impl GgmlBlock {
+    /// Bytes per block of [`GGML_BLOCK`] values.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            GgmlBlock::Q4_0 => 18,
+            GgmlBlock::Q4_1 => 20,
+            GgmlBlock::Q8_0 => 34,
+        }
+    }
+
+    /// ggml's name of the format.
+    pub const fn name(self) -> &'static str {
+        match self {
+            GgmlBlock::Q4_0 => "Q4_0",
+            GgmlBlock::Q4_1 => "Q4_1",
+            GgmlBlock::Q8_0 => "Q8_0",
+        }
+    }
+
+    /// `Σ value·x` over one block, from its quants: `x` holds the block's 32 inputs and `xsum`
+    /// their sum (Q4_0 reads `d·(Σq·x - 8·Σx)`, Q4_1 `d·Σq·x + m·Σx`, Q8_0 `d·Σq·x`).
+    #[inline]
+    pub fn dot(self, b: &[u8], x: &[f32], xsum: f32) -> f32 {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        match self {
+            GgmlBlock::Q4_0 => d * (nibble_dot(&b[2..18], x) - 8.0 * xsum),
+            GgmlBlock::Q4_1 => {
+                let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                d * nibble_dot(&b[4..20], x) + m * xsum
+            }
+            GgmlBlock::Q8_0 => {
+                let mut acc = [0f32; 8];
+                for (q, xs) in b[2..34].chunks_exact(8).zip(x.chunks_exact(8)) {
+                    for l in 0..8 {
+                        acc[l] += q[l] as i8 as f32 * xs[l];
+                    }
+                }
+                d * acc.iter().sum::<f32>()
+            }
+        }
+    }
+
+    /// Quantizes 32 values into one block as ggml does (`ggml-quants`' quantizers), appending
+    /// its `block_bytes()` bytes to `out`.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        use ggml_quants::{Q4_0, Q4_1, Q8_0, Quantize};
+        let v: &[f32; GGML_BLOCK] = values.try_into().expect("32 values per block");
+        match self {
+            GgmlBlock::Q4_0 => {
+                let b = Q4_0::quantize(v);
+                out.extend_from_slice(&b.delta.to_bits().to_le_bytes());
+                out.extend_from_slice(&b.quants);
+            }
+            GgmlBlock::Q4_1 => {
+                let b = Q4_1::quantize(v);
+                out.extend_from_slice(&b.delta_min.delta.to_bits().to_le_bytes());
+                out.extend_from_slice(&b.delta_min.min.to_bits().to_le_bytes());
+                out.extend_from_slice(&b.quants);
+            }
+            GgmlBlock::Q8_0 => {
+                let b = Q8_0::quantize(v);
+                out.extend_from_slice(&b.delta.to_bits().to_le_bytes());
+                out.extend(b.quants.iter().map(|&q| q as u8));
+            }
+        }
+    }
+
+    /// Decodes one block (`block_bytes()` bytes) into 32 values.
+    #[inline]
+    pub fn decode(self, b: &[u8], out: &mut [f32]) {
+        let out: &mut [f32; GGML_BLOCK] = out.try_into().expect("32 outputs per block");
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        match self {
+            GgmlBlock::Q4_0 => {
+                let qs = &b[2..18];
+                for j in 0..16 {
+                    out[j] = ((qs[j] & 0x0F) as i32 - 8) as f32 * d;
+                    out[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+                }
+            }
+            GgmlBlock::Q4_1 => {
+                let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                let qs = &b[4..20];
+                for j in 0..16 {
+                    out[j] = (qs[j] & 0x0F) as f32 * d + m;
+                    out[j + 16] = (qs[j] >> 4) as f32 * d + m;
+                }
+            }
+            GgmlBlock::Q8_0 => {
+                for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                    *o = q as i8 as f32 * d;
+                }
+            }
+        }
+    }
+}
+
+/// `Σ q·x` for 16 bytes of nibbles (value `j` the low nibble of byte `j`, value `j + 16` its high
+/// nibble) against 32 inputs.
+#[inline]
+fn nibble_dot(qs: &[u8], x: &[f32]) -> f32 {
+    let (lo, hi) = x.split_at(16);
+    let mut acc = [0f32; 8];
+    for ((q, l), h) in qs
+        .chunks_exact(4)
+        .zip(lo.chunks_exact(4))
+        .zip(hi.chunks_exact(4))
+    {
+        for j in 0..4 {
+            acc[j] += (q[j] & 0x0F) as f32 * l[j];
+            acc[4 + j] += (q[j] >> 4) as f32 * h[j];
+        }
+    }
+    acc.iter().sum()
+}
