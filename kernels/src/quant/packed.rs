@@ -450,10 +450,7 @@ impl PackedMatrix {
     pub fn input_grad(&self, g: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(g.len(), n * self.rows, "g must be [n, out_features]");
         let mut dx = vec![0.0f32; n * self.cols];
-        if n == 0 || self.cols == 0 {
-            return dx;
-        }
-        if self.rows == 0 {
+        if n == 0 || self.cols == 0 || self.rows == 0 {
             return dx;
         }
         let block = self.format.block();
