@@ -38,8 +38,7 @@ pub trait PackedBackend: Backend {
     /// `x · Wᵀ` for a 2-D `x` (`[m, in]`) and a packed `[out, in]` weight: `[m, out]`.
     #[fusion(default)]
     fn packed_matmul_t(x: FloatTensor<Self>, weight: PackedWeight) -> FloatTensor<Self> {
-        let w = dequantized::<Self>(&weight, &x.device());
-        Self::float_matmul(x, Self::float_transpose(w))
+        dequantized_matmul_t::<Self>(x, &weight)
     }
 
     /// `x · Wᵀ + bias`: [`packed_matmul_t`](Self::packed_matmul_t) with a `[out]` bias.
@@ -57,8 +56,7 @@ pub trait PackedBackend: Backend {
     /// `g · W` for a 2-D `g` (`[m, out]`): the input gradient, `[m, in]`.
     #[fusion(default)]
     fn packed_matmul(g: FloatTensor<Self>, weight: PackedWeight) -> FloatTensor<Self> {
-        let w = dequantized::<Self>(&weight, &g.device());
-        Self::float_matmul(g, w)
+        dequantized_matmul::<Self>(g, &weight)
     }
 }
 
@@ -103,9 +101,7 @@ impl<B: PackedBackend, C: CheckpointStrategy> PackedBackend for Autodiff<B, C> {
                 let y = B::packed_matmul_t(x.into_primitive(), weight.clone());
                 prep.finish(weight, y)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::packed_matmul_t(x.into_primitive(), weight))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::packed_matmul_t(x.into_primitive(), weight)),
         }
     }
 
@@ -177,7 +173,9 @@ pub fn packed_linear<const D: usize>(
     let rows: usize = dims[..D - 1].iter().product();
     let x2 = x.reshape([rows, in_features]).into_dispatch();
     let y = match bias {
-        Some(b) => <Dispatch as PackedBackend>::packed_linear_t(x2, weight.clone(), b.into_dispatch()),
+        Some(b) => {
+            <Dispatch as PackedBackend>::packed_linear_t(x2, weight.clone(), b.into_dispatch())
+        }
         None => <Dispatch as PackedBackend>::packed_matmul_t(x2, weight.clone()),
     };
     let mut out = dims;
@@ -210,7 +208,7 @@ mod flex {
     impl PackedBackend for Flex {
         fn packed_matmul_t(x: FloatTensor<Flex>, weight: PackedWeight) -> FloatTensor<Flex> {
             if x.dtype() != DType::F32 {
-                return super::default_matmul_t::<Flex>(x, &weight);
+                return super::dequantized_matmul_t::<Flex>(x, &weight);
             }
             let (x, [m, _]) = rows(x);
             tensor(weight.forward(f32s(&x), m, None), [m, weight.shape()[0]])
@@ -223,7 +221,7 @@ mod flex {
         ) -> FloatTensor<Flex> {
             if x.dtype() != DType::F32 || bias.dtype() != DType::F32 {
                 let n = weight.shape()[0];
-                let product = super::default_matmul_t::<Flex>(x, &weight);
+                let product = super::dequantized_matmul_t::<Flex>(x, &weight);
                 return Flex::float_add(product, Flex::float_reshape(bias, Shape::new([1, n])));
             }
             let (x, [m, _]) = rows(x);
@@ -236,8 +234,7 @@ mod flex {
 
         fn packed_matmul(g: FloatTensor<Flex>, weight: PackedWeight) -> FloatTensor<Flex> {
             if g.dtype() != DType::F32 {
-                let w = super::dequantized::<Flex>(&weight, &burn::backend::TensorMetadata::device(&g));
-                return Flex::float_matmul(g, w);
+                return super::dequantized_matmul::<Flex>(g, &weight);
             }
             let (g, [m, _]) = rows(g);
             tensor(weight.input_grad(f32s(&g), m), [m, weight.shape()[1]])
@@ -247,9 +244,16 @@ mod flex {
     use burn::backend::ops::FloatTensorOps;
 }
 
-/// The default body of [`PackedBackend::packed_matmul_t`], for dtypes the flex body does not take.
-#[cfg(feature = "flex")]
-fn default_matmul_t<B: Backend>(x: FloatTensor<B>, weight: &PackedMatrix) -> FloatTensor<B> {
+/// `x · Wᵀ` from the dequantized weight: the default body of
+/// [`PackedBackend::packed_matmul_t`], and flex's for dtypes its packed body does not take.
+fn dequantized_matmul_t<B: Backend>(x: FloatTensor<B>, weight: &PackedMatrix) -> FloatTensor<B> {
     let w = dequantized::<B>(weight, &x.device());
     B::float_matmul(x, B::float_transpose(w))
+}
+
+/// `g · W` from the dequantized weight: the default body of [`PackedBackend::packed_matmul`],
+/// and flex's for dtypes its packed body does not take.
+fn dequantized_matmul<B: Backend>(g: FloatTensor<B>, weight: &PackedMatrix) -> FloatTensor<B> {
+    let w = dequantized::<B>(weight, &g.device());
+    B::float_matmul(g, w)
 }

@@ -1,13 +1,13 @@
-// `packed_linear` against burn's own `linear` on the dequantized weight: forward (2-D, rank 3,
-// with and without bias, a decoding step) and the gradients of the input and bias on Autodiff,
-// for NF4 (with and without double quantization) and ggml blocks.
+//! `packed_linear` against burn's own `linear` on the dequantized weight: forward (2-D, rank 3,
+//! with and without bias, a decoding step) and the gradients of the input and bias on Autodiff,
+//! for NF4 (with and without double quantization) and ggml blocks.
 
 use std::sync::Arc;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use peft_kernels::packed_linear::packed_linear;
 use peft_kernels::quant::ggml::GgmlBlock;
-use peft_kernels::quant::{PackedMatrix, PackedFormat};
+use peft_kernels::quant::{PackedFormat, PackedMatrix};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -29,8 +29,17 @@ fn random<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tens
 }
 
 /// A packed `[out, in]` weight and its dequantized `[in, out]` (burn orientation) copy.
-fn weight(format: PackedFormat, out: usize, inp: usize, seed: u64, device: &Device) -> (Arc<PackedMatrix>, Tensor<2>) {
-    let values: Vec<f32> = random_values(out * inp, seed).iter().map(|v| v * 0.1).collect();
+fn weight(
+    format: PackedFormat,
+    out: usize,
+    inp: usize,
+    seed: u64,
+    device: &Device,
+) -> (Arc<PackedMatrix>, Tensor<2>) {
+    let values: Vec<f32> = random_values(out * inp, seed)
+        .iter()
+        .map(|v| v * 0.1)
+        .collect();
     let packed = match format {
         PackedFormat::Nf4 { double } => PackedMatrix::nf4(&values, out, inp, double).unwrap(),
         PackedFormat::Ggml(kind) => {
@@ -44,7 +53,9 @@ fn weight(format: PackedFormat, out: usize, inp: usize, seed: u64, device: &Devi
                     bytes.extend_from_slice(&burn::tensor::f16::from_f32(-0.05).to_le_bytes());
                 }
                 match kind {
-                    GgmlBlock::Q8_0 => bytes.extend(chunk.iter().map(|v| ((v * 64.0).round() as i8) as u8)),
+                    GgmlBlock::Q8_0 => {
+                        bytes.extend(chunk.iter().map(|v| ((v * 64.0).round() as i8) as u8))
+                    }
                     _ => bytes.extend(chunk[..16].iter().zip(&chunk[16..]).map(|(a, b)| {
                         let q = |v: f32| ((v * 64.0).round() as i32 + 8).clamp(0, 15) as u8;
                         q(*a) | (q(*b) << 4)
@@ -54,7 +65,8 @@ fn weight(format: PackedFormat, out: usize, inp: usize, seed: u64, device: &Devi
             PackedMatrix::ggml(kind, bytes.into(), out, inp).unwrap()
         }
     };
-    let dense = Tensor::<2>::from_data(TensorData::new(packed.dequantize(), [out, inp]), device).transpose();
+    let dense = Tensor::<2>::from_data(TensorData::new(packed.dequantize(), [out, inp]), device)
+        .transpose();
     (Arc::new(packed), dense)
 }
 
@@ -70,7 +82,10 @@ fn packed_linear_equals_linear_on_the_dequantized_weight() {
     let device = Device::flex();
     for (f, format) in FORMATS.into_iter().enumerate() {
         // (rows, in, out): a decoding step, a small batch, NF4 rows with a tail (padding).
-        for (case, (m, inp, out)) in [(1, 96, 64), (37, 160, 72), (300, 128, 40), (5, 100, 33)].into_iter().enumerate() {
+        for (case, (m, inp, out)) in [(1, 96, 64), (37, 160, 72), (300, 128, 40), (5, 100, 33)]
+            .into_iter()
+            .enumerate()
+        {
             if matches!(format, PackedFormat::Ggml(_)) && inp % 32 != 0 {
                 continue;
             }
@@ -121,7 +136,10 @@ fn packed_linear_gradients_equal_burns_autodiff_for_input_and_bias() {
             };
             let (got, want) = (run(true), run(false));
             let what = format!("{} bias {with_bias}", format.name());
-            assert!(rel_diff(got.0.expect("dx"), want.0.unwrap()) < 1e-5, "dx {what}");
+            assert!(
+                rel_diff(got.0.expect("dx"), want.0.unwrap()) < 1e-5,
+                "dx {what}"
+            );
             assert_eq!(got.1.is_some(), with_bias, "{what}");
             if let (Some(a), Some(b)) = (got.1, want.1) {
                 assert!(rel_diff(a, b) < 1e-5, "db {what}");

@@ -1,6 +1,6 @@
-// The packed 4-bit base: NF4 against bitsandbytes' own output bit for bit, the ggml block
-// decoders against the `ggml-quants` crate bit for bit, and the fused packed products against
-// "dequantize, then multiply" over random shapes and block tails.
+//! The packed 4-bit base: NF4 against bitsandbytes' own output bit for bit, the ggml block
+//! decoders against the `ggml-quants` crate bit for bit, and the fused packed products against
+//! "dequantize, then multiply" over random shapes and block tails.
 
 use peft_kernels::quant::ggml::{GGML_BLOCK, GgmlBlock};
 use peft_kernels::quant::nf4::{Absmax, DoubleQuant, NF4_BLOCK, Nf4, dynamic_code};
@@ -16,12 +16,20 @@ fn fixture() -> Vec<u8> {
 }
 
 fn f32s(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}"));
-    t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("fixture tensor {name}"));
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 fn u8s(st: &SafeTensors<'_>, name: &str) -> Vec<u8> {
-    st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}")).data().to_vec()
+    st.tensor(name)
+        .unwrap_or_else(|_| panic!("fixture tensor {name}"))
+        .data()
+        .to_vec()
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -43,12 +51,20 @@ fn nf4_quantize_and_dequantize_equal_bitsandbytes_bit_for_bit() {
     for (name, double) in CASES {
         let x = f32s(&st, &format!("{name}.x"));
         let q = Nf4::quantize(&x, NF4_BLOCK, double).unwrap();
-        assert_eq!(q.packed, u8s(&st, &format!("{name}.packed")), "{name}: packed codes");
+        assert_eq!(
+            q.packed,
+            u8s(&st, &format!("{name}.packed")),
+            "{name}: packed codes"
+        );
         let mut differing_blocks = vec![false; q.absmax.len()];
         match &q.absmax {
             Absmax::Plain(a) => {
                 assert!(!double);
-                assert_eq!(bits(a), bits(&f32s(&st, &format!("{name}.absmax"))), "{name}: absmax");
+                assert_eq!(
+                    bits(a),
+                    bits(&f32s(&st, &format!("{name}.absmax"))),
+                    "{name}: absmax"
+                );
             }
             Absmax::Double(d) => {
                 assert!(double);
@@ -63,17 +79,22 @@ fn nf4_quantize_and_dequantize_equal_bitsandbytes_bit_for_bit() {
                         differ += 1;
                         let z = (maxima[i] - d.offset) / d.scales[i / 256];
                         let dist = |c: u8| (z - code[c as usize]).abs();
-                        assert!(dist(ours) < dist(bnb), "{name}: block {i}: code {ours} vs {bnb}");
-                        assert_eq!(i32::from(ours).abs_diff(i32::from(bnb)), 1, "{name}: block {i}");
+                        assert!(
+                            dist(ours) < dist(bnb),
+                            "{name}: block {i}: code {ours} vs {bnb}"
+                        );
+                        assert_eq!(
+                            i32::from(ours).abs_diff(i32::from(bnb)),
+                            1,
+                            "{name}: block {i}"
+                        );
                     }
                 }
-                assert!(differ * 100 <= theirs.len(), "{name}: {differ} codes differ");
-                differing_blocks = d
-                    .codes
-                    .iter()
-                    .zip(&theirs)
-                    .map(|(a, b)| a != b)
-                    .collect();
+                assert!(
+                    differ * 100 <= theirs.len(),
+                    "{name}: {differ} codes differ"
+                );
+                differing_blocks = d.codes.iter().zip(&theirs).map(|(a, b)| a != b).collect();
                 assert_eq!(
                     bits(&d.scales),
                     bits(&f32s(&st, &format!("{name}.absmax2"))),
@@ -89,7 +110,11 @@ fn nf4_quantize_and_dequantize_equal_bitsandbytes_bit_for_bit() {
         // Read back bit for bit, but for the blocks whose maximum took another 8-bit code.
         let ours = q.dequantize();
         let theirs = f32s(&st, &format!("{name}.dequant"));
-        for (b, (o, t)) in ours.chunks(NF4_BLOCK).zip(theirs.chunks(NF4_BLOCK)).enumerate() {
+        for (b, (o, t)) in ours
+            .chunks(NF4_BLOCK)
+            .zip(theirs.chunks(NF4_BLOCK))
+            .enumerate()
+        {
             if !differing_blocks[b] {
                 assert_eq!(bits(o), bits(t), "{name}: values read back, block {b}");
             }
@@ -99,7 +124,9 @@ fn nf4_quantize_and_dequantize_equal_bitsandbytes_bit_for_bit() {
 
 /// The absolute maximum of each block of 64.
 fn block_maxima(x: &[f32]) -> Vec<f32> {
-    x.chunks(NF4_BLOCK).map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs()))).collect()
+    x.chunks(NF4_BLOCK)
+        .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect()
 }
 
 #[test]
@@ -144,7 +171,8 @@ fn random_blocks(kind: GgmlBlock, count: usize, rng: &mut StdRng) -> Vec<u8> {
         if i % 2 == 0 {
             let mut v = [0f32; 32];
             let scale = rng.random_range(0.01f32..3.0);
-            v.iter_mut().for_each(|x| *x = rng.random_range(-1.0f32..1.0) * scale);
+            v.iter_mut()
+                .for_each(|x| *x = rng.random_range(-1.0f32..1.0) * scale);
             match kind {
                 GgmlBlock::Q4_0 => {
                     let b = Q4_0::quantize(&v);
@@ -220,13 +248,22 @@ fn ggml_blocks_decode_as_ggml_quants_does_bit_for_bit() {
 
 /// `x·Wᵀ + b` and `g·W` from the f32 matrix, accumulated in f64, with the scale each element's
 /// rounding error is measured against (`Σ|a·b|`).
-fn reference(a: &[f32], b: &[f32], (m, k, n): (usize, usize, usize), b_transposed: bool) -> (Vec<f64>, Vec<f64>) {
+fn reference(
+    a: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    b_transposed: bool,
+) -> (Vec<f64>, Vec<f64>) {
     let mut out = vec![0.0; m * n];
     let mut scale = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
             for l in 0..k {
-                let bv = if b_transposed { b[j * k + l] } else { b[l * n + j] };
+                let bv = if b_transposed {
+                    b[j * k + l]
+                } else {
+                    b[l * n + j]
+                };
                 let p = f64::from(a[i * k + l]) * f64::from(bv);
                 out[i * n + j] += p;
                 scale[i * n + j] += p.abs();
@@ -240,12 +277,17 @@ fn assert_close(got: &[f32], (want, scale): &(Vec<f64>, Vec<f64>), what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, ((&g, &w), &s)) in got.iter().zip(want).zip(scale).enumerate() {
         let err = (f64::from(g) - w).abs();
-        assert!(err <= 1e-5 * (1.0 + s), "{what}: element {i}: {g} vs {w} (error {err:e})");
+        assert!(
+            err <= 1e-5 * (1.0 + s),
+            "{what}: element {i}: {g} vs {w} (error {err:e})"
+        );
     }
 }
 
 fn random(len: usize, scale: f32, rng: &mut StdRng) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+    (0..len)
+        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+        .collect()
 }
 
 fn packed(format: PackedFormat, rows: usize, cols: usize, rng: &mut StdRng) -> PackedMatrix {
@@ -293,14 +335,26 @@ fn packed_products_equal_dequantize_then_multiply_over_random_shapes() {
             let x = random(n * cols, 1.0, &mut rng);
             let bias = random(rows, 1.0, &mut rng);
             let (mut want, scale) = reference(&x, &dense, (n, cols, rows), true);
-            assert_close(&w.forward(&x, n, None), &(want.clone(), scale.clone()), &format!("{what} forward"));
+            assert_close(
+                &w.forward(&x, n, None),
+                &(want.clone(), scale.clone()),
+                &format!("{what} forward"),
+            );
             for (i, v) in want.iter_mut().enumerate() {
                 *v += f64::from(bias[i % rows]);
             }
-            assert_close(&w.forward(&x, n, Some(&bias)), &(want, scale), &format!("{what} forward + bias"));
+            assert_close(
+                &w.forward(&x, n, Some(&bias)),
+                &(want, scale),
+                &format!("{what} forward + bias"),
+            );
             let g = random(n * rows, 1.0, &mut rng);
             let want = reference(&g, &dense, (n, rows, cols), false);
-            assert_close(&w.input_grad(&g, n), &want, &format!("{what} input gradient"));
+            assert_close(
+                &w.input_grad(&g, n),
+                &want,
+                &format!("{what} input gradient"),
+            );
         }
     }
 }
@@ -318,14 +372,35 @@ fn quantizing_in_a_ggml_format_equals_ggml_quants_and_reads_back_within_a_step()
         for block in w.chunks_exact(GGML_BLOCK) {
             kind.encode(block, &mut bytes);
         }
-        assert_eq!(bits(&back), bits(&ggml_reference(kind, &bytes)), "{}", kind.name());
-        let step = if kind == GgmlBlock::Q8_0 { 1.0 / 127.0 } else { 2.0 / 15.0 };
+        assert_eq!(
+            bits(&back),
+            bits(&ggml_reference(kind, &bytes)),
+            "{}",
+            kind.name()
+        );
+        let step = if kind == GgmlBlock::Q8_0 {
+            1.0 / 127.0
+        } else {
+            2.0 / 15.0
+        };
         for (i, (a, b)) in w.iter().zip(&back).enumerate() {
-            assert!((a - b).abs() <= step * 1.01, "{} value {i}: {a} vs {b}", kind.name());
+            assert!(
+                (a - b).abs() <= step * 1.01,
+                "{} value {i}: {a} vs {b}",
+                kind.name()
+            );
         }
     }
-    let err = PackedMatrix::quantize(&w[..rows * 40], rows, 40, PackedFormat::Ggml(GgmlBlock::Q4_1));
-    assert!(matches!(err, Err(QuantError::RowNotBlocked { cols: 40, .. })));
+    let err = PackedMatrix::quantize(
+        &w[..rows * 40],
+        rows,
+        40,
+        PackedFormat::Ggml(GgmlBlock::Q4_1),
+    );
+    assert!(matches!(
+        err,
+        Err(QuantError::RowNotBlocked { cols: 40, .. })
+    ));
 }
 
 #[test]
@@ -340,7 +415,11 @@ fn nf4_rows_are_padded_to_whole_blocks_and_read_back_per_row() {
         let mut row = w[r * cols..(r + 1) * cols].to_vec();
         row.resize(128, 0.0);
         let alone = Nf4::quantize(&row, NF4_BLOCK, false).unwrap().dequantize();
-        assert_eq!(bits(&back[r * cols..(r + 1) * cols]), bits(&alone[..cols]), "row {r}");
+        assert_eq!(
+            bits(&back[r * cols..(r + 1) * cols]),
+            bits(&alone[..cols]),
+            "row {r}"
+        );
     }
     // 4 bits a value plus an f32 maximum per block of 64: 4.5 bits a stored value.
     assert_eq!(m.size_bytes(), rows * 128 / 2 + rows * 2 * 4);
@@ -352,11 +431,24 @@ fn packed_sizes_are_the_formats_bits_per_weight() {
     let (rows, cols) = (256, 1024);
     let bits_per = |m: &PackedMatrix| m.size_bytes() as f64 * 8.0 / (rows * cols) as f64;
     let w = random(rows * cols, 1.0, &mut rng);
-    assert_eq!(bits_per(&PackedMatrix::nf4(&w, rows, cols, false).unwrap()), 4.5);
+    assert_eq!(
+        bits_per(&PackedMatrix::nf4(&w, rows, cols, false).unwrap()),
+        4.5
+    );
     let dq = bits_per(&PackedMatrix::nf4(&w, rows, cols, true).unwrap());
-    assert!(dq > 4.12 && dq < 4.13, "NF4 with double quantization: {dq} bits");
-    for (kind, want) in [(GgmlBlock::Q4_0, 4.5), (GgmlBlock::Q4_1, 5.0), (GgmlBlock::Q8_0, 8.5)] {
-        assert_eq!(bits_per(&packed(PackedFormat::Ggml(kind), rows, cols, &mut rng)), want);
+    assert!(
+        dq > 4.12 && dq < 4.13,
+        "NF4 with double quantization: {dq} bits"
+    );
+    for (kind, want) in [
+        (GgmlBlock::Q4_0, 4.5),
+        (GgmlBlock::Q4_1, 5.0),
+        (GgmlBlock::Q8_0, 8.5),
+    ] {
+        assert_eq!(
+            bits_per(&packed(PackedFormat::Ggml(kind), rows, cols, &mut rng)),
+            want
+        );
     }
 }
 
@@ -377,7 +469,10 @@ fn permuting_rows_moves_whole_rows_in_every_format() {
                 format.name()
             );
         }
-        assert!(matches!(m.permute_rows(&[0; 12]), Err(QuantError::NotAPermutation { rows: 12 })));
+        assert!(matches!(
+            m.permute_rows(&[0; 12]),
+            Err(QuantError::NotAPermutation { rows: 12 })
+        ));
     }
 }
 
@@ -385,14 +480,30 @@ fn permuting_rows_moves_whole_rows_in_every_format() {
 fn malformed_packed_tensors_are_refused_with_their_shape() {
     let err = PackedMatrix::ggml(GgmlBlock::Q4_1, vec![0u8; 39].into(), 2, 32).unwrap_err();
     assert!(
-        matches!(err, QuantError::ByteLength { expected: 40, found: 39, .. }),
+        matches!(
+            err,
+            QuantError::ByteLength {
+                expected: 40,
+                found: 39,
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("[2, 32]"), "{err}");
     let err = PackedMatrix::ggml(GgmlBlock::Q8_0, vec![0u8; 34].into(), 1, 33).unwrap_err();
-    assert!(matches!(err, QuantError::RowNotBlocked { cols: 33, .. }), "{err}");
+    assert!(
+        matches!(err, QuantError::RowNotBlocked { cols: 33, .. }),
+        "{err}"
+    );
     let err = PackedMatrix::nf4(&[0.0; 5], 2, 3, false).unwrap_err();
-    assert!(matches!(err, QuantError::ValueCount { found: 5, .. }), "{err}");
+    assert!(
+        matches!(err, QuantError::ValueCount { found: 5, .. }),
+        "{err}"
+    );
     let owner: std::sync::Arc<dyn AsRef<[u8]> + Send + Sync> = std::sync::Arc::new(vec![0u8; 8]);
-    assert!(matches!(PackedBytes::new(owner, 4..12), Err(QuantError::ByteRange { len: 8, .. })));
+    assert!(matches!(
+        PackedBytes::new(owner, 4..12),
+        Err(QuantError::ByteRange { len: 8, .. })
+    ));
 }

@@ -125,7 +125,11 @@ impl GgmlBlock {
 fn nibble_dot(qs: &[u8], x: &[f32]) -> f32 {
     let (lo, hi) = x.split_at(16);
     let mut acc = [0f32; 8];
-    for ((q, l), h) in qs.chunks_exact(4).zip(lo.chunks_exact(4)).zip(hi.chunks_exact(4)) {
+    for ((q, l), h) in qs
+        .chunks_exact(4)
+        .zip(lo.chunks_exact(4))
+        .zip(hi.chunks_exact(4))
+    {
         for j in 0..4 {
             acc[j] += (q[j] & 0x0F) as f32 * l[j];
             acc[4 + j] += (q[j] >> 4) as f32 * h[j];

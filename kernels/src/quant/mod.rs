@@ -37,9 +37,7 @@ pub enum QuantError {
         found: usize,
     },
     /// A packed tensor's byte length does not match its shape.
-    #[error(
-        "a {format} tensor of shape {shape:?} takes {expected} bytes, but {found} were given"
-    )]
+    #[error("a {format} tensor of shape {shape:?} takes {expected} bytes, but {found} were given")]
     ByteLength {
         /// The block format.
         format: &'static str,

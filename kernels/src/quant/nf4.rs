@@ -251,7 +251,7 @@ impl Nf4 {
     /// Quantizes `values` (read flat) as `quantize_4bit(x, blocksize=block, quant_type="nf4",
     /// compress_statistics=double)` does. Non-finite values are refused.
     pub fn quantize(values: &[f32], block: usize, double: bool) -> Result<Self, QuantError> {
-        if block == 0 || block % 2 != 0 {
+        if block == 0 || !block.is_multiple_of(2) {
             return Err(QuantError::BlockSize { block });
         }
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
@@ -269,11 +269,17 @@ impl Nf4 {
             if b * block < full {
                 absmax.push(max);
                 let inv = 1.0 / divisor;
-                indices.extend(chunk.iter().map(|&v| index_of((v * inv).clamp(-1.0, 1.0), &mids)));
+                indices.extend(
+                    chunk
+                        .iter()
+                        .map(|&v| index_of((v * inv).clamp(-1.0, 1.0), &mids)),
+                );
             } else {
                 absmax.push(divisor);
                 indices.extend(
-                    chunk.iter().map(|&v| index_of((v / divisor).clamp(-1.0, 1.0), &mids)),
+                    chunk
+                        .iter()
+                        .map(|&v| index_of((v / divisor).clamp(-1.0, 1.0), &mids)),
                 );
             }
         }
@@ -281,7 +287,10 @@ impl Nf4 {
             // bitsandbytes pads the scaled values with one 0.0, whose index is NF4's zero.
             indices.push(index_of(0.0, &mids));
         }
-        let packed = indices.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect();
+        let packed = indices
+            .chunks_exact(2)
+            .map(|p| (p[0] << 4) | p[1])
+            .collect();
         let absmax = if double {
             Absmax::Double(DoubleQuant::quantize(&absmax))
         } else {
@@ -309,7 +318,7 @@ impl Nf4 {
 /// `absmax`.
 #[inline]
 pub fn decode_into(packed: &[u8], first: usize, absmax: f32, out: &mut [f32]) {
-    debug_assert!(first % 2 == 0);
+    debug_assert!(first.is_multiple_of(2));
     let bytes = &packed[first / 2..(first + out.len()).div_ceil(2)];
     let mut pairs = out.chunks_exact_mut(2);
     for (pair, &byte) in (&mut pairs).zip(bytes) {
@@ -349,7 +358,11 @@ mod tests {
 
     #[test]
     fn every_code_value_quantizes_to_itself_and_an_odd_count_round_trips() {
-        let values: Vec<f32> = NF4_CODE.iter().chain([0.5f32, -0.25, 0.9].iter()).copied().collect();
+        let values: Vec<f32> = NF4_CODE
+            .iter()
+            .chain([0.5f32, -0.25, 0.9].iter())
+            .copied()
+            .collect();
         let q = Nf4::quantize(&values, 64, false).unwrap();
         assert_eq!(q.packed.len(), 10);
         let back = q.dequantize();
@@ -359,7 +372,10 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_refused() {
-        assert!(matches!(Nf4::quantize(&[1.0], 63, false), Err(QuantError::BlockSize { .. })));
+        assert!(matches!(
+            Nf4::quantize(&[1.0], 63, false),
+            Err(QuantError::BlockSize { .. })
+        ));
         assert!(matches!(
             Nf4::quantize(&[1.0, f32::NAN], 64, false),
             Err(QuantError::NonFinite { at: 1 })

@@ -120,7 +120,10 @@ impl PackedMatrix {
             Nf4::quantize(values, NF4_BLOCK, double)?
         } else {
             let mut padded = vec![0.0; rows * row_len];
-            for (dst, src) in padded.chunks_exact_mut(row_len).zip(values.chunks_exact(cols)) {
+            for (dst, src) in padded
+                .chunks_exact_mut(row_len)
+                .zip(values.chunks_exact(cols))
+            {
                 dst[..cols].copy_from_slice(src);
             }
             Nf4::quantize(&padded, NF4_BLOCK, double)?
@@ -143,7 +146,7 @@ impl PackedMatrix {
         rows: usize,
         cols: usize,
     ) -> Result<Self, QuantError> {
-        if cols % GGML_BLOCK != 0 {
+        if !cols.is_multiple_of(GGML_BLOCK) {
             return Err(QuantError::RowNotBlocked {
                 cols,
                 block: GGML_BLOCK,
@@ -182,7 +185,7 @@ impl PackedMatrix {
             PackedFormat::Nf4 { double } => Self::nf4(values, rows, cols, double),
             PackedFormat::Ggml(kind) => {
                 check_len(values.len(), rows, cols)?;
-                if cols % GGML_BLOCK != 0 {
+                if !cols.is_multiple_of(GGML_BLOCK) {
                     return Err(QuantError::RowNotBlocked {
                         cols,
                         block: GGML_BLOCK,
@@ -254,9 +257,7 @@ impl PackedMatrix {
             )
         });
         let format = match self.format {
-            PackedFormat::Nf4 { .. } => PackedFormat::Nf4 {
-                double: false,
-            },
+            PackedFormat::Nf4 { .. } => PackedFormat::Nf4 { double: false },
             f => f,
         };
         Ok(PackedMatrix {
@@ -297,7 +298,11 @@ impl PackedMatrix {
         let mut out = vec![0.0; self.rows * self.cols];
         let mut row = vec![0.0; self.row_len];
         let blocks = self.row_len / self.format.block();
-        for (r, dst) in out.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.rows) {
+        for (r, dst) in out
+            .chunks_exact_mut(self.cols.max(1))
+            .enumerate()
+            .take(self.rows)
+        {
             self.decode(r, 0..blocks, &mut row);
             dst.copy_from_slice(&row[..self.cols]);
         }
@@ -405,7 +410,10 @@ impl PackedMatrix {
         let blocks = self.row_len / block;
         // Inputs padded to whole blocks (NF4 rows may end inside one), and each block's sum.
         let mut padded = vec![0f32; n * self.row_len];
-        for (dst, src) in padded.chunks_exact_mut(self.row_len).zip(x.chunks_exact(self.cols)) {
+        for (dst, src) in padded
+            .chunks_exact_mut(self.row_len)
+            .zip(x.chunks_exact(self.cols))
+        {
             dst[..self.cols].copy_from_slice(src);
         }
         let sums: Vec<f32> = padded.chunks_exact(block).map(|c| c.iter().sum()).collect();
@@ -442,10 +450,7 @@ impl PackedMatrix {
     pub fn input_grad(&self, g: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(g.len(), n * self.rows, "g must be [n, out_features]");
         let mut dx = vec![0.0f32; n * self.cols];
-        if n == 0 || self.cols == 0 {
-            return dx;
-        }
-        if self.rows == 0 {
+        if n == 0 || self.cols == 0 || self.rows == 0 {
             return dx;
         }
         let block = self.format.block();
@@ -461,7 +466,11 @@ impl PackedMatrix {
                 let nblocks = width.div_ceil(block);
                 let span = nblocks * block;
                 for r in 0..self.rows {
-                    self.decode(r, first..first + nblocks, &mut buf[r * span..(r + 1) * span]);
+                    self.decode(
+                        r,
+                        first..first + nblocks,
+                        &mut buf[r * span..(r + 1) * span],
+                    );
                 }
                 // SAFETY: `dst` addresses the `[n, width]` column stripe c0.. of `dx` (row stride
                 // `cols`), written by this task only; `g` holds `[n, rows]` and `buf` the `[rows,
