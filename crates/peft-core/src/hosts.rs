@@ -210,6 +210,14 @@ impl<A: Adapter> HostView<'_, A> {
     pub fn base_is_packed(&self) -> bool {
         matches!(self.base, BaseRef::Packed { .. })
     }
+
+    /// The bytes a packed base takes (its blocks and scales), `None` for an f32 base.
+    pub fn packed_bytes(&self) -> Option<usize> {
+        match &self.base {
+            BaseRef::Packed { packed, .. } => Some(packed.size_bytes()),
+            _ => None,
+        }
+    }
 }
 
 /// Run `f` on every host of adapter type `A` in `model`.
@@ -288,14 +296,42 @@ where
             && l.packed.is_none()
             && select(&call.path)
         {
-            *l = l.clone().pack(format).map_err(|e| {
-                PeftError::Unsupported(format!("packing `{}`: {e}", call.path))
-            })?;
+            *l = l
+                .clone()
+                .pack(format)
+                .map_err(|e| PeftError::Unsupported(format!("packing `{}`: {e}", call.path)))?;
             sink.borrow_mut().push(call.path.clone());
         }
         Ok(())
     })?;
     Ok(packed.take())
+}
+
+/// The paths of the layers of `model` whose frozen base is kept packed (any adapter type), in
+/// visiting order. Methods that update base weights (selective fine-tuning, full fine-tuning)
+/// refuse such a model.
+pub fn packed_paths<M: Module>(model: &M) -> Vec<String> {
+    struct Find {
+        path: Vec<String>,
+        out: Vec<String>,
+    }
+    impl ModuleVisitor for Find {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            if container_type == crate::layer::PACKED_BASE {
+                self.out.push(self.path.join("."));
+            }
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+    }
+    let mut find = Find {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut find);
+    find.out
 }
 
 /// Give every `PeftLinear<A>` of `model` whose base is packed an f32 base again (the packed

@@ -106,12 +106,12 @@ impl<A: Adapter> PeftLinear<A> {
     /// [`forward`](Self::forward) over a packed base: the base product reads the packed blocks;
     /// a plain LoRA adapter adds `scale · (x·A)·B`; other adapters add their terms as on an f32
     /// base (a DoRA adapter gets the dequantized weight, built for that call).
-    fn forward_packed(
+    fn forward_packed<const D: usize>(
         &self,
-        x: Tensor<2>,
+        x: Tensor<D>,
         packed: &PackedWeight,
         bias: Option<Tensor<1>>,
-    ) -> Tensor<2> {
+    ) -> Tensor<D> {
         let result = packed_linear(x.clone(), packed, bias.clone());
         if self.adapters.is_empty() {
             return result;
@@ -218,6 +218,39 @@ impl<A: Adapter> PeftLinear<A> {
     }
 }
 
+/// The container type of the empty `packed` module a layer with a packed base shows visitors.
+pub(crate) const PACKED_BASE: &str = "Struct:PackedBase";
+
+impl<A: Adapter> PeftLinear<A> {
+    /// The weight visitors see: `weight`, or for a packed base a lazy parameter of the layer's
+    /// real shape `[d_in, d_out]` (same id) that is never built unless a visitor reads its value
+    /// (then it holds the dequantized weight, and is dropped after the visit). So inventories
+    /// (adapter targeting, budgets, parameter counts) see the layer's true shape while the
+    /// model holds only the packed blocks.
+    fn visited_weight(&self) -> Param<Tensor<2>> {
+        match &self.packed {
+            None => self.weight.clone(),
+            Some(p) => {
+                let [d_out, d_in] = p.shape();
+                let packed = p.clone();
+                Param::uninitialized(
+                    self.weight.id,
+                    move |device, _| unpacked(&packed, device),
+                    self.weight.lazy_device(),
+                    false,
+                    burn::tensor::Shape::new([d_in, d_out]),
+                )
+            }
+        }
+    }
+}
+
+impl<A: Adapter> PeftEmbedding<A> {
+    fn visited_weight(&self) -> Param<Tensor<2>> {
+        self.weight.clone()
+    }
+}
+
 /// A packed `[d_out, d_in]` weight as an f32 `[d_in, d_out]` tensor on `device`.
 pub(crate) fn unpacked(packed: &PackedMatrix, device: &Device) -> Tensor<2> {
     let [d_out, d_in] = packed.shape();
@@ -235,7 +268,7 @@ pub(crate) fn pack_weight(weight: Tensor<2>, format: PackedFormat) -> Result<Pac
         .transpose()
         .into_data()
         .convert::<f32>()
-        .into_vec::<f32>()
+        .try_into_vec::<f32>()
         .map_err(|e| PeftError::Unsupported(format!("reading a weight to pack it: {e:?}")))?;
     PackedMatrix::quantize(&values, d_out, d_in, format)
         .map(PackedWeight::new)
@@ -341,8 +374,15 @@ macro_rules! host_module {
 
             fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
                 visitor.enter_module("weight", $base);
-                self.weight.visit(visitor);
+                self.visited_weight().visit(visitor);
                 visitor.exit_module("weight", $base);
+                $(
+                    if self.$packed.is_some() {
+                        // An empty marker: [`crate::hosts::packed_paths`] finds packed bases.
+                        visitor.enter_module("packed", PACKED_BASE);
+                        visitor.exit_module("packed", PACKED_BASE);
+                    }
+                )?
                 $(
                     visitor.enter_module(stringify!($bias), $base);
                     self.$bias.visit(visitor);
@@ -392,5 +432,11 @@ macro_rules! host_module {
     };
 }
 
-host_module!(PeftLinear, "Struct:Linear", "Struct:PeftLinear", bias, packed);
+host_module!(
+    PeftLinear,
+    "Struct:Linear",
+    "Struct:PeftLinear",
+    bias,
+    packed
+);
 host_module!(PeftEmbedding, "Struct:Embedding", "Struct:PeftEmbedding",);

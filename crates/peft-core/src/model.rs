@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::Module;
 
+use crate::adapter::Adapter;
 use crate::error::{PeftError, Result};
 use crate::hosts::{self, Created, HostView, LayerInfo};
 use crate::method::{BiasMode, Method};
@@ -264,13 +265,7 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         };
         hosts::for_each(
             &mut self.model,
-            move |mut host: HostView<'_, C::Adapter>| {
-                let base = host.base_weight();
-                let path = host.path.clone();
-                let merged = host.slot.merge(base, &names, safe, &path)?;
-                host.set_base_weight(merged)?;
-                Ok(())
-            },
+            move |mut host: HostView<'_, C::Adapter>| merge_host(&mut host, &names, safe),
         )
     }
 
@@ -313,11 +308,7 @@ impl<M: Module, C: Method> PeftModel<M, C> {
                 if !re.is_match(&host.path) {
                     return Ok(());
                 }
-                let base = host.base_weight();
-                let path = host.path.clone();
-                let merged = host.slot.merge(base, &names, safe, &path)?;
-                host.set_base_weight(merged)?;
-                Ok(())
+                merge_host(&mut host, &names, safe)
             },
         )?;
         Ok(self.unload())
@@ -532,4 +523,19 @@ pub fn adapters_of<M: Module, A: crate::Adapter + Clone>(
             .get(&name)
             .map(|a| (host.path.clone(), host.kind, a.clone()))
     })
+}
+
+/// Merge `names` into `host`'s base weight. A host holding none of them unmerged is left as it
+/// is: its base is not read or written (a packed base is not quantized again).
+fn merge_host<A: Adapter>(host: &mut HostView<'_, A>, names: &[String], safe: bool) -> Result<()> {
+    let pending = names
+        .iter()
+        .any(|n| host.slot.get(n).is_some() && !host.slot.is_merged(n));
+    if !pending {
+        return Ok(());
+    }
+    let base = host.base_weight();
+    let path = host.path.clone();
+    let merged = host.slot.merge(base, names, safe, &path)?;
+    host.set_base_weight(merged)
 }
