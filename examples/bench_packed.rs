@@ -137,12 +137,12 @@ fn train<M: Module + Clone, C: Method>(
     Ok((times, collection))
 }
 
-fn lora() -> LoraConfig {
-    LoraConfig::new(16, 32.0, ModuleSelector::All)
+fn lora(targets: ModuleSelector) -> LoraConfig {
+    LoraConfig::new(16, 32.0, targets)
 }
 
-fn rosa() -> RosaConfig {
-    RosaConfig::new(12, 4.0 / 256.0, 24.0, ModuleSelector::All)
+fn rosa(targets: ModuleSelector) -> RosaConfig {
+    RosaConfig::new(12, 4.0 / 256.0, 24.0, targets)
 }
 
 fn smollm2<A: Adapter, C: Method<Adapter = A>>(
@@ -190,7 +190,7 @@ fn minilm<A: Adapter, C: Method<Adapter = A>>(
     let w = Workload::load(None)?;
     let start = Instant::now();
     let model = Bert::<PeftLinear<A>>::from_dir_with(&w.dir, &w.config, &w.device)?;
-    let mut peft = PeftModel::new_typed(model, config.with_targets(targets()))?;
+    let mut peft = PeftModel::new_typed(model, config)?;
     let format = match base {
         BaseFormat::F32 => None,
         BaseFormat::Gguf => Some(PackedFormat::Ggml(GgmlBlock::Q4_1)),
@@ -231,13 +231,18 @@ fn run_cell(cell: &str, args: &Args) -> anyhow::Result<serde_json::Value> {
         bail!("--cell {cell}: expected model:method:base");
     };
     let base: BaseFormat = base.parse().map_err(anyhow::Error::msg)?;
-    let rosa_config = rosa();
+    // Every linear layer: LLaMA's seven projections, BERT's query/key/value/dense.
+    let all = match model {
+        "minilm" => targets(),
+        _ => ModuleSelector::all_linear(),
+    };
+    let rosa_config = rosa(all.clone());
     let m = match (model, method) {
-        ("smollm2", "lora") => smollm2::<LoraAdapter, _>(lora(), None, base, args)?,
+        ("smollm2", "lora") => smollm2::<LoraAdapter, _>(lora(all), None, base, args)?,
         ("smollm2", "rosa") => {
             smollm2::<RosaAdapter, _>(rosa_config.clone(), Some(&rosa_config), base, args)?
         }
-        ("minilm", "lora") => minilm::<LoraAdapter, _>(lora(), None, base, args)?,
+        ("minilm", "lora") => minilm::<LoraAdapter, _>(lora(all), None, base, args)?,
         ("minilm", "rosa") => {
             minilm::<RosaAdapter, _>(rosa_config.clone(), Some(&rosa_config), base, args)?
         }

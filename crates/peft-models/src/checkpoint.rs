@@ -208,8 +208,9 @@ impl Checkpoint {
 
     /// A linear layer of type `L` from `<path>.weight` (`[d_out, d_in]`) and `<path>.bias`,
     /// its weight held as `base` says ([`BaseFormat`]): f32 as [`Checkpoint::linear`]; else
-    /// packed, when `L` keeps a packed base ([`LinearLayer::KEEPS_PACKED`]), from the stored
-    /// blocks (`gguf`) or quantized one layer at a time as it is read (`bf16`, `nf4`, `nf4-dq`).
+    /// packed, from the stored blocks (`gguf`) or quantized one layer at a time as it is read
+    /// (`bf16`, `nf4`, `nf4-dq`), and handed to [`LinearLayer::from_packed`] (a `PeftLinear`
+    /// keeps it packed; a plain `Linear` holds its values dequantized, as rounded).
     ///
     /// # Errors
     /// As [`Checkpoint::tensor`]; [`ModelError::Packing`] for `gguf` over a source with no
@@ -222,7 +223,7 @@ impl Checkpoint {
         base: BaseFormat,
         device: &Device,
     ) -> Result<L> {
-        if !base.is_packed() || !L::KEEPS_PACKED {
+        if !base.is_packed() {
             return self.linear(path, d_in, d_out, bias, device).map(L::from);
         }
         let key = format!("{path}.weight");

@@ -134,10 +134,6 @@ impl FromStr for BaseFormat {
 /// Both store `<path>.weight` (`[d_in, d_out]`) and `<path>.bias`, so the same checkpoint loads
 /// into either.
 pub trait LinearLayer: Module + ModuleDisplay + From<Linear> {
-    /// Whether the layer keeps a packed base packed ([`PeftLinear`] does; burn's `Linear`
-    /// dequantizes it).
-    const KEEPS_PACKED: bool = false;
-
     /// Apply the layer to `[..., d_in]`, giving `[..., d_out]`.
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D>;
 
@@ -172,8 +168,6 @@ impl LinearLayer for Linear {
 }
 
 impl<A: Adapter> LinearLayer for PeftLinear<A> {
-    const KEEPS_PACKED: bool = true;
-
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         PeftLinear::forward(self, x)
     }
