@@ -190,13 +190,20 @@ fn random_blocks(kind: GgmlBlock, count: usize, rng: &mut StdRng) -> Vec<u8> {
                     out.extend_from_slice(&b.delta.to_bits().to_le_bytes());
                     out.extend(b.quants.iter().map(|&q| q as u8));
                 }
+                GgmlBlock::F16 | GgmlBlock::Bf16 => kind.encode(&v, &mut out),
             }
         } else {
             let mut b: Vec<u8> = (0..kind.block_bytes()).map(|_| rng.random()).collect();
-            // Finite f16 scales: clear the top exponent bit.
+            // Finite f16 scales (and 16-bit values): clear the top exponent bit.
             b[1] &= 0b1011_1111;
             if kind == GgmlBlock::Q4_1 {
                 b[3] &= 0b1011_1111;
+            }
+            if let GgmlBlock::F16 | GgmlBlock::Bf16 = kind {
+                b.iter_mut()
+                    .skip(1)
+                    .step_by(2)
+                    .for_each(|h| *h &= 0b1011_1111);
             }
             out.extend_from_slice(&b);
         }
@@ -230,6 +237,11 @@ fn ggml_reference(kind: GgmlBlock, bytes: &[u8]) -> Vec<f32> {
                 quants: std::array::from_fn(|i| b[2 + i] as i8),
             }
             .dequantize(),
+            // Not ggml-quants' formats: half's own conversions.
+            GgmlBlock::F16 => std::array::from_fn(|i| half(b, 2 * i).to_f32()),
+            GgmlBlock::Bf16 => std::array::from_fn(|i| {
+                burn::tensor::bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32()
+            }),
         })
         .collect()
 }
@@ -237,7 +249,13 @@ fn ggml_reference(kind: GgmlBlock, bytes: &[u8]) -> Vec<f32> {
 #[test]
 fn ggml_blocks_decode_as_ggml_quants_does_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(7);
-    for kind in [GgmlBlock::Q4_0, GgmlBlock::Q4_1, GgmlBlock::Q8_0] {
+    for kind in [
+        GgmlBlock::Q4_0,
+        GgmlBlock::Q4_1,
+        GgmlBlock::Q8_0,
+        GgmlBlock::F16,
+        GgmlBlock::Bf16,
+    ] {
         let (rows, cols) = (6, 4 * GGML_BLOCK);
         let bytes = random_blocks(kind, rows * cols / GGML_BLOCK, &mut rng);
         let expected = ggml_reference(kind, &bytes);
@@ -303,12 +321,14 @@ fn packed(format: PackedFormat, rows: usize, cols: usize, rng: &mut StdRng) -> P
     }
 }
 
-const FORMATS: [PackedFormat; 5] = [
+const FORMATS: [PackedFormat; 7] = [
     PackedFormat::Nf4 { double: false },
     PackedFormat::Nf4 { double: true },
     PackedFormat::Ggml(GgmlBlock::Q4_0),
     PackedFormat::Ggml(GgmlBlock::Q4_1),
     PackedFormat::Ggml(GgmlBlock::Q8_0),
+    PackedFormat::Ggml(GgmlBlock::F16),
+    PackedFormat::Ggml(GgmlBlock::Bf16),
 ];
 
 #[test]
@@ -506,4 +526,39 @@ fn malformed_packed_tensors_are_refused_with_their_shape() {
         PackedBytes::new(owner, 4..12),
         Err(QuantError::ByteRange { len: 8, .. })
     ));
+}
+
+#[test]
+fn sixteen_bit_blocks_round_to_nearest_and_gather_rows_decodes_only_the_rows_asked() {
+    let mut rng = StdRng::seed_from_u64(16);
+    let (rows, cols) = (7, 3 * GGML_BLOCK);
+    let w = random(rows * cols, 2.0, &mut rng);
+    for kind in [GgmlBlock::F16, GgmlBlock::Bf16] {
+        let m = PackedMatrix::quantize(&w, rows, cols, PackedFormat::Ggml(kind)).unwrap();
+        assert_eq!(m.size_bytes(), rows * cols * 2, "{}", kind.name());
+        let want: Vec<f32> = w
+            .iter()
+            .map(|&v| match kind {
+                GgmlBlock::F16 => burn::tensor::f16::from_f32(v).to_f32(),
+                _ => burn::tensor::bf16::from_f32(v).to_f32(),
+            })
+            .collect();
+        assert_eq!(bits(&m.dequantize()), bits(&want), "{}", kind.name());
+    }
+    for format in FORMATS {
+        let cols = if matches!(format, PackedFormat::Nf4 { .. }) {
+            100
+        } else {
+            cols
+        };
+        let m = packed(format, rows, cols, &mut rng);
+        let all = m.dequantize();
+        let ids = [6, 0, 3, 3];
+        let got = m.gather_rows(&ids);
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&r| all[r * cols..(r + 1) * cols].iter().copied())
+            .collect();
+        assert_eq!(bits(&got), bits(&want), "{}", format.name());
+    }
 }

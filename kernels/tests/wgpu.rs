@@ -131,3 +131,42 @@ fn lora_linear_on_wgpu_matches_flex() {
         close(name, g, e, 1e-4);
     }
 }
+
+/// `packed_linear` on wgpu (the default bodies: the weight dequantized for each product) equals
+/// flex's packed kernels, output and the input and bias gradients, for NF4 and ggml blocks.
+#[test]
+fn packed_linear_on_wgpu_equals_flex() {
+    use std::sync::Arc;
+
+    use peft_kernels::packed_linear::packed_linear;
+    use peft_kernels::quant::ggml::GgmlBlock;
+    use peft_kernels::quant::{PackedFormat, PackedMatrix};
+
+    let (m, inp, out) = (6, 96, 40);
+    for format in [
+        PackedFormat::Nf4 { double: true },
+        PackedFormat::Ggml(GgmlBlock::Q4_1),
+        PackedFormat::Ggml(GgmlBlock::Bf16),
+    ] {
+        let w = Arc::new(PackedMatrix::quantize(&data(out * inp, 11), out, inp, format).unwrap());
+        let run = |device: &Device| {
+            let device = device.clone().autodiff();
+            let x = Tensor::<1>::from_floats(&data(m * inp, 12)[..], &device)
+                .reshape([m, inp])
+                .require_grad();
+            let b = Tensor::<1>::from_floats(&data(out, 13)[..], &device).require_grad();
+            let u = Tensor::<1>::from_floats(&data(m * out, 14)[..], &device).reshape([m, out]);
+            let y = packed_linear(x.clone(), &w, Some(b.clone()));
+            let grads = (y.clone() * u).sum().backward();
+            [
+                y.inner().into_data(),
+                x.grad(&grads).unwrap().into_data(),
+                b.grad(&grads).unwrap().into_data(),
+            ]
+        };
+        let (gpu, cpu) = (run(&wgpu()), run(&Device::flex()));
+        for (what, (a, b)) in ["output", "dx", "db"].iter().zip(gpu.into_iter().zip(cpu)) {
+            close(&format!("{} {what}", format.name()), a, b, 1e-4);
+        }
+    }
+}

@@ -146,8 +146,15 @@ pub fn eval_on(
         evaluation: &evaluation,
         device: &device,
     };
-    let scores = model::with_llama(&source, Some(&adapter), false, &device, job)
-        .with_context(|| format!("evaluating {}", adapter.display()))?;
+    let scores = model::with_llama(
+        &source,
+        Some(&adapter),
+        false,
+        config.model.base,
+        &device,
+        job,
+    )
+    .with_context(|| format!("evaluating {}", adapter.display()))?;
     Ok((adapter, set.examples.len(), scores))
 }
 

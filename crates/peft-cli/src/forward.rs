@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::tensor::{Device, Tensor};
-use peft_models::LinearLayer;
 use peft_models::bert::{Bert, BertConfig};
 use peft_models::llama::{Llama, LlamaConfig};
+use peft_models::{BaseFormat, LinearLayer};
 
 use crate::model::{self, BertJob, Inputs, LlamaJob, ModelSource};
 
@@ -37,6 +37,10 @@ pub struct ForwardArgs {
     /// Merge the adapter into the base weights before running (checked for NaN/Inf).
     #[arg(long, requires = "adapter")]
     pub merge: bool,
+    /// How the frozen base weights of a causal LM are held: `f32`, `bf16`, `nf4`, `nf4-dq` or
+    /// `gguf` (see `burn-peft generate --help`).
+    #[arg(long, default_value = "f32")]
+    pub base: BaseFormat,
 }
 
 /// Run `burn-peft forward`.
@@ -49,6 +53,12 @@ pub fn run(args: &ForwardArgs) -> anyhow::Result<()> {
     let adapter = args.adapter.as_deref();
     let (key, output) = match &source {
         ModelSource::HfBert(dir) => {
+            anyhow::ensure!(
+                !args.base.is_packed(),
+                "--base {}: a packed base is available for causal LMs (LLaMA family); BERT \
+                 loads in f32",
+                args.base
+            );
             let config = BertConfig::from_dir(dir)
                 .with_context(|| format!("reading the model config in {}", dir.display()))?;
             let inputs = model::read_inputs(
@@ -68,7 +78,8 @@ pub fn run(args: &ForwardArgs) -> anyhow::Result<()> {
                 config.max_position_embeddings,
                 &device,
             )?;
-            let logits = model::with_llama(&source, adapter, args.merge, &device, inputs)?;
+            let logits =
+                model::with_llama(&source, adapter, args.merge, args.base, &device, inputs)?;
             ("logits", logits)
         }
     };

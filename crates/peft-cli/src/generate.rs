@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
 use burn::tensor::Device;
+use peft_models::BaseFormat;
 use peft_models::LinearLayer;
 use peft_models::chat::ChatMessage;
 use peft_models::generate::{Generation, GenerationConfig, StopReason, generate};
@@ -47,6 +48,11 @@ pub struct GenerateArgs {
     /// Merge the adapter into the base weights before generating.
     #[arg(long, requires = "adapter")]
     pub merge: bool,
+    /// How the frozen base weights are held: `f32`; `bf16`; `nf4` / `nf4-dq` (QLoRA's 4-bit
+    /// NF4, quantized at load; the token table at 16 bits); `gguf` (a GGUF file's own blocks,
+    /// never dequantized).
+    #[arg(long, default_value = "f32")]
+    pub base: BaseFormat,
     /// The most tokens to generate (generation also stops at the end-of-sequence token and at
     /// the end of the model's context).
     #[arg(long, default_value_t = 256)]
@@ -115,7 +121,14 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         tokenizer: &tokenizer,
         loaded: &mut on_loaded,
     };
-    let out = model::with_llama(&source, args.adapter.as_deref(), args.merge, &device, job);
+    let out = model::with_llama(
+        &source,
+        args.adapter.as_deref(),
+        args.merge,
+        args.base,
+        &device,
+        job,
+    );
     spinner.finish_and_clear();
     let out = out?;
     report(&out);

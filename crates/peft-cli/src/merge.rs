@@ -130,7 +130,15 @@ fn write(
     dir: &Path,
 ) -> anyhow::Result<()> {
     let device = Device::default();
-    model::with_llama(source, Some(adapter), true, &device, WriteWeights(dir))?;
+    // Full precision: the merged export is an f32 model.
+    model::with_llama(
+        source,
+        Some(adapter),
+        true,
+        peft_models::BaseFormat::F32,
+        &device,
+        WriteWeights(dir),
+    )?;
     export::write_metadata(source, config, tokenizer, dir)
 }
 

@@ -15,10 +15,10 @@ use anyhow::{Context, bail, ensure};
 use burn::nn::Linear;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use peft_core::{LoadOptions, Method, PeftLinear, PeftModel};
-use peft_models::LinearLayer;
 use peft_models::bert::{Bert, BertConfig};
 use peft_models::llama::{Llama, LlamaConfig};
 use peft_models::tokenizer::ModelTokenizer;
+use peft_models::{BaseFormat, LinearLayer};
 
 /// The architectures the program runs, as `model_type` in `config.json` names them.
 pub const SUPPORTED_MODEL_TYPES: [&str; 2] = ["llama", "bert"];
@@ -239,18 +239,20 @@ pub fn llama_config(source: &ModelSource) -> anyhow::Result<LlamaConfig> {
     }
 }
 
-/// Load the LLaMA-family model of `source` with layers `L`.
+/// Load the LLaMA-family model of `source` with layers `L`, its frozen base held as `base`
+/// says (packed when `L` keeps a packed base).
 ///
 /// # Errors
 /// Unreadable weights, or a source that is not a LLaMA model.
 pub fn load_llama<L: LinearLayer>(
     source: &ModelSource,
+    base: BaseFormat,
     device: &Device,
 ) -> anyhow::Result<(Llama<L>, LlamaConfig)> {
     match source {
-        ModelSource::Gguf(file) => peft_models::gguf::load_llama::<L>(file, device)
+        ModelSource::Gguf(file) => peft_models::gguf::load_llama_as::<L>(file, base, device)
             .with_context(|| format!("loading the GGUF model {}", file.display())),
-        ModelSource::HfLlama(dir) => Llama::<L>::from_pretrained(dir, device)
+        ModelSource::HfLlama(dir) => Llama::<L>::from_pretrained_as(dir, base, device)
             .with_context(|| format!("loading the model in {}", dir.display())),
         ModelSource::HfBert(dir) => bail!(
             "{}: a BERT encoder, not a causal language model",
@@ -295,6 +297,7 @@ pub fn with_llama<J: LlamaJob>(
     source: &ModelSource,
     adapter: Option<&Path>,
     merge: bool,
+    base: BaseFormat,
     device: &Device,
     job: J,
 ) -> anyhow::Result<J::Output> {
@@ -302,29 +305,52 @@ pub fn with_llama<J: LlamaJob>(
         source: &ModelSource,
         adapter: &Path,
         merge: bool,
+        base: BaseFormat,
         device: &Device,
         job: J,
     ) -> anyhow::Result<J::Output> {
-        let (model, config) = load_llama::<PeftLinear<C::Adapter>>(source, device)?;
+        let (model, config) = load_llama::<PeftLinear<C::Adapter>>(source, base, device)?;
+        if merge && base.is_packed() {
+            eprintln!(
+                "warning: merging into a `{base}` base dequantizes, merges and quantizes again \
+                 (as PEFT merges into a 4-bit base): outputs move by the format's rounding; \
+                 `burn-peft merge` merges in full precision"
+            );
+        }
         job.run(attach::<_, C>(model, adapter, merge)?, &config)
     }
     let Some(adapter) = adapter else {
-        let (model, config) = load_llama::<Linear>(source, device)?;
+        if base.is_packed() {
+            // A layer type that keeps the packed base (no adapter attached).
+            let (model, config) =
+                load_llama::<PeftLinear<peft_lora::LoraAdapter>>(source, base, device)?;
+            return job.run(model, &config);
+        }
+        let (model, config) = load_llama::<Linear>(source, base, device)?;
         return job.run(model, &config);
     };
-    match adapter_kind(adapter)? {
+    let kind = adapter_kind(adapter)?;
+    ensure!(
+        !base.is_packed() || !matches!(kind, AdapterKind::Selective | AdapterKind::Weights),
+        "{}: a selective summary or full weights change the base weights, which a `{base}` \
+         base keeps packed; use `--base f32`",
+        adapter.display()
+    );
+    match kind {
         AdapterKind::Lora => {
-            adapted::<peft_lora::LoraConfig, J>(source, adapter, merge, device, job)
+            adapted::<peft_lora::LoraConfig, J>(source, adapter, merge, base, device, job)
         }
         AdapterKind::AdaLora => {
-            adapted::<peft_adalora::AdaLoraConfig, J>(source, adapter, merge, device, job)
+            adapted::<peft_adalora::AdaLoraConfig, J>(source, adapter, merge, base, device, job)
         }
         AdapterKind::Rosa => {
-            adapted::<peft_rosa::RosaConfig, J>(source, adapter, merge, device, job)
+            adapted::<peft_rosa::RosaConfig, J>(source, adapter, merge, base, device, job)
         }
-        AdapterKind::Sft => adapted::<peft_sft::SftConfig, J>(source, adapter, merge, device, job),
+        AdapterKind::Sft => {
+            adapted::<peft_sft::SftConfig, J>(source, adapter, merge, base, device, job)
+        }
         AdapterKind::Selective => {
-            let (model, config) = load_llama::<Linear>(source, device)?;
+            let (model, config) = load_llama::<Linear>(source, base, device)?;
             job.run(apply_summary(model, adapter)?, &config)
         }
         AdapterKind::Weights => {

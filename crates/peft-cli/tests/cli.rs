@@ -661,6 +661,8 @@ fn generate_smollm2_chat_streams_only_the_answer() {
     }
 }
 
+/// With `--base f32` and with `--base gguf` (the file's Q4_1 / Q8_0 blocks kept packed, never
+/// dequantized): PEFT's logits on the dequantized float32 model, to the same bound.
 #[test]
 fn forward_smollm2_gguf_with_a_peft_adapter_matches_peft() {
     let model = smollm2();
@@ -669,34 +671,89 @@ fn forward_smollm2_gguf_with_a_peft_adapter_matches_peft() {
     let expected = read(&smol.join("expected.safetensors"));
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("logits.safetensors");
-    let out = burn_peft([
-        "forward".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--input".as_ref(),
-        smol.join("expected.safetensors").as_os_str(),
-        "--output".as_ref(),
-        out_file.as_os_str(),
-        "--adapter".as_ref(),
-        smol.join("lora_qv").as_os_str(),
-    ]);
-    assert_ok(&out, "forward smollm2 + lora_qv");
-    let (shape, logits) = floats(&out_file, "logits");
-    let [batch, seq] = [2, 12];
-    assert_eq!(shape, [batch, seq, 49152]);
-    let vocab = shape[2];
-    let ints = |key: &str| expected[key].try_to_vec::<i64>().unwrap();
-    let (mask, columns) = (ints("attention_mask"), ints("columns"));
-    let theirs = expected["adapter_logits_subset"]
-        .try_to_vec::<f32>()
-        .unwrap();
-    let mut worst = 0.0f32;
-    for row in (0..batch * seq).filter(|&r| mask[r] == 1) {
-        for (j, &c) in columns.iter().enumerate() {
-            let ours = logits[row * vocab + c as usize];
-            worst = worst.max((ours - theirs[row * columns.len() + j]).abs());
+    for base in ["f32", "gguf"] {
+        let out = burn_peft([
+            "forward".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--input".as_ref(),
+            smol.join("expected.safetensors").as_os_str(),
+            "--output".as_ref(),
+            out_file.as_os_str(),
+            "--adapter".as_ref(),
+            smol.join("lora_qv").as_os_str(),
+            "--base".as_ref(),
+            base.as_ref(),
+        ]);
+        assert_ok(&out, &format!("forward smollm2 + lora_qv, base {base}"));
+        let (shape, logits) = floats(&out_file, "logits");
+        let [batch, seq] = [2, 12];
+        assert_eq!(shape, [batch, seq, 49152]);
+        let vocab = shape[2];
+        let ints = |key: &str| expected[key].try_to_vec::<i64>().unwrap();
+        let (mask, columns) = (ints("attention_mask"), ints("columns"));
+        let theirs = expected["adapter_logits_subset"]
+            .try_to_vec::<f32>()
+            .unwrap();
+        let mut worst = 0.0f32;
+        for row in (0..batch * seq).filter(|&r| mask[r] == 1) {
+            for (j, &c) in columns.iter().enumerate() {
+                let ours = logits[row * vocab + c as usize];
+                worst = worst.max((ours - theirs[row * columns.len() + j]).abs());
+            }
         }
+        // Transformers ran the same dequantized weights in float32 (peft-models' own bound).
+        assert!(
+            worst <= 2e-3,
+            "base {base}: logits differ from PEFT's by {worst}"
+        );
     }
-    // Transformers ran the same dequantized weights in float32 (peft-models' own bound).
-    assert!(worst <= 2e-3, "logits differ from PEFT's by {worst}");
+}
+
+/// `--base nf4-dq` quantizes a safetensors model at load (the logits move by NF4's rounding,
+/// not more); bad formats are refused with the reason.
+#[test]
+fn base_formats_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("out.safetensors");
+    let llama = fixtures().join("llama");
+    let bert = fixtures().join("bert");
+    let run = |model: &Path, input: &Path, base: &str, adapter: Option<&Path>| {
+        let mut args = forward_args(model, input, &out_file, adapter, false);
+        args.extend(["--base".into(), base.into()]);
+        burn_peft(&args)
+    };
+    let llama_input = llama.join("untied/expected.safetensors");
+    let (_, f32_logits) = floats(&llama_input, "logits");
+    let out = run(&llama.join("untied"), &llama_input, "nf4-dq", None);
+    assert_ok(&out, "forward --base nf4-dq");
+    let (_, nf4_logits) = floats(&out_file, "logits");
+    let scale = f32_logits.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&nf4_logits, &f32_logits);
+    assert!(
+        diff > 1e-4 && diff < 0.2 * scale,
+        "NF4 moved the logits by {diff} (scale {scale})"
+    );
+    std::fs::remove_file(&out_file).unwrap();
+    // A GGUF base needs a GGUF file.
+    let out = run(&llama.join("untied"), &llama_input, "gguf", None);
+    assert_refused(
+        &out,
+        "gguf base on safetensors",
+        &["gguf", "needs a GGUF model", "nf4"],
+    );
+    // BERT loads in f32 only.
+    let out = run(
+        &bert.join("model"),
+        &bert.join("input.safetensors"),
+        "nf4",
+        None,
+    );
+    assert_refused(&out, "nf4 BERT", &["--base nf4", "causal LMs"]);
+    // An unknown format: clap's usage error, naming the formats.
+    let out = run(&llama.join("untied"), &llama_input, "int4", None);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+    let err = stderr(&out);
+    assert!(err.contains("int4") && err.contains("nf4-dq"), "{err}");
+    assert!(!out_file.exists(), "nothing written");
 }

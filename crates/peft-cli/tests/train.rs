@@ -1039,3 +1039,55 @@ fn two_devices_train_as_one_and_resume_exactly() {
         &["at least the number of devices"],
     );
 }
+
+/// A run file with `[model] base = "<base>"` after the model path.
+fn with_base(config: &Path, base: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let text = text.replacen(
+        "path = \"model\"",
+        &format!("path = \"model\"\nbase = \"{base}\""),
+        1,
+    );
+    std::fs::write(config, text).unwrap();
+}
+
+/// `[model] base = "nf4-dq"` (QLoRA's base): the adapter methods train over the packed base
+/// (QLoRA, QRoSA, QSFT, AdaLoRA), the loss falls and the adapters load onto the f32 model; a
+/// selective method and an unknown format are refused with the reason.
+#[test]
+fn adapter_methods_train_over_a_packed_base_from_the_run_file() {
+    let dir = workspace();
+    for name in ["lora", "adalora", "rosa", "sft"] {
+        let run = format!("q{name}");
+        let config = run_file(dir.path(), &run, method_line(name), 5, "");
+        with_base(&config, "nf4-dq");
+        let out = train(&config, &[]);
+        assert_ok(&out, &run);
+        let out_dir = dir.path().join("runs").join(&run);
+        let m = metrics(&out_dir);
+        let first = m[0]["train_loss"].as_f64().unwrap();
+        let last = m.last().unwrap()["eval_loss"].as_f64().unwrap();
+        assert!(last < first, "{run}: the loss fell from {first} to {last}");
+        let copy = std::fs::read_to_string(out_dir.join("run.toml")).unwrap();
+        assert!(copy.contains("base = \"nf4-dq\""), "{run}: {copy}");
+        let adapter = out_dir.join("adapter");
+        match name {
+            "lora" => reload::<peft_lora::LoraConfig>(&adapter),
+            "adalora" => reload::<peft_adalora::AdaLoraConfig>(&adapter),
+            "rosa" => reload::<peft_rosa::RosaConfig>(&adapter),
+            _ => reload::<peft_sft::SftConfig>(&adapter),
+        }
+    }
+    let config = run_file(dir.path(), "qbitfit", method_line("bitfit"), 2, "");
+    with_base(&config, "nf4");
+    let out = train(&config, &[]);
+    assert_refused(
+        &out,
+        "bitfit over nf4",
+        &["bitfit", "base = \"f32\"", "adapter method"],
+    );
+    let config = run_file(dir.path(), "int4", method_line("lora"), 2, "");
+    with_base(&config, "int4");
+    let out = train(&config, &[]);
+    assert_refused(&out, "base int4", &["int4", "nf4-dq"]);
+}

@@ -42,6 +42,14 @@ pub trait Adapter: Module + Sync + 'static {
         result: Tensor<D>,
     ) -> Tensor<D>;
 
+    /// Whether [`forward_linear`](Adapter::forward_linear) reads its `weight` argument (DoRA
+    /// does; most adapters do not). A layer whose base is kept packed builds the f32 weight for
+    /// that call only when an applied adapter says it does; otherwise it passes an empty
+    /// placeholder. The default is `false`.
+    fn reads_base_weight(&self) -> bool {
+        false
+    }
+
     /// When this adapter's contribution to a linear layer is exactly `scale · x · a · b` for an
     /// input on `device` (plain LoRA: no DoRA, no active dropout), its factors `(a, b, scale)`
     /// (`a`: `[d_in, r]`, `b`: `[r, d_out]`).

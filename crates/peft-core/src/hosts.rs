@@ -160,6 +160,11 @@ pub struct HostView<'a, A: Adapter> {
 #[allow(clippy::large_enum_variant)]
 enum BaseRef<'a> {
     Param(&'a mut Param<Tensor<2>>),
+    /// A base kept packed: read dequantized, written back quantized in its own format.
+    Packed {
+        weight: &'a Param<Tensor<2>>,
+        packed: &'a mut peft_kernels::packed_linear::PackedWeight,
+    },
     Sibling {
         current: Option<Tensor<2>>,
         out: &'a mut Option<Tensor<2>>,
@@ -171,24 +176,46 @@ impl<A: Adapter> HostView<'_, A> {
     pub fn base_weight(&self) -> Tensor<2> {
         match &self.base {
             BaseRef::Param(p) => p.val(),
+            BaseRef::Packed { weight, packed } => crate::layer::unpacked(packed, &weight.device()),
             BaseRef::Sibling { current, .. } => current
                 .clone()
                 .expect("a weight slot is always mapped right after its weight"),
         }
     }
 
-    /// Replace the base weight, keeping its parameter id and trainability.
-    pub fn set_base_weight(&mut self, weight: Tensor<2>) {
+    /// Replace the base weight, keeping its parameter id and trainability. A packed base is
+    /// quantized again in its own format (which rounds the new values).
+    ///
+    /// # Errors
+    /// A packed base whose new values its format cannot store (non-finite values).
+    pub fn set_base_weight(&mut self, weight: Tensor<2>) -> Result<()> {
         match &mut self.base {
             BaseRef::Param(p) => {
                 let require_grad = p.is_require_grad();
                 let param = (*p).clone();
                 **p = param.map(|_| weight.detach().set_require_grad(require_grad));
             }
+            BaseRef::Packed { packed, .. } => {
+                **packed = crate::layer::pack_weight(weight, packed.format())?;
+            }
             BaseRef::Sibling { current, out } => {
                 *current = Some(weight.clone());
                 **out = Some(weight);
             }
+        }
+        Ok(())
+    }
+
+    /// Whether the base weight is kept packed (merging into it rounds).
+    pub fn base_is_packed(&self) -> bool {
+        matches!(self.base, BaseRef::Packed { .. })
+    }
+
+    /// The bytes a packed base takes (its blocks and scales), `None` for an f32 base.
+    pub fn packed_bytes(&self) -> Option<usize> {
+        match &self.base {
+            BaseRef::Packed { packed, .. } => Some(packed.size_bytes()),
+            _ => None,
         }
     }
 }
@@ -204,12 +231,19 @@ where
 {
     for_each_host(model, move |call, any| {
         if let Some(l) = any.downcast_mut::<PeftLinear<A>>() {
+            let base = match &mut l.packed {
+                Some(packed) => BaseRef::Packed {
+                    weight: &l.weight,
+                    packed,
+                },
+                None => BaseRef::Param(&mut l.weight),
+            };
             f(HostView {
                 path: call.path.clone(),
                 kind: LayerKind::Linear,
                 placement: Placement::Activation,
                 slot: &mut l.adapters,
-                base: BaseRef::Param(&mut l.weight),
+                base,
             })
         } else if let Some(e) = any.downcast_mut::<PeftEmbedding<A>>() {
             f(HostView {
@@ -239,6 +273,87 @@ where
             Ok(())
         }
     })
+}
+
+/// Keep the frozen base of every `PeftLinear<A>` of `model` whose path `select` accepts packed
+/// in `format` ([`PeftLinear::pack`]); returns the paths packed, in traversal order. A base
+/// already packed is left as it is.
+///
+/// All or nothing: when a layer cannot be packed, `model` is unchanged and the error names it.
+pub fn pack_linears<M, A>(
+    model: &mut M,
+    format: peft_kernels::quant::PackedFormat,
+    select: impl Fn(&str) -> bool + 'static,
+) -> Result<Vec<String>>
+where
+    M: Module,
+    A: Adapter,
+{
+    let packed = Rc::new(RefCell::new(Vec::new()));
+    let sink = packed.clone();
+    for_each_host(model, move |call, any| {
+        if let Some(l) = any.downcast_mut::<PeftLinear<A>>()
+            && l.packed.is_none()
+            && select(&call.path)
+        {
+            *l = l
+                .clone()
+                .pack(format)
+                .map_err(|e| PeftError::Unsupported(format!("packing `{}`: {e}", call.path)))?;
+            sink.borrow_mut().push(call.path.clone());
+        }
+        Ok(())
+    })?;
+    Ok(packed.take())
+}
+
+/// The paths of the layers of `model` whose frozen base is kept packed (any adapter type), in
+/// visiting order. Methods that update base weights (selective fine-tuning, full fine-tuning)
+/// refuse such a model.
+pub fn packed_paths<M: Module>(model: &M) -> Vec<String> {
+    struct Find {
+        path: Vec<String>,
+        out: Vec<String>,
+    }
+    impl ModuleVisitor for Find {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            if container_type == crate::layer::PACKED_BASE {
+                self.out.push(self.path.join("."));
+            }
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+    }
+    let mut find = Find {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut find);
+    find.out
+}
+
+/// Give every `PeftLinear<A>` of `model` whose base is packed an f32 base again (the packed
+/// values dequantized, [`PeftLinear::unpack`]): what a full-precision merge starts from. Returns
+/// how many layers were unpacked.
+pub fn unpack_linears<M, A>(model: &mut M) -> Result<usize>
+where
+    M: Module,
+    A: Adapter,
+{
+    let count = Rc::new(RefCell::new(0usize));
+    let sink = count.clone();
+    for_each_host(model, move |_, any| {
+        if let Some(l) = any.downcast_mut::<PeftLinear<A>>()
+            && l.packed.is_some()
+        {
+            *l = l.clone().unpack();
+            *sink.borrow_mut() += 1;
+        }
+        Ok(())
+    })?;
+    Ok(count.take())
 }
 
 /// Run `f` on every host and collect what it returns, in traversal order.
@@ -342,7 +457,7 @@ where
             }
             host.slot.insert(&name, created.adapter)?;
             if let Some(w) = created.new_base {
-                host.set_base_weight(w);
+                host.set_base_weight(w)?;
             }
             Ok(())
         })?;

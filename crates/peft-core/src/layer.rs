@@ -8,7 +8,11 @@ use burn::nn::{Embedding, Linear};
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor};
 
+use peft_kernels::packed_linear::{PackedWeight, packed_linear};
+use peft_kernels::quant::{PackedFormat, PackedMatrix};
+
 use crate::adapter::Adapter;
+use crate::error::{PeftError, Result};
 use crate::hook::visit_host;
 use crate::kernels::{linear, lora_linear};
 use crate::slot::AdapterSlot;
@@ -22,14 +26,26 @@ use crate::slot::AdapterSlot;
 ///
 /// This is the fast path: each adapter works on activations (`(x·A)·B` for LoRA), so no
 /// weight-shaped gradient is ever formed for the frozen base.
+///
+/// The frozen base can also be kept packed at 4 or 8 bits ([`PeftLinear::from_packed`],
+/// [`PeftLinear::pack`]: NF4 with or without double quantization, or a GGUF file's own
+/// `Q4_0` / `Q4_1` / `Q8_0` blocks): the products then read the packed blocks
+/// ([`peft_kernels::packed_linear`]) and `weight` is an empty `[0, 0]` placeholder, so a packed
+/// layer's base is not part of a saved model (reload it from its file). Adapters work as on an
+/// f32 base; merging into a packed base dequantizes, merges and quantizes again (which rounds:
+/// outputs move by the format's quantization error), and [`PeftLinear::unpack`] gives back an
+/// f32 layer for a full-precision merge.
 #[derive(Clone, Debug)]
 pub struct PeftLinear<A: Adapter> {
-    /// The base weight, `[d_in, d_out]`.
+    /// The base weight, `[d_in, d_out]` (empty when the base is packed).
     pub weight: Param<Tensor<2>>,
     /// The base bias, `[d_out]`.
     pub bias: Option<Param<Tensor<1>>>,
     /// The adapters of this layer.
     pub adapters: AdapterSlot<A>,
+    /// The base weight kept packed, `[d_out, d_in]` (PyTorch's orientation, as NF4 and GGUF
+    /// store it), or `None` for an f32 base in `weight`.
+    pub packed: Option<PackedWeight>,
 }
 
 impl<A: Adapter> From<Linear> for PeftLinear<A> {
@@ -38,6 +54,7 @@ impl<A: Adapter> From<Linear> for PeftLinear<A> {
             weight: linear.weight,
             bias: linear.bias,
             adapters: AdapterSlot::default(),
+            packed: None,
         }
     }
 }
@@ -67,8 +84,11 @@ impl<A: Adapter> PeftLinear<A> {
         if D > 2 {
             return on_rows(x, |rows| self.forward(rows));
         }
-        let weight = self.weight.val();
         let bias = self.bias.as_ref().map(Param::val);
+        if let Some(packed) = &self.packed {
+            return self.forward_packed(x, packed, bias);
+        }
+        let weight = self.weight.val();
         if let Some((a, b, scale)) = self.adapters.single_low_rank(&x.device()) {
             return lora_linear(x, weight, bias, a, b, scale);
         }
@@ -83,13 +103,176 @@ impl<A: Adapter> PeftLinear<A> {
             .forward_linear(x, &weight, bias.as_ref(), result)
     }
 
-    /// The plain linear layer with the current base weights; adapters are dropped unmerged.
+    /// [`forward`](Self::forward) over a packed base: the base product reads the packed blocks;
+    /// a plain LoRA adapter adds `scale · (x·A)·B`; other adapters add their terms as on an f32
+    /// base (a DoRA adapter gets the dequantized weight, built for that call).
+    fn forward_packed<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        packed: &PackedWeight,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<D> {
+        let result = packed_linear(x.clone(), packed, bias.clone());
+        if self.adapters.is_empty() {
+            return result;
+        }
+        if let Some((a, b, scale)) = self.adapters.single_low_rank(&x.device()) {
+            return result + linear(linear(x, a, None) * scale, b, None);
+        }
+        let weight = if self.adapters.reads_base_weight() {
+            self.base_weight()
+        } else {
+            self.weight.val()
+        };
+        self.adapters
+            .forward_linear(x, &weight, bias.as_ref(), result)
+    }
+
+    /// A layer whose frozen base is `weight` (`[d_out, d_in]`) kept packed, on `device`.
+    ///
+    /// # Errors
+    /// A bias whose length is not `d_out`.
+    pub fn from_packed(
+        weight: impl Into<PackedWeight>,
+        bias: Option<Param<Tensor<1>>>,
+        device: &Device,
+    ) -> Result<Self> {
+        let weight = weight.into();
+        let [d_out, _] = weight.shape();
+        if let Some(b) = &bias
+            && b.dims() != [d_out]
+        {
+            return Err(PeftError::Unsupported(format!(
+                "a packed [{d_out}, {}] weight with a bias of shape {:?}",
+                weight.shape()[1],
+                b.dims()
+            )));
+        }
+        Ok(Self {
+            weight: Param::from_tensor(Tensor::zeros([0, 0], device)).set_require_grad(false),
+            bias,
+            adapters: AdapterSlot::default(),
+            packed: Some(weight),
+        })
+    }
+
+    /// This layer with its base packed in `format` (quantized from the f32 weight; an already
+    /// packed base is left as it is). `Ggml` formats need `d_in` to be a multiple of 32; NF4
+    /// pads rows to whole blocks of 64.
+    ///
+    /// # Errors
+    /// A weight the format cannot store (non-finite values, rows of the wrong length), or a layer
+    /// with merged adapters (unmerge first: their deltas are folded into the f32 weight).
+    pub fn pack(self, format: PackedFormat) -> Result<Self> {
+        if self.packed.is_some() {
+            return Ok(self);
+        }
+        if self.adapters.merged().next().is_some() {
+            return Err(PeftError::Unsupported(
+                "packing a layer with merged adapters (unmerge them first)".into(),
+            ));
+        }
+        let device = self.weight.device();
+        let packed = pack_weight(self.weight.val(), format)?;
+        Ok(Self {
+            weight: Param::from_tensor(Tensor::zeros([0, 0], &device)).set_require_grad(false),
+            packed: Some(packed),
+            ..self
+        })
+    }
+
+    /// This layer with an f32 base again (the packed values, dequantized; frozen).
+    pub fn unpack(self) -> Self {
+        match &self.packed {
+            None => self,
+            Some(_) => {
+                let weight = self.base_weight();
+                Self {
+                    weight: Param::from_tensor(weight).set_require_grad(false),
+                    packed: None,
+                    ..self
+                }
+            }
+        }
+    }
+
+    /// The base weight in f32, `[d_in, d_out]`: `weight`, or the packed base dequantized.
+    pub fn base_weight(&self) -> Tensor<2> {
+        match &self.packed {
+            None => self.weight.val(),
+            Some(p) => unpacked(p, &self.weight.device()),
+        }
+    }
+
+    /// The plain linear layer with the current base weights (a packed base dequantized);
+    /// adapters are dropped unmerged.
     pub fn into_linear(self) -> Linear {
+        let weight = match &self.packed {
+            None => self.weight,
+            Some(_) => Param::from_tensor(self.base_weight()).set_require_grad(false),
+        };
         Linear {
-            weight: self.weight,
+            weight,
             bias: self.bias,
         }
     }
+}
+
+/// The container type of the empty `packed` module a layer with a packed base shows visitors.
+pub(crate) const PACKED_BASE: &str = "Struct:PackedBase";
+
+impl<A: Adapter> PeftLinear<A> {
+    /// The weight visitors see: `weight`, or for a packed base a lazy parameter of the layer's
+    /// real shape `[d_in, d_out]` (same id) that is never built unless a visitor reads its value
+    /// (then it holds the dequantized weight, and is dropped after the visit). So inventories
+    /// (adapter targeting, budgets, parameter counts) see the layer's true shape while the
+    /// model holds only the packed blocks.
+    fn visited_weight(&self) -> Param<Tensor<2>> {
+        match &self.packed {
+            None => self.weight.clone(),
+            Some(p) => {
+                let [d_out, d_in] = p.shape();
+                let packed = p.clone();
+                Param::uninitialized(
+                    self.weight.id,
+                    move |device, _| unpacked(&packed, device),
+                    self.weight.lazy_device(),
+                    false,
+                    burn::tensor::Shape::new([d_in, d_out]),
+                )
+            }
+        }
+    }
+}
+
+impl<A: Adapter> PeftEmbedding<A> {
+    fn visited_weight(&self) -> Param<Tensor<2>> {
+        self.weight.clone()
+    }
+}
+
+/// A packed `[d_out, d_in]` weight as an f32 `[d_in, d_out]` tensor on `device`.
+pub(crate) fn unpacked(packed: &PackedMatrix, device: &Device) -> Tensor<2> {
+    let [d_out, d_in] = packed.shape();
+    Tensor::<2>::from_data(
+        burn::tensor::TensorData::new(packed.dequantize(), [d_out, d_in]),
+        device,
+    )
+    .transpose()
+}
+
+/// An f32 `[d_in, d_out]` weight packed in `format` (`[d_out, d_in]`).
+pub(crate) fn pack_weight(weight: Tensor<2>, format: PackedFormat) -> Result<PackedWeight> {
+    let [d_in, d_out] = weight.dims();
+    let values = weight
+        .transpose()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| PeftError::Unsupported(format!("reading a weight to pack it: {e:?}")))?;
+    PackedMatrix::quantize(&values, d_out, d_in, format)
+        .map(PackedWeight::new)
+        .map_err(|e| PeftError::Unsupported(format!("packing a [{d_out}, {d_in}] weight: {e}")))
 }
 
 /// An embedding table that carries adapters.
@@ -136,7 +319,7 @@ impl<A: Adapter> PeftEmbedding<A> {
 }
 
 macro_rules! host_module {
-    ($ty:ident, $base:literal, $host:literal, $($bias:ident)?) => {
+    ($ty:ident, $base:literal, $host:literal, $($bias:ident, $packed:ident)?) => {
         impl<A: Adapter> Module for $ty<A> {
             fn collect_devices(&self, devices: Devices) -> Devices {
                 let devices = self.weight.collect_devices(devices);
@@ -149,6 +332,7 @@ macro_rules! host_module {
                     weight: self.weight.fork(device),
                     $($bias: self.$bias.fork(device),)?
                     adapters: self.adapters.fork(device),
+                    $($packed: self.$packed,)?
                 }
             }
 
@@ -157,6 +341,7 @@ macro_rules! host_module {
                     weight: self.weight.to_device(device),
                     $($bias: self.$bias.to_device(device),)?
                     adapters: self.adapters.to_device(device),
+                    $($packed: self.$packed,)?
                 }
             }
 
@@ -165,6 +350,7 @@ macro_rules! host_module {
                     weight: self.weight.train(),
                     $($bias: self.$bias.train(),)?
                     adapters: self.adapters.train(),
+                    $($packed: self.$packed,)?
                 }
             }
 
@@ -173,6 +359,7 @@ macro_rules! host_module {
                     weight: self.weight.valid(),
                     $($bias: self.$bias.valid(),)?
                     adapters: self.adapters.valid(),
+                    $($packed: self.$packed.clone(),)?
                 }
             }
 
@@ -181,13 +368,21 @@ macro_rules! host_module {
                     weight: self.weight.materialize(),
                     $($bias: self.$bias.materialize(),)?
                     adapters: self.adapters.materialize(),
+                    $($packed: self.$packed,)?
                 }
             }
 
             fn visit<V: ModuleVisitor>(&self, visitor: &mut V) {
                 visitor.enter_module("weight", $base);
-                self.weight.visit(visitor);
+                self.visited_weight().visit(visitor);
                 visitor.exit_module("weight", $base);
+                $(
+                    if self.$packed.is_some() {
+                        // An empty marker: [`crate::hosts::packed_paths`] finds packed bases.
+                        visitor.enter_module("packed", PACKED_BASE);
+                        visitor.exit_module("packed", PACKED_BASE);
+                    }
+                )?
                 $(
                     visitor.enter_module(stringify!($bias), $base);
                     self.$bias.visit(visitor);
@@ -211,15 +406,23 @@ macro_rules! host_module {
                 mapper.enter_module("peft", $host);
                 let adapters = self.adapters.map(mapper);
                 mapper.exit_module("peft", $host);
-                Self { weight, $($bias,)? adapters }
+                Self { weight, $($bias,)? adapters, $($packed: self.$packed,)? }
             }
         }
 
         impl<A: Adapter> ModuleDisplayDefault for $ty<A> {
             fn content(&self, content: Content) -> Option<Content> {
                 let [rows, cols] = self.weight.shape().dims();
+                #[allow(unused_mut)]
+                let mut shape = format!("[{rows}, {cols}]");
+                $(
+                    if let Some(p) = &self.$packed {
+                        let [d_out, d_in] = p.shape();
+                        shape = format!("[{d_in}, {d_out}] packed {}", p.format().name());
+                    }
+                )?
                 content
-                    .add("shape", &format!("[{rows}, {cols}]"))
+                    .add("shape", &shape)
                     .add("adapters", &self.adapters)
                     .optional()
             }
@@ -229,5 +432,11 @@ macro_rules! host_module {
     };
 }
 
-host_module!(PeftLinear, "Struct:Linear", "Struct:PeftLinear", bias);
+host_module!(
+    PeftLinear,
+    "Struct:Linear",
+    "Struct:PeftLinear",
+    bias,
+    packed
+);
 host_module!(PeftEmbedding, "Struct:Embedding", "Struct:PeftEmbedding",);

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use burn::module::Module;
 
+use crate::adapter::Adapter;
 use crate::error::{PeftError, Result};
 use crate::hosts::{self, Created, HostView, LayerInfo};
 use crate::method::{BiasMode, Method};
@@ -245,6 +246,11 @@ impl<M: Module, C: Method> PeftModel<M, C> {
     /// With `safe`, a NaN or infinite merged weight leaves every weight untouched and returns
     /// [`PeftError::NonFiniteMerge`] naming the adapter.
     ///
+    /// A base kept packed ([`pack_base`](Self::pack_base)) is dequantized, merged and quantized
+    /// again in its format, as PEFT merges into a 4-bit base: the rounding moves the outputs by
+    /// about the format's own quantization error, and unmerging does not give the original
+    /// packed values back. [`unpack_base`](Self::unpack_base) first for an exact merge.
+    ///
     /// # Errors
     /// Unknown names, or a non-finite merge with `safe`.
     pub fn merge_adapter(&mut self, names: Option<&[&str]>, safe: bool) -> Result<()> {
@@ -259,13 +265,7 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         };
         hosts::for_each(
             &mut self.model,
-            move |mut host: HostView<'_, C::Adapter>| {
-                let base = host.base_weight();
-                let path = host.path.clone();
-                let merged = host.slot.merge(base, &names, safe, &path)?;
-                host.set_base_weight(merged);
-                Ok(())
-            },
+            move |mut host: HostView<'_, C::Adapter>| merge_host(&mut host, &names, safe),
         )
     }
 
@@ -275,7 +275,7 @@ impl<M: Module, C: Method> PeftModel<M, C> {
             if host.slot.merged().next().is_some() {
                 let base = host.base_weight();
                 let restored = host.slot.unmerge(base);
-                host.set_base_weight(restored);
+                host.set_base_weight(restored)?;
             }
             Ok(())
         })
@@ -308,11 +308,7 @@ impl<M: Module, C: Method> PeftModel<M, C> {
                 if !re.is_match(&host.path) {
                     return Ok(());
                 }
-                let base = host.base_weight();
-                let path = host.path.clone();
-                let merged = host.slot.merge(base, &names, safe, &path)?;
-                host.set_base_weight(merged);
-                Ok(())
+                merge_host(&mut host, &names, safe)
             },
         )?;
         Ok(self.unload())
@@ -331,6 +327,31 @@ impl<M: Module, C: Method> PeftModel<M, C> {
         .expect("unloading cannot fail");
         // Empty weight slots are identities; `materialize` removes them.
         self.model.materialize()
+    }
+
+    /// Keep the frozen base of every `PeftLinear` layer whose path `select` accepts packed in
+    /// `format` (QLoRA's NF4, or a GGUF block format); returns the paths packed. The adapters
+    /// then train over the packed base, whose products read the packed blocks.
+    ///
+    /// # Errors
+    /// A layer whose weight the format cannot store (named); nothing is packed then.
+    pub fn pack_base(
+        &mut self,
+        format: peft_kernels::quant::PackedFormat,
+        select: impl Fn(&str) -> bool + 'static,
+    ) -> Result<Vec<String>> {
+        hosts::pack_linears::<M, C::Adapter>(&mut self.model, format, select)
+    }
+
+    /// Give every packed base an f32 weight again (its packed values, dequantized): what a
+    /// full-precision [`merge_and_unload`](Self::merge_and_unload) starts from. (Merging into a
+    /// packed base quantizes the merged weight again, which rounds.) Returns how many layers
+    /// were unpacked.
+    ///
+    /// # Errors
+    /// None today; kept for symmetry with [`pack_base`](Self::pack_base).
+    pub fn unpack_base(&mut self) -> Result<usize> {
+        hosts::unpack_linears::<M, C::Adapter>(&mut self.model)
     }
 
     /// The wrapped model.
@@ -502,4 +523,19 @@ pub fn adapters_of<M: Module, A: crate::Adapter + Clone>(
             .get(&name)
             .map(|a| (host.path.clone(), host.kind, a.clone()))
     })
+}
+
+/// Merge `names` into `host`'s base weight. A host holding none of them unmerged is left as it
+/// is: its base is not read or written (a packed base is not quantized again).
+fn merge_host<A: Adapter>(host: &mut HostView<'_, A>, names: &[String], safe: bool) -> Result<()> {
+    let pending = names
+        .iter()
+        .any(|n| host.slot.get(n).is_some() && !host.slot.is_merged(n));
+    if !pending {
+        return Ok(());
+    }
+    let base = host.base_weight();
+    let path = host.path.clone();
+    let merged = host.slot.merge(base, names, safe, &path)?;
+    host.set_base_weight(merged)
 }

@@ -173,6 +173,12 @@ impl<A: Adapter> AdapterSlot<A> {
         only.low_rank_factors(device)
     }
 
+    /// Whether an applied adapter reads the base weight in its forward pass
+    /// ([`Adapter::reads_base_weight`]).
+    pub fn reads_base_weight(&self) -> bool {
+        self.applied().any(Adapter::reads_base_weight)
+    }
+
     /// The whole linear output from the only applied adapter's fused op, if there is exactly one
     /// and it has one ([`Adapter::fused_linear`]).
     pub fn single_fused<const D: usize>(

@@ -105,6 +105,11 @@ impl Adapter for LoraAdapter {
         result + (f.clone() - 1.0) * base_result + f * lora
     }
 
+    fn reads_base_weight(&self) -> bool {
+        // DoRA's magnitude divides by the norm of the base weight plus the delta.
+        self.magnitude.is_some()
+    }
+
     fn low_rank_factors(&self, device: &Device) -> Option<(Tensor<2>, Tensor<2>, f64)> {
         let dropout_off = self.dropout.prob == 0.0 || !device.is_autodiff();
         (self.magnitude.is_none() && dropout_off)

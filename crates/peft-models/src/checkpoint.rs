@@ -12,7 +12,9 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use peft_kernels::mmap::Mmap;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{LayerNorm, RmsNorm};
+use crate::layers::{BaseFormat, LayerNorm, LinearLayer, RmsNorm};
+use peft_kernels::packed_linear::PackedWeight;
+use peft_kernels::quant::PackedMatrix;
 
 /// Where a checkpoint's tensors come from: tensors by Hugging Face name, read (converted or
 /// dequantized to f32) one at a time when the model asks for them, so that a loader never holds
@@ -27,6 +29,22 @@ pub trait TensorSource: Send + Sync {
     /// # Errors
     /// A missing tensor, or one that cannot be read or converted.
     fn read(&self, name: &str) -> Result<TensorData>;
+
+    /// The 2-D tensor `name` as the packed blocks it is stored in, for a base kept as loaded
+    /// ([`BaseFormat::Gguf`]): `Ok(None)` when it is stored in f32 (nothing to keep packed).
+    /// The default (safetensors, in memory) has no packed tensors.
+    ///
+    /// # Errors
+    /// A missing tensor, or a storage type that cannot be kept packed.
+    fn read_packed(&self, name: &str) -> Result<Option<PackedMatrix>> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Whether [`TensorSource::read_packed`] can give packed tensors (a GGUF file).
+    fn has_packed(&self) -> bool {
+        false
+    }
 }
 
 /// A source holding tensors already in memory (tests, converted weights).
@@ -186,6 +204,126 @@ impl Checkpoint {
             weight: Param::from_tensor(weight),
             bias,
         })
+    }
+
+    /// A linear layer of type `L` from `<path>.weight` (`[d_out, d_in]`) and `<path>.bias`,
+    /// its weight held as `base` says ([`BaseFormat`]): f32 as [`Checkpoint::linear`]; else
+    /// packed, from the stored blocks (`gguf`) or quantized one layer at a time as it is read
+    /// (`bf16`, `nf4`, `nf4-dq`), and handed to [`LinearLayer::from_packed`] (a `PeftLinear`
+    /// keeps it packed; a plain `Linear` holds its values dequantized, as rounded).
+    ///
+    /// # Errors
+    /// As [`Checkpoint::tensor`]; [`ModelError::Packing`] for `gguf` over a source with no
+    /// packed tensors, a storage type that cannot be kept, or a weight the format cannot hold.
+    pub fn linear_layer<L: LinearLayer>(
+        &self,
+        path: &str,
+        (d_in, d_out): (usize, usize),
+        bias: bool,
+        base: BaseFormat,
+        device: &Device,
+    ) -> Result<L> {
+        if !base.is_packed() {
+            return self.linear(path, d_in, d_out, bias, device).map(L::from);
+        }
+        let key = format!("{path}.weight");
+        let weight = self.packed(&key, [d_out, d_in], base, base.linear_format())?;
+        let bias = if bias {
+            Some(Param::from_tensor(self.tensor(
+                &format!("{path}.bias"),
+                [d_out],
+                device,
+            )?))
+        } else {
+            None
+        };
+        match weight {
+            Some(w) => L::from_packed(w, bias, device),
+            None => self
+                .linear(path, d_in, d_out, bias.is_some(), device)
+                .map(L::from),
+        }
+    }
+
+    /// The `[n, d]` tensor `key` held as `base` holds token tables and LM heads
+    /// ([`BaseFormat::table_format`]; `gguf`: as stored), or `None` for an f32 base.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::linear_layer`].
+    pub fn packed_table(
+        &self,
+        key: &str,
+        (n, d): (usize, usize),
+        base: BaseFormat,
+    ) -> Result<Option<PackedWeight>> {
+        if !base.is_packed() {
+            return Ok(None);
+        }
+        self.packed(key, [n, d], base, base.table_format())
+    }
+
+    /// The 2-D weight `key` of `shape` packed in `format`, or as stored when `format` is `None`
+    /// (`gguf`); `None` when a `gguf` tensor is stored in f32.
+    fn packed(
+        &self,
+        key: &str,
+        shape: [usize; 2],
+        base: BaseFormat,
+        format: Option<peft_kernels::quant::PackedFormat>,
+    ) -> Result<Option<PackedWeight>> {
+        let full = self.full(key);
+        let packing = |reason: String| ModelError::Packing {
+            file: self.file.clone(),
+            key: full.clone(),
+            base: base.name(),
+            reason,
+        };
+        let found = self
+            .tensors
+            .shape(&full)
+            .ok_or_else(|| ModelError::MissingTensor {
+                file: self.file.clone(),
+                key: full.clone(),
+            })?;
+        if found.as_slice() != shape.as_slice() {
+            return Err(ModelError::BadTensor {
+                file: self.file.clone(),
+                key: full.clone(),
+                expected: shape.to_vec(),
+                found,
+                dtype: "F32".into(),
+            });
+        }
+        let packed = match format {
+            None => {
+                if !self.tensors.has_packed() {
+                    return Err(packing(
+                        "a `gguf` base needs a GGUF model (use `nf4`, `nf4-dq` or `bf16` to \
+                         quantize this one)"
+                            .into(),
+                    ));
+                }
+                match self.tensors.read_packed(&full)? {
+                    Some(p) => p,
+                    None => return Ok(None),
+                }
+            }
+            Some(format) => {
+                let data = self.tensors.read(&full)?;
+                let values = data
+                    .as_slice::<f32>()
+                    .map_err(|e| packing(format!("reading it as f32: {e:?}")))?;
+                PackedMatrix::quantize(values, shape[0], shape[1], format)
+                    .map_err(|e| packing(e.to_string()))?
+            }
+        };
+        if packed.shape() != shape {
+            return Err(packing(format!(
+                "its packed blocks hold {:?}, expected {shape:?}",
+                packed.shape()
+            )));
+        }
+        Ok(Some(PackedWeight::new(packed)))
     }
 
     /// An embedding table `<path>.weight` of shape `[n, d]`.

@@ -102,6 +102,18 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A tensor that cannot be held in the base format asked for (`[model] base`, `--base`).
+    #[error("{file}: tensor `{key}` cannot be held as a `{base}` base: {reason}")]
+    Packing {
+        /// The checkpoint.
+        file: PathBuf,
+        /// The tensor.
+        key: String,
+        /// The base format ([`BaseFormat::name`](crate::BaseFormat::name)).
+        base: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// Reading a file failed (I/O, safetensors or JSON format).
     #[error(transparent)]
     Peft(#[from] peft_core::PeftError),

@@ -44,4 +44,4 @@ pub use checkpoint::{
     Checkpoint, InMemory, SAFETENSORS_FILE, SAFETENSORS_INDEX, Safetensors, TensorSource,
 };
 pub use error::{ModelError, Result};
-pub use layers::{LayerNorm, LinearLayer, RmsNorm};
+pub use layers::{BaseFormat, LayerNorm, LinearLayer, RmsNorm};

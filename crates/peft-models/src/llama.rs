@@ -31,7 +31,7 @@
 
 use std::path::Path;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -39,9 +39,11 @@ use peft_core::ModelType;
 use serde::Deserialize;
 use serde_json::Value;
 
+use peft_kernels::packed_linear::{PackedWeight, packed_linear};
+
 use crate::checkpoint::{Checkpoint, read_config};
 use crate::error::{ModelError, Result};
-use crate::layers::{LinearLayer, RmsNorm};
+use crate::layers::{BaseFormat, LinearLayer, RmsNorm};
 use peft_kernels::{causal_attention, swiglu};
 
 /// A validated LLaMA configuration, read from a Hugging Face `config.json`
@@ -772,8 +774,13 @@ impl<L: LinearLayer> LlamaDecoderLayer<L> {
 /// Hugging Face's `LlamaModel`: embeddings, decoder layers and the final norm (`model`).
 #[derive(Module, Debug)]
 pub struct LlamaModel<L: LinearLayer> {
-    /// Token embeddings `[vocab, hidden]`.
+    /// Token embeddings `[vocab, hidden]` (an empty `[0, hidden]` placeholder when the table is
+    /// held packed in `packed_embed`).
     pub embed_tokens: Embedding,
+    /// The token table `[vocab, hidden]` held packed (a packed [`BaseFormat`]; frozen), read
+    /// row by row for lookups and in place by a tied LM head.
+    #[module(skip)]
+    pub packed_embed: Option<PackedWeight>,
     /// The decoder layers.
     pub layers: Vec<LlamaDecoderLayer<L>>,
     /// Final norm.
@@ -802,11 +809,42 @@ impl<L: LinearLayer> LlamaModel<L> {
         let device = input_ids.device();
         let padding = attention_mask.map(|m| m.equal_elem(0));
         let rotary = Rotary::from_inv_freq(&self.inv_freq(), 0, seq, &device);
-        let mut x = self.embed_tokens.forward(input_ids);
+        let mut x = self.embed(input_ids);
         for layer in &self.layers {
             x = layer.forward(x, &rotary, padding.as_ref());
         }
         self.norm.forward(x)
+    }
+
+    /// The embeddings `[batch, seq, hidden]` of `input_ids` (from the packed table when there
+    /// is one: only the rows looked up are decoded).
+    ///
+    /// # Panics
+    /// For an id outside a packed table.
+    pub fn embed(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
+        let Some(table) = &self.packed_embed else {
+            return self.embed_tokens.forward(input_ids);
+        };
+        let [batch, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let ids: Vec<usize> = input_ids
+            .into_data()
+            .iter::<i64>()
+            .map(|id| usize::try_from(id).unwrap_or(usize::MAX))
+            .collect();
+        let hidden = table.shape()[1];
+        Tensor::from_data(
+            TensorData::new(table.gather_rows(&ids), [batch, seq, hidden]),
+            &device,
+        )
+    }
+
+    /// The vocabulary size (rows of the token table).
+    pub fn vocab_size(&self) -> usize {
+        match &self.packed_embed {
+            Some(table) => table.shape()[0],
+            None => self.embed_tokens.weight.dims()[0],
+        }
     }
 
     /// The size of one attention head.
@@ -844,7 +882,7 @@ impl<L: LinearLayer> LlamaModel<L> {
             });
         }
         let rotary = cache.rotary.narrow(cache.len, n);
-        let mut x = self.embed_tokens.forward(input_ids);
+        let mut x = self.embed(input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward_cached(x, &rotary, cache, i);
         }
@@ -917,6 +955,7 @@ impl<L: LinearLayer> Llama<L> {
         Self {
             model: LlamaModel {
                 embed_tokens: EmbeddingConfig::new(config.vocab_size, h).init(device),
+                packed_embed: None,
                 layers,
                 norm: RmsNorm::new(h, config.rms_norm_eps, device),
                 rope_theta: config.rope_theta,
@@ -936,9 +975,21 @@ impl<L: LinearLayer> Llama<L> {
     /// # Errors
     /// Missing files, an unsupported config, or a missing or misshapen tensor (named).
     pub fn from_pretrained(dir: &Path, device: &Device) -> Result<(Self, LlamaConfig)> {
+        Self::from_pretrained_as(dir, BaseFormat::F32, device)
+    }
+
+    /// [`Llama::from_pretrained`] with the frozen base held as `base` says ([`Llama::load_as`]).
+    ///
+    /// # Errors
+    /// As [`Llama::from_pretrained`] and [`Llama::load_as`].
+    pub fn from_pretrained_as(
+        dir: &Path,
+        base: BaseFormat,
+        device: &Device,
+    ) -> Result<(Self, LlamaConfig)> {
         let config = LlamaConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open_dir(dir)?;
-        Ok((Self::load(&config, &ckpt, device)?, config))
+        Ok((Self::load_as(&config, &ckpt, base, device)?, config))
     }
 
     /// Build the model from an opened checkpoint with `LlamaForCausalLM` keys (`model.…`,
@@ -947,13 +998,30 @@ impl<L: LinearLayer> Llama<L> {
     /// # Errors
     /// A missing or misshapen tensor (named), or an inconsistent `config`.
     pub fn load(config: &LlamaConfig, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+        Self::load_as(config, ckpt, BaseFormat::F32, device)
+    }
+
+    /// [`Llama::load`] with the frozen base held as `base` says ([`BaseFormat`]: the linear
+    /// layers through [`Checkpoint::linear_layer`], the token table and an untied LM head through
+    /// [`Checkpoint::packed_table`]; norms stay f32). Each weight is packed as it is read, so
+    /// loading never holds the whole model in f32.
+    ///
+    /// # Errors
+    /// As [`Llama::load`]; [`ModelError::Packing`] for a tensor the base cannot hold.
+    pub fn load_as(
+        config: &LlamaConfig,
+        ckpt: &Checkpoint,
+        base: BaseFormat,
+        device: &Device,
+    ) -> Result<Self> {
         config.check().map_err(|message| ModelError::Config {
             file: ckpt.file().into(),
             message,
         })?;
         let h = config.hidden_size;
         let eps = config.rms_norm_eps;
-        let linear = |path: &str, i, o, bias| ckpt.linear(path, i, o, bias, device).map(L::from);
+        let linear =
+            |path: &str, i, o, bias| ckpt.linear_layer::<L>(path, (i, o), bias, base, device);
         let (q, kv) = (
             config.num_attention_heads * config.head_dim,
             config.num_key_value_heads * config.head_dim,
@@ -989,8 +1057,17 @@ impl<L: LinearLayer> Llama<L> {
                 )?,
             });
         }
+        let vocab = config.vocab_size;
+        let packed_embed = ckpt.packed_table("model.embed_tokens.weight", (vocab, h), base)?;
+        let embed_tokens = match packed_embed {
+            Some(_) => Embedding {
+                weight: Param::from_tensor(Tensor::zeros([0, h], device)).set_require_grad(false),
+            },
+            None => ckpt.embedding("model.embed_tokens", vocab, h, device)?,
+        };
         let model = LlamaModel {
-            embed_tokens: ckpt.embedding("model.embed_tokens", config.vocab_size, h, device)?,
+            embed_tokens,
+            packed_embed,
             layers,
             norm: ckpt.rms_norm("model.norm", h, eps, device)?,
             rope_theta: config.rope_theta,
@@ -1000,7 +1077,14 @@ impl<L: LinearLayer> Llama<L> {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(linear("lm_head", h, config.vocab_size, false)?)
+            Some(
+                match ckpt.packed_table("lm_head.weight", (vocab, h), base)? {
+                    Some(table) => L::from_packed(table, None, device)?,
+                    None => ckpt
+                        .linear("lm_head", h, vocab, false, device)
+                        .map(L::from)?,
+                },
+            )
         };
         Ok(Self { model, lm_head })
     }
@@ -1017,7 +1101,7 @@ impl<L: LinearLayer> Llama<L> {
 
     /// The vocabulary size (rows of the token embedding).
     pub fn vocab_size(&self) -> usize {
-        self.model.embed_tokens.weight.dims()[0]
+        self.model.vocab_size()
     }
 
     /// An empty key/value cache for `batch` sequences of up to `capacity` positions, on the
@@ -1087,12 +1171,16 @@ impl<L: LinearLayer> Llama<L> {
     fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => {
-                // The transposed table is a strided view: `kernels::linear` reads it in place
-                // (a matmul would copy the whole table to a contiguous buffer on every call).
-                let table = self.model.embed_tokens.weight.val();
-                peft_kernels::linear(hidden, table.transpose(), None)
-            }
+            None => match &self.model.packed_embed {
+                Some(table) => packed_linear(hidden, table, None),
+                None => {
+                    // The transposed table is a strided view: `kernels::linear` reads it in
+                    // place (a matmul would copy the whole table to a contiguous buffer on every
+                    // call).
+                    let table = self.model.embed_tokens.weight.val();
+                    peft_kernels::linear(hidden, table.transpose(), None)
+                }
+            },
         }
     }
 }

@@ -9,11 +9,16 @@ use std::path::{Path, PathBuf};
 
 use burn::nn::Linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use peft_core::PeftLinear;
+use peft_kernels::quant::PackedMatrix;
+use peft_kernels::quant::ggml::GgmlBlock;
+use peft_lora::LoraAdapter;
+use peft_models::BaseFormat;
 use peft_models::ModelError;
 use peft_models::TensorSource;
 use peft_models::gguf::{
     DequantizeError, GgmlType, GgufError, GgufFile, GgufTensors, GgufValue, dequantize,
-    llama_config, load_llama,
+    llama_config, load_llama, load_llama_as,
 };
 use safetensors::SafeTensors;
 
@@ -846,6 +851,213 @@ fn load_tiny_llama_tied_and_untied() {
         let q = q.into_data().try_to_vec::<f32>().unwrap();
         assert_eq!(q[8], 16.0, "row 1 of q_proj is GGUF row 2");
     }
+}
+
+/// A ggml-block tensor (`dims` in GGUF order: the row length first) of `values`.
+fn t_blocks(name: &str, dims: &[u64], block: GgmlBlock, values: &[f32]) -> T {
+    let mut data = Vec::new();
+    for chunk in values.chunks_exact(32) {
+        block.encode(chunk, &mut data);
+    }
+    let ty = match block {
+        GgmlBlock::Q4_0 => 2,
+        GgmlBlock::Q4_1 => 3,
+        GgmlBlock::Q8_0 => 8,
+        GgmlBlock::F16 => 1,
+        GgmlBlock::Bf16 => 30,
+    };
+    T {
+        name: name.into(),
+        dims: dims.to_vec(),
+        ty,
+        data,
+        offset: None,
+    }
+}
+
+/// A one-layer LLaMA of hidden size 32 (two heads of 16, one key/value head), its projections
+/// in `Q8_0` except Q and K (`Q4_1`, rows interleaved as llama.cpp writes them), down in `F16`,
+/// the tied token table in `Q8_0`, norms in f32.
+fn tiny_packed_llama() -> Gguf {
+    let ramp = |n: usize, k: f32| {
+        (0..n)
+            .map(|i| (i as f32 * k).sin() * 0.3)
+            .collect::<Vec<_>>()
+    };
+    Gguf::new()
+        .kv("general.architecture", kv_str("llama"))
+        .kv("llama.context_length", kv_u32(64))
+        .kv("llama.embedding_length", kv_u32(32))
+        .kv("llama.block_count", kv_u32(1))
+        .kv("llama.feed_forward_length", kv_u32(64))
+        .kv("llama.attention.head_count", kv_u32(2))
+        .kv("llama.attention.head_count_kv", kv_u32(1))
+        .kv("llama.attention.layer_norm_rms_epsilon", kv_f32(1e-5))
+        .kv(
+            "tokenizer.ggml.tokens",
+            kv_array(8, &["a", "b", "c", "d", "e"].map(s)),
+        )
+        .tensor(t_blocks(
+            "token_embd.weight",
+            &[32, 5],
+            GgmlBlock::Q8_0,
+            &ramp(160, 0.7),
+        ))
+        .tensor(t_f32("blk.0.attn_norm.weight", &[32], &ramp(32, 1.1)))
+        .tensor(t_blocks(
+            "blk.0.attn_q.weight",
+            &[32, 32],
+            GgmlBlock::Q4_1,
+            &ramp(1024, 0.13),
+        ))
+        .tensor(t_blocks(
+            "blk.0.attn_k.weight",
+            &[32, 16],
+            GgmlBlock::Q4_1,
+            &ramp(512, 0.29),
+        ))
+        .tensor(t_blocks(
+            "blk.0.attn_v.weight",
+            &[32, 16],
+            GgmlBlock::Q8_0,
+            &ramp(512, 0.31),
+        ))
+        .tensor(t_blocks(
+            "blk.0.attn_output.weight",
+            &[32, 32],
+            GgmlBlock::Q8_0,
+            &ramp(1024, 0.2),
+        ))
+        .tensor(t_blocks(
+            "blk.0.ffn_gate.weight",
+            &[32, 64],
+            GgmlBlock::Q8_0,
+            &ramp(2048, 0.5),
+        ))
+        .tensor(t_blocks(
+            "blk.0.ffn_up.weight",
+            &[32, 64],
+            GgmlBlock::Q8_0,
+            &ramp(2048, 0.9),
+        ))
+        .tensor(t_blocks(
+            "blk.0.ffn_down.weight",
+            &[64, 32],
+            GgmlBlock::F16,
+            &ramp(2048, 1.3),
+        ))
+        .tensor(t_f32("blk.0.ffn_norm.weight", &[32], &ramp(32, 0.4)))
+        .tensor(t_f32("output_norm.weight", &[32], &ramp(32, 0.8)))
+}
+
+fn rel_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
+    let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);
+    (a - b).abs().max().into_scalar::<f32>() / scale
+}
+
+#[test]
+fn a_gguf_base_kept_packed_equals_the_dequantized_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_packed_llama().write(dir.path(), "p.gguf");
+    let device = Device::flex();
+    let ids = || Tensor::<2, Int>::from_ints([[0, 3, 4, 1, 2]], &device);
+    let (dense, _) = load_llama::<Linear>(&path, &device).unwrap();
+    let want = dense.forward(ids(), None);
+
+    let (packed, _) =
+        load_llama_as::<PeftLinear<LoraAdapter>>(&path, BaseFormat::Gguf, &device).unwrap();
+    let attn = &packed.model.layers[0].self_attn;
+    let formats: Vec<&str> = [&attn.q_proj, &attn.k_proj, &attn.v_proj]
+        .iter()
+        .chain([&packed.model.layers[0].mlp.down_proj].iter())
+        .map(|l| l.packed.as_ref().expect("packed").format().name())
+        .collect();
+    assert_eq!(formats, ["Q4_1", "Q4_1", "Q8_0", "F16"]);
+    assert_eq!(
+        packed.model.packed_embed.as_ref().unwrap().format().name(),
+        "Q8_0"
+    );
+    // Q and K rows are put back in Hugging Face's order, as the f32 path does.
+    for (p, d) in [
+        (&attn.q_proj, &dense.model.layers[0].self_attn.q_proj),
+        (&attn.k_proj, &dense.model.layers[0].self_attn.k_proj),
+    ] {
+        let got = p.packed.as_ref().unwrap().dequantize();
+        let want = d
+            .weight
+            .val()
+            .transpose()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        assert_eq!(got, want);
+    }
+    let got = packed.forward(ids(), None);
+    assert!(rel_diff(got, want.clone()) < 1e-5, "packed forward");
+
+    // A plain `Linear` model dequantizes the blocks (the table stays packed): the same model.
+    let (plain, _) = load_llama_as::<Linear>(&path, BaseFormat::Gguf, &device).unwrap();
+    assert_eq!(
+        plain.model.layers[0].self_attn.q_proj.weight.dims(),
+        [32, 32]
+    );
+    assert!(
+        rel_diff(plain.forward(ids(), None), want.clone()) < 1e-5,
+        "plain forward"
+    );
+
+    // NF4 (double-quantized) linears, bf16 table: each layer equal to the NF4 quantization of
+    // its f32 weight, and the packed model equal to its dequantized twin (`Linear` layers).
+    let (nf4, _) =
+        load_llama_as::<PeftLinear<LoraAdapter>>(&path, BaseFormat::Nf4 { double: true }, &device)
+            .unwrap();
+    let q = nf4.model.layers[0]
+        .self_attn
+        .q_proj
+        .packed
+        .as_ref()
+        .unwrap();
+    assert_eq!(q.format().name(), "nf4-dq");
+    let w = dense.model.layers[0]
+        .self_attn
+        .q_proj
+        .weight
+        .val()
+        .transpose();
+    let w = w.into_data().try_to_vec::<f32>().unwrap();
+    let reference = PackedMatrix::nf4(&w, 32, 32, true).unwrap().dequantize();
+    assert_eq!(q.dequantize(), reference);
+    assert_eq!(
+        nf4.model.packed_embed.as_ref().unwrap().format().name(),
+        "BF16"
+    );
+    let got = nf4.forward(ids(), None);
+    let (twin, _) =
+        load_llama_as::<Linear>(&path, BaseFormat::Nf4 { double: true }, &device).unwrap();
+    assert!(
+        rel_diff(got.clone(), twin.forward(ids(), None)) < 1e-5,
+        "NF4 packed == dequantized"
+    );
+    assert!(rel_diff(got, want) > 1e-3, "NF4 rounds");
+}
+
+#[test]
+fn a_gguf_base_needs_a_gguf_file_and_keepable_blocks() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llama/untied");
+    let err = peft_models::llama::Llama::<PeftLinear<LoraAdapter>>::from_pretrained_as(
+        &dir,
+        BaseFormat::Gguf,
+        &Device::flex(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ModelError::Packing { .. }), "{err}");
+    assert!(err.to_string().contains("needs a GGUF model"), "{err}");
+    // Names parse back, and an unknown one lists them.
+    for name in BaseFormat::NAMES {
+        assert_eq!(name.parse::<BaseFormat>().unwrap().name(), name);
+    }
+    let bad = "int4".parse::<BaseFormat>().unwrap_err();
+    assert!(bad.contains("nf4-dq") && bad.contains("int4"), "{bad}");
 }
 
 // ---------------------------------------------------------------------------------------------

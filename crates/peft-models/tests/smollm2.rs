@@ -20,9 +20,10 @@ use common::parameters;
 use peft_core::step::Stepper;
 use peft_core::{ModuleSelector, PeftLinear, hf};
 use peft_lora::{LoadOptions, LoraAdapter, LoraConfig, LoraModel};
+use peft_models::BaseFormat;
 use peft_models::chat::ChatMessage;
 use peft_models::generate::{GenerationConfig, StopReason, generate};
-use peft_models::gguf::{GgufFile, load_llama};
+use peft_models::gguf::{GgufFile, load_llama, load_llama_as};
 use peft_models::llama::Llama;
 use peft_models::loss::{IGNORE_INDEX, causal_lm_loss};
 use peft_models::tokenizer::ModelTokenizer;
@@ -221,6 +222,59 @@ fn greedy_generation_with_the_adapter_matches_peft_unmerged_and_merged() {
             gens.eos_token_id,
         );
         assert_eq!(out, chat.adapter_ids, "chat {i}: merged");
+    }
+}
+
+/// QLoRA over the GGUF file's own blocks: every linear layer and the token table stay packed
+/// (`Q4_1`, `Q8_0`), read in place; with Python PEFT's adapter the logits equal PEFT's on the
+/// dequantized float32 model within the same bound, and greedy generation gives its tokens.
+#[test]
+fn lora_over_the_packed_gguf_blocks_gives_peft_logits_and_generations() {
+    let device = Device::flex();
+    let (model, _) =
+        load_llama_as::<PeftLinear<LoraAdapter>>(model_path(), BaseFormat::Gguf, &device).unwrap();
+    let table = model
+        .model
+        .packed_embed
+        .as_ref()
+        .expect("the token table is packed");
+    assert_eq!(table.format().name(), "Q8_0");
+    assert_eq!(model.model.embed_tokens.weight.dims()[0], 0, "no f32 table");
+    for layer in &model.model.layers {
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        for l in [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ] {
+            let p = l.packed.as_ref().expect("every linear layer is packed");
+            assert_eq!(p.format().name(), "Q4_1");
+            assert_eq!(l.weight.dims(), [0, 0], "no f32 weight");
+        }
+    }
+    let peft =
+        LoraModel::from_pretrained(model, &fixture("lora_qv"), &LoadOptions::default()).unwrap();
+    let exp = Expected::load();
+    let ids = exp.ints::<2>("input_ids");
+    let mask = exp.ints::<2>("attention_mask");
+    check_logits(
+        "packed gguf, unmerged",
+        peft.model().forward(ids, Some(mask)),
+        &exp,
+    );
+    let gens = generations();
+    for (i, chat) in gens.chats.iter().enumerate() {
+        let out = greedy(
+            peft.model(),
+            &chat.prompt_ids,
+            gens.max_new_tokens,
+            gens.eos_token_id,
+        );
+        assert_eq!(out, chat.adapter_ids, "chat {i}: packed base");
     }
 }
 

@@ -60,6 +60,19 @@ pub enum SelectiveError {
         /// Every trainable parameter path.
         available: Vec<String>,
     },
+    /// The model's frozen base is kept packed (NF4 or GGUF blocks), which selective updates
+    /// cannot change: train an adapter method over a packed base, or load the base in f32.
+    #[error(
+        "the base of {} is kept packed ({}), and a selective method updates base weights; \
+         load the model with `base = \"f32\"` or train an adapter (LoRA, AdaLoRA, RoSA, SFT) \
+         over the packed base",
+        if layers.len() == 1 { "1 layer".to_string() } else { format!("{} layers", layers.len()) },
+        layers.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+    )]
+    PackedBase {
+        /// The layers whose base is packed.
+        layers: Vec<String>,
+    },
     /// The model does not have the parameter a summary or checkpoint refers to.
     #[error("the model has no trainable float parameter `{path}`")]
     UnknownParameter {

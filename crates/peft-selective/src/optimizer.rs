@@ -138,9 +138,14 @@ impl<O: Optimizer> SelectiveOptimizer<O> {
     ///
     /// # Errors
     /// An invalid config, a budget of 0 or larger than the trainable entries, `choose_all`
-    /// groups that match nothing or exceed the budget, BitFit without any candidate.
+    /// groups that match nothing or exceed the budget, BitFit without any candidate;
+    /// [`SelectiveError::PackedBase`] for a model whose base is kept packed.
     pub fn new<M: Module>(model: &M, config: SelectiveConfig, inner: O) -> Result<Self> {
         config.validate()?;
+        let packed = peft_core::hosts::packed_paths(model);
+        if !packed.is_empty() {
+            return Err(SelectiveError::PackedBase { layers: packed });
+        }
         let inventory = params::inventory(model);
         let trainable: Vec<&params::ParamInfo> =
             inventory.iter().filter(|p| p.require_grad).collect();

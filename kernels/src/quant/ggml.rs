@@ -1,4 +1,5 @@
-//! GGUF's own 4- and 8-bit blocks (ggml `Q4_0`, `Q4_1`, `Q8_0`), read in place.
+//! GGUF's own 4- and 8-bit blocks (ggml `Q4_0`, `Q4_1`, `Q8_0`), read in place, and its 16-bit
+//! types (`F16`, `BF16`) in blocks of 32 values, so that a 16-bit base stays at 16 bits.
 //!
 //! Each block holds 32 consecutive values of a row: an f16 scale `d` (and for Q4_1 an f16 minimum
 //! `m`) followed by the quants. Q4_0 and Q4_1 store 16 bytes of nibbles: value `j < 16` is the low
@@ -6,7 +7,7 @@
 //! Q8_0 stores 32 signed bytes and reads `q·d`. These decoders equal the `ggml-quants` crate's
 //! (which `peft-models` loads GGUF files with) bit for bit (`kernels/tests/quant.rs`).
 
-use burn::tensor::f16;
+use burn::tensor::{bf16, f16};
 
 /// Values per block in all three formats.
 pub const GGML_BLOCK: usize = 32;
@@ -20,6 +21,10 @@ pub enum GgmlBlock {
     Q4_1,
     /// `d`, 32 signed bytes, `q·d`: 34 bytes per 32 values (8.5 bits a value).
     Q8_0,
+    /// IEEE half precision, 32 values of 2 bytes (ggml's `F16`; no scale).
+    F16,
+    /// bfloat16, 32 values of 2 bytes (ggml's `BF16`: the top half of an f32).
+    Bf16,
 }
 
 impl GgmlBlock {
@@ -29,6 +34,7 @@ impl GgmlBlock {
             GgmlBlock::Q4_0 => 18,
             GgmlBlock::Q4_1 => 20,
             GgmlBlock::Q8_0 => 34,
+            GgmlBlock::F16 | GgmlBlock::Bf16 => 64,
         }
     }
 
@@ -38,6 +44,8 @@ impl GgmlBlock {
             GgmlBlock::Q4_0 => "Q4_0",
             GgmlBlock::Q4_1 => "Q4_1",
             GgmlBlock::Q8_0 => "Q8_0",
+            GgmlBlock::F16 => "F16",
+            GgmlBlock::Bf16 => "BF16",
         }
     }
 
@@ -45,12 +53,11 @@ impl GgmlBlock {
     /// their sum (Q4_0 reads `d·(Σq·x - 8·Σx)`, Q4_1 `d·Σq·x + m·Σx`, Q8_0 `d·Σq·x`).
     #[inline]
     pub fn dot(self, b: &[u8], x: &[f32], xsum: f32) -> f32 {
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
         match self {
-            GgmlBlock::Q4_0 => d * (nibble_dot(&b[2..18], x) - 8.0 * xsum),
+            GgmlBlock::Q4_0 => scale(b) * (nibble_dot(&b[2..18], x) - 8.0 * xsum),
             GgmlBlock::Q4_1 => {
                 let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
-                d * nibble_dot(&b[4..20], x) + m * xsum
+                scale(b) * nibble_dot(&b[4..20], x) + m * xsum
             }
             GgmlBlock::Q8_0 => {
                 let mut acc = [0f32; 8];
@@ -59,7 +66,12 @@ impl GgmlBlock {
                         acc[l] += q[l] as i8 as f32 * xs[l];
                     }
                 }
-                d * acc.iter().sum::<f32>()
+                scale(b) * acc.iter().sum::<f32>()
+            }
+            GgmlBlock::F16 | GgmlBlock::Bf16 => {
+                let mut w = [0f32; GGML_BLOCK];
+                self.decode(b, &mut w);
+                w.iter().zip(x).map(|(w, x)| w * x).sum()
             }
         }
     }
@@ -86,6 +98,12 @@ impl GgmlBlock {
                 out.extend_from_slice(&b.delta.to_bits().to_le_bytes());
                 out.extend(b.quants.iter().map(|&q| q as u8));
             }
+            GgmlBlock::F16 => {
+                out.extend(v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()));
+            }
+            GgmlBlock::Bf16 => {
+                out.extend(v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()));
+            }
         }
     }
 
@@ -93,9 +111,9 @@ impl GgmlBlock {
     #[inline]
     pub fn decode(self, b: &[u8], out: &mut [f32]) {
         let out: &mut [f32; GGML_BLOCK] = out.try_into().expect("32 outputs per block");
-        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
         match self {
             GgmlBlock::Q4_0 => {
+                let d = scale(b);
                 let qs = &b[2..18];
                 for j in 0..16 {
                     out[j] = ((qs[j] & 0x0F) as i32 - 8) as f32 * d;
@@ -103,7 +121,7 @@ impl GgmlBlock {
                 }
             }
             GgmlBlock::Q4_1 => {
-                let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                let (d, m) = (scale(b), f16::from_le_bytes([b[2], b[3]]).to_f32());
                 let qs = &b[4..20];
                 for j in 0..16 {
                     out[j] = (qs[j] & 0x0F) as f32 * d + m;
@@ -111,12 +129,29 @@ impl GgmlBlock {
                 }
             }
             GgmlBlock::Q8_0 => {
+                let d = scale(b);
                 for (o, &q) in out.iter_mut().zip(&b[2..34]) {
                     *o = q as i8 as f32 * d;
                 }
             }
+            GgmlBlock::F16 => {
+                for (o, v) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([v[0], v[1]]).to_f32();
+                }
+            }
+            GgmlBlock::Bf16 => {
+                for (o, v) in out.iter_mut().zip(b.chunks_exact(2)) {
+                    *o = bf16::from_le_bytes([v[0], v[1]]).to_f32();
+                }
+            }
         }
     }
+}
+
+/// The f16 scale `d` a quantized block starts with.
+#[inline]
+fn scale(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
 /// `Σ q·x` for 16 bytes of nibbles (value `j` the low nibble of byte `j`, value `j + 16` its high

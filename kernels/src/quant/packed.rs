@@ -309,6 +309,30 @@ impl PackedMatrix {
         out
     }
 
+    /// Rows `ids` in f32, row-major `[ids.len(), cols]` (an embedding lookup over a packed
+    /// table); only those rows are decoded.
+    ///
+    /// # Panics
+    /// If an id is not below `rows`.
+    pub fn gather_rows(&self, ids: &[usize]) -> Vec<f32> {
+        let mut out = vec![0.0; ids.len() * self.cols];
+        if self.cols == 0 {
+            return out;
+        }
+        let blocks = self.row_len / self.format.block();
+        out.par_chunks_mut(self.cols)
+            .zip(ids.par_iter())
+            .for_each_init(
+                || vec![0.0; self.row_len],
+                |row, (dst, &id)| {
+                    assert!(id < self.rows, "row {id} of a {}-row matrix", self.rows);
+                    self.decode(id, 0..blocks, row);
+                    dst.copy_from_slice(&row[..self.cols]);
+                },
+            );
+        out
+    }
+
     /// `x·Wᵀ (+ bias)` for a row-major `[n, cols]` `x`: the row-major `[n, rows]` output of a
     /// linear layer whose weight this is.
     pub fn forward(&self, x: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {

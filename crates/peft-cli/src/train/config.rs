@@ -30,6 +30,10 @@ pub struct RunConfig {
 pub struct ModelSection {
     /// A GGUF file or a Hugging Face model folder, as `burn-peft generate` takes.
     pub path: PathBuf,
+    /// How the frozen base weights are held (`f32`, `bf16`, `nf4`, `nf4-dq`, `gguf`): QLoRA
+    /// is `nf4-dq`; `gguf` keeps a GGUF file's blocks as loaded. Adapter methods only.
+    #[serde(default)]
+    pub base: peft_models::BaseFormat,
 }
 
 /// `[data]`.

@@ -17,6 +17,8 @@ use peft_core::{Method, PeftLinear, PeftModel};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use peft_models::BaseFormat;
+
 use crate::model::{self, ModelSource};
 use crate::train::run::{Full, Job, Selective};
 
@@ -28,7 +30,7 @@ pub fn dispatch<J: Job>(
     table: &toml::Table,
     file: &Path,
     steps: usize,
-    source: &ModelSource,
+    source: (&ModelSource, BaseFormat),
     device: &Device,
     job: J,
 ) -> anyhow::Result<J::Output> {
@@ -36,6 +38,15 @@ pub fn dispatch<J: Job>(
         .get("name")
         .and_then(toml::Value::as_str)
         .unwrap_or_default();
+    let base = source.1;
+    if base.is_packed() && matches!(name, "id3" | "pafi" | "bitfit" | "full") {
+        bail!(
+            "{}: [method] `{name}` updates base weights, which `[model] base = \"{base}\"` \
+             keeps packed and frozen; use base = \"f32\", or an adapter method (lora, dora, \
+             adalora, rosa, spa, sft) over the packed base",
+            file.display()
+        );
+    }
     let mut fields = table.clone();
     fields.remove("name");
     match name {
@@ -87,10 +98,10 @@ pub fn dispatch<J: Job>(
 }
 
 fn load<L: peft_models::LinearLayer>(
-    source: &ModelSource,
+    (source, base): (&ModelSource, BaseFormat),
     device: &Device,
 ) -> anyhow::Result<peft_models::llama::Llama<L>> {
-    Ok(model::load_llama::<L>(source, device)?.0)
+    Ok(model::load_llama::<L>(source, base, device)?.0)
 }
 
 /// The config of adapter method `C` from the `[method]` fields (without `name`), then the
@@ -98,7 +109,7 @@ fn load<L: peft_models::LinearLayer>(
 fn adapter<C: Method, J: Job>(
     fields: toml::Table,
     file: &Path,
-    source: &ModelSource,
+    source: (&ModelSource, BaseFormat),
     device: &Device,
     job: J,
 ) -> anyhow::Result<J::Output> {

@@ -193,7 +193,7 @@ pub fn train_on(
         &config.method,
         config_file,
         config.train.steps,
-        &source,
+        (&source, config.model.base),
         &device,
         job,
     )

@@ -5,10 +5,13 @@ use std::path::Path;
 
 use burn::tensor::{Device, TensorData};
 
-use super::{GgufError, GgufFile};
+use peft_kernels::quant::PackedMatrix;
+use peft_kernels::quant::ggml::GgmlBlock;
+
+use super::{GgmlType, GgufError, GgufFile};
 use crate::checkpoint::{Checkpoint, TensorSource};
 use crate::error::{ModelError, Result};
-use crate::layers::LinearLayer;
+use crate::layers::{BaseFormat, LinearLayer};
 use crate::llama::{Llama, LlamaConfig};
 
 /// The Hugging Face name of a GGUF tensor of a LLaMA-family model (`blk.3.attn_q.weight` →
@@ -118,6 +121,26 @@ impl GgufTensors {
     }
 }
 
+/// The row order that undoes llama.cpp's interleaving (see [`unpermute_rows`]): row `k` of the
+/// Hugging Face layout is GGUF row `order[k]`.
+fn unpermuted_order(rows: usize, heads: usize) -> std::result::Result<Vec<usize>, String> {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(format!(
+            "{rows} rows cannot be split into {heads} heads of two rotary halves"
+        ));
+    }
+    let half = rows / heads / 2;
+    let mut order = vec![0; rows];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                order[h * 2 * half + j * half + i] = h * 2 * half + 2 * i + j;
+            }
+        }
+    }
+    Ok(order)
+}
+
 /// Undo llama.cpp's row interleaving of a Q or K projection in place: within each of `heads`
 /// groups of `2·half` rows of length `cols`, GGUF row `2i + j` becomes row `j·half + i`.
 fn unpermute_rows(
@@ -126,23 +149,10 @@ fn unpermute_rows(
     cols: usize,
     heads: usize,
 ) -> std::result::Result<(), String> {
-    if heads == 0 || !rows.is_multiple_of(2 * heads) {
-        return Err(format!(
-            "{rows} rows cannot be split into {heads} heads of two rotary halves"
-        ));
-    }
-    let half = rows / heads / 2;
-    let group = 2 * half * cols;
-    let mut scratch = vec![0.0f32; group];
-    for block in data.chunks_exact_mut(group) {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = (2 * i + j) * cols;
-                let dst = (j * half + i) * cols;
-                scratch[dst..dst + cols].copy_from_slice(&block[src..src + cols]);
-            }
-        }
-        block.copy_from_slice(&scratch);
+    let order = unpermuted_order(rows, heads)?;
+    let src = data.to_vec();
+    for (dst, &r) in data.chunks_exact_mut(cols.max(1)).zip(&order) {
+        dst.copy_from_slice(&src[r * cols..(r + 1) * cols]);
     }
     Ok(())
 }
@@ -183,6 +193,60 @@ impl TensorSource for GgufTensors {
             })?;
         }
         Ok(TensorData::new(data, shape))
+    }
+
+    fn has_packed(&self) -> bool {
+        true
+    }
+
+    /// `Q4_0`, `Q4_1`, `Q8_0`, `F16` and `BF16` tensors as their blocks in the mapped file (Q
+    /// and K rows put back in Hugging Face's order, which copies those two); `None` for `F32`.
+    fn read_packed(&self, name: &str) -> Result<Option<PackedMatrix>> {
+        let gguf = self
+            .names
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                file: self.file.path().into(),
+                key: name.into(),
+            })?;
+        let info = self.file.tensor_info(gguf).expect("mapped names exist");
+        let shape = info.shape();
+        let packing = |reason: String| ModelError::Packing {
+            file: self.file.path().into(),
+            key: gguf.clone(),
+            base: BaseFormat::Gguf.name(),
+            reason,
+        };
+        let block = match info.ggml_type {
+            GgmlType::F32 => return Ok(None),
+            GgmlType::Q4_0 => GgmlBlock::Q4_0,
+            GgmlType::Q4_1 => GgmlBlock::Q4_1,
+            GgmlType::Q8_0 => GgmlBlock::Q8_0,
+            GgmlType::F16 => GgmlBlock::F16,
+            GgmlType::BF16 => GgmlBlock::Bf16,
+            other => {
+                return Err(packing(format!(
+                    "it is stored as {other}, which cannot be kept packed (the kept formats \
+                     are Q4_0, Q4_1, Q8_0, F16 and BF16; `nf4`, `nf4-dq` or `bf16` \
+                     re-quantize any file)"
+                )));
+            }
+        };
+        let [rows, cols] = shape[..] else {
+            return Err(packing(format!(
+                "it has shape {shape:?}, not two dimensions"
+            )));
+        };
+        let bytes = self.file.tensor_shared(gguf)?;
+        let mut packed =
+            PackedMatrix::ggml(block, bytes, rows, cols).map_err(|e| packing(e.to_string()))?;
+        if let Some(heads) = self.permuted_heads(gguf) {
+            let order = unpermuted_order(rows, heads).map_err(&packing)?;
+            packed = packed
+                .permute_rows(&order)
+                .map_err(|e| packing(e.to_string()))?;
+        }
+        Ok(Some(packed))
     }
 }
 
@@ -297,12 +361,26 @@ pub fn load_llama<L: LinearLayer>(
     path: impl AsRef<Path>,
     device: &Device,
 ) -> Result<(Llama<L>, LlamaConfig)> {
+    load_llama_as(path, BaseFormat::F32, device)
+}
+
+/// [`load_llama`] with the frozen base held as `base` says ([`BaseFormat`]): with
+/// [`BaseFormat::Gguf`] the file's blocks are kept as loaded (the memory map is shared, never
+/// dequantized to f32), with `nf4`/`bf16` each weight is quantized as it is read.
+///
+/// # Errors
+/// As [`load_llama`]; [`ModelError::Packing`] for a tensor the base cannot hold.
+pub fn load_llama_as<L: LinearLayer>(
+    path: impl AsRef<Path>,
+    base: BaseFormat,
+    device: &Device,
+) -> Result<(Llama<L>, LlamaConfig)> {
     let path = path.as_ref();
     let file = GgufFile::open(path)?;
     let config = llama_config(&file)?;
     let source = GgufTensors::new(file)?;
     let ckpt = Checkpoint::from_source(path, Box::new(source));
-    let model = Llama::load(&config, &ckpt, device)?;
+    let model = Llama::load_as(&config, &ckpt, base, device)?;
     Ok((model, config))
 }
 
@@ -377,5 +455,14 @@ mod tests {
             }
         }
         assert!(unpermute_rows(&mut hf, rows, cols, 5).is_err());
+        // The row order the packed path uses moves the rows the same way.
+        let order = unpermuted_order(rows, heads).unwrap();
+        for (k, &src) in order.iter().enumerate() {
+            assert_eq!(
+                hf[k * cols..k * cols + cols],
+                gguf[src * cols..src * cols + cols]
+            );
+        }
+        assert!(unpermuted_order(rows, 5).is_err());
     }
 }

@@ -34,12 +34,13 @@ use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use peft_kernels::mmap::{Mmap, map_file};
+use peft_kernels::quant::PackedBytes;
 
 pub use dequant::{DequantizeError, dequantize};
-pub use llama::{GgufTensors, gguf_to_hf_name, llama_config, load_llama};
+pub use llama::{GgufTensors, gguf_to_hf_name, llama_config, load_llama, load_llama_as};
 
 /// One metadata value of a GGUF file.
 #[derive(Clone, Debug, PartialEq)]
@@ -459,7 +460,7 @@ impl GgufTensorInfo {
 /// A GGUF file, memory-mapped, with its metadata and tensor infos parsed and checked.
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    map: Arc<Mmap>,
     /// The file, for [`GgufFile::dequantize`]'s reads.
     reader: Mutex<File>,
     version: u32,
@@ -516,7 +517,7 @@ impl GgufFile {
                 found: bytes,
             });
         }
-        let map = map_file(&file).map_err(io)?;
+        let map = Arc::new(map_file(&file).map_err(io)?);
         let parsed = Parser::new(&path, &map).parse()?;
         Ok(Self {
             path,
@@ -589,6 +590,23 @@ impl GgufFile {
         // Bounds were checked when the file was opened.
         let start = (self.data_offset + info.offset) as usize;
         Ok(&self.map[start..start + info.n_bytes() as usize])
+    }
+
+    /// The raw data of tensor `name` as [`tensor_bytes`](Self::tensor_bytes), shared with the
+    /// memory map (a packed base that keeps the file's blocks holds these).
+    ///
+    /// # Errors
+    /// [`GgufError::MissingTensor`].
+    pub fn tensor_shared(&self, name: &str) -> Result<PackedBytes, GgufError> {
+        let info = self.info_or_err(name)?;
+        let start = (self.data_offset + info.offset) as usize;
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.map.clone();
+        PackedBytes::new(owner, start..start + info.n_bytes() as usize).map_err(|e| {
+            GgufError::Format {
+                file: self.path.clone(),
+                message: format!("tensor `{name}`: {e}"),
+            }
+        })
     }
 
     /// Tensor `name` dequantized to f32, in storage order (which is PyTorch's row-major order of
