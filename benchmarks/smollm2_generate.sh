@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct generation speed, three sides in one run on the same threads:
-# burn-peft (`burn-peft generate`, the GGUF file dequantized to f32), transformers (float32) and
-# llama.cpp (llama-cpp-python, Q4_1 blocks kept packed).
+# burn-peft (`burn-peft generate`: `--base f32`, the GGUF file dequantized to f32, and
+# `--base gguf`, its Q4_1 / Q8_0 blocks kept packed), transformers (float32) and llama.cpp
+# (llama-cpp-python, Q4_1 blocks kept packed).
 #
 #   PYTHON=.venv/bin/python THREADS=2 ROUNDS=3 bash benchmarks/smollm2_generate.sh
 #
@@ -23,12 +24,15 @@ fi
 TEXT=$("$PYTHON" benchmarks/smollm2_generate.py --side prefill-text --gguf "$MODEL" 2>/dev/null)
 export RAYON_NUM_THREADS=$THREADS
 for round in $(seq "$ROUNDS"); do
-    prefill=$("$BIN" generate --model "$MODEL" --prompt "$TEXT" --max-new-tokens 1 2>&1 >/dev/null \
-        | sed -n 's/.*prefill: \([0-9.]*\) tokens\/s.*/\1/p')
-    decode=$("$BIN" generate --model "$MODEL" --chat --max-new-tokens 128 \
-        --prompt "Tell me a long story about a lighthouse keeper." 2>&1 >/dev/null \
-        | sed -n 's/.*decode: \([0-9.]*\) tokens\/s.*/\1/p')
-    echo "burn-peft round prefill_tok_s=$prefill decode_tok_s=$decode"
+    for base in f32 gguf; do
+        prefill=$("$BIN" generate --model "$MODEL" --base "$base" --prompt "$TEXT" \
+            --max-new-tokens 1 2>&1 >/dev/null \
+            | sed -n 's/.*prefill: \([0-9.]*\) tokens\/s.*/\1/p')
+        decode=$("$BIN" generate --model "$MODEL" --base "$base" --chat --max-new-tokens 128 \
+            --prompt "Tell me a long story about a lighthouse keeper." 2>&1 >/dev/null \
+            | sed -n 's/.*decode: \([0-9.]*\) tokens\/s.*/\1/p')
+        echo "burn-peft base=$base round prefill_tok_s=$prefill decode_tok_s=$decode"
+    done
 done
 "$PYTHON" benchmarks/smollm2_generate.py --side transformers --gguf "$MODEL" --threads "$THREADS" \
     --rounds "$ROUNDS" 2>/dev/null | grep round

@@ -55,10 +55,14 @@ struct Args {
     /// Timed steps per cell.
     #[arg(long, default_value_t = 4)]
     steps: usize,
+    /// SmolLM2's micro-batches, `BATCHxSEQ`, comma-separated (each a set of cells).
+    #[arg(long, value_delimiter = ',', default_values_t = ["1x128".to_string(), "4x128".to_string()])]
+    llm_shapes: Vec<String>,
     /// Only these models (smollm2, minilm).
     #[arg(long, value_delimiter = ',', default_values_t = ["smollm2".to_string(), "minilm".to_string()])]
     models: Vec<String>,
-    /// Run one cell, `model:method:base`, and print its JSON (what the parent runs).
+    /// Run one cell, `model:method:base` (SmolLM2: `smollm2@BxS:method:base`), and print its
+    /// JSON (what the parent runs).
     #[arg(long)]
     cell: Option<String>,
     /// Write the results as JSON here.
@@ -69,17 +73,14 @@ struct Args {
 const METHODS: [&str; 2] = ["lora", "rosa"];
 const BASES: [&str; 3] = ["f32", "nf4-dq", "gguf"];
 
-/// SmolLM2's micro-batch.
-const LLM_BATCH: usize = 4;
-const LLM_SEQ: usize = 128;
-
 /// Bytes of every frozen f32 float tensor (trainable ones are the adapters) of `model`.
 fn frozen_f32_bytes<M: Module>(model: &M) -> usize {
     struct Count(usize);
     impl ModuleVisitor for Count {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            // A packed layer shows a lazy weight of its true shape, never built: not counted here.
-            if !param.is_require_grad() && param.is_initialized() {
+            // A packed layer shows a lazy weight of its true shape, never built: not counted here
+            // (asked first: reading anything else of a lazy parameter would build it).
+            if param.is_initialized() && !param.is_require_grad() {
                 self.0 += param.lazy_shape().num_elements() * 4;
             }
         }
@@ -148,7 +149,7 @@ fn rosa(targets: ModuleSelector) -> RosaConfig {
 fn smollm2<A: Adapter, C: Method<Adapter = A>>(
     config: C,
     rosa: Option<&RosaConfig>,
-    base: BaseFormat,
+    (base, batch, seq): (BaseFormat, usize, usize),
     args: &Args,
 ) -> anyhow::Result<Measured> {
     let device = Device::default().autodiff();
@@ -160,15 +161,15 @@ fn smollm2<A: Adapter, C: Method<Adapter = A>>(
         .packed_embed
         .as_ref()
         .map_or(0, |t| t.size_bytes());
-    let base_bytes = packed_bytes::<_, A>(&model) + table + frozen_f32_bytes(&model);
     let peft = PeftModel::new_typed(model, config)?;
+    let base_bytes = packed_bytes::<_, A>(peft.model()) + table + frozen_f32_bytes(peft.model());
     let load_peak_mib = memory_mib("VmHWM:");
     reset_peak();
     let vocab = cfg.vocab_size as i64;
-    let ids: Vec<i64> = (0..LLM_BATCH * LLM_SEQ)
+    let ids: Vec<i64> = (0..batch * seq)
         .map(|i| 100 + (i as i64 * 7919 + 13) % (vocab - 100))
         .collect();
-    let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([LLM_BATCH, LLM_SEQ]);
+    let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([batch, seq]);
     let (step_ms, collection_ms) = train(peft, rosa, args, |m: &Llama<PeftLinear<A>>| {
         causal_lm_loss(m.forward(ids.clone(), None), ids.clone()).expect("labels fit")
     })?;
@@ -231,16 +232,30 @@ fn run_cell(cell: &str, args: &Args) -> anyhow::Result<serde_json::Value> {
         bail!("--cell {cell}: expected model:method:base");
     };
     let base: BaseFormat = base.parse().map_err(anyhow::Error::msg)?;
+    let (model, shape) = model.split_once('@').unwrap_or((model, "4x128"));
+    let (batch, seq) = shape
+        .split_once('x')
+        .and_then(|(b, s)| Some((b.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
+        .with_context(|| format!("--cell {cell}: a shape BATCHxSEQ"))?;
+    let llm = (base, batch, seq);
     // Every linear layer: LLaMA's seven projections, BERT's query/key/value/dense.
     let all = match model {
         "minilm" => targets(),
-        _ => ModuleSelector::all_linear(),
+        _ => ModuleSelector::names([
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]),
     };
     let rosa_config = rosa(all.clone());
     let m = match (model, method) {
-        ("smollm2", "lora") => smollm2::<LoraAdapter, _>(lora(all), None, base, args)?,
+        ("smollm2", "lora") => smollm2::<LoraAdapter, _>(lora(all), None, llm, args)?,
         ("smollm2", "rosa") => {
-            smollm2::<RosaAdapter, _>(rosa_config.clone(), Some(&rosa_config), base, args)?
+            smollm2::<RosaAdapter, _>(rosa_config.clone(), Some(&rosa_config), llm, args)?
         }
         ("minilm", "lora") => minilm::<LoraAdapter, _>(lora(all), None, base, args)?,
         ("minilm", "rosa") => {
@@ -269,7 +284,14 @@ fn main() -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let mut results = Vec::new();
+    let mut models = Vec::new();
     for model in &args.models {
+        match model.as_str() {
+            "smollm2" => models.extend(args.llm_shapes.iter().map(|s| format!("smollm2@{s}"))),
+            other => models.push(other.to_string()),
+        }
+    }
+    for model in &models {
         for method in METHODS {
             for base in BASES {
                 let cell = format!("{model}:{method}:{base}");

@@ -51,12 +51,12 @@ impl GgmlBlock {
 
     /// `Σ value·x` over one block, from its quants: `x` holds the block's 32 inputs and `xsum`
     /// their sum (Q4_0 reads `d·(Σq·x - 8·Σx)`, Q4_1 `d·Σq·x + m·Σx`, Q8_0 `d·Σq·x`).
-    #[inline]
+    #[inline(always)]
     pub fn dot(self, b: &[u8], x: &[f32], xsum: f32) -> f32 {
         match self {
             GgmlBlock::Q4_0 => scale(b) * (nibble_dot(&b[2..18], x) - 8.0 * xsum),
             GgmlBlock::Q4_1 => {
-                let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                let m = f16::from_le_bytes([b[2], b[3]]).to_f32_const();
                 scale(b) * nibble_dot(&b[4..20], x) + m * xsum
             }
             GgmlBlock::Q8_0 => {
@@ -108,7 +108,7 @@ impl GgmlBlock {
     }
 
     /// Decodes one block (`block_bytes()` bytes) into 32 values.
-    #[inline]
+    #[inline(always)]
     pub fn decode(self, b: &[u8], out: &mut [f32]) {
         let out: &mut [f32; GGML_BLOCK] = out.try_into().expect("32 outputs per block");
         match self {
@@ -121,7 +121,7 @@ impl GgmlBlock {
                 }
             }
             GgmlBlock::Q4_1 => {
-                let (d, m) = (scale(b), f16::from_le_bytes([b[2], b[3]]).to_f32());
+                let (d, m) = (scale(b), f16::from_le_bytes([b[2], b[3]]).to_f32_const());
                 let qs = &b[4..20];
                 for j in 0..16 {
                     out[j] = (qs[j] & 0x0F) as f32 * d + m;
@@ -149,14 +149,14 @@ impl GgmlBlock {
 }
 
 /// The f16 scale `d` a quantized block starts with.
-#[inline]
+#[inline(always)]
 fn scale(b: &[u8]) -> f32 {
-    f16::from_le_bytes([b[0], b[1]]).to_f32()
+    f16::from_le_bytes([b[0], b[1]]).to_f32_const()
 }
 
 /// `Σ q·x` for 16 bytes of nibbles (value `j` the low nibble of byte `j`, value `j + 16` its high
 /// nibble) against 32 inputs.
-#[inline]
+#[inline(always)]
 fn nibble_dot(qs: &[u8], x: &[f32]) -> f32 {
     let (lo, hi) = x.split_at(16);
     let mut acc = [0f32; 8];

@@ -392,47 +392,52 @@ impl PackedMatrix {
         y
     }
 
-    /// [`forward`](Self::forward) for a few input rows (decoding steps): each packed block is
-    /// dotted with the matching slice of every input row straight from its quants (Q4_1:
-    /// `d·Σq·x + m·Σx`, with `Σx` per block computed once), so the bytes are read once and no
-    /// decoded weight is written anywhere.
+    /// [`forward`](Self::forward) for a few input rows (decoding steps): each weight row is read
+    /// once and dotted with every input row (NF4: block by block from its nibbles; ggml: decoded
+    /// into a row buffer that stays in L1, then dotted at full vector width, [`ggml_rows`]).
     fn forward_few(&self, x: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+        let bytes = self.bytes.as_slice();
         match self.format {
             PackedFormat::Nf4 { .. } => {
                 let absmax = self.absmax.as_ref().expect("NF4 keeps its maxima");
-                let bytes = self.bytes.as_slice();
                 let per_row = self.row_len / NF4_BLOCK;
-                self.gemv(x, n, bias, y, NF4_BLOCK, |r, b, xs, _| {
-                    let index = r * per_row + b;
-                    let q = &bytes[index * NF4_BLOCK / 2..(index + 1) * NF4_BLOCK / 2];
-                    absmax.get(index) * nf4_dot(q, xs)
+                self.gemv(x, n, bias, y, |rows, padded, out| {
+                    for (k, r) in rows.enumerate() {
+                        for (i, xi) in padded.chunks_exact(self.row_len).enumerate() {
+                            out[k * n + i] = (0..per_row)
+                                .map(|b| {
+                                    let index = r * per_row + b;
+                                    let q =
+                                        &bytes[index * NF4_BLOCK / 2..(index + 1) * NF4_BLOCK / 2];
+                                    absmax.get(index)
+                                        * nf4_dot(q, &xi[b * NF4_BLOCK..(b + 1) * NF4_BLOCK])
+                                })
+                                .sum();
+                        }
+                    }
                 });
             }
             PackedFormat::Ggml(kind) => {
-                let bytes = self.bytes.as_slice();
-                let bb = kind.block_bytes();
                 let per_row = self.row_len / GGML_BLOCK;
-                self.gemv(x, n, bias, y, GGML_BLOCK, |r, b, xs, xsum| {
-                    let at = (r * per_row + b) * bb;
-                    kind.dot(&bytes[at..at + bb], xs, xsum)
+                self.gemv(x, n, bias, y, |rows, padded, out| {
+                    ggml_rows(kind, bytes, rows.start, rows.len(), per_row, padded, out);
                 });
             }
         }
     }
 
-    /// The row-parallel loop of [`forward_few`](Self::forward_few): `block_dot(row, block, x
-    /// slice, Σ x slice)` for every block of every weight row and input row.
+    /// The row-parallel loop of [`forward_few`](Self::forward_few): the inputs padded to whole
+    /// blocks, then `chunk(rows, padded, out)` for chunks of [`GEMV_CHUNK`] weight rows in
+    /// parallel (`out[k·n + i]`: row `k` of the chunk against input row `i`), and the bias.
     fn gemv(
         &self,
         x: &[f32],
         n: usize,
         bias: Option<&[f32]>,
         y: &mut [f32],
-        block: usize,
-        block_dot: impl Fn(usize, usize, &[f32], f32) -> f32 + Sync,
+        chunk: impl Fn(Range<usize>, &[f32], &mut [f32]) + Sync,
     ) {
-        let blocks = self.row_len / block;
-        // Inputs padded to whole blocks (NF4 rows may end inside one), and each block's sum.
+        // Inputs padded to whole blocks (NF4 rows may end inside one).
         let mut padded = vec![0f32; n * self.row_len];
         for (dst, src) in padded
             .chunks_exact_mut(self.row_len)
@@ -440,21 +445,12 @@ impl PackedMatrix {
         {
             dst[..self.cols].copy_from_slice(src);
         }
-        let sums: Vec<f32> = padded.chunks_exact(block).map(|c| c.iter().sum()).collect();
         let parts: Vec<Vec<f32>> = (0..self.rows.div_ceil(GEMV_CHUNK))
             .into_par_iter()
             .map(|c| {
                 let rows = c * GEMV_CHUNK..((c + 1) * GEMV_CHUNK).min(self.rows);
                 let mut out = vec![0f32; rows.len() * n];
-                for (k, r) in rows.enumerate() {
-                    for i in 0..n {
-                        let xi = &padded[i * self.row_len..(i + 1) * self.row_len];
-                        let si = &sums[i * blocks..(i + 1) * blocks];
-                        out[k * n + i] = (0..blocks)
-                            .map(|b| block_dot(r, b, &xi[b * block..(b + 1) * block], si[b]))
-                            .sum();
-                    }
-                }
+                chunk(rows, &padded, &mut out);
                 out
             })
             .collect();
@@ -512,6 +508,43 @@ impl PackedMatrix {
             },
         );
         dx
+    }
+}
+
+// Rows `r0..r0 + count` of a ggml-packed matrix (`per_row` blocks a row) against the padded
+// input rows: `out[k·n + i]`. Each weight row is decoded into a buffer that stays in L1, then
+// dotted with every input row through 16 independent accumulators, so both loops vectorise at
+// full width (per-block dots straight from the quants end each 32-value block with a horizontal
+// sum, which made a decoding step twice as slow). Compiled for each CPU body.
+crate::multiversion! {
+    fn ggml_rows(
+        kind: GgmlBlock,
+        bytes: &[u8],
+        r0: usize,
+        count: usize,
+        per_row: usize,
+        padded: &[f32],
+        out: &mut [f32],
+    ) {
+        let bb = kind.block_bytes();
+        let row_len = per_row * GGML_BLOCK;
+        let n = padded.len() / row_len.max(1);
+        let mut w = vec![0f32; row_len];
+        for k in 0..count {
+            let row = &bytes[(r0 + k) * per_row * bb..(r0 + k + 1) * per_row * bb];
+            for (blk, dst) in row.chunks_exact(bb).zip(w.chunks_exact_mut(GGML_BLOCK)) {
+                kind.decode(blk, dst);
+            }
+            for (i, xi) in padded.chunks_exact(row_len).enumerate() {
+                let mut acc = [0f32; 16];
+                for (ws, xs) in w.chunks_exact(16).zip(xi.chunks_exact(16)) {
+                    for l in 0..16 {
+                        acc[l] += ws[l] * xs[l];
+                    }
+                }
+                out[k * n + i] = acc.iter().sum();
+            }
+        }
     }
 }
 
