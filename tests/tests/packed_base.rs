@@ -255,9 +255,10 @@ fn packed_layers_count_as_their_f32_twins_and_refuse_selective_methods() {
     );
 
     let config = SelectiveConfig::new(Selection::Pafi, Some(50));
-    let err = SelectiveOptimizer::new(&packed, config.clone(), SgdConfig::new().build())
-        .err()
-        .expect("a packed base refuses a selective method");
+    let Err(err) = SelectiveOptimizer::new(&packed, config.clone(), SgdConfig::new().build())
+    else {
+        panic!("a packed base refuses a selective method");
+    };
     assert!(
         matches!(&err, SelectiveError::PackedBase { layers } if layers.len() == 13),
         "{err}"
