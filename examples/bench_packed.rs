@@ -73,21 +73,37 @@ struct Args {
 const METHODS: [&str; 2] = ["lora", "rosa"];
 const BASES: [&str; 3] = ["f32", "nf4-dq", "gguf"];
 
-/// Bytes of every frozen f32 float tensor (trainable ones are the adapters) of `model`.
+/// Bytes of every frozen f32 float tensor (trainable ones are the adapters) of `model`, less the
+/// weights of packed layers (visitors see those as a zero view of their shape).
 fn frozen_f32_bytes<M: Module>(model: &M) -> usize {
-    struct Count(usize);
+    struct Count {
+        packed: Vec<String>,
+        path: Vec<String>,
+        bytes: usize,
+    }
     impl ModuleVisitor for Count {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            // A packed layer shows a lazy weight of its true shape, never built: not counted here
-            // (asked first: reading anything else of a lazy parameter would build it).
-            if param.is_initialized() && !param.is_require_grad() {
-                self.0 += param.lazy_shape().num_elements() * 4;
+            let layer = self.path[..self.path.len().saturating_sub(1)].join(".");
+            let packed =
+                self.path.last().is_some_and(|l| l == "weight") && self.packed.contains(&layer);
+            if !packed && !param.is_require_grad() {
+                self.bytes += param.shape().num_elements() * 4;
             }
         }
     }
-    let mut c = Count(0);
+    let mut c = Count {
+        packed: hosts::packed_paths(model),
+        path: Vec::new(),
+        bytes: 0,
+    };
     model.visit(&mut c);
-    c.0
+    c.bytes
 }
 
 /// Reset this process's peak resident set (`VmHWM`) to the current one (Linux).

@@ -222,24 +222,20 @@ impl<A: Adapter> PeftLinear<A> {
 pub(crate) const PACKED_BASE: &str = "Struct:PackedBase";
 
 impl<A: Adapter> PeftLinear<A> {
-    /// The weight visitors see: `weight`, or for a packed base a lazy parameter of the layer's
-    /// real shape `[d_in, d_out]` (same id) that is never built unless a visitor reads its value
-    /// (then it holds the dequantized weight, and is dropped after the visit). So inventories
-    /// (adapter targeting, budgets, parameter counts) see the layer's true shape while the
-    /// model holds only the packed blocks.
+    /// The weight visitors see: `weight`, or for a packed base a frozen zero view of the layer's
+    /// real shape `[d_in, d_out]` (same id; one element broadcast, no memory), so inventories
+    /// (adapter targeting, budgets, parameter counts) see the layer's true shape while the model
+    /// holds only the packed blocks. It is not the weight's values: a packed base is not part of
+    /// a saved model ([`PeftLinear::unpack`] first to save it). (A lazy parameter that would
+    /// dequantize when read does not work: burn's optimizers ask every parameter whether it
+    /// requires a gradient, which builds it, so every step would dequantize every layer.)
     fn visited_weight(&self) -> Param<Tensor<2>> {
         match &self.packed {
             None => self.weight.clone(),
             Some(p) => {
                 let [d_out, d_in] = p.shape();
-                let packed = p.clone();
-                Param::uninitialized(
-                    self.weight.id,
-                    move |device, _| unpacked(&packed, device),
-                    self.weight.lazy_device(),
-                    false,
-                    burn::tensor::Shape::new([d_in, d_out]),
-                )
+                let view = Tensor::<2>::zeros([1, 1], &self.weight.device()).expand([d_in, d_out]);
+                Param::initialized(self.weight.id, view).set_require_grad(false)
             }
         }
     }
