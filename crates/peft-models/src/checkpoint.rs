@@ -140,6 +140,42 @@ impl Checkpoint {
         format!("{}{key}", self.prefix)
     }
 
+    /// That the source has tensor `full` (prefixed key) of shape `shape`, from its listed shape.
+    fn check_shape(&self, full: &str, shape: &[usize]) -> Result<()> {
+        let found = self
+            .tensors
+            .shape(full)
+            .ok_or_else(|| ModelError::MissingTensor {
+                file: self.file.clone(),
+                key: full.into(),
+            })?;
+        if found.as_slice() != shape {
+            return Err(ModelError::BadTensor {
+                file: self.file.clone(),
+                key: full.into(),
+                expected: shape.to_vec(),
+                found,
+                dtype: format!("{:?}", DType::F32),
+            });
+        }
+        Ok(())
+    }
+
+    /// `<path>.bias` (`[d_out]`) when `bias`.
+    fn bias(
+        &self,
+        path: &str,
+        d_out: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Option<Param<Tensor<1>>>> {
+        if !bias {
+            return Ok(None);
+        }
+        let b = self.tensor(&format!("{path}.bias"), [d_out], device)?;
+        Ok(Some(Param::from_tensor(b)))
+    }
+
     /// The float tensor `key`, which must have shape `shape`.
     ///
     /// # Errors
@@ -151,13 +187,7 @@ impl Checkpoint {
         device: &Device,
     ) -> Result<Tensor<D>> {
         let full = self.full(key);
-        let found = self
-            .tensors
-            .shape(&full)
-            .ok_or_else(|| ModelError::MissingTensor {
-                file: self.file.clone(),
-                key: full.clone(),
-            })?;
+        self.check_shape(&full, &shape)?;
         let bad = |found: Vec<usize>, dtype: DType| ModelError::BadTensor {
             file: self.file.clone(),
             key: full.clone(),
@@ -165,9 +195,6 @@ impl Checkpoint {
             found,
             dtype: format!("{dtype:?}"),
         };
-        if found.as_slice() != shape.as_slice() {
-            return Err(bad(found, DType::F32));
-        }
         let data = self.tensors.read(&full)?;
         if data.shape().as_slice() != shape.as_slice() || data.dtype() != DType::F32 {
             return Err(bad(data.shape().to_vec(), data.dtype()));
@@ -191,18 +218,9 @@ impl Checkpoint {
         let weight = self
             .tensor(&format!("{path}.weight"), [d_out, d_in], device)?
             .transpose();
-        let bias = if bias {
-            Some(Param::from_tensor(self.tensor(
-                &format!("{path}.bias"),
-                [d_out],
-                device,
-            )?))
-        } else {
-            None
-        };
         Ok(Linear {
             weight: Param::from_tensor(weight),
-            bias,
+            bias: self.bias(path, d_out, bias, device)?,
         })
     }
 
@@ -228,20 +246,14 @@ impl Checkpoint {
         }
         let key = format!("{path}.weight");
         let weight = self.packed(&key, [d_out, d_in], base, base.linear_format())?;
-        let bias = if bias {
-            Some(Param::from_tensor(self.tensor(
-                &format!("{path}.bias"),
-                [d_out],
-                device,
-            )?))
-        } else {
-            None
-        };
+        let bias = self.bias(path, d_out, bias, device)?;
         match weight {
             Some(w) => L::from_packed(w, bias, device),
-            None => self
-                .linear(path, d_in, d_out, bias.is_some(), device)
-                .map(L::from),
+            // A `gguf` tensor stored in f32: nothing to keep packed.
+            None => Ok(L::from(Linear {
+                weight: Param::from_tensor(self.tensor(&key, [d_out, d_in], device)?.transpose()),
+                bias,
+            })),
         }
     }
 
@@ -278,22 +290,7 @@ impl Checkpoint {
             base: base.name(),
             reason,
         };
-        let found = self
-            .tensors
-            .shape(&full)
-            .ok_or_else(|| ModelError::MissingTensor {
-                file: self.file.clone(),
-                key: full.clone(),
-            })?;
-        if found.as_slice() != shape.as_slice() {
-            return Err(ModelError::BadTensor {
-                file: self.file.clone(),
-                key: full.clone(),
-                expected: shape.to_vec(),
-                found,
-                dtype: "F32".into(),
-            });
-        }
+        self.check_shape(&full, &shape)?;
         let packed = match format {
             None => {
                 if !self.tensors.has_packed() {

@@ -49,33 +49,6 @@ impl GgmlBlock {
         }
     }
 
-    /// `Σ value·x` over one block, from its quants: `x` holds the block's 32 inputs and `xsum`
-    /// their sum (Q4_0 reads `d·(Σq·x - 8·Σx)`, Q4_1 `d·Σq·x + m·Σx`, Q8_0 `d·Σq·x`).
-    #[inline(always)]
-    pub fn dot(self, b: &[u8], x: &[f32], xsum: f32) -> f32 {
-        match self {
-            GgmlBlock::Q4_0 => scale(b) * (nibble_dot(&b[2..18], x) - 8.0 * xsum),
-            GgmlBlock::Q4_1 => {
-                let m = f16::from_le_bytes([b[2], b[3]]).to_f32_const();
-                scale(b) * nibble_dot(&b[4..20], x) + m * xsum
-            }
-            GgmlBlock::Q8_0 => {
-                let mut acc = [0f32; 8];
-                for (q, xs) in b[2..34].chunks_exact(8).zip(x.chunks_exact(8)) {
-                    for l in 0..8 {
-                        acc[l] += q[l] as i8 as f32 * xs[l];
-                    }
-                }
-                scale(b) * acc.iter().sum::<f32>()
-            }
-            GgmlBlock::F16 | GgmlBlock::Bf16 => {
-                let mut w = [0f32; GGML_BLOCK];
-                self.decode(b, &mut w);
-                w.iter().zip(x).map(|(w, x)| w * x).sum()
-            }
-        }
-    }
-
     /// Quantizes 32 values into one block as ggml does (`ggml-quants`' quantizers), appending
     /// its `block_bytes()` bytes to `out`.
     pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
@@ -152,23 +125,4 @@ impl GgmlBlock {
 #[inline(always)]
 fn scale(b: &[u8]) -> f32 {
     f16::from_le_bytes([b[0], b[1]]).to_f32_const()
-}
-
-/// `Σ q·x` for 16 bytes of nibbles (value `j` the low nibble of byte `j`, value `j + 16` its high
-/// nibble) against 32 inputs.
-#[inline(always)]
-fn nibble_dot(qs: &[u8], x: &[f32]) -> f32 {
-    let (lo, hi) = x.split_at(16);
-    let mut acc = [0f32; 8];
-    for ((q, l), h) in qs
-        .chunks_exact(4)
-        .zip(lo.chunks_exact(4))
-        .zip(hi.chunks_exact(4))
-    {
-        for j in 0..4 {
-            acc[j] += (q[j] & 0x0F) as f32 * l[j];
-            acc[4 + j] += (q[j] >> 4) as f32 * h[j];
-        }
-    }
-    acc.iter().sum()
 }

@@ -108,6 +108,14 @@ impl GgufTensors {
         self.names.get(hf).map(String::as_str)
     }
 
+    /// The GGUF name behind Hugging Face name `hf`, or the error naming it.
+    fn require(&self, hf: &str) -> Result<&str> {
+        self.gguf_name(hf).ok_or_else(|| ModelError::MissingTensor {
+            file: self.file.path().into(),
+            key: hf.into(),
+        })
+    }
+
     /// The number of heads whose rows are interleaved in GGUF tensor `name`, if any.
     fn permuted_heads(&self, name: &str) -> Option<usize> {
         let (n, kv) = self.heads?;
@@ -168,13 +176,7 @@ impl TensorSource for GgufTensors {
     }
 
     fn read(&self, name: &str) -> Result<TensorData> {
-        let gguf = self
-            .names
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                file: self.file.path().into(),
-                key: name.into(),
-            })?;
+        let gguf = self.require(name)?;
         let shape = self
             .file
             .tensor_info(gguf)
@@ -187,7 +189,7 @@ impl TensorSource for GgufTensors {
             unpermute_rows(&mut data, rows, cols, heads).map_err(|message| {
                 GgufError::BadTensorShape {
                     file: self.file.path().into(),
-                    tensor: gguf.clone(),
+                    tensor: gguf.into(),
                     message,
                 }
             })?;
@@ -202,18 +204,12 @@ impl TensorSource for GgufTensors {
     /// `Q4_0`, `Q4_1`, `Q8_0`, `F16` and `BF16` tensors as their blocks in the mapped file (Q
     /// and K rows put back in Hugging Face's order, which copies those two); `None` for `F32`.
     fn read_packed(&self, name: &str) -> Result<Option<PackedMatrix>> {
-        let gguf = self
-            .names
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                file: self.file.path().into(),
-                key: name.into(),
-            })?;
+        let gguf = self.require(name)?;
         let info = self.file.tensor_info(gguf).expect("mapped names exist");
         let shape = info.shape();
         let packing = |reason: String| ModelError::Packing {
             file: self.file.path().into(),
-            key: gguf.clone(),
+            key: gguf.into(),
             base: BaseFormat::Gguf.name(),
             reason,
         };
