@@ -34,6 +34,7 @@
 
 pub mod cpu;
 pub mod cpu_body;
+pub mod cross_entropy;
 #[cfg(feature = "cube")]
 #[allow(missing_docs)] // `#[cube(launch)]` generates undocumented launch functions.
 pub mod cube;

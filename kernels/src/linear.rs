@@ -484,7 +484,7 @@ fn on_rows<const D: usize>(
 }
 
 #[cfg(feature = "flex")]
-mod flex {
+pub(crate) mod flex {
     use burn::backend::{
         Flex,
         ops::{FloatTensorOps, ModuleOps},
@@ -585,7 +585,7 @@ mod flex {
 
     /// A 2-D operand with non-negative strides (copied otherwise): the tensor, its element
     /// offset and its `(row, column)` strides.
-    fn operand(t: FloatTensor<Flex>) -> (FloatTensor<Flex>, usize, [usize; 2]) {
+    pub(crate) fn operand(t: FloatTensor<Flex>) -> (FloatTensor<Flex>, usize, [usize; 2]) {
         let t = if t.layout().strides().iter().all(|s| *s >= 0) {
             t
         } else {
@@ -1016,15 +1016,15 @@ mod flex {
 
     /// A strided view into a storage slice.
     #[derive(Clone, Copy)]
-    struct Matrix<'a> {
-        data: &'a [f32],
+    pub(crate) struct Matrix<'a> {
+        pub(crate) data: &'a [f32],
         /// `(row, column)` strides in elements.
-        strides: [usize; 2],
+        pub(crate) strides: [usize; 2],
     }
 
     impl Matrix<'_> {
         /// Whether every element of a `rows x cols` view lies inside the slice.
-        fn fits(&self, rows: usize, cols: usize) -> bool {
+        pub(crate) fn fits(&self, rows: usize, cols: usize) -> bool {
             rows == 0
                 || cols == 0
                 || (rows - 1) * self.strides[0] + (cols - 1) * self.strides[1] < self.data.len()
@@ -1040,7 +1040,7 @@ mod flex {
         }
 
         /// The view from row `first` on (empty past the end).
-        fn rows(self, first: usize) -> Self {
+        pub(crate) fn rows(self, first: usize) -> Self {
             let start = (first * self.strides[0]).min(self.data.len());
             Self {
                 data: &self.data[start..],
@@ -1105,7 +1105,7 @@ mod flex {
     /// `dst` must be valid for `m·n` writes (and reads with `read_dst`, initialised), alias
     /// neither operand, and `lhs`, `rhs` must hold their `m x k`, `k x n` views.
     #[allow(unsafe_code)]
-    unsafe fn gemm_into(
+    pub(crate) unsafe fn gemm_into(
         dst: *mut f32,
         (m, n, k): (usize, usize, usize),
         (lhs, rhs): (Matrix<'_>, Matrix<'_>),

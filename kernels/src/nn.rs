@@ -704,7 +704,7 @@ mod composed {
 }
 
 #[cfg(feature = "flex")]
-mod flex {
+pub(crate) mod flex {
     use burn::backend::{Flex, ops::ActivationOps, tensor::FloatTensor};
     use burn::tensor::{DType, TensorData};
     use rayon::prelude::*;
@@ -1284,6 +1284,25 @@ mod flex {
                     let inv = 1.0 / lanes(row, 0.0, |acc, x| acc + x, |a, b| a + b);
                     for x in row.iter_mut() {
                         *x *= inv;
+                    }
+                }
+            }
+            // Fold each `cols`-wide row of `block` into its running maximum `max[i]` and sum of
+            // `exp(x - max[i])` `sum[i]` (an online log-sum-exp over blocks of columns).
+            pub(crate) fn lse_fold_rows(block: &[f32], cols: usize, max: &mut [f32], sum: &mut [f32]) {
+                for ((row, m), s) in block.chunks_exact(cols).zip(max.iter_mut()).zip(sum.iter_mut()) {
+                    let new = m.max(lanes(row, f32::MIN, |acc, x| acc.max(x), f32::max));
+                    let added = lanes(row, 0.0, |acc, x| acc + exp_nonpositive(x - new), |a, b| a + b);
+                    *s = *s * exp_nonpositive(*m - new) + added;
+                    *m = new;
+                }
+            }
+            // Each `cols`-wide row of `block` (logits) becomes `scale · exp(x - lse[i])`, the
+            // softmax scaled by the loss gradient.
+            pub(crate) fn softmax_scaled_rows(block: &mut [f32], cols: usize, lse: &[f32], scale: f32) {
+                for (row, l) in block.chunks_exact_mut(cols).zip(lse) {
+                    for x in row.iter_mut() {
+                        *x = scale * exp_nonpositive(*x - l);
                     }
                 }
             }

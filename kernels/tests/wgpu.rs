@@ -170,3 +170,59 @@ fn packed_linear_on_wgpu_equals_flex() {
         }
     }
 }
+
+/// `head_cross_entropy` on wgpu (the default bodies: the whole logits and the loss from the
+/// backend's ops) equals flex's blocked kernel: the loss, the gradients of `h` and of a trained
+/// table, and `h`'s gradient over a packed table.
+#[test]
+fn head_cross_entropy_on_wgpu_equals_flex() {
+    use std::sync::Arc;
+
+    use peft_kernels::cross_entropy::{HeadWeight, Targets, head_cross_entropy};
+    use peft_kernels::quant::{PackedFormat, PackedMatrix};
+
+    let (n, d, vocab) = (9, 32, 600);
+    let ids: Vec<i64> = (0..n)
+        .map(|r| if r % 4 == 1 { -100 } else { (r * 67 % vocab) as i64 })
+        .collect();
+    let packed = Arc::new(
+        PackedMatrix::quantize(&data(vocab * d, 21), vocab, d, PackedFormat::Nf4 { double: true })
+            .unwrap(),
+    );
+    let run = |device: &Device| {
+        let device = device.clone().autodiff();
+        let h = Tensor::<1>::from_floats(&data(n * d, 22)[..], &device)
+            .reshape([n, d])
+            .require_grad();
+        let w = Tensor::<1>::from_floats(&data(vocab * d, 23)[..], &device)
+            .reshape([vocab, d])
+            .mul_scalar(0.2)
+            .require_grad();
+        let dense = head_cross_entropy(
+            h.clone(),
+            HeadWeight::Dense(w.clone()),
+            Targets::new(ids.clone()),
+        );
+        let grads = (dense.clone() * 0.7).backward();
+        let (dh, dw) = (h.grad(&grads).unwrap(), w.grad(&grads).unwrap());
+        let h2 = h.clone().detach().require_grad();
+        let on_packed = head_cross_entropy(
+            h2.clone(),
+            HeadWeight::Packed(packed.clone()),
+            Targets::new(ids.clone()),
+        );
+        let grads = on_packed.clone().backward();
+        [
+            dense.inner().into_data(),
+            dh.into_data(),
+            dw.into_data(),
+            on_packed.inner().into_data(),
+            h2.grad(&grads).unwrap().into_data(),
+        ]
+    };
+    let (gpu, cpu) = (run(&wgpu()), run(&Device::flex()));
+    let names = ["loss", "dh", "dW", "packed loss", "packed dh"];
+    for (what, (a, b)) in names.iter().zip(gpu.into_iter().zip(cpu)) {
+        close(what, a, b, 1e-4);
+    }
+}

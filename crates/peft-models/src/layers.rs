@@ -8,6 +8,7 @@ use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::Linear;
 use burn::tensor::{Device, Tensor, TensorData};
 use peft_core::{Adapter, PeftLinear};
+use peft_kernels::cross_entropy::HeadWeight;
 use peft_kernels::packed_linear::PackedWeight;
 use peft_kernels::quant::PackedFormat;
 use peft_kernels::quant::ggml::GgmlBlock;
@@ -156,6 +157,13 @@ pub trait LinearLayer: Module + ModuleDisplay + From<Linear> {
             bias,
         }))
     }
+
+    /// The layer's weight as an LM head's loss reads it (`[d_out, d_in]`), when the layer is a
+    /// plain product: no bias and nothing else added. `None` (the default) makes the loss take
+    /// the layer's output instead.
+    fn head_weight(&self) -> Option<HeadWeight> {
+        None
+    }
 }
 
 impl LinearLayer for Linear {
@@ -164,6 +172,12 @@ impl LinearLayer for Linear {
     /// batch entry), fast on flex.
     fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         peft_kernels::linear(x, self.weight.val(), self.bias.as_ref().map(Param::val))
+    }
+
+    fn head_weight(&self) -> Option<HeadWeight> {
+        self.bias
+            .is_none()
+            .then(|| HeadWeight::Dense(self.weight.val().transpose()))
     }
 }
 
@@ -178,6 +192,17 @@ impl<A: Adapter> LinearLayer for PeftLinear<A> {
         device: &Device,
     ) -> Result<Self> {
         Ok(PeftLinear::from_packed(weight, bias, device)?)
+    }
+
+    /// The base weight (packed or not) of a layer without bias and without adapters.
+    fn head_weight(&self) -> Option<HeadWeight> {
+        if self.bias.is_some() || !self.adapters.is_empty() {
+            return None;
+        }
+        Some(match &self.packed {
+            Some(packed) => HeadWeight::Packed(packed.clone()),
+            None => HeadWeight::Dense(self.weight.val().transpose()),
+        })
     }
 }
 

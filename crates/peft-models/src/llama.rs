@@ -39,11 +39,13 @@ use peft_core::ModelType;
 use serde::Deserialize;
 use serde_json::Value;
 
+use peft_kernels::cross_entropy::HeadWeight;
 use peft_kernels::packed_linear::{PackedWeight, packed_linear};
 
 use crate::checkpoint::{Checkpoint, read_config};
 use crate::error::{ModelError, Result};
 use crate::layers::{BaseFormat, LinearLayer, RmsNorm};
+use crate::loss::causal_lm_loss_from_hidden;
 use peft_kernels::{causal_attention, swiglu};
 
 /// A validated LLaMA configuration, read from a Hugging Face `config.json`
@@ -1165,6 +1167,36 @@ impl<L: LinearLayer> Llama<L> {
         let [batch, n, _] = hidden.dims();
         let last = hidden.narrow(1, n - 1, 1);
         Ok(self.head(last).reshape([batch, self.vocab_size()]))
+    }
+
+    /// The causal-LM loss of `input_ids` `[batch, seq]` against `labels` `[batch, seq]` (as
+    /// [`causal_lm_loss`](crate::loss::causal_lm_loss) of [`Llama::forward`]'s logits), with the
+    /// LM head and the loss fused ([`causal_lm_loss_from_hidden`]): the `[batch, seq, vocab]`
+    /// logits are never built, and positions whose next label is ignored skip the head. A head
+    /// that is not a plain weight (a bias, or adapters on `lm_head`) takes the logits path.
+    ///
+    /// # Errors
+    /// [`ModelError::TokenOutOfVocab`] for an input id or a label outside the vocabulary,
+    /// [`ModelError::InvalidInput`] for labels of another shape or with nothing to predict.
+    pub fn causal_lm_loss(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        labels: Tensor<2, Int>,
+    ) -> Result<Tensor<1>> {
+        check_ids(&input_ids, self.vocab_size())?;
+        let hidden = self.model.forward(input_ids, attention_mask);
+        let head = match &self.lm_head {
+            Some(head) => head.head_weight(),
+            None => Some(match &self.model.packed_embed {
+                Some(table) => HeadWeight::Packed(table.clone()),
+                None => HeadWeight::Dense(self.model.embed_tokens.weight.val()),
+            }),
+        };
+        match head {
+            Some(head) => causal_lm_loss_from_hidden(hidden, head, labels),
+            None => crate::loss::causal_lm_loss(self.head(hidden), labels),
+        }
     }
 
     /// The LM head on hidden states `[batch, seq, hidden]`.

@@ -16,6 +16,7 @@
 //! ```
 
 use burn::tensor::{Int, Tensor};
+use peft_kernels::cross_entropy::{HeadWeight, Targets, head_cross_entropy};
 
 use crate::error::{ModelError, Result};
 
@@ -42,37 +43,9 @@ pub const IGNORE_INDEX: i64 = -100;
 /// label outside `0..vocab` other than [`IGNORE_INDEX`].
 pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Result<Tensor<1>> {
     let [batch, seq, vocab] = logits.dims();
-    if labels.dims() != [batch, seq] {
-        return Err(ModelError::InvalidInput {
-            field: "labels".into(),
-            reason: format!(
-                "shape {:?} does not match the logits' [batch, seq] = {:?}",
-                labels.dims(),
-                [batch, seq]
-            ),
-        });
-    }
-    let shifted = labels.narrow(1, 1, seq.saturating_sub(1));
-    let mut counted = 0usize;
-    for label in shifted.to_data().iter::<i64>() {
-        if label == IGNORE_INDEX {
-            continue;
-        }
-        if label < 0 || label as usize >= vocab {
-            return Err(ModelError::TokenOutOfVocab {
-                id: label,
-                vocab_size: vocab,
-            });
-        }
-        counted += 1;
-    }
-    if counted == 0 {
-        return Err(ModelError::InvalidInput {
-            field: "labels".into(),
-            reason: "every shifted label is the ignore index; there is nothing to predict".into(),
-        });
-    }
+    let counted = shifted_targets(&labels, [batch, seq], vocab)?.counted();
     let n = batch * (seq - 1);
+    let shifted = labels.narrow(1, 1, seq - 1);
     let x = logits.narrow(1, 0, seq - 1).reshape([n, vocab]);
     let targets = shifted.reshape([n, 1]);
     let ignored = targets.clone().equal_elem(IGNORE_INDEX);
@@ -83,4 +56,67 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: Tensor<2, Int>) -> Result<Tenso
     let nll = lse - x.gather(1, targets);
     let kept = ignored.bool_not().float();
     Ok((nll * kept).sum().div_scalar(counted as f64))
+}
+
+/// [`causal_lm_loss`] from the last hidden states `hidden` `[batch, seq, d]` and the LM head's
+/// weight `head` (`[vocab, d]`, dense or packed), without building the logits: the head and the
+/// loss run as one op ([`peft_kernels::cross_entropy::head_cross_entropy`], on flex in blocks of
+/// the vocabulary; positions whose label is ignored are skipped). Equal to `causal_lm_loss` of
+/// `hidden · headᵀ` up to the order of the sums.
+///
+/// # Errors
+/// As [`causal_lm_loss`].
+pub fn causal_lm_loss_from_hidden(
+    hidden: Tensor<3>,
+    head: HeadWeight,
+    labels: Tensor<2, Int>,
+) -> Result<Tensor<1>> {
+    let [batch, seq, d] = hidden.dims();
+    let vocab = match &head {
+        HeadWeight::Dense(w) => w.dims()[0],
+        HeadWeight::Packed(w) => w.shape()[0],
+    };
+    let targets = shifted_targets(&labels, [batch, seq], vocab)?;
+    Ok(head_cross_entropy(
+        hidden.reshape([batch * seq, d]),
+        head,
+        targets,
+    ))
+}
+
+/// The target of every position of `labels` `[batch, seq]`: the next position's label, and
+/// [`IGNORE_INDEX`] for each row's last position and for ignored labels.
+fn shifted_targets(labels: &Tensor<2, Int>, [batch, seq]: [usize; 2], vocab: usize) -> Result<Targets> {
+    if labels.dims() != [batch, seq] {
+        return Err(ModelError::InvalidInput {
+            field: "labels".into(),
+            reason: format!(
+                "shape {:?} does not match the logits' [batch, seq] = {:?}",
+                labels.dims(),
+                [batch, seq]
+            ),
+        });
+    }
+    let labels: Vec<i64> = labels.to_data().iter::<i64>().collect();
+    let mut ids = Vec::with_capacity(batch * seq);
+    for row in labels.chunks_exact(seq.max(1)) {
+        for t in 0..seq {
+            let label = row.get(t + 1).copied().unwrap_or(IGNORE_INDEX);
+            if label != IGNORE_INDEX && (label < 0 || label as usize >= vocab) {
+                return Err(ModelError::TokenOutOfVocab {
+                    id: label,
+                    vocab_size: vocab,
+                });
+            }
+            ids.push(label);
+        }
+    }
+    let targets = Targets::new(ids);
+    if targets.counted() == 0 {
+        return Err(ModelError::InvalidInput {
+            field: "labels".into(),
+            reason: "every shifted label is the ignore index; there is nothing to predict".into(),
+        });
+    }
+    Ok(targets)
 }

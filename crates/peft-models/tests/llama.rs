@@ -753,6 +753,61 @@ fn causal_lm_loss_matches_transformers() {
     let theirs = exp["model_loss"].iter::<f32>().next().unwrap();
     println!("model loss: ours {ours}, transformers {theirs}");
     assert!((ours - theirs).abs() <= 1e-4, "{ours} vs {theirs}");
+    // The same loss with the head and the loss fused (this model's head is untied).
+    let fused = model
+        .causal_lm_loss(
+            int_tensor(&exp["input_ids"]),
+            Some(int_tensor(&exp["attention_mask"])),
+            int_tensor(&exp["loss_labels"]),
+        )
+        .unwrap()
+        .into_scalar::<f32>();
+    println!("model loss, fused head: {fused}");
+    assert!((fused - theirs).abs() <= 1e-4, "{fused} vs {theirs}");
+}
+
+/// `Llama::causal_lm_loss` (head and loss fused) against the loss of `Llama::forward`'s
+/// logits: the value and the gradients of the token table (tied: it is the head too), the
+/// untied head and a projection, with prompt labels ignored.
+#[test]
+fn fused_head_loss_equals_the_logits_path() {
+    for base in ["tied", "untied"] {
+        let device = Device::flex().autodiff();
+        let (model, _) = Llama::<Linear>::from_pretrained(&fixture(base), &device).unwrap();
+        let exp = Expected::load(base);
+        let on = |t: Tensor<2, Int>| Tensor::<2, Int>::from_data(t.into_data(), &device);
+        let (ids, mask) = (on(exp.ids()), on(exp.mask()));
+        let mut labels: Vec<i64> = ids.clone().into_data().iter::<i64>().collect();
+        labels[1] = IGNORE_INDEX;
+        labels[2] = IGNORE_INDEX;
+        let labels = Tensor::<2, Int>::from_data(TensorData::new(labels, ids.dims()), &device);
+        let fused = model
+            .causal_lm_loss(ids.clone(), Some(mask.clone()), labels.clone())
+            .unwrap();
+        let logits = causal_lm_loss(model.forward(ids, Some(mask)), labels).unwrap();
+        let (a, b) = (
+            fused.clone().into_scalar::<f32>(),
+            logits.clone().into_scalar::<f32>(),
+        );
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{base}: {a} vs {b}");
+        let (g1, g2) = (fused.backward(), logits.backward());
+        let mut params = vec![
+            ("embed_tokens", model.model.embed_tokens.weight.val()),
+            (
+                "q_proj",
+                model.model.layers[0].self_attn.q_proj.weight.val(),
+            ),
+        ];
+        if let Some(head) = &model.lm_head {
+            params.push(("lm_head", head.weight.val()));
+        }
+        for (name, p) in params {
+            let (x, y) = (p.grad(&g1).unwrap(), p.grad(&g2).unwrap());
+            let scale = y.clone().abs().max().into_scalar::<f32>();
+            let diff = (x - y).abs().max().into_scalar::<f32>();
+            assert!(diff <= 1e-4 * scale, "{base} {name}: {diff} (largest {scale})");
+        }
+    }
 }
 
 #[test]

@@ -309,6 +309,25 @@ impl PackedMatrix {
         out
     }
 
+    /// Rows `rows` in f32 into `out`, row-major `[rows.len(), cols]`, on this thread (a block
+    /// of an LM head's table).
+    ///
+    /// # Panics
+    /// If `rows` ends past the matrix or `out` is not `rows.len() · cols` long.
+    pub fn decode_rows(&self, rows: Range<usize>, out: &mut [f32]) {
+        assert!(rows.end <= self.rows, "rows {rows:?} of a {}-row matrix", self.rows);
+        assert_eq!(out.len(), rows.len() * self.cols, "out must be [rows, cols]");
+        if self.cols == 0 {
+            return;
+        }
+        let blocks = self.row_len / self.format.block();
+        let mut row = vec![0.0; self.row_len];
+        for (r, dst) in rows.zip(out.chunks_exact_mut(self.cols)) {
+            self.decode(r, 0..blocks, &mut row);
+            dst.copy_from_slice(&row[..self.cols]);
+        }
+    }
+
     /// Rows `ids` in f32, row-major `[ids.len(), cols]` (an embedding lookup over a packed
     /// table); only those rows are decoded.
     ///

@@ -20,7 +20,6 @@ use burn::tensor::Device;
 use peft_models::LinearLayer;
 use peft_models::generate::GenerationConfig;
 use peft_models::llama::Llama;
-use peft_models::loss::causal_lm_loss;
 use peft_models::tokenizer::ModelTokenizer;
 use serde_json::{Map, Value};
 
@@ -131,8 +130,9 @@ fn loss<L: LinearLayer>(
             .iter()
             .map(|e| e.labels.iter().skip(1).filter(|&&l| l >= 0).count())
             .sum::<usize>();
-        let logits = model.forward(b.ids, Some(b.mask));
-        let loss = causal_lm_loss(logits, b.labels)?.into_scalar::<f64>();
+        let loss = model
+            .causal_lm_loss(b.ids, Some(b.mask), b.labels)?
+            .into_scalar::<f64>();
         sum += loss * n as f64;
         count += n;
     }

@@ -23,7 +23,7 @@ use peft_core::step::{Controller, Stepper, Tuned};
 use peft_core::{DataParallel, Method, PeftError, PeftModel, Reduction, SaveOptions};
 use peft_models::LinearLayer;
 use peft_models::llama::Llama;
-use peft_models::loss::{IGNORE_INDEX, causal_lm_loss};
+use peft_models::loss::IGNORE_INDEX;
 use peft_selective::SelectiveModel;
 use serde_json::json;
 
@@ -380,8 +380,7 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
             let refs: Vec<_> = picked.iter().map(|&i| &run.train.examples[i]).collect();
             let b = data::batch(&refs, run.device);
             tokens += b.tokens;
-            let logits = ctl.model.forward(b.ids, Some(b.mask));
-            let loss = causal_lm_loss(logits, b.labels)?;
+            let loss = ctl.model.causal_lm_loss(b.ids, Some(b.mask), b.labels)?;
             let value = loss.clone().into_scalar::<f64>();
             if !value.is_finite() {
                 bail!(
@@ -552,13 +551,13 @@ fn replicated_micro_batch<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
             .iter::<i64>()
             .filter(|&l| l != IGNORE_INDEX)
             .count();
-        let logits = model.forward(b.ids, Some(b.mask));
         if counted == 0 {
             // Nothing to learn in this share: no gradient, no weight.
-            return Ok((logits.sum() * 0.0, 0.0));
+            return Ok((model.forward(b.ids, Some(b.mask)).sum() * 0.0, 0.0));
         }
-        let loss =
-            causal_lm_loss(logits, b.labels).map_err(|e| PeftError::Unsupported(e.to_string()))?;
+        let loss = model
+            .causal_lm_loss(b.ids, Some(b.mask), b.labels)
+            .map_err(|e| PeftError::Unsupported(e.to_string()))?;
         Ok((loss / accum, counted as f64))
     })?;
     Ok((mean * accum, tokens))
