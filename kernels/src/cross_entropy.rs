@@ -424,10 +424,10 @@ mod flex {
     use crate::packed_linear::PackedWeight;
     use crate::quant::PackedMatrix;
 
-    /// Vocabulary columns per block: a `ROWS x COLS` block of logits (512 KB) stays in L2.
+    /// Vocabulary columns per block: a `ROWS x COLS` block of logits (1 MB) stays in L2.
     const COLS: usize = 512;
     /// Rows of `h` per block.
-    const ROWS: usize = 256;
+    const ROWS: usize = 512;
 
     /// The head's weight rows: a strided `[vocab, d]` view, or a packed table decoded block by
     /// block.

@@ -1,6 +1,6 @@
 //! `head_cross_entropy` against the loss built from burn's own ops on the whole logits
 //! (`log_softmax(h·Wᵀ)` gathered at the targets): the loss and the gradients of `h` and of the
-//! weight, with ignored rows, more rows than one block (256) and a vocabulary that is not a
+//! weight, with ignored rows, more rows than one block (512) and a vocabulary that is not a
 //! multiple of the 512-column block; and over packed tables, against the dequantized table.
 
 use std::sync::Arc;
@@ -59,9 +59,9 @@ fn reference(h: Tensor<2>, w: Tensor<2>, ids: &[i64]) -> Tensor<1> {
 #[test]
 fn fused_loss_and_gradients_equal_the_whole_logits() {
     let device = Device::flex().autodiff();
-    // 300 rows (two row blocks), a 1100-token vocabulary (slices of 1024 and 76 on two threads,
+    // 600 rows (two row blocks), a 1100-token vocabulary (slices of 1024 and 76 on two threads,
     // blocks of 512, 512 and 76), every fifth row ignored.
-    let (n, d, vocab) = (300, 24, 1100);
+    let (n, d, vocab) = (600, 24, 1100);
     let ids = targets(n, vocab, 5);
     for transposed in [false, true] {
         let h = random([n, d], 1, &device).require_grad();

@@ -565,6 +565,87 @@ mod layer_norm {
     }
 }
 
+mod rms_norm {
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+    use peft_kernels::cpu_body::for_each_cpu_body;
+    use peft_kernels::rms_norm;
+
+    use super::random;
+
+    fn max_abs<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// LLaMA's RMSNorm from burn's ops: `x / sqrt(mean(x²) + eps) · gamma`.
+    fn reference<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Tensor<D> {
+        let d = gamma.dims()[0];
+        let mut shape = [1; D];
+        shape[D - 1] = d;
+        let rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt();
+        x.div(rms).mul(gamma.reshape(shape))
+    }
+
+    #[test]
+    fn the_forward_equals_the_composed_norm() {
+        for_each_cpu_body(|_| {
+            let device = Device::flex();
+            // d = 576 (SmolLM2), 7 and 1 (remainders of the 16-lane loops), a ragged task.
+            for (rows, d) in [(40, 576), (3, 7), (5, 1), (0, 4)] {
+                let seed = (rows * 1000 + d) as u64;
+                let x = random([rows, 2, d], Distribution::Normal(1.0, 3.0), seed, &device);
+                let gamma = random([d], Distribution::Normal(1.0, 0.5), seed + 1, &device);
+                let y = rms_norm(x.clone(), gamma.clone(), 1e-5);
+                assert_eq!(y.dims(), [rows, 2, d]);
+                if rows > 0 {
+                    let expected = reference(x, gamma, 1e-5);
+                    assert!(max_abs(y, expected) < 2e-5, "seed {seed}");
+                }
+            }
+        });
+    }
+
+    /// Gradients of `Σ rms_norm(x) · w` for x (through a transposed view) and gamma.
+    fn grads(fused: bool, f64_inputs: bool) -> Vec<Tensor<2>> {
+        let device = Device::flex().autodiff();
+        let (rows, d) = (70, 24);
+        let cast = |t: Tensor<2>| if f64_inputs { t.cast(DType::F64) } else { t };
+        let normal = Distribution::Normal(0.5, 2.0);
+        let x = cast(random([d, rows], normal, 1, &device)).require_grad();
+        let gamma = cast(random([1, d], normal, 2, &device))
+            .reshape([d])
+            .require_grad();
+        let w = cast(random([rows, d], normal, 3, &device));
+        let input = x.clone().transpose();
+        let y = if fused {
+            rms_norm(input, gamma.clone(), 1e-5)
+        } else {
+            reference(input, gamma.clone(), 1e-5)
+        };
+        let g = (y * w).sum().backward();
+        vec![
+            x.grad(&g).unwrap().cast(DType::F32),
+            gamma.grad(&g).unwrap().cast(DType::F32).reshape([1, d]),
+        ]
+    }
+
+    #[test]
+    fn the_gradients_equal_burns_autodiff_gradients() {
+        for_each_cpu_body(|_| {
+            let expected = grads(false, false);
+            for (name, got) in [
+                ("flex f32 kernel", grads(true, false)),
+                ("composed f64", grads(true, true)),
+            ] {
+                for (i, (g, e)) in got.into_iter().zip(expected.iter()).enumerate() {
+                    let scale = e.clone().abs().max().into_scalar::<f32>().max(1.0);
+                    let diff = max_abs(g, e.clone());
+                    assert!(diff < 1e-4 * scale, "{name}, gradient {i}: {diff}");
+                }
+            }
+        });
+    }
+}
+
 mod swiglu {
     use burn::tensor::activation::silu;
     use burn::tensor::{DType, Device, Distribution, Tensor};

@@ -226,3 +226,31 @@ fn head_cross_entropy_on_wgpu_equals_flex() {
         close(what, a, b, 1e-4);
     }
 }
+
+/// `rms_norm` on wgpu (the default bodies) equals flex's fused kernel: output and the gradients
+/// of x and gamma.
+#[test]
+fn rms_norm_on_wgpu_equals_flex() {
+    use peft_kernels::rms_norm;
+
+    let (rows, d) = (6, 40);
+    let run = |device: &Device| {
+        let device = device.clone().autodiff();
+        let x = Tensor::<1>::from_floats(&data(rows * d, 31)[..], &device)
+            .reshape([rows, d])
+            .require_grad();
+        let gamma = Tensor::<1>::from_floats(&data(d, 32)[..], &device).require_grad();
+        let w = Tensor::<1>::from_floats(&data(rows * d, 33)[..], &device).reshape([rows, d]);
+        let y = rms_norm(x.clone(), gamma.clone(), 1e-5);
+        let grads = (y.clone() * w).sum().backward();
+        [
+            y.inner().into_data(),
+            x.grad(&grads).unwrap().into_data(),
+            gamma.grad(&grads).unwrap().into_data(),
+        ]
+    };
+    let (gpu, cpu) = (run(&wgpu()), run(&Device::flex()));
+    for (what, (a, b)) in ["output", "dx", "dgamma"].iter().zip(gpu.into_iter().zip(cpu)) {
+        close(what, a, b, 1e-4);
+    }
+}

@@ -256,15 +256,6 @@ impl RmsNorm {
 
     /// Normalise over the last dimension: `x / sqrt(mean(x²) + eps) · weight`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let rms = x
-            .clone()
-            .square()
-            .mean_dim(D - 1)
-            .add_scalar(self.eps)
-            .sqrt();
-        let d = self.weight.dims()[0];
-        let mut shape = [1; D];
-        shape[D - 1] = d;
-        x.div(rms).mul(self.weight.val().reshape(shape))
+        peft_kernels::rms_norm(x, self.weight.val(), self.eps)
     }
 }

@@ -581,9 +581,14 @@ fn sync_controlled<M: Module + 'static, T: RunModel<M>>(
     Ok(())
 }
 
-/// Refuse to save a model with a non-finite parameter (named, with the step).
+/// Refuse to save a model with a non-finite trainable parameter (named, with the step); the
+/// frozen ones are never written by training, and reading them would copy the whole base.
 fn ensure_finite<M: Module>(model: &M, step: usize) -> anyhow::Result<()> {
-    let params = peft_core::hosts::read_params(model, |_| true);
+    let trainable: std::collections::HashSet<String> = peft_core::hosts::parameters(model)
+        .into_iter()
+        .filter_map(|(path, trainable, _)| trainable.then_some(path))
+        .collect();
+    let params = peft_core::hosts::read_params(model, |path| trainable.contains(path));
     if let Some((path, _)) = params
         .iter()
         .find(|(_, data)| data.iter::<f32>().any(|v| !v.is_finite()))
