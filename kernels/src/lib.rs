@@ -7,8 +7,8 @@
 //! - [`linear`] / [`lora_linear`] ([`LinearBackend`], module [`mod@linear`]): the linear-layer
 //!   product and the LoRA layer as one differentiable op (peft-core re-exports the module as
 //!   `peft_core::kernels`).
-//! - [`gelu`], [`swiglu`], [`attention`], [`causal_attention`], [`layer_norm`], [`rms_norm`]
-//!   (module [`nn`]): the models' non-GEMM hot spots.
+//! - [`gelu`], [`swiglu`], [`attention`], [`causal_attention`], [`layer_norm`], [`rms_norm`],
+//!   [`rotary`] (module [`nn`]): the models' non-GEMM hot spots.
 //! - [`cross_entropy`]: the LM head and the causal-LM loss as one op, without the logits.
 //! - `cube` (features `wgpu`, `cuda`): the `#[cube]` sources of sparse-kernels' CubeCL bodies.
 //! - The CPU helpers the kernels here and in sparse-kernels share: [`cpu_body`] (which compiled
@@ -47,6 +47,6 @@ pub mod quant;
 
 pub use linear::{LinearBackend, linear, lora_linear};
 pub use nn::{
-    AttentionBackend, GeluBackend, LayerNormBackend, RmsNormBackend, SwiGluBackend, attention,
-    causal_attention, gelu, layer_norm, rms_norm, swiglu,
+    AttentionBackend, GeluBackend, LayerNormBackend, RmsNormBackend, RotaryBackend, SwiGluBackend,
+    attention, causal_attention, gelu, layer_norm, rms_norm, rotary, swiglu,
 };

@@ -16,6 +16,9 @@
 //!   backward pass recomputes the probabilities. [`causal_attention`] is the same with a causal
 //!   mask (LLaMA), in blocks of query rows that score only the keys they see.
 //! - [`layer_norm`], [`rms_norm`]: forward and backward fused over rows.
+//! - [`rotary`]: LLaMA's rotary position embedding in one pass over strided rows (burn's
+//!   composition is a slice, a negation, a concatenation and three products, each with its
+//!   autodiff node).
 //! - [`swiglu`]: `silu(gate) · up` and its two gradients in one pass each (LLaMA's MLP; burn's
 //!   `silu` under autodiff is three ops with scalar `expf`).
 //!
@@ -715,6 +718,127 @@ mod composed_rms {
     }
 }
 
+/// The extension behind [`rotary`]; use that function rather than this trait.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(feature = "cube"),
+    Fusion: cfg(feature = "cube"),
+    Autodiff
+)]
+pub trait RotaryBackend: Backend {
+    /// The rotary embedding `x·cos + rotate_half(x)·sin` (`rotate_half([x1, x2]) = [-x2, x1]`)
+    /// or, with `transposed`, its transpose `x·cos + [x2·sin2, -x1·sin1]` (the backward map).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, heads, seq, d]` (any strides); `cos`, `sin`: `[seq, d]`; returns
+    ///   `[batch, heads, seq, d]`.
+    #[fusion(default)]
+    fn fast_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
+        composed_rotary::<Self>(x, cos, sin, transposed)
+    }
+}
+
+#[cfg(feature = "cube")]
+impl RotaryBackend for burn_cubecl::CubeBackend {}
+
+impl<B: RotaryBackend, C: CheckpointStrategy> RotaryBackend for Autodiff<B, C> {
+    fn fast_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RotaryBackward;
+
+        impl<B: RotaryBackend> Backward<B, 1> for RotaryBackward {
+            /// The tables and the direction (they take no gradient).
+            type State = (FloatTensor<B>, FloatTensor<B>, bool);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let grad = grads.consume::<B>(&ops.node);
+                let (cos, sin, transposed) = ops.state;
+                if let [Some(node)] = ops.parents {
+                    grads.register::<B>(node.id, B::fast_rotary(grad, cos, sin, !transposed));
+                }
+            }
+        }
+
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        match RotaryBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = B::fast_rotary(x.into_primitive(), cos.clone(), sin.clone(), transposed);
+                prep.finish((cos, sin, transposed), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fast_rotary(x.into_primitive(), cos, sin, transposed))
+            }
+        }
+    }
+}
+
+/// The rotary position embedding of LLaMA: `x·cos + rotate_half(x)·sin` with
+/// `rotate_half([x1, x2]) = [-x2, x1]` over the halves of the last dimension, in one pass (and
+/// one pass backward) on flex; the tables take no gradient.
+///
+/// # Shapes
+/// - `x`: `[batch, heads, seq, d]`; `cos`, `sin`: `[seq, d]`; returns `[batch, heads, seq, d]`
+///   (contiguous on flex).
+pub fn rotary(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as RotaryBackend>::fast_rotary(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+        false,
+    ))
+}
+
+/// [`RotaryBackend::fast_rotary`] from the backend's own ops.
+fn composed_rotary<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    transposed: bool,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let (seq, d) = (shape[2], shape[3]);
+    let half = d / 2;
+    let table = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([1, 1, seq, d]));
+    let (cos, sin) = (table(cos), table(sin));
+    let part = |t: FloatTensor<B>, r: std::ops::Range<usize>| {
+        B::float_slice(t, &[Slice::from(..), Slice::from(..), Slice::from(..), Slice::from(r)])
+    };
+    let rotated = if transposed {
+        // [x2·sin2, -x1·sin1]
+        let xs = B::float_mul(x.clone(), sin);
+        B::float_cat(
+            vec![part(xs.clone(), half..d), B::float_neg(part(xs, 0..half))],
+            3,
+        )
+    } else {
+        let r = B::float_cat(
+            vec![B::float_neg(part(x.clone(), half..d)), part(x.clone(), 0..half)],
+            3,
+        );
+        B::float_mul(r, sin)
+    };
+    B::float_add(B::float_mul(x, cos), rotated)
+}
+
 /// The layer norm from the backend's own ops (every backend but flex's f32 path).
 mod composed_norm {
     use burn::backend::{Backend, TensorMetadata, tensor::FloatTensor};
@@ -855,7 +979,10 @@ pub(crate) mod flex {
     use burn::tensor::{DType, TensorData};
     use rayon::prelude::*;
 
-    use super::{AttentionBackend, GeluBackend, LayerNormBackend, RmsNormBackend, SwiGluBackend};
+    use super::{
+        AttentionBackend, GeluBackend, LayerNormBackend, RmsNormBackend, RotaryBackend,
+        SwiGluBackend,
+    };
 
     /// Elements per rayon task (64 KiB of f32).
     const CHUNK: usize = 1 << 14;
@@ -1255,6 +1382,61 @@ pub(crate) mod flex {
         }
     }
 
+    /// Rows (positions of one head) per rayon task of the rotary embedding.
+    const ROTARY_ROWS: usize = 64;
+
+    impl RotaryBackend for Flex {
+        fn fast_rotary(
+            x: FloatTensor<Flex>,
+            cos: FloatTensor<Flex>,
+            sin: FloatTensor<Flex>,
+            transposed: bool,
+        ) -> FloatTensor<Flex> {
+            let shape = x.layout().shape().clone();
+            if !all_f32(&[&x, &cos, &sin]) || shape.num_dims() != 4 || shape[3] % 2 != 0 {
+                return super::composed_rotary::<Flex>(x, cos, sin, transposed);
+            }
+            let [b, h, s, d] = shape.dims::<4>();
+            let (cos, sin) = (cos.to_contiguous(), sin.to_contiguous());
+            let cs = cos.as_slice::<f32>().expect("a contiguous f32 table");
+            let sn = sin.as_slice::<f32>().expect("a contiguous f32 table");
+            assert!(cs.len() == s * d && sn.len() == s * d, "rotary: tables must be [seq, d]");
+            // Rows of `x` may be strided (a `[batch, seq, heads, d]` projection with its heads
+            // swapped forward); each row itself must be contiguous.
+            let x = if x.layout().strides()[3] == 1 && x.layout().strides().iter().all(|v| *v >= 0)
+            {
+                x
+            } else {
+                x.to_contiguous()
+            };
+            let st = x.layout().strides();
+            let (sb, sh, ss) = (st[0] as usize, st[1] as usize, st[2] as usize);
+            let base = x.layout().start_offset();
+            let xs = &x.storage::<f32>()[base..];
+            let mut out = vec![0.0f32; b * h * s * d];
+            if d > 0 {
+                out.par_chunks_mut(d * ROTARY_ROWS)
+                    .enumerate()
+                    .for_each(|(task, chunk)| {
+                        for (i, dst) in chunk.chunks_exact_mut(d).enumerate() {
+                            let row = task * ROTARY_ROWS + i;
+                            let (bi, hi, si) = (row / (h * s), row / s % h, row % s);
+                            let at = bi * sb + hi * sh + si * ss;
+                            let table = si * d..(si + 1) * d;
+                            kernels::rotary_row(
+                                &xs[at..at + d],
+                                &cs[table.clone()],
+                                &sn[table],
+                                dst,
+                                transposed,
+                            );
+                        }
+                    });
+            }
+            FloatTensor::<Flex>::from_data(TensorData::new(out, shape))
+        }
+    }
+
     impl AttentionBackend for Flex {
         /// Tasks of a block of query rows of one batch entry, every head in turn (enough blocks
         /// for every thread even with one sequence); the output is written `[b, sq, h, dv]` in
@@ -1521,6 +1703,24 @@ pub(crate) mod flex {
                         let xhat = xr[i] * rstd;
                         dgamma[i] += gr[i] * xhat;
                         dxr[i] = (gr[i] * gamma[i] - xhat * mean_ggx) * rstd;
+                    }
+                }
+            }
+            pub(crate) fn rotary_row(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32], transposed: bool) {
+                let half = x.len() / 2;
+                let (x1, x2) = x.split_at(half);
+                let (c1, c2) = cos.split_at(half);
+                let (s1, s2) = sin.split_at(half);
+                let (o1, o2) = out.split_at_mut(half);
+                if transposed {
+                    for i in 0..half {
+                        o1[i] = x1[i] * c1[i] + x2[i] * s2[i];
+                        o2[i] = x2[i] * c2[i] - x1[i] * s1[i];
+                    }
+                } else {
+                    for i in 0..half {
+                        o1[i] = x1[i] * c1[i] - x2[i] * s1[i];
+                        o2[i] = x2[i] * c2[i] + x1[i] * s2[i];
                     }
                 }
             }

@@ -646,6 +646,61 @@ mod rms_norm {
     }
 }
 
+mod rotary {
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+    use peft_kernels::cpu_body::for_each_cpu_body;
+    use peft_kernels::rotary;
+
+    use super::random;
+
+    fn max_abs<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// `x·cos + rotate_half(x)·sin` from burn's ops.
+    fn reference(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+        let [s, d] = cos.dims();
+        let half = d / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.reshape([1, 1, s, d]) + rotated * sin.reshape([1, 1, s, d])
+    }
+
+    /// Tables whose halves differ (so that the transposed map is not the forward one with
+    /// `-sin`), a `[batch, seq, heads, d]` input with its heads swapped forward (strided rows).
+    fn inputs(device: &Device) -> (Tensor<4>, Tensor<2>, Tensor<2>) {
+        let (b, h, s, d) = (2, 3, 70, 8);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let x = random([b, s, h, d], normal, 1, device).swap_dims(1, 2);
+        (x, random([s, d], normal, 2, device), random([s, d], normal, 3, device))
+    }
+
+    #[test]
+    fn the_forward_and_the_gradient_equal_burns_ops() {
+        for_each_cpu_body(|_| {
+            for f64_inputs in [false, true] {
+                let device = Device::flex().autodiff();
+                let (x, cos, sin) = inputs(&device);
+                let cast4 = |t: Tensor<4>| if f64_inputs { t.cast(DType::F64) } else { t };
+                let cast2 = |t: Tensor<2>| if f64_inputs { t.cast(DType::F64) } else { t };
+                let x = cast4(x).require_grad();
+                let (cos, sin) = (cast2(cos), cast2(sin));
+                let w = cast4(random(x.dims(), Distribution::Normal(0.0, 1.0), 4, &device));
+                let y = rotary(x.clone(), cos.clone(), sin.clone());
+                let expected = reference(x.clone(), cos, sin);
+                let f = max_abs(y.clone().cast(DType::F32), expected.clone().cast(DType::F32));
+                assert!(f < 1e-5, "forward (f64 {f64_inputs}): {f}");
+                let g1 = (y * w.clone()).sum().backward();
+                let g2 = (expected * w).sum().backward();
+                let (a, b) = (x.grad(&g1).unwrap(), x.grad(&g2).unwrap());
+                let g = max_abs(a.cast(DType::F32), b.cast(DType::F32));
+                assert!(g < 1e-5, "gradient (f64 {f64_inputs}): {g}");
+            }
+        });
+    }
+}
+
 mod swiglu {
     use burn::tensor::activation::silu;
     use burn::tensor::{DType, Device, Distribution, Tensor};

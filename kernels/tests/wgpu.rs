@@ -254,3 +254,25 @@ fn rms_norm_on_wgpu_equals_flex() {
         close(what, a, b, 1e-4);
     }
 }
+
+/// `rotary` on wgpu (the default bodies) equals flex's kernel: output and the input gradient
+/// of a strided `[batch, heads, seq, d]` input.
+#[test]
+fn rotary_on_wgpu_equals_flex() {
+    use peft_kernels::rotary;
+
+    let (b, h, s, d) = (2, 3, 5, 8);
+    let run = |device: &Device| {
+        let device = device.clone().autodiff();
+        let x = on(&device, &data(b * s * h * d, 41), [b, s, h, d]).require_grad();
+        let table = |seed| Tensor::<1>::from_floats(&data(s * d, seed)[..], &device).reshape([s, d]);
+        let w = on(&device, &data(b * s * h * d, 44), [b, h, s, d]);
+        let y = rotary(x.clone().swap_dims(1, 2), table(42), table(43));
+        let grads = (y.clone() * w).sum().backward();
+        [y.inner().into_data(), x.grad(&grads).unwrap().into_data()]
+    };
+    let (gpu, cpu) = (run(&wgpu()), run(&Device::flex()));
+    for (what, (a, b)) in ["output", "dx"].iter().zip(gpu.into_iter().zip(cpu)) {
+        close(what, a, b, 1e-4);
+    }
+}

@@ -545,12 +545,9 @@ impl Rotary {
     /// Rotate `x` `[batch, heads, seq, head_dim]`: `x · cos + rotate_half(x) · sin`, where
     /// `rotate_half([x1, x2]) = [-x2, x1]`.
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let d = x.dims()[3];
-        let half = d / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        let [_, _, seq, d] = self.cos.dims();
+        let table = |t: &Tensor<4>| t.clone().reshape([seq, d]);
+        peft_kernels::rotary(x, table(&self.cos), table(&self.sin))
     }
 }
 
