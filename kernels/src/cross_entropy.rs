@@ -66,6 +66,8 @@ impl Targets {
 }
 
 /// The LM head's weight as the loss reads it.
+// A `Tensor` is larger than an `Arc`; one value is built per loss, so it is not boxed.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum HeadWeight {
     /// `[vocab, d]`, any strides (a tied embedding table, or the transposed `[d, vocab]` weight
@@ -307,9 +309,11 @@ pub fn head_cross_entropy(h: Tensor<2>, weight: HeadWeight, targets: Targets) ->
     let h = h.into_dispatch();
     // `[n + 1]`: the rows' log-sum-exp, then the loss.
     let loss = match weight {
-        HeadWeight::Dense(w) => {
-            <Dispatch as CrossEntropyBackend>::fast_head_cross_entropy(h, w.into_dispatch(), targets)
-        }
+        HeadWeight::Dense(w) => <Dispatch as CrossEntropyBackend>::fast_head_cross_entropy(
+            h,
+            w.into_dispatch(),
+            targets,
+        ),
         HeadWeight::Packed(w) => {
             <Dispatch as CrossEntropyBackend>::fast_packed_head_cross_entropy(h, w, targets)
         }
@@ -404,9 +408,6 @@ mod composed {
             flat(dh)
         }
     }
-
-    #[cfg(all(test, feature = "flex"))]
-    pub(super) use {backward as composed_backward, forward as composed_forward};
 }
 
 #[cfg(feature = "flex")]
@@ -478,6 +479,23 @@ mod flex {
         buf
     }
 
+    /// The problem of one loss: `h` (`[n, d]`, contiguous) against a `[vocab, d]` weight.
+    #[derive(Clone, Copy)]
+    struct Head<'a> {
+        h: &'a [f32],
+        d: usize,
+        weight: Weight<'a>,
+        vocab: usize,
+    }
+
+    /// One slice's part of the forward pass: each kept row's running maximum and sum of
+    /// exponentials, and its target's logit where the target falls in the slice.
+    struct SliceStats {
+        max: Vec<f32>,
+        sum: Vec<f32>,
+        picked: Vec<Option<f32>>,
+    }
+
     /// One vocabulary slice per thread, in blocks of [`COLS`].
     fn slices(vocab: usize) -> Vec<Range<usize>> {
         let per = vocab
@@ -528,16 +546,20 @@ mod flex {
     }
 
     /// `[n + 1]`: each row's log-sum-exp (0 where ignored), then the mean loss.
-    fn forward(h: &[f32], d: usize, weight: Weight<'_>, vocab: usize, targets: &Targets) -> Vec<f32> {
+    fn forward(head: Head<'_>, targets: &Targets) -> Vec<f32> {
+        let Head {
+            h,
+            d,
+            weight,
+            vocab,
+        } = head;
         let n = targets.ids.len();
         let kept = targets.kept();
         let mut buf = Vec::new();
         let hk = kept_rows(h, d, &kept, &mut buf);
         let k = kept.len();
         let ids: Vec<i64> = kept.iter().map(|&r| targets.ids[r]).collect();
-        // Per slice: each kept row's running maximum and sum, and its target's logit where the
-        // target falls in the slice.
-        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<Option<f32>>)> = slices(vocab)
+        let parts: Vec<SliceStats> = slices(vocab)
             .into_par_iter()
             .map(|slice| {
                 let (mut max, mut sum) = (vec![f32::MIN; k], vec![0f32; k]);
@@ -564,19 +586,19 @@ mod flex {
                         }
                     }
                 }
-                (max, sum, picked)
+                SliceStats { max, sum, picked }
             })
             .collect();
         let mut out = vec![0f32; n + 1];
         let mut total = 0f64;
         for (i, &r) in kept.iter().enumerate() {
-            let max = parts.iter().map(|p| p.0[i]).fold(f32::MIN, f32::max);
+            let max = parts.iter().map(|p| p.max[i]).fold(f32::MIN, f32::max);
             let sum: f64 = parts
                 .iter()
-                .map(|p| f64::from(p.1[i]) * f64::from(p.0[i] - max).exp())
+                .map(|p| f64::from(p.sum[i]) * f64::from(p.max[i] - max).exp())
                 .sum();
             let lse = f64::from(max) + sum.ln();
-            let picked = parts.iter().find_map(|p| p.2[i]).unwrap_or(f32::NAN);
+            let picked = parts.iter().find_map(|p| p.picked[i]).unwrap_or(f32::NAN);
             out[r] = lse as f32;
             total += lse - f64::from(picked);
         }
@@ -586,15 +608,18 @@ mod flex {
 
     /// `[dh…]` (and `[dW…]` with `weight_grad`) for the loss gradient `grad`.
     fn backward(
-        h: &[f32],
-        d: usize,
-        weight: Weight<'_>,
-        vocab: usize,
+        head: Head<'_>,
         targets: &Targets,
         lse: &[f32],
         grad: f32,
         weight_grad: bool,
     ) -> Vec<f32> {
+        let Head {
+            h,
+            d,
+            weight,
+            vocab,
+        } = head;
         let n = targets.ids.len();
         let kept = targets.kept();
         let mut buf = Vec::new();
@@ -676,7 +701,11 @@ mod flex {
 
     /// A contiguous f32 `[n, d]` copy (or the tensor itself).
     fn contiguous(t: FloatTensor<Flex>) -> FloatTensor<Flex> {
-        if t.is_contiguous() { t } else { t.to_contiguous() }
+        if t.is_contiguous() {
+            t
+        } else {
+            t.to_contiguous()
+        }
     }
 
     fn f32_2d(ts: &[&FloatTensor<Flex>]) -> bool {
@@ -716,7 +745,13 @@ mod flex {
                 strides,
             });
             let hs = h.as_slice::<f32>().expect("contiguous f32");
-            tensor(forward(hs, d, w, vocab, &targets))
+            let head = Head {
+                h: hs,
+                d,
+                weight: w,
+                vocab,
+            };
+            tensor(forward(head, &targets))
         }
 
         fn fast_head_cross_entropy_backward(
@@ -740,7 +775,13 @@ mod flex {
             });
             let hs = h.as_slice::<f32>().expect("contiguous f32");
             let ls = lse.as_slice::<f32>().expect("contiguous f32");
-            tensor(backward(hs, d, w, vocab, &targets, ls, grad, weight_grad))
+            let head = Head {
+                h: hs,
+                d,
+                weight: w,
+                vocab,
+            };
+            tensor(backward(head, &targets, ls, grad, weight_grad))
         }
 
         fn fast_packed_head_cross_entropy(
@@ -756,7 +797,13 @@ mod flex {
             let h = contiguous(h);
             let hs = h.as_slice::<f32>().expect("contiguous f32");
             let vocab = weight.shape()[0];
-            tensor(forward(hs, d, Weight::Packed(&weight), vocab, &targets))
+            let head = Head {
+                h: hs,
+                d,
+                weight: Weight::Packed(&weight),
+                vocab,
+            };
+            tensor(forward(head, &targets))
         }
 
         fn fast_packed_head_cross_entropy_backward(
@@ -775,8 +822,13 @@ mod flex {
             let hs = h.as_slice::<f32>().expect("contiguous f32");
             let ls = lse.as_slice::<f32>().expect("contiguous f32");
             let vocab = weight.shape()[0];
-            let w = Weight::Packed(&weight);
-            tensor(backward(hs, d, w, vocab, &targets, ls, grad, false))
+            let head = Head {
+                h: hs,
+                d,
+                weight: Weight::Packed(&weight),
+                vocab,
+            };
+            tensor(backward(head, &targets, ls, grad, false))
         }
     }
 }

@@ -585,7 +585,11 @@ pub trait RmsNormBackend: Backend {
     /// # Shapes
     /// - `x`: `[..., d]`; `gamma`: `[d]`; returns the shape of `x`.
     #[fusion(default)]
-    fn fast_rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+    fn fast_rms_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
         composed_rms::forward::<Self>(x, gamma, eps)
     }
 
@@ -606,7 +610,11 @@ pub trait RmsNormBackend: Backend {
 impl RmsNormBackend for burn_cubecl::CubeBackend {}
 
 impl<B: RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C> {
-    fn fast_rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+    fn fast_rms_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct RmsNormBackward;
 
@@ -678,7 +686,10 @@ mod composed_rms {
         let d = shape[shape.num_dims() - 1];
         let x = B::float_reshape(x, Shape::new([shape.num_elements() / d.max(1), d]));
         let ms = B::float_mean_dim(B::float_mul(x.clone(), x.clone()), 1);
-        (x, B::float_recip(B::float_sqrt(B::float_add_scalar(ms, eps.into()))))
+        (
+            x,
+            B::float_recip(B::float_sqrt(B::float_add_scalar(ms, eps.into()))),
+        )
     }
 
     fn row<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
@@ -820,7 +831,15 @@ fn composed_rotary<B: Backend>(
     let table = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([1, 1, seq, d]));
     let (cos, sin) = (table(cos), table(sin));
     let part = |t: FloatTensor<B>, r: std::ops::Range<usize>| {
-        B::float_slice(t, &[Slice::from(..), Slice::from(..), Slice::from(..), Slice::from(r)])
+        B::float_slice(
+            t,
+            &[
+                Slice::from(..),
+                Slice::from(..),
+                Slice::from(..),
+                Slice::from(r),
+            ],
+        )
     };
     let rotated = if transposed {
         // [x2·sin2, -x1·sin1]
@@ -831,7 +850,10 @@ fn composed_rotary<B: Backend>(
         )
     } else {
         let r = B::float_cat(
-            vec![B::float_neg(part(x.clone(), half..d)), part(x.clone(), 0..half)],
+            vec![
+                B::float_neg(part(x.clone(), half..d)),
+                part(x.clone(), 0..half),
+            ],
             3,
         );
         B::float_mul(r, sin)
@@ -1393,14 +1415,17 @@ pub(crate) mod flex {
             transposed: bool,
         ) -> FloatTensor<Flex> {
             let shape = x.layout().shape().clone();
-            if !all_f32(&[&x, &cos, &sin]) || shape.num_dims() != 4 || shape[3] % 2 != 0 {
+            if !all_f32(&[&x, &cos, &sin]) || shape.num_dims() != 4 || !shape[3].is_multiple_of(2) {
                 return super::composed_rotary::<Flex>(x, cos, sin, transposed);
             }
             let [b, h, s, d] = shape.dims::<4>();
             let (cos, sin) = (cos.to_contiguous(), sin.to_contiguous());
             let cs = cos.as_slice::<f32>().expect("a contiguous f32 table");
             let sn = sin.as_slice::<f32>().expect("a contiguous f32 table");
-            assert!(cs.len() == s * d && sn.len() == s * d, "rotary: tables must be [seq, d]");
+            assert!(
+                cs.len() == s * d && sn.len() == s * d,
+                "rotary: tables must be [seq, d]"
+            );
             // Rows of `x` may be strided (a `[batch, seq, heads, d]` projection with its heads
             // swapped forward); each row itself must be contiguous.
             let x = if x.layout().strides()[3] == 1 && x.layout().strides().iter().all(|v| *v >= 0)

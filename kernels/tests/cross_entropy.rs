@@ -79,7 +79,8 @@ fn fused_loss_and_gradients_equal_the_whole_logits() {
                 w_leaf.clone()
             }
         };
-        let fused = head_cross_entropy(h.clone(), HeadWeight::Dense(w()), Targets::new(ids.clone()));
+        let fused =
+            head_cross_entropy(h.clone(), HeadWeight::Dense(w()), Targets::new(ids.clone()));
         let expected = reference(h.clone(), w(), &ids);
         let (a, b) = (
             fused.clone().into_scalar::<f32>(),
@@ -150,9 +151,13 @@ fn packed_tables_equal_their_dequantized_copy() {
         PackedFormat::Nf4 { double: true },
         PackedFormat::Ggml(GgmlBlock::Q8_0),
     ] {
-        let values: Vec<f32> = random_values(vocab * d, 7).iter().map(|v| v * 0.5).collect();
+        let values: Vec<f32> = random_values(vocab * d, 7)
+            .iter()
+            .map(|v| v * 0.5)
+            .collect();
         let packed = Arc::new(PackedMatrix::quantize(&values, vocab, d, format).unwrap());
-        let dense = Tensor::<2>::from_data(TensorData::new(packed.dequantize(), [vocab, d]), &device);
+        let dense =
+            Tensor::<2>::from_data(TensorData::new(packed.dequantize(), [vocab, d]), &device);
         let h = random([n, d], 8, &device).require_grad();
         let fused = head_cross_entropy(
             h.clone(),
@@ -171,7 +176,11 @@ fn packed_tables_equal_their_dequantized_copy() {
             reference.into_scalar::<f32>(),
         );
         assert_eq!(a, b, "{}: packed and dense tables differ", format.name());
-        assert!((a - c).abs() < 1e-5 * c.abs(), "{}: {a} against {c}", format.name());
+        assert!(
+            (a - c).abs() < 1e-5 * c.abs(),
+            "{}: {a} against {c}",
+            format.name()
+        );
         let (g1, g2) = (fused.backward(), expected.backward());
         let dh = max_rel(h.grad(&g1).unwrap(), h.grad(&g2).unwrap());
         assert!(dh < 1e-6, "{}: dh differs by {dh}", format.name());

@@ -673,7 +673,11 @@ mod rotary {
         let (b, h, s, d) = (2, 3, 70, 8);
         let normal = Distribution::Normal(0.0, 1.0);
         let x = random([b, s, h, d], normal, 1, device).swap_dims(1, 2);
-        (x, random([s, d], normal, 2, device), random([s, d], normal, 3, device))
+        (
+            x,
+            random([s, d], normal, 2, device),
+            random([s, d], normal, 3, device),
+        )
     }
 
     #[test]
@@ -689,7 +693,10 @@ mod rotary {
                 let w = cast4(random(x.dims(), Distribution::Normal(0.0, 1.0), 4, &device));
                 let y = rotary(x.clone(), cos.clone(), sin.clone());
                 let expected = reference(x.clone(), cos, sin);
-                let f = max_abs(y.clone().cast(DType::F32), expected.clone().cast(DType::F32));
+                let f = max_abs(
+                    y.clone().cast(DType::F32),
+                    expected.clone().cast(DType::F32),
+                );
                 assert!(f < 1e-5, "forward (f64 {f64_inputs}): {f}");
                 let g1 = (y * w.clone()).sum().backward();
                 let g2 = (expected * w).sum().backward();

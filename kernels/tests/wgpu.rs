@@ -183,11 +183,22 @@ fn head_cross_entropy_on_wgpu_equals_flex() {
 
     let (n, d, vocab) = (9, 32, 600);
     let ids: Vec<i64> = (0..n)
-        .map(|r| if r % 4 == 1 { -100 } else { (r * 67 % vocab) as i64 })
+        .map(|r| {
+            if r % 4 == 1 {
+                -100
+            } else {
+                (r * 67 % vocab) as i64
+            }
+        })
         .collect();
     let packed = Arc::new(
-        PackedMatrix::quantize(&data(vocab * d, 21), vocab, d, PackedFormat::Nf4 { double: true })
-            .unwrap(),
+        PackedMatrix::quantize(
+            &data(vocab * d, 21),
+            vocab,
+            d,
+            PackedFormat::Nf4 { double: true },
+        )
+        .unwrap(),
     );
     let run = |device: &Device| {
         let device = device.clone().autodiff();
@@ -250,7 +261,10 @@ fn rms_norm_on_wgpu_equals_flex() {
         ]
     };
     let (gpu, cpu) = (run(&wgpu()), run(&Device::flex()));
-    for (what, (a, b)) in ["output", "dx", "dgamma"].iter().zip(gpu.into_iter().zip(cpu)) {
+    for (what, (a, b)) in ["output", "dx", "dgamma"]
+        .iter()
+        .zip(gpu.into_iter().zip(cpu))
+    {
         close(what, a, b, 1e-4);
     }
 }
@@ -265,7 +279,8 @@ fn rotary_on_wgpu_equals_flex() {
     let run = |device: &Device| {
         let device = device.clone().autodiff();
         let x = on(&device, &data(b * s * h * d, 41), [b, s, h, d]).require_grad();
-        let table = |seed| Tensor::<1>::from_floats(&data(s * d, seed)[..], &device).reshape([s, d]);
+        let table =
+            |seed| Tensor::<1>::from_floats(&data(s * d, seed)[..], &device).reshape([s, d]);
         let w = on(&device, &data(b * s * h * d, 44), [b, h, s, d]);
         let y = rotary(x.clone().swap_dims(1, 2), table(42), table(43));
         let grads = (y.clone() * w).sum().backward();

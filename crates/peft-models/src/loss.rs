@@ -86,7 +86,11 @@ pub fn causal_lm_loss_from_hidden(
 
 /// The target of every position of `labels` `[batch, seq]`: the next position's label, and
 /// [`IGNORE_INDEX`] for each row's last position and for ignored labels.
-fn shifted_targets(labels: &Tensor<2, Int>, [batch, seq]: [usize; 2], vocab: usize) -> Result<Targets> {
+fn shifted_targets(
+    labels: &Tensor<2, Int>,
+    [batch, seq]: [usize; 2],
+    vocab: usize,
+) -> Result<Targets> {
     if labels.dims() != [batch, seq] {
         return Err(ModelError::InvalidInput {
             field: "labels".into(),

@@ -805,7 +805,10 @@ fn fused_head_loss_equals_the_logits_path() {
             let (x, y) = (p.grad(&g1).unwrap(), p.grad(&g2).unwrap());
             let scale = y.clone().abs().max().into_scalar::<f32>();
             let diff = (x - y).abs().max().into_scalar::<f32>();
-            assert!(diff <= 1e-4 * scale, "{base} {name}: {diff} (largest {scale})");
+            assert!(
+                diff <= 1e-4 * scale,
+                "{base} {name}: {diff} (largest {scale})"
+            );
         }
     }
 }

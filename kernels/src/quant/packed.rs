@@ -315,8 +315,16 @@ impl PackedMatrix {
     /// # Panics
     /// If `rows` ends past the matrix or `out` is not `rows.len() · cols` long.
     pub fn decode_rows(&self, rows: Range<usize>, out: &mut [f32]) {
-        assert!(rows.end <= self.rows, "rows {rows:?} of a {}-row matrix", self.rows);
-        assert_eq!(out.len(), rows.len() * self.cols, "out must be [rows, cols]");
+        assert!(
+            rows.end <= self.rows,
+            "rows {rows:?} of a {}-row matrix",
+            self.rows
+        );
+        assert_eq!(
+            out.len(),
+            rows.len() * self.cols,
+            "out must be [rows, cols]"
+        );
         if self.cols == 0 {
             return;
         }
