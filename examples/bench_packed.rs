@@ -43,7 +43,6 @@ use peft_models::BaseFormat;
 use peft_models::bert::Bert;
 use peft_models::gguf::load_llama_as;
 use peft_models::llama::Llama;
-use peft_models::loss::causal_lm_loss;
 use peft_rosa::{RosaAdapter, RosaConfig, RosaScheduler};
 
 #[derive(Parser, Debug)]
@@ -187,7 +186,8 @@ fn smollm2<A: Adapter, C: Method<Adapter = A>>(
         .collect();
     let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([batch, seq]);
     let (step_ms, collection_ms) = train(peft, rosa, args, |m: &Llama<PeftLinear<A>>| {
-        causal_lm_loss(m.forward(ids.clone(), None), ids.clone()).expect("labels fit")
+        m.causal_lm_loss(ids.clone(), None, ids.clone())
+            .expect("labels fit")
     })?;
     Ok(Measured {
         base_bytes,
