@@ -741,11 +741,15 @@ pub fn read_run(root: &Path, spec: &RunSpec) -> anyhow::Result<Option<RunResult>
         let lines = json_lines(&std::fs::read_to_string(&file)?)?;
         test = Some(score_task(&spec.task, &rows, &lines)?);
     }
+    // The last count `burn-peft train` printed: a RoSA or SpA run prints it again at the end,
+    // once its masks have made the sparse values.
     let trainable = read("train.log").and_then(|log| {
-        log.lines().find_map(|l| {
-            let rest = l.split("trainable params: ").nth(1)?;
-            rest.split_whitespace().next()?.parse::<usize>().ok()
-        })
+        log.lines()
+            .filter_map(|l| {
+                let rest = l.split("trainable params: ").nth(1)?;
+                rest.split_whitespace().next()?.parse::<usize>().ok()
+            })
+            .last()
     });
     let peak_rss_mb = read("time-train.txt").and_then(|t| {
         t.lines()
@@ -1456,9 +1460,11 @@ mod tests {
                 .collect();
             std::fs::write(dir.join("test_predictions.jsonl"), preds.join("\n")).unwrap();
             std::fs::write(dir.join("test_eval.json"), "{\"eval_loss\": 0.5}").unwrap();
+            // The last count printed counts (a RoSA or SpA run prints it again at the end).
             std::fs::write(
                 dir.join("train.log"),
-                "trainable params: 4884480 || all params: 1",
+                "trainable params: 0 || all params: 1\ntrained 8 steps\ntrainable params: 4884480 \
+                 || all params: 1 || trainable%: 1.0 (at the end of the run)",
             )
             .unwrap();
             std::fs::write(

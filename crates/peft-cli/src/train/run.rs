@@ -476,11 +476,21 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
         None => set_controlled(&mut tuned, ctl),
     }
     let output = save_final(out, &tuned)?;
+    let end_counts = tuned.counts();
+    if end_counts != counts {
+        // RoSA's and SpA's sparse values exist only once their masks do; AdaLoRA masks ranks.
+        let (trainable, all) = end_counts;
+        eprintln!(
+            "trainable params: {trainable} || all params: {all} || trainable%: {:.4} (at the \
+             end of the run)",
+            100.0 * trainable as f64 / all.max(1) as f64
+        );
+    }
     Ok(Outcome {
         steps_done,
         resumed_from,
         output: Some(output),
-        counts: tuned.counts(),
+        counts: end_counts,
         ended_by_method: false,
     })
 }
