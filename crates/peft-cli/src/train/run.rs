@@ -478,7 +478,7 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
     let output = save_final(out, &tuned)?;
     let end_counts = tuned.counts();
     if end_counts != counts {
-        // RoSA's and SpA's sparse values exist only once their masks do; AdaLoRA masks ranks.
+        // RoSA's and SpA's sparse values exist only once their masks do.
         let (trainable, all) = end_counts;
         eprintln!(
             "trainable params: {trainable} || all params: {all} || trainable%: {:.4} (at the \
