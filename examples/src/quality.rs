@@ -744,12 +744,10 @@ pub fn read_run(root: &Path, spec: &RunSpec) -> anyhow::Result<Option<RunResult>
     // The last count `burn-peft train` printed: a RoSA or SpA run prints it again at the end,
     // once its masks have made the sparse values.
     let trainable = read("train.log").and_then(|log| {
-        log.lines()
-            .filter_map(|l| {
-                let rest = l.split("trainable params: ").nth(1)?;
-                rest.split_whitespace().next()?.parse::<usize>().ok()
-            })
-            .last()
+        log.lines().rev().find_map(|l| {
+            let rest = l.split("trainable params: ").nth(1)?;
+            rest.split_whitespace().next()?.parse::<usize>().ok()
+        })
     });
     let peak_rss_mb = read("time-train.txt").and_then(|t| {
         t.lines()
