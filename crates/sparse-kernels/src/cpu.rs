@@ -622,20 +622,20 @@ impl SparseBackend for Flex {
 /// [`spmm_token_columns`] (blocks of 16 tokens walking `S` by columns), each block's
 /// `[out][16]` accumulator transposed and added into its 16 rows of `dense` in place (no
 /// `[tokens, out]` temporary, no separate add). `dense` is written in place when its buffer is
-/// not shared. Other dtypes and a column-strided `x` take the composed ops.
+/// not shared (the caller hands it over: a clone kept elsewhere would make this a copy of the
+/// whole output). Other dtypes and a column-strided `x` take the composed ops
+/// ([`linear_add_fits`] says which).
 pub(crate) fn linear_add(
     st: &CsrIndices<Flex>,
     perm: &IntTensor<Flex>,
     values: FlexFloat,
     x: FlexFloat,
     dense: FlexFloat,
-) -> Option<FlexFloat> {
-    let f32s = [&values, &x, &dense]
-        .iter()
-        .all(|t| t.dtype() == DType::F32);
-    if !f32s || x.layout().strides()[1] != 1 || x.layout().strides()[0] < 0 {
-        return None;
-    }
+) -> FlexFloat {
+    assert!(
+        linear_add_fits(&values, &x, &dense),
+        "csr_linear_add: f32 operands and a row-major x"
+    );
     let [tokens, out] = dense.shape().dims::<2>();
     let inp = x.shape()[1];
     assert_eq!(
@@ -659,7 +659,7 @@ pub(crate) fn linear_add(
         dense.to_contiguous()
     };
     if tokens * out == 0 || vt.is_empty() {
-        return Some(dense);
+        return dense;
     }
     let xv = view(&x);
     let cols = simd::Columns::new(&sto, &sti, &vt, out);
@@ -677,5 +677,11 @@ pub(crate) fn linear_add(
                 simd::transpose_add(acc, TB, chunk, out, out, w);
             });
         });
-    Some(dense)
+    dense
+}
+
+/// Whether [`linear_add`] takes these operands: f32, and `x` with contiguous rows.
+pub(crate) fn linear_add_fits(values: &FlexFloat, x: &FlexFloat, dense: &FlexFloat) -> bool {
+    let f32s = [values, x, dense].iter().all(|t| t.dtype() == DType::F32);
+    f32s && x.layout().strides()[1] == 1 && x.layout().strides()[0] >= 0
 }

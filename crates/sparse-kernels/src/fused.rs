@@ -109,15 +109,14 @@ impl SparseLinearBackend for burn::backend::Flex {
         dense: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         use burn::backend::{Flex, ops::FloatTensorOps};
-        match crate::cpu::linear_add(&st, &perm, values.clone(), x.clone(), dense.clone()) {
-            Some(out) => out,
-            None => {
-                let rows = s.row_offsets.shape()[0] - 1;
-                let xt = Flex::float_transpose(x);
-                let yt = Flex::csr_spmm(s, st, perm, inverse, values, xt, rows);
-                Flex::float_add(dense, Flex::float_transpose(yt))
-            }
+        if crate::cpu::linear_add_fits(&values, &x, &dense) {
+            // `dense` is handed over, not cloned: it is then written in place.
+            return crate::cpu::linear_add(&st, &perm, values, x, dense);
         }
+        let rows = s.row_offsets.shape()[0] - 1;
+        let xt = Flex::float_transpose(x);
+        let yt = Flex::csr_spmm(s, st, perm, inverse, values, xt, rows);
+        Flex::float_add(dense, Flex::float_transpose(yt))
     }
 }
 
