@@ -30,9 +30,9 @@ use burn::backend::{
     backend_extension,
     tensor::FloatTensor,
 };
-use burn::tensor::{Shape, Slice, Tensor, TensorData};
+use burn::tensor::{Slice, Tensor};
 
-use crate::packed_linear::PackedWeight;
+use crate::packed_linear::{PackedWeight, dequantized};
 
 /// The targets of a [`head_cross_entropy`]: one vocabulary index per row of `h`, negative for a
 /// row that does not count (PyTorch's `ignore_index`, Transformers' -100).
@@ -75,6 +75,16 @@ pub enum HeadWeight {
     Dense(Tensor<2>),
     /// A frozen packed `[vocab, d]` table.
     Packed(PackedWeight),
+}
+
+impl HeadWeight {
+    /// `[vocab, d]`.
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            HeadWeight::Dense(w) => w.dims(),
+            HeadWeight::Packed(w) => w.shape(),
+        }
+    }
 }
 
 /// The extension behind [`head_cross_entropy`]; use that function rather than this trait.
@@ -139,15 +149,6 @@ pub trait CrossEntropyBackend: Backend {
         let w = dequantized::<Self>(&weight, &h.device());
         composed::backward::<Self>(h, w, &targets, lse, grad, false)
     }
-}
-
-/// The whole packed weight in f32 on `device` (the default bodies).
-fn dequantized<B: Backend>(weight: &PackedWeight, device: &B::Device) -> FloatTensor<B> {
-    let [rows, cols] = weight.shape();
-    B::float_from_data(
-        TensorData::new(weight.dequantize(), Shape::new([rows, cols])),
-        device,
-    )
 }
 
 #[cfg(feature = "cube")]
@@ -293,10 +294,7 @@ impl<B: CrossEntropyBackend, C: CheckpointStrategy> CrossEntropyBackend for Auto
 /// ```
 pub fn head_cross_entropy(h: Tensor<2>, weight: HeadWeight, targets: Targets) -> Tensor<1> {
     let [n, d] = h.dims();
-    let (vocab, wd) = match &weight {
-        HeadWeight::Dense(w) => (w.dims()[0], w.dims()[1]),
-        HeadWeight::Packed(w) => (w.shape()[0], w.shape()[1]),
-    };
+    let [vocab, wd] = weight.shape();
     assert!(
         targets.ids.len() == n && wd == d,
         "head cross-entropy: h [{n}, {d}], weight [{vocab}, {wd}], {} targets",
@@ -412,6 +410,7 @@ mod composed {
 
 #[cfg(feature = "flex")]
 mod flex {
+    use std::borrow::Cow;
     use std::ops::Range;
     use std::sync::Arc;
 
@@ -422,7 +421,7 @@ mod flex {
     use super::{CrossEntropyBackend, Targets, composed};
     use crate::linear::flex::{Matrix, gemm_into, operand};
     use crate::nn::flex::kernels::{lse_fold_rows, softmax_scaled_rows};
-    use crate::packed_linear::PackedWeight;
+    use crate::packed_linear::{PackedWeight, dequantized};
     use crate::quant::PackedMatrix;
 
     /// Vocabulary columns per block: a `ROWS x COLS` block of logits (1 MB) stays in L2.
@@ -466,17 +465,30 @@ mod flex {
         }
     }
 
-    /// The kept rows of `h` (`[n, d]`, contiguous) as a contiguous `[kept, d]` block: `h` itself
-    /// when every row is kept.
-    fn kept_rows<'a>(h: &'a [f32], d: usize, kept: &[usize], buf: &'a mut Vec<f32>) -> &'a [f32] {
-        if kept.len() * d == h.len() {
-            return h;
+    /// The rows of a loss that count: their indices in `h`, their rows of `h` as one contiguous
+    /// `[kept, d]` block (`h` itself when every row counts) and their targets.
+    struct Kept<'a> {
+        rows: Vec<usize>,
+        h: Cow<'a, [f32]>,
+        ids: Vec<i64>,
+    }
+
+    impl<'a> Kept<'a> {
+        fn new(h: &'a [f32], d: usize, targets: &Targets) -> Self {
+            let rows = targets.kept();
+            let h = if rows.len() * d == h.len() {
+                Cow::Borrowed(h)
+            } else {
+                Cow::Owned(
+                    rows.iter()
+                        .flat_map(|&r| &h[r * d..(r + 1) * d])
+                        .copied()
+                        .collect(),
+                )
+            };
+            let ids = rows.iter().map(|&r| targets.ids[r]).collect();
+            Self { rows, h, ids }
         }
-        buf.clear();
-        for &r in kept {
-            buf.extend_from_slice(&h[r * d..(r + 1) * d]);
-        }
-        buf
     }
 
     /// The problem of one loss: `h` (`[n, d]`, contiguous) against a `[vocab, d]` weight.
@@ -554,11 +566,8 @@ mod flex {
             vocab,
         } = head;
         let n = targets.ids.len();
-        let kept = targets.kept();
-        let mut buf = Vec::new();
-        let hk = kept_rows(h, d, &kept, &mut buf);
-        let k = kept.len();
-        let ids: Vec<i64> = kept.iter().map(|&r| targets.ids[r]).collect();
+        let Kept { rows: kept, h, ids } = Kept::new(h, d, targets);
+        let (hk, k) = (&*h, kept.len());
         let parts: Vec<SliceStats> = slices(vocab)
             .into_par_iter()
             .map(|slice| {
@@ -621,11 +630,8 @@ mod flex {
             vocab,
         } = head;
         let n = targets.ids.len();
-        let kept = targets.kept();
-        let mut buf = Vec::new();
-        let hk = kept_rows(h, d, &kept, &mut buf);
-        let k = kept.len();
-        let ids: Vec<i64> = kept.iter().map(|&r| targets.ids[r]).collect();
+        let Kept { rows: kept, h, ids } = Kept::new(h, d, targets);
+        let (hk, k) = (&*h, kept.len());
         let lse: Vec<f32> = kept.iter().map(|&r| lse[r]).collect();
         let coef = grad / targets.counted as f32;
         let slices = slices(vocab);
@@ -790,7 +796,7 @@ mod flex {
             targets: Arc<Targets>,
         ) -> FloatTensor<Flex> {
             if !f32_2d(&[&h]) {
-                let w = super::dequantized::<Flex>(&weight, &h.device());
+                let w = dequantized::<Flex>(&weight, &h.device());
                 return composed::forward::<Flex>(h, w, &targets);
             }
             let [_, d] = h.layout().shape().dims::<2>();
@@ -814,7 +820,7 @@ mod flex {
             grad: FloatTensor<Flex>,
         ) -> FloatTensor<Flex> {
             if !f32_2d(&[&h]) || lse.dtype() != DType::F32 {
-                let w = super::dequantized::<Flex>(&weight, &h.device());
+                let w = dequantized::<Flex>(&weight, &h.device());
                 return composed::backward::<Flex>(h, w, &targets, lse, grad, false);
             }
             let [_, d] = h.layout().shape().dims::<2>();

@@ -1266,8 +1266,54 @@ pub(crate) mod flex {
         ts.iter().all(|t| t.dtype() == DType::F32)
     }
 
-    /// Rows per rayon task of the layer norm.
+    /// Rows per rayon task of the norms.
     const NORM_ROWS: usize = 32;
+
+    /// A norm's forward pass: `rows(x, out)` over the `d`-wide rows of `xs`, in rayon tasks of
+    /// [`NORM_ROWS`] rows.
+    fn norm_rows(xs: &[f32], d: usize, rows: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+        let mut out = vec![0.0f32; xs.len()];
+        if d > 0 {
+            out.par_chunks_mut(d * NORM_ROWS)
+                .zip(xs.par_chunks(d * NORM_ROWS))
+                .for_each(|(o, x)| rows(x, o));
+        }
+        out
+    }
+
+    /// A norm's backward pass, `[dx…, params…]`: `rows(x, grad, dx, partial)` over the `d`-wide
+    /// rows of `xs` and `gs`, in rayon tasks of [`NORM_ROWS`] rows, each adding its rows' share
+    /// of the `params` parameter gradients into a partial of its own; the partials are added
+    /// up after.
+    fn norm_backward_rows(
+        xs: &[f32],
+        gs: &[f32],
+        d: usize,
+        params: usize,
+        rows: impl Fn(&[f32], &[f32], &mut [f32], &mut [f32]) + Sync,
+    ) -> Vec<f32> {
+        let n = xs.len();
+        let mut out = vec![0.0f32; n + params];
+        let (dx, sums) = out.split_at_mut(n);
+        if d > 0 {
+            let partials: Vec<Vec<f32>> = dx
+                .par_chunks_mut(d * NORM_ROWS)
+                .zip(xs.par_chunks(d * NORM_ROWS))
+                .zip(gs.par_chunks(d * NORM_ROWS))
+                .map(|((dx, x), gr)| {
+                    let mut p = vec![0.0f32; params];
+                    rows(x, gr, dx, &mut p);
+                    p
+                })
+                .collect();
+            for p in partials {
+                for (acc, v) in sums.iter_mut().zip(p) {
+                    *acc += v;
+                }
+            }
+        }
+        out
+    }
 
     impl LayerNormBackend for Flex {
         fn fast_layer_norm(
@@ -1286,12 +1332,9 @@ pub(crate) mod flex {
             let xs = x.as_slice::<f32>().expect("a contiguous f32 tensor");
             let g = gamma.as_slice::<f32>().expect("a contiguous f32 gamma");
             let b = beta.as_slice::<f32>().expect("a contiguous f32 beta");
-            let mut out = vec![0.0f32; xs.len()];
-            if d > 0 {
-                out.par_chunks_mut(d * NORM_ROWS)
-                    .zip(xs.par_chunks(d * NORM_ROWS))
-                    .for_each(|(o, x)| kernels::layer_norm_rows(x, o, g, b, eps as f32));
-            }
+            let out = norm_rows(xs, d, |x, o| {
+                kernels::layer_norm_rows(x, o, g, b, eps as f32)
+            });
             FloatTensor::<Flex>::from_data(TensorData::new(out, shape))
         }
 
@@ -1313,28 +1356,12 @@ pub(crate) mod flex {
             let xs = x.as_slice::<f32>().expect("a contiguous f32 tensor");
             let g = gamma.as_slice::<f32>().expect("a contiguous f32 gamma");
             let gs = grad.as_slice::<f32>().expect("a contiguous f32 gradient");
-            let n = xs.len();
-            let mut out = vec![0.0f32; n + 2 * d];
-            let (dx, params) = out.split_at_mut(n);
-            if d > 0 {
-                // Per-task partial sums of dgamma and dbeta, added up after.
-                let partials: Vec<Vec<f32>> = dx
-                    .par_chunks_mut(d * NORM_ROWS)
-                    .zip(xs.par_chunks(d * NORM_ROWS))
-                    .zip(gs.par_chunks(d * NORM_ROWS))
-                    .map(|((dx, x), gr)| {
-                        let mut p = vec![0.0f32; 2 * d];
-                        kernels::layer_norm_backward_rows(x, gr, g, eps as f32, dx, &mut p);
-                        p
-                    })
-                    .collect();
-                for p in partials {
-                    for (acc, v) in params.iter_mut().zip(p) {
-                        *acc += v;
-                    }
-                }
-            }
-            FloatTensor::<Flex>::from_data(TensorData::new(out, [n + 2 * d]))
+            // dgamma and dbeta.
+            let out = norm_backward_rows(xs, gs, d, 2 * d, |x, gr, dx, p| {
+                kernels::layer_norm_backward_rows(x, gr, g, eps as f32, dx, p)
+            });
+            let len = out.len();
+            FloatTensor::<Flex>::from_data(TensorData::new(out, [len]))
         }
     }
 
@@ -1352,12 +1379,7 @@ pub(crate) mod flex {
             let (x, gamma) = (x.to_contiguous(), gamma.to_contiguous());
             let xs = x.as_slice::<f32>().expect("a contiguous f32 tensor");
             let g = gamma.as_slice::<f32>().expect("a contiguous f32 gamma");
-            let mut out = vec![0.0f32; xs.len()];
-            if d > 0 {
-                out.par_chunks_mut(d * NORM_ROWS)
-                    .zip(xs.par_chunks(d * NORM_ROWS))
-                    .for_each(|(o, x)| kernels::rms_norm_rows(x, o, g, eps as f32));
-            }
+            let out = norm_rows(xs, d, |x, o| kernels::rms_norm_rows(x, o, g, eps as f32));
             FloatTensor::<Flex>::from_data(TensorData::new(out, shape))
         }
 
@@ -1379,28 +1401,12 @@ pub(crate) mod flex {
             let xs = x.as_slice::<f32>().expect("a contiguous f32 tensor");
             let g = gamma.as_slice::<f32>().expect("a contiguous f32 gamma");
             let gs = grad.as_slice::<f32>().expect("a contiguous f32 gradient");
-            let n = xs.len();
-            let mut out = vec![0.0f32; n + d];
-            let (dx, dgamma) = out.split_at_mut(n);
-            if d > 0 {
-                // Per-task partial sums of dgamma, added up after.
-                let partials: Vec<Vec<f32>> = dx
-                    .par_chunks_mut(d * NORM_ROWS)
-                    .zip(xs.par_chunks(d * NORM_ROWS))
-                    .zip(gs.par_chunks(d * NORM_ROWS))
-                    .map(|((dx, x), gr)| {
-                        let mut p = vec![0.0f32; d];
-                        kernels::rms_norm_backward_rows(x, gr, g, eps as f32, dx, &mut p);
-                        p
-                    })
-                    .collect();
-                for p in partials {
-                    for (acc, v) in dgamma.iter_mut().zip(p) {
-                        *acc += v;
-                    }
-                }
-            }
-            FloatTensor::<Flex>::from_data(TensorData::new(out, [n + d]))
+            // dgamma.
+            let out = norm_backward_rows(xs, gs, d, d, |x, gr, dx, p| {
+                kernels::rms_norm_backward_rows(x, gr, g, eps as f32, dx, p)
+            });
+            let len = out.len();
+            FloatTensor::<Flex>::from_data(TensorData::new(out, [len]))
         }
     }
 

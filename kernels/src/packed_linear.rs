@@ -60,8 +60,8 @@ pub trait PackedBackend: Backend {
     }
 }
 
-/// The whole weight in f32 on `device` (the default bodies).
-fn dequantized<B: Backend>(weight: &PackedMatrix, device: &B::Device) -> FloatTensor<B> {
+/// The whole weight in f32 on `device` (the default bodies, here and in the head loss's).
+pub(crate) fn dequantized<B: Backend>(weight: &PackedMatrix, device: &B::Device) -> FloatTensor<B> {
     let [rows, cols] = weight.shape();
     B::float_from_data(
         TensorData::new(weight.dequantize(), Shape::new([rows, cols])),

@@ -3,26 +3,16 @@
 //! weight, with ignored rows, more rows than one block (512) and a vocabulary that is not a
 //! multiple of the 512-column block; and over packed tables, against the dequantized table.
 
+mod common;
+
 use std::sync::Arc;
 
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData, activation::log_softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData, activation::log_softmax};
 use peft_kernels::cross_entropy::{HeadWeight, Targets, head_cross_entropy};
 use peft_kernels::quant::ggml::GgmlBlock;
 use peft_kernels::quant::{PackedFormat, PackedMatrix};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 
-fn random_values(len: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    TensorData::random::<f32, _, _>([len], Distribution::Normal(0.0, 1.0), &mut rng)
-        .try_to_vec::<f32>()
-        .unwrap()
-}
-
-fn random<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
-    let len = shape.iter().product();
-    Tensor::from_data(TensorData::new(random_values(len, seed), shape), device)
-}
+use common::{random, random_values};
 
 fn max_rel(a: Tensor<2>, b: Tensor<2>) -> f32 {
     let scale = b.clone().abs().max().into_scalar::<f32>().max(1e-6);

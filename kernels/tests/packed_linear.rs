@@ -2,30 +2,20 @@
 //! with and without bias, a decoding step) and the gradients of the input and bias on Autodiff,
 //! for NF4 (with and without double quantization) and ggml blocks.
 
+mod common;
+
 use std::sync::Arc;
 
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use peft_kernels::packed_linear::packed_linear;
 use peft_kernels::quant::ggml::GgmlBlock;
 use peft_kernels::quant::{PackedFormat, PackedMatrix};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
+
+use common::{random, random_values};
 
 fn rel_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     let scale = b.clone().abs().max().into_scalar::<f32>().max(1.0);
     (a - b).abs().max().into_scalar::<f32>() / scale
-}
-
-fn random_values(len: usize, seed: u64) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    TensorData::random::<f32, _, _>([len], Distribution::Normal(0.0, 1.0), &mut rng)
-        .try_to_vec::<f32>()
-        .unwrap()
-}
-
-fn random<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
-    let len = shape.iter().product();
-    Tensor::from_data(TensorData::new(random_values(len, seed), shape), device)
 }
 
 /// A packed `[out, in]` weight and its dequantized `[in, out]` (burn orientation) copy.

@@ -72,10 +72,7 @@ pub fn causal_lm_loss_from_hidden(
     labels: Tensor<2, Int>,
 ) -> Result<Tensor<1>> {
     let [batch, seq, d] = hidden.dims();
-    let vocab = match &head {
-        HeadWeight::Dense(w) => w.dims()[0],
-        HeadWeight::Packed(w) => w.shape()[0],
-    };
+    let [vocab, _] = head.shape();
     let targets = shifted_targets(&labels, [batch, seq], vocab)?;
     Ok(head_cross_entropy(
         hidden.reshape([batch * seq, d]),
