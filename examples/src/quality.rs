@@ -484,7 +484,7 @@ pub fn run_file(preset: &Preset, method: &Method, spec: &RunSpec) -> String {
          [method]\n{table}\n\
          [train]\nsteps = {steps}\nbatch_size = {bs}\nlr = {lr:e}\nlr_schedule = \"cosine\"\n\
          warmup_steps = {warm}\nseed = {seed}\neval_every = {ee}\neval_generate = false\n\
-         save_every = {se}\nout_dir = \"out\"\n",
+         save_every = {se}\nsave_total_limit = 1\nout_dir = \"out\"\n",
         preset = p.name,
         task = spec.task,
         label = spec.label,

@@ -562,3 +562,88 @@ fn sixteen_bit_blocks_round_to_nearest_and_gather_rows_decodes_only_the_rows_ask
         assert_eq!(bits(&got), bits(&want), "{}", format.name());
     }
 }
+
+/// Decoding steps inside `with_q8_activations` take llama.cpp's arithmetic: the activation row
+/// quantized to 8-bit blocks (`Q8Rows`), integer block dots, float scales per block. Every CPU
+/// body equals "dequantize both, then multiply" in f64 to 1e-5, and the result stays within the
+/// activation rounding's bound of the f32 product (and, to show the path is taken, further from
+/// it than the f32 path's 1e-5); outside the scope the same call keeps f32 activations.
+#[test]
+fn decoding_steps_in_a_q8_scope_take_8_bit_activations_on_every_cpu_body() {
+    use peft_kernels::cpu_body::for_each_cpu_body;
+    use peft_kernels::quant::q8::{Q8Rows, q8_activations, with_q8_activations};
+    let mut rng = StdRng::seed_from_u64(88);
+    for kind in [GgmlBlock::Q4_0, GgmlBlock::Q4_1, GgmlBlock::Q8_0] {
+        for (n, rows, blocks) in [
+            (1, 1, 1),
+            (1, 300, 18),
+            (2, 70, 5),
+            (4, 129, 48),
+            (3, 64, 3),
+        ] {
+            let cols = blocks * GGML_BLOCK;
+            let w = packed(PackedFormat::Ggml(kind), rows, cols, &mut rng);
+            let dense = w.dequantize();
+            let x = random(n * cols, 2.0, &mut rng);
+            let bias = random(rows, 1.0, &mut rng);
+            let q = Q8Rows::quantize(&x);
+            let xq: Vec<f32> = q
+                .quants
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| f32::from(v) * q.d[j / GGML_BLOCK])
+                .collect();
+            let (mut want, scale) = reference(&xq, &dense, (n, cols, rows), true);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += f64::from(bias[i % rows]);
+            }
+            let (mut exact, _) = reference(&x, &dense, (n, cols, rows), true);
+            for (i, v) in exact.iter_mut().enumerate() {
+                *v += f64::from(bias[i % rows]);
+            }
+            // |x − x_q| ≤ d/2 per value: the bound of each output's distance from the f32 product.
+            let bound: Vec<f64> = (0..n * rows)
+                .map(|o| {
+                    let (i, r) = (o / rows, o % rows);
+                    (0..cols)
+                        .map(|c| {
+                            f64::from(q.d[(i * cols + c) / GGML_BLOCK]) / 2.0
+                                * f64::from(dense[r * cols + c]).abs()
+                        })
+                        .sum::<f64>()
+                })
+                .collect();
+            let what = format!("{} [{rows}, {cols}] n {n}", kind.name());
+            let outside = w.forward(&x, n, Some(&bias));
+            assert_close(
+                &outside,
+                &(exact.clone(), scale.clone()),
+                &format!("{what} f32 path"),
+            );
+            let mut farthest = 0f64;
+            for_each_cpu_body(|body| {
+                let got = with_q8_activations(|| {
+                    assert!(q8_activations());
+                    w.forward(&x, n, Some(&bias))
+                });
+                assert_close(
+                    &got,
+                    &(want.clone(), scale.clone()),
+                    &format!("{what} {body:?}"),
+                );
+                for (o, (&g, &e)) in got.iter().zip(&exact).enumerate() {
+                    let err = (f64::from(g) - e).abs();
+                    assert!(
+                        err <= bound[o] * 1.001 + 1e-5 * (1.0 + scale[o]),
+                        "{what}: {o}"
+                    );
+                    farthest = farthest.max(err / (1.0 + scale[o]));
+                }
+            });
+            if rows * blocks > 100 {
+                assert!(farthest > 1e-5, "{what}: the 8-bit path was not taken");
+            }
+            assert!(!q8_activations());
+        }
+    }
+}

@@ -634,30 +634,47 @@ fn generate_smollm2_chat_streams_only_the_answer() {
         (system["role"].as_str(), user["role"].as_str()),
         (Some("system"), Some("user"))
     );
-    let out = burn_peft([
-        "generate".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--chat".as_ref(),
-        "--system".as_ref(),
-        system["content"].as_str().unwrap().as_ref(),
-        "--prompt".as_ref(),
-        user["content"].as_str().unwrap().as_ref(),
-        "--max-new-tokens".as_ref(),
-        "16".as_ref(),
-    ]);
-    assert_ok(&out, "generate");
-    // Transformers' greedy answer ends with the end-of-sequence token (not printed).
-    assert_eq!(stdout(&out), chat["base_text"].as_str().unwrap());
-    let err = stderr(&out);
-    let prompt_len = chat["prompt_ids"].as_array().unwrap().len();
-    let generated = chat["base_ids"].as_array().unwrap().len();
-    for needle in [
-        format!("prompt tokens: {prompt_len}"),
-        format!("generated tokens: {generated}"),
-        "end of sequence".into(),
+    // The f32 model; the GGUF blocks kept packed, decoding steps on 8-bit activations
+    // (llama.cpp's arithmetic, the default) and on f32 ones.
+    for base in [
+        &[][..],
+        &["--base", "gguf"],
+        &["--base", "gguf", "--f32-activations"],
     ] {
-        assert!(err.contains(&needle), "`{needle}` not in stderr:\n{err}");
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "generate".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--chat".as_ref(),
+            "--system".as_ref(),
+            system["content"].as_str().unwrap().as_ref(),
+            "--prompt".as_ref(),
+            user["content"].as_str().unwrap().as_ref(),
+            "--max-new-tokens".as_ref(),
+            "16".as_ref(),
+        ];
+        args.extend(base.iter().map(std::ffi::OsStr::new));
+        let out = burn_peft(args);
+        assert_ok(&out, &format!("generate {base:?}"));
+        // Transformers' greedy answer ends with the end-of-sequence token (not printed).
+        assert_eq!(
+            stdout(&out),
+            chat["base_text"].as_str().unwrap(),
+            "{base:?}"
+        );
+        let err = stderr(&out);
+        let prompt_len = chat["prompt_ids"].as_array().unwrap().len();
+        let generated = chat["base_ids"].as_array().unwrap().len();
+        for needle in [
+            format!("prompt tokens: {prompt_len}"),
+            format!("generated tokens: {generated}"),
+            "end of sequence".into(),
+        ] {
+            assert!(
+                err.contains(&needle),
+                "{base:?}: `{needle}` not in stderr:\n{err}"
+            );
+        }
     }
 }
 

@@ -370,6 +370,13 @@ fn bad_inputs_are_refused_with_the_reason() {
         &["unknown.toml", "stepz"],
     );
 
+    let config = run_file(p, "no-checkpoints", lora, 2, "save_total_limit = 0");
+    assert_refused(
+        &train(&config, &[]),
+        "save_total_limit 0",
+        &["no-checkpoints.toml", "save_total_limit must be at least 1"],
+    );
+
     let config = run_file(p, "method-key", &format!("{lora}\nrank = 3"), 2, "");
     assert_refused(
         &train(&config, &[]),
@@ -621,6 +628,36 @@ fn kill_after(config: &Path, extra: &[&str], after: std::time::Duration) {
     std::thread::sleep(after);
     let _ = child.kill();
     child.wait().unwrap();
+}
+
+/// `save_total_limit` keeps the newest checkpoints only, and a run resumed from what is left
+/// still equals the uninterrupted one.
+#[test]
+fn save_total_limit_keeps_the_newest_checkpoints_and_resume_still_works() {
+    let dir = workspace();
+    let method = method_line("lora");
+    let straight = run_file(dir.path(), "all", method, 7, "save_every = 2");
+    assert_ok(&train(&straight, &[]), "straight");
+    let limited = "save_every = 2\nsave_total_limit = 2";
+    let stopped = run_file(dir.path(), "limited", method, 7, limited);
+    assert_ok(&train(&stopped, &["--stop-after", "5"]), "stopped");
+    let runs = dir.path().join("runs");
+    let kept = |run: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(runs.join(run).join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(kept("all"), ["step-2", "step-4", "step-6"]);
+    // Steps 2 and 4, then the stop's checkpoint at 5: the two newest stay.
+    assert_eq!(kept("limited"), ["step-4", "step-5"]);
+    assert_ok(&train(&stopped, &["--resume"]), "resumed");
+    assert_eq!(kept("limited"), ["step-5", "step-6"]);
+    let (a, b) = (runs.join("all"), runs.join("limited"));
+    assert_eq!(losses(&a), losses(&b), "metrics");
+    assert!(outputs(&a) == outputs(&b), "the outputs differ");
 }
 
 #[test]

@@ -59,6 +59,11 @@ pub struct GenerationConfig {
     /// The most positions (prompt and generated tokens) a sequence may have; the model's
     /// `max_position_embeddings` when `None`.
     pub max_context: Option<usize>,
+    /// Decoding steps over weights kept packed in ggml's `Q4_0` / `Q4_1` / `Q8_0` blocks
+    /// quantize the activation row to 8 bits and take integer block dots, as llama.cpp does
+    /// (`peft_kernels::quant::q8`; about 2x faster decoding). `false` keeps f32 activations: the
+    /// numbers of the dequantized model. No effect on other bases.
+    pub q8_activations: bool,
 }
 
 impl GenerationConfig {
@@ -74,6 +79,7 @@ impl GenerationConfig {
             eos_token_id: None,
             stop_token_ids: Vec::new(),
             max_context: None,
+            q8_activations: true,
         }
     }
 
@@ -116,6 +122,13 @@ impl GenerationConfig {
     /// Limit the positions of a sequence (prompt and generated tokens).
     pub fn with_max_context(mut self, positions: usize) -> Self {
         self.max_context = Some(positions);
+        self
+    }
+
+    /// Keep f32 activations in decoding steps over packed ggml blocks (see
+    /// [`q8_activations`](Self::q8_activations)).
+    pub fn with_f32_activations(mut self) -> Self {
+        self.q8_activations = false;
         self
     }
 
@@ -298,6 +311,21 @@ fn argmax(values: &[f32]) -> u32 {
 /// [`ModelError::TokenOutOfVocab`] for a prompt id outside the vocabulary,
 /// [`ModelError::PromptTooLong`] for a prompt longer than the context.
 pub fn generate<L: LinearLayer>(
+    model: &Llama<L>,
+    prompt: &[u32],
+    config: &GenerationConfig,
+    on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<Generation> {
+    if config.q8_activations {
+        peft_kernels::quant::q8::with_q8_activations(|| {
+            generate_with(model, prompt, config, on_token)
+        })
+    } else {
+        generate_with(model, prompt, config, on_token)
+    }
+}
+
+fn generate_with<L: LinearLayer>(
     model: &Llama<L>,
     prompt: &[u32],
     config: &GenerationConfig,

@@ -157,7 +157,10 @@ fn generations() -> Generations {
 /// Greedy generation as transformers' `generate(do_sample=False)`: stops at the end-of-sequence
 /// id, which is part of the returned tokens.
 fn greedy(model: &Fast, prompt: &[u32], max_new: usize, eos: u32) -> Vec<u32> {
-    let config = GenerationConfig::new(max_new).with_eos(eos);
+    greedy_with(model, prompt, GenerationConfig::new(max_new).with_eos(eos))
+}
+
+fn greedy_with(model: &Fast, prompt: &[u32], config: GenerationConfig) -> Vec<u32> {
     let mut streamed = Vec::new();
     let out = generate(model, prompt, &config, |t| {
         streamed.push(t);
@@ -227,7 +230,8 @@ fn greedy_generation_with_the_adapter_matches_peft_unmerged_and_merged() {
 
 /// QLoRA over the GGUF file's own blocks: every linear layer and the token table stay packed
 /// (`Q4_1`, `Q8_0`), read in place; with Python PEFT's adapter the logits equal PEFT's on the
-/// dequantized float32 model within the same bound, and greedy generation gives its tokens.
+/// dequantized float32 model within the same bound, and greedy generation gives its tokens, with
+/// decoding steps on 8-bit activations (llama.cpp's arithmetic, the default) or f32 ones.
 #[test]
 fn lora_over_the_packed_gguf_blocks_gives_peft_logits_and_generations() {
     let device = Device::flex();
@@ -266,15 +270,25 @@ fn lora_over_the_packed_gguf_blocks_gives_peft_logits_and_generations() {
         peft.model().forward(ids, Some(mask)),
         &exp,
     );
+    // Decoding steps with llama.cpp's 8-bit activations (the default) and with f32 ones.
     let gens = generations();
     for (i, chat) in gens.chats.iter().enumerate() {
-        let out = greedy(
+        let config = GenerationConfig::new(gens.max_new_tokens).with_eos(gens.eos_token_id);
+        assert!(config.q8_activations);
+        let out = greedy_with(peft.model(), &chat.prompt_ids, config.clone());
+        assert_eq!(
+            out, chat.adapter_ids,
+            "chat {i}: packed base, 8-bit activations"
+        );
+        let out = greedy_with(
             peft.model(),
             &chat.prompt_ids,
-            gens.max_new_tokens,
-            gens.eos_token_id,
+            config.with_f32_activations(),
         );
-        assert_eq!(out, chat.adapter_ids, "chat {i}: packed base");
+        assert_eq!(
+            out, chat.adapter_ids,
+            "chat {i}: packed base, f32 activations"
+        );
     }
 }
 

@@ -6,10 +6,13 @@
 //! * [`PackedMatrix`]: a linear layer's `[out, in]` weight in one of those formats, with the
 //!   forward product `x·Wᵀ + b` and the input gradient `g·W` computed tile by tile from the packed
 //!   bytes (the f32 weight of the layer is never built).
+//! * [`q8`]: decoding-step products over ggml blocks with 8-bit activations (llama.cpp's
+//!   arithmetic), inside [`q8::with_q8_activations`] scopes.
 
 pub mod ggml;
 pub mod nf4;
 mod packed;
+pub mod q8;
 
 pub use packed::{PackedBytes, PackedFormat, PackedMatrix, TILE_BYTES};
 

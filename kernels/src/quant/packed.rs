@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::QuantError;
 use super::ggml::{GGML_BLOCK, GgmlBlock};
 use super::nf4::{self, Absmax, NF4_BLOCK, Nf4};
+use super::q8;
 
 /// The size a thread's decoded tile aims at (f32 bytes): about half an L2 cache.
 pub const TILE_BYTES: usize = 128 * 1024;
@@ -442,6 +443,22 @@ impl PackedMatrix {
                                 .sum();
                         }
                     }
+                });
+            }
+            PackedFormat::Ggml(kind) if q8::has_q8_product(kind) && q8::q8_activations() => {
+                let per_row = self.row_len / GGML_BLOCK;
+                // ggml rows are whole blocks: `x` needs no padding.
+                let quantized = q8::Q8Rows::quantize(x);
+                self.gemv(x, n, bias, y, |rows, _, out| {
+                    q8::rows_q8(
+                        kind,
+                        bytes,
+                        rows.start,
+                        rows.len(),
+                        per_row,
+                        &quantized,
+                        out,
+                    );
                 });
             }
             PackedFormat::Ggml(kind) => {

@@ -102,6 +102,10 @@ pub struct TrainSection {
     /// Write a checkpoint every this many steps (0: none but `--stop-after`'s).
     #[serde(default)]
     pub save_every: usize,
+    /// Keep at most this many checkpoints: after writing one, the oldest beyond the limit are
+    /// deleted (Hugging Face's `save_total_limit`). Absent: keep every checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_total_limit: Option<usize>,
     /// Where the run writes its outputs.
     pub out_dir: PathBuf,
     /// Log a metrics line every this many steps.
@@ -230,6 +234,11 @@ impl RunConfig {
             "{f}: [train] grad_accum must be at least 1"
         );
         ensure!(t.log_every > 0, "{f}: [train] log_every must be at least 1");
+        ensure!(
+            t.save_total_limit != Some(0),
+            "{f}: [train] save_total_limit must be at least 1 (leave it out to keep every \
+             checkpoint)"
+        );
         for d in &t.devices {
             parse_device(d).with_context(|| format!("{f}: [train] devices"))?;
         }

@@ -437,9 +437,18 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
             match &replicas {
                 Some(dp) => {
                     sync_controlled(&mut ctl, dp, out)?;
-                    write_checkpoint(out, &ctl, &dp.replicas()[0].optim, &info, &mut tuned)?;
+                    write_checkpoint(
+                        out,
+                        &ctl,
+                        &dp.replicas()[0].optim,
+                        &info,
+                        &mut tuned,
+                        cfg.save_total_limit,
+                    )?;
                 }
-                None => write_checkpoint(out, &ctl, &optim, &info, &mut tuned)?,
+                None => {
+                    write_checkpoint(out, &ctl, &optim, &info, &mut tuned, cfg.save_total_limit)?
+                }
             }
         }
         // A method that ends the run itself (RoSA's `terminate_after_mask_generation`, once
@@ -614,20 +623,73 @@ fn ensure_finite<M: Module>(model: &M, step: usize) -> anyhow::Result<()> {
 /// Write `checkpoints/step-N` through a temporary folder and a rename: `model.bpk` (the
 /// parameters and every controller's state), `optimizer.bpk`, the method's outputs of this
 /// step (`adapter/` or `summary/`, usable as the final ones are) and `checkpoint.json`, last.
+/// A failed write removes its temporary folder (the earlier checkpoints stay); a successful
+/// one then deletes the oldest checkpoints beyond `limit`.
 fn write_checkpoint<M: Module, T: RunModel<M>>(
     out: &Path,
     ctl: &Controlled<M>,
     optim: &ModuleOptimizer,
     info: &CheckpointInfo,
     tuned: &mut T,
+    limit: Option<usize>,
 ) -> anyhow::Result<()> {
     let root = out.join(CHECKPOINTS);
     let tmp = root.join(format!(".tmp-step-{}", info.step));
-    let dir = root.join(format!("step-{}", info.step));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+    if let Err(e) = write_checkpoint_in(&tmp, ctl, optim, info, tuned) {
+        // Best effort: the error that stopped the write is the one to report.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let dir = root.join(format!("step-{}", info.step));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    if let Some(limit) = limit {
+        prune_checkpoints(out, limit)?;
+    }
+    Ok(())
+}
+
+/// Delete the oldest complete checkpoints of `out_dir` until at most `keep` remain.
+///
+/// # Errors
+/// An unreadable checkpoints folder or a failed delete.
+pub fn prune_checkpoints(out_dir: &Path, keep: usize) -> anyhow::Result<()> {
+    let mut steps = Vec::new();
+    let dir = out_dir.join(CHECKPOINTS);
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(step) = step {
+            steps.push((step, path));
+        }
+    }
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep);
+    for (_, path) in &steps[..excess] {
+        std::fs::remove_dir_all(path).with_context(|| format!("deleting {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The files of a checkpoint, written into `tmp`.
+fn write_checkpoint_in<M: Module, T: RunModel<M>>(
+    tmp: &Path,
+    ctl: &Controlled<M>,
+    optim: &ModuleOptimizer,
+    info: &CheckpointInfo,
+    tuned: &mut T,
+) -> anyhow::Result<()> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp)?;
+    }
+    std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     ctl.clone()
         .into_record()
         .save(tmp.join("model.bpk"))
@@ -642,18 +704,13 @@ fn write_checkpoint<M: Module, T: RunModel<M>>(
     if tuned.outputs_in_checkpoints() {
         ctl.with_stepper(|s| tuned.update_configs(s.controllers()));
         tuned.set_tuned_model(ctl.model.clone());
-        tuned.save_outputs(&tmp)?;
+        tuned.save_outputs(tmp)?;
     }
     let serde_json::Value::Object(map) = serde_json::to_value(info)? else {
         unreachable!("a struct is an object")
     };
     pause_for_crash_tests(&format!("step-{}", info.step));
     peft_core::hf::write_json(&tmp.join(CHECKPOINT_JSON), &map)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::rename(&tmp, &dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     Ok(())
 }
 
