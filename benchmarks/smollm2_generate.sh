@@ -23,15 +23,22 @@ if [ -z "${BIN:-}" ]; then
 fi
 TEXT=$("$PYTHON" benchmarks/smollm2_generate.py --side prefill-text --gguf "$MODEL" 2>/dev/null)
 export RAYON_NUM_THREADS=$THREADS
+# Three burn-peft sides: the f32 model, the GGUF blocks kept packed (decoding steps on 8-bit
+# activations, as llama.cpp), and the same with f32 activations.
 for round in $(seq "$ROUNDS"); do
-    for base in f32 gguf; do
-        prefill=$("$BIN" generate --model "$MODEL" --base "$base" --prompt "$TEXT" \
+    for side in f32 gguf gguf-f32-activations; do
+        case "$side" in
+            f32) flags=(--base f32) ;;
+            gguf) flags=(--base gguf) ;;
+            *) flags=(--base gguf --f32-activations) ;;
+        esac
+        prefill=$("$BIN" generate --model "$MODEL" "${flags[@]}" --prompt "$TEXT" \
             --max-new-tokens 1 2>&1 >/dev/null \
             | sed -n 's/.*prefill: \([0-9.]*\) tokens\/s.*/\1/p')
-        decode=$("$BIN" generate --model "$MODEL" --base "$base" --chat --max-new-tokens 128 \
+        decode=$("$BIN" generate --model "$MODEL" "${flags[@]}" --chat --max-new-tokens 128 \
             --prompt "Tell me a long story about a lighthouse keeper." 2>&1 >/dev/null \
             | sed -n 's/.*decode: \([0-9.]*\) tokens\/s.*/\1/p')
-        echo "burn-peft base=$base round prefill_tok_s=$prefill decode_tok_s=$decode"
+        echo "burn-peft base=$side round prefill_tok_s=$prefill decode_tok_s=$decode"
     done
 done
 "$PYTHON" benchmarks/smollm2_generate.py --side transformers --gguf "$MODEL" --threads "$THREADS" \
