@@ -23,6 +23,10 @@
 //! plus every f32 frozen tensor), the median step time after `--warmup` steps, the peak
 //! resident set of the whole process (`VmHWM`: loading included) and the peak during training
 //! alone (`VmHWM` reset after loading through `/proc/self/clear_refs`).
+//!
+//! `--checkpointing`: SmolLM2 cells train with gradient checkpointing (each decoder layer's
+//! activations recomputed in the backward pass); `--models`, `--methods`, `--llm-shapes` pick
+//! cells.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -60,6 +64,12 @@ struct Args {
     /// Only these models (smollm2, minilm).
     #[arg(long, value_delimiter = ',', default_values_t = ["smollm2".to_string(), "minilm".to_string()])]
     models: Vec<String>,
+    /// Only these methods (lora, rosa).
+    #[arg(long, value_delimiter = ',', default_values_t = ["lora".to_string(), "rosa".to_string()])]
+    methods: Vec<String>,
+    /// SmolLM2 cells train with gradient checkpointing (`Llama::causal_lm_loss_checkpointed`).
+    #[arg(long)]
+    checkpointing: bool,
     /// Run one cell, `model:method:base` (SmolLM2: `smollm2@BxS:method:base`), and print its
     /// JSON (what the parent runs).
     #[arg(long)]
@@ -69,7 +79,6 @@ struct Args {
     json: Option<PathBuf>,
 }
 
-const METHODS: [&str; 2] = ["lora", "rosa"];
 const BASES: [&str; 3] = ["f32", "nf4-dq", "gguf"];
 
 /// Bytes of every frozen f32 float tensor (trainable ones are the adapters) of `model`, less the
@@ -119,13 +128,13 @@ struct Measured {
     load_s: f64,
 }
 
-/// Train `peft` (its adapters attached) for `warmup + steps` steps of `loss`, with RoSA's
-/// scheduler when `rosa`; the times after the warm-up.
+/// Train `peft` (its adapters attached) for `warmup + steps` steps of the gradients `grads`
+/// gives, with RoSA's scheduler when `rosa`; the times after the warm-up.
 fn train<M: Module + Clone, C: Method>(
     peft: PeftModel<M, C>,
     rosa: Option<&RosaConfig>,
     args: &Args,
-    loss: impl Fn(&M) -> Tensor<1>,
+    grads: impl Fn(&M) -> GradientsParams,
 ) -> anyhow::Result<(Vec<f64>, Option<f64>)> {
     let mut stepper = Stepper::new();
     let mut model = peft.into_model();
@@ -140,9 +149,8 @@ fn train<M: Module + Clone, C: Method>(
     let first = usize::from(rosa.is_some());
     for step in 0..first + args.warmup + args.steps {
         let start = Instant::now();
-        let l = loss(&model);
-        let grads = GradientsParams::from_grads(l.backward(), &model);
-        model = stepper.optimize(model, &mut optim, 1e-4, grads)?;
+        let g = grads(&model);
+        model = stepper.optimize(model, &mut optim, 1e-4, g)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if step < first {
             collection = Some(ms);
@@ -186,8 +194,16 @@ fn smollm2<A: Adapter, C: Method<Adapter = A>>(
         .collect();
     let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([batch, seq]);
     let (step_ms, collection_ms) = train(peft, rosa, args, |m: &Llama<PeftLinear<A>>| {
-        m.causal_lm_loss(ids.clone(), None, ids.clone())
-            .expect("labels fit")
+        if args.checkpointing {
+            m.causal_lm_loss_checkpointed(ids.clone(), None, ids.clone(), 1.0, 0)
+                .expect("labels fit")
+                .1
+        } else {
+            let loss = m
+                .causal_lm_loss(ids.clone(), None, ids.clone())
+                .expect("labels fit");
+            GradientsParams::from_grads(loss.backward(), m)
+        }
     })?;
     Ok(Measured {
         base_bytes,
@@ -221,10 +237,12 @@ fn minilm<A: Adapter, C: Method<Adapter = A>>(
     let load_peak_mib = memory_mib("VmHWM:");
     reset_peak();
     let (step_ms, collection_ms) = train(peft, rosa, args, |m: &Bert<PeftLinear<A>>| {
-        m.forward(w.ids.clone(), w.mask.clone())
+        let loss = m
+            .forward(w.ids.clone(), w.mask.clone())
             .square()
             .mean()
-            .reshape([1])
+            .reshape([1]);
+        GradientsParams::from_grads(loss.backward(), m)
     })?;
     Ok(Measured {
         base_bytes,
@@ -308,13 +326,14 @@ fn main() -> anyhow::Result<()> {
         }
     }
     for model in &models {
-        for method in METHODS {
+        for method in &args.methods {
             for base in BASES {
                 let cell = format!("{model}:{method}:{base}");
                 eprintln!("running {cell} ...");
                 let out = Command::new(&exe)
                     .args(["--cell", &cell, "--warmup", &args.warmup.to_string()])
                     .args(["--steps", &args.steps.to_string()])
+                    .args(args.checkpointing.then_some("--checkpointing"))
                     .output()
                     .with_context(|| format!("running {cell}"))?;
                 if !out.status.success() {

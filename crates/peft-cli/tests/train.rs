@@ -370,6 +370,19 @@ fn bad_inputs_are_refused_with_the_reason() {
         &["unknown.toml", "stepz"],
     );
 
+    let config = run_file(
+        p,
+        "ckpt-devices",
+        lora,
+        2,
+        "gradient_checkpointing = true\ndevices = [\"flex\", \"flex\"]",
+    );
+    assert_refused(
+        &train(&config, &[]),
+        "gradient_checkpointing with devices",
+        &["ckpt-devices.toml", "gradient_checkpointing", "one device"],
+    );
+
     let config = run_file(p, "no-checkpoints", lora, 2, "save_total_limit = 0");
     assert_refused(
         &train(&config, &[]),
@@ -628,6 +641,57 @@ fn kill_after(config: &Path, extra: &[&str], after: std::time::Duration) {
     std::thread::sleep(after);
     let _ = child.kill();
     child.wait().unwrap();
+}
+
+/// `gradient_checkpointing = true` trains as the plain run does (the same losses, evaluations
+/// and outputs to rounding), for LoRA with dropout, RoSA through its mask collection and
+/// restart, SFT with its gradient probe (RigL) and full fine-tuning (the tied table), with
+/// gradient accumulation; and resumes exactly.
+#[test]
+fn gradient_checkpointing_trains_as_the_plain_run() {
+    let dir = workspace();
+    for name in ["lora", "rosa", "sft", "full"] {
+        let mut method = method_line(name).to_string();
+        if name == "lora" {
+            // Dropout masks come from other seeds with checkpointing: compare without.
+            method.push_str("\nlora_dropout = 0.0");
+        }
+        let extra = "grad_accum = 2\neval_every = 3\neval_generate = false";
+        let plain = run_file(dir.path(), &format!("{name}-plain"), &method, 6, extra);
+        assert_ok(&train(&plain, &[]), name);
+        let ckpt = format!("{extra}\ngradient_checkpointing = true\nsave_every = 2");
+        let file = run_file(dir.path(), &format!("{name}-ckpt"), &method, 6, &ckpt);
+        assert_ok(&train(&file, &["--stop-after", "3"]), name);
+        assert_ok(&train(&file, &["--resume"]), name);
+        let runs = dir.path().join("runs");
+        let (a, b) = (
+            metrics(&runs.join(format!("{name}-plain"))),
+            metrics(&runs.join(format!("{name}-ckpt"))),
+        );
+        assert_eq!(a.len(), b.len(), "{name}: metrics lines");
+        let mut compared = [0, 0];
+        for (x, y) in a.iter().zip(&b) {
+            for (k, key) in ["train_loss", "eval_loss"].iter().enumerate() {
+                assert_eq!(x[key].is_null(), y[key].is_null(), "{name}: {key} in both");
+                if let (Some(x), Some(y)) = (x[key].as_f64(), y[key].as_f64()) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                        "{name}: {key} {x} vs {y}"
+                    );
+                    compared[k] += 1;
+                }
+            }
+        }
+        assert_eq!(compared, [6, 2], "{name}: 6 training losses, 2 evaluations");
+        // And the loss fell: the gradients were applied.
+        let first = a[0]["train_loss"].as_f64().unwrap();
+        let last = a
+            .iter()
+            .rev()
+            .find_map(|m| m["train_loss"].as_f64())
+            .unwrap();
+        assert!(last < first, "{name}: {first} -> {last}");
+    }
 }
 
 /// `save_total_limit` keeps the newest checkpoints only, and a run resumed from what is left

@@ -33,6 +33,7 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LinearConfig};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::ModelType;
@@ -1183,6 +1184,86 @@ impl<L: LinearLayer> Llama<L> {
     ) -> Result<Tensor<1>> {
         check_ids(&input_ids, self.vocab_size())?;
         let hidden = self.model.forward(input_ids, attention_mask);
+        self.loss_from_hidden(hidden, labels)
+    }
+
+    /// [`Llama::causal_lm_loss`] and its gradients with **gradient checkpointing** (Hugging
+    /// Face's `gradient_checkpointing_enable()`): the forward pass keeps only each decoder
+    /// layer's input, not the activations inside the layers; the backward pass then runs the
+    /// layers from the top down, each one forward again on its saved input with the graph
+    /// recorded and back with the gradient of its output. Activation memory falls from every
+    /// layer's saved tensors (about 16 MB a layer for SmolLM2 at 512 tokens) to one
+    /// `[batch, seq, hidden]` tensor a layer plus one layer's activations, for one more forward
+    /// pass of the decoder layers.
+    ///
+    /// Returns the loss value and the gradients of the loss times `scale` (`1 / grad_accum` for
+    /// gradient accumulation). The gradients equal [`Llama::causal_lm_loss`]'s `backward()` to
+    /// rounding, and every autodiff hook inside the layers (RoSA's and SFT's gradient probes)
+    /// runs once, in the recomputed pass. Dropout draws from the device's generator reseeded
+    /// with `seed + layer` before both passes of a layer, so both see the same mask (a run with
+    /// dropout draws other masks than without checkpointing; without dropout nothing is drawn).
+    ///
+    /// # Errors
+    /// As [`Llama::causal_lm_loss`].
+    pub fn causal_lm_loss_checkpointed(
+        &self,
+        input_ids: Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+        labels: Tensor<2, Int>,
+        scale: f64,
+        seed: u64,
+    ) -> Result<(f64, GradientsParams)> {
+        check_ids(&input_ids, self.vocab_size())?;
+        let [_, seq] = input_ids.dims();
+        let device = input_ids.device();
+        let padding = attention_mask.map(|m| m.equal_elem(0));
+        let rotary = Rotary::from_inv_freq(&self.model.inv_freq(), 0, seq, &device);
+        let layer_seed = |i: usize| device.seed(seed.wrapping_add(i as u64));
+        // Forward without a graph: layers whose parameters require no gradient record nothing.
+        let embedded = self.model.embed(input_ids.clone()).detach();
+        let mut inputs = Vec::with_capacity(self.model.layers.len());
+        let mut x = embedded;
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            layer_seed(i);
+            let next = layer
+                .clone()
+                .no_grad()
+                .forward(x.clone(), &rotary, padding.as_ref())
+                .detach();
+            inputs.push(x);
+            x = next;
+        }
+        let mut grads = GradientsAccumulator::<Self>::new();
+        // The top: final norm, head and loss, from the last hidden state.
+        let top = x.require_grad();
+        let loss = self.loss_from_hidden(self.model.norm.forward(top.clone()), labels)?;
+        let value = loss.clone().into_scalar::<f64>();
+        let mut g = (loss * scale).backward();
+        let mut upstream = top.grad_remove(&mut g);
+        grads.accumulate(self, GradientsParams::from_grads(g, self));
+        // Each layer again, top down, with the gradient of its output.
+        for (i, (layer, input)) in self.model.layers.iter().zip(inputs).enumerate().rev() {
+            let Some(dy) = upstream.take() else { break };
+            layer_seed(i);
+            let x = input.require_grad();
+            let y = layer.forward(x.clone(), &rotary, padding.as_ref());
+            let mut g = (y * dy).sum().backward();
+            upstream = x.grad_remove(&mut g);
+            grads.accumulate(self, GradientsParams::from_grads(g, self));
+        }
+        // The embeddings, when they train (full fine-tuning, an embedding adapter).
+        if let Some(dy) = upstream {
+            let e = self.model.embed(input_ids);
+            if e.is_tracked() {
+                let g = (e * dy).sum().backward();
+                grads.accumulate(self, GradientsParams::from_grads(g, self));
+            }
+        }
+        Ok((value, grads.grads()))
+    }
+
+    /// The loss of the normalised last hidden state (see [`Llama::causal_lm_loss`]).
+    fn loss_from_hidden(&self, hidden: Tensor<3>, labels: Tensor<2, Int>) -> Result<Tensor<1>> {
         let head = match &self.lm_head {
             Some(head) => head.head_weight(),
             None => Some(match &self.model.packed_embed {

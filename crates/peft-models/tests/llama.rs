@@ -884,3 +884,158 @@ fn causal_lm_loss_is_stable_and_checks_its_inputs() {
         ModelError::InvalidInput { .. }
     ));
 }
+
+/// Compares every float parameter's gradient in two `GradientsParams`.
+struct SameGrads<'a> {
+    ours: &'a burn::optim::GradientsParams,
+    theirs: &'a burn::optim::GradientsParams,
+    what: String,
+    compared: usize,
+}
+
+impl burn::module::ModuleVisitor for SameGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        match (self.ours.get::<D>(param.id), self.theirs.get::<D>(param.id)) {
+            (Some(a), Some(b)) => {
+                let scale = b.clone().abs().max().into_scalar::<f32>();
+                let diff = (a - b).abs().max().into_scalar::<f32>();
+                assert!(
+                    diff <= 1e-5 * scale + 1e-9,
+                    "{}: parameter {}: {diff} (largest {scale})",
+                    self.what,
+                    param.id
+                );
+                self.compared += 1;
+            }
+            (None, None) => {}
+            (a, _) => panic!(
+                "{}: parameter {} has a gradient on one side only (checkpointed: {})",
+                self.what,
+                param.id,
+                a.is_some()
+            ),
+        }
+    }
+}
+
+fn labels_ignoring_the_prompt(ids: &Tensor<2, Int>, device: &Device) -> Tensor<2, Int> {
+    let mut labels: Vec<i64> = ids.clone().into_data().iter::<i64>().collect();
+    labels[1] = IGNORE_INDEX;
+    labels[2] = IGNORE_INDEX;
+    Tensor::<2, Int>::from_data(TensorData::new(labels, ids.dims()), device)
+}
+
+/// Gradient checkpointing gives the loss and the gradients of the plain backward pass: full
+/// fine-tuning of the tied and untied models (every parameter, the tied table getting both the
+/// head's and the lookups' gradients), padding and ignored labels, a gradient-accumulation
+/// scale; and LoRA with dropout, against a plain pass that reseeds the generator per layer as
+/// the checkpointed one does (so a mask drawn differently in the recomputed pass would show).
+#[test]
+fn checkpointed_gradients_equal_the_plain_backward() {
+    use burn::optim::GradientsParams;
+    use peft_core::ModuleSelector;
+    use peft_lora::LoraConfig;
+    use peft_models::llama::Rotary;
+
+    let device = Device::flex().autodiff();
+    let on = |t: Tensor<2, Int>| Tensor::<2, Int>::from_data(t.into_data(), &device);
+    for base in ["tied", "untied"] {
+        let (model, _) = Llama::<Linear>::from_pretrained(&fixture(base), &device).unwrap();
+        let exp = Expected::load(base);
+        let (ids, mask) = (on(exp.ids()), on(exp.mask()));
+        let labels = labels_ignoring_the_prompt(&ids, &device);
+        let plain = model
+            .causal_lm_loss(ids.clone(), Some(mask.clone()), labels.clone())
+            .unwrap();
+        let value = plain.clone().into_scalar::<f64>();
+        let plain = GradientsParams::from_grads((plain * 0.5).backward(), &model);
+        let (ckpt_value, ckpt) = model
+            .causal_lm_loss_checkpointed(ids, Some(mask), labels, 0.5, 7)
+            .unwrap();
+        assert!(
+            (ckpt_value - value).abs() <= 1e-6 * value.abs(),
+            "{base}: loss"
+        );
+        let mut same = SameGrads {
+            ours: &ckpt,
+            theirs: &plain,
+            what: format!("{base}, full fine-tuning"),
+            compared: 0,
+        };
+        model.visit(&mut same);
+        // Every parameter trains: the plain pass has a gradient for each.
+        assert_eq!(
+            same.compared,
+            plain.len(),
+            "{base}: every gradient compared"
+        );
+        assert!(plain.len() > 10, "{base}: {} gradients", plain.len());
+    }
+
+    // LoRA with dropout on every projection of the untied model.
+    let (model, _) =
+        Llama::<PeftLinear<LoraAdapter>>::from_pretrained(&fixture("untied"), &device).unwrap();
+    let config = LoraConfig::new(
+        4,
+        8.0,
+        ModuleSelector::names(["q_proj", "v_proj", "down_proj"]),
+    )
+    .with_dropout(0.3);
+    let model = LoraModel::new(model, config).unwrap().into_model();
+    let exp = Expected::load("untied");
+    let (ids, mask) = (on(exp.ids()), on(exp.mask()));
+    let labels = labels_ignoring_the_prompt(&ids, &device);
+    let seed = 11u64;
+    // The plain pass, reseeding before each layer as the checkpointed pass does.
+    let [_, seq] = ids.dims();
+    let padding = mask.clone().equal_elem(0);
+    let rotary = Rotary::from_inv_freq(&model.model.inv_freq(), 0, seq, &device);
+    let mut x = model.model.embed(ids.clone());
+    for (i, layer) in model.model.layers.iter().enumerate() {
+        device.seed(seed + i as u64);
+        x = layer.forward(x, &rotary, Some(&padding));
+    }
+    let logits = model
+        .lm_head
+        .as_ref()
+        .unwrap()
+        .forward(model.model.norm.forward(x));
+    let plain = causal_lm_loss(logits, labels.clone()).unwrap();
+    let plain = GradientsParams::from_grads(plain.backward(), &model);
+    let run = |seed| {
+        model
+            .causal_lm_loss_checkpointed(ids.clone(), Some(mask.clone()), labels.clone(), 1.0, seed)
+            .unwrap()
+            .1
+    };
+    let ckpt = run(seed);
+    let mut same = SameGrads {
+        ours: &ckpt,
+        theirs: &plain,
+        what: "LoRA with dropout".into(),
+        compared: 0,
+    };
+    model.visit(&mut same);
+    assert!(
+        same.compared >= 3 * 2,
+        "the adapters' factors were compared"
+    );
+    // Another seed draws other masks: some gradient differs.
+    let other = run(seed + 100);
+    let lora_b = model.model.layers[0]
+        .self_attn
+        .q_proj
+        .adapters
+        .get("default")
+        .unwrap()
+        .lora_b
+        .clone();
+    let (a, b) = (
+        other.get::<2>(lora_b.id).unwrap(),
+        ckpt.get::<2>(lora_b.id).unwrap(),
+    );
+    assert!(
+        (a - b).abs().max().into_scalar::<f32>() > 1e-6,
+        "the seed sets the masks"
+    );
+}

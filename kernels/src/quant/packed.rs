@@ -15,8 +15,9 @@ use super::ggml::{GGML_BLOCK, GgmlBlock};
 use super::nf4::{self, Absmax, NF4_BLOCK, Nf4};
 use super::q8;
 
-/// The size a thread's decoded tile aims at (f32 bytes): about half an L2 cache.
-pub const TILE_BYTES: usize = 128 * 1024;
+/// The size a thread's decoded tile aims at (f32 bytes), at least one 64-row (or 64-column)
+/// unit: a quarter of a 1 MB L2 cache.
+pub const TILE_BYTES: usize = 256 * 1024;
 
 /// How a [`PackedMatrix`] stores its values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -376,7 +377,12 @@ impl PackedMatrix {
             self.forward_few(x, n, bias, &mut y);
             return y;
         }
-        let tile = (TILE_BYTES / (4 * self.row_len.max(1))).clamp(4, 256);
+        // Tiles of whole 64-row units: gemm computes the row-major output tile transposed, so
+        // the tile's rows are its microkernel's rows (64 with AVX-512: a 48- or 32-row tile
+        // runs the narrower, slower kernels).
+        let units = self.rows.div_ceil(GEMM_UNIT);
+        let per_unit = 4 * self.row_len.max(1) * GEMM_UNIT;
+        let tile = GEMM_UNIT * task_size(units, (TILE_BYTES / per_unit).max(1));
         let tiles: Vec<usize> = (0..self.rows).step_by(tile).collect();
         let out = SharedOut(y.as_mut_ptr());
         let blocks = self.row_len / self.format.block();
@@ -518,7 +524,12 @@ impl PackedMatrix {
             return dx;
         }
         let block = self.format.block();
-        let stripe_blocks = (TILE_BYTES / (4 * block * self.rows)).max(1);
+        // Stripes of whole 64-column units (gemm's microkernel rows, as for the forward tiles;
+        // a 32-column stripe ran the half-width kernel), each a whole number of blocks.
+        let unit_blocks = GEMM_UNIT.div_ceil(block);
+        let units = (self.row_len / block).div_ceil(unit_blocks);
+        let per_unit = 4 * self.rows * unit_blocks * block;
+        let stripe_blocks = unit_blocks * task_size(units, (TILE_BYTES / per_unit).max(1));
         let stripe = stripe_blocks * block;
         let stripes: Vec<usize> = (0..self.cols).step_by(stripe).collect();
         let out = SharedOut(dx.as_mut_ptr());
@@ -590,6 +601,18 @@ crate::multiversion! {
             }
         }
     }
+}
+
+/// Rows (forward) or columns (input gradient) of a product task come in multiples of this.
+const GEMM_UNIT: usize = 64;
+
+/// Units (weight rows, or blocks of columns) per task when `units` are split into tasks of at
+/// most `max_units`: as even as possible, in a multiple of the worker threads when there are
+/// enough units, so no thread is left with a short last task while the others wait.
+fn task_size(units: usize, max_units: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let tasks = units.div_ceil(max_units.max(1)).div_ceil(threads) * threads;
+    units.div_ceil(tasks.clamp(1, units.max(1)))
 }
 
 /// Inputs of at most this many rows take [`PackedMatrix::forward_few`].

@@ -102,6 +102,11 @@ pub struct TrainSection {
     /// Write a checkpoint every this many steps (0: none but `--stop-after`'s).
     #[serde(default)]
     pub save_every: usize,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping them
+    /// (Hugging Face's `gradient_checkpointing`): much less memory for one more forward pass of
+    /// the layers. One device only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gradient_checkpointing: bool,
     /// Keep at most this many checkpoints: after writing one, the oldest beyond the limit are
     /// deleted (Hugging Face's `save_total_limit`). Absent: keep every checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +131,11 @@ fn yes() -> bool {
 #[allow(clippy::trivially_copy_pass_by_ref)]
 fn is_true(b: &bool) -> bool {
     *b
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn one() -> usize {
@@ -234,6 +244,11 @@ impl RunConfig {
             "{f}: [train] grad_accum must be at least 1"
         );
         ensure!(t.log_every > 0, "{f}: [train] log_every must be at least 1");
+        ensure!(
+            !(t.gradient_checkpointing && t.devices.len() > 1),
+            "{f}: [train] gradient_checkpointing runs on one device; it cannot be combined with \
+             data-parallel `devices` yet"
+        );
         ensure!(
             t.save_total_limit != Some(0),
             "{f}: [train] save_total_limit must be at least 1 (leave it out to keep every \

@@ -380,8 +380,21 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
             let refs: Vec<_> = picked.iter().map(|&i| &run.train.examples[i]).collect();
             let b = data::batch(&refs, run.device);
             tokens += b.tokens;
-            let loss = ctl.model.causal_lm_loss(b.ids, Some(b.mask), b.labels)?;
-            let value = loss.clone().into_scalar::<f64>();
+            let scale = 1.0 / cfg.grad_accum as f64;
+            let (value, grads) = if cfg.gradient_checkpointing {
+                // Dropout masks of the recomputed layers: a seed per micro-batch, so a resumed
+                // run draws the same ones.
+                let seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64;
+                ctl.model
+                    .causal_lm_loss_checkpointed(b.ids, Some(b.mask), b.labels, scale, seed)?
+            } else {
+                let loss = ctl.model.causal_lm_loss(b.ids, Some(b.mask), b.labels)?;
+                let value = loss.clone().into_scalar::<f64>();
+                let grads = value
+                    .is_finite()
+                    .then(|| GradientsParams::from_grads((loss * scale).backward(), &ctl.model));
+                (value, grads.unwrap_or_default())
+            };
             if !value.is_finite() {
                 bail!(
                     "step {}: the training loss is not finite ({value}); the run stopped and \
@@ -390,8 +403,6 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
                 );
             }
             loss_sum += value;
-            let loss = loss / cfg.grad_accum as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &ctl.model);
             ctl.with_stepper(|s| s.after_backward(&ctl.model, &grads))
                 .with_context(|| format!("step {}", step + 1))?;
             accumulator.accumulate(&ctl.model, grads);
