@@ -233,26 +233,31 @@ struct CheckpointInfo {
 /// # Errors
 /// An unreadable checkpoints folder.
 pub fn newest_checkpoint(out_dir: &Path) -> anyhow::Result<Option<(usize, PathBuf)>> {
+    Ok(checkpoint_folders(out_dir)?
+        .into_iter()
+        .rfind(|(_, path)| path.join(CHECKPOINT_JSON).is_file()))
+}
+
+/// The `step-N` folders of `out_dir`'s checkpoints (complete or not), by step.
+fn checkpoint_folders(out_dir: &Path) -> anyhow::Result<Vec<(usize, PathBuf)>> {
     let dir = out_dir.join(CHECKPOINTS);
     if !dir.is_dir() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut best = None;
+    let mut steps = Vec::new();
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
-        let Some(n) = path
+        let step = path
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix("step-"))
-            .and_then(|n| n.parse::<usize>().ok())
-        else {
-            continue;
-        };
-        if path.join(CHECKPOINT_JSON).is_file() && best.as_ref().is_none_or(|(b, _)| n > *b) {
-            best = Some((n, path));
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(step) = step {
+            steps.push((step, path));
         }
     }
-    Ok(best)
+    steps.sort();
+    Ok(steps)
 }
 
 /// Append one JSON line to the metrics file.
@@ -668,20 +673,7 @@ fn write_checkpoint<M: Module, T: RunModel<M>>(
 /// # Errors
 /// An unreadable checkpoints folder or a failed delete.
 pub fn prune_checkpoints(out_dir: &Path, keep: usize) -> anyhow::Result<()> {
-    let mut steps = Vec::new();
-    let dir = out_dir.join(CHECKPOINTS);
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        let step = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("step-"))
-            .and_then(|n| n.parse::<usize>().ok());
-        if let Some(step) = step {
-            steps.push((step, path));
-        }
-    }
-    steps.sort();
+    let steps = checkpoint_folders(out_dir)?;
     let excess = steps.len().saturating_sub(keep);
     for (_, path) in &steps[..excess] {
         std::fs::remove_dir_all(path).with_context(|| format!("deleting {}", path.display()))?;
