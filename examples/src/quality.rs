@@ -322,6 +322,10 @@ pub struct Method {
     pub table: String,
     /// The learning rates of the sweep (the middle one without a sweep).
     pub lrs: [f64; 3],
+    /// One more rate of the sweep, a step beyond the edge of `lrs` where the first full
+    /// sweep's winner sat (2026-12-06: nine of the eleven winners were at an edge of their
+    /// grid, so the best rate could lie outside it); `None` where the winner was inside.
+    pub extra_lr: Option<f64>,
     /// The trainable count the settings aim at (`None`: the method's own: full, BitFit).
     pub planned: Option<usize>,
 }
@@ -347,6 +351,7 @@ pub fn methods(preset: &Preset) -> Vec<Method> {
         label,
         table,
         lrs,
+        extra_lr: extra_lr(label),
         planned,
     };
     vec![
@@ -426,6 +431,26 @@ pub fn methods(preset: &Preset) -> Vec<Method> {
             None,
         ),
     ]
+}
+
+/// [`Method::extra_lr`]: the first full sweep's winners at the top edge get the next rate up,
+/// those at the bottom edge the next rate down (the grids step by about 3.16x).
+fn extra_lr(label: &str) -> Option<f64> {
+    match label {
+        "full" => Some(3e-4),
+        "lora" | "dora" => Some(1e-2),
+        "adalora" | "bitfit" => Some(3e-2),
+        "rosa" | "spa" | "sft-rigl" => Some(1e-4),
+        "id3" | "pafi" => Some(3e-3),
+        _ => None,
+    }
+}
+
+/// Every rate `method` is swept at, in increasing order.
+pub fn sweep_rates(method: &Method) -> Vec<f64> {
+    let mut rates: Vec<f64> = method.lrs.iter().copied().chain(method.extra_lr).collect();
+    rates.sort_by(f64::total_cmp);
+    rates
 }
 
 // ------------------------------------------------------------------------------ plan
@@ -508,7 +533,7 @@ pub fn sweep_specs(preset: &Preset) -> Vec<RunSpec> {
     methods(preset)
         .iter()
         .flat_map(|m| {
-            m.lrs.iter().map(move |&lr| RunSpec {
+            sweep_rates(m).into_iter().map(move |lr| RunSpec {
                 task: task.into(),
                 label: m.label.into(),
                 seed: 0,
@@ -1396,6 +1421,40 @@ mod tests {
             t.push_str(&format!("{{\"step\":{s},\"eval_loss\":{l}}}\n"));
         }
         t
+    }
+
+    /// The full sweep: each method's three rates plus, for the methods whose first sweep
+    /// picked an edge rate, one more a grid step (about 3.16x) beyond that edge.
+    #[test]
+    fn the_sweep_extends_edge_winners_by_one_grid_step() {
+        let preset = Preset::named("full").unwrap();
+        let methods = methods(&preset);
+        let mut extended = 0;
+        for m in &methods {
+            let rates = sweep_rates(m);
+            assert!(rates.windows(2).all(|w| w[0] < w[1]), "{}: sorted", m.label);
+            assert!(
+                m.lrs.iter().all(|r| rates.contains(r)),
+                "{}: the grid",
+                m.label
+            );
+            if let Some(extra) = m.extra_lr {
+                extended += 1;
+                let edge = if extra > m.lrs[2] { m.lrs[2] } else { m.lrs[0] };
+                let step = (extra / edge).max(edge / extra);
+                assert!(
+                    (2.9..3.5).contains(&step),
+                    "{}: {extra} next to {edge}",
+                    m.label
+                );
+                assert!(extra > m.lrs[2] || extra < m.lrs[0], "{}: outside", m.label);
+            }
+        }
+        assert_eq!(extended, 10, "every method but SFT-SM3");
+        let specs = sweep_specs(&preset);
+        assert_eq!(specs.len(), 3 * methods.len() + extended);
+        assert!(specs.iter().all(|s| s.seed == 0 && s.task == "math"));
+        assert!(sweep_specs(&Preset::named("quick").unwrap()).is_empty());
     }
 
     #[test]
