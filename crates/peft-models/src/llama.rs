@@ -805,15 +805,24 @@ impl<L: LinearLayer> LlamaModel<L> {
         input_ids: Tensor<2, Int>,
         attention_mask: Option<Tensor<2, Int>>,
     ) -> Tensor<3> {
-        let [_, seq] = input_ids.dims();
-        let device = input_ids.device();
-        let padding = attention_mask.map(|m| m.equal_elem(0));
-        let rotary = Rotary::from_inv_freq(&self.inv_freq(), 0, seq, &device);
+        let (rotary, padding) = self.layer_inputs(&input_ids, attention_mask);
         let mut x = self.embed(input_ids);
         for layer in &self.layers {
             x = layer.forward(x, &rotary, padding.as_ref());
         }
         self.norm.forward(x)
+    }
+
+    /// What every decoder layer takes besides its input, for a whole sequence: the rotary
+    /// tables of positions `0..seq` and the padding (`attention_mask` 0) as a mask.
+    fn layer_inputs(
+        &self,
+        input_ids: &Tensor<2, Int>,
+        attention_mask: Option<Tensor<2, Int>>,
+    ) -> (Rotary, Option<Tensor<2, burn::tensor::Bool>>) {
+        let [_, seq] = input_ids.dims();
+        let rotary = Rotary::from_inv_freq(&self.inv_freq(), 0, seq, &input_ids.device());
+        (rotary, attention_mask.map(|m| m.equal_elem(0)))
     }
 
     /// The embeddings `[batch, seq, hidden]` of `input_ids` (from the packed table when there
@@ -1214,10 +1223,8 @@ impl<L: LinearLayer> Llama<L> {
         seed: u64,
     ) -> Result<(f64, GradientsParams)> {
         check_ids(&input_ids, self.vocab_size())?;
-        let [_, seq] = input_ids.dims();
         let device = input_ids.device();
-        let padding = attention_mask.map(|m| m.equal_elem(0));
-        let rotary = Rotary::from_inv_freq(&self.model.inv_freq(), 0, seq, &device);
+        let (rotary, padding) = self.model.layer_inputs(&input_ids, attention_mask);
         let layer_seed = |i: usize| device.seed(seed.wrapping_add(i as u64));
         // Forward without a graph: layers whose parameters require no gradient record nothing.
         let embedded = self.model.embed(input_ids.clone()).detach();

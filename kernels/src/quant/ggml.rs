@@ -86,7 +86,7 @@ impl GgmlBlock {
         let out: &mut [f32; GGML_BLOCK] = out.try_into().expect("32 outputs per block");
         match self {
             GgmlBlock::Q4_0 => {
-                let d = scale(b);
+                let d = f16_at(b, 0);
                 let qs = &b[2..18];
                 for j in 0..16 {
                     out[j] = ((qs[j] & 0x0F) as i32 - 8) as f32 * d;
@@ -94,7 +94,7 @@ impl GgmlBlock {
                 }
             }
             GgmlBlock::Q4_1 => {
-                let (d, m) = (scale(b), f16::from_le_bytes([b[2], b[3]]).to_f32_const());
+                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
                 let qs = &b[4..20];
                 for j in 0..16 {
                     out[j] = (qs[j] & 0x0F) as f32 * d + m;
@@ -102,7 +102,7 @@ impl GgmlBlock {
                 }
             }
             GgmlBlock::Q8_0 => {
-                let d = scale(b);
+                let d = f16_at(b, 0);
                 for (o, &q) in out.iter_mut().zip(&b[2..34]) {
                     *o = q as i8 as f32 * d;
                 }
@@ -121,8 +121,8 @@ impl GgmlBlock {
     }
 }
 
-/// The f16 scale `d` a quantized block starts with.
+/// The little-endian f16 at byte `at` of a block: its scale `d` at 0, `Q4_1`'s minimum `m` at 2.
 #[inline(always)]
-fn scale(b: &[u8]) -> f32 {
-    f16::from_le_bytes([b[0], b[1]]).to_f32_const()
+pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32_const()
 }

@@ -19,7 +19,7 @@
 
 use std::cell::Cell;
 
-use super::ggml::{GGML_BLOCK, GgmlBlock};
+use super::ggml::{GGML_BLOCK, GgmlBlock, f16_at};
 use crate::cpu_body::CpuBody;
 
 thread_local! {
@@ -174,18 +174,13 @@ struct XBlocks<'a> {
     s: &'a [f32],
 }
 
-/// The f16 scale at the start of a block, and (`Q4_1`) its f16 minimum.
+/// A block's float term besides `d_w·d_x·Σq·p`, from its scale `d`, (`Q4_1`) minimum `m` and the
+/// activation block's `s`: `−8·d·s` (`Q4_0`), `m·s` (`Q4_1`), none (`Q8_0`).
 #[inline(always)]
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    burn::tensor::f16::from_le_bytes([b[at], b[at + 1]]).to_f32_const()
-}
-
-/// The float terms of block `b` besides `d_w·d_x·Σq·p`: `−8·d_w·s_x` or `m·s_x`.
-#[inline(always)]
-fn offset(kind: GgmlBlock, blk: &[u8], s: f32) -> f32 {
+fn offset(kind: GgmlBlock, d: f32, m: f32, s: f32) -> f32 {
     match kind {
-        GgmlBlock::Q4_0 => -8.0 * f16_at(blk, 0) * s,
-        GgmlBlock::Q4_1 => f16_at(blk, 2) * s,
+        GgmlBlock::Q4_0 => -8.0 * d * s,
+        GgmlBlock::Q4_1 => m * s,
         _ => 0.0,
     }
 }
@@ -219,7 +214,8 @@ fn row_dot_portable(kind: GgmlBlock, row: &[u8], x: &XBlocks<'_>) -> f32 {
                 })
                 .sum(),
         };
-        acc += f16_at(blk, 0) * x.d[b] * isum as f32 + offset(kind, blk, x.s[b]);
+        let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+        acc += d * x.d[b] * isum as f32 + offset(kind, d, m, x.s[b]);
     }
     acc
 }
@@ -229,7 +225,7 @@ fn row_dot_portable(kind: GgmlBlock, row: &[u8], x: &XBlocks<'_>) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{GGML_BLOCK, GgmlBlock, Q8Rows, XBlocks, quants_at};
+    use super::{GGML_BLOCK, GgmlBlock, Q8Rows, XBlocks, offset, quants_at};
 
     /// The instructions the bodies need beyond their `CpuBody`.
     pub(super) struct Features {
@@ -302,12 +298,7 @@ mod x86 {
             let (d, m) = scales(blk);
             let scale = _mm256_set1_ps(d * xs.d[b]);
             let acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum(w, p)), acc);
-            let extra = match kind {
-                GgmlBlock::Q4_0 => extra - 8.0 * d * xs.s[b],
-                GgmlBlock::Q4_1 => extra + m * xs.s[b],
-                _ => extra,
-            };
-            (acc, extra)
+            (acc, extra + offset(kind, d, m, xs.s[b]))
         };
         for (k, row) in rows.chunks_exact(per_row * bb).enumerate() {
             let base = row.as_ptr();

@@ -364,14 +364,7 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
                 let index = step * cfg.grad_accum + k;
                 let (value, t) = replicated_micro_batch(run, dp, index)
                     .with_context(|| format!("step {}", step + 1))?;
-                if !value.is_finite() {
-                    bail!(
-                        "step {}: the training loss is not finite ({value}); the run stopped and \
-                         nothing from this step was saved",
-                        step + 1
-                    );
-                }
-                loss_sum += value;
+                loss_sum += finite_loss(value, step)?;
                 tokens += t;
             }
             dp.step(lr).with_context(|| format!("step {}", step + 1))?;
@@ -390,23 +383,20 @@ pub fn train_model<L: LinearLayer + 'static, T: RunModel<Llama<L>>>(
                 // Dropout masks of the recomputed layers: a seed per micro-batch, so a resumed
                 // run draws the same ones.
                 let seed = cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index as u64;
-                ctl.model
-                    .causal_lm_loss_checkpointed(b.ids, Some(b.mask), b.labels, scale, seed)?
+                let (value, grads) = ctl.model.causal_lm_loss_checkpointed(
+                    b.ids,
+                    Some(b.mask),
+                    b.labels,
+                    scale,
+                    seed,
+                )?;
+                (finite_loss(value, step)?, grads)
             } else {
                 let loss = ctl.model.causal_lm_loss(b.ids, Some(b.mask), b.labels)?;
-                let value = loss.clone().into_scalar::<f64>();
-                let grads = value
-                    .is_finite()
-                    .then(|| GradientsParams::from_grads((loss * scale).backward(), &ctl.model));
-                (value, grads.unwrap_or_default())
+                let value = finite_loss(loss.clone().into_scalar::<f64>(), step)?;
+                let grads = GradientsParams::from_grads((loss * scale).backward(), &ctl.model);
+                (value, grads)
             };
-            if !value.is_finite() {
-                bail!(
-                    "step {}: the training loss is not finite ({value}); the run stopped and \
-                     nothing from this step was saved",
-                    step + 1
-                );
-            }
             loss_sum += value;
             ctl.with_stepper(|s| s.after_backward(&ctl.model, &grads))
                 .with_context(|| format!("step {}", step + 1))?;
@@ -634,6 +624,19 @@ fn ensure_finite<M: Module>(model: &M, step: usize) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `value`, the loss of a micro-batch of 0-based step `step`, or the error that stops the run
+/// when it is not finite.
+fn finite_loss(value: f64, step: usize) -> anyhow::Result<f64> {
+    if !value.is_finite() {
+        bail!(
+            "step {}: the training loss is not finite ({value}); the run stopped and nothing \
+             from this step was saved",
+            step + 1
+        );
+    }
+    Ok(value)
 }
 
 /// Write `checkpoints/step-N` through a temporary folder and a rename: `model.bpk` (the
