@@ -322,10 +322,11 @@ pub struct Method {
     pub table: String,
     /// The learning rates of the sweep (the middle one without a sweep).
     pub lrs: [f64; 3],
-    /// One more rate of the sweep, a step beyond the edge of `lrs` where the first full
+    /// More rates of the sweep, grid steps beyond the edge of `lrs` where the first full
     /// sweep's winner sat (2026-12-06: nine of the eleven winners were at an edge of their
-    /// grid, so the best rate could lie outside it); `None` where the winner was inside.
-    pub extra_lr: Option<f64>,
+    /// grid, so the best rate could lie outside it; AdaLoRA and PaFI won at the first extra
+    /// rate too and got a second); empty where the winner was inside.
+    pub extra_lrs: &'static [f64],
     /// The trainable count the settings aim at (`None`: the method's own: full, BitFit).
     pub planned: Option<usize>,
 }
@@ -351,7 +352,7 @@ pub fn methods(preset: &Preset) -> Vec<Method> {
         label,
         table,
         lrs,
-        extra_lr: extra_lr(label),
+        extra_lrs: extra_lrs(label),
         planned,
     };
     vec![
@@ -433,22 +434,24 @@ pub fn methods(preset: &Preset) -> Vec<Method> {
     ]
 }
 
-/// [`Method::extra_lr`]: the first full sweep's winners at the top edge get the next rate up,
-/// those at the bottom edge the next rate down (the grids step by about 3.16x).
-fn extra_lr(label: &str) -> Option<f64> {
+/// [`Method::extra_lrs`]: the first full sweep's winners at the top edge get the next rates
+/// up, those at the bottom edge the next rates down (the grids step by about 3.16x).
+fn extra_lrs(label: &str) -> &'static [f64] {
     match label {
-        "full" => Some(3e-4),
-        "lora" | "dora" => Some(1e-2),
-        "adalora" | "bitfit" => Some(3e-2),
-        "rosa" | "spa" | "sft-rigl" => Some(1e-4),
-        "id3" | "pafi" => Some(3e-3),
-        _ => None,
+        "full" => &[3e-4],
+        "lora" | "dora" => &[1e-2],
+        "adalora" => &[3e-2, 1e-1],
+        "bitfit" => &[3e-2],
+        "rosa" | "spa" | "sft-rigl" => &[1e-4],
+        "id3" => &[3e-3],
+        "pafi" => &[3e-3, 1e-2],
+        _ => &[],
     }
 }
 
 /// Every rate `method` is swept at, in increasing order.
 pub fn sweep_rates(method: &Method) -> Vec<f64> {
-    let mut rates: Vec<f64> = method.lrs.iter().copied().chain(method.extra_lr).collect();
+    let mut rates: Vec<f64> = method.lrs.iter().chain(method.extra_lrs).copied().collect();
     rates.sort_by(f64::total_cmp);
     rates
 }
@@ -1438,9 +1441,13 @@ mod tests {
                 "{}: the grid",
                 m.label
             );
-            if let Some(extra) = m.extra_lr {
+            let mut edge = if m.extra_lrs.first() > Some(&m.lrs[2]) {
+                m.lrs[2]
+            } else {
+                m.lrs[0]
+            };
+            for &extra in m.extra_lrs {
                 extended += 1;
-                let edge = if extra > m.lrs[2] { m.lrs[2] } else { m.lrs[0] };
                 let step = (extra / edge).max(edge / extra);
                 assert!(
                     (2.9..3.5).contains(&step),
@@ -1448,9 +1455,13 @@ mod tests {
                     m.label
                 );
                 assert!(extra > m.lrs[2] || extra < m.lrs[0], "{}: outside", m.label);
+                edge = extra;
             }
         }
-        assert_eq!(extended, 10, "every method but SFT-SM3");
+        assert_eq!(
+            extended, 12,
+            "every method but SFT-SM3, AdaLoRA and PaFI twice"
+        );
         let specs = sweep_specs(&preset);
         assert_eq!(specs.len(), 3 * methods.len() + extended);
         assert!(specs.iter().all(|s| s.seed == 0 && s.task == "math"));

@@ -15,13 +15,14 @@ use burn::backend::{
     autodiff::{
         checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
         grads::Gradients,
-        ops::{Backward, Ops, OpsKind},
+        ops::{Backward, Ops, OpsKind, OpsPrep},
     },
     backend_extension,
     tensor::FloatTensor,
 };
-use burn::tensor::{Shape, Tensor, TensorData};
+use burn::tensor::{Shape, Slice, Tensor, TensorData};
 
+use crate::linear::LinearBackend;
 use crate::quant::PackedMatrix;
 
 /// A packed weight shared between the layer that owns it and the products that read it.
@@ -34,7 +35,7 @@ pub type PackedWeight = Arc<PackedMatrix>;
     Fusion: cfg(feature = "cube"),
     Autodiff
 )]
-pub trait PackedBackend: Backend {
+pub trait PackedBackend: LinearBackend {
     /// `x · Wᵀ` for a 2-D `x` (`[m, in]`) and a packed `[out, in]` weight: `[m, out]`.
     #[fusion(default)]
     fn packed_matmul_t(x: FloatTensor<Self>, weight: PackedWeight) -> FloatTensor<Self> {
@@ -57,6 +58,76 @@ pub trait PackedBackend: Backend {
     #[fusion(default)]
     fn packed_matmul(g: FloatTensor<Self>, weight: PackedWeight) -> FloatTensor<Self> {
         dequantized_matmul::<Self>(g, &weight)
+    }
+
+    /// `x · Wᵀ + h · b` (`h`: `[m, r]`, `b`: `[r, out]`): the packed product plus a low-rank
+    /// term, summed into one output.
+    #[fusion(default)]
+    fn packed_matmul_t_low_rank(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        h: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::float_add(Self::packed_matmul_t(x, weight), Self::fast_matmul(h, b))
+    }
+
+    /// `x · Wᵀ + bias + h · b`: [`packed_matmul_t_low_rank`](Self::packed_matmul_t_low_rank)
+    /// with a bias.
+    #[fusion(default)]
+    fn packed_linear_t_low_rank(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        bias: FloatTensor<Self>,
+        h: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::float_add(
+            Self::packed_linear_t(x, weight, bias),
+            Self::fast_matmul(h, b),
+        )
+    }
+
+    /// `g · W + h · aᵀ` (`h`: `[m, r]`, `a`: `[in, r]`): the input gradient plus a low-rank
+    /// term (a LoRA layer's `scale · g·Bᵀ` and `A`), summed into one output.
+    #[fusion(default)]
+    fn packed_matmul_low_rank(
+        g: FloatTensor<Self>,
+        weight: PackedWeight,
+        h: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let low_rank = Self::fast_matmul(h, Self::float_transpose(a));
+        Self::float_add(Self::packed_matmul(g, weight), low_rank)
+    }
+
+    /// `x · Wᵀ + scale · (x · a) · b`: a LoRA layer over a packed base (`a`: `[in, r]`, `b`:
+    /// `[r, out]`). On `Autodiff` one op (see [`packed_lora_linear`]).
+    #[fusion(default)]
+    fn packed_lora_matmul_t(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let h = Self::float_mul_scalar(Self::fast_matmul(x.clone(), a), scale.into());
+        Self::packed_matmul_t_low_rank(x, weight, h, b)
+    }
+
+    /// `x · Wᵀ + bias + scale · (x · a) · b`:
+    /// [`packed_lora_matmul_t`](Self::packed_lora_matmul_t) with a bias.
+    #[fusion(default)]
+    fn packed_lora_linear_t(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let h = Self::float_mul_scalar(Self::fast_matmul(x.clone(), a), scale.into());
+        Self::packed_linear_t_low_rank(x, weight, bias, h, b)
     }
 }
 
@@ -133,6 +204,138 @@ impl<B: PackedBackend, C: CheckpointStrategy> PackedBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::packed_matmul(g.into_primitive(), weight)),
         }
     }
+
+    fn packed_lora_matmul_t(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let tracked = [&x, &a, &b].map(|t| t.is_tracked());
+        let prep = PackedLoraBackward.prepare::<C>([x.node(), a.node(), b.node()]);
+        let inputs = [x, a, b].map(|t| t.into_primitive());
+        finish_packed_lora(prep, tracked, inputs, weight, None, scale)
+    }
+
+    fn packed_lora_linear_t(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let tracked = [&x, &a, &b].map(|t| t.is_tracked());
+        let prep = PackedLoraBackward.prepare::<C>([x.node(), a.node(), b.node(), bias.node()]);
+        let inputs = [x, a, b].map(|t| t.into_primitive());
+        let bias = Some(bias.into_primitive());
+        finish_packed_lora(prep, tracked, inputs, weight, bias, scale)
+    }
+}
+
+/// The backward step of [`PackedBackend::packed_lora_matmul_t`] and
+/// [`packed_lora_linear_t`](PackedBackend::packed_lora_linear_t) on `Autodiff`; its parents are
+/// `[x, a, b]`, then the bias if there is one.
+#[derive(Debug)]
+struct PackedLoraBackward;
+
+/// What [`PackedLoraBackward`] keeps, each only when a gradient needs it: `x` (for `dA`), `a`
+/// (for `dx`), `b` (for `dA`, `dx`), `h = scale · x·a` (for `dB`); the packed weight always.
+#[derive(Clone, Debug)]
+struct PackedLoraState<T> {
+    weight: PackedWeight,
+    x: Option<T>,
+    a: Option<T>,
+    b: Option<T>,
+    h: Option<T>,
+    scale: f64,
+}
+
+impl<B: PackedBackend, const N: usize> Backward<B, N> for PackedLoraBackward {
+    type State = PackedLoraState<FloatTensor<B>>;
+
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let ids = ops.parents.map(|p| p.map(|n| n.id));
+        let node = |i: usize| ids.get(i).copied().flatten();
+        let s = ops.state;
+        // `scale · g·bᵀ`, `[m, r]`: what `dA` and `dx` share.
+        let gb = match (node(1), node(2), s.x, s.h, s.b) {
+            // Both factors tracked: the three low-rank products in one pass over `g` and `x`.
+            (Some(a_id), Some(b_id), Some(x), Some(h), Some(b)) => {
+                let ([m, r], k, n) = (h.shape().dims(), x.shape()[1], grad.shape()[1]);
+                let all = B::fast_lora_grads(grad.clone(), x, h, b, s.scale);
+                let part = |start: usize, shape: [usize; 2]| {
+                    let end = start + shape[0] * shape[1];
+                    let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
+                    B::float_reshape(part, Shape::new(shape))
+                };
+                grads.register::<B>(a_id, part(m * r, [k, r]));
+                grads.register::<B>(b_id, part(m * r + k * r, [r, n]));
+                Some(part(0, [m, r]))
+            }
+            (a_id, b_id, x, h, b) => {
+                let gb = b.map(|b| {
+                    let gb = B::fast_matmul(grad.clone(), B::float_transpose(b));
+                    B::float_mul_scalar(gb, s.scale.into())
+                });
+                if let (Some(id), Some(x), Some(gb)) = (a_id, x, &gb) {
+                    grads.register::<B>(id, B::fast_matmul(B::float_transpose(x), gb.clone()));
+                }
+                if let (Some(id), Some(h)) = (b_id, h) {
+                    grads.register::<B>(id, B::fast_matmul(B::float_transpose(h), grad.clone()));
+                }
+                gb
+            }
+        };
+        if let Some(id) = node(3) {
+            let n = grad.shape()[1];
+            let sum = B::float_sum_dim(grad.clone(), 0);
+            grads.register::<B>(id, B::float_reshape(sum, Shape::new([n])));
+        }
+        // dx = g·W + (scale · g·bᵀ)·aᵀ, as one pass over the packed blocks.
+        if let (Some(id), Some(a), Some(gb)) = (node(0), s.a, gb) {
+            grads.register::<B>(id, B::packed_matmul_low_rank(grad, s.weight, gb, a));
+        }
+    }
+}
+
+/// Run the packed LoRA product on the inner backend and record it, keeping what the tracked
+/// inputs' gradients need (`tracked` and `inputs` in the order `x, a, b`).
+fn finish_packed_lora<B: PackedBackend, C: CheckpointStrategy, const N: usize>(
+    prep: OpsPrep<PackedLoraBackward, B, PackedLoraState<FloatTensor<B>>, C, N>,
+    [x_t, a_t, b_t]: [bool; 3],
+    [x, a, b]: [FloatTensor<B>; 3],
+    weight: PackedWeight,
+    bias: Option<FloatTensor<B>>,
+    scale: f64,
+) -> FloatTensor<Autodiff<B, C>> {
+    let prep = match prep.compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep,
+        OpsKind::UnTracked(prep) => {
+            return prep.finish(match bias {
+                Some(bias) => B::packed_lora_linear_t(x, weight, bias, a, b, scale),
+                None => B::packed_lora_matmul_t(x, weight, a, b, scale),
+            });
+        }
+    };
+    let h = B::float_mul_scalar(B::fast_matmul(x.clone(), a.clone()), scale.into());
+    let state = PackedLoraState {
+        weight: weight.clone(),
+        x: a_t.then(|| x.clone()),
+        a: x_t.then(|| a.clone()),
+        b: (x_t || a_t).then(|| b.clone()),
+        h: b_t.then(|| h.clone()),
+        scale,
+    };
+    prep.finish(
+        state,
+        match bias {
+            Some(bias) => B::packed_linear_t_low_rank(x, weight, bias, h, b),
+            None => B::packed_matmul_t_low_rank(x, weight, h, b),
+        },
+    )
 }
 
 /// The backward step of [`PackedBackend::packed_matmul`] on `Autodiff`.
@@ -162,6 +365,22 @@ pub fn packed_linear<const D: usize>(
     weight: &PackedWeight,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
+    let (x2, out) = rows_of(x, weight);
+    let y = match bias {
+        Some(b) => {
+            <Dispatch as PackedBackend>::packed_linear_t(x2, weight.clone(), b.into_dispatch())
+        }
+        None => <Dispatch as PackedBackend>::packed_matmul_t(x2, weight.clone()),
+    };
+    Tensor::<2>::from_dispatch(y).reshape(out)
+}
+
+/// `x` (`[..., in]`) as the 2-D `[rows, in]` operand of a product with the packed `weight`, and
+/// the product's output shape `[..., out]`.
+fn rows_of<const D: usize>(
+    x: Tensor<D>,
+    weight: &PackedMatrix,
+) -> (FloatTensor<Dispatch>, [usize; D]) {
     let dims = x.dims();
     let [out_features, in_features] = weight.shape();
     assert_eq!(
@@ -171,15 +390,45 @@ pub fn packed_linear<const D: usize>(
         dims[D - 1]
     );
     let rows: usize = dims[..D - 1].iter().product();
-    let x2 = x.reshape([rows, in_features]).into_dispatch();
-    let y = match bias {
-        Some(b) => {
-            <Dispatch as PackedBackend>::packed_linear_t(x2, weight.clone(), b.into_dispatch())
-        }
-        None => <Dispatch as PackedBackend>::packed_matmul_t(x2, weight.clone()),
-    };
     let mut out = dims;
     out[D - 1] = out_features;
+    (x.reshape([rows, in_features]).into_dispatch(), out)
+}
+
+/// `x · Wᵀ + bias + scale · (x · a) · b`: a LoRA layer whose frozen base `W` (`[out, in]`) is kept
+/// packed, as `packed_linear(x, W, bias) + linear(linear(x, a) * scale, b)` computes it, in one
+/// differentiable op.
+///
+/// On flex the low-rank term is added to each tile of the output right after the packed
+/// product, and the backward pass computes the input gradient `g·W + (scale · g·bᵀ)·aᵀ` in one
+/// pass over the packed blocks, each stripe finished by its low-rank term (the composed ops make
+/// two `[.., in]` gradients and add them); `dA` and `dB` come from
+/// [`LinearBackend::fast_lora_grads`], as on an f32 base. Only tracked operands get gradients.
+///
+/// # Shapes
+/// * `x`: `[..., in]`; `weight`: `[out, in]`; `bias`: `[out]`; `a`: `[in, r]`; `b`: `[r, out]`;
+///   returns `[..., out]`.
+pub fn packed_lora_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: &PackedWeight,
+    bias: Option<Tensor<1>>,
+    a: Tensor<2>,
+    b: Tensor<2>,
+    scale: f64,
+) -> Tensor<D> {
+    let (x2, out) = rows_of(x, weight);
+    let (a, b) = (a.into_dispatch(), b.into_dispatch());
+    let y = match bias {
+        Some(bias) => <Dispatch as PackedBackend>::packed_lora_linear_t(
+            x2,
+            weight.clone(),
+            bias.into_dispatch(),
+            a,
+            b,
+            scale,
+        ),
+        None => <Dispatch as PackedBackend>::packed_lora_matmul_t(x2, weight.clone(), a, b, scale),
+    };
     Tensor::<2>::from_dispatch(y).reshape(out)
 }
 
@@ -189,6 +438,8 @@ mod flex {
     use burn::tensor::{DType, Shape, TensorData};
 
     use super::{PackedBackend, PackedWeight};
+    use crate::linear::LinearBackend;
+    use crate::quant::LowRank;
 
     /// A contiguous f32 copy (or the tensor itself) and its 2-D shape.
     fn rows(t: FloatTensor<Flex>) -> (FloatTensor<Flex>, [usize; 2]) {
@@ -239,6 +490,79 @@ mod flex {
             let (g, [m, _]) = rows(g);
             tensor(weight.input_grad(f32s(&g), m), [m, weight.shape()[1]])
         }
+
+        fn packed_matmul_t_low_rank(
+            x: FloatTensor<Flex>,
+            weight: PackedWeight,
+            h: FloatTensor<Flex>,
+            b: FloatTensor<Flex>,
+        ) -> FloatTensor<Flex> {
+            if !all_f32(&[&x, &h, &b]) {
+                let product = Flex::packed_matmul_t(x, weight);
+                return Flex::float_add(product, Flex::fast_matmul(h, b));
+            }
+            low_rank_forward(x, &weight, None, h, b)
+        }
+
+        fn packed_linear_t_low_rank(
+            x: FloatTensor<Flex>,
+            weight: PackedWeight,
+            bias: FloatTensor<Flex>,
+            h: FloatTensor<Flex>,
+            b: FloatTensor<Flex>,
+        ) -> FloatTensor<Flex> {
+            if !all_f32(&[&x, &bias, &h, &b]) {
+                let product = Flex::packed_linear_t(x, weight, bias);
+                return Flex::float_add(product, Flex::fast_matmul(h, b));
+            }
+            low_rank_forward(x, &weight, Some(bias), h, b)
+        }
+
+        fn packed_matmul_low_rank(
+            g: FloatTensor<Flex>,
+            weight: PackedWeight,
+            h: FloatTensor<Flex>,
+            a: FloatTensor<Flex>,
+        ) -> FloatTensor<Flex> {
+            if !all_f32(&[&g, &h, &a]) {
+                let low_rank = Flex::fast_matmul(h, Flex::float_transpose(a));
+                return Flex::float_add(Flex::packed_matmul(g, weight), low_rank);
+            }
+            let (g, [m, _]) = rows(g);
+            let (h, [_, rank]) = rows(h);
+            let a = a.to_contiguous();
+            let low_rank = LowRank {
+                h: f32s(&h),
+                b: f32s(&a),
+                rank,
+            };
+            let dx = weight.input_grad_low_rank(f32s(&g), m, Some(low_rank));
+            tensor(dx, [m, weight.shape()[1]])
+        }
+    }
+
+    fn all_f32(tensors: &[&FloatTensor<Flex>]) -> bool {
+        tensors.iter().all(|t| t.dtype() == DType::F32)
+    }
+
+    /// `x·Wᵀ (+ bias) + h·b` through [`PackedMatrix::forward_low_rank`](crate::quant::PackedMatrix::forward_low_rank).
+    fn low_rank_forward(
+        x: FloatTensor<Flex>,
+        weight: &PackedWeight,
+        bias: Option<FloatTensor<Flex>>,
+        h: FloatTensor<Flex>,
+        b: FloatTensor<Flex>,
+    ) -> FloatTensor<Flex> {
+        let (x, [m, _]) = rows(x);
+        let (h, [_, rank]) = rows(h);
+        let (b, bias) = (b.to_contiguous(), bias.map(|b| b.to_contiguous()));
+        let low_rank = LowRank {
+            h: f32s(&h),
+            b: f32s(&b),
+            rank,
+        };
+        let y = weight.forward_low_rank(f32s(&x), m, bias.as_ref().map(f32s), Some(low_rank));
+        tensor(y, [m, weight.shape()[0]])
     }
 
     use burn::backend::ops::FloatTensorOps;

@@ -1,13 +1,14 @@
 //! `packed_linear` against burn's own `linear` on the dequantized weight: forward (2-D, rank 3,
 //! with and without bias, a decoding step) and the gradients of the input and bias on Autodiff,
-//! for NF4 (with and without double quantization) and ggml blocks.
+//! for NF4 (with and without double quantization) and ggml blocks; `packed_lora_linear` against
+//! the composed ops it replaces, forward and every gradient, with each operand tracked or not.
 
 mod common;
 
 use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use peft_kernels::packed_linear::packed_linear;
+use peft_kernels::packed_linear::{packed_linear, packed_lora_linear};
 use peft_kernels::quant::ggml::GgmlBlock;
 use peft_kernels::quant::{PackedFormat, PackedMatrix};
 
@@ -133,6 +134,83 @@ fn packed_linear_gradients_equal_burns_autodiff_for_input_and_bias() {
             assert_eq!(got.1.is_some(), with_bias, "{what}");
             if let (Some(a), Some(b)) = (got.1, want.1) {
                 assert!(rel_diff(a, b) < 1e-5, "db {what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_lora_linear_equals_the_composed_ops_with_every_operand_tracked_or_not() {
+    let device = Device::flex().autodiff();
+    let inner = device.clone().inner();
+    let scale = 2.5;
+    for (f, format) in FORMATS.into_iter().enumerate() {
+        // A decoding step (the few-rows path) and a batch spanning several tiles.
+        for (m, inp, out, r) in [(3, 128, 72, 4), (70, 256, 200, 16)] {
+            let seed = 2000 + 10 * f as u64 + m as u64;
+            let (w, _) = weight(format, out, inp, seed, &inner);
+            let x = random([m, inp], seed + 1, &inner);
+            let bias = random([out], seed + 2, &inner);
+            let a = random([inp, r], seed + 3, &inner);
+            let b = random([r, out], seed + 4, &inner);
+            let upstream = Tensor::<2>::from_inner(random([m, out], seed + 5, &inner));
+            // Tracked: x, a, b, bias (a frozen adapter, a frozen input, no bias).
+            for tracked in [
+                [true, true, true, true],
+                [true, true, true, false],
+                [false, true, true, true],
+                [true, false, false, true],
+                [true, true, false, false],
+                [false, false, true, false],
+            ] {
+                let run = |fused: bool| {
+                    let leaf = |t: Tensor<2>, on: bool| {
+                        let t = Tensor::<2>::from_inner(t);
+                        if on { t.require_grad() } else { t }
+                    };
+                    let xv = leaf(x.clone(), tracked[0]);
+                    let (av, bv) = (leaf(a.clone(), tracked[1]), leaf(b.clone(), tracked[2]));
+                    let biasv =
+                        tracked[3].then(|| Tensor::<1>::from_inner(bias.clone()).require_grad());
+                    let y = if fused {
+                        packed_lora_linear(
+                            xv.clone(),
+                            &w,
+                            biasv.clone(),
+                            av.clone(),
+                            bv.clone(),
+                            scale,
+                        )
+                    } else {
+                        let base = packed_linear(xv.clone(), &w, biasv.clone());
+                        let h = xv.clone().matmul(av.clone()) * scale;
+                        base + h.matmul(bv.clone())
+                    };
+                    let value = y.clone().inner();
+                    let grads = (y * upstream.clone()).sum().backward();
+                    let grad = |t: &Tensor<2>| t.grad(&grads);
+                    (
+                        value,
+                        [grad(&xv), grad(&av), grad(&bv)],
+                        biasv.and_then(|b| b.grad(&grads)),
+                    )
+                };
+                let (got, want) = (run(true), run(false));
+                let what = format!(
+                    "{} {m}x{inp}->{out} r {r} tracked {tracked:?}",
+                    format.name()
+                );
+                assert!(rel_diff(got.0, want.0) < 1e-5, "forward {what}");
+                for (i, (g, w)) in got.1.into_iter().zip(want.1).enumerate() {
+                    assert_eq!(g.is_some(), tracked[i], "gradient {i} {what}");
+                    if let (Some(g), Some(w)) = (g, w) {
+                        assert!(rel_diff(g, w) < 1e-5, "gradient {i} {what}");
+                    }
+                }
+                assert_eq!(got.2.is_some(), tracked[3], "bias gradient {what}");
+                if let (Some(g), Some(w)) = (got.2, want.2) {
+                    assert!(rel_diff(g, w) < 1e-5, "bias gradient {what}");
+                }
             }
         }
     }

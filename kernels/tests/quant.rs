@@ -4,7 +4,7 @@
 
 use peft_kernels::quant::ggml::{GGML_BLOCK, GgmlBlock};
 use peft_kernels::quant::nf4::{Absmax, DoubleQuant, NF4_BLOCK, Nf4, dynamic_code};
-use peft_kernels::quant::{PackedBytes, PackedFormat, PackedMatrix, QuantError};
+use peft_kernels::quant::{LowRank, PackedBytes, PackedFormat, PackedMatrix, QuantError};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use safetensors::SafeTensors;
@@ -365,8 +365,30 @@ fn packed_products_equal_dequantize_then_multiply_over_random_shapes() {
             }
             assert_close(
                 &w.forward(&x, n, Some(&bias)),
-                &(want, scale),
+                &(want.clone(), scale.clone()),
                 &format!("{what} forward + bias"),
+            );
+            // Plus a low-rank term `h·b` (`b`: `[r, rows]`), added tile by tile.
+            let r = rng.random_range(1..20);
+            let (h, b) = (
+                random(n * r, 1.0, &mut rng),
+                random(r * rows, 1.0, &mut rng),
+            );
+            let low = reference(&h, &b, (n, r, rows), false);
+            let add = |(mut v, mut s): (Vec<f64>, Vec<f64>), (lv, ls): &(Vec<f64>, Vec<f64>)| {
+                v.iter_mut().zip(lv).for_each(|(v, l)| *v += l);
+                s.iter_mut().zip(ls).for_each(|(s, l)| *s += l);
+                (v, s)
+            };
+            let low_rank = LowRank {
+                h: &h,
+                b: &b,
+                rank: r,
+            };
+            assert_close(
+                &w.forward_low_rank(&x, n, Some(&bias), Some(low_rank)),
+                &add((want, scale), &low),
+                &format!("{what} forward + bias + low rank {r}"),
             );
             let g = random(n * rows, 1.0, &mut rng);
             let want = reference(&g, &dense, (n, rows, cols), false);
@@ -374,6 +396,19 @@ fn packed_products_equal_dequantize_then_multiply_over_random_shapes() {
                 &w.input_grad(&g, n),
                 &want,
                 &format!("{what} input gradient"),
+            );
+            // Plus `h·aᵀ` (`a`: `[cols, r]`), added stripe by stripe.
+            let a = random(cols * r, 1.0, &mut rng);
+            let low = reference(&h, &a, (n, r, cols), true);
+            let low_rank = LowRank {
+                h: &h,
+                b: &a,
+                rank: r,
+            };
+            assert_close(
+                &w.input_grad_low_rank(&g, n, Some(low_rank)),
+                &add(want, &low),
+                &format!("{what} input gradient + low rank {r}"),
             );
         }
     }

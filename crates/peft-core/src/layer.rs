@@ -8,7 +8,7 @@ use burn::nn::{Embedding, Linear};
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor};
 
-use peft_kernels::packed_linear::{PackedWeight, packed_linear};
+use peft_kernels::packed_linear::{PackedWeight, packed_linear, packed_lora_linear};
 use peft_kernels::quant::{PackedFormat, PackedMatrix};
 
 use crate::adapter::Adapter;
@@ -104,7 +104,7 @@ impl<A: Adapter> PeftLinear<A> {
     }
 
     /// [`forward`](Self::forward) over a packed base: the base product reads the packed blocks;
-    /// a plain LoRA adapter adds `scale · (x·A)·B`; other adapters add their terms as on an f32
+    /// a plain LoRA adapter runs with it as one op ([`packed_lora_linear`]); other adapters add their terms as on an f32
     /// base (a DoRA adapter gets the dequantized weight, built for that call).
     fn forward_packed<const D: usize>(
         &self,
@@ -112,12 +112,12 @@ impl<A: Adapter> PeftLinear<A> {
         packed: &PackedWeight,
         bias: Option<Tensor<1>>,
     ) -> Tensor<D> {
+        if let Some((a, b, scale)) = self.adapters.single_low_rank(&x.device()) {
+            return packed_lora_linear(x, packed, bias, a, b, scale);
+        }
         let result = packed_linear(x.clone(), packed, bias.clone());
         if self.adapters.is_empty() {
             return result;
-        }
-        if let Some((a, b, scale)) = self.adapters.single_low_rank(&x.device()) {
-            return result + linear(linear(x, a, None) * scale, b, None);
         }
         let weight = if self.adapters.reads_base_weight() {
             self.base_weight()

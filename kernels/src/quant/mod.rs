@@ -14,7 +14,7 @@ pub mod nf4;
 mod packed;
 pub mod q8;
 
-pub use packed::{PackedBytes, PackedFormat, PackedMatrix, TILE_BYTES};
+pub use packed::{LowRank, PackedBytes, PackedFormat, PackedMatrix, TILE_BYTES};
 
 /// What can go wrong packing or reading a packed weight.
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,49 @@ use super::q8;
 /// unit: a quarter of a 1 MB L2 cache.
 pub const TILE_BYTES: usize = 256 * 1024;
 
+/// A low-rank term added to a packed product ([`PackedMatrix::forward_low_rank`],
+/// [`PackedMatrix::input_grad_low_rank`]): `h` is row-major `[n, rank]`; `b` is row-major
+/// `[rank, rows]` for the forward product and `[cols, rank]` (read as its transpose) for the input
+/// gradient.
+#[derive(Clone, Copy, Debug)]
+pub struct LowRank<'a> {
+    /// The left factor, `[n, rank]`.
+    pub h: &'a [f32],
+    /// The right factor (see the type's documentation for its orientation).
+    pub b: &'a [f32],
+    /// The rank `r`.
+    pub rank: usize,
+}
+
+impl LowRank<'_> {
+    fn check(&self, n: usize, width: usize, shapes: &str) {
+        assert!(
+            self.h.len() == n * self.rank && self.b.len() == self.rank * width,
+            "the low-rank factors must be {shapes}"
+        );
+    }
+
+    /// `out += h·b` (`transposed`: `h·bᵀ`) for a row-major `[n, width]` `out`.
+    fn add_to(&self, out: &mut [f32], n: usize, width: usize, transposed: bool) {
+        let rhs = if transposed {
+            (self.b.as_ptr(), 1, self.rank)
+        } else {
+            (self.b.as_ptr(), width, 1)
+        };
+        // SAFETY: `out` is `[n, width]`, `h` `[n, rank]`, `b` `rank · width` values (checked).
+        #[allow(unsafe_code)]
+        unsafe {
+            gemm_strided(
+                (n, width, self.rank),
+                (out.as_mut_ptr(), width),
+                (self.h.as_ptr(), self.rank, 1),
+                rhs,
+                true,
+            );
+        }
+    }
+}
+
 /// How a [`PackedMatrix`] stores its values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PackedFormat {
@@ -365,9 +408,25 @@ impl PackedMatrix {
     /// `x·Wᵀ (+ bias)` for a row-major `[n, cols]` `x`: the row-major `[n, rows]` output of a
     /// linear layer whose weight this is.
     pub fn forward(&self, x: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        self.forward_low_rank(x, n, bias, None)
+    }
+
+    /// [`forward`](Self::forward) plus a low-rank term: `x·Wᵀ (+ bias) + h·b` for `h` `[n, r]`
+    /// and `b` `[r, rows]` (a LoRA layer's `scale·(x·A)` and `B`), each output tile finished by
+    /// the low-rank product right after the base product, while it is in cache.
+    pub fn forward_low_rank(
+        &self,
+        x: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        low_rank: Option<LowRank<'_>>,
+    ) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "x must be [n, in_features]");
         if let Some(b) = bias {
             assert_eq!(b.len(), self.rows, "bias must be [out_features]");
+        }
+        if let Some(lr) = &low_rank {
+            lr.check(n, self.rows, "[n, r] and [r, out_features]");
         }
         let mut y = vec![0.0f32; n * self.rows];
         if n == 0 || self.rows == 0 {
@@ -375,6 +434,9 @@ impl PackedMatrix {
         }
         if n <= GEMV_ROWS {
             self.forward_few(x, n, bias, &mut y);
+            if let Some(lr) = low_rank {
+                lr.add_to(&mut y, n, self.rows, false);
+            }
             return y;
         }
         // Tiles of whole 64-row units: gemm computes the row-major output tile transposed, so
@@ -420,6 +482,16 @@ impl PackedMatrix {
                         (buf.as_ptr(), 1, self.row_len),
                         bias.is_some(),
                     );
+                    if let Some(lr) = &low_rank {
+                        // The same tile plus `h·b[:, r0..r0 + rows]`.
+                        gemm_strided(
+                            (n, rows, lr.rank),
+                            (dst, self.rows),
+                            (lr.h.as_ptr(), lr.rank, 1),
+                            (lr.b.as_ptr().add(r0), self.rows, 1),
+                            true,
+                        );
+                    }
                 }
             },
         );
@@ -518,9 +590,27 @@ impl PackedMatrix {
     /// `g·W` for a row-major `[n, rows]` `g`: the row-major `[n, cols]` input gradient of a linear
     /// layer whose weight this is.
     pub fn input_grad(&self, g: &[f32], n: usize) -> Vec<f32> {
+        self.input_grad_low_rank(g, n, None)
+    }
+
+    /// [`input_grad`](Self::input_grad) plus a low-rank term: `g·W + h·bᵀ` for `h` `[n, r]` and
+    /// `b` `[cols, r]` (a LoRA layer's `scale·g·Bᵀ` and `A`), each stripe of the gradient
+    /// finished by the low-rank product right after the base product.
+    pub fn input_grad_low_rank(
+        &self,
+        g: &[f32],
+        n: usize,
+        low_rank: Option<LowRank<'_>>,
+    ) -> Vec<f32> {
         assert_eq!(g.len(), n * self.rows, "g must be [n, out_features]");
+        if let Some(lr) = &low_rank {
+            lr.check(n, self.cols, "[n, r] and [in_features, r]");
+        }
         let mut dx = vec![0.0f32; n * self.cols];
         if n == 0 || self.cols == 0 || self.rows == 0 {
+            if let (Some(lr), true) = (low_rank, self.rows == 0) {
+                lr.add_to(&mut dx, n, self.cols, true);
+            }
             return dx;
         }
         let block = self.format.block();
@@ -559,6 +649,16 @@ impl PackedMatrix {
                         (buf.as_ptr(), span, 1),
                         false,
                     );
+                    if let Some(lr) = &low_rank {
+                        // The same stripe plus `h·bᵀ[:, c0..c0 + width]` (`b` is `[cols, r]`).
+                        gemm_strided(
+                            (n, width, lr.rank),
+                            (out.at(c0), self.cols),
+                            (lr.h.as_ptr(), lr.rank, 1),
+                            (lr.b.as_ptr().add(c0 * lr.rank), 1, lr.rank),
+                            true,
+                        );
+                    }
                 }
             },
         );
