@@ -3,7 +3,19 @@
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 
+use peft_kernels::packed_linear::PackedWeight;
+
 use crate::target::LayerKind;
+
+/// The base weight of a linear layer as [`Adapter::fused_linear`] reads it.
+#[derive(Clone, Copy, Debug)]
+pub enum LinearBase<'a> {
+    /// An f32 weight, `[d_in, d_out]`.
+    Dense(&'a Tensor<2>),
+    /// A frozen weight kept packed, `[d_out, d_in]` ([`PeftLinear::from_packed`]
+    /// (crate::PeftLinear::from_packed)).
+    Packed(&'a PackedWeight),
+}
 
 /// One adapter on one layer: its parameters and how they change the layer.
 ///
@@ -67,20 +79,21 @@ pub trait Adapter: Module + Sync + 'static {
     ///
     /// A [`PeftLinear`](crate::PeftLinear) whose only applied adapter answers this returns it
     /// instead of running the base product and [`forward_linear`](Adapter::forward_linear)
-    /// (RoSA and SFT: the sparse term accumulated into the dense or LoRA product). It must
-    /// equal `forward_linear(x, weight, bias, linear(x, weight, bias))`.
+    /// (RoSA and SFT: the sparse term accumulated into the dense or LoRA product, over an f32
+    /// or a packed base). It must equal `forward_linear(x, weight, bias, linear(x, weight,
+    /// bias))` for the base's f32 weight.
     ///
     /// # Arguments
     /// * `x` - the layer input, `[..., d_in]`.
-    /// * `weight` - the base weight, `[d_in, d_out]`.
+    /// * `base` - the base weight, f32 or kept packed.
     /// * `bias` - the base bias, `[d_out]`, if any.
     fn fused_linear<const D: usize>(
         &self,
         x: &Tensor<D>,
-        weight: &Tensor<2>,
+        base: LinearBase<'_>,
         bias: Option<&Tensor<1>>,
     ) -> Option<Tensor<D>> {
-        let _ = (x, weight, bias);
+        let _ = (x, base, bias);
         None
     }
 

@@ -11,7 +11,7 @@ use burn::tensor::{Device, Int, Tensor};
 use peft_kernels::packed_linear::{PackedWeight, packed_linear, packed_lora_linear};
 use peft_kernels::quant::{PackedFormat, PackedMatrix};
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, LinearBase};
 use crate::error::{PeftError, Result};
 use crate::hook::visit_host;
 use crate::kernels::{linear, lora_linear};
@@ -92,7 +92,10 @@ impl<A: Adapter> PeftLinear<A> {
         if let Some((a, b, scale)) = self.adapters.single_low_rank(&x.device()) {
             return lora_linear(x, weight, bias, a, b, scale);
         }
-        if let Some(y) = self.adapters.single_fused(&x, &weight, bias.as_ref()) {
+        if let Some(y) = self
+            .adapters
+            .single_fused(&x, LinearBase::Dense(&weight), bias.as_ref())
+        {
             return y;
         }
         let result = linear(x.clone(), weight.clone(), bias.clone());
@@ -104,7 +107,8 @@ impl<A: Adapter> PeftLinear<A> {
     }
 
     /// [`forward`](Self::forward) over a packed base: the base product reads the packed blocks;
-    /// a plain LoRA adapter runs with it as one op ([`packed_lora_linear`]); other adapters add their terms as on an f32
+    /// a plain LoRA adapter runs with it as one op ([`packed_lora_linear`]), RoSA and SFT their
+    /// fused op over the packed base ([`Adapter::fused_linear`]); other adapters add their terms as on an f32
     /// base (a DoRA adapter gets the dequantized weight, built for that call).
     fn forward_packed<const D: usize>(
         &self,
@@ -114,6 +118,12 @@ impl<A: Adapter> PeftLinear<A> {
     ) -> Tensor<D> {
         if let Some((a, b, scale)) = self.adapters.single_low_rank(&x.device()) {
             return packed_lora_linear(x, packed, bias, a, b, scale);
+        }
+        if let Some(y) = self
+            .adapters
+            .single_fused(&x, LinearBase::Packed(packed), bias.as_ref())
+        {
+            return y;
         }
         let result = packed_linear(x.clone(), packed, bias.clone());
         if self.adapters.is_empty() {

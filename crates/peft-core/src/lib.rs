@@ -41,8 +41,11 @@ pub use peft_kernels::cpu_body;
 /// The fused linear and LoRA products ([`kernels::linear`], [`kernels::lora_linear`]): the
 /// peft-kernels crate's `linear` module, which the layers and method crates call.
 pub use peft_kernels::linear as kernels;
+/// The products over a frozen base kept packed ([`packed_linear::packed_linear`],
+/// [`packed_linear::packed_lora_linear`]): the peft-kernels crate's `packed_linear` module.
+pub use peft_kernels::packed_linear;
 
-pub use adapter::Adapter;
+pub use adapter::{Adapter, LinearBase};
 pub use config::{ConfigWarning, PeftConfig, PeftConfigBase};
 pub use data_parallel::{DataParallel, Reduction};
 pub use error::{PeftError, Result};

@@ -5,7 +5,7 @@ use burn::module::{
 };
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, LinearBase};
 use crate::error::{PeftError, Result};
 
 /// The adapters attached to one layer, by name.
@@ -184,7 +184,7 @@ impl<A: Adapter> AdapterSlot<A> {
     pub fn single_fused<const D: usize>(
         &self,
         x: &Tensor<D>,
-        weight: &Tensor<2>,
+        base: LinearBase<'_>,
         bias: Option<&Tensor<1>>,
     ) -> Option<Tensor<D>> {
         let mut applied = self.applied();
@@ -192,7 +192,7 @@ impl<A: Adapter> AdapterSlot<A> {
         if applied.next().is_some() {
             return None;
         }
-        only.fused_linear(x, weight, bias)
+        only.fused_linear(x, base, bias)
     }
 
     /// Add the active, unmerged adapters' contributions to an embedding lookup.

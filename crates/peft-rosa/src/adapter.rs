@@ -6,9 +6,13 @@ use burn::tensor::module::embedding;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use peft_core::error::Result;
 use peft_core::kernels::{linear, lora_linear};
-use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError, Placement};
+use peft_core::packed_linear::packed_lora_linear;
+use peft_core::{Adapter, Created, LayerInfo, LayerKind, LinearBase, PeftError, Placement};
 use peft_lora::{InitLoraWeights, init_factors};
-use sparse_kernels::{Csr, CsrLayout, CsrStructure, sparse_linear, sparse_lora_linear, to_dense};
+use sparse_kernels::{
+    Csr, CsrLayout, CsrStructure, packed_sparse_lora_linear, sparse_linear, sparse_lora_linear,
+    to_dense,
+};
 
 use crate::config::{InitRosaWeights, RosaConfig};
 use crate::initial::InitialMasks;
@@ -179,11 +183,12 @@ impl Adapter for RosaAdapter {
     }
 
     /// The LoRA term through peft-core's fused LoRA op and the sparse term accumulated into it
-    /// ([`sparse_lora_linear`]), when dropout is inactive and no gradient probe is on.
+    /// ([`sparse_lora_linear`], over a packed base [`packed_sparse_lora_linear`]), when dropout
+    /// is inactive and no gradient probe is on.
     fn fused_linear<const D: usize>(
         &self,
         x: &Tensor<D>,
-        weight: &Tensor<2>,
+        base: LinearBase<'_>,
         bias: Option<&Tensor<1>>,
     ) -> Option<Tensor<D>> {
         if self.probe.is_some() || self.kind != LayerKind::Linear {
@@ -199,17 +204,20 @@ impl Adapter for RosaAdapter {
             }
             _ => None,
         };
-        let (weight, bias) = (weight.clone(), bias.cloned());
-        match (&self.spa, &self.spa_values, low_rank) {
-            (Some(layout), Some(values), low_rank) => Some(sparse_lora_linear(
-                x.clone(),
-                weight,
-                bias,
-                low_rank,
-                layout,
-                values.val(),
-            )),
-            (_, _, Some((a, b, scale))) => Some(lora_linear(x.clone(), weight, bias, a, b, scale)),
+        let (x, bias) = (x.clone(), bias.cloned());
+        match (&self.spa, &self.spa_values, low_rank, base) {
+            (Some(layout), Some(values), low_rank, LinearBase::Dense(w)) => Some(
+                sparse_lora_linear(x, w.clone(), bias, low_rank, layout, values.val()),
+            ),
+            (Some(layout), Some(values), low_rank, LinearBase::Packed(w)) => Some(
+                packed_sparse_lora_linear(x, w, bias, low_rank, layout, values.val()),
+            ),
+            (_, _, Some((a, b, scale)), LinearBase::Dense(w)) => {
+                Some(lora_linear(x, w.clone(), bias, a, b, scale))
+            }
+            (_, _, Some((a, b, scale)), LinearBase::Packed(w)) => {
+                Some(packed_lora_linear(x, w, bias, a, b, scale))
+            }
             _ => None,
         }
     }

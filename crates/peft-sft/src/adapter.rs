@@ -6,10 +6,10 @@ use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::error::Result;
-use peft_core::{Adapter, Created, LayerInfo, LayerKind, PeftError};
+use peft_core::{Adapter, Created, LayerInfo, LayerKind, LinearBase, PeftError};
 use sparse_kernels::{
     Csr, CsrLayout, CsrStructure, ProbeResult, ProbeSink, default_probe_block, grad_topk_probe,
-    sparse_linear, sparse_lora_linear, to_dense,
+    packed_sparse_lora_linear, sparse_linear, sparse_lora_linear, to_dense,
 };
 
 use crate::config::{InitDeltas, SftConfig};
@@ -340,25 +340,26 @@ impl Adapter for SftAdapter {
         self.statistics_terms(x, result)
     }
 
-    /// The delta accumulated into the base product ([`sparse_lora_linear`]), then the RigL
-    /// statistics terms while they exist.
+    /// The delta accumulated into the base product ([`sparse_lora_linear`], over a packed base
+    /// [`packed_sparse_lora_linear`]), then the RigL statistics terms while they exist.
     fn fused_linear<const D: usize>(
         &self,
         x: &Tensor<D>,
-        weight: &Tensor<2>,
+        base: LinearBase<'_>,
         bias: Option<&Tensor<1>>,
     ) -> Option<Tensor<D>> {
         if self.num_deltas() == 0 {
             return None;
         }
-        let y = sparse_lora_linear(
-            x.clone(),
-            weight.clone(),
-            bias.cloned(),
-            None,
-            &self.layout,
-            self.delta_values.val(),
-        );
+        let (values, bias) = (self.delta_values.val(), bias.cloned());
+        let y = match base {
+            LinearBase::Dense(w) => {
+                sparse_lora_linear(x.clone(), w.clone(), bias, None, &self.layout, values)
+            }
+            LinearBase::Packed(w) => {
+                packed_sparse_lora_linear(x.clone(), w, bias, None, &self.layout, values)
+            }
+        };
         Some(self.statistics_terms(x.clone(), y))
     }
 

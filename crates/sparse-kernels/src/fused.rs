@@ -7,8 +7,13 @@
 //! output rows the dense product wrote (flex: in place, [`csr_linear_add`]
 //! (SparseLinearBackend::csr_linear_add)), and the backward pass writes `dx = g·Wᵀ + (s·g·Bᵀ)·Aᵀ`
 //! as one product into which `g·S` is accumulated the same way; `dA`, `dB` come from
-//! peft-core's [`fast_lora_grads`](LinearBackend::fast_lora_grads) and the values' gradient
+//! peft-core's [`fast_lora_grads`](peft_kernels::linear::LinearBackend::fast_lora_grads) and the values' gradient
 //! from the SDDMM, each only for a tracked operand.
+//!
+//! Over a frozen base kept packed ([`packed_sparse_lora_linear`]: QRoSA, QSFT) the same op reads
+//! the packed blocks for the base product and for `dx`
+//! ([`PackedBackend`](peft_kernels::packed_linear::PackedBackend)), the LoRA term joined to
+//! them as in [`packed_lora_linear`](peft_kernels::packed_linear::packed_lora_linear).
 
 use burn::backend::{
     Autodiff, Backend, Dispatch, TensorMetadata,
@@ -21,7 +26,8 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
 };
 use burn::tensor::{DType, Shape, Slice, Tensor};
-use peft_kernels::linear::{LinearBackend, linear, lora_linear};
+use peft_kernels::linear::{linear, lora_linear};
+use peft_kernels::packed_linear::{PackedBackend, PackedWeight, packed_linear, packed_lora_linear};
 
 use crate::backend::{CsrIndices, SparseBackend};
 use crate::{CsrLayout, sparse_linear};
@@ -36,7 +42,7 @@ use crate::{CsrLayout, sparse_linear};
     Fusion: cfg(feature = "cube"),
     Autodiff
 )]
-pub trait SparseLinearBackend: LinearBackend + SparseBackend {
+pub trait SparseLinearBackend: PackedBackend + SparseBackend {
     /// `dense + x·Sᵀ` (`x`: `[m, in]`, `dense`: `[m, out]`); on flex accumulated into `dense`'s
     /// buffer when it is not shared.
     #[fusion(default)]
@@ -90,6 +96,45 @@ pub trait SparseLinearBackend: LinearBackend + SparseBackend {
         values: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let y = Self::fast_linear(x.clone(), weight, bias);
+        Self::csr_linear_add(s, st, perm, inverse, values, x, y)
+    }
+
+    /// [`sparse_lora_linear`](Self::sparse_lora_linear) over a packed base: `x·Wᵀ + bias +
+    /// scale·(x·a)·b + x·Sᵀ` (`weight`: `[out, in]`).
+    #[fusion(default)]
+    #[allow(clippy::too_many_arguments)]
+    fn packed_sparse_lora_linear(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+        #[extension_type] s: CsrIndices<Self>,
+        #[extension_type] st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let y = Self::packed_lora_linear_t(x.clone(), weight, bias, a, b, scale);
+        Self::csr_linear_add(s, st, perm, inverse, values, x, y)
+    }
+
+    /// [`sparse_dense_linear`](Self::sparse_dense_linear) over a packed base: `x·Wᵀ + bias +
+    /// x·Sᵀ` (`weight`: `[out, in]`).
+    #[fusion(default)]
+    #[allow(clippy::too_many_arguments)]
+    fn packed_sparse_linear(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        bias: FloatTensor<Self>,
+        #[extension_type] s: CsrIndices<Self>,
+        #[extension_type] st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let y = Self::packed_linear_t(x.clone(), weight, bias);
         Self::csr_linear_add(s, st, perm, inverse, values, x, y)
     }
 }
@@ -150,20 +195,30 @@ struct LowRankState<B: Backend> {
     scale: f64,
 }
 
+/// The frozen or trained base weight as the backward pass needs it for `dx`.
+#[derive(Clone, Debug)]
+enum BaseState<B: Backend> {
+    /// `[in, out]`, a parent of the op (it may be tracked).
+    Dense(Option<FloatTensor<B>>),
+    /// Kept packed, frozen: not a parent.
+    Packed(PackedWeight),
+}
+
 /// What the fused op's backward pass keeps, each only when a gradient needs it.
 #[derive(Clone, Debug)]
 struct FusedState<B: Backend> {
     /// For `dW`, `dA` and the values' gradient.
     x: Option<FloatTensor<B>>,
     /// For `dx`.
-    weight: Option<FloatTensor<B>>,
+    base: BaseState<B>,
     /// Absent without a low-rank term.
     low_rank: Option<LowRankState<B>>,
     sparse: SparseState<B>,
 }
 
 /// The backward step of the fused ops on `Autodiff`. Parents: `[x, weight, a, b, bias,
-/// values]` with a low-rank term, `[x, weight, bias, values]` without.
+/// values]` with a low-rank term, `[x, weight, bias, values]` without; over a packed base the
+/// same without `weight`.
 #[derive(Debug)]
 struct FusedBackward;
 
@@ -172,17 +227,19 @@ impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
-        let ids: Vec<_> = ops
-            .parents
-            .iter()
-            .map(|p| p.as_ref().map(|n| n.id))
-            .collect();
         let st = ops.state;
-        let (x_id, w_id) = (ids[0], ids[1]);
-        let (a_id, b_id, bias_id, values_id) = match st.low_rank {
-            Some(_) => (ids[2], ids[3], ids[4], ids[5]),
-            None => (None, None, ids[2], ids[3]),
+        let mut ids = ops.parents.iter().map(|p| p.as_ref().map(|n| n.id));
+        let mut next = || ids.next().flatten();
+        let x_id = next();
+        let w_id = match st.base {
+            BaseState::Dense(_) => next(),
+            BaseState::Packed(_) => None,
         };
+        let (a_id, b_id) = match st.low_rank {
+            Some(_) => (next(), next()),
+            None => (None, None),
+        };
+        let (bias_id, values_id) = (next(), next());
         let t = |t| B::float_transpose(t);
         // `scale · g·bᵀ` (`[m, r]`), what `dA` and `dx` share; with `a`ᵀ for `dx`.
         let mut low_rank_dx = None;
@@ -237,11 +294,18 @@ impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
             );
             grads.register::<B>(id, dv);
         }
-        if let (Some(id), Some(w), Some(values)) = (x_id, st.weight, sp.values) {
+        if let (Some(id), Some(values)) = (x_id, sp.values) {
             // dx = g·Wᵀ (+ (s·g·Bᵀ)·Aᵀ), then g·S accumulated into it: `g·(Sᵀ)ᵀ`.
-            let dx = match low_rank_dx {
-                Some((gb, a)) => B::fast_matmul_low_rank(grad.clone(), t(w), gb, t(a)),
-                None => B::fast_matmul(grad.clone(), t(w)),
+            let dx = match (st.base, low_rank_dx) {
+                (BaseState::Dense(Some(w)), Some((gb, a))) => {
+                    B::fast_matmul_low_rank(grad.clone(), t(w), gb, t(a))
+                }
+                (BaseState::Dense(Some(w)), None) => B::fast_matmul(grad.clone(), t(w)),
+                (BaseState::Packed(w), Some((gb, a))) => {
+                    B::packed_matmul_low_rank(grad.clone(), w, gb, a)
+                }
+                (BaseState::Packed(w), None) => B::packed_matmul(grad.clone(), w),
+                (BaseState::Dense(None), _) => unreachable!("a tracked x keeps the weight"),
             };
             let values_t = B::float_select(values, 0, sp.perm.clone());
             let dx = B::csr_linear_add(sp.st, sp.s, sp.inverse, sp.perm, values_t, grad, dx);
@@ -289,20 +353,14 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
         let h = B::float_mul_scalar(B::fast_matmul(x.clone(), a.clone()), scale.into());
         let state = FusedState {
             x: (a_t || w_t || v_t).then(|| x.clone()),
-            weight: x_t.then(|| weight.clone()),
+            base: BaseState::Dense(x_t.then(|| weight.clone())),
             low_rank: Some(LowRankState {
                 a: x_t.then(|| a.clone()),
                 b: (x_t || a_t).then(|| b.clone()),
                 h: b_t.then(|| h.clone()),
                 scale,
             }),
-            sparse: SparseState {
-                s: s.clone(),
-                st: st.clone(),
-                perm: perm.clone(),
-                inverse: inverse.clone(),
-                values: x_t.then(|| values.clone()),
-            },
+            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone())),
         };
         let y = B::fast_linear_low_rank(x.clone(), weight, bias, h, b);
         prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
@@ -334,18 +392,106 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
         };
         let state = FusedState {
             x: (w_t || v_t).then(|| x.clone()),
-            weight: x_t.then(|| weight.clone()),
+            base: BaseState::Dense(x_t.then(|| weight.clone())),
             low_rank: None,
-            sparse: SparseState {
-                s: s.clone(),
-                st: st.clone(),
-                perm: perm.clone(),
-                inverse: inverse.clone(),
-                values: x_t.then(|| values.clone()),
-            },
+            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone())),
         };
         let y = B::fast_linear(x.clone(), weight, bias);
         prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn packed_sparse_lora_linear(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        bias: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+        s: CsrIndices<Self>,
+        st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [x_t, a_t, b_t, v_t] = [&x, &a, &b, &values].map(|t| t.is_tracked());
+        let nodes = [x.node(), a.node(), b.node(), bias.node(), values.node()];
+        let prep = FusedBackward.prepare::<C>(nodes).compute_bound().stateful();
+        let [x, bias, a, b, values] = [x, bias, a, b, values].map(|t| t.into_primitive());
+        let (s, st) = (cast(s), cast(st));
+        let prep = match prep {
+            OpsKind::Tracked(prep) => prep,
+            OpsKind::UnTracked(prep) => {
+                return prep.finish(B::packed_sparse_lora_linear(
+                    x, weight, bias, a, b, scale, s, st, perm, inverse, values,
+                ));
+            }
+        };
+        let h = B::float_mul_scalar(B::fast_matmul(x.clone(), a.clone()), scale.into());
+        let state = FusedState {
+            x: (a_t || v_t).then(|| x.clone()),
+            base: BaseState::Packed(weight.clone()),
+            low_rank: Some(LowRankState {
+                a: x_t.then(|| a.clone()),
+                b: (x_t || a_t).then(|| b.clone()),
+                h: b_t.then(|| h.clone()),
+                scale,
+            }),
+            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone())),
+        };
+        let y = B::packed_linear_t_low_rank(x.clone(), weight, bias, h, b);
+        prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn packed_sparse_linear(
+        x: FloatTensor<Self>,
+        weight: PackedWeight,
+        bias: FloatTensor<Self>,
+        s: CsrIndices<Self>,
+        st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [x_t, v_t] = [&x, &values].map(|t| t.is_tracked());
+        let nodes = [x.node(), bias.node(), values.node()];
+        let prep = FusedBackward.prepare::<C>(nodes).compute_bound().stateful();
+        let [x, bias, values] = [x, bias, values].map(|t| t.into_primitive());
+        let (s, st) = (cast(s), cast(st));
+        let prep = match prep {
+            OpsKind::Tracked(prep) => prep,
+            OpsKind::UnTracked(prep) => {
+                return prep.finish(B::packed_sparse_linear(
+                    x, weight, bias, s, st, perm, inverse, values,
+                ));
+            }
+        };
+        let state = FusedState {
+            x: v_t.then(|| x.clone()),
+            base: BaseState::Packed(weight.clone()),
+            low_rank: None,
+            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone())),
+        };
+        let y = B::packed_linear_t(x.clone(), weight, bias);
+        prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
+    }
+}
+
+/// [`SparseState`] from the op's operands.
+fn sparse_state<B: Backend>(
+    s: &CsrIndices<B>,
+    st: &CsrIndices<B>,
+    perm: &IntTensor<B>,
+    inverse: &IntTensor<B>,
+    values: Option<FloatTensor<B>>,
+) -> SparseState<B> {
+    SparseState {
+        s: s.clone(),
+        st: st.clone(),
+        perm: perm.clone(),
+        inverse: inverse.clone(),
+        values,
     }
 }
 
@@ -437,4 +583,63 @@ pub fn sparse_lora_linear<const D: usize>(
     let mut shape = dims;
     shape[D - 1] = out;
     y.reshape(shape)
+}
+
+/// [`sparse_lora_linear`] over a frozen base `weight` (`[out, in]`) kept packed (QRoSA, QSFT):
+/// `x·Wᵀ + bias (+ scale·(x·a)·b) + x·Sᵀ`, as `packed_lora_linear(..) + sparse_linear(..)` (or
+/// `packed_linear(..) + sparse_linear(..)`) computes it, in one differentiable op whose base
+/// product and input gradient read the packed blocks.
+///
+/// # Arguments
+/// - `x`: the layer input, `[..., in]`.
+/// - `weight`: the packed base, `[out, in]`; `bias`: `[out]`.
+/// - `low_rank`: `(a, b, scale)` with `a`: `[in, r]`, `b`: `[r, out]`.
+/// - `layout`, `values`: `S`, `[out, in]`, `[nnz]` values.
+pub fn packed_sparse_lora_linear<const D: usize>(
+    x: Tensor<D>,
+    weight: &PackedWeight,
+    bias: Option<Tensor<1>>,
+    low_rank: Option<(Tensor<2>, Tensor<2>, f64)>,
+    layout: &CsrLayout,
+    values: Tensor<1>,
+) -> Tensor<D> {
+    let [out, inp] = layout.shape();
+    let dims = x.dims();
+    if dims.contains(&0) || out == 0 || weight.shape() != [out, inp] {
+        let dense = match low_rank {
+            Some((a, b, scale)) => packed_lora_linear(x.clone(), weight, bias, a, b, scale),
+            None => packed_linear(x.clone(), weight, bias),
+        };
+        return dense + sparse_linear(x, layout, values);
+    }
+    let rows: usize = dims[..D - 1].iter().product();
+    let x2 = x.reshape([rows, inp]);
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([out], &x2.device()));
+    let (s, st) = (layout.indices(), layout.transposed_indices());
+    let (perm, inverse) = (layout.perm_dispatch(), layout.inverse_perm_dispatch());
+    let (x2, bias, values) = (
+        x2.into_dispatch(),
+        bias.into_dispatch(),
+        values.into_dispatch(),
+    );
+    let w = weight.clone();
+    let y = match low_rank {
+        Some((a, b, scale)) => Dispatch::packed_sparse_lora_linear(
+            x2,
+            w,
+            bias,
+            a.into_dispatch(),
+            b.into_dispatch(),
+            scale,
+            s,
+            st,
+            perm,
+            inverse,
+            values,
+        ),
+        None => Dispatch::packed_sparse_linear(x2, w, bias, s, st, perm, inverse, values),
+    };
+    let mut shape = dims;
+    shape[D - 1] = out;
+    Tensor::<2>::from_dispatch(y).reshape(shape)
 }

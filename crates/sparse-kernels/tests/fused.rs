@@ -2,14 +2,21 @@
 //! (`lora_linear` / `linear` + `sparse_linear`): outputs and every gradient, with and without a
 //! LoRA term, a bias and a tracked base weight, at token counts that are and are not multiples
 //! of the kernels' 16-token blocks, on every CPU body this machine supports; and the input
-//! gradient against finite differences.
+//! gradient against finite differences. The same over a packed base
+//! (`packed_sparse_lora_linear` against `packed_lora_linear` / `packed_linear` +
+//! `sparse_linear`).
 
 mod common;
 
 use burn::tensor::{Device, Tensor};
 use common::*;
+use std::sync::Arc;
+
 use peft_kernels::linear::{linear, lora_linear};
-use sparse_kernels::{CsrLayout, sparse_linear, sparse_lora_linear};
+use peft_kernels::packed_linear::{packed_linear, packed_lora_linear};
+use peft_kernels::quant::ggml::GgmlBlock;
+use peft_kernels::quant::{PackedFormat, PackedMatrix};
+use sparse_kernels::{CsrLayout, packed_sparse_lora_linear, sparse_linear, sparse_lora_linear};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -213,5 +220,87 @@ fn fused_input_gradient_matches_finite_differences() {
             "dx[{i}] = {}, finite difference {fd}",
             dx[i]
         );
+    }
+}
+
+/// QRoSA and QSFT layers: the packed fused op against the composed packed ops, outputs and every
+/// gradient, with and without a LoRA term, a bias and a tracked input, over NF4 and ggml blocks,
+/// at row counts on both sides of the packed product's few-rows path.
+#[test]
+fn packed_fused_layer_equals_the_composed_packed_ops() {
+    let formats = [
+        PackedFormat::Nf4 { double: true },
+        PackedFormat::Ggml(GgmlBlock::Q4_1),
+        PackedFormat::Ggml(GgmlBlock::Q8_0),
+    ];
+    // (tokens, in, out, rank, bias, x tracked, density)
+    let cases = [
+        (70, 64, 72, Some(16), true, true, 0.05),
+        (3, 96, 40, Some(4), false, true, 0.2),
+        (33, 64, 20, None, true, true, 0.1),
+        (5, 32, 48, None, false, false, 0.3),
+        (20, 128, 36, Some(8), true, false, 0.1),
+    ];
+    let d = device();
+    for (f, format) in formats.into_iter().enumerate() {
+        for (i, &(tokens, inp, out, rank, with_bias, x_tracked, density)) in
+            cases.iter().enumerate()
+        {
+            let what = format!("{} case {i}", format.name());
+            let mut rng = Lcg::new(300 + 10 * f as u64 + i as u64);
+            let (s, values) = random_sparse(&mut rng, out, inp, density);
+            let layout = CsrLayout::new(s, &d);
+            let w =
+                Arc::new(PackedMatrix::quantize(&rng.vec(out * inp), out, inp, format).unwrap());
+            let x = t2(&rng.vec(tokens * inp), [tokens, inp], &d);
+            let x = if x_tracked { x.require_grad() } else { x };
+            let bias = with_bias.then(|| t1(&rng.vec(out), &d).require_grad());
+            let v = t1(&values, &d).require_grad();
+            let low_rank = rank.map(|r| {
+                let a = t2(&rng.vec(inp * r), [inp, r], &d).require_grad();
+                let b = t2(&rng.vec(r * out), [r, out], &d).require_grad();
+                (a, b, 1.25)
+            });
+            let g = t2(&rng.vec(tokens * out), [tokens, out], &d);
+            let fused = packed_sparse_lora_linear(
+                x.clone(),
+                &w,
+                bias.clone(),
+                low_rank.clone(),
+                &layout,
+                v.clone(),
+            );
+            let dense = match low_rank.clone() {
+                Some((a, b, scale)) => packed_lora_linear(x.clone(), &w, bias.clone(), a, b, scale),
+                None => packed_linear(x.clone(), &w, bias.clone()),
+            };
+            let composed = dense + sparse_linear(x.clone(), &layout, v.clone());
+            assert_near(
+                read(fused.clone()),
+                read(composed.clone()),
+                &format!("{what} output"),
+            );
+            let gf = (fused * g.clone()).sum().backward();
+            let gc = (composed * g).sum().backward();
+            let pair = |t: &Tensor<2>, name: &str| {
+                let (got, want) = (t.grad(&gf).unwrap(), t.grad(&gc).unwrap());
+                assert_near(read(got), read(want), &format!("{what} {name}"));
+            };
+            if x_tracked {
+                pair(&x, "dx");
+            } else {
+                assert!(x.grad(&gf).is_none(), "{what}: an untracked input");
+            }
+            if let Some((a, b, _)) = &low_rank {
+                pair(a, "dA");
+                pair(b, "dB");
+            }
+            if let Some(bias) = &bias {
+                let (got, want) = (bias.grad(&gf).unwrap(), bias.grad(&gc).unwrap());
+                assert_near(read(got), read(want), &format!("{what} dbias"));
+            }
+            let (got, want) = (v.grad(&gf).unwrap(), v.grad(&gc).unwrap());
+            assert_near(read(got), read(want), &format!("{what} dvalues"));
+        }
     }
 }
