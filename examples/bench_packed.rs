@@ -15,7 +15,9 @@
 //!   `gguf`: the file's `Q4_1` / `Q8_0` blocks kept packed in the mapped file).
 //! * all-MiniLM-L6-v2, batch 16 × 128 (the `bench_minilm` workload, loss `mean(h²)`), its linear
 //!   layers packed after loading with `PeftModel::pack_base` (`nf4-dq`; `gguf`: `Q4_1` blocks
-//!   quantized as llama.cpp's quantizer does). BERT's embeddings stay f32.
+//!   quantized as llama.cpp's quantizer does), its token table with `BertEmbeddings::pack_words`
+//!   (`nf4-dq`: bf16, as QLoRA keeps embeddings; `gguf`: `Q8_0`, as GGUF files store them). The
+//!   position and token-type tables stay f32.
 //!
 //! Methods: LoRA r 16, alpha 32 on every linear layer; RoSA r 12 with density 4/256 (the
 //! `bench_rosa` setting), its first step collecting the mask gradients (reported apart). AdamW
@@ -222,18 +224,31 @@ fn minilm<A: Adapter, C: Method<Adapter = A>>(
 ) -> anyhow::Result<Measured> {
     let w = Workload::load(None)?;
     let start = Instant::now();
-    let model = Bert::<PeftLinear<A>>::from_dir_with(&w.dir, &w.config, &w.device)?;
-    let mut peft = PeftModel::new_typed(model, config)?;
-    let format = match base {
-        BaseFormat::F32 => None,
-        BaseFormat::Gguf => Some(PackedFormat::Ggml(GgmlBlock::Q4_1)),
-        other => other.linear_format(),
+    let mut model = Bert::<PeftLinear<A>>::from_dir_with(&w.dir, &w.config, &w.device)?;
+    // The token table as QLoRA keeps it (bf16) or as a GGUF file stores it (`Q8_0`).
+    let (linears, table) = match base {
+        BaseFormat::F32 => (None, None),
+        BaseFormat::Gguf => (
+            Some(PackedFormat::Ggml(GgmlBlock::Q4_1)),
+            Some(PackedFormat::Ggml(GgmlBlock::Q8_0)),
+        ),
+        other => (other.linear_format(), other.table_format()),
     };
-    if let Some(format) = format {
+    if let Some(format) = table {
+        model.embeddings.pack_words(format)?;
+    }
+    let table_bytes = model
+        .embeddings
+        .packed_words
+        .as_ref()
+        .map_or(0, |t| t.size_bytes());
+    let mut peft = PeftModel::new_typed(model, config)?;
+    if let Some(format) = linears {
         peft.pack_base(format, |_| true)?;
     }
     let load_s = start.elapsed().as_secs_f64();
-    let base_bytes = packed_bytes::<_, A>(peft.model()) + frozen_f32_bytes(peft.model());
+    let base_bytes =
+        packed_bytes::<_, A>(peft.model()) + table_bytes + frozen_f32_bytes(peft.model());
     let load_peak_mib = memory_mib("VmHWM:");
     reset_peak();
     let (step_ms, collection_ms) = train(peft, rosa, args, |m: &Bert<PeftLinear<A>>| {

@@ -6,11 +6,11 @@ use std::str::FromStr;
 
 use burn::module::{Module, ModuleDisplay, Param};
 use burn::nn::Linear;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::{Adapter, PeftLinear};
 use peft_kernels::cross_entropy::HeadWeight;
 use peft_kernels::packed_linear::PackedWeight;
-use peft_kernels::quant::PackedFormat;
+use peft_kernels::quant::{PackedFormat, PackedMatrix};
 use peft_kernels::quant::ggml::GgmlBlock;
 
 use crate::error::Result;
@@ -258,4 +258,24 @@ impl RmsNorm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         peft_kernels::rms_norm(x, self.weight.val(), self.eps)
     }
+}
+
+/// The rows of the packed token table `table` (`[vocab, hidden]`) for `ids` (`[batch, seq]`):
+/// `[batch, seq, hidden]`, decoding only those rows (a frozen lookup: no gradient).
+///
+/// # Panics
+/// For an id outside the table.
+pub(crate) fn packed_lookup(table: &PackedMatrix, ids: Tensor<2, Int>) -> Tensor<3> {
+    let [batch, seq] = ids.dims();
+    let device = ids.device();
+    let ids: Vec<usize> = ids
+        .into_data()
+        .iter::<i64>()
+        .map(|id| usize::try_from(id).unwrap_or(usize::MAX))
+        .collect();
+    let hidden = table.shape()[1];
+    Tensor::from_data(
+        TensorData::new(table.gather_rows(&ids), [batch, seq, hidden]),
+        &device,
+    )
 }

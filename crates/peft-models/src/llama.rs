@@ -45,7 +45,7 @@ use peft_kernels::packed_linear::{PackedWeight, packed_linear};
 
 use crate::checkpoint::{Checkpoint, read_config};
 use crate::error::{ModelError, Result};
-use crate::layers::{BaseFormat, LinearLayer, RmsNorm};
+use crate::layers::{BaseFormat, LinearLayer, RmsNorm, packed_lookup};
 use crate::loss::causal_lm_loss_from_hidden;
 use peft_kernels::{causal_attention, swiglu};
 
@@ -831,21 +831,10 @@ impl<L: LinearLayer> LlamaModel<L> {
     /// # Panics
     /// For an id outside a packed table.
     pub fn embed(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
-        let Some(table) = &self.packed_embed else {
-            return self.embed_tokens.forward(input_ids);
-        };
-        let [batch, seq] = input_ids.dims();
-        let device = input_ids.device();
-        let ids: Vec<usize> = input_ids
-            .into_data()
-            .iter::<i64>()
-            .map(|id| usize::try_from(id).unwrap_or(usize::MAX))
-            .collect();
-        let hidden = table.shape()[1];
-        Tensor::from_data(
-            TensorData::new(table.gather_rows(&ids), [batch, seq, hidden]),
-            &device,
-        )
+        match &self.packed_embed {
+            Some(table) => packed_lookup(table, input_ids),
+            None => self.embed_tokens.forward(input_ids),
+        }
     }
 
     /// The vocabulary size (rows of the token table).

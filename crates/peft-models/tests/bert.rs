@@ -132,3 +132,70 @@ fn bad_checkpoints_and_configs_are_named() {
     let err = Bert::<Linear>::from_pretrained(&dir.path().join("nope"), &device).unwrap_err();
     assert!(matches!(err, ModelError::NotFound { .. }), "{err}");
 }
+
+/// A token table held packed reads as its dequantized twin (only the looked-up rows are
+/// decoded), moves the output by the format's rounding only, leaves an empty placeholder as the
+/// table's parameter, and refuses a table its format cannot hold.
+#[test]
+fn a_packed_token_table_reads_as_its_dequantized_twin() {
+    use burn::module::{Module, Param};
+    use peft_kernels::quant::PackedFormat;
+    use peft_kernels::quant::ggml::GgmlBlock;
+
+    let device = Device::flex();
+    let (ids, mask) = inputs(&device);
+    let (original, _) =
+        Bert::<PeftLinear<LoraAdapter>>::from_pretrained(&fixtures().join("model"), &device)
+            .unwrap();
+    let reference = original.forward(ids.clone(), mask.clone());
+    let params = original.num_params();
+    for format in [
+        PackedFormat::Ggml(GgmlBlock::Q8_0),
+        PackedFormat::Ggml(GgmlBlock::Bf16),
+        PackedFormat::Nf4 { double: true },
+    ] {
+        let mut packed = original.clone();
+        packed.embeddings.pack_words(format).unwrap();
+        let table = packed.embeddings.packed_words.clone().expect("packed");
+        assert_eq!(table.shape(), [100, 32]);
+        assert_eq!(packed.embeddings.word_embeddings.weight.dims(), [0, 32]);
+        assert_eq!(params - packed.num_params(), 100 * 32, "{}", format.name());
+        // Packing twice keeps the first table.
+        packed.embeddings.pack_words(format).unwrap();
+        assert!(std::sync::Arc::ptr_eq(
+            &table,
+            packed.embeddings.packed_words.as_ref().unwrap()
+        ));
+
+        let mut twin = original.clone();
+        twin.embeddings.word_embeddings.weight = Param::from_tensor(Tensor::from_data(
+            TensorData::new(table.dequantize(), [100, 32]),
+            &device,
+        ));
+        let out = packed.forward(ids.clone(), mask.clone());
+        let twin_out = twin.forward(ids.clone(), mask.clone());
+        let diff = max_abs_diff(out.clone(), twin_out.into_data());
+        assert!(diff <= 1e-6, "{}: packed vs dequantized {diff}", format.name());
+        let rounding = max_abs_diff(out, reference.clone().into_data());
+        assert!(
+            rounding > 0.0 && rounding < 0.5,
+            "{}: rounding moved the output by {rounding}",
+            format.name()
+        );
+    }
+
+    let mut bad = original.clone();
+    let mut values = vec![0.5f32; 100 * 32];
+    values[70] = f32::NAN;
+    bad.embeddings.word_embeddings.weight = Param::from_tensor(Tensor::from_data(
+        TensorData::new(values, [100, 32]),
+        &device,
+    ));
+    let err = bad
+        .embeddings
+        .pack_words(PackedFormat::Ggml(GgmlBlock::Q8_0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("word_embeddings") && err.contains("Q8_0"), "{err}");
+    assert!(bad.embeddings.packed_words.is_none(), "nothing half-done");
+}
