@@ -171,12 +171,14 @@ impl BertEmbeddings {
         }
         let weight = self.word_embeddings.weight.val();
         let [vocab, hidden] = weight.dims();
-        let values = weight.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| {
-            ModelError::InvalidInput {
+        let values = weight
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| ModelError::InvalidInput {
                 field: "embeddings.word_embeddings".into(),
                 reason: format!("{e:?}"),
-            }
-        })?;
+            })?;
         let packed = PackedMatrix::quantize(&values, vocab, hidden, format).map_err(|e| {
             ModelError::InvalidInput {
                 field: "embeddings.word_embeddings".into(),

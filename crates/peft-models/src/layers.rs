@@ -10,8 +10,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use peft_core::{Adapter, PeftLinear};
 use peft_kernels::cross_entropy::HeadWeight;
 use peft_kernels::packed_linear::PackedWeight;
-use peft_kernels::quant::{PackedFormat, PackedMatrix};
 use peft_kernels::quant::ggml::GgmlBlock;
+use peft_kernels::quant::{PackedFormat, PackedMatrix};
 
 use crate::error::Result;
 

@@ -175,7 +175,11 @@ fn a_packed_token_table_reads_as_its_dequantized_twin() {
         let out = packed.forward(ids.clone(), mask.clone());
         let twin_out = twin.forward(ids.clone(), mask.clone());
         let diff = max_abs_diff(out.clone(), twin_out.into_data());
-        assert!(diff <= 1e-6, "{}: packed vs dequantized {diff}", format.name());
+        assert!(
+            diff <= 1e-6,
+            "{}: packed vs dequantized {diff}",
+            format.name()
+        );
         let rounding = max_abs_diff(out, reference.clone().into_data());
         assert!(
             rounding > 0.0 && rounding < 0.5,
@@ -196,6 +200,9 @@ fn a_packed_token_table_reads_as_its_dequantized_twin() {
         .pack_words(PackedFormat::Ggml(GgmlBlock::Q8_0))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("word_embeddings") && err.contains("Q8_0"), "{err}");
+    assert!(
+        err.contains("word_embeddings") && err.contains("Q8_0"),
+        "{err}"
+    );
     assert!(bad.embeddings.packed_words.is_none(), "nothing half-done");
 }
