@@ -14,6 +14,7 @@
 use burn::backend::{
     Autodiff, Backend, Dispatch, TensorMetadata,
     autodiff::{
+        NodeId,
         checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
         grads::Gradients,
         ops::{Backward, Ops, OpsKind, OpsPrep},
@@ -285,35 +286,14 @@ impl<B: LinearBackend, const N: usize> Backward<B, N> for LoraBackward {
         let node = |i: usize| ids.get(i).copied().flatten();
         let s = ops.state;
         // `scale · g·bᵀ`, `[m, r]`: what `dA` and `dx` share.
-        let gb = match (node(2), node(3), &s.x, s.h, s.b) {
-            // Both factors tracked: the three low-rank products in one pass over `g` and `x`.
-            (Some(a_id), Some(b_id), Some(x), Some(h), Some(b)) => {
-                let ([m, r], k, n) = (h.shape().dims(), x.shape()[1], grad.shape()[1]);
-                let all = B::fast_lora_grads(grad.clone(), x.clone(), h, b, s.scale);
-                let part = |start: usize, shape: [usize; 2]| {
-                    let end = start + shape[0] * shape[1];
-                    let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
-                    B::float_reshape(part, Shape::new(shape))
-                };
-                grads.register::<B>(a_id, part(m * r, [k, r]));
-                grads.register::<B>(b_id, part(m * r + k * r, [r, n]));
-                Some(part(0, [m, r]))
-            }
-            (a_id, b_id, _, h, b) => {
-                let gb = b.map(|b| {
-                    let gb = B::fast_matmul(grad.clone(), B::float_transpose(b));
-                    B::float_mul_scalar(gb, s.scale.into())
-                });
-                if let (Some(id), Some(x), Some(gb)) = (a_id, &s.x, &gb) {
-                    let da = B::fast_matmul(B::float_transpose(x.clone()), gb.clone());
-                    grads.register::<B>(id, da);
-                }
-                if let (Some(id), Some(h)) = (b_id, h) {
-                    grads.register::<B>(id, B::fast_matmul(B::float_transpose(h), grad.clone()));
-                }
-                gb
-            }
-        };
+        let gb = register_low_rank_grads::<B>(
+            grads,
+            &grad,
+            [node(2), node(3)],
+            s.x.as_ref(),
+            (s.h, s.b),
+            s.scale,
+        );
         if let (Some(id), Some(x)) = (node(1), s.x) {
             grads.register::<B>(id, B::fast_matmul(B::float_transpose(x), grad.clone()));
         }
@@ -322,6 +302,50 @@ impl<B: LinearBackend, const N: usize> Backward<B, N> for LoraBackward {
         if let (Some(id), Some(w), Some(a), Some(gb)) = (node(0), s.weight, s.a, gb) {
             let t = |t| B::float_transpose(t);
             grads.register::<B>(id, B::fast_matmul_low_rank(grad, t(w), gb, t(a)));
+        }
+    }
+}
+
+/// The gradients of a LoRA term `h·b` (`h = scale · x·a`) for the output gradient `grad`
+/// (`[m, n]`): `dA = xᵀ·gb` and `dB = hᵀ·g` registered for the tracked factors (`ids`: `[a, b]`),
+/// from one pass of [`LinearBackend::fast_lora_grads`] when both are tracked; returns `gb =
+/// scale · g·bᵀ` (`[m, r]`, what the input gradient needs too) when `b` was kept. The backward
+/// steps of every fused LoRA op (f32, packed and sparse bases) share it.
+pub fn register_low_rank_grads<B: LinearBackend>(
+    grads: &mut Gradients,
+    grad: &FloatTensor<B>,
+    [a_id, b_id]: [Option<NodeId>; 2],
+    x: Option<&FloatTensor<B>>,
+    (h, b): (Option<FloatTensor<B>>, Option<FloatTensor<B>>),
+    scale: f64,
+) -> Option<FloatTensor<B>> {
+    match (a_id, b_id, x, h, b) {
+        // Both factors tracked: the three low-rank products in one pass over `g` and `x`.
+        (Some(a_id), Some(b_id), Some(x), Some(h), Some(b)) => {
+            let ([m, r], k, n) = (h.shape().dims(), x.shape()[1], grad.shape()[1]);
+            let all = B::fast_lora_grads(grad.clone(), x.clone(), h, b, scale);
+            let part = |start: usize, shape: [usize; 2]| {
+                let end = start + shape[0] * shape[1];
+                let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
+                B::float_reshape(part, Shape::new(shape))
+            };
+            grads.register::<B>(a_id, part(m * r, [k, r]));
+            grads.register::<B>(b_id, part(m * r + k * r, [r, n]));
+            Some(part(0, [m, r]))
+        }
+        (a_id, b_id, x, h, b) => {
+            let gb = b.map(|b| {
+                let gb = B::fast_matmul(grad.clone(), B::float_transpose(b));
+                B::float_mul_scalar(gb, scale.into())
+            });
+            if let (Some(id), Some(x), Some(gb)) = (a_id, x, &gb) {
+                let da = B::fast_matmul(B::float_transpose(x.clone()), gb.clone());
+                grads.register::<B>(id, da);
+            }
+            if let (Some(id), Some(h)) = (b_id, h) {
+                grads.register::<B>(id, B::fast_matmul(B::float_transpose(h), grad.clone()));
+            }
+            gb
         }
     }
 }

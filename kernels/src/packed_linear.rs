@@ -20,9 +20,9 @@ use burn::backend::{
     backend_extension,
     tensor::FloatTensor,
 };
-use burn::tensor::{Shape, Slice, Tensor, TensorData};
+use burn::tensor::{Shape, Tensor, TensorData};
 
-use crate::linear::LinearBackend;
+use crate::linear::{LinearBackend, register_low_rank_grads};
 use crate::quant::PackedMatrix;
 
 /// A packed weight shared between the layer that owns it and the products that read it.
@@ -261,34 +261,14 @@ impl<B: PackedBackend, const N: usize> Backward<B, N> for PackedLoraBackward {
         let node = |i: usize| ids.get(i).copied().flatten();
         let s = ops.state;
         // `scale · g·bᵀ`, `[m, r]`: what `dA` and `dx` share.
-        let gb = match (node(1), node(2), s.x, s.h, s.b) {
-            // Both factors tracked: the three low-rank products in one pass over `g` and `x`.
-            (Some(a_id), Some(b_id), Some(x), Some(h), Some(b)) => {
-                let ([m, r], k, n) = (h.shape().dims(), x.shape()[1], grad.shape()[1]);
-                let all = B::fast_lora_grads(grad.clone(), x, h, b, s.scale);
-                let part = |start: usize, shape: [usize; 2]| {
-                    let end = start + shape[0] * shape[1];
-                    let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
-                    B::float_reshape(part, Shape::new(shape))
-                };
-                grads.register::<B>(a_id, part(m * r, [k, r]));
-                grads.register::<B>(b_id, part(m * r + k * r, [r, n]));
-                Some(part(0, [m, r]))
-            }
-            (a_id, b_id, x, h, b) => {
-                let gb = b.map(|b| {
-                    let gb = B::fast_matmul(grad.clone(), B::float_transpose(b));
-                    B::float_mul_scalar(gb, s.scale.into())
-                });
-                if let (Some(id), Some(x), Some(gb)) = (a_id, x, &gb) {
-                    grads.register::<B>(id, B::fast_matmul(B::float_transpose(x), gb.clone()));
-                }
-                if let (Some(id), Some(h)) = (b_id, h) {
-                    grads.register::<B>(id, B::fast_matmul(B::float_transpose(h), grad.clone()));
-                }
-                gb
-            }
-        };
+        let gb = register_low_rank_grads::<B>(
+            grads,
+            &grad,
+            [node(1), node(2)],
+            s.x.as_ref(),
+            (s.h, s.b),
+            s.scale,
+        );
         if let Some(id) = node(3) {
             let n = grad.shape()[1];
             let sum = B::float_sum_dim(grad.clone(), 0);

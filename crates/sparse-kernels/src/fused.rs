@@ -25,8 +25,8 @@ use burn::backend::{
     backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
-use burn::tensor::{DType, Shape, Slice, Tensor};
-use peft_kernels::linear::{linear, lora_linear};
+use burn::tensor::{DType, Shape, Tensor};
+use peft_kernels::linear::{linear, lora_linear, register_low_rank_grads};
 use peft_kernels::packed_linear::{PackedBackend, PackedWeight, packed_linear, packed_lora_linear};
 
 use crate::backend::{CsrIndices, SparseBackend};
@@ -244,33 +244,14 @@ impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
         // `scale · g·bᵀ` (`[m, r]`), what `dA` and `dx` share; with `a`ᵀ for `dx`.
         let mut low_rank_dx = None;
         if let Some(LowRankState { a, b, h, scale }) = st.low_rank {
-            let gb = match (a_id, b_id, &st.x, h, b) {
-                (Some(a_id), Some(b_id), Some(x), Some(h), Some(b)) => {
-                    let ([m, r], k, n) = (h.shape().dims(), x.shape()[1], grad.shape()[1]);
-                    let all = B::fast_lora_grads(grad.clone(), x.clone(), h, b, scale);
-                    let part = |start: usize, shape: [usize; 2]| {
-                        let end = start + shape[0] * shape[1];
-                        let part = B::float_slice(all.clone(), &[Slice::from(start..end)]);
-                        B::float_reshape(part, Shape::new(shape))
-                    };
-                    grads.register::<B>(a_id, part(m * r, [k, r]));
-                    grads.register::<B>(b_id, part(m * r + k * r, [r, n]));
-                    Some(part(0, [m, r]))
-                }
-                (a_id, b_id, _, h, b) => {
-                    let gb = b.map(|b| {
-                        let gb = B::fast_matmul(grad.clone(), t(b));
-                        B::float_mul_scalar(gb, scale.into())
-                    });
-                    if let (Some(id), Some(x), Some(gb)) = (a_id, &st.x, &gb) {
-                        grads.register::<B>(id, B::fast_matmul(t(x.clone()), gb.clone()));
-                    }
-                    if let (Some(id), Some(h)) = (b_id, h) {
-                        grads.register::<B>(id, B::fast_matmul(t(h), grad.clone()));
-                    }
-                    gb
-                }
-            };
+            let gb = register_low_rank_grads::<B>(
+                grads,
+                &grad,
+                [a_id, b_id],
+                st.x.as_ref(),
+                (h, b),
+                scale,
+            );
             low_rank_dx = gb.zip(a);
         }
         if let (Some(id), Some(x)) = (w_id, &st.x) {
