@@ -1427,7 +1427,7 @@ mod tests {
     }
 
     /// The full sweep: each method's three rates plus, for the methods whose first sweep
-    /// picked an edge rate, one more a grid step (about 3.16x) beyond that edge.
+    /// picked an edge rate, one or two more, each a grid step (about 3.16x) beyond the last.
     #[test]
     fn the_sweep_extends_edge_winners_by_one_grid_step() {
         let preset = Preset::named("full").unwrap();

@@ -174,9 +174,10 @@ impl<B: LinearBackend, const N: usize> Backward<B, N> for ProductBackward {
 }
 
 /// The gradient of a bias added to every row of an output whose gradient is `grad` (`[m, n]`):
-/// its column sum, registered for `node` if the bias is tracked.
-fn register_bias_grad<B: LinearBackend>(
-    node: Option<burn::backend::autodiff::NodeId>,
+/// its column sum, registered for `node` if the bias is tracked. The backward steps of every
+/// fused linear op (f32, packed and sparse bases) share it.
+pub fn register_bias_grad<B: Backend>(
+    node: Option<NodeId>,
     grad: FloatTensor<B>,
     grads: &mut Gradients,
 ) {

@@ -22,7 +22,7 @@ use burn::backend::{
 };
 use burn::tensor::{Shape, Tensor, TensorData};
 
-use crate::linear::{LinearBackend, register_low_rank_grads};
+use crate::linear::{LinearBackend, register_bias_grad, register_low_rank_grads};
 use crate::quant::PackedMatrix;
 
 /// A packed weight shared between the layer that owns it and the products that read it.
@@ -153,11 +153,7 @@ impl<B: PackedBackend, const N: usize> Backward<B, N> for PackedBackward {
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let ids = ops.parents.map(|p| p.map(|n| n.id));
-        if let Some(Some(id)) = ids.get(1) {
-            let n = grad.shape()[1];
-            let sum = B::float_sum_dim(grad.clone(), 0);
-            grads.register::<B>(*id, B::float_reshape(sum, Shape::new([n])));
-        }
+        register_bias_grad::<B>(ids.get(1).copied().flatten(), grad.clone(), grads);
         if let Some(Some(id)) = ids.first() {
             grads.register::<B>(*id, B::packed_matmul(grad, ops.state));
         }
@@ -269,11 +265,7 @@ impl<B: PackedBackend, const N: usize> Backward<B, N> for PackedLoraBackward {
             (s.h, s.b),
             s.scale,
         );
-        if let Some(id) = node(3) {
-            let n = grad.shape()[1];
-            let sum = B::float_sum_dim(grad.clone(), 0);
-            grads.register::<B>(id, B::float_reshape(sum, Shape::new([n])));
-        }
+        register_bias_grad::<B>(node(3), grad.clone(), grads);
         // dx = g·W + (scale · g·bᵀ)·aᵀ, as one pass over the packed blocks.
         if let (Some(id), Some(a), Some(gb)) = (node(0), s.a, gb) {
             grads.register::<B>(id, B::packed_matmul_low_rank(grad, s.weight, gb, a));

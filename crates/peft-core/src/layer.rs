@@ -108,8 +108,8 @@ impl<A: Adapter> PeftLinear<A> {
 
     /// [`forward`](Self::forward) over a packed base: the base product reads the packed blocks;
     /// a plain LoRA adapter runs with it as one op ([`packed_lora_linear`]), RoSA and SFT their
-    /// fused op over the packed base ([`Adapter::fused_linear`]); other adapters add their terms as on an f32
-    /// base (a DoRA adapter gets the dequantized weight, built for that call).
+    /// fused op over the packed base ([`Adapter::fused_linear`]); other adapters add their terms
+    /// as on an f32 base (a DoRA adapter gets the dequantized weight, built for that call).
     fn forward_packed<const D: usize>(
         &self,
         x: Tensor<D>,

@@ -7,8 +7,8 @@
 //! output rows the dense product wrote (flex: in place, [`csr_linear_add`]
 //! (SparseLinearBackend::csr_linear_add)), and the backward pass writes `dx = g·Wᵀ + (s·g·Bᵀ)·Aᵀ`
 //! as one product into which `g·S` is accumulated the same way; `dA`, `dB` come from
-//! peft-core's [`fast_lora_grads`](peft_kernels::linear::LinearBackend::fast_lora_grads) and the values' gradient
-//! from the SDDMM, each only for a tracked operand.
+//! peft-core's [`fast_lora_grads`](peft_kernels::linear::LinearBackend::fast_lora_grads) and
+//! the values' gradient from the SDDMM, each only for a tracked operand.
 //!
 //! Over a frozen base kept packed ([`packed_sparse_lora_linear`]: QRoSA, QSFT) the same op reads
 //! the packed blocks for the base product and for `dx`
@@ -25,8 +25,8 @@ use burn::backend::{
     backend_extension,
     tensor::{FloatTensor, IntTensor},
 };
-use burn::tensor::{DType, Shape, Tensor};
-use peft_kernels::linear::{linear, lora_linear, register_low_rank_grads};
+use burn::tensor::{DType, Tensor};
+use peft_kernels::linear::{linear, lora_linear, register_bias_grad, register_low_rank_grads};
 use peft_kernels::packed_linear::{PackedBackend, PackedWeight, packed_linear, packed_lora_linear};
 
 use crate::backend::{CsrIndices, SparseBackend};
@@ -257,11 +257,7 @@ impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
         if let (Some(id), Some(x)) = (w_id, &st.x) {
             grads.register::<B>(id, B::fast_matmul(t(x.clone()), grad.clone()));
         }
-        if let Some(id) = bias_id {
-            let n = grad.shape()[1];
-            let sum = B::float_sum_dim(grad.clone(), 0);
-            grads.register::<B>(id, B::float_reshape(sum, Shape::new([n])));
-        }
+        register_bias_grad::<B>(bias_id, grad.clone(), grads);
         let sp = st.sparse;
         if let (Some(id), Some(x)) = (values_id, &st.x) {
             // dvalues[e] = Σ_t g[t, row(e)] · x[t, col(e)]: `gᵀ·x` sampled on `S`.
@@ -526,38 +522,65 @@ pub fn sparse_lora_linear<const D: usize>(
         };
         return dense + sparse_linear(x, layout, values);
     }
+    let w = weight.into_dispatch();
+    on_sparse_rows(x, bias, layout, values, |x, bias, s| match low_rank {
+        Some((a, b, scale)) => Dispatch::sparse_lora_linear(
+            x,
+            w,
+            bias,
+            a.into_dispatch(),
+            b.into_dispatch(),
+            scale,
+            s.s,
+            s.st,
+            s.perm,
+            s.inverse,
+            s.values,
+        ),
+        None => Dispatch::sparse_dense_linear(x, w, bias, s.s, s.st, s.perm, s.inverse, s.values),
+    })
+}
+
+/// `S`'s operands as the fused ops take them.
+struct SparseOperands {
+    s: CsrIndices<Dispatch>,
+    st: CsrIndices<Dispatch>,
+    perm: IntTensor<Dispatch>,
+    inverse: IntTensor<Dispatch>,
+    values: FloatTensor<Dispatch>,
+}
+
+/// The frame of the public fused ops: `x` (`[..., in]`) as `[rows, in]` (a 2-D `x` as it is:
+/// flex copies a non-contiguous tensor on any reshape), the bias (zeros when absent) and `S`'s
+/// operands handed to `run`, whose `[rows, out]` result comes back as `[..., out]`.
+fn on_sparse_rows<const D: usize>(
+    x: Tensor<D>,
+    bias: Option<Tensor<1>>,
+    layout: &CsrLayout,
+    values: Tensor<1>,
+    run: impl FnOnce(
+        FloatTensor<Dispatch>,
+        FloatTensor<Dispatch>,
+        SparseOperands,
+    ) -> FloatTensor<Dispatch>,
+) -> Tensor<D> {
+    let [out, inp] = layout.shape();
+    let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
     let x2 = if D == 2 {
         Tensor::<2>::from_dispatch(x.into_dispatch())
     } else {
         x.reshape([rows, inp])
     };
-    let bias = bias.unwrap_or_else(|| Tensor::zeros([out], &weight.device()));
-    let (s, st) = (layout.indices(), layout.transposed_indices());
-    let (perm, inverse) = (layout.perm_dispatch(), layout.inverse_perm_dispatch());
-    let (x2, w, bias, values) = (
-        x2.into_dispatch(),
-        weight.into_dispatch(),
-        bias.into_dispatch(),
-        values.into_dispatch(),
-    );
-    let y = match low_rank {
-        Some((a, b, scale)) => Dispatch::sparse_lora_linear(
-            x2,
-            w,
-            bias,
-            a.into_dispatch(),
-            b.into_dispatch(),
-            scale,
-            s,
-            st,
-            perm,
-            inverse,
-            values,
-        ),
-        None => Dispatch::sparse_dense_linear(x2, w, bias, s, st, perm, inverse, values),
+    let bias = bias.unwrap_or_else(|| Tensor::zeros([out], &x2.device()));
+    let operands = SparseOperands {
+        s: layout.indices(),
+        st: layout.transposed_indices(),
+        perm: layout.perm_dispatch(),
+        inverse: layout.inverse_perm_dispatch(),
+        values: values.into_dispatch(),
     };
-    let y = Tensor::<2>::from_dispatch(y);
+    let y = Tensor::<2>::from_dispatch(run(x2.into_dispatch(), bias.into_dispatch(), operands));
     if D == 2 {
         return Tensor::from_dispatch(y.into_dispatch());
     }
@@ -593,34 +616,29 @@ pub fn packed_sparse_lora_linear<const D: usize>(
         };
         return dense + sparse_linear(x, layout, values);
     }
-    let rows: usize = dims[..D - 1].iter().product();
-    let x2 = x.reshape([rows, inp]);
-    let bias = bias.unwrap_or_else(|| Tensor::zeros([out], &x2.device()));
-    let (s, st) = (layout.indices(), layout.transposed_indices());
-    let (perm, inverse) = (layout.perm_dispatch(), layout.inverse_perm_dispatch());
-    let (x2, bias, values) = (
-        x2.into_dispatch(),
-        bias.into_dispatch(),
-        values.into_dispatch(),
-    );
-    let w = weight.clone();
-    let y = match low_rank {
+    on_sparse_rows(x, bias, layout, values, |x, bias, s| match low_rank {
         Some((a, b, scale)) => Dispatch::packed_sparse_lora_linear(
-            x2,
-            w,
+            x,
+            weight.clone(),
             bias,
             a.into_dispatch(),
             b.into_dispatch(),
             scale,
-            s,
-            st,
-            perm,
-            inverse,
-            values,
+            s.s,
+            s.st,
+            s.perm,
+            s.inverse,
+            s.values,
         ),
-        None => Dispatch::packed_sparse_linear(x2, w, bias, s, st, perm, inverse, values),
-    };
-    let mut shape = dims;
-    shape[D - 1] = out;
-    Tensor::<2>::from_dispatch(y).reshape(shape)
+        None => Dispatch::packed_sparse_linear(
+            x,
+            weight.clone(),
+            bias,
+            s.s,
+            s.st,
+            s.perm,
+            s.inverse,
+            s.values,
+        ),
+    })
 }

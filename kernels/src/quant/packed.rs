@@ -608,7 +608,8 @@ impl PackedMatrix {
         }
         let mut dx = vec![0.0f32; n * self.cols];
         if n == 0 || self.cols == 0 || self.rows == 0 {
-            if let (Some(lr), true) = (low_rank, self.rows == 0) {
+            // No base product; an empty `dx` has nothing to add to.
+            if let Some(lr) = low_rank.filter(|_| self.rows == 0) {
                 lr.add_to(&mut dx, n, self.cols, true);
             }
             return dx;
