@@ -16,6 +16,13 @@
 # run the same command again; the report (re-written at the end of every invocation) covers
 # whatever has finished and lists the rest.
 #
+# The full study's folder is the study's record and git keeps it (.gitignore): each run's
+# files below, run.toml, `trained` (the finish time) and out/metrics.jsonl, but not the
+# models, checkpoints or the splits' copies. A clone therefore carries the finished runs: the
+# study continues in it where it was committed (a run that still needs its model, a sweep
+# winner not yet scored on the test split, is trained again), and `--report-only` rebuilds
+# the report from it.
+#
 # Per run it records: train.log (the trainable count), time-train.txt (/usr/bin/time -v, peak
 # memory; skipped if /usr/bin/time is absent), wall.tsv (seconds and the 1-minute load average
 # at the start of each segment), test_eval.json and test_predictions.jsonl (`burn-peft eval`
@@ -61,12 +68,23 @@ wanted() { [ -z "$tasks" ] || [[ ",$tasks," == *",$1,"* ]]; }
 
 elapsed() { echo "$(( $(date +%s%N) / 1000000 - $1 ))" | awk '{printf "%.1f", $1 / 1000}'; }
 
-# Train the run in $1 unless its final output $2 exists; resume a half-done one.
+# Train the run in $1 (phase $3) unless it is done; resume a half-done one. Done: its final
+# output $2 exists, or its `trained` marker does (the committed record of a run, whose model is
+# not committed) and nothing still needs the model (a sweep run, or a study run already
+# scored). A run whose checkpoints are gone (a fresh clone) starts again from nothing.
 train_run() {
-    local dir="$root/$1" marker="$2"
+    local dir="$root/$1" marker="$2" phase="$3"
     [ -e "$dir/$marker" ] && return 0
+    if [ -e "$dir/trained" ] && { [ "$phase" = sweep ] || [ -s "$dir/test_eval.json" ]; }; then
+        return 0
+    fi
     local resume=()
-    if compgen -G "$dir/out/checkpoints/step-*" >/dev/null; then resume=(--resume); fi
+    if compgen -G "$dir/out/checkpoints/step-*" >/dev/null; then
+        resume=(--resume)
+    else
+        rm -rf "$dir/out" "$dir/trained" "$dir/train.log" "$dir/wall.tsv" "$dir/time-train.txt" \
+            "$dir/test_eval.json" "$dir/test_predictions.jsonl" "$dir/test.log"
+    fi
     local t0 load
     t0=$(( $(date +%s%N) / 1000000 )); load=$(cut -d' ' -f1 /proc/loadavg)
     local timer=()
@@ -76,6 +94,7 @@ train_run() {
         printf 'train\t%s\t%s\n' "$(elapsed "$t0")" "$load" >>"$dir/wall.tsv"
         # A finished run needs no checkpoint (a full fine-tuning one is 1.6 GB).
         rm -rf "$dir/out/checkpoints"
+        date -u +%FT%TZ >"$dir/trained"
     else
         printf 'train-failed\t%s\t%s\n' "$(elapsed "$t0")" "$load" >>"$dir/wall.tsv"
         log "FAILED: $1 (see $dir/train.log): $(tail -n 1 "$dir/train.log")"
@@ -105,15 +124,16 @@ run_plan() {
     local failed=0
     while IFS=$'\t' read -r dir marker phase task _; do
         wanted "$task" || continue
-        train_run "$dir" "$marker" || { failed=1; continue; }
+        train_run "$dir" "$marker" "$phase" || { failed=1; continue; }
         if [ "$phase" = study ]; then test_run "$dir" "$task" || failed=1; fi
     done <"$1"
     return $failed
 }
 
 status=0
+# The sweep's plan also copies the tasks' splits into the study folder (the report reads them).
+plan=$("$report" plan --preset "$preset" --phase sweep --root "$root" --data "$data")
 if [ "$report_only" = 0 ]; then
-    plan=$("$report" plan --preset "$preset" --phase sweep --root "$root" --data "$data")
     run_plan "$plan" || status=1
     if plan=$("$report" plan --preset "$preset" --phase study --root "$root" --data "$data"); then
         run_plan "$plan" || status=1

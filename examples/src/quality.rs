@@ -599,10 +599,15 @@ impl Metrics {
     }
 }
 
-/// The metrics of the run in `dir` when it finished (its final output exists).
+/// The marker `benchmarks/quality.sh` writes in a run's folder when its training finished: the
+/// committed record of a run whose model git does not keep.
+pub const TRAINED: &str = "trained";
+
+/// The metrics of the run in `dir` when it finished (its final output or its [`TRAINED`]
+/// marker exists).
 fn finished_metrics(root: &Path, spec: &RunSpec) -> anyhow::Result<Option<Metrics>> {
     let dir = root.join(spec.dir());
-    if !dir.join(final_output(&spec.label)).exists() {
+    if !dir.join(final_output(&spec.label)).exists() && !dir.join(TRAINED).is_file() {
         return Ok(None);
     }
     let file = dir.join("out/metrics.jsonl");
@@ -1479,8 +1484,9 @@ mod tests {
         assert_eq!(fmt_mean_std(&[], 1.0, 1), "—");
     }
 
-    /// A synthetic quick study: two methods finished with fake metrics and predictions, the
-    /// rest missing; the report computes the means, writes an SVG and names the missing runs.
+    /// A synthetic quick study: two methods finished with fake metrics and predictions (one
+    /// with its model, one with only the `trained` marker of a committed record), the rest
+    /// missing; the report computes the means, writes an SVG and names the missing runs.
     #[test]
     fn the_report_reads_runs_and_names_missing_ones() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1512,7 +1518,13 @@ mod tests {
                 ("full", 0) => 0,
                 _ => 1,
             };
-            std::fs::create_dir_all(dir.join(final_output(&spec.label))).unwrap();
+            // lora holds its adapter; full only the committed record's marker (no model).
+            if spec.label == "lora" {
+                std::fs::create_dir_all(dir.join(final_output(&spec.label))).unwrap();
+            } else {
+                std::fs::create_dir_all(dir.join("out")).unwrap();
+                std::fs::write(dir.join(TRAINED), "2026-12-06T00:00:00Z\n").unwrap();
+            }
             let base = if spec.label == "lora" { 1.0 } else { 2.0 };
             let curve = [(4, base + spec.seed as f64), (8, base)];
             std::fs::write(dir.join("out/metrics.jsonl"), metrics_text(&curve)).unwrap();

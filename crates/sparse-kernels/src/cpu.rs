@@ -550,6 +550,55 @@ fn csr_add(s: &CsrIndices<Flex>, values: FlexFloat, dense: FlexFloat) -> FlexFlo
     cast_back(dense, dtype)
 }
 
+/// `dense + S` in a new row-major buffer, rayon over blocks of rows: each row is copied from
+/// `dense` (read through its strides) with its entries added on the way (columns are strictly
+/// increasing within a row). `dense` is left as it was.
+pub(crate) fn add_copy(s: &CsrIndices<Flex>, values: FlexFloat, dense: FlexFloat) -> FlexFloat {
+    const ROWS: usize = 8;
+    let (ro, ci) = (indices(&s.row_offsets), indices(&s.col_indices));
+    let (values, _) = prepare(values);
+    let values = values.to_contiguous();
+    let vals = values.as_slice::<f32>().expect("contiguous values");
+    let (dense, dtype) = prepare(dense);
+    let dv = view(&dense);
+    let (rows, cols) = (dv.rows, dv.cols);
+    assert_eq!(ro.len(), rows + 1, "csr_add: dense has {rows} rows");
+    let fill = |blk: usize, chunk: &mut [MaybeUninit<f32>]| {
+        for (i, line) in chunk.chunks_exact_mut(cols).enumerate() {
+            let r = blk * ROWS + i;
+            let start = dv.offset + r * dv.rs;
+            let at = |j: usize| dv.data[start + j * dv.cs];
+            let copy = |line: &mut [MaybeUninit<f32>], j0: usize| {
+                if dv.cs == 1 {
+                    let src = &dv.data[start + j0..start + j0 + line.len()];
+                    for (d, &v) in line.iter_mut().zip(src) {
+                        d.write(v);
+                    }
+                } else {
+                    for (j, d) in (j0..).zip(line) {
+                        d.write(at(j));
+                    }
+                }
+            };
+            let mut j0 = 0;
+            for k in ro[r] as usize..ro[r + 1] as usize {
+                let c = ci[k] as usize;
+                copy(&mut line[j0..c], j0);
+                line[c].write(at(c) + vals[k]);
+                j0 = c + 1;
+            }
+            copy(&mut line[j0..], j0);
+        }
+    };
+    if rows * cols == 0 {
+        return finish(Vec::new(), [rows, cols], dtype);
+    }
+    // SAFETY: `fill` writes every element of its block (each row whole, in column order).
+    #[allow(unsafe_code)]
+    let data = unsafe { par_fill_uninit(rows * cols, ROWS * cols, fill) };
+    finish(data, [rows, cols], dtype)
+}
+
 fn csr_gather(s: &CsrIndices<Flex>, dense: FlexFloat) -> FlexFloat {
     let (ro, ci) = (indices(&s.row_offsets), indices(&s.col_indices));
     let (dense, dtype) = prepare(dense);

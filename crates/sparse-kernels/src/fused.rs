@@ -61,6 +61,20 @@ pub trait SparseLinearBackend: PackedBackend + SparseBackend {
         Self::float_add(dense, Self::float_transpose(yt))
     }
 
+    /// `weight + Sᵀ` for the `[in, out]` weight, in a new buffer (the weight is not changed):
+    /// the dense weight of [`merge_pays`]'s path.
+    #[fusion(default)]
+    fn csr_merged_weight(
+        #[extension_type] s: CsrIndices<Self>,
+        #[extension_type] st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        values: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let _ = s;
+        Self::csr_add(st, Self::float_select(values, 0, perm), weight)
+    }
+
     /// `x·weight + bias + scale·(x·a)·b + x·Sᵀ` for 2-D operands (`a`: `[in, r]`, `b`:
     /// `[r, out]`, `weight`: `[in, out]`).
     #[fusion(default)]
@@ -78,6 +92,10 @@ pub trait SparseLinearBackend: PackedBackend + SparseBackend {
         inverse: IntTensor<Self>,
         values: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        if merges::<Self>(&x, &weight, &values) {
+            let weight = Self::csr_merged_weight(s, st, perm, values, weight);
+            return Self::fast_lora_linear(x, weight, bias, a, b, scale);
+        }
         let y = Self::fast_lora_linear(x.clone(), weight, bias, a, b, scale);
         Self::csr_linear_add(s, st, perm, inverse, values, x, y)
     }
@@ -95,6 +113,10 @@ pub trait SparseLinearBackend: PackedBackend + SparseBackend {
         inverse: IntTensor<Self>,
         values: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        if merges::<Self>(&x, &weight, &values) {
+            let weight = Self::csr_merged_weight(s, st, perm, values, weight);
+            return Self::fast_linear(x, weight, bias);
+        }
         let y = Self::fast_linear(x.clone(), weight, bias);
         Self::csr_linear_add(s, st, perm, inverse, values, x, y)
     }
@@ -163,6 +185,23 @@ impl SparseLinearBackend for burn::backend::Flex {
         let yt = Flex::csr_spmm(s, st, perm, inverse, values, xt, rows);
         Flex::float_add(dense, Flex::float_transpose(yt))
     }
+
+    fn csr_merged_weight(
+        s: CsrIndices<Self>,
+        st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        values: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        use burn::backend::{Flex, ops::FloatTensorOps};
+        // A weight kept as the transpose of a row-major `[out, in]` buffer (a PyTorch file's
+        // layout) is merged in that layout: a row copy, not a transposing one.
+        if weight.layout().strides()[0] == 1 && weight.shape()[1] > 1 {
+            let merged = crate::cpu::add_copy(&s, values, Flex::float_transpose(weight));
+            return Flex::float_transpose(merged);
+        }
+        crate::cpu::add_copy(&st, Flex::float_select(values, 0, perm), weight)
+    }
 }
 
 fn cast<B: Backend>(s: CsrIndices<Autodiff<B, impl CheckpointStrategy>>) -> CsrIndices<B> {
@@ -181,6 +220,8 @@ struct SparseState<B: Backend> {
     inverse: IntTensor<B>,
     /// For `dx` (`g·S`).
     values: Option<FloatTensor<B>>,
+    /// The forward pass added `S` into a copy of the dense weight ([`merges`]); `dx` does too.
+    merged: bool,
 }
 
 /// The low-rank term as the backward pass needs it, each only when a gradient needs it.
@@ -272,8 +313,21 @@ impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
             grads.register::<B>(id, dv);
         }
         if let (Some(id), Some(values)) = (x_id, sp.values) {
-            // dx = g·Wᵀ (+ (s·g·Bᵀ)·Aᵀ), then g·S accumulated into it: `g·(Sᵀ)ᵀ`.
-            let dx = match (st.base, low_rank_dx) {
+            // dx = g·Wᵀ (+ (s·g·Bᵀ)·Aᵀ), then g·S accumulated into it: `g·(Sᵀ)ᵀ`; or, as the
+            // forward pass did, g·(W + Sᵀ)ᵀ (+ the low-rank term) in one product.
+            let base = match st.base {
+                BaseState::Dense(Some(w)) if sp.merged => {
+                    BaseState::Dense(Some(B::csr_merged_weight(
+                        sp.s.clone(),
+                        sp.st.clone(),
+                        sp.perm.clone(),
+                        values.clone(),
+                        w,
+                    )))
+                }
+                base => base,
+            };
+            let dx = match (base, low_rank_dx) {
                 (BaseState::Dense(Some(w)), Some((gb, a))) => {
                     B::fast_matmul_low_rank(grad.clone(), t(w), gb, t(a))
                 }
@@ -284,6 +338,10 @@ impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
                 (BaseState::Packed(w), None) => B::packed_matmul(grad.clone(), w),
                 (BaseState::Dense(None), _) => unreachable!("a tracked x keeps the weight"),
             };
+            if sp.merged {
+                grads.register::<B>(id, dx);
+                return;
+            }
             let values_t = B::float_select(values, 0, sp.perm.clone());
             let dx = B::csr_linear_add(sp.st, sp.s, sp.inverse, sp.perm, values_t, grad, dx);
             grads.register::<B>(id, dx);
@@ -328,6 +386,7 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
             }
         };
         let h = B::float_mul_scalar(B::fast_matmul(x.clone(), a.clone()), scale.into());
+        let merged = merges::<B>(&x, &weight, &values);
         let state = FusedState {
             x: (a_t || w_t || v_t).then(|| x.clone()),
             base: BaseState::Dense(x_t.then(|| weight.clone())),
@@ -337,8 +396,19 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
                 h: b_t.then(|| h.clone()),
                 scale,
             }),
-            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone())),
+            sparse: sparse_state(
+                &s,
+                &st,
+                &perm,
+                &inverse,
+                x_t.then(|| values.clone()),
+                merged,
+            ),
         };
+        if merged {
+            let weight = B::csr_merged_weight(s, st, perm, values, weight);
+            return prep.finish(state, B::fast_linear_low_rank(x, weight, bias, h, b));
+        }
         let y = B::fast_linear_low_rank(x.clone(), weight, bias, h, b);
         prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
     }
@@ -367,12 +437,24 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
                 ));
             }
         };
+        let merged = merges::<B>(&x, &weight, &values);
         let state = FusedState {
             x: (w_t || v_t).then(|| x.clone()),
             base: BaseState::Dense(x_t.then(|| weight.clone())),
             low_rank: None,
-            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone())),
+            sparse: sparse_state(
+                &s,
+                &st,
+                &perm,
+                &inverse,
+                x_t.then(|| values.clone()),
+                merged,
+            ),
         };
+        if merged {
+            let weight = B::csr_merged_weight(s, st, perm, values, weight);
+            return prep.finish(state, B::fast_linear(x, weight, bias));
+        }
         let y = B::fast_linear(x.clone(), weight, bias);
         prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
     }
@@ -414,7 +496,7 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
                 h: b_t.then(|| h.clone()),
                 scale,
             }),
-            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone())),
+            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone()), false),
         };
         let y = B::packed_linear_t_low_rank(x.clone(), weight, bias, h, b);
         prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
@@ -448,7 +530,7 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
             x: v_t.then(|| x.clone()),
             base: BaseState::Packed(weight.clone()),
             low_rank: None,
-            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone())),
+            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone()), false),
         };
         let y = B::packed_linear_t(x.clone(), weight, bias);
         prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
@@ -462,6 +544,7 @@ fn sparse_state<B: Backend>(
     perm: &IntTensor<B>,
     inverse: &IntTensor<B>,
     values: Option<FloatTensor<B>>,
+    merged: bool,
 ) -> SparseState<B> {
     SparseState {
         s: s.clone(),
@@ -469,7 +552,33 @@ fn sparse_state<B: Backend>(
         perm: perm.clone(),
         inverse: inverse.clone(),
         values,
+        merged,
     }
+}
+
+/// How many times the weight's size the SpMM's work (`nnz` entries for each row of `x`) must
+/// be before [`merges`] adds `S` into a copy of the weight instead. The SpMM costs about one
+/// 16-lane update per entry and 16 rows, the copy one pass over `in · out` floats, and the
+/// merged product is the product the layer computes anyway (`bench_rosa`, `bench_sft`).
+pub const MERGE_RATIO: usize = 16;
+
+/// Whether a fused op over a dense base computes `x·(W + Sᵀ)` (`S` added into a copy of the
+/// `[in, out]` weight, one product; the backward pass's `dx` likewise) rather than the product
+/// plus the SpMM accumulated into its output: when `nnz · m >= MERGE_RATIO · in · out` for the
+/// `m` rows of `x`, i.e. for many tokens at a high density (training batches), not for decoding.
+/// The two differ only by rounding.
+pub fn merge_pays(nnz: usize, m: usize, inp: usize, out: usize) -> bool {
+    nnz > 0 && nnz.saturating_mul(m) >= MERGE_RATIO.saturating_mul(inp).saturating_mul(out)
+}
+
+/// [`merge_pays`] for a fused op's operands (`x`: `[m, in]`, `weight`: `[in, out]`).
+fn merges<B: Backend>(
+    x: &FloatTensor<B>,
+    weight: &FloatTensor<B>,
+    values: &FloatTensor<B>,
+) -> bool {
+    let (x, weight) = (x.shape(), weight.shape());
+    merge_pays(values.shape()[0], x[0], weight[0], weight[1])
 }
 
 /// `x · weight + bias (+ scale · (x·a)·b) + x · Sᵀ`: a linear layer with a sparse adapter term

@@ -55,7 +55,9 @@ pub use peft_kernels::cpu_body;
 
 pub use backend::{CsrIndices, SparseBackend};
 pub use error::SparseError;
-pub use fused::{SparseLinearBackend, packed_sparse_lora_linear, sparse_lora_linear};
+pub use fused::{
+    MERGE_RATIO, SparseLinearBackend, merge_pays, packed_sparse_lora_linear, sparse_lora_linear,
+};
 pub use layout::{Csr, CsrLayout};
 pub use ops::{
     csr_add, csr_gather, csr_transpose, sddmm, sparse_linear, sparse_linear_fused, spmm, to_dense,

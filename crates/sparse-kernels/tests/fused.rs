@@ -1,7 +1,9 @@
 //! The fused sparse-adapter layer (`sparse_lora_linear`) against the composed ops it replaces
 //! (`lora_linear` / `linear` + `sparse_linear`): outputs and every gradient, with and without a
 //! LoRA term, a bias and a tracked base weight, at token counts that are and are not multiples
-//! of the kernels' 16-token blocks, on every CPU body this machine supports; and the input
+//! of the kernels' 16-token blocks, on both sides of `merge_pays` (the SpMM accumulated into the
+//! product's output, or `S` added into a copy of the weight) and for both weight layouts, on
+//! every CPU body this machine supports; and the input
 //! gradient against finite differences. The same over a packed base
 //! (`packed_sparse_lora_linear` against `packed_lora_linear` / `packed_linear` +
 //! `sparse_linear`).
@@ -16,7 +18,9 @@ use peft_kernels::linear::{linear, lora_linear};
 use peft_kernels::packed_linear::{packed_linear, packed_lora_linear};
 use peft_kernels::quant::ggml::GgmlBlock;
 use peft_kernels::quant::{PackedFormat, PackedMatrix};
-use sparse_kernels::{CsrLayout, packed_sparse_lora_linear, sparse_linear, sparse_lora_linear};
+use sparse_kernels::{
+    CsrLayout, merge_pays, packed_sparse_lora_linear, sparse_linear, sparse_lora_linear,
+};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -47,7 +51,10 @@ struct Case {
     density: f32,
 }
 
-fn check(case: &Case, seed: u64) {
+/// Checks one case; returns whether the fused op took the merged path ([`merge_pays`]). Odd
+/// seeds hold the weight as the transpose of a row-major `[out, in]` buffer (a PyTorch file's
+/// layout), even ones row-major `[in, out]`.
+fn check(case: &Case, seed: u64) -> bool {
     let d = device();
     let mut rng = Lcg::new(seed);
     let Case {
@@ -56,7 +63,12 @@ fn check(case: &Case, seed: u64) {
     let (s, values) = random_sparse(&mut rng, out, inp, case.density);
     let layout = CsrLayout::new(s, &d);
     let x = t2(&rng.vec(tokens * inp), [tokens, inp], &d).require_grad();
-    let mut w = t2(&rng.vec(inp * out), [inp, out], &d);
+    let mut w = if seed % 2 == 1 {
+        t2(&rng.vec(inp * out), [out, inp], &d).transpose()
+    } else {
+        t2(&rng.vec(inp * out), [inp, out], &d)
+    };
+    let merged = merge_pays(values.len(), tokens, inp, out);
     if case.weight_tracked {
         w = w.require_grad();
     }
@@ -109,6 +121,7 @@ fn check(case: &Case, seed: u64) {
         read(v.grad(&gc).unwrap()),
         "dvalues",
     );
+    merged
 }
 
 #[test]
@@ -123,8 +136,15 @@ fn fused_layer_equals_the_composed_ops() {
         (50, 36, 52, None, true, false, 0.06),
         (16, 20, 12, None, false, true, 0.5),
         (3, 7, 5, None, true, false, 1.0),
+        // Many tokens at a high density: S is added into a copy of the weight (merge_pays),
+        // RoSA and SFT, frozen and tracked weights, both weight layouts.
+        (96, 24, 20, Some(8), true, false, 0.3),
+        (80, 20, 28, Some(16), false, true, 0.25),
+        (128, 16, 24, None, true, false, 0.2),
+        (70, 12, 18, None, false, true, 0.5),
     ];
     for_each_cpu_body(|_| {
+        let mut paths = [0; 2];
         for (i, &(tokens, inp, out, rank, bias, weight_tracked, density)) in
             cases.iter().enumerate()
         {
@@ -137,20 +157,33 @@ fn fused_layer_equals_the_composed_ops() {
                 weight_tracked,
                 density,
             };
-            check(&case, 40 + i as u64);
+            paths[usize::from(check(&case, 40 + i as u64))] += 1;
         }
+        assert_eq!(
+            paths,
+            [6, 4],
+            "cases on both paths: SpMM into the output, merged weight"
+        );
     });
 }
 
 #[test]
 fn fused_layer_on_a_3d_input_and_without_autodiff() {
+    // 2 x 19 tokens take the SpMM path, 2 x 64 the merged weight.
+    for tokens in [19, 64] {
+        on_a_3d_input_and_without_autodiff(tokens);
+    }
+}
+
+fn on_a_3d_input_and_without_autodiff(tokens: usize) {
     let d = device();
     let mut rng = Lcg::new(7);
     let (out, inp) = (24, 20);
     let (s, values) = random_sparse(&mut rng, out, inp, 0.2);
+    assert_eq!(merge_pays(values.len(), 2 * tokens, inp, out), tokens == 64);
     let layout = CsrLayout::new(s, &d);
     let x = Tensor::<3>::from_data(
-        burn::tensor::TensorData::new(rng.vec(2 * 19 * inp), [2, 19, inp]),
+        burn::tensor::TensorData::new(rng.vec(2 * tokens * inp), [2, tokens, inp]),
         &d,
     );
     let w = t2(&rng.vec(inp * out), [inp, out], &d);
@@ -169,7 +202,7 @@ fn fused_layer_on_a_3d_input_and_without_autodiff() {
     );
     let composed = lora_linear(x.clone(), w.clone(), None, a.clone(), b.clone(), 2.0)
         + sparse_linear(x.clone(), &layout, v.clone());
-    assert_eq!(fused.dims(), [2, 19, out]);
+    assert_eq!(fused.dims(), [2, tokens, out]);
     assert_near(read(fused), read(composed.clone()), "3-D output");
     // The inner backend (no autodiff) runs the same op.
     let plain = sparse_lora_linear(
