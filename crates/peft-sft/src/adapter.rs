@@ -9,7 +9,7 @@ use peft_core::error::Result;
 use peft_core::{Adapter, Created, LayerInfo, LayerKind, LinearBase, PeftError};
 use sparse_kernels::{
     Csr, CsrLayout, CsrStructure, ProbeResult, ProbeSink, default_probe_block, grad_topk_probe,
-    packed_sparse_lora_linear, sparse_linear, sparse_lora_linear, to_dense,
+    packed_sparse_lora_linear, sparse_grad_sample, sparse_linear, sparse_lora_linear, to_dense,
 };
 
 use crate::config::{InitDeltas, SftConfig};
@@ -268,10 +268,11 @@ impl SftAdapter {
 
 impl SftAdapter {
     /// The RigL statistics terms added to a layer output `result`: the candidates' sampled
-    /// gradient (zero values, SDDMM in the backward pass) and the blockwise probe.
+    /// gradient (zero values: [`sparse_grad_sample`], one SDDMM in the backward pass) and the
+    /// blockwise probe.
     fn statistics_terms<const D: usize>(&self, x: Tensor<D>, mut result: Tensor<D>) -> Tensor<D> {
         if let (Some(layout), Some(v)) = (&self.candidates, &self.candidate_values) {
-            result = result + sparse_linear(x.clone(), layout, v.val());
+            result = sparse_grad_sample(x.clone(), layout, v.val(), result);
         }
         if let Some(p) = &self.probe {
             // The dense probe on the activation path (data-parallel runs): `x·P`, zero, whose

@@ -3,7 +3,9 @@
 //! plan is deterministic.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::BinaryHeap;
+
+use rayon::prelude::*;
 
 /// RigL's candidate statistics of one layer over a collection window.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -107,12 +109,46 @@ fn top_k(k: usize, items: impl Iterator<Item = (f32, u64)>) -> Vec<u64> {
     out.into_iter().map(|s| s.1).collect()
 }
 
-/// The `n` positions of the smallest `|values|` (ties: lower position first), smallest first.
+/// Keeps the `n` best of `items` (in [`Scored`]'s order, a total one), in no particular order:
+/// a selection, not a sort.
+fn keep_best(items: &mut Vec<Scored>, n: usize) {
+    if items.len() > n {
+        if n == 0 {
+            items.clear();
+            return;
+        }
+        items.select_nth_unstable_by(n - 1, |a, b| b.cmp(a));
+        items.truncate(n);
+    }
+}
+
+/// The `n` positions of the smallest `|values|` (ties: lower position first), smallest first:
+/// a selection of the `n`, then a sort of those only.
 pub fn smallest(values: &[f32], n: usize) -> Vec<usize> {
+    let n = n.min(values.len());
+    let order_of =
+        |&a: &usize, &b: &usize| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b));
     let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b)));
-    order.truncate(n);
+    if n == 0 {
+        return Vec::new();
+    }
+    if n < order.len() {
+        order.select_nth_unstable_by(n - 1, order_of);
+        order.truncate(n);
+    }
+    order.sort_unstable_by(order_of);
     order
+}
+
+/// Whether `x` is in the ascending slice `sorted`.
+fn contains(sorted: &[u64], x: u64) -> bool {
+    sorted.binary_search(&x).is_ok()
+}
+
+/// `v` sorted ascending (a copy).
+fn sorted(mut v: Vec<u64>) -> Vec<u64> {
+    v.sort_unstable();
+    v
 }
 
 /// RigL with proportion `p`: drop the `int(k·p)` smallest `|values|`, regrow the candidates
@@ -122,23 +158,23 @@ pub fn rigl_plan(indices: &[u64], values: &[f32], pool: &Candidates, p: f64) -> 
     let k = indices.len();
     let n_out = ((k as f64) * p) as usize;
     let changing = smallest(values, n_out.min(k));
-    let outgoing: HashSet<u64> = changing.iter().map(|&s| indices[s]).collect();
-    let current: HashSet<u64> = indices.iter().copied().collect();
+    let outgoing = sorted(changing.iter().map(|&s| indices[s]).collect());
+    let current = sorted(indices.to_vec());
     let valid = pool
         .indices
         .iter()
         .enumerate()
-        .filter(|(_, i)| !current.contains(i) || outgoing.contains(i))
+        .filter(|&(_, &i)| !contains(&current, i) || contains(&outgoing, i))
         .map(|(j, &i)| (pool.sum[j].abs(), i));
     let incoming = top_k(changing.len(), valid);
-    let incoming_set: HashSet<u64> = incoming.iter().copied().collect();
+    let incoming_set = sorted(incoming.clone());
     let fresh: Vec<u64> = incoming
         .into_iter()
-        .filter(|i| !outgoing.contains(i))
+        .filter(|&i| !contains(&outgoing, i))
         .collect();
     changing
         .into_iter()
-        .filter(|&s| !incoming_set.contains(&indices[s]))
+        .filter(|&s| !contains(&incoming_set, indices[s]))
         .zip(fresh)
         .map(|(slot, index)| Replacement {
             slot,
@@ -149,8 +185,10 @@ pub fn rigl_plan(indices: &[u64], values: &[f32], pool: &Candidates, p: f64) -> 
 }
 
 /// SM3 growth with proportion `p`: drop the `int(k·p)` smallest `|values|`, grow the inactive
-/// positions (outgoing ones excluded) with the largest `row_acc[r] · col_acc[c]`. The score is
-/// never materialised: one pass over the positions with an `int(k·p)`-entry heap.
+/// positions (outgoing ones excluded) with the largest `row_acc[r] · col_acc[c]`. The scores
+/// are made a block of rows at a time (rayon over blocks), each block keeping its best
+/// `int(k·p)` by selection; the blocks' survivors are merged the same way. The order is total
+/// (ties: lower flat index), so the plan does not depend on the thread count.
 pub fn sm3_plan(
     indices: &[u64],
     values: &[f32],
@@ -161,16 +199,38 @@ pub fn sm3_plan(
     let k = indices.len();
     let n_out = ((k as f64) * p) as usize;
     let changing = smallest(values, n_out.min(k));
-    let active: HashSet<u64> = indices.iter().copied().collect();
-    let cols = col_acc.len() as u64;
-    let scores = row_acc.iter().enumerate().flat_map(|(r, &ra)| {
-        let active = &active;
-        col_acc.iter().enumerate().filter_map(move |(c, &ca)| {
-            let i = r as u64 * cols + c as u64;
-            (!active.contains(&i)).then_some((ra * ca, i))
+    let n = changing.len();
+    let active = sorted(indices.to_vec());
+    let cols = col_acc.len();
+    // Rows per block: about 64 Ki positions.
+    let rows = (65_536 / cols.max(1)).max(1);
+    let mut best = row_acc
+        .par_chunks(rows)
+        .enumerate()
+        .map(|(b, block)| {
+            let first = (b * rows * cols) as u64;
+            // The active indices inside the block, walked in step with the positions.
+            let from = active.partition_point(|&i| i < first);
+            let mut next = active[from..].iter().copied().peekable();
+            let mut items = Vec::with_capacity(block.len() * cols);
+            for (r, &ra) in block.iter().enumerate() {
+                for (c, &ca) in col_acc.iter().enumerate() {
+                    let i = first + (r * cols + c) as u64;
+                    if next.next_if_eq(&i).is_none() {
+                        items.push(Scored(ra * ca, i));
+                    }
+                }
+            }
+            keep_best(&mut items, n);
+            items
         })
-    });
-    let incoming = top_k(changing.len(), scores);
+        .reduce(Vec::new, |mut a, b| {
+            a.extend(b);
+            keep_best(&mut a, n);
+            a
+        });
+    best.sort_unstable_by(|a, b| b.cmp(a));
+    let incoming = best.into_iter().map(|s| s.1);
     changing
         .into_iter()
         .zip(incoming)
@@ -217,6 +277,57 @@ mod tests {
                 candidate: Some(2)
             }]
         );
+    }
+
+    /// A tiny deterministic generator for the tests below.
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    /// `smallest` and `sm3_plan` (selection by blocks, in parallel) against full sorts of
+    /// everything, with many ties (values and accumulators from a few levels), at sizes that
+    /// make one block and many (the last partial).
+    #[test]
+    fn selections_equal_full_sorts() {
+        let mut seed = 7;
+        for (rows, cols, k, p) in [(3, 5, 4, 0.5), (40, 33, 200, 0.3), (300, 700, 9000, 0.25)] {
+            let values: Vec<f32> = (0..k).map(|_| (lcg(&mut seed) % 7) as f32 - 3.0).collect();
+            let mut all: Vec<usize> = (0..k).collect();
+            all.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b)));
+            let n_out = ((k as f64) * p) as usize;
+            assert_eq!(smallest(&values, n_out), all[..n_out].to_vec());
+            assert_eq!(smallest(&values, k + 3), all);
+            assert!(smallest(&values, 0).is_empty());
+
+            let mut indices: Vec<u64> = Vec::new();
+            while indices.len() < k {
+                let i = lcg(&mut seed) % (rows * cols) as u64;
+                if !indices.contains(&i) {
+                    indices.push(i);
+                }
+            }
+            let row_acc: Vec<f32> = (0..rows).map(|_| (lcg(&mut seed) % 5) as f32).collect();
+            let col_acc: Vec<f32> = (0..cols).map(|_| (lcg(&mut seed) % 4) as f32).collect();
+            let plan = sm3_plan(&indices, &values, &row_acc, &col_acc, p);
+            let mut free: Vec<(f32, u64)> = (0..(rows * cols) as u64)
+                .filter(|i| !indices.contains(i))
+                .map(|i| {
+                    let (r, c) = (i as usize / cols, i as usize % cols);
+                    (row_acc[r] * col_acc[c], i)
+                })
+                .collect();
+            free.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let want: Vec<(usize, u64)> = all[..n_out]
+                .iter()
+                .zip(&free)
+                .map(|(&slot, &(_, i))| (slot, i))
+                .collect();
+            let got: Vec<(usize, u64)> = plan.iter().map(|r| (r.slot, r.index)).collect();
+            assert_eq!(got, want, "{rows} x {cols}, k {k}");
+        }
     }
 
     #[test]

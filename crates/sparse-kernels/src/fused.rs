@@ -61,6 +61,24 @@ pub trait SparseLinearBackend: PackedBackend + SparseBackend {
         Self::float_add(dense, Self::float_transpose(yt))
     }
 
+    /// `result + x·Sᵀ` for values that are zero: `result` itself, whose backward pass gives the
+    /// values `gᵀ·x` sampled on `S` (the SDDMM) and `x` nothing (the term is zero). Use
+    /// [`sparse_grad_sample`] rather than this method.
+    #[fusion(default)]
+    #[allow(clippy::too_many_arguments)]
+    fn csr_grad_sample(
+        #[extension_type] s: CsrIndices<Self>,
+        #[extension_type] st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        result: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let _ = (s, st, perm, inverse, values, x);
+        result
+    }
+
     /// `weight + Sᵀ` for the `[in, out]` weight, in a new buffer (the weight is not changed):
     /// the dense weight of [`merge_pays`]'s path.
     #[fusion(default)]
@@ -349,7 +367,60 @@ impl<B: SparseLinearBackend, const N: usize> Backward<B, N> for FusedBackward {
     }
 }
 
+/// The backward step of [`SparseLinearBackend::csr_grad_sample`] on `Autodiff`. Parents:
+/// `[values, result]`; state: `S` (`s`, `st`, `perm`, `inverse`) and `x`.
+#[derive(Debug)]
+struct SampleBackward;
+
+type SampleState<B> = (
+    CsrIndices<B>,
+    CsrIndices<B>,
+    IntTensor<B>,
+    IntTensor<B>,
+    FloatTensor<B>,
+);
+
+impl<B: SparseLinearBackend> Backward<B, 2> for SampleBackward {
+    type State = SampleState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (s, st, perm, inverse, x) = ops.state;
+        let [values, result] = ops.parents.each_ref().map(|p| p.as_ref().map(|n| n.id));
+        if let Some(id) = values {
+            let t = |t| B::float_transpose(t);
+            grads.register::<B>(
+                id,
+                B::csr_sddmm(s, st, perm, inverse, t(grad.clone()), t(x)),
+            );
+        }
+        if let Some(id) = result {
+            grads.register::<B>(id, grad);
+        }
+    }
+}
+
 impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Autodiff<B, C> {
+    fn csr_grad_sample(
+        s: CsrIndices<Self>,
+        st: CsrIndices<Self>,
+        perm: IntTensor<Self>,
+        inverse: IntTensor<Self>,
+        values: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        result: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let prep = SampleBackward
+            .prepare::<C>([values.node(), result.node()])
+            .compute_bound()
+            .stateful();
+        let [x, result] = [x, result].map(|t| t.into_primitive());
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((cast(s), cast(st), perm, inverse, x), result),
+            OpsKind::UnTracked(prep) => prep.finish(result),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn sparse_lora_linear(
         x: FloatTensor<Self>,
@@ -662,6 +733,54 @@ struct SparseOperands {
 /// The frame of the public fused ops: `x` (`[..., in]`) as `[rows, in]` (a 2-D `x` as it is:
 /// flex copies a non-contiguous tensor on any reshape), the bias (zeros when absent) and `S`'s
 /// operands handed to `run`, whose `[rows, out]` result comes back as `[..., out]`.
+/// `result + x·Sᵀ` for `values` that are zero (RigL's candidate positions while their gradient
+/// is sampled): the output is `result`, the backward pass gives `values` the gradient `gᵀ·x`
+/// sampled on `S` (one SDDMM) and `x` none (the term is zero, and so is its gradient with
+/// respect to `x`). Against `result + sparse_linear(x, layout, values)` it skips the forward
+/// SpMM, the backward `g·S` and the two adds; the values' contents are not read.
+///
+/// # Arguments
+/// - `x`: the layer input, `[..., in]`; `result`: the layer output so far, `[..., out]`.
+/// - `layout`, `values`: `S`, `[out, in]`, `[nnz]` values (zero).
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use sparse_kernels::{CsrLayout, CsrStructure, sparse_grad_sample};
+/// let device = Device::flex().autodiff();
+/// let layout = CsrLayout::new(CsrStructure::from_mask(1, 2, &[false, true]).unwrap(), &device);
+/// let values = Tensor::<1>::zeros([1], &device).require_grad();
+/// let x = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &device);
+/// let result = Tensor::<2>::from_floats([[5.0], [6.0]], &device);
+/// let y = sparse_grad_sample(x, &layout, values.clone(), result);
+/// let grads = y.sum().backward();
+/// // d values = Σ_t g[t, 0] · x[t, 1] = 2 + 4.
+/// assert_eq!(values.grad(&grads).unwrap().into_scalar::<f32>(), 6.0);
+/// ```
+pub fn sparse_grad_sample<const D: usize>(
+    x: Tensor<D>,
+    layout: &CsrLayout,
+    values: Tensor<1>,
+    result: Tensor<D>,
+) -> Tensor<D> {
+    let [out, inp] = layout.shape();
+    let dims = result.dims();
+    if dims.contains(&0) || layout.nnz() == 0 {
+        return result;
+    }
+    let rows: usize = dims[..D - 1].iter().product();
+    let (x2, r2) = (x.reshape([rows, inp]), result.reshape([rows, out]));
+    let y = Dispatch::csr_grad_sample(
+        layout.indices(),
+        layout.transposed_indices(),
+        layout.perm_dispatch(),
+        layout.inverse_perm_dispatch(),
+        values.into_dispatch(),
+        x2.into_dispatch(),
+        r2.into_dispatch(),
+    );
+    Tensor::<2>::from_dispatch(y).reshape(dims)
+}
+
 fn on_sparse_rows<const D: usize>(
     x: Tensor<D>,
     bias: Option<Tensor<1>>,

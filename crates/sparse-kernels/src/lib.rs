@@ -56,7 +56,8 @@ pub use peft_kernels::cpu_body;
 pub use backend::{CsrIndices, SparseBackend};
 pub use error::SparseError;
 pub use fused::{
-    MERGE_RATIO, SparseLinearBackend, merge_pays, packed_sparse_lora_linear, sparse_lora_linear,
+    MERGE_RATIO, SparseLinearBackend, merge_pays, packed_sparse_lora_linear, sparse_grad_sample,
+    sparse_lora_linear,
 };
 pub use layout::{Csr, CsrLayout};
 pub use ops::{

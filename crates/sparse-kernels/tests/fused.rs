@@ -19,7 +19,8 @@ use peft_kernels::packed_linear::{packed_linear, packed_lora_linear};
 use peft_kernels::quant::ggml::GgmlBlock;
 use peft_kernels::quant::{PackedFormat, PackedMatrix};
 use sparse_kernels::{
-    CsrLayout, merge_pays, packed_sparse_lora_linear, sparse_linear, sparse_lora_linear,
+    CsrLayout, merge_pays, packed_sparse_lora_linear, sparse_grad_sample, sparse_linear,
+    sparse_lora_linear,
 };
 
 fn device() -> Device {
@@ -335,5 +336,53 @@ fn packed_fused_layer_equals_the_composed_packed_ops() {
             let (got, want) = (v.grad(&gf).unwrap(), v.grad(&gc).unwrap());
             assert_near(read(got), read(want), &format!("{what} dvalues"));
         }
+    }
+}
+
+/// RigL's candidate term: `sparse_grad_sample(x, S, 0, result)` against `result +
+/// sparse_linear(x, S, 0)`: the same output, the same values' gradient (the SDDMM), and the same
+/// gradients upstream of `result` and of `x` (the zero term adds none), on 2-D and 3-D inputs.
+#[test]
+fn a_sampled_gradient_term_equals_adding_the_zero_sparse_term() {
+    let d = device();
+    let mut rng = Lcg::new(11);
+    for dims in [vec![37, 20], vec![2, 19, 20]] {
+        let (out, inp) = (24, 20);
+        let tokens: usize = dims[..dims.len() - 1].iter().product();
+        let (s, values) = random_sparse(&mut rng, out, inp, 0.3);
+        let layout = CsrLayout::new(s, &d);
+        let x = t2(&rng.vec(tokens * inp), [tokens, inp], &d).require_grad();
+        let w = t2(&rng.vec(inp * out), [inp, out], &d).require_grad();
+        let g = t2(&rng.vec(tokens * out), [tokens, out], &d);
+        let zeros = || t1(&vec![0.0; values.len()], &d).require_grad();
+        let (v_sampled, v_composed) = (zeros(), zeros());
+        let run = |sampled: bool| {
+            let result = x.clone().matmul(w.clone());
+            let y = if dims.len() == 3 {
+                let (x3, r3) = (
+                    x.clone().reshape([dims[0], dims[1], inp]),
+                    result.reshape([dims[0], dims[1], out]),
+                );
+                let y3 = if sampled {
+                    sparse_grad_sample(x3, &layout, v_sampled.clone(), r3)
+                } else {
+                    r3 + sparse_linear(x3, &layout, v_composed.clone())
+                };
+                y3.reshape([tokens, out])
+            } else if sampled {
+                sparse_grad_sample(x.clone(), &layout, v_sampled.clone(), result)
+            } else {
+                result + sparse_linear(x.clone(), &layout, v_composed.clone())
+            };
+            let grads = (y.clone() * g.clone()).sum().backward();
+            (y, grads)
+        };
+        let ((ys, gs), (yc, gc)) = (run(true), run(false));
+        assert_near(read(ys), read(yc), "output");
+        let dv = read(v_sampled.grad(&gs).unwrap());
+        assert!(dv.iter().any(|v| v.abs() > 1e-3), "the SDDMM ran");
+        assert_near(dv, read(v_composed.grad(&gc).unwrap()), "dvalues");
+        assert_near(read(x.grad(&gs).unwrap()), read(x.grad(&gc).unwrap()), "dx");
+        assert_near(read(w.grad(&gs).unwrap()), read(w.grad(&gc).unwrap()), "dW");
     }
 }
