@@ -10,6 +10,12 @@
 //! peft-core's [`fast_lora_grads`](peft_kernels::linear::LinearBackend::fast_lora_grads) and
 //! the values' gradient from the SDDMM, each only for a tracked operand.
 //!
+//! Over a dense base, when the SpMM's work outgrows a copy of the weight ([`merge_pays`]: many
+//! rows at a high density, i.e. training batches), the op adds `S` into a copy of the weight
+//! instead and runs the dense (or LoRA) product on it, in the forward pass and again for `dx`.
+//! RigL's candidate term, zero values whose gradient is sampled, is [`sparse_grad_sample`]: no
+//! forward work at all, one SDDMM backward.
+//!
 //! Over a frozen base kept packed ([`packed_sparse_lora_linear`]: QRoSA, QSFT) the same op reads
 //! the packed blocks for the base product and for `dx`
 //! ([`PackedBackend`](peft_kernels::packed_linear::PackedBackend)), the LoRA term joined to
