@@ -8,6 +8,7 @@
 //! CSR order (row-major flat index order); the selector permutes the state when a
 //! reselection changes the structure.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Sparse AdamW with a per-entry step count (`age`), the reference's `SftAdamW`:
@@ -103,21 +104,40 @@ impl SftAdamW {
             state.exp_avg.len()
         );
         let (b1, b2) = (self.beta1, self.beta2);
-        for i in 0..k {
-            let g = f64::from(grads[i]);
-            let m = b1 * f64::from(state.exp_avg[i]) + (1.0 - b1) * g;
-            let v = b2 * f64::from(state.exp_avg_sq[i]) + (1.0 - b2) * g * g;
-            let age = f64::from(state.age[i]);
-            let denom = (v.sqrt() + self.eps) * (1.0 - b1.powf(age)) / (1.0 - b2.powf(age)).sqrt();
-            let mut p = f64::from(values[i]) - lr * m / denom;
-            if self.weight_decay != 0.0 {
-                p -= lr * self.weight_decay * p;
-            }
-            values[i] = p as f32;
-            state.exp_avg[i] = m as f32;
-            state.exp_avg_sq[i] = v as f32;
-            state.age[i] = (age + 1.0) as f32;
-        }
+        // Rayon over blocks of entries; the bias corrections depend on the age alone, which
+        // most entries share (only regrown ones differ), so each block keeps the last age's
+        // pair instead of two `powf` per entry.
+        const BLOCK: usize = 16_384;
+        (
+            values.par_chunks_mut(BLOCK),
+            grads.par_chunks(BLOCK),
+            state.exp_avg.par_chunks_mut(BLOCK),
+            state.exp_avg_sq.par_chunks_mut(BLOCK),
+            state.age.par_chunks_mut(BLOCK),
+        )
+            .into_par_iter()
+            .for_each(|(values, grads, exp_avg, exp_avg_sq, ages)| {
+                let mut corrections = (f32::NAN, 0.0, 0.0);
+                for i in 0..values.len() {
+                    let g = f64::from(grads[i]);
+                    let m = b1 * f64::from(exp_avg[i]) + (1.0 - b1) * g;
+                    let v = b2 * f64::from(exp_avg_sq[i]) + (1.0 - b2) * g * g;
+                    if ages[i] != corrections.0 {
+                        let age = f64::from(ages[i]);
+                        corrections = (ages[i], 1.0 - b1.powf(age), (1.0 - b2.powf(age)).sqrt());
+                    }
+                    let (_, c1, c2) = corrections;
+                    let denom = (v.sqrt() + self.eps) * c1 / c2;
+                    let mut p = f64::from(values[i]) - lr * m / denom;
+                    if self.weight_decay != 0.0 {
+                        p -= lr * self.weight_decay * p;
+                    }
+                    values[i] = p as f32;
+                    exp_avg[i] = m as f32;
+                    exp_avg_sq[i] = v as f32;
+                    ages[i] += 1.0;
+                }
+            });
     }
 }
 
