@@ -116,12 +116,11 @@ pub trait SparseLinearBackend: PackedBackend + SparseBackend {
         inverse: IntTensor<Self>,
         values: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if merges::<Self>(&x, &weight, &values) {
-            let weight = Self::csr_merged_weight(s, st, perm, values, weight);
-            return Self::fast_lora_linear(x, weight, bias, a, b, scale);
-        }
-        let y = Self::fast_lora_linear(x.clone(), weight, bias, a, b, scale);
-        Self::csr_linear_add(s, st, perm, inverse, values, x, y)
+        let merged = merges::<Self>(&x, &weight, &values);
+        let sparse = (s, st, perm, inverse, values);
+        dense_base_output::<Self>(merged, x, weight, sparse, |x, w| {
+            Self::fast_lora_linear(x, w, bias, a, b, scale)
+        })
     }
 
     /// `x·weight + bias + x·Sᵀ` for 2-D operands.
@@ -137,12 +136,11 @@ pub trait SparseLinearBackend: PackedBackend + SparseBackend {
         inverse: IntTensor<Self>,
         values: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if merges::<Self>(&x, &weight, &values) {
-            let weight = Self::csr_merged_weight(s, st, perm, values, weight);
-            return Self::fast_linear(x, weight, bias);
-        }
-        let y = Self::fast_linear(x.clone(), weight, bias);
-        Self::csr_linear_add(s, st, perm, inverse, values, x, y)
+        let merged = merges::<Self>(&x, &weight, &values);
+        let sparse = (s, st, perm, inverse, values);
+        dense_base_output::<Self>(merged, x, weight, sparse, |x, w| {
+            Self::fast_linear(x, w, bias)
+        })
     }
 
     /// [`sparse_lora_linear`](Self::sparse_lora_linear) over a packed base: `x·Wᵀ + bias +
@@ -464,6 +462,7 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
         };
         let h = B::float_mul_scalar(B::fast_matmul(x.clone(), a.clone()), scale.into());
         let merged = merges::<B>(&x, &weight, &values);
+        let sparse = (s, st, perm, inverse, values);
         let state = FusedState {
             x: (a_t || w_t || v_t).then(|| x.clone()),
             base: BaseState::Dense(x_t.then(|| weight.clone())),
@@ -473,21 +472,12 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
                 h: b_t.then(|| h.clone()),
                 scale,
             }),
-            sparse: sparse_state(
-                &s,
-                &st,
-                &perm,
-                &inverse,
-                x_t.then(|| values.clone()),
-                merged,
-            ),
+            sparse: sparse_state(&sparse, x_t, merged),
         };
-        if merged {
-            let weight = B::csr_merged_weight(s, st, perm, values, weight);
-            return prep.finish(state, B::fast_linear_low_rank(x, weight, bias, h, b));
-        }
-        let y = B::fast_linear_low_rank(x.clone(), weight, bias, h, b);
-        prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
+        let y = dense_base_output::<B>(merged, x, weight, sparse, |x, w| {
+            B::fast_linear_low_rank(x, w, bias, h, b)
+        });
+        prep.finish(state, y)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -515,25 +505,16 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
             }
         };
         let merged = merges::<B>(&x, &weight, &values);
+        let sparse = (s, st, perm, inverse, values);
         let state = FusedState {
             x: (w_t || v_t).then(|| x.clone()),
             base: BaseState::Dense(x_t.then(|| weight.clone())),
             low_rank: None,
-            sparse: sparse_state(
-                &s,
-                &st,
-                &perm,
-                &inverse,
-                x_t.then(|| values.clone()),
-                merged,
-            ),
+            sparse: sparse_state(&sparse, x_t, merged),
         };
-        if merged {
-            let weight = B::csr_merged_weight(s, st, perm, values, weight);
-            return prep.finish(state, B::fast_linear(x, weight, bias));
-        }
-        let y = B::fast_linear(x.clone(), weight, bias);
-        prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
+        let y =
+            dense_base_output::<B>(merged, x, weight, sparse, |x, w| B::fast_linear(x, w, bias));
+        prep.finish(state, y)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -564,6 +545,7 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
             }
         };
         let h = B::float_mul_scalar(B::fast_matmul(x.clone(), a.clone()), scale.into());
+        let sparse = (s, st, perm, inverse, values);
         let state = FusedState {
             x: (a_t || v_t).then(|| x.clone()),
             base: BaseState::Packed(weight.clone()),
@@ -573,9 +555,10 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
                 h: b_t.then(|| h.clone()),
                 scale,
             }),
-            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone()), false),
+            sparse: sparse_state(&sparse, x_t, false),
         };
         let y = B::packed_linear_t_low_rank(x.clone(), weight, bias, h, b);
+        let (s, st, perm, inverse, values) = sparse;
         prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
     }
 
@@ -603,24 +586,24 @@ impl<B: SparseLinearBackend, C: CheckpointStrategy> SparseLinearBackend for Auto
                 ));
             }
         };
+        let sparse = (s, st, perm, inverse, values);
         let state = FusedState {
             x: v_t.then(|| x.clone()),
             base: BaseState::Packed(weight.clone()),
             low_rank: None,
-            sparse: sparse_state(&s, &st, &perm, &inverse, x_t.then(|| values.clone()), false),
+            sparse: sparse_state(&sparse, x_t, false),
         };
         let y = B::packed_linear_t(x.clone(), weight, bias);
+        let (s, st, perm, inverse, values) = sparse;
         prep.finish(state, B::csr_linear_add(s, st, perm, inverse, values, x, y))
     }
 }
 
 /// [`SparseState`] from the op's operands.
+/// The values are kept when `x` is tracked (`dx` needs them).
 fn sparse_state<B: Backend>(
-    s: &CsrIndices<B>,
-    st: &CsrIndices<B>,
-    perm: &IntTensor<B>,
-    inverse: &IntTensor<B>,
-    values: Option<FloatTensor<B>>,
+    (s, st, perm, inverse, values): &SparseParts<B>,
+    x_tracked: bool,
     merged: bool,
 ) -> SparseState<B> {
     SparseState {
@@ -628,7 +611,7 @@ fn sparse_state<B: Backend>(
         st: st.clone(),
         perm: perm.clone(),
         inverse: inverse.clone(),
-        values,
+        values: x_tracked.then(|| values.clone()),
         merged,
     }
 }
@@ -646,6 +629,32 @@ pub const MERGE_RATIO: usize = 16;
 /// The two differ only by rounding.
 pub fn merge_pays(nnz: usize, m: usize, inp: usize, out: usize) -> bool {
     nnz > 0 && nnz.saturating_mul(m) >= MERGE_RATIO.saturating_mul(inp).saturating_mul(out)
+}
+
+/// `S` as the fused ops' bodies take it: `s`, `st`, `perm`, `inverse`, `values`.
+type SparseParts<B> = (
+    CsrIndices<B>,
+    CsrIndices<B>,
+    IntTensor<B>,
+    IntTensor<B>,
+    FloatTensor<B>,
+);
+
+/// The output of a fused op over a dense base whose `product(x, weight)` is the dense (or LoRA)
+/// product: on the merged weight when `merged` ([`merges`]), else the product with the SpMM
+/// accumulated into it.
+fn dense_base_output<B: SparseLinearBackend>(
+    merged: bool,
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    (s, st, perm, inverse, values): SparseParts<B>,
+    product: impl FnOnce(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<B> {
+    if merged {
+        return product(x, B::csr_merged_weight(s, st, perm, values, weight));
+    }
+    let y = product(x.clone(), weight);
+    B::csr_linear_add(s, st, perm, inverse, values, x, y)
 }
 
 /// [`merge_pays`] for a fused op's operands (`x`: `[m, in]`, `weight`: `[in, out]`).
