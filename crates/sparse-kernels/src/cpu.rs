@@ -562,7 +562,11 @@ pub(crate) fn add_copy(s: &CsrIndices<Flex>, values: FlexFloat, dense: FlexFloat
     let (dense, dtype) = prepare(dense);
     let dv = view(&dense);
     let (rows, cols) = (dv.rows, dv.cols);
-    assert_eq!(ro.len(), rows + 1, "csr_add: dense has {rows} rows");
+    assert_eq!(
+        ro.len(),
+        rows + 1,
+        "csr_merged_weight: the weight has {rows} rows"
+    );
     let fill = |blk: usize, chunk: &mut [MaybeUninit<f32>]| {
         for (i, line) in chunk.chunks_exact_mut(cols).enumerate() {
             let r = blk * ROWS + i;
